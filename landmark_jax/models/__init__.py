@@ -1,0 +1,1 @@
+"""Model zoo: backbones, pooling, embedding necks and retrieval models."""

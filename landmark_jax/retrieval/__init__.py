@@ -1,0 +1,1 @@
+"""Retrieval: embedding extraction, kNN search, metrics, ensembles, submissions."""

@@ -1,0 +1,36 @@
+"""landmark_jax: JAX/Flax landmark retrieval and recognition (GLDv2)."""
+
+import setuptools
+
+# Ranges that resolve together on Python 3.11 (jax 0.10.x) and on Python 3.12
+# (Colab / Cloud TPU VMs, jax 0.11-0.12). tensorflow-cpu is pinned to 2.20:
+# scann 1.4.2 ships an op library built against the TF 2.20 ABI and
+# `import scann` crashes under TF 2.21.
+INSTALL_REQUIRES = [
+    "absl-py>=2.1",
+    "jax>=0.10.0,<0.13",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.4,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    "ml-collections>=1.0,<2",
+    "numpy>=1.26,<3",
+    "pillow>=10",
+    "tqdm>=4.66",
+    "tensorflow-cpu~=2.20.0",
+    "tensorflow-datasets>=4.9,<5",
+    "keras>=3.10,<4",
+    "h5py>=3.10",
+    "scann==1.4.2",
+]
+
+setuptools.setup(
+    name="landmark_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["landmark_jax*", "data_pipelines*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+    },
+)
