@@ -1,1 +1,201 @@
-"""Model zoo: backbones, pooling, embedding necks and retrieval models."""
+"""Model zoo: backbones, pooling, embedding necks and retrieval models.
+
+`create_model(config.model)` builds a retrieval model by name:
+
+    global  GLR2020: backbone -> pooling of the 'final' map -> neck  (GlobalModel)
+    dolg    GLR2021 / DOLG paper: local + global branches, orthogonal fusion (DOLG)
+
+Both take raw pixels [B, H, W, 3] in 0..255 and return a [B, embedding_dim]
+float32 embedding that is not L2-normalised. Call them as
+`model.apply(variables, images, train=..., mutable=['batch_stats'])` in
+training (plus rngs={'dropout': key} when dropout > 0). The backbone's
+variables live under `params['backbone']` / `batch_stats['backbone']`.
+
+Model config keys (`default_model_config(name)` gives every key and default):
+
+    name           'global' | 'dolg'
+    backbone       a backbone registry name (efficientnet_b0..b7, resnet50, ...)
+    embedding_dim  output size (512)
+    pooling        'gap' | 'gem': pools the 'final' map (global) or the
+                   stride-32 map in DOLG's global branch
+    neck           'dense_swish' | 'dense_bn_prelu' | 'dense'
+    dropout        rate on the pooled descriptor in training
+    dtype          'float32' | 'bfloat16' compute dtype (params stay float32)
+    dolg           dilations, branch_channels, local_dim, global_dim,
+                   image_pooling, global_branch (used by 'dolg' only)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from landmark_jax.models import dolg, global_model, layers
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+_DOLG_DEFAULTS: dict[str, Any] = {
+    "dilations": (6, 12, 18),  # Henkel's B5 run and the official code; B6/B7 used (3, 6, 9)
+    "branch_channels": 512,
+    "local_dim": 1024,
+    "global_dim": 1024,
+    "image_pooling": False,
+    "global_branch": "gem_fc",
+}
+
+# Defaults follow the published recipes: GLR2020 1st place (EfficientNet-B7,
+# GAP, Dense+swish) and GLR2021 1st place (DOLG on EfficientNet-B5, GeM,
+# Dense+BN+PReLU).
+_MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "global": {
+        "backbone": "efficientnet_b7",
+        "embedding_dim": 512,
+        "pooling": "gap",
+        "neck": "dense_swish",
+        "dropout": 0.0,
+        "dtype": "float32",
+    },
+    "dolg": {
+        "backbone": "efficientnet_b5",
+        "embedding_dim": 512,
+        "pooling": "gem",
+        "neck": "dense_bn_prelu",
+        "dropout": 0.0,
+        "dtype": "float32",
+    },
+}
+
+
+def _build_global(cfg: Mapping[str, Any], backbone: nn.Module, dtype: Any) -> nn.Module:
+    return global_model.GlobalModel(
+        backbone=backbone,
+        embedding_dim=cfg["embedding_dim"],
+        pooling=cfg["pooling"],
+        neck=cfg["neck"],
+        dropout=cfg["dropout"],
+        dtype=dtype,
+    )
+
+
+def _build_dolg(cfg: Mapping[str, Any], backbone: nn.Module, dtype: Any) -> nn.Module:
+    d = cfg["dolg"]
+    return dolg.DOLG(
+        backbone=backbone,
+        embedding_dim=cfg["embedding_dim"],
+        local_dim=d["local_dim"],
+        global_dim=d["global_dim"],
+        dilations=tuple(d["dilations"]),
+        branch_channels=d["branch_channels"],
+        image_pooling=d["image_pooling"],
+        global_branch=d["global_branch"],
+        pooling=cfg["pooling"],
+        neck=cfg["neck"],
+        dropout=cfg["dropout"],
+        dtype=dtype,
+    )
+
+
+MODELS: dict[str, Callable[[Mapping[str, Any], nn.Module, Any], nn.Module]] = {
+    "global": _build_global,
+    "dolg": _build_dolg,
+}
+
+
+def _check_name(name: Any) -> str:
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; valid: {sorted(MODELS)}")
+    return name
+
+
+def default_model_config(name: str) -> ml_collections.ConfigDict:
+    """Returns the full model config of a model with the recipe defaults.
+
+    Args:
+      name: a key of `MODELS` ('global' or 'dolg').
+
+    Returns:
+      ConfigDict with every key `create_model` accepts (the `dolg` block is
+      present for both names, so a command line can switch `name`).
+
+    Raises:
+      ValueError: for an unknown name, listing the valid ones.
+    """
+    _check_name(name)
+    return ml_collections.ConfigDict(
+        {"name": name, **_MODEL_DEFAULTS[name], "dolg": dict(_DOLG_DEFAULTS)}
+    )
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    if isinstance(config, ml_collections.ConfigDict):
+        return config.to_dict()
+    if isinstance(config, Mapping):
+        return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    raise TypeError(f"model config must be a ConfigDict or a mapping, got {type(config)}")
+
+
+def _merge_checked(defaults: Mapping[str, Any], given: Mapping[str, Any], where: str) -> dict:
+    """Overlays `given` on `defaults`; a key absent from the defaults is an error."""
+    merged = dict(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise ValueError(
+                f"unknown key {where}{key!r} in model config; valid: {sorted(defaults)}"
+            )
+        if isinstance(defaults[key], Mapping):
+            value = _merge_checked(defaults[key], value, f"{where}{key}.")
+        merged[key] = value
+    return merged
+
+
+def resolve_model_config(model_config: Any) -> dict[str, Any]:
+    """Validates a model config and fills missing keys from the name's defaults.
+
+    Args:
+      model_config: ConfigDict or mapping with at least `name`.
+
+    Returns:
+      A plain dict with every key of `default_model_config(name)`.
+
+    Raises:
+      ValueError: unknown model name, unknown key (named), or an unknown
+        pooling / neck / dtype / global_branch value, each listing valid ones.
+    """
+    given = _as_dict(model_config)
+    name = _check_name(given.get("name"))
+    cfg = _merge_checked(default_model_config(name).to_dict(), given, "")
+    layers.make_pooling(cfg["pooling"])
+    layers.check_neck(cfg["neck"])
+    dolg.check_global_branch(cfg["dolg"]["global_branch"])
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg['dtype']!r}; valid: {sorted(DTYPES)}")
+    return cfg
+
+
+def create_model(model_config: Any) -> nn.Module:
+    """Builds a retrieval model from its config.
+
+    Args:
+      model_config: ConfigDict or mapping (see the module docstring for the
+        keys; missing keys take `default_model_config(name)` values).
+
+    Returns:
+      An unbound linen module: `__call__(images [B,H,W,3] in 0..255,
+      train=False) -> [B, embedding_dim] float32` embedding, not normalised.
+
+    Raises:
+      ValueError: unknown model name, unknown config key (named), unknown
+        backbone or variant names (each error lists the valid values).
+    """
+    cfg = resolve_model_config(model_config)
+    # Imported here so that `landmark_jax.models.layers` etc. stay importable
+    # without pulling in every backbone definition.
+    from landmark_jax.models.backbones import create_backbone
+
+    dtype = DTYPES[cfg["dtype"]]
+    backbone = create_backbone(cfg["backbone"], dtype=dtype)
+    return MODELS[cfg["name"]](cfg, backbone, dtype)

@@ -1,0 +1,201 @@
+"""Pooling (GAP, GeM) and the embedding neck shared by the retrieval models.
+
+Both recipes end in the same shape: a pooled descriptor followed by a dense
+"neck" that compresses it to the embedding. The neck variants are data
+(`NECKS`), so a config names one instead of selecting code paths:
+
+    dense_swish      Dense -> swish                  (GLR2020 1st place, Keras)
+    dense_bn_prelu   Dense -> BatchNorm -> PReLU     (GLR2021 1st place, PyTorch)
+    dense            Dense                           (linear projection)
+
+Pooling and normalisation math runs in float32 even when the model computes in
+bfloat16: x**p for p=3 overflows and loses precision quickly in bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch BatchNorm1d defaults (momentum 0.1 == flax 0.9, eps 1e-5): the
+# GLR2021 neck was trained with them.
+DEFAULT_NORM = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+# torch.nn.PReLU initialises its single slope at 0.25 (flax's default is 0.01).
+PRELU_SLOPE_INIT = 0.25
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Averages an NHWC map over its spatial axes, in float32.
+
+    Args:
+      x: [batch, height, width, channels] feature map.
+
+    Returns:
+      [batch, channels] float32 array.
+    """
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def gem_pool(x: jax.Array, p: jax.Array | float, eps: float = 1e-6) -> jax.Array:
+    """Generalised-mean pooling: (mean(clip(x, eps) ** p)) ** (1 / p), in float32.
+
+    p=1 is average pooling and p -> inf tends to max pooling. The map is divided
+    by its per-channel spatial maximum before the power: GeM is 1-homogeneous,
+    so the value is unchanged, but x**p can no longer overflow for large p or
+    large activations. The maximum is a constant under differentiation, which
+    is exact because the result does not depend on it.
+
+    Args:
+      x: [batch, height, width, channels] feature map (any float dtype).
+      p: scalar exponent (a trainable parameter in `GeM`); must be > 0.
+      eps: lower clamp so negative/zero activations give finite powers and
+        finite gradients with respect to p.
+
+    Returns:
+      [batch, channels] float32 array.
+    """
+    x = jnp.maximum(x.astype(jnp.float32), eps)
+    p = jnp.asarray(p, jnp.float32)
+    scale = jax.lax.stop_gradient(jnp.max(x, axis=(1, 2), keepdims=True))
+    mean_pow = jnp.mean((x / scale) ** p, axis=(1, 2))
+    return scale[:, 0, 0, :] * mean_pow ** (1.0 / p)
+
+
+class GlobalAvgPool(nn.Module):
+    """Global average pooling as a module, so it is interchangeable with GeM."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns the [batch, channels] float32 spatial mean of an NHWC map."""
+        return global_avg_pool(x)
+
+
+class GeM(nn.Module):
+    """GeM pooling with a trainable scalar exponent `p` (float32 param, shape ()).
+
+    Attributes:
+      p_init: initial exponent (3, as in both recipes and the DOLG paper).
+      eps: lower clamp applied to activations before the power.
+    """
+
+    p_init: float = 3.0
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Returns the [batch, channels] float32 GeM of an NHWC map."""
+        p = self.param("p", nn.initializers.constant(self.p_init), (), jnp.float32)
+        return gem_pool(x, p, self.eps)
+
+
+# Pooling variants by config name; each maps an NHWC map to [batch, channels].
+POOLINGS: dict[str, Callable[..., nn.Module]] = {
+    "gap": GlobalAvgPool,
+    "gem": GeM,
+}
+
+
+def make_pooling(kind: str, **kwargs: Any) -> nn.Module:
+    """Builds a pooling module by name.
+
+    Args:
+      kind: a key of `POOLINGS` ('gap' or 'gem').
+      **kwargs: module attributes, e.g. `name='pool'`.
+
+    Returns:
+      An unbound linen module mapping [B, H, W, C] -> [B, C] float32.
+
+    Raises:
+      ValueError: for an unknown kind, listing the valid ones.
+    """
+    if kind not in POOLINGS:
+        raise ValueError(f"unknown pooling {kind!r}; valid: {sorted(POOLINGS)}")
+    return POOLINGS[kind](**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class NeckSpec:
+    """One embedding-neck variant: Dense, then optional norm, then activation."""
+
+    use_norm: bool
+    activation: str | None  # None, 'swish' or 'prelu'
+
+
+NECKS: dict[str, NeckSpec] = {
+    "dense": NeckSpec(use_norm=False, activation=None),
+    "dense_swish": NeckSpec(use_norm=False, activation="swish"),
+    "dense_bn_prelu": NeckSpec(use_norm=True, activation="prelu"),
+}
+
+
+def check_neck(variant: str) -> NeckSpec:
+    """Returns the spec of a neck variant.
+
+    Raises:
+      ValueError: for an unknown variant, listing the valid ones.
+    """
+    if variant not in NECKS:
+        raise ValueError(f"unknown neck {variant!r}; valid: {sorted(NECKS)}")
+    return NECKS[variant]
+
+
+class EmbeddingNeck(nn.Module):
+    """Dense projection of a pooled descriptor to the embedding.
+
+    Parameters: `dense` (kernel [in, features], bias), then for
+    'dense_bn_prelu' `bn` (scale, bias; batch_stats mean, var) and `prelu`
+    (scalar `negative_slope`, init 0.25 as in PyTorch).
+
+    Attributes:
+      features: embedding size.
+      variant: a key of `NECKS`.
+      dtype: compute dtype of the Dense layer; norm and activation run in
+        float32 and the output is float32.
+      param_dtype: parameter dtype.
+      norm: BatchNorm factory (PyTorch defaults), injected so a recipe can
+        swap momentum/epsilon.
+    """
+
+    features: int = 512
+    variant: str = "dense_swish"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    norm: Callable[..., nn.Module] = DEFAULT_NORM
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Projects [batch, in] to [batch, features] (float32, not normalised).
+
+        Args:
+          x: pooled descriptor [batch, in].
+          train: BatchNorm uses batch statistics and updates `batch_stats`.
+
+        Returns:
+          [batch, features] float32 embedding.
+        """
+        spec = check_neck(self.variant)
+        y = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(x)
+        y = y.astype(jnp.float32)
+        if spec.use_norm:
+            y = self.norm(
+                use_running_average=not train,
+                dtype=jnp.float32,
+                param_dtype=self.param_dtype,
+                name="bn",
+            )(y)
+        if spec.activation == "swish":
+            y = nn.swish(y)
+        elif spec.activation == "prelu":
+            y = nn.PReLU(
+                param_dtype=self.param_dtype, negative_slope_init=PRELU_SLOPE_INIT, name="prelu"
+            )(y)
+        return y.astype(jnp.float32)
