@@ -1,0 +1,522 @@
+"""Writes a small synthetic landmark data set in the exact GLDv2 layout.
+
+    python -m data_pipelines.make_demo_dataset --output_dir=demo_data/raw
+
+Every landmark is a procedurally drawn scene (see `synthetic_scenes`) and its
+images are photographs of it from random viewpoints, in random light, partly
+occluded. The splits follow GLDv2:
+
+- train: long-tailed classes (2 to `max_images_per_landmark` clean images
+  each), listed in train.csv; the clean images also in train_clean.csv. The
+  rest of train.csv is noise, as in the web-mined GLDv2 train set: hard but
+  correctly labelled photographs, photographs of another train landmark, and
+  non-landmark images, all carrying some train landmark's id.
+- index: photographs of the index landmarks, which are disjoint from the train
+  landmarks, plus non-landmark images.
+- test: retrieval queries (photographs of index landmarks; a quarter of the
+  index landmarks get none), recognition images (photographs of train
+  landmarks) and non-landmark distractors.
+
+The solutions list every test id, as the GLDv2 v2.1 files do:
+retrieval_solution.csv has `<index ids>,Public|Private` for queries and
+`None,Ignored` for every other test image; recognition_solution.csv has
+`<landmark_id>,Public|Private` for recognition images and an empty landmarks
+field with Public/Private for the others, so that confident predictions on
+them lower GAP (GAP counts them in its ranking; Ignored rows it would skip).
+Each test image has one Usage, shared by both files.
+
+The same seed gives byte-identical CSVs and identical pixels, whatever the
+number of worker processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from data_pipelines import synthetic_scenes
+
+SPLITS = ("train", "index", "test")
+CSV_FILES = (
+    "train.csv",
+    "train_clean.csv",
+    "index.csv",
+    "test.csv",
+    "index_image_to_landmark.csv",
+    "retrieval_solution.csv",
+    "recognition_solution.csv",
+)
+# GLDv2 train landmark ids run up to 203,093; demo ids are drawn from the same
+# range, non-contiguous, so that builders must map them to labels 0..C-1.
+_LANDMARK_ID_RANGE = 203_094
+# Composition of the noisy (not clean) train images: correctly labelled but
+# hard photographs, photographs of another landmark, non-landmark images.
+_NOISE_MIX = {"correct": 0.5, "mislabelled": 0.3, "distractor": 0.2}
+_HARD_DIFFICULTY = 1.8
+_QUERIED_INDEX_FRACTION = 0.75
+_INDEX_DISTRACTOR_FRACTION = 0.2
+_RECOGNISED_TRAIN_FRACTION = 0.5
+_TEST_DISTRACTOR_FRACTION = 0.5
+_PUBLIC_FRACTION = 0.3
+# Random-stream namespaces, so no two generators share entropy.
+_PLAN_STREAM, _LANDMARK_STREAM, _DISTRACTOR_STREAM, _PHOTO_STREAM = range(4)
+
+
+@dataclasses.dataclass
+class _Photo:
+    """One planned image: where it goes, what it shows and how it is labelled."""
+
+    split: str
+    scene: tuple[str, int]  # ("landmark", landmark index) or ("distractor", index)
+    difficulty: float = 1.0
+    label: int | None = None  # train: the (possibly wrong) landmark id it is filed under
+    clean: bool = False
+    noise: str | None = None  # train noise kind, see _NOISE_MIX
+    test_role: str | None = None  # "query", "recognition" or "distractor"
+    truth: int | None = None  # landmark id actually shown (index and test)
+    image_id: str = ""
+    usage: str = ""
+
+
+def long_tailed_counts(num_classes: int, max_count: int, rng: np.random.Generator) -> np.ndarray:
+    """Class sizes from 2 up to `max_count`, few large classes and many small ones.
+
+    The size at quantile q is 2 + (max_count - 2) * (1 - q)^3, so the mean is
+    about 2 + (max_count - 2) / 4 and the smallest classes have 2 images.
+
+    Args:
+      num_classes: how many sizes.
+      max_count: the largest size, >= 2.
+      rng: shuffles which class gets which size.
+
+    Returns:
+      int64 array of `num_classes` sizes, each in [2, max_count].
+    """
+    q = (np.arange(num_classes) + 0.5) / num_classes
+    counts = 2 + np.floor((max_count - 2) * (1 - q) ** 3 + 0.5).astype(np.int64)
+    return rng.permutation(counts)
+
+
+def _unique_hex_ids(rng: np.random.Generator, n: int) -> list[str]:
+    """`n` distinct ids of 16 lowercase hex characters, like GLDv2 ids."""
+    ids: list[str] = []
+    seen: set[str] = set()
+    while len(ids) < n:
+        candidate = rng.bytes(8).hex()
+        if candidate not in seen:
+            seen.add(candidate)
+            ids.append(candidate)
+    return ids
+
+
+def _split_usage(photos: Sequence[_Photo], rng: np.random.Generator) -> None:
+    """Marks about 30% Public and the rest Private, with both present when n >= 2."""
+    n = len(photos)
+    num_public = max(1, round(_PUBLIC_FRACTION * n)) if n >= 2 else 0
+    order = rng.permutation(n)
+    for rank, i in enumerate(order):
+        photos[i].usage = "Public" if rank < num_public else "Private"
+
+
+def _plan(
+    num_landmarks: int,
+    num_index_landmarks: int,
+    max_images_per_landmark: int,
+    noisy_fraction: float,
+    rng: np.random.Generator,
+) -> list[_Photo]:
+    """Decides every image of the data set, in a deterministic order."""
+    total_landmarks = num_landmarks + num_index_landmarks
+    # Landmarks 0..num_landmarks-1 are train landmarks, the rest index landmarks.
+    landmark_ids = rng.choice(_LANDMARK_ID_RANGE, size=total_landmarks, replace=False)
+    photos: list[_Photo] = []
+    distractors = 0
+
+    def distractor(split: str, **fields) -> _Photo:
+        nonlocal distractors
+        distractors += 1
+        return _Photo(split, ("distractor", distractors - 1), **fields)
+
+    clean_counts = long_tailed_counts(num_landmarks, max_images_per_landmark, rng)
+    for lm, count in enumerate(clean_counts):
+        for _ in range(count):
+            photos.append(
+                _Photo("train", ("landmark", lm), label=int(landmark_ids[lm]), clean=True)
+            )
+    num_noisy = round(noisy_fraction / (1 - noisy_fraction) * int(clean_counts.sum()))
+    kinds = list(_NOISE_MIX)
+    kind_counts = [math.floor(_NOISE_MIX[k] * num_noisy) for k in kinds]
+    kind_counts[0] += num_noisy - sum(kind_counts)
+    # Noise lands on classes in proportion to their size, as with web-mined labels.
+    filed_under = rng.choice(num_landmarks, size=num_noisy, p=clean_counts / clean_counts.sum())
+    filed = iter(filed_under.tolist())
+    for kind, count in zip(kinds, kind_counts, strict=True):
+        for _ in range(count):
+            lm = next(filed)
+            fields = dict(label=int(landmark_ids[lm]), noise=kind)
+            if kind == "correct":
+                photos.append(
+                    _Photo("train", ("landmark", lm), difficulty=_HARD_DIFFICULTY, **fields)
+                )
+            elif kind == "mislabelled":
+                other = (lm + 1 + int(rng.integers(num_landmarks - 1))) % num_landmarks
+                photos.append(_Photo("train", ("landmark", other), **fields))
+            else:
+                photos.append(distractor("train", **fields))
+
+    index_lms = np.arange(num_landmarks, total_landmarks)
+    index_counts = long_tailed_counts(
+        num_index_landmarks, max(2, max_images_per_landmark // 4), rng
+    )
+    for lm, count in zip(index_lms, index_counts, strict=True):
+        for _ in range(count):
+            photos.append(_Photo("index", ("landmark", int(lm)), truth=int(landmark_ids[lm])))
+    num_index_distractors = max(1, round(_INDEX_DISTRACTOR_FRACTION * int(index_counts.sum())))
+    photos.extend(distractor("index") for _ in range(num_index_distractors))
+
+    queried = rng.permutation(index_lms)[: max(1, round(_QUERIED_INDEX_FRACTION * len(index_lms)))]
+    recognised = rng.permutation(num_landmarks)[
+        : max(1, round(_RECOGNISED_TRAIN_FRACTION * num_landmarks))
+    ]
+    test: dict[str, list[_Photo]] = collections.defaultdict(list)
+    for role, lms, most in (("query", queried, 3), ("recognition", recognised, 2)):
+        for lm in sorted(int(x) for x in lms):
+            for _ in range(int(rng.integers(1, most + 1))):
+                test[role].append(
+                    _Photo("test", ("landmark", lm), test_role=role, truth=int(landmark_ids[lm]))
+                )
+    num_test_distractors = max(
+        1, round(_TEST_DISTRACTOR_FRACTION * (len(test["query"]) + len(test["recognition"])))
+    )
+    test["distractor"] = [
+        distractor("test", test_role="distractor") for _ in range(num_test_distractors)
+    ]
+    for role in ("query", "recognition", "distractor"):
+        _split_usage(test[role], rng)
+        photos.extend(test[role])
+
+    for photo, image_id in zip(photos, _unique_hex_ids(rng, len(photos)), strict=True):
+        photo.image_id = image_id
+    return photos
+
+
+def image_path(images_dir: str, image_id: str) -> str:
+    """The GLDv2 path of an image: `<images_dir>/a/b/c/<id>.jpg`.
+
+    Args:
+      images_dir: the split's image folder, e.g. `<output_dir>/train`.
+      image_id: the image id (at least 3 characters).
+
+    Returns:
+      The file path.
+    """
+    return os.path.join(images_dir, image_id[0], image_id[1], image_id[2], f"{image_id}.jpg")
+
+
+def _jobs(
+    photos: Sequence[_Photo], output_dir: str, seed: int, image_size: int
+) -> list[synthetic_scenes.PhotoJob]:
+    """Groups photos by scene so that each worker draws a scene once."""
+    by_scene: dict[tuple[str, int], list[tuple[str, tuple[int, ...], float]]] = (
+        collections.defaultdict(list)
+    )
+    for serial, photo in enumerate(photos):
+        path = image_path(os.path.join(output_dir, photo.split), photo.image_id)
+        by_scene[photo.scene].append((path, (seed, _PHOTO_STREAM, serial), photo.difficulty))
+    jobs = []
+    for (kind, index), items in by_scene.items():
+        stream = _LANDMARK_STREAM if kind == "landmark" else _DISTRACTOR_STREAM
+        jobs.append(
+            synthetic_scenes.PhotoJob(
+                scene_seed=(seed, stream, index),
+                is_landmark=kind == "landmark",
+                photos=tuple(items),
+                max_side=image_size,
+            )
+        )
+    # Largest first, so that the pool does not end waiting on one big class.
+    jobs.sort(key=lambda job: -len(job.photos))
+    return jobs
+
+
+def _render(jobs: Sequence[synthetic_scenes.PhotoJob], num_workers: int) -> int:
+    if num_workers <= 1:
+        return sum(synthetic_scenes.render_job(job) for job in jobs)
+    # spawn, not fork: callers (tests, notebooks) may have started jax or TF
+    # threads, which fork does not survive safely.
+    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
+        return sum(pool.imap_unordered(synthetic_scenes.render_job, jobs))
+
+
+def _write_csv(path: str, header: Sequence[str], rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _write_csvs(output_dir: str, photos: Sequence[_Photo]) -> None:
+    """Writes the GLDv2 CSV files, rows sorted by id (or landmark id) for stable bytes."""
+    by_split = {
+        split: sorted((p for p in photos if p.split == split), key=lambda p: p.image_id)
+        for split in SPLITS
+    }
+    join = os.path.join
+    _write_csv(
+        join(output_dir, "train.csv"),
+        ("id", "url", "landmark_id"),
+        ((p.image_id, f"demo://train/{p.image_id}.jpg", p.label) for p in by_split["train"]),
+    )
+    clean: dict[int, list[str]] = collections.defaultdict(list)
+    for p in by_split["train"]:
+        if p.clean:
+            clean[p.label].append(p.image_id)
+    _write_csv(
+        join(output_dir, "train_clean.csv"),
+        ("landmark_id", "images"),
+        ((lm, " ".join(ids)) for lm, ids in sorted(clean.items())),
+    )
+    for split in ("index", "test"):
+        _write_csv(
+            join(output_dir, f"{split}.csv"), ("id",), ((p.image_id,) for p in by_split[split])
+        )
+    _write_csv(
+        join(output_dir, "index_image_to_landmark.csv"),
+        ("id", "landmark_id"),
+        ((p.image_id, p.truth) for p in by_split["index"] if p.truth is not None),
+    )
+    index_of: dict[int, list[str]] = collections.defaultdict(list)
+    for p in by_split["index"]:
+        if p.truth is not None:
+            index_of[p.truth].append(p.image_id)
+    retrieval, recognition = [], []
+    for p in by_split["test"]:
+        if p.test_role == "query":
+            retrieval.append((p.image_id, " ".join(index_of[p.truth]), p.usage))
+        else:
+            retrieval.append((p.image_id, "None", "Ignored"))
+        landmarks = str(p.truth) if p.test_role == "recognition" else ""
+        recognition.append((p.image_id, landmarks, p.usage))
+    _write_csv(join(output_dir, "retrieval_solution.csv"), ("id", "images", "Usage"), retrieval)
+    _write_csv(
+        join(output_dir, "recognition_solution.csv"), ("id", "landmarks", "Usage"), recognition
+    )
+
+
+def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Creates the folder, refusing to mix with earlier contents unless told to."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"--output_dir {output_dir!r} exists and is not a folder")
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        if not overwrite:
+            raise FileExistsError(
+                f"--output_dir {output_dir!r} is not empty; pass --overwrite to replace "
+                "a data set there, or choose another folder"
+            )
+        # Remove only what this tool writes: the folder may hold other work.
+        for split in SPLITS:
+            shutil.rmtree(os.path.join(output_dir, split), ignore_errors=True)
+        for name in CSV_FILES:
+            path = os.path.join(output_dir, name)
+            if os.path.isfile(path):
+                os.remove(path)
+    os.makedirs(output_dir, exist_ok=True)
+
+
+def _check_arguments(
+    num_landmarks: int,
+    num_index_landmarks: int,
+    max_images_per_landmark: int,
+    noisy_fraction: float,
+    image_size: int,
+    seed: int,
+    num_workers: int | None,
+) -> None:
+    problems = []
+    if num_landmarks < 2:
+        problems.append(f"num_landmarks must be >= 2 (got {num_landmarks})")
+    if num_index_landmarks < 2:
+        problems.append(f"num_index_landmarks must be >= 2 (got {num_index_landmarks})")
+    if max_images_per_landmark < 2:
+        problems.append(
+            f"max_images_per_landmark must be >= 2, every class needs 2 clean images "
+            f"(got {max_images_per_landmark})"
+        )
+    if not 0.0 <= noisy_fraction < 1.0:
+        problems.append(f"noisy_fraction must be in [0, 1) (got {noisy_fraction})")
+    if not 32 <= image_size <= 1024:
+        problems.append(f"image_size must be in [32, 1024] (got {image_size})")
+    if seed < 0:
+        problems.append(f"seed must be >= 0 (got {seed})")
+    if num_workers is not None and num_workers < 0:
+        problems.append(f"num_workers must be >= 0 (got {num_workers})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def make_demo_dataset(
+    output_dir: str,
+    num_landmarks: int = 80,
+    num_index_landmarks: int = 20,
+    max_images_per_landmark: int = 80,
+    noisy_fraction: float = 0.3,
+    image_size: int = 128,
+    seed: int = 0,
+    num_workers: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, int | float | str]:
+    """Generates the synthetic GLDv2-layout data set.
+
+    Args:
+      output_dir: where to write the CSVs and the `train/`, `index/` and
+        `test/` image trees; created if missing.
+      num_landmarks: train landmarks (classes).
+      num_index_landmarks: index landmarks, disjoint from the train ones.
+      max_images_per_landmark: clean images of the largest train class; the
+        largest index landmark has a quarter of that (at least 2).
+      noisy_fraction: fraction of train.csv that is not in train_clean.csv.
+      image_size: longest side of the images, in pixels; each image's longest
+        side is between 3/4 of it and all of it.
+      seed: the data set is a function of the seed and the other arguments.
+      num_workers: rendering processes; None for min(4, CPU count), 0 or 1 to
+        render in this process.
+      overwrite: replace an earlier data set in a non-empty output_dir.
+
+    Returns:
+      The summary: counts per split and per kind of image, the number of
+      classes, the clean fraction and the seconds taken.
+
+    Raises:
+      ValueError: an argument out of range.
+      FileExistsError: output_dir is not empty and overwrite is False.
+      NotADirectoryError: output_dir is a file.
+    """
+    _check_arguments(
+        num_landmarks,
+        num_index_landmarks,
+        max_images_per_landmark,
+        noisy_fraction,
+        image_size,
+        seed,
+        num_workers,
+    )
+    start = time.perf_counter()
+    _prepare_output_dir(output_dir, overwrite)
+    rng = np.random.default_rng((seed, _PLAN_STREAM))
+    photos = _plan(num_landmarks, num_index_landmarks, max_images_per_landmark, noisy_fraction, rng)
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1)
+    written = _render(_jobs(photos, output_dir, seed, image_size), num_workers)
+    # The CSVs come last, so a data set with CSVs is a complete one.
+    _write_csvs(output_dir, photos)
+
+    train = [p for p in photos if p.split == "train"]
+    test = [p for p in photos if p.split == "test"]
+    clean_per_class = collections.Counter(p.label for p in train if p.clean)
+    noise = collections.Counter(p.noise for p in train if not p.clean)
+    roles = collections.Counter(p.test_role for p in test)
+    summary: dict[str, int | float | str] = {
+        "output_dir": output_dir,
+        "seed": seed,
+        "total_images": written,
+        "train_images": len(train),
+        "train_landmarks": len(clean_per_class),
+        "train_clean_images": sum(clean_per_class.values()),
+        "train_noisy_correct": noise["correct"],
+        "train_noisy_mislabelled": noise["mislabelled"],
+        "train_noisy_distractor": noise["distractor"],
+        "clean_fraction": round(sum(clean_per_class.values()) / len(train), 4),
+        "min_clean_per_landmark": min(clean_per_class.values()),
+        "max_clean_per_landmark": max(clean_per_class.values()),
+        "index_images": sum(p.split == "index" for p in photos),
+        "index_landmarks": num_index_landmarks,
+        "index_distractors": sum(p.split == "index" and p.truth is None for p in photos),
+        "test_images": len(test),
+        "test_queries": roles["query"],
+        "test_queried_landmarks": len({p.truth for p in test if p.test_role == "query"}),
+        "test_recognition": roles["recognition"],
+        "test_distractors": roles["distractor"],
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    return summary
+
+
+def format_summary(summary: dict[str, int | float | str]) -> str:
+    """A few human-readable lines for a `make_demo_dataset` summary.
+
+    Args:
+      summary: what `make_demo_dataset` returned.
+
+    Returns:
+      The text, without a trailing newline.
+    """
+    s = summary
+    return "\n".join(
+        [
+            f"demo data set in {s['output_dir']} (seed {s['seed']}): "
+            f"{s['total_images']} images in {s['seconds']} s",
+            f"  train: {s['train_images']} images, {s['train_landmarks']} landmarks, "
+            f"{s['train_clean_images']} clean ({s['clean_fraction']:.0%}; "
+            f"{s['min_clean_per_landmark']}-{s['max_clean_per_landmark']} per landmark); "
+            f"noisy: {s['train_noisy_correct']} hard, {s['train_noisy_mislabelled']} "
+            f"mislabelled, {s['train_noisy_distractor']} non-landmark",
+            f"  index: {s['index_images']} images, {s['index_landmarks']} landmarks, "
+            f"{s['index_distractors']} non-landmark",
+            f"  test: {s['test_images']} images: {s['test_queries']} retrieval queries of "
+            f"{s['test_queried_landmarks']} index landmarks, {s['test_recognition']} of train "
+            f"landmarks, {s['test_distractors']} non-landmark",
+        ]
+    )
+
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write the data set to.")
+_NUM_LANDMARKS = flags.DEFINE_integer("num_landmarks", 80, "Train landmarks (classes).")
+_NUM_INDEX_LANDMARKS = flags.DEFINE_integer(
+    "num_index_landmarks", 20, "Index landmarks, disjoint from the train landmarks."
+)
+_MAX_IMAGES = flags.DEFINE_integer(
+    "max_images_per_landmark", 80, "Clean images of the largest train class."
+)
+_NOISY_FRACTION = flags.DEFINE_float(
+    "noisy_fraction", 0.3, "Fraction of train.csv not in train_clean.csv."
+)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Longest image side, in pixels.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed; same seed, same data set.")
+_NUM_WORKERS = flags.DEFINE_integer(
+    "num_workers", None, "Rendering processes (default min(4, CPUs); 1: no pool)."
+)
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False, "Replace an earlier data set in a non-empty --output_dir."
+)
+flags.mark_flag_as_required("output_dir")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    summary = make_demo_dataset(
+        _OUTPUT_DIR.value,
+        num_landmarks=_NUM_LANDMARKS.value,
+        num_index_landmarks=_NUM_INDEX_LANDMARKS.value,
+        max_images_per_landmark=_MAX_IMAGES.value,
+        noisy_fraction=_NOISY_FRACTION.value,
+        image_size=_IMAGE_SIZE.value,
+        seed=_SEED.value,
+        num_workers=_NUM_WORKERS.value,
+        overwrite=_OVERWRITE.value,
+    )
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    app.run(main)
