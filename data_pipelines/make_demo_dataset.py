@@ -91,8 +91,9 @@ class _Photo:
 def long_tailed_counts(num_classes: int, max_count: int, rng: np.random.Generator) -> np.ndarray:
     """Class sizes from 2 up to `max_count`, few large classes and many small ones.
 
-    The size at quantile q is 2 + (max_count - 2) * (1 - q)^3, so the mean is
-    about 2 + (max_count - 2) / 4 and the smallest classes have 2 images.
+    The i-th of n sizes is 2 + (max_count - 2) * (1 - i / n)^3, rounded: the
+    largest is max_count, the mean about 2 + (max_count - 2) / 4, and a good
+    share of the classes have 2 or 3 images.
 
     Args:
       num_classes: how many sizes.
@@ -102,7 +103,7 @@ def long_tailed_counts(num_classes: int, max_count: int, rng: np.random.Generato
     Returns:
       int64 array of `num_classes` sizes, each in [2, max_count].
     """
-    q = (np.arange(num_classes) + 0.5) / num_classes
+    q = np.arange(num_classes) / num_classes
     counts = 2 + np.floor((max_count - 2) * (1 - q) ** 3 + 0.5).astype(np.int64)
     return rng.permutation(counts)
 
