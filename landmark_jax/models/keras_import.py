@@ -1,0 +1,500 @@
+"""Import keras.applications weights into the Flax backbones.
+
+    from_keras(keras_model) -> (module, variables)
+
+reproduces `keras_model(x)` with `module.apply(variables, x)` for Keras
+EfficientNetB0..B7 and ResNet50/101 built with `include_top=False` (and
+`pooling=None`), preprocessing layers included. The architecture is read off
+the model's layers and weight shapes, never its name.
+
+The command line converts a weights file (or `imagenet`, downloaded by Keras
+where there is internet) into an Orbax checkpoint:
+
+    python -m landmark_jax.models.keras_import --arch=efficientnet_b7 \
+        --weights=PATH.h5|imagenet --output=DIR
+
+DIR then holds `variables/` (an Orbax StandardCheckpointer save of
+`{'params': ..., 'batch_stats': ...}`, numpy float32) and `backbone.json`
+(arch, input normalisation preset and constants, padding, source). Every
+checkpoint takes RGB pixels in [0, 255]: for ResNet, whose Keras weights
+expect caffe-style BGR, conv1's input channels are reordered and the
+normalisation becomes the `caffe` preset. `load_backbone_checkpoint(DIR)`
+returns the variables, `load_backbone(DIR)` the module as well.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from landmark_jax.models import backbones, efficientnet, input_normalization, resnet
+
+# --arch -> keras.applications constructor.
+KERAS_APPLICATIONS = {
+    **{f"efficientnet_b{i}": f"EfficientNetB{i}" for i in range(8)},
+    "resnet50": "ResNet50",
+    "resnet101": "ResNet101",
+}
+CHECKPOINT_SUBDIR = "variables"
+METADATA_FILE = "backbone.json"
+
+_BN_VARIABLES = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_variance"}
+# keras.backend.epsilon(), the floor of Normalization's sqrt(variance).
+_KERAS_EPSILON = 1e-7
+
+LayerShapes = Mapping[str, Sequence[tuple[int, ...]]]
+
+
+# ----------------------------------------------------------------------------
+# Architecture detection, shared by Keras models and weights files.
+
+
+def _signature(layer_shapes: LayerShapes) -> tuple | None:
+    """A hashable summary of the architecture, from layer names and shapes."""
+    names = list(layer_shapes)
+    if "stem_conv" in layer_shapes and "top_conv" in layer_shapes:
+        blocks = {m.group(1) for n in names if (m := re.match(r"(block(\d+)[a-z])_", n))}
+        order = sorted(blocks, key=lambda b: (int(re.sub(r"\D", "", b)), b[-1]))
+        return (
+            "efficientnet",
+            layer_shapes["stem_conv"][0][-1],
+            tuple(order),
+            layer_shapes["top_conv"][0][-1],
+        )
+    if "conv1_conv" in layer_shapes:
+        if any(n.endswith("_preact_bn") or n == "post_bn" for n in names):
+            return ("resnet_v2",)
+        counts: dict[int, int] = {}
+        for n in names:
+            if m := re.match(r"conv(\d+)_block(\d+)_", n):
+                stage, block = int(m.group(1)), int(m.group(2))
+                counts[stage] = max(counts.get(stage, 0), block)
+        sizes = tuple(counts.get(s, 0) for s in range(2, max(counts, default=1) + 1))
+        return ("resnet", layer_shapes["conv1_conv"][0][-1], sizes)
+    return None
+
+
+def _module_signature(module: nn.Module) -> tuple | None:
+    if isinstance(module, efficientnet.EfficientNet):
+        stem = efficientnet.round_filters(
+            module.stem_filters, module.width_coefficient, module.depth_divisor
+        )
+        blocks = tuple(spec.name for spec in module.block_specs())
+        return ("efficientnet", stem, blocks, module.feature_channels()["final"])
+    if isinstance(module, resnet.ResNet):
+        return ("resnet", module.width, tuple(module.stage_sizes))
+    return None
+
+
+def _describe(signature: tuple | None) -> str:
+    if signature is None:
+        return "neither a keras.applications EfficientNet nor a ResNet v1"
+    if signature[0] == "resnet_v2":
+        return "a ResNet v2 (pre-activation), which is not supported"
+    if signature[0] == "efficientnet":
+        return (
+            f"an EfficientNet with a {signature[1]}-channel stem, "
+            f"{len(signature[2])} blocks and a {signature[3]}-channel top"
+        )
+    return f"a ResNet v1 with {signature[1]} stem channels and blocks per stage {signature[2]}"
+
+
+def _identify(layer_shapes: LayerShapes) -> tuple[str | None, tuple | None]:
+    """Returns (registry name or None, signature)."""
+    signature = _signature(layer_shapes)
+    for name in backbones.BACKBONES:
+        if (
+            signature is not None
+            and _module_signature(backbones.create_backbone(name)) == signature
+        ):
+            return name, signature
+    return None, signature
+
+
+def detect_architecture(keras_model: Any) -> str:
+    """Returns the registry name of a keras.applications backbone.
+
+    Args:
+      keras_model: a Keras EfficientNetB0..B7 / ResNet50 / ResNet101 (or any
+        model with the same layers) built with include_top=False.
+
+    Returns:
+      A key of `backbones.BACKBONES`, e.g. 'efficientnet_b3'.
+
+    Raises:
+      ValueError: the model has a classification head or pooling, or its
+        layers match no registered backbone.
+    """
+    # The squeeze-excite blocks pool too, so look for Dense layers and at the
+    # output rank rather than for pooling layers.
+    head = [layer.name for layer in keras_model.layers if type(layer).__name__ == "Dense"]
+    if head or len(keras_model.output_shape) != 4:
+        raise ValueError(
+            f"Keras model {keras_model.name!r} has a head (Dense layers {head}, output "
+            f"shape {keras_model.output_shape}; built with "
+            "include_top=True or pooling=...); rebuild it with include_top=False, "
+            "pooling=None"
+        )
+    shapes = {
+        layer.name: [tuple(w.shape) for w in layer.weights]
+        for layer in keras_model.layers
+        if layer.weights
+    }
+    name, signature = _identify(shapes)
+    if name is None:
+        raise ValueError(
+            f"Keras model {keras_model.name!r} is {_describe(signature)}, which matches "
+            f"no registered backbone; supported: {', '.join(KERAS_APPLICATIONS)}"
+        )
+    return name
+
+
+# ----------------------------------------------------------------------------
+# Conversion.
+
+
+def _input_affine(keras_model: Any, consumed: set[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Folds the preprocessing layers before the first conv into x*scale+offset."""
+    scale, offset = np.ones(3, np.float64), np.zeros(3, np.float64)
+    for layer in keras_model.layers:
+        kind = type(layer).__name__
+        if kind in ("InputLayer", "ZeroPadding2D"):
+            continue
+        if kind == "Rescaling":
+            factor = np.broadcast_to(np.asarray(layer.scale, np.float64), (3,))
+            shift = np.broadcast_to(np.asarray(layer.offset, np.float64), (3,))
+            scale, offset = scale * factor, offset * factor + shift
+        elif kind == "Normalization":
+            if tuple(layer.axis) not in ((-1,), (3,)):
+                raise ValueError(f"{layer.name}: only channel-axis Normalization is supported")
+            # The tensors `call` uses, which may differ from the variables
+            # until finalize_state(); parity is with what Keras computes.
+            mean = np.broadcast_to(np.asarray(layer.mean, np.float64).reshape(-1), (3,))
+            var = np.broadcast_to(np.asarray(layer.variance, np.float64).reshape(-1), (3,))
+            std = np.maximum(np.sqrt(var), _KERAS_EPSILON)
+            if layer.invert:
+                scale, offset = scale * std, offset * std + mean
+            else:
+                scale, offset = scale / std, (offset - mean) / std
+            consumed.update(f"{layer.name}/{w.name}" for w in layer.weights)
+        elif layer.weights:
+            return scale, offset  # the first conv: preprocessing is over
+        else:
+            raise ValueError(
+                f"unsupported layer {layer.name!r} ({kind}) before the first conv of "
+                f"{keras_model.name!r}"
+            )
+    raise ValueError(f"Keras model {keras_model.name!r} has no weighted layer")
+
+
+def _keras_weights(keras_model: Any) -> dict[str, np.ndarray]:
+    weights = {}
+    for layer in keras_model.layers:
+        for variable, value in zip(layer.weights, layer.get_weights(), strict=True):
+            weights[f"{layer.name}/{variable.name}"] = np.asarray(value)
+    return weights
+
+
+def _fill_variables(
+    module: nn.Module, keras_weights: Mapping[str, np.ndarray], consumed: set[str]
+) -> dict[str, Any]:
+    """Maps each Flax variable to its Keras weight by name; errors list leftovers."""
+    abstract = jax.eval_shape(
+        module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32)
+    )
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract))
+    missing, mismatched, filled = [], [], {}
+    for path, leaf in flat.items():
+        modules, variable = path[1:-1], path[-1]
+        layer = "_".join(modules)
+        keras_name = _BN_VARIABLES[variable] if modules[-1].endswith("bn") else variable
+        key = f"{layer}/{keras_name}"
+        if key not in keras_weights:
+            missing.append(f"{'/'.join(path)} (Keras {key})")
+            continue
+        value = keras_weights[key]
+        if key in consumed:
+            raise ValueError(f"Keras weight {key} would be used twice")
+        consumed.add(key)
+        if value.ndim == 4 and value.shape[-1] == 1 and leaf.shape[-2] == 1:
+            value = value.transpose(0, 1, 3, 2)  # depthwise [k,k,C,1] -> [k,k,1,C]
+        if value.shape != leaf.shape:
+            mismatched.append(f"{'/'.join(path)}: Flax {leaf.shape} vs Keras {key} {value.shape}")
+            continue
+        filled[path] = value.astype(leaf.dtype)
+    unexpected = sorted(set(keras_weights) - consumed)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"Keras weights do not fit {type(module).__name__}:\n"
+            f"  missing (Flax variables without a Keras weight): {missing}\n"
+            f"  unexpected (Keras weights not used): {unexpected}\n"
+            f"  shape mismatches: {mismatched}"
+        )
+    return flax.traverse_util.unflatten_dict(filled)
+
+
+def from_keras(keras_model: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Converts a keras.applications backbone to Flax.
+
+    `module.apply(variables, x)['final']` equals `keras_model(x)` for the
+    same input (the Keras model's own convention, its preprocessing layers
+    folded into the module's input_scale/input_offset), to float32 rounding.
+
+    Args:
+      keras_model: Keras EfficientNetB0..B7 or ResNet50/101, built with
+        include_top=False and pooling=None.
+
+    Returns:
+      (module, variables): the Flax backbone and {'params', 'batch_stats'}
+      as numpy float32 arrays.
+
+    Raises:
+      ValueError: unsupported architecture, a head, or weights that do not
+        map one-to-one (the message lists missing/unexpected names).
+    """
+    name = detect_architecture(keras_model)
+    consumed: set[str] = set()
+    scale, offset = _input_affine(keras_model, consumed)
+    overrides: dict[str, Any] = {
+        "input_scale": tuple(float(s) for s in scale),
+        "input_offset": tuple(float(o) for o in offset),
+    }
+    if name.startswith("efficientnet"):
+        # Keras fixes its stride-2 padding when the input size is unknown.
+        height = keras_model.input_shape[1]
+        overrides["padding"] = "keras_dynamic" if height is None else "same"
+    module = backbones.create_backbone(name, **overrides)
+    variables = _fill_variables(module, _keras_weights(keras_model), consumed)
+    return module, variables
+
+
+def caffe_bgr_to_rgb(module: nn.Module, variables: dict[str, Any]) -> tuple[nn.Module, dict]:
+    """Makes a from_keras ResNet take RGB [0, 255] pixels with the caffe preset.
+
+    Keras ResNet weights expect `preprocess_input(x, mode='caffe')`: BGR
+    order minus the BGR mean. Reversing conv1's input channels and
+    subtracting the RGB mean in the module gives the same function of RGB.
+
+    Args:
+      module: a ResNet from `from_keras` (identity input normalisation).
+      variables: its variables.
+
+    Returns:
+      (module with the 'caffe' normalisation, variables with conv1 reordered).
+    """
+    preset = input_normalization.INPUT_NORMALIZATIONS["caffe"]
+    params = dict(variables["params"])
+    conv1 = dict(params["conv1_conv"])
+    conv1["kernel"] = np.ascontiguousarray(np.asarray(conv1["kernel"])[:, :, ::-1, :])
+    params["conv1_conv"] = conv1
+    module = module.clone(input_scale=preset.scale, input_offset=preset.offset)
+    return module, {**variables, "params": params}
+
+
+# ----------------------------------------------------------------------------
+# Weights files and the command line.
+
+
+def _h5_layer_shapes(path: str) -> dict[str, list[tuple[int, ...]]]:
+    """Layer name -> weight shapes, from a legacy .h5 or a Keras 3 .weights.h5."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    with h5py.File(path, "r") as f:
+        root = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
+        if "layer_names" in root.attrs:  # Keras 2 format, the applications' files
+            for raw in root.attrs["layer_names"]:
+                name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                group = root[name]
+                weight_names = [
+                    w.decode() if isinstance(w, bytes) else str(w)
+                    for w in group.attrs.get("weight_names", [])
+                ]
+                if weight_names:
+                    shapes[name] = [tuple(group[w].shape) for w in weight_names]
+            return shapes
+
+        def visit(_: str, obj: Any) -> None:
+            # Keras 3: <object path>/vars/{0,1,...}, the layer name in attrs.
+            if isinstance(obj, h5py.Group) and obj.name.endswith("/vars") and len(obj):
+                name = obj.attrs.get("name")
+                keys = sorted(obj, key=lambda k: int(k) if k.isdigit() else k)
+                if name is not None:
+                    shapes[str(name)] = [tuple(obj[k].shape) for k in keys]
+
+        f.visititems(visit)
+    return shapes
+
+
+def _check_weights_file(path: str, arch: str) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"--weights={path}: no such file")
+    try:
+        shapes = _h5_layer_shapes(path)
+    except OSError as e:
+        raise ValueError(f"--weights={path}: not a readable HDF5 weights file ({e})") from e
+    if "predictions" in shapes:
+        raise ValueError(
+            f"--weights={path} includes the classification top ('predictions'); "
+            "use the include_top=False (*_notop.h5) weights"
+        )
+    found, signature = _identify(shapes)
+    if found != arch:
+        what = found if found else _describe(signature)
+        raise ValueError(f"--weights={path} holds weights for {what}, not --arch={arch}")
+
+
+def _build_keras_model(arch: str, weights: str) -> Any:
+    import keras  # deferred: only the converter needs TensorFlow/Keras
+
+    if arch not in KERAS_APPLICATIONS:
+        raise ValueError(f"--arch={arch} unsupported; valid: {', '.join(KERAS_APPLICATIONS)}")
+    if weights != "imagenet":
+        _check_weights_file(weights, arch)
+    constructor = getattr(keras.applications, KERAS_APPLICATIONS[arch])
+    try:
+        return constructor(include_top=False, weights=weights)
+    except Exception as e:  # Keras's loader errors rarely name the file
+        raise ValueError(
+            f"could not load --weights={weights} into keras.applications."
+            f"{KERAS_APPLICATIONS[arch]}(include_top=False): {e}"
+        ) from e
+
+
+def convert(arch: str, weights: str, output: str) -> dict[str, Any]:
+    """Builds the Keras model, converts it and writes the checkpoint.
+
+    Args:
+      arch: a key of `KERAS_APPLICATIONS`.
+      weights: a .h5 / .weights.h5 path, or 'imagenet' (needs internet).
+      output: the output folder; must not hold a checkpoint already.
+
+    Returns:
+      The metadata written to `output/backbone.json`.
+
+    Raises:
+      ValueError: unknown arch, a weights file for another architecture, or
+        an existing checkpoint in `output`.
+    """
+    output = os.path.abspath(output)
+    if os.path.exists(os.path.join(output, CHECKPOINT_SUBDIR)):
+        raise ValueError(f"{output} already holds a checkpoint; choose a new --output")
+    keras_model = _build_keras_model(arch, weights)
+    module, variables = from_keras(keras_model)
+    if isinstance(module, resnet.ResNet):
+        module, variables = caffe_bgr_to_rgb(module, variables)
+    metadata = {
+        "arch": arch,
+        "input_normalization": input_normalization.match_input_normalization(
+            module.input_scale, module.input_offset
+        ),
+        "input_scale": list(module.input_scale),
+        "input_offset": list(module.input_offset),
+        "input_channels": "rgb",
+        "padding": getattr(module, "padding", None),
+        "source": {"weights": weights, "keras_class": KERAS_APPLICATIONS[arch]},
+    }
+    os.makedirs(output, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(output, CHECKPOINT_SUBDIR), variables)
+    with open(os.path.join(output, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2)
+    return metadata
+
+
+def load_backbone(path: str, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads a converter checkpoint with the module it was written for.
+
+    Args:
+      path: the converter's --output folder.
+      **overrides: module attributes to change, e.g. dtype.
+
+    Returns:
+      (module with the recorded input normalisation and padding, variables).
+
+    Raises:
+      ValueError: missing files, or variables that do not fit the arch (the
+        message names each variable).
+    """
+    with open(_metadata_path(path)) as f:
+        metadata = json.load(f)
+    recorded: dict[str, Any] = {
+        "input_scale": tuple(metadata["input_scale"]),
+        "input_offset": tuple(metadata["input_offset"]),
+    }
+    if metadata.get("padding") is not None:
+        recorded["padding"] = metadata["padding"]
+    module = backbones.create_backbone(metadata["arch"], **{**recorded, **overrides})
+    return module, _restore_checked(path, module)
+
+
+def load_backbone_checkpoint(path: str) -> dict[str, Any]:
+    """Returns {'params', 'batch_stats'} (numpy) of a converter checkpoint.
+
+    The variables are checked name by name and shape by shape against the
+    recorded arch before they are returned. The input normalisation they need
+    is in `backbone.json` (`input_normalization`, a preset name).
+
+    Args:
+      path: the converter's --output folder.
+
+    Raises:
+      ValueError: missing files, or variables that do not fit the arch.
+    """
+    return load_backbone(path)[1]
+
+
+def _metadata_path(path: str) -> str:
+    metadata_path = os.path.join(path, METADATA_FILE)
+    if not os.path.isfile(metadata_path):
+        raise ValueError(
+            f"{path} is not a keras_import output folder (no {METADATA_FILE}); "
+            "create one with python -m landmark_jax.models.keras_import"
+        )
+    return metadata_path
+
+
+def _restore_checked(path: str, module: nn.Module) -> dict[str, Any]:
+    restored = ocp.StandardCheckpointer().restore(
+        os.path.abspath(os.path.join(path, CHECKPOINT_SUBDIR))
+    )
+    expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    got = flax.traverse_util.flatten_dict(restored, sep="/")
+    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/")
+    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+    problems += [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {want[k].shape}"
+        for k in sorted(set(want) & set(got))
+        if tuple(got[k].shape) != want[k].shape
+    ]
+    if problems:
+        raise ValueError(f"{path} does not fit {type(module).__name__}: {problems}")
+    return {k: jax.tree_util.tree_map(np.asarray, v) for k, v in restored.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m landmark_jax.models.keras_import", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--arch", required=True, choices=sorted(KERAS_APPLICATIONS))
+    parser.add_argument("--weights", required=True, help="PATH.h5 or 'imagenet'")
+    parser.add_argument("--output", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    metadata = convert(args.arch, args.weights, args.output)
+    print(json.dumps(metadata, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
