@@ -192,7 +192,7 @@ def test_dolg_bf16_matches_float32():
     out16 = jax.jit(model16.apply)(variables, x)
     assert out16.dtype == jnp.float32
     rel = np.linalg.norm(np.asarray(out16) - out32) / np.linalg.norm(out32)
-    assert rel < 0.05, rel
+    assert rel < 0.03, rel  # bf16 has 8 mantissa bits: ~0.4% per rounding
 
 
 def test_dolg_jit_on_8_device_mesh():

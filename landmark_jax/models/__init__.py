@@ -144,9 +144,13 @@ def _merge_checked(defaults: Mapping[str, Any], given: Mapping[str, Any], where:
     for key, value in given.items():
         if key not in defaults:
             raise ValueError(
-                f"unknown key {where}{key!r} in model config; valid: {sorted(defaults)}"
+                f"unknown key {where + key!r} in model config; valid: {sorted(defaults)}"
             )
         if isinstance(defaults[key], Mapping):
+            if not isinstance(value, Mapping):
+                raise ValueError(
+                    f"model config key {where + key!r} must be a mapping, got {value!r}"
+                )
             value = _merge_checked(defaults[key], value, f"{where}{key}.")
         merged[key] = value
     return merged
