@@ -1,0 +1,185 @@
+"""Readers for the GLDv2 CSV files, strict about what they accept.
+
+The GLDv2 release describes each split with a CSV: train.csv
+(`id,url,landmark_id`), train_clean.csv (`landmark_id,images`, the images a
+space-separated list of ids), and index.csv / test.csv (`id`, sometimes with
+more columns). These readers check the header, the ids and the landmark ids,
+and raise a `GLDv2FormatError` naming the file, the line and the value for
+anything that does not fit, because a silently skipped row becomes a silently
+missing image in training.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+_ID_PATTERN = re.compile(r"^[0-9a-zA-Z_-]+$")
+
+
+class GLDv2FormatError(ValueError):
+    """A GLDv2 CSV file does not have the expected format."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """One image of a split: its id and, for train, its landmark id."""
+
+    image_id: str
+    landmark_id: int | None = None
+
+
+def _rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yields (line number, row) for a CSV after checking its header."""
+    if not os.path.isfile(path):
+        raise GLDv2FormatError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise GLDv2FormatError(
+                f"{path}: missing column(s) {missing}; the header is {header}, "
+                f"expected at least {list(required)}"
+            )
+        for row in reader:
+            # DictReader puts surplus fields under the key None.
+            if None in row:
+                raise GLDv2FormatError(
+                    f"{path}:{reader.line_num}: more fields than the header has: {row[None]}"
+                )
+            yield reader.line_num, row
+
+
+def _check_id(path: str, line: int, image_id: str) -> str:
+    image_id = image_id.strip()
+    # The image tree nests ids by their first three characters (a/b/c/<id>.jpg).
+    if len(image_id) < 3 or not _ID_PATTERN.match(image_id):
+        raise GLDv2FormatError(
+            f"{path}:{line}: invalid image id {image_id!r} (expected 3 or more of [0-9a-zA-Z_-])"
+        )
+    return image_id
+
+
+def _parse_landmark_id(path: str, line: int, value: str | None) -> int:
+    value = (value or "").strip()
+    try:
+        return int(value)
+    except ValueError:
+        raise GLDv2FormatError(f"{path}:{line}: landmark_id {value!r} is not an integer") from None
+
+
+def _check_unique(path: str, records: Sequence[ImageRecord]) -> None:
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for r in records:
+        if r.image_id in seen:
+            duplicates.append(r.image_id)
+        seen.add(r.image_id)
+    if duplicates:
+        raise GLDv2FormatError(
+            f"{path}: {len(duplicates)} duplicate image id(s), e.g. {duplicates[:5]}"
+        )
+
+
+def read_train_csv(path: str) -> list[ImageRecord]:
+    """Reads train.csv (`id,url,landmark_id`).
+
+    Args:
+      path: the CSV file.
+
+    Returns:
+      One record per row, in file order, with its landmark id.
+
+    Raises:
+      GLDv2FormatError: missing file or columns, an invalid id, a landmark id
+        that is not an integer, or a duplicate id.
+    """
+    records = [
+        ImageRecord(
+            _check_id(path, line, row["id"]),
+            _parse_landmark_id(path, line, row["landmark_id"]),
+        )
+        for line, row in _rows(path, ("id", "landmark_id"))
+    ]
+    if not records:
+        raise GLDv2FormatError(f"{path}: no rows")
+    _check_unique(path, records)
+    return records
+
+
+def read_id_csv(path: str) -> list[ImageRecord]:
+    """Reads index.csv or test.csv (an `id` column; other columns are ignored).
+
+    Args:
+      path: the CSV file.
+
+    Returns:
+      One record per row, in file order, without landmark ids.
+
+    Raises:
+      GLDv2FormatError: missing file or `id` column, an invalid or duplicate
+        id, or an empty file.
+    """
+    records = [ImageRecord(_check_id(path, line, row["id"])) for line, row in _rows(path, ("id",))]
+    if not records:
+        raise GLDv2FormatError(f"{path}: no rows")
+    _check_unique(path, records)
+    return records
+
+
+def read_train_clean_csv(path: str) -> dict[str, int]:
+    """Reads train_clean.csv (`landmark_id,images`).
+
+    Args:
+      path: the CSV file.
+
+    Returns:
+      A map from each clean image id to its landmark id.
+
+    Raises:
+      GLDv2FormatError: missing file or columns, a bad landmark id or image
+        id, a landmark listed twice, or an image listed under two landmarks.
+    """
+    clean: dict[str, int] = {}
+    landmarks: set[int] = set()
+    for line, row in _rows(path, ("landmark_id", "images")):
+        landmark_id = _parse_landmark_id(path, line, row["landmark_id"])
+        if landmark_id in landmarks:
+            raise GLDv2FormatError(f"{path}:{line}: landmark_id {landmark_id} listed twice")
+        landmarks.add(landmark_id)
+        ids = (row["images"] or "").split()
+        if not ids:
+            raise GLDv2FormatError(f"{path}:{line}: landmark_id {landmark_id} has no images")
+        for image_id in ids:
+            image_id = _check_id(path, line, image_id)
+            if image_id in clean:
+                raise GLDv2FormatError(
+                    f"{path}:{line}: image {image_id} listed under landmarks "
+                    f"{clean[image_id]} and {landmark_id}"
+                )
+            clean[image_id] = landmark_id
+    if not clean:
+        raise GLDv2FormatError(f"{path}: no rows")
+    return clean
+
+
+def image_path_candidates(images_dir: str, image_id: str) -> list[str]:
+    """The paths an image may have in the GLDv2 tree `a/b/c/<id>.<ext>`.
+
+    GLDv2 stores JPEGs as `<id>.jpg`; `.jpeg` and `.png` are accepted too so
+    that a tree assembled from other sources converts without renaming.
+    """
+    folder = os.path.join(images_dir, image_id[0], image_id[1], image_id[2])
+    return [os.path.join(folder, f"{image_id}{ext}") for ext in (".jpg", ".jpeg", ".png")]
+
+
+def find_image(images_dir: str, image_id: str) -> str | None:
+    """Returns the path of an image in the GLDv2 tree, or None if absent."""
+    for candidate in image_path_candidates(images_dir, image_id):
+        if os.path.isfile(candidate):
+            return candidate
+    return None

@@ -1,0 +1,439 @@
+r"""Converts a GLDv2 split (CSV + image tree) into sharded TFRecords.
+
+    python -m data_pipelines.gldv2_to_tfrecord --split=train \
+        --csv=train.csv --clean_csv=train_clean.csv --images_dir=train/ \
+        --output_dir=OUT --num_shards=500 --val_fraction=0.02 --seed=0
+    python -m data_pipelines.gldv2_to_tfrecord --split=index \
+        --csv=index.csv --images_dir=index/ --output_dir=OUT --num_shards=100
+
+Shards are `<split>-00000-of-000NN.tfrecord` (train also writes `val-*`), so
+every split of a data set shares one folder. Train relabels landmark ids to
+contiguous labels (`label_map.csv`: label, landmark_id, count of training
+examples) and marks `image/is_clean` from train_clean.csv. Every run updates
+`dataset_info.json` (examples per split and per file, number of classes).
+
+Nothing is dropped silently: a missing or undecodable image stops the run with
+its path, unless --skip_bad_images, which lists every skipped image in
+`bad_images-<split>.csv` and in the summary. Grayscale, CMYK, palette and PNG
+images are re-encoded as 3-channel JPEGs; RGB JPEGs are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags
+
+from data_pipelines import gldv2_csv, tfrecord_shard
+
+SPLITS = ("train", "index", "test")
+DATASET_INFO = "dataset_info.json"
+LABEL_MAP = "label_map.csv"
+
+
+def _shard_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def _assign_val(
+    examples: Sequence[tfrecord_shard.Example], val_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Picks validation examples per class, never a class's last training image.
+
+    Validation images come from the clean images of each class. A class with n
+    clean images gives floor(f * n + u) of them (u uniform in [0, 1), so the
+    expected fraction is f even for small classes), capped at n - 1 so every
+    class keeps a clean image for training.
+    """
+    is_val = np.zeros(len(examples), bool)
+    if val_fraction <= 0:
+        return is_val
+    by_label: dict[int, list[int]] = collections.defaultdict(list)
+    for i, ex in enumerate(examples):
+        if ex.is_clean:
+            by_label[ex.label].append(i)
+    for label in sorted(by_label):
+        members = by_label[label]
+        n_val = min(int(np.floor(val_fraction * len(members) + rng.random())), len(members) - 1)
+        if n_val > 0:
+            is_val[rng.choice(members, size=n_val, replace=False)] = True
+    return is_val
+
+
+def _load_examples(
+    split: str,
+    csv_path: str,
+    images_dir: str,
+    clean_csv: str | None,
+    clean_only: bool,
+    skip_bad_images: bool,
+) -> tuple[list[tfrecord_shard.Example], dict[int, int], list[tuple[str, str, str]]]:
+    """Reads the CSVs, finds every image, and labels train examples.
+
+    Returns:
+      The examples, the map landmark_id -> label (empty for index/test), and
+      the skipped images as (id, path, reason).
+    """
+    if split == "train":
+        records = gldv2_csv.read_train_csv(csv_path)
+    else:
+        records = gldv2_csv.read_id_csv(csv_path)
+
+    clean: dict[str, int] = {}
+    if clean_csv:
+        clean = gldv2_csv.read_train_clean_csv(clean_csv)
+        by_id = {r.image_id: r.landmark_id for r in records}
+        unknown = [i for i in clean if i not in by_id]
+        if unknown:
+            raise gldv2_csv.GLDv2FormatError(
+                f"{clean_csv}: {len(unknown)} image id(s) not in {csv_path}, e.g. {unknown[:5]}"
+            )
+        moved = [i for i, lm in clean.items() if by_id[i] != lm]
+        if moved:
+            i = moved[0]
+            raise gldv2_csv.GLDv2FormatError(
+                f"{clean_csv}: {len(moved)} image(s) under a different landmark than in "
+                f"{csv_path}, e.g. {i}: {clean[i]} vs {by_id[i]}"
+            )
+        if clean_only:
+            records = [r for r in records if r.image_id in clean]
+
+    skipped: list[tuple[str, str, str]] = []
+    located = []
+    missing = []
+    for r in records:
+        path = gldv2_csv.find_image(images_dir, r.image_id)
+        if path is None:
+            expected = gldv2_csv.image_path_candidates(images_dir, r.image_id)[0]
+            missing.append(r.image_id)
+            skipped.append((r.image_id, expected, "missing file"))
+        else:
+            located.append((r, path))
+    if missing and not skip_bad_images:
+        expected = gldv2_csv.image_path_candidates(images_dir, missing[0])[0]
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) listed in {csv_path} have no file under {images_dir}, "
+            f"e.g. {missing[0]} (expected {expected}); pass --skip_bad_images to skip "
+            "and list them"
+        )
+
+    label_of: dict[int, int] = {}
+    if split == "train":
+        landmark_ids = sorted({r.landmark_id for r, _ in located})
+        label_of = {lm: label for label, lm in enumerate(landmark_ids)}
+    examples = [
+        tfrecord_shard.Example(
+            image_id=r.image_id,
+            path=path,
+            label=label_of[r.landmark_id] if split == "train" else -1,
+            landmark_id=r.landmark_id if split == "train" else -1,
+            is_clean=int(r.image_id in clean) if clean_csv else 1,
+        )
+        for r, path in located
+    ]
+    return examples, label_of, skipped
+
+
+def _plan_shards(
+    split: str,
+    examples: Sequence[tfrecord_shard.Example],
+    is_val: np.ndarray,
+    num_shards: int,
+    num_val_shards: int,
+    rng: np.random.Generator,
+) -> list[tuple[str, list[tfrecord_shard.Example]]]:
+    """Assigns examples to shard files.
+
+    Train and val examples are shuffled before dealing them round-robin, so
+    every shard holds a mix of classes (the train pipeline interleaves a few
+    shards at a time). Index and test keep CSV order in contiguous blocks:
+    reading the shards in order gives the images in CSV order.
+    """
+    if split != "train":
+        bounds = np.linspace(0, len(examples), num_shards + 1).astype(int)
+        return [
+            (_shard_name(split, s, num_shards), list(examples[bounds[s] : bounds[s + 1]]))
+            for s in range(num_shards)
+        ]
+    plan = []
+    for name, mask, n in (("train", ~is_val, num_shards), ("val", is_val, num_val_shards)):
+        members = [examples[i] for i in rng.permutation(np.flatnonzero(mask))]
+        if not members:
+            continue
+        plan += [(_shard_name(name, s, n), members[s::n]) for s in range(n)]
+    return plan
+
+
+def _remove_old_shards(output_dir: str, names: Sequence[str]) -> None:
+    """Deletes earlier shards of the same splits, which a glob would pick up."""
+    prefixes = {n.split("-")[0] + "-" for n in names}
+    for f in os.listdir(output_dir):
+        if f.endswith(".tfrecord") and any(f.startswith(p) for p in prefixes):
+            os.remove(os.path.join(output_dir, f))
+
+
+def _write_shards(
+    output_dir: str,
+    plan: Sequence[tuple[str, list[tfrecord_shard.Example]]],
+    skip_bad_images: bool,
+    num_workers: int,
+    jpeg_quality: int,
+) -> list[tfrecord_shard.ShardResult]:
+    """Writes the shards, in parallel processes when num_workers > 1."""
+    from tqdm import tqdm
+
+    jobs = [
+        tfrecord_shard.ShardJob(
+            os.path.join(output_dir, name), examples, skip_bad_images, jpeg_quality
+        )
+        for name, examples in plan
+    ]
+    total = sum(len(j.examples) for j in jobs)
+    results = []
+    with tqdm(total=total, unit="img", desc="writing shards") as progress:
+        if num_workers <= 1:
+            for job in jobs:
+                results.append(tfrecord_shard.write_shard(job))
+                progress.update(len(job.examples))
+        else:
+            # spawn, not fork: TensorFlow's runtime does not survive a fork.
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(num_workers) as pool:
+                for result in pool.imap_unordered(tfrecord_shard.write_shard, jobs):
+                    results.append(result)
+                    progress.update(result.num_examples + len(result.skipped))
+    return sorted(results, key=lambda r: r.path)
+
+
+def _update_dataset_info(output_dir: str, split: str, info_splits: dict, num_classes, source):
+    """Merges this run's splits into dataset_info.json (other splits are kept)."""
+    path = os.path.join(output_dir, DATASET_INFO)
+    info = {"num_classes": None, "splits": {}, "sources": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            info.update(json.load(f))
+    if split == "train":
+        info["num_classes"] = num_classes
+        info["splits"].pop("val", None)
+    info["splits"].update(info_splits)
+    info["sources"][split] = source
+    info["features"] = {
+        "image/encoded": "JPEG bytes, 3 channels",
+        "image/id": "bytes",
+        "image/class/label": "int64, contiguous 0..num_classes-1 (train, val)",
+        "image/class/landmark_id": "int64, the GLDv2 landmark id (train, val)",
+        "image/is_clean": "int64, 1 if listed in train_clean.csv (train, val)",
+    }
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return info
+
+
+def build_split(
+    split: str,
+    csv_path: str,
+    images_dir: str,
+    output_dir: str,
+    num_shards: int,
+    *,
+    clean_csv: str | None = None,
+    clean_only: bool = False,
+    val_fraction: float = 0.0,
+    num_val_shards: int | None = None,
+    seed: int = 0,
+    skip_bad_images: bool = False,
+    num_workers: int | None = None,
+    jpeg_quality: int = 95,
+) -> dict:
+    """Converts one GLDv2 split to TFRecord shards in `output_dir`.
+
+    Args:
+      split: 'train', 'index' or 'test'.
+      csv_path: train.csv (id,url,landmark_id) or index.csv / test.csv (id).
+      images_dir: the root of the split's `a/b/c/<id>.jpg` tree.
+      output_dir: the data folder (shared by all splits of a data set).
+      num_shards: number of shard files (train: of the training examples).
+      clean_csv: train_clean.csv; marks `image/is_clean` (train only). Without
+        it every train image counts as clean.
+      clean_only: keep only the images listed in clean_csv (GLDv2-clean).
+      val_fraction: fraction of each class's clean images held out as `val`.
+      num_val_shards: shard count for val; default scales with val_fraction.
+      seed: seed of the validation split and the shard shuffle.
+      skip_bad_images: skip (and list) missing and undecodable images instead
+        of stopping.
+      num_workers: processes writing shards; default min(num_shards, cores).
+      jpeg_quality: quality of re-encoded (non-RGB-JPEG) images.
+
+    Returns:
+      A summary: examples and files per split, number of classes, clean
+      examples, the skipped images and the seconds taken.
+
+    Raises:
+      ValueError: inconsistent arguments (flags that apply only to train,
+        num_shards < 1, more shards than examples...).
+      GLDv2FormatError: a malformed CSV (the message names file and line).
+      FileNotFoundError: images listed in the CSV with no file.
+      tfrecord_shard.BadImageError: an undecodable image (names its path).
+    """
+    start = time.time()
+    if split not in SPLITS:
+        raise ValueError(f"--split={split!r}: expected one of {SPLITS}")
+    if split != "train" and (clean_csv or clean_only or val_fraction):
+        raise ValueError(
+            f"--clean_csv, --clean_only and --val_fraction apply to --split=train, not {split!r}"
+        )
+    if clean_only and not clean_csv:
+        raise ValueError("--clean_only needs --clean_csv")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val_fraction={val_fraction}: expected a value in [0, 1)")
+    if num_shards < 1:
+        raise ValueError(f"--num_shards={num_shards}: expected >= 1")
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"--images_dir={images_dir}: not a directory")
+
+    examples, label_of, skipped = _load_examples(
+        split, csv_path, images_dir, clean_csv, clean_only, skip_bad_images
+    )
+    rng = np.random.default_rng(seed)
+    is_val = _assign_val(examples, val_fraction, rng)
+    if num_val_shards is None:
+        num_val_shards = max(1, round(num_shards * val_fraction))
+    num_train = int((~is_val).sum())
+    if num_train < num_shards:
+        raise ValueError(
+            f"--num_shards={num_shards} is more than the {num_train} examples of {csv_path}"
+        )
+    plan = _plan_shards(split, examples, is_val, num_shards, num_val_shards, rng)
+
+    os.makedirs(output_dir, exist_ok=True)
+    _remove_old_shards(output_dir, [name for name, _ in plan])
+    if num_workers is None:
+        num_workers = min(len(plan), os.cpu_count() or 1)
+    results = _write_shards(output_dir, plan, skip_bad_images, num_workers, jpeg_quality)
+
+    # Count what was written, not what was planned: --skip_bad_images may have
+    # dropped undecodable images inside the workers.
+    info_splits: dict[str, dict] = {}
+    train_counts: collections.Counter = collections.Counter()
+    for r in results:
+        name = os.path.basename(r.path).split("-")[0]
+        entry = info_splits.setdefault(name, {"num_examples": 0, "num_clean": 0, "files": []})
+        entry["num_examples"] += r.num_examples
+        entry["num_clean"] += r.num_clean
+        entry["files"].append({"name": os.path.basename(r.path), "num_examples": r.num_examples})
+        skipped += r.skipped
+        if name == "train":
+            train_counts.update(r.label_counts)
+
+    num_classes = len(label_of) if split == "train" else None
+    if split == "train":
+        empty = [lm for lm, label in label_of.items() if train_counts[label] == 0]
+        if empty:
+            raise ValueError(
+                f"{len(empty)} landmark(s) lost all their training images to skipped "
+                f"images, e.g. landmark_id {empty[0]}; fix or remove those rows of {csv_path}"
+            )
+        with open(os.path.join(output_dir, LABEL_MAP), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["label", "landmark_id", "count"])
+            for lm, label in sorted(label_of.items(), key=lambda kv: kv[1]):
+                w.writerow([label, lm, train_counts[label]])
+
+    if skipped:
+        with open(os.path.join(output_dir, f"bad_images-{split}.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "path", "reason"])
+            w.writerows(sorted(skipped))
+
+    source = {
+        "csv": os.path.abspath(csv_path),
+        "clean_csv": os.path.abspath(clean_csv) if clean_csv else None,
+        "clean_only": clean_only,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "num_skipped": len(skipped),
+    }
+    info = _update_dataset_info(output_dir, split, info_splits, num_classes, source)
+    return {
+        "split": split,
+        "output_dir": output_dir,
+        "num_classes": info["num_classes"],
+        "splits": {
+            k: {
+                "num_examples": v["num_examples"],
+                "num_clean": v["num_clean"],
+                "num_files": len(v["files"]),
+            }
+            for k, v in info_splits.items()
+        },
+        "skipped": sorted(skipped),
+        "seconds": round(time.time() - start, 1),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """Renders build_split's summary for the console."""
+    lines = [f"GLDv2 {summary['split']} -> {summary['output_dir']} ({summary['seconds']} s)"]
+    for name, s in summary["splits"].items():
+        lines.append(
+            f"  {name:5s}: {s['num_examples']:>9,d} examples in {s['num_files']} files"
+            + (f", {s['num_clean']:,d} clean" if summary["split"] == "train" else "")
+        )
+    if summary["split"] == "train":
+        lines.append(f"  classes: {summary['num_classes']:,d}")
+    if summary["skipped"]:
+        lines.append(
+            f"  skipped {len(summary['skipped'])} image(s) (bad_images-{summary['split']}.csv):"
+        )
+        lines += [f"    {i} {p}: {why}" for i, p, why in summary["skipped"][:20]]
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("split", None, list(SPLITS), "Which GLDv2 split the CSV describes.")
+flags.DEFINE_string("csv", None, "train.csv, index.csv or test.csv.")
+flags.DEFINE_string("clean_csv", None, "train_clean.csv (train only): marks image/is_clean.")
+flags.DEFINE_bool("clean_only", False, "Keep only the images of --clean_csv (GLDv2-clean).")
+flags.DEFINE_string("images_dir", None, "Root of the split's a/b/c/<id>.jpg image tree.")
+flags.DEFINE_string("output_dir", None, "Data folder for shards, dataset_info.json, label_map.csv.")
+flags.DEFINE_integer("num_shards", None, "Number of shard files.")
+flags.DEFINE_float("val_fraction", 0.0, "Fraction of each class's clean images held out as val.")
+flags.DEFINE_integer("num_val_shards", None, "Shard files for val (default: scaled by fraction).")
+flags.DEFINE_integer("seed", 0, "Seed of the validation split and the shard shuffle.")
+flags.DEFINE_bool("skip_bad_images", False, "Skip and list missing/undecodable images.")
+flags.DEFINE_integer("num_workers", None, "Writer processes (default: min(shards, cores)).")
+flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality for re-encoded images.")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    summary = build_split(
+        FLAGS.split,
+        FLAGS.csv,
+        FLAGS.images_dir,
+        FLAGS.output_dir,
+        FLAGS.num_shards,
+        clean_csv=FLAGS.clean_csv,
+        clean_only=FLAGS.clean_only,
+        val_fraction=FLAGS.val_fraction,
+        num_val_shards=FLAGS.num_val_shards,
+        seed=FLAGS.seed,
+        skip_bad_images=FLAGS.skip_bad_images,
+        num_workers=FLAGS.num_workers,
+        jpeg_quality=FLAGS.jpeg_quality,
+    )
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["split", "csv", "images_dir", "output_dir", "num_shards"])
+    app.run(main)
