@@ -50,9 +50,10 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     """
     num_devices = mesh.devices.size
     if global_batch_size < 1 or global_batch_size % num_devices:
+        nearest = max(1, global_batch_size // num_devices) * num_devices
         raise ValueError(
             f"batch_size={global_batch_size} must be a positive multiple of the "
-            f"{num_devices} devices of the mesh (e.g. {max(1, global_batch_size // num_devices) * num_devices})"
+            f"{num_devices} devices of the mesh (e.g. {nearest})"
         )
     return global_batch_size // jax.process_count()
 

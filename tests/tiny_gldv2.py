@@ -1,7 +1,8 @@
 """A tiny GLDv2-layout tree for builder and pipeline tests.
 
-Each image is a small random picture of random size. Optional bad files: a grayscale JPEG, a PNG, a CMYK JPEG (all valid and
-convertible), a missing file and a truncated (corrupt) JPEG.
+Each image is a small random picture of random size. Optional unusual files:
+a grayscale JPEG, a PNG, a CMYK JPEG (all valid and convertible), a missing
+file and a truncated (corrupt) JPEG.
 """
 
 from __future__ import annotations

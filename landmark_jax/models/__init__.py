@@ -8,7 +8,8 @@
 Both take raw pixels [B, H, W, 3] in 0..255 and return a [B, embedding_dim]
 float32 embedding that is not L2-normalised. Call them as
 `model.apply(variables, images, train=..., mutable=['batch_stats'])` in
-training (plus rngs={'dropout': key} when dropout > 0). The backbone's
+training, plus rngs={'dropout': key} when dropout > 0 or the backbone
+has stochastic depth (EfficientNet's drop_connect_rate). The backbone's
 variables live under `params['backbone']` / `batch_stats['backbone']`.
 
 Model config keys (`default_model_config(name)` gives every key and default):

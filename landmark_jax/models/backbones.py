@@ -112,9 +112,13 @@ def check_image_size(name: str, image_size: int | Sequence[int]) -> None:
         int or is smaller than the backbone's minimum.
     """
     spec = _spec(name)
-    sizes = (
-        (image_size, image_size) if isinstance(image_size, numbers.Integral) else tuple(image_size)
-    )
+    if isinstance(image_size, numbers.Integral):
+        sizes = (image_size, image_size)
+    else:
+        try:
+            sizes = tuple(image_size)
+        except TypeError:
+            sizes = ()
     if len(sizes) != 2 or not all(
         isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sizes
     ):

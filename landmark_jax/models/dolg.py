@@ -15,8 +15,10 @@ Two published variants of the global branch are kept as data:
 
 The local branch follows Henkel (three dilated 3x3 convs, 512 channels each, no
 per-branch activation) with the official code's image-pooling branch as a flag.
-The projection divides by ||f_g||^2 (the official code; Henkel's divides by
-||f_g||, which is a scaled, not a true, projection).
+The global branch reads 'stride_32' (for EfficientNet the last block output,
+before the top conv, as timm's features_only map that Henkel used; for ResNet
+the res5 map of the official code). The projection divides by ||f_g||^2 (the
+official code; Henkel's divides by ||f_g||, a scaled, not a true, projection).
 """
 
 from __future__ import annotations
