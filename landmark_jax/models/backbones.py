@@ -52,10 +52,11 @@ def _efficientnet_entries() -> dict[str, BackboneSpec]:
 
 BACKBONES: dict[str, BackboneSpec] = {
     **_efficientnet_entries(),
-    # One block per stage, 8-48 channels: for tests and smoke runs.
+    # 8-48 channels, one block per stage but two in stage 6 (so drop-connect
+    # runs): for tests and smoke runs.
     "efficientnet_tiny": BackboneSpec(
         efficientnet.EfficientNet,
-        {"width_coefficient": 0.1, "depth_coefficient": 0.1, "top_filters": 640},
+        {"width_coefficient": 0.1, "depth_coefficient": 0.3, "top_filters": 640},
         default_image_size=32,
     ),
     **{
