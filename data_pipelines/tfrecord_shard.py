@@ -85,7 +85,8 @@ def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, rgba)
         out = io.BytesIO()
-        image.convert("RGB").save(out, format="JPEG", quality=jpeg_quality)
+        # 4:4:4 chroma: the default 4:2:0 would blur colour detail a second time.
+        image.convert("RGB").save(out, format="JPEG", quality=jpeg_quality, subsampling=0)
         return out.getvalue()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"{path}: cannot decode image ({e})") from None

@@ -1,0 +1,235 @@
+"""The GLDv2 -> TFRecord builder on tiny generated GLDv2 trees."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from data_pipelines import gldv2_csv, gldv2_to_tfrecord, tfrecord_shard
+from landmark_jax import data_format
+
+import tiny_gldv2
+
+
+def read_records(out_dir: str, split: str) -> list[dict]:
+    """Every example of a split, parsed with protobuf (not our pipeline)."""
+    info = json.load(open(os.path.join(out_dir, "dataset_info.json")))
+    rows = []
+    for entry in info["splits"][split]["files"]:
+        path = os.path.join(out_dir, entry["name"])
+        n = 0
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            feats = tf.train.Example.FromString(raw).features.feature
+            row = {k: (v.bytes_list.value or v.int64_list.value)[0] for k, v in feats.items()}
+            row["file"] = entry["name"]
+            rows.append(row)
+            n += 1
+        assert n == entry["num_examples"], path
+    return rows
+
+
+def build_train(root, out, **kwargs):
+    args = dict(clean_csv=f"{root}/train_clean.csv", val_fraction=0.25, num_workers=1)
+    args.update(kwargs)
+    return gldv2_to_tfrecord.build_split(
+        "train", f"{root}/train.csv", f"{root}/train", out, 3, **args
+    )
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("gldv2"))
+    ids = tiny_gldv2.make_tiny_gldv2(root, special=True)
+    return root, ids
+
+
+def test_train_split_labels_clean_flags_and_counts(tree, tmp_path):
+    root, ids = tree
+    out = str(tmp_path)
+    summary = build_train(root, out)
+    train, val = read_records(out, "train"), read_records(out, "val")
+
+    # Every image of train.csv is written exactly once, in train or val.
+    written = [r[data_format.ID].decode() for r in train + val]
+    assert sorted(written) == sorted(ids["train"])
+    assert summary["splits"]["train"]["num_examples"] == len(train)
+    assert summary["splits"]["val"]["num_examples"] == len(val)
+
+    # Labels are contiguous 0..C-1 in landmark-id order and match label_map.csv.
+    landmarks = sorted(set(ids["train"].values()))
+    label_map = data_format.read_label_map(out)
+    np.testing.assert_array_equal(label_map.landmark_ids, landmarks)
+    for r in train + val:
+        landmark = ids["train"][r[data_format.ID].decode()]
+        assert r[data_format.LANDMARK_ID] == landmark
+        assert r[data_format.LABEL] == landmarks.index(landmark)
+        assert r[data_format.IS_CLEAN] == int(r[data_format.ID].decode() in ids["clean"])
+
+    # label_map counts are the training examples per class; none is empty.
+    counts = np.bincount([r[data_format.LABEL] for r in train], minlength=len(landmarks))
+    np.testing.assert_array_equal(label_map.counts, counts)
+    assert counts.min() >= 1
+    # Validation holds only clean images, about val_fraction of them.
+    assert all(r[data_format.IS_CLEAN] == 1 for r in val)
+    assert 0.1 < len(val) / len(ids["clean"]) < 0.4
+    info = json.load(open(os.path.join(out, "dataset_info.json")))
+    assert info["num_classes"] == len(landmarks)
+    assert info["splits"]["train"]["num_clean"] == sum(r[data_format.IS_CLEAN] for r in train)
+
+
+def test_unusual_images_become_rgb_jpegs(tree, tmp_path):
+    root, ids = tree
+    out = str(tmp_path)
+    build_train(root, out)
+    by_id = {
+        r[data_format.ID].decode(): r for r in read_records(out, "train") + read_records(out, "val")
+    }
+    for kind, image_id in ids["special"].items():
+        encoded = by_id[image_id][data_format.IMAGE]
+        image = Image.open(io.BytesIO(encoded))
+        assert (image.format, image.mode) == ("JPEG", "RGB"), kind
+        ext = ".png" if kind == "png" else ".jpg"
+        original = Image.open(tiny_gldv2.image_path(root, "train", image_id, ext)).convert("RGB")
+        diff = np.abs(np.asarray(image, float) - np.asarray(original, float))
+        assert diff.mean() < 4.0, (kind, diff.mean())
+    # An ordinary RGB JPEG is copied byte for byte: no second lossy encoding.
+    plain = next(i for i in ids["train"] if i not in ids["special"].values())
+    with open(tiny_gldv2.image_path(root, "train", plain), "rb") as f:
+        assert by_id[plain][data_format.IMAGE] == f.read()
+
+
+def test_clean_only_keeps_clean_images(tree, tmp_path):
+    root, ids = tree
+    out = str(tmp_path)
+    build_train(root, out, clean_only=True, val_fraction=0.0)
+    train = read_records(out, "train")
+    assert sorted(r[data_format.ID].decode() for r in train) == sorted(ids["clean"])
+    assert not os.path.exists(os.path.join(out, "val-00000-of-00001.tfrecord"))
+
+
+def test_same_seed_same_shards_with_one_or_two_workers(tree, tmp_path):
+    root, _ = tree
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    build_train(root, a, seed=3, num_workers=1)
+    build_train(root, b, seed=3, num_workers=2)
+    for split in ("train", "val"):
+        assert read_records(a, split) == read_records(b, split)
+    c = str(tmp_path / "c")
+    build_train(root, c, seed=4)
+    assert read_records(a, "val") != read_records(c, "val")
+
+
+def test_index_split_keeps_csv_order_without_labels(tree, tmp_path):
+    root, ids = tree
+    out = str(tmp_path)
+    build_train(root, out)
+    gldv2_to_tfrecord.build_split(
+        "index", f"{root}/index.csv", f"{root}/index", out, 3, num_workers=1
+    )
+    index = read_records(out, "index")
+    assert [r[data_format.ID].decode() for r in index] == ids["index"]
+    assert all(data_format.LABEL not in r for r in index)
+    info = json.load(open(os.path.join(out, "dataset_info.json")))
+    # Building index keeps the train entries and the class count.
+    assert set(info["splits"]) == {"train", "val", "index"}
+    assert info["num_classes"] == len(set(ids["train"].values()))
+
+
+def test_missing_file_is_an_error_or_listed(tmp_path):
+    root = str(tmp_path / "tree")
+    ids = tiny_gldv2.make_tiny_gldv2(root, missing=True)
+    with pytest.raises(FileNotFoundError, match=ids["missing"]):
+        build_train(root, str(tmp_path / "out"))
+    summary = build_train(root, str(tmp_path / "out"), skip_bad_images=True)
+    assert [s[0] for s in summary["skipped"]] == [ids["missing"]]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "bad_images-train.csv")))
+    assert [(r["id"], r["reason"]) for r in rows] == [(ids["missing"], "missing file")]
+    total = summary["splits"]["train"]["num_examples"] + summary["splits"]["val"]["num_examples"]
+    assert total == len(ids["train"]) - 1
+
+
+def test_corrupt_image_is_an_error_or_listed(tmp_path):
+    root = str(tmp_path / "tree")
+    ids = tiny_gldv2.make_tiny_gldv2(root, corrupt=True)
+    path = tiny_gldv2.image_path(root, "train", ids["corrupt"])
+    with pytest.raises(tfrecord_shard.BadImageError, match=path):
+        build_train(root, str(tmp_path / "out"))
+    summary = build_train(root, str(tmp_path / "out"), skip_bad_images=True)
+    assert [(s[0], s[1]) for s in summary["skipped"]] == [(ids["corrupt"], path)]
+    written = [r[data_format.ID].decode() for r in read_records(str(tmp_path / "out"), "train")]
+    assert ids["corrupt"] not in written
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".incomplete")]
+
+
+def _rewrite(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_csv_errors_name_file_and_value(tree, tmp_path):
+    root, ids = tree
+    first = next(iter(ids["train"]))
+    bad = str(tmp_path / "train.csv")
+
+    _rewrite(bad, ["id", "url"], [[first, ""]])
+    with pytest.raises(
+        gldv2_csv.GLDv2FormatError, match=r"train\.csv.*missing column.*landmark_id"
+    ):
+        gldv2_csv.read_train_csv(bad)
+
+    _rewrite(bad, ["id", "url", "landmark_id"], [[first, "", 1], [first, "", 2]])
+    with pytest.raises(gldv2_csv.GLDv2FormatError, match=f"duplicate.*{first}"):
+        gldv2_csv.read_train_csv(bad)
+
+    _rewrite(bad, ["id", "url", "landmark_id"], [[first, "", "abc"]])
+    with pytest.raises(gldv2_csv.GLDv2FormatError, match=r"train\.csv:2: landmark_id 'abc'"):
+        gldv2_csv.read_train_csv(bad)
+
+    clean = str(tmp_path / "clean.csv")
+    _rewrite(clean, ["landmark_id", "images"], [[100, "ffffffffffffffff"]])
+    with pytest.raises(gldv2_csv.GLDv2FormatError, match="ffffffffffffffff"):
+        build_train(root, str(tmp_path / "out"), clean_csv=clean)
+
+    with pytest.raises(ValueError, match="apply to --split=train"):
+        gldv2_to_tfrecord.build_split(
+            "index",
+            f"{root}/index.csv",
+            f"{root}/index",
+            str(tmp_path / "o"),
+            1,
+            clean_csv=f"{root}/train_clean.csv",
+        )
+
+
+def test_command_line_end_to_end(tree, tmp_path):
+    root, ids = tree
+    out = str(tmp_path / "out")
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipelines.gldv2_to_tfrecord",
+        "--split=test",
+        f"--csv={root}/test.csv",
+        f"--images_dir={root}/test",
+        f"--output_dir={out}",
+        "--num_shards=2",
+        "--num_workers=1",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"test :{len(ids['test']):>10,d} examples in 2 files" in result.stdout
+    assert [r[data_format.ID].decode() for r in read_records(out, "test")] == ids["test"]
+    assert sorted(os.listdir(out)) == [
+        "dataset_info.json",
+        "test-00000-of-00002.tfrecord",
+        "test-00001-of-00002.tfrecord",
+    ]

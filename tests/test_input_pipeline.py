@@ -1,0 +1,283 @@
+"""The tf.data input pipeline on a tiny built data folder, 8 CPU devices."""
+
+import io
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from data_pipelines import gldv2_to_tfrecord
+from landmark_jax import data_format, input_pipeline, sharding
+
+import tiny_gldv2
+
+SIZE = 24
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("gldv2"))
+    ids = tiny_gldv2.make_tiny_gldv2(root, num_index=21, special=True)
+    out = os.path.join(root, "tfrecords")
+    gldv2_to_tfrecord.build_split(
+        "train",
+        f"{root}/train.csv",
+        f"{root}/train",
+        out,
+        4,
+        clean_csv=f"{root}/train_clean.csv",
+        val_fraction=0.2,
+        num_workers=1,
+    )
+    gldv2_to_tfrecord.build_split(
+        "index", f"{root}/index.csv", f"{root}/index", out, 3, num_workers=1
+    )
+    return root, out, ids
+
+
+def take(ds, n):
+    return [jax.tree.map(np.asarray, b) for b in ds.take(n).as_numpy_iterator()]
+
+
+def train_ds(out, **kwargs):
+    args = dict(image_size=SIZE, local_batch_size=4, seed=7, files_per_chunk=2, shuffle_buffer=8)
+    args.update(kwargs)
+    return input_pipeline.create_train_dataset(out, **args)
+
+
+def test_global_batches_on_the_mesh(data):
+    _, out, _ = data
+    mesh = sharding.create_mesh()
+    it = input_pipeline.train_iterator(
+        out, mesh=mesh, global_batch_size=16, image_size=SIZE, seed=0
+    )
+    batch = next(it)
+    assert batch["image"].shape == (16, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
+    assert batch["is_clean"].dtype == np.int32
+    for x in batch.values():
+        assert x.sharding == sharding.batch_sharding(mesh)
+        assert len(x.addressable_shards) == 8
+        assert x.addressable_shards[0].data.shape[0] == 2
+    num_classes = data_format.read_num_classes(out)
+    assert int(batch["label"].min()) >= 0 and int(batch["label"].max()) < num_classes
+
+
+def test_batch_that_does_not_divide_the_devices_is_an_error(data):
+    _, out, _ = data
+    with pytest.raises(ValueError, match="batch_size=12 must be a positive multiple of the 8"):
+        input_pipeline.train_iterator(
+            out, mesh=sharding.create_mesh(), global_batch_size=12, image_size=SIZE, seed=0
+        )
+
+
+def test_same_seed_same_stream_other_seed_other_stream(data):
+    _, out, _ = data
+    a, b = take(train_ds(out), 6), take(train_ds(out), 6)
+    c = take(train_ds(out, seed=8), 6)
+    for x, y in zip(a, b, strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert any(not np.array_equal(x["label"], z["label"]) for x, z in zip(a, c, strict=True))
+
+
+def test_each_epoch_visits_every_training_example_once(data):
+    _, out, _ = data
+    label_map = data_format.read_label_map(out)
+    epoch = int(label_map.counts.sum())
+    # A batch size dividing the epoch, so epoch boundaries fall between batches.
+    batch = next(d for d in range(7, 1, -1) if epoch % d == 0)
+    batches = take(train_ds(out, local_batch_size=batch), 2 * epoch // batch)
+    labels = np.concatenate([b["label"] for b in batches])
+    np.testing.assert_array_equal(
+        np.bincount(labels[:epoch], minlength=len(label_map.counts)), label_map.counts
+    )
+    np.testing.assert_array_equal(
+        np.bincount(labels[epoch:], minlength=len(label_map.counts)), label_map.counts
+    )
+    # The second epoch is reshuffled.
+    assert not np.array_equal(labels[:epoch], labels[epoch:])
+
+
+@pytest.mark.parametrize("start_step", [1, 5, 9, 13])
+def test_resume_at_step_equals_uninterrupted_stream(data, start_step):
+    _, out, _ = data
+    full = take(train_ds(out), start_step + 6)
+    resumed = take(train_ds(out, start_step=start_step), 6)
+    for x, y in zip(full[start_step:], resumed, strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_flip_happens_and_is_the_only_change(data):
+    _, out, _ = data
+    flipped = take(train_ds(out, flip=True), 8)
+    plain = take(train_ds(out, flip=False), 8)
+    num_flipped = 0
+    for f, p in zip(flipped, plain, strict=True):
+        np.testing.assert_array_equal(f["label"], p["label"])
+        np.testing.assert_array_equal(f["is_clean"], p["is_clean"])
+        for fi, pi in zip(f["image"], p["image"], strict=True):
+            if np.array_equal(fi, pi[:, ::-1]) and not np.array_equal(fi, pi):
+                num_flipped += 1
+            else:
+                np.testing.assert_array_equal(fi, pi)
+    assert 8 <= num_flipped <= 24  # 32 images, p = 0.5
+
+
+def test_eval_images_match_an_independent_decode_and_resize(data):
+    root, out, ids = data
+    ds, _ = input_pipeline.create_eval_dataset(out, "index", image_size=SIZE, local_batch_size=8)
+    batch = next(ds.as_numpy_iterator())
+    for image, image_id in zip(batch["image"], batch["id"], strict=True):
+        original = np.asarray(
+            Image.open(tiny_gldv2.image_path(root, "index", image_id.decode())), np.float32
+        )
+        # jax's half-pixel bilinear resize is an implementation independent of tf.image.
+        expected = jax.image.resize(original, (SIZE, SIZE, 3), "linear", antialias=False)
+        assert np.abs(np.asarray(expected) - image.astype(np.float32)).mean() < 2.0
+
+
+def test_eval_covers_every_id_once_in_order_on_8_devices(data):
+    _, out, ids = data
+    mesh = sharding.create_mesh()
+    it, num_steps = input_pipeline.eval_iterator(
+        out, "index", mesh=mesh, global_batch_size=8, image_size=SIZE
+    )
+    seen, masks = [], []
+    for batch, batch_ids in it:
+        assert batch["image"].shape == (8, SIZE, SIZE, 3)
+        assert batch["mask"].sharding == sharding.batch_sharding(mesh)
+        mask = np.asarray(batch["mask"])
+        assert list(batch_ids[~mask]) == [""] * int((~mask).sum())
+        seen += list(batch_ids[mask])
+        masks.append(mask)
+    assert len(masks) == num_steps == 3  # 21 images in batches of 8
+    assert seen == ids["index"]
+    assert np.concatenate(masks).sum() == 21
+
+
+def test_eval_shares_of_two_processes_are_disjoint_and_equal_in_steps(data):
+    _, out, ids = data
+    shares, steps = [], []
+    for p in range(2):
+        ds, n = input_pipeline.create_eval_dataset(
+            out, "index", image_size=SIZE, local_batch_size=4, process_index=p, process_count=2
+        )
+        batches = list(ds.as_numpy_iterator())
+        assert len(batches) == n
+        steps.append(n)
+        shares.append(
+            [i.decode() for b in batches for i, m in zip(b["id"], b["mask"], strict=True) if m]
+        )
+    assert steps[0] == steps[1]
+    assert sorted(shares[0] + shares[1]) == sorted(ids["index"])
+    assert not set(shares[0]) & set(shares[1])
+
+
+def test_val_split_carries_labels(data):
+    _, out, _ = data
+    ds, _ = input_pipeline.create_eval_dataset(out, "val", image_size=SIZE, local_batch_size=4)
+    batch = next(ds.as_numpy_iterator())
+    assert batch["label"].dtype == np.int32
+
+
+def _write_split(out, split, examples):
+    """Writes a one-file split by hand (bypassing the builder's checks)."""
+    name = f"{split}-00000-of-00001.tfrecord"
+    for f in os.listdir(out):
+        if f.startswith(f"{split}-"):
+            os.remove(os.path.join(out, f))
+    with tf.io.TFRecordWriter(os.path.join(out, name)) as w:
+        for feature in examples:
+            w.write(
+                tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+            )
+    info_path = os.path.join(out, "dataset_info.json")
+    info = json.load(open(info_path))
+    info["splits"][split] = {"files": [{"name": name, "num_examples": len(examples)}]}
+    json.dump(info, open(info_path, "w"))
+
+
+def _jpeg(mode):
+    buf = io.BytesIO()
+    Image.new(mode, (20, 30), 128).save(buf, format="JPEG")
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()]))
+
+
+def _int(v):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+
+
+def test_missing_label_is_an_error_not_class_0(data, tmp_path):
+    _, out, _ = data
+    copy = str(tmp_path / "data")
+    shutil.copytree(out, copy)
+    _write_split(
+        copy, "train", [{data_format.IMAGE: _jpeg("RGB"), data_format.IS_CLEAN: _int(1)}] * 4
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image/class/label"):
+        take(train_ds(copy, flip=False), 1)
+    _write_split(
+        copy,
+        "train",
+        [
+            {
+                data_format.IMAGE: _jpeg("RGB"),
+                data_format.IS_CLEAN: _int(1),
+                data_format.LABEL: _int(999),
+            }
+        ]
+        * 4,
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_classes"):
+        take(train_ds(copy, flip=False), 1)
+
+
+def test_grayscale_jpeg_decodes_to_three_channels(data, tmp_path):
+    _, out, _ = data
+    copy = str(tmp_path / "data")
+    shutil.copytree(out, copy)
+    gray = {
+        data_format.IMAGE: _jpeg("L"),
+        data_format.IS_CLEAN: _int(1),
+        data_format.LABEL: _int(0),
+    }
+    _write_split(copy, "train", [gray] * 4)
+    batch = take(train_ds(copy), 1)[0]
+    assert batch["image"].shape == (4, SIZE, SIZE, 3)
+    np.testing.assert_allclose(batch["image"], 128, atol=2)
+
+
+def test_shards_on_disk_must_match_dataset_info(data, tmp_path):
+    _, out, _ = data
+    copy = str(tmp_path / "data")
+    shutil.copytree(out, copy)
+    shutil.copy(
+        os.path.join(copy, "train-00000-of-00004.tfrecord"),
+        os.path.join(copy, "train-00000-of-00009.tfrecord"),
+    )
+    with pytest.raises(data_format.DataFormatError, match="not listed.*train-00000-of-00009"):
+        train_ds(copy)
+    for f in os.listdir(copy):
+        if f.startswith("train-"):
+            os.remove(os.path.join(copy, f))
+    with pytest.raises(data_format.DataFormatError, match="no files match"):
+        train_ds(copy)
+    with pytest.raises(data_format.DataFormatError, match="dataset_info.json not found"):
+        train_ds(str(tmp_path))
+
+
+def test_label_map_must_agree_with_dataset_info(data, tmp_path):
+    _, out, _ = data
+    copy = str(tmp_path / "data")
+    shutil.copytree(out, copy)
+    lines = open(os.path.join(copy, "label_map.csv")).read().splitlines()
+    open(os.path.join(copy, "label_map.csv"), "w").write("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(data_format.DataFormatError, match="classes but dataset_info.json says"):
+        data_format.read_label_map(copy)
