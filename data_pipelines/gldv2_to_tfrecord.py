@@ -9,7 +9,7 @@ r"""Converts a GLDv2 split (CSV + image tree) into sharded TFRecords.
 Shards are `<split>-00000-of-000NN.tfrecord` (train also writes `val-*`), so
 every split of a data set shares one folder. Train relabels landmark ids to
 contiguous labels (`label_map.csv`: label, landmark_id, count of training
-examples) and marks `image/is_clean` from train_clean.csv. Every run updates
+examples, num_clean of them) and marks `image/is_clean` from train_clean.csv. Every run updates
 `dataset_info.json` (examples per split and per file, number of classes).
 
 Nothing is dropped silently: a missing or undecodable image stops the run with
@@ -323,6 +323,7 @@ def build_split(
     # dropped undecodable images inside the workers.
     info_splits: dict[str, dict] = {}
     train_counts: collections.Counter = collections.Counter()
+    clean_counts: collections.Counter = collections.Counter()
     for r in results:
         name = os.path.basename(r.path).split("-")[0]
         entry = info_splits.setdefault(name, {"num_examples": 0, "num_clean": 0, "files": []})
@@ -332,6 +333,7 @@ def build_split(
         skipped += r.skipped
         if name == "train":
             train_counts.update(r.label_counts)
+            clean_counts.update(r.clean_label_counts)
 
     num_classes = len(label_of) if split == "train" else None
     if split == "train":
@@ -343,9 +345,9 @@ def build_split(
             )
         with open(os.path.join(output_dir, LABEL_MAP), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["label", "landmark_id", "count"])
+            w.writerow(["label", "landmark_id", "count", "num_clean"])
             for lm, label in sorted(label_of.items(), key=lambda kv: kv[1]):
-                w.writerow([label, lm, train_counts[label]])
+                w.writerow([label, lm, train_counts[label], clean_counts[label]])
 
     if skipped:
         with open(os.path.join(output_dir, f"bad_images-{split}.csv"), "w", newline="") as f:

@@ -46,6 +46,7 @@ class ShardResult:
     num_examples: int = 0
     num_clean: int = 0
     label_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    clean_label_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
 
 
@@ -141,5 +142,6 @@ def write_shard(job: ShardJob) -> ShardResult:
             result.num_clean += ex.is_clean
             if ex.label >= 0:
                 result.label_counts[ex.label] += 1
+                result.clean_label_counts[ex.label] += ex.is_clean
     os.replace(tmp, job.path)
     return result

@@ -131,7 +131,8 @@ class LabelMap:
     """label -> landmark id and training-example count, indexed by label."""
 
     landmark_ids: np.ndarray  # int64 [num_classes]
-    counts: np.ndarray  # int64 [num_classes]
+    counts: np.ndarray  # int64 [num_classes]: training examples per class
+    clean_counts: np.ndarray  # int64 [num_classes]: of which clean
 
     @property
     def num_classes(self) -> int:
@@ -140,6 +141,9 @@ class LabelMap:
 
 def read_label_map(data_dir: str) -> LabelMap:
     """Reads label_map.csv: per-class landmark ids and training counts.
+
+    Columns: label, landmark_id, count (training examples), and optionally
+    num_clean (how many of them are in train_clean.csv).
 
     The counts feed the class weights (w_c ~ 1/ln n_c) and the dynamic
     margins, which index them by label, so the labels must be exactly
@@ -172,4 +176,7 @@ def read_label_map(data_dir: str) -> LabelMap:
             f"{path} has {len(rows)} classes but {DATASET_INFO} says {num_classes}; "
             "rebuild the train split"
         )
-    return LabelMap(np.array([int(r["landmark_id"]) for r in rows], np.int64), counts)
+    # num_clean is optional (label maps written by other tools): then every
+    # example counts as clean, as the builder does without train_clean.csv.
+    clean = np.array([int(r.get("num_clean") or r["count"]) for r in rows], np.int64)
+    return LabelMap(np.array([int(r["landmark_id"]) for r in rows], np.int64), counts, clean)

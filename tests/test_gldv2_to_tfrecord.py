@@ -75,6 +75,10 @@ def test_train_split_labels_clean_flags_and_counts(tree, tmp_path):
     # label_map counts are the training examples per class; none is empty.
     counts = np.bincount([r[data_format.LABEL] for r in train], minlength=len(landmarks))
     np.testing.assert_array_equal(label_map.counts, counts)
+    clean_counts = np.bincount(
+        [r[data_format.LABEL] for r in train if r[data_format.IS_CLEAN]], minlength=len(landmarks)
+    )
+    np.testing.assert_array_equal(label_map.clean_counts, clean_counts)
     assert counts.min() >= 1
     # Validation holds only clean images, about val_fraction of them.
     assert all(r[data_format.IS_CLEAN] == 1 for r in val)
