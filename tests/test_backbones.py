@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from backbone_variables import random_variables
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from landmark_jax.models import backbones, input_normalization
+
+from backbone_variables import random_variables
 
 TINY = ("efficientnet_tiny", "resnet_tiny")
 
@@ -54,6 +55,10 @@ def test_normalization_presets():
         input_normalization.get_input_normalization("tf")
     module = backbones.create_backbone("resnet_tiny")
     assert module.input_scale == presets["imagenet"].scale  # the default
+    module = backbones.create_backbone("resnet_tiny", input_normalization="caffe")
+    assert (module.input_scale, module.input_offset) == presets["caffe"]
+    with pytest.raises(ValueError, match="unknown input normalization"):
+        backbones.create_backbone("resnet_tiny", input_normalization="bgr")
 
 
 @pytest.mark.parametrize("name", TINY)

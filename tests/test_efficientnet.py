@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from backbone_variables import random_variables
 
 from landmark_jax.models import efficientnet
 from landmark_jax.models.backbones import create_backbone
+
+from backbone_variables import random_variables
 
 # keras.applications.EfficientNetB*(include_top=True, weights=None)
 # .count_params() (keras 3.15); the Keras docs round them to 5.3M ... 66.7M.

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from backbone_variables import random_variables
 
 from landmark_jax.models.backbones import create_backbone
+
+from backbone_variables import random_variables
 
 # Published (and keras.applications count_params() with the top).
 PARAMS_WITH_TOP = {"resnet50": 25_636_712, "resnet101": 44_707_176}

@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 
 from landmark_jax.models import efficientnet, resnet
+from landmark_jax.models import input_normalization as normalization_presets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,26 +76,35 @@ def _spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
-def create_backbone(name: str, **overrides: Any) -> nn.Module:
+def create_backbone(
+    name: str, input_normalization: str | None = None, **overrides: Any
+) -> nn.Module:
     """Builds the backbone registered as `name`.
 
     Args:
       name: a key of `BACKBONES`, e.g. 'efficientnet_b7', 'resnet101'.
+      input_normalization: a preset of
+        `input_normalization.INPUT_NORMALIZATIONS` setting input_scale and
+        input_offset (e.g. 'caffe' for converted Keras ResNet weights);
+        None keeps the module default ('imagenet').
       **overrides: module attributes replacing the variant's, e.g. dtype,
-        input_scale/input_offset, drop_connect_rate, stem_stride.
+        input_scale/input_offset, drop_connect_rate, stem_stride, padding.
 
     Returns:
       An unbound Flax module.
 
     Raises:
-      ValueError: on an unknown name (the message lists the valid names) or
-        an attribute the module does not have.
+      ValueError: on an unknown name (the message lists the valid names),
+        an unknown preset, or an attribute the module does not have.
     """
     spec = _spec(name)
     fields = {f.name for f in dataclasses.fields(spec.module)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"{name}: unknown backbone option(s) {unknown}; valid: {sorted(fields)}")
+    if input_normalization is not None:
+        preset = normalization_presets.get_input_normalization(input_normalization)
+        overrides = {"input_scale": preset.scale, "input_offset": preset.offset, **overrides}
     return spec.module(**{**spec.kwargs, **overrides})
 
 

@@ -12,8 +12,9 @@ useful with the normalisation they were trained with. Presets, by name:
   Rescaling(1/255), Normalization(mean, variance=std) (the Keras weights file
   stores the ImageNet std as the "variance", tensorflow/tensorflow#49930) and
   Rescaling(1/sqrt(std)). The two std factors multiply out, so this is the
-  `imagenet` preset up to float rounding. Matches checkpoints converted from
-  Keras EfficientNet ImageNet weights.
+  `imagenet` preset up to float rounding (and `match_input_normalization`
+  reports it as `imagenet`). Matches checkpoints converted from Keras
+  EfficientNet ImageNet weights.
 - `caffe`: x - mean_rgb, no scaling: Keras ResNet50/101 ImageNet weights,
   which expect caffe-style BGR input. The converter CLI reorders conv1's input
   channels so that its checkpoints take RGB like every other backbone, and
@@ -93,7 +94,7 @@ def get_input_normalization(name: str) -> InputNormalization:
 def match_input_normalization(
     scale: tuple[float, ...], offset: tuple[float, ...], rtol: float = 1e-5
 ) -> str | None:
-    """Returns the name of the preset equal to (scale, offset), or None."""
+    """Returns the name of the first preset equal to (scale, offset), or None."""
     for name, preset in INPUT_NORMALIZATIONS.items():
         if np.allclose(scale, preset.scale, rtol=rtol, atol=1e-7) and np.allclose(
             offset, preset.offset, rtol=rtol, atol=1e-7

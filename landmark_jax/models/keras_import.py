@@ -348,7 +348,10 @@ def _check_weights_file(path: str, arch: str) -> None:
             "use the include_top=False (*_notop.h5) weights"
         )
     found, signature = _identify(shapes)
-    if found != arch:
+    # Keras loads legacy .h5 files by layer order, not name: a file whose
+    # names we do not recognise may still load, so only a positive
+    # identification of something else is an error here.
+    if signature is not None and found != arch:
         what = found if found else _describe(signature)
         raise ValueError(f"--weights={path} holds weights for {what}, not --arch={arch}")
 
