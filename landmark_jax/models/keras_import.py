@@ -23,6 +23,7 @@ returns the variables, `load_backbone(DIR)` the module as well.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -359,6 +360,12 @@ def _check_weights_file(path: str, arch: str) -> None:
 def _build_keras_model(arch: str, weights: str) -> Any:
     import keras  # deferred: only the converter needs TensorFlow/Keras
 
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # Leave any accelerator to JAX; RuntimeError: TF's devices are set up.
+        with contextlib.suppress(RuntimeError):
+            tf.config.set_visible_devices([], "GPU")
     if arch not in KERAS_APPLICATIONS:
         raise ValueError(f"--arch={arch} unsupported; valid: {', '.join(KERAS_APPLICATIONS)}")
     if weights != "imagenet":
@@ -486,7 +493,17 @@ def _restore_checked(path: str, module: nn.Module) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
+    """Command line entry point.
+
+    Args:
+      argv: the arguments without the program name (None: sys.argv[1:]).
+
+    Returns:
+      The exit status, 0.
+
+    Raises:
+      ValueError: from `convert`, e.g. weights of another architecture.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m landmark_jax.models.keras_import", description=__doc__.split("\n")[0]
     )
@@ -500,4 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as error:  # a clear message, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
