@@ -1,0 +1,229 @@
+"""Orbax checkpoints: the workdir's manager, shape checks, and stage carry-over.
+
+The train state is a dict {'step', 'params', 'batch_stats', 'opt_state',
+'nonfinite'} with params {'model': ..., 'head': ...}. A run starts from, in
+order: its workdir's latest checkpoint (exact resume); the previous stage's
+checkpoint (`config.init.checkpoint`: backbone + neck, and the head too with
+`init.carry='all'`); Keras-converted backbone weights (`config.init.backbone`);
+or scratch.
+
+Orbax neither names the parameter on a shape mismatch nor refuses to pad when
+asked to be lenient, so every restore is preceded by a comparison against the
+checkpoint's metadata that names the parameter, both shapes and the config key
+that decides that shape.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+CHECKPOINT_DIR = "checkpoints"
+
+# Which config key sets a parameter's shape, by where it lives.
+_SHAPE_HINTS = (
+    (
+        "params/head/",
+        "head.num_classes / num_classes (dataset_info.json), head.num_subcenters "
+        "or model.embedding_dim; to start a new head use init.carry='model'",
+    ),
+    ("params/model/backbone/", "model.backbone"),
+    ("batch_stats/model/backbone/", "model.backbone"),
+    ("params/model/", "model.embedding_dim, model.neck, model.dolg.*"),
+    ("batch_stats/model/", "model.embedding_dim, model.neck, model.dolg.*"),
+)
+
+
+def create_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """The workdir's checkpoint manager (keeps the newest `keep` steps)."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options
+    )
+
+
+def _checkpoint_dir(path: str) -> str:
+    """Accepts a workdir or its checkpoints/ folder."""
+    path = os.path.abspath(path)
+    nested = os.path.join(path, CHECKPOINT_DIR)
+    return nested if os.path.isdir(nested) else path
+
+
+def _flat_shapes(tree: Mapping[str, Any], keys=("params", "batch_stats")) -> dict[str, tuple]:
+    flat = {}
+    for key in keys:
+        if key in tree and tree[key] is not None:
+            for path, leaf in traverse_util.flatten_dict(dict(tree[key]), sep="/").items():
+                flat[f"{key}/{path}"] = tuple(leaf.shape)
+    return flat
+
+
+def _hint(path: str) -> str:
+    return next(
+        (hint for prefix, hint in _SHAPE_HINTS if path.startswith(prefix)), "the model config"
+    )
+
+
+def check_shapes(
+    saved: Mapping[str, Any], expected: Mapping[str, Any], source: str, prefixes: tuple[str, ...]
+) -> None:
+    """Compares parameter shapes of a checkpoint with the model's.
+
+    Args:
+      saved: the checkpoint's metadata tree (or arrays) with 'params' and
+        'batch_stats'.
+      expected: the abstract (or real) state of the current model.
+      source: the checkpoint path, for the message.
+      prefixes: the flattened paths to compare, e.g. ('params/model/',).
+
+    Raises:
+      ValueError: naming each differing or missing parameter, both shapes
+        and the config key to change.
+    """
+    got, want = _flat_shapes(saved), _flat_shapes(expected)
+    problems = []
+    for path in sorted(want):
+        if not path.startswith(prefixes):
+            continue
+        if path not in got:
+            problems.append(f"  {path}: in the model {want[path]}, not in the checkpoint")
+        elif got[path] != want[path]:
+            problems.append(
+                f"  {path}: checkpoint {got[path]} vs model {want[path]} (config key: {_hint(path)})"
+            )
+    problems += [
+        f"  {path}: in the checkpoint {got[path]}, not in the model ({_hint(path)})"
+        for path in sorted(got)
+        if path.startswith(prefixes) and path not in want
+    ]
+    if problems:
+        raise ValueError(
+            f"checkpoint {source} does not fit the model ({len(problems)} parameter(s)):\n"
+            + "\n".join(problems[:20])
+        )
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
+    """The workdir's latest state, sharded like `abstract_state`, or None.
+
+    Raises:
+      ValueError: the checkpoint's shapes differ from the model's (a config
+        changed under an existing workdir).
+    """
+    step = manager.latest_step()
+    if step is None:
+        return None
+    source = os.path.join(str(manager.directory), str(step))
+    metadata = manager.item_metadata(step)
+    check_shapes(_metadata_tree(metadata), abstract_state, source, ("params/", "batch_stats/"))
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def save_args(state: Any) -> ocp.args.StandardSave:
+    """What CheckpointManager.save takes for a train state."""
+    return ocp.args.StandardSave(state)
+
+
+def _metadata_tree(metadata: Any) -> Mapping[str, Any]:
+    tree = getattr(metadata, "tree", metadata)
+    return tree
+
+
+def load_stage(path: str) -> dict[str, Any]:
+    """The params and batch_stats of another run's latest checkpoint (numpy).
+
+    Args:
+      path: a previous stage's workdir, or its checkpoints/ folder.
+
+    Returns:
+      {'params': ..., 'batch_stats': ..., 'step': int} on the host.
+
+    Raises:
+      FileNotFoundError: no checkpoint there.
+    """
+    directory = _checkpoint_dir(path)
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as m:
+        step = m.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"config.init.checkpoint={path!r}: no checkpoint in {directory}"
+            )
+        restored = m.restore(step, args=ocp.args.StandardRestore())
+    host = jax.tree.map(np.asarray, {k: restored[k] for k in ("params", "batch_stats")})
+    return {**host, "step": int(restored["step"])}
+
+
+def carry_over(state: dict, stage: Mapping[str, Any], carry: str, source: str) -> dict:
+    """Puts a previous stage's weights into a freshly initialised state.
+
+    Args:
+      state: the new state (params/batch_stats with 'model' and 'head').
+      stage: load_stage's output.
+      carry: 'model' (backbone + neck; the head stays new, e.g. 81,313 ->
+        203,094 classes) or 'all' (the head too, e.g. a resolution change).
+      source: the checkpoint path, for messages.
+
+    Returns:
+      The state with the carried parameters, placed with the new state's
+      shardings. The optimizer state and the step stay fresh.
+
+    Raises:
+      ValueError: a carried parameter's shape differs (named, with both
+        shapes and the config key).
+    """
+    parts = ("model", "head") if carry == "all" else ("model",)
+    prefixes = tuple(f"{k}/{p}/" for k in ("params", "batch_stats") for p in parts)
+    check_shapes(stage, state, source, prefixes)
+    new = dict(state)
+    for key in ("params", "batch_stats"):
+        tree = dict(state[key])
+        for part in parts:
+            if part in stage[key]:
+                tree[part] = jax.tree.map(
+                    lambda old, loaded: jax.device_put(loaded.astype(old.dtype), old.sharding),
+                    state[key][part],
+                    stage[key][part],
+                )
+        new[key] = tree
+    return new
+
+
+def load_backbone_weights(state: dict, variables: Mapping[str, Any], source: str) -> dict:
+    """Puts Keras-converted backbone variables under params/model/backbone.
+
+    Raises:
+      ValueError: a variable's shape differs from the model's backbone.
+    """
+    stage = {
+        "params": {"model": {"backbone": variables["params"]}},
+        "batch_stats": {"model": {"backbone": variables.get("batch_stats", {})}},
+    }
+    check_shapes(
+        stage,
+        {
+            "params": {"model": {"backbone": state["params"]["model"]["backbone"]}},
+            "batch_stats": {
+                "model": {"backbone": state["batch_stats"]["model"].get("backbone", {})}
+            },
+        },
+        source,
+        ("params/model/backbone/", "batch_stats/model/backbone/"),
+    )
+    new = dict(state)
+    for key in ("params", "batch_stats"):
+        model = dict(state[key]["model"])
+        model["backbone"] = jax.tree.map(
+            lambda old, loaded: jax.device_put(np.asarray(loaded).astype(old.dtype), old.sharding),
+            state[key]["model"]["backbone"],
+            stage[key]["model"]["backbone"],
+        )
+        new[key] = {**state[key], "model": model}
+    return new

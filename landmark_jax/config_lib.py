@@ -1,0 +1,156 @@
+"""Training configs: the defaults every config starts from, and validation.
+
+Configs are data (`configs/NAME.py` with `get_config(arg)`); this module holds
+the shared defaults (`base_config()`) and `validate_config`, which checks a
+config against the data folder and the device mesh *before* anything is
+compiled, so a wrong class count, image size or batch size fails in a second
+with a message naming the config key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from landmark_jax import data_format, heads, losses
+from landmark_jax.models import backbones, default_model_config, resolve_model_config
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "inverse_time", "warmup_cosine")
+INIT_CARRY = ("model", "all")
+
+
+def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
+    """The keys every training config has, with GLR2020-style defaults.
+
+    Args:
+      model_name: 'global' (GLR2020) or 'dolg' (GLR2021) model defaults.
+
+    Returns:
+      A ConfigDict; configs override what their recipe changes.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data_dir = ""  # the builder's output folder (local or gs://)
+    c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: dataset_info.json
+    c.image_size = 512
+    c.batch_size = 64  # global, over all devices of all processes
+    c.total_steps = 10_000
+    c.log_every_steps = 100
+    c.checkpoint_every_steps = 1_000
+    c.keep_checkpoints = 3
+    c.eval_every_steps = 0  # 0: no in-training evaluation
+    c.eval_split = "val"
+    c.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: batch_size
+
+    c.model = default_model_config(model_name)
+    # Input normalisation preset of the backbone; None takes it from the
+    # init.backbone checkpoint, else 'imagenet'.
+    c.model.input_normalization = ml_collections.FieldReference(None, field_type=str)
+
+    c.head = ml_collections.ConfigDict()
+    c.head.num_subcenters = 1
+    c.head.margin_type = "none"  # none | cosface | arcface
+    c.head.margin = 0.0  # a fixed margin (ignored with dynamic_margins)
+    c.head.dynamic_margins = False  # m_c = a * normalise(n_c^-1/4) + b
+    c.head.margin_a = 0.45
+    c.head.margin_b = 0.05
+    c.head.easy_margin = False
+    c.head.scale = "adacos_dynamic"  # fixed | adacos_fixed | adacos_dynamic
+    c.head.scale_value = 30.0  # used by scale='fixed'
+    c.head.shard_classes = True  # split the class dimension over devices
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.class_weights = "inv_log1p"  # none | inv_log | inv_log1p
+    c.loss.not_clean_weight = 1.0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.momentum = 0.9
+    c.optimizer.schedule = "inverse_time"  # keras SGD(decay=...): lr / (1 + decay * t)
+    c.optimizer.decay = 1e-5
+    c.optimizer.warmup_steps = 0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
+
+    c.input = ml_collections.ConfigDict()
+    c.input.files_per_chunk = 16
+    c.input.shuffle_buffer = 4096
+    c.input.flip = True
+
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""  # a previous stage's workdir (or its checkpoints/ folder)
+    c.init.carry = "model"  # model: backbone + neck, new head | all: head too
+    c.init.backbone = ""  # a keras_import output folder
+
+    c.nonfinite = ml_collections.ConfigDict()
+    c.nonfinite.skip_updates = False  # False: stop at the first non-finite loss
+    c.nonfinite.max_skipped = 10
+    return c
+
+
+def _check_choice(config, key: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"config.{key}={value!r}; valid: {list(choices)}")
+
+
+def resolve_num_classes(config: ml_collections.ConfigDict) -> int:
+    """The class count: dataset_info.json's, checked against config.num_classes.
+
+    Raises:
+      ValueError: config.num_classes is set and differs from the data.
+      DataFormatError: the data folder has no dataset_info.json.
+    """
+    from_data = data_format.read_num_classes(config.data_dir)
+    if config.num_classes is not None and config.num_classes != from_data:
+        raise ValueError(
+            f"config.num_classes={config.num_classes} but {config.data_dir}/"
+            f"{data_format.DATASET_INFO} says {from_data}; fix config.num_classes "
+            "or point config.data_dir at the right data"
+        )
+    return from_data
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks a training config before any compile.
+
+    Args:
+      config: the training config.
+      num_devices: devices of the mesh (all processes).
+
+    Raises:
+      ValueError: a value out of range or not among the valid names (the
+        message names the key), a batch size the devices do not divide, an
+        image size the backbone cannot take, or a missing init path.
+    """
+    if not config.data_dir:
+        raise ValueError("config.data_dir is empty: set it to the builder's output folder")
+    for key in ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[key] < 1:
+            raise ValueError(f"config.{key}={config[key]}: expected >= 1")
+    if config.eval_every_steps < 0:
+        raise ValueError(f"config.eval_every_steps={config.eval_every_steps}: expected >= 0")
+    for key in ("batch_size", "eval_batch_size"):
+        value = config[key] if config[key] is not None else config.batch_size
+        if value < 1 or value % num_devices:
+            raise ValueError(
+                f"config.{key}={value} must be a positive multiple of the {num_devices} devices"
+            )
+    resolve_model_config({k: v for k, v in config.model.items() if k != "input_normalization"})
+    backbones.check_image_size(config.model.backbone, config.image_size)
+    _check_choice(config, "optimizer.name", config.optimizer.name, OPTIMIZERS)
+    _check_choice(config, "optimizer.schedule", config.optimizer.schedule, SCHEDULES)
+    _check_choice(config, "head.margin_type", config.head.margin_type, heads.MARGIN_TYPES)
+    _check_choice(config, "head.scale", config.head.scale, heads.SCALES)
+    _check_choice(config, "loss.class_weights", config.loss.class_weights, losses.CLASS_WEIGHTS)
+    _check_choice(config, "init.carry", config.init.carry, INIT_CARRY)
+    if config.head.num_subcenters < 1:
+        raise ValueError(f"config.head.num_subcenters={config.head.num_subcenters}: expected >= 1")
+    if not 0.0 <= config.loss.not_clean_weight:
+        raise ValueError(f"config.loss.not_clean_weight={config.loss.not_clean_weight} < 0")
+    import tensorflow as tf  # gfile reads local and gs:// paths alike
+
+    for key in ("init.checkpoint", "init.backbone"):
+        path = config.init[key.split(".")[1]]
+        if path and not tf.io.gfile.exists(path):
+            raise ValueError(f"config.{key}={path!r} does not exist")

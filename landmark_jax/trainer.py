@@ -1,0 +1,417 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, top to bottom.
+
+One device mesh over all devices of all processes; the train step is
+`jax.jit` with the state donated and the global batch split on the 'data'
+axis, so BatchNorm statistics are global-batch statistics. The head's class
+dimension can be split over the same devices (`config.head.shard_classes`):
+a 203,094-class head is then 1/8 per core on a v3-8. Random keys are folded
+per step, and the data stream is a function of (seed, step), so a killed run
+re-run with the same command continues with exactly the same losses.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from landmark_jax import (
+    checkpointing,
+    config_lib,
+    data_format,
+    heads,
+    input_pipeline,
+    losses,
+    metric_writer,
+    sharding,
+)
+from landmark_jax.models import create_model, keras_import
+
+# ----------------------------------------------------------------------------
+# Building blocks: model, optimizer, state
+# ----------------------------------------------------------------------------
+
+
+def build_model(config: ml_collections.ConfigDict):
+    """The embedding model, with the input normalisation its init weights need.
+
+    Returns:
+      (model, backbone variables from config.init.backbone or None).
+
+    Raises:
+      ValueError: config.model.input_normalization contradicts the
+        normalisation recorded with the init.backbone weights.
+    """
+    model_cfg = {k: v for k, v in config.model.items() if k != "input_normalization"}
+    preset = config.model.input_normalization
+    variables = None
+    if config.init.backbone:
+        with open(os.path.join(config.init.backbone, keras_import.METADATA_FILE)) as f:
+            recorded = json.load(f)["input_normalization"]
+        if preset is not None and preset != recorded:
+            raise ValueError(
+                f"config.model.input_normalization={preset!r} but the weights in "
+                f"config.init.backbone={config.init.backbone!r} expect {recorded!r}"
+            )
+        preset = recorded
+        variables = keras_import.load_backbone_checkpoint(config.init.backbone)
+    model = create_model(model_cfg)
+    if preset is not None:
+        from landmark_jax.models import input_normalization
+
+        norm = input_normalization.get_input_normalization(preset)
+        model = model.clone(
+            backbone=model.backbone.clone(input_scale=norm.scale, input_offset=norm.offset)
+        )
+    return model, variables
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
+    """(optax transformation, learning-rate schedule) from config.optimizer."""
+    lr = cfg.learning_rate
+    if cfg.schedule == "constant":
+        schedule = optax.constant_schedule(lr)
+    elif cfg.schedule == "inverse_time":
+        # Keras SGD(decay=d), as in the GLR2020 code: lr_t = lr / (1 + d * t).
+        schedule = lambda t: lr / (1.0 + cfg.decay * t)  # noqa: E731
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(cfg.warmup_steps, 1), max(total_steps, cfg.warmup_steps + 1)
+        )
+    if cfg.name == "sgd":
+        tx = optax.sgd(schedule, momentum=cfg.momentum or None)
+        if cfg.weight_decay:
+            tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+    elif cfg.name == "adam":
+        tx = optax.adam(schedule)
+        if cfg.weight_decay:  # PyTorch Adam(weight_decay): L2 added to the gradient
+            tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+    else:
+        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    if cfg.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    return tx, schedule
+
+
+def state_shardings(abstract_state: Any, mesh, shard_head: bool) -> Any:
+    """Replicated state, except head kernels (and their optimizer moments)
+    whose class dimension is split over the data axis."""
+
+    def place(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if shard_head and "head" in keys and keys[-1] == "kernel" and leaf.ndim == 2:
+            return NamedSharding(mesh, P(None, sharding.DATA_AXIS))
+        return sharding.replicated_sharding(mesh)
+
+    return jax.tree_util.tree_map_with_path(place, abstract_state)
+
+
+# ----------------------------------------------------------------------------
+# The train and eval steps
+# ----------------------------------------------------------------------------
+
+
+def _logits(config, cosine, labels, consts, num_classes, valid_mask=None):
+    hc = config.head
+    if hc.scale == "fixed":
+        scale = hc.scale_value
+    elif hc.scale == "adacos_fixed":
+        scale = heads.adacos_fixed_scale(num_classes)
+    else:
+        scale = heads.adacos_dynamic_scale(cosine, labels, num_classes, valid_mask=valid_mask)
+    margin = consts["margins"][labels] if hc.dynamic_margins else hc.margin
+    logits = heads.margin_logits(
+        cosine,
+        labels,
+        margin_type=hc.margin_type,
+        margin=margin,
+        scale=scale,
+        easy_margin=hc.easy_margin,
+    )
+    return logits, scale
+
+
+def train_step(state, batch, consts, *, model, head, tx, config, num_classes, base_key):
+    """One SGD step on a global batch; returns (new state, metrics)."""
+    step = state["step"]
+    key = jax.random.fold_in(base_key, step)
+
+    def loss_fn(params):
+        variables = {"params": params["model"], "batch_stats": state["batch_stats"]["model"]}
+        embeddings, updates = model.apply(
+            variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": key}
+        )
+        cosine = head.apply({"params": params["head"]}, embeddings)
+        logits, scale = _logits(config, cosine, batch["label"], consts, num_classes)
+        weights = losses.sample_weights(
+            batch["label"], batch["is_clean"], consts["class_weights"], config.loss.not_clean_weight
+        )
+        loss, _ = losses.weighted_cross_entropy(logits, batch["label"], weights)
+        accuracy = losses.accuracy(cosine, batch["label"])
+        return loss, (updates["batch_stats"], scale, accuracy)
+
+    (loss, (batch_stats, scale, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"]
+    )
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = {
+        "step": step + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "batch_stats": {**state["batch_stats"], "model": batch_stats},
+        "opt_state": opt_state,
+    }
+    nonfinite = state["nonfinite"]
+    if config.nonfinite.skip_updates:
+        # Keep the old weights on a bad step; the loop stops past max_skipped.
+        kept = {k: v for k, v in state.items() if k in ("params", "batch_stats", "opt_state")}
+        new.update(
+            jax.tree.map(lambda n, o: jnp.where(finite, n, o), {k: new[k] for k in kept}, kept)
+        )
+    new["nonfinite"] = {
+        "count": nonfinite["count"] + (~finite).astype(jnp.int32),
+        "first_step": jnp.where(
+            (nonfinite["first_step"] < 0) & ~finite, step, nonfinite["first_step"]
+        ),
+    }
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "scale": scale}
+    return new, metrics
+
+
+def eval_step(state, batch, consts, *, model, head, config, num_classes):
+    """Sums of weighted loss and correct predictions over the valid rows."""
+    variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]["model"]}
+    cosine = head.apply({"params": state["params"]["head"]}, model.apply(variables, batch["image"]))
+    mask = batch["mask"]
+    logits, _ = _logits(config, cosine, batch["label"], consts, num_classes, valid_mask=mask)
+    _, per_example = losses.weighted_cross_entropy(
+        logits, batch["label"], jnp.ones_like(logits[:, 0]), valid_mask=mask
+    )
+    correct = (jnp.argmax(cosine, -1) == batch["label"]) & mask
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, per_example, 0.0)),
+        "correct": jnp.sum(correct),
+        "count": jnp.sum(mask),
+    }
+
+
+def evaluate(config, mesh, state, consts, eval_fn) -> dict[str, float]:
+    """Validation loss and top-1 accuracy on config.eval_split."""
+    batch_size = config.eval_batch_size or config.batch_size
+    it, num_steps = input_pipeline.eval_iterator(
+        config.data_dir,
+        config.eval_split,
+        mesh=mesh,
+        global_batch_size=batch_size,
+        image_size=config.image_size,
+    )
+    totals = None
+    for batch, _ in it:
+        sums = eval_fn(state, batch, consts)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = max(int(totals["count"]), 1)
+    return {
+        f"{config.eval_split}_loss": float(totals["loss_sum"]) / count,
+        f"{config.eval_split}_accuracy": float(totals["correct"]) / count,
+    }
+
+
+# ----------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or resumes) a retrieval model in `workdir`.
+
+    Args:
+      config: a training config (see config_lib.base_config and configs/).
+      workdir: where config.json, metrics.jsonl, TensorBoard events and
+        checkpoints/ go. Re-running on the same workdir resumes from its
+        latest checkpoint; a finished run returns at once.
+
+    Returns:
+      The metrics of the last log step (empty if the run was already done).
+
+    Raises:
+      ValueError: an invalid config (named key), data that disagree with it,
+        or a checkpoint whose shapes do not fit (named parameter).
+      FloatingPointError: a non-finite loss (with its step), or more skipped
+        non-finite steps than config.nonfinite.max_skipped.
+    """
+    # --- Setup: mesh, checks before any compile, workdir ---------------------
+    mesh = sharding.create_mesh()
+    config_lib.validate_config(config, mesh.devices.size)
+    num_classes = config_lib.resolve_num_classes(config)
+    label_map = data_format.read_label_map(config.data_dir)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    writer = metric_writer.MetricWriter(workdir)
+
+    # --- Model, head and the per-class loss constants ------------------------
+    model, backbone_variables = build_model(config)
+    shard_head = config.head.shard_classes and mesh.devices.size > 1
+    head = heads.CosineClassifier(
+        num_classes=num_classes,
+        num_subcenters=config.head.num_subcenters,
+        num_classes_padded=heads.padded_num_classes(num_classes, mesh.devices.size),
+    )
+    class_w = losses.class_weights(label_map.counts, config.loss.class_weights)
+    class_w = class_w * losses.weight_normalizer(
+        label_map.counts, label_map.clean_counts, class_w, config.loss.not_clean_weight
+    )
+    margins = losses.dynamic_margins(label_map.counts, config.head.margin_a, config.head.margin_b)
+    # Per-class arrays the loss indexes by label, placed on the devices once.
+    consts = jax.device_put(
+        {
+            "class_weights": jnp.asarray(class_w, jnp.float32),
+            "margins": jnp.asarray(margins, jnp.float32),
+        },
+        sharding.replicated_sharding(mesh),
+    )
+    tx, schedule = build_optimizer(config.optimizer, config.total_steps)
+
+    # --- State: initialise sharded, then resume / carry over / import ------
+    base_key = jax.random.key(config.seed)
+    image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+
+    def init_state(key):
+        model_key, head_key = jax.random.split(key)
+        variables = model.init({"params": model_key, "dropout": model_key}, image)
+        embedding = jnp.zeros((1, config.model.embedding_dim), jnp.float32)
+        params = {"model": variables["params"], "head": head.init(head_key, embedding)["params"]}
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "batch_stats": {"model": variables.get("batch_stats", {})},
+            "opt_state": tx.init(params),
+            "nonfinite": {
+                "count": jnp.zeros((), jnp.int32),
+                "first_step": -jnp.ones((), jnp.int32),
+            },
+        }
+
+    init_key = jax.random.fold_in(base_key, -1)
+    abstract = jax.eval_shape(init_state, init_key)
+    shardings = state_shardings(abstract, mesh, shard_head)
+    state = jax.jit(init_state, out_shardings=shardings)(init_key)
+    manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    restored = checkpointing.restore_latest(manager, abstract_sharded)
+    if restored is not None:
+        state = restored
+        logging.info("Resumed %s at step %d", workdir, int(state["step"]))
+    elif config.init.checkpoint:
+        stage = checkpointing.load_stage(config.init.checkpoint)
+        state = checkpointing.carry_over(state, stage, config.init.carry, config.init.checkpoint)
+        logging.info("Initialised from %s (carry=%s)", config.init.checkpoint, config.init.carry)
+    elif backbone_variables is not None:
+        state = checkpointing.load_backbone_weights(state, backbone_variables, config.init.backbone)
+        logging.info("Initialised the backbone from %s", config.init.backbone)
+    start_step = int(state["step"])
+    writer.truncate_after(start_step)
+    if start_step >= config.total_steps:
+        logging.info("%s: already trained for %d steps", workdir, start_step)
+        manager.close()
+        return {}
+
+    # --- Compiled steps -----------------------------------------------------
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            head=head,
+            tx=tx,
+            config=config,
+            num_classes=num_classes,
+            base_key=base_key,
+        ),
+        donate_argnums=0,
+        out_shardings=(shardings, sharding.replicated_sharding(mesh)),
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=model, head=head, config=config, num_classes=num_classes)
+    )
+    batches = input_pipeline.train_iterator(
+        config.data_dir,
+        mesh=mesh,
+        global_batch_size=config.batch_size,
+        image_size=config.image_size,
+        seed=config.seed,
+        start_step=start_step,
+        files_per_chunk=config.input.files_per_chunk,
+        shuffle_buffer=config.input.shuffle_buffer,
+        flip=config.input.flip,
+    )
+
+    # --- Loop: step, log, evaluate, checkpoint --------------------------------
+    progress = metric_writer.Progress(config.total_steps, start_step)
+    sums, num_summed, last = None, 0, {}
+    for step in range(start_step + 1, config.total_steps + 1):
+        state, metrics = step_fn(state, next(batches), consts)
+        # Accumulated on the device: nothing here waits for the step to finish.
+        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+        num_summed += 1
+        is_last = step == config.total_steps
+        do_log = step % config.log_every_steps == 0 or is_last
+        do_eval = config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last)
+        do_save = step % config.checkpoint_every_steps == 0 or is_last
+        preempted = manager.reached_preemption(step)
+        if not (do_log or do_eval or do_save or preempted):
+            continue
+
+        nonfinite = jax.device_get(state["nonfinite"])
+        if not config.nonfinite.skip_updates and nonfinite["count"] > 0:
+            raise FloatingPointError(
+                f"non-finite loss at step {int(nonfinite['first_step']) + 1}; set "
+                "config.nonfinite.skip_updates=True to skip such steps"
+            )
+        if nonfinite["count"] > config.nonfinite.max_skipped:
+            raise FloatingPointError(
+                f"{int(nonfinite['count'])} non-finite steps (first at step "
+                f"{int(nonfinite['first_step']) + 1}) > config.nonfinite.max_skipped="
+                f"{config.nonfinite.max_skipped}"
+            )
+        if do_log:
+            last = {k: float(v) / num_summed for k, v in jax.device_get(sums).items()}
+            images_per_sec, line = progress.tick(step, config.batch_size)
+            last.update(
+                learning_rate=float(schedule(step - 1)),
+                images_per_sec=images_per_sec,
+                skipped_steps=int(nonfinite["count"]),
+            )
+            sums, num_summed = None, 0
+        if do_eval:
+            last.update(evaluate(config, mesh, state, consts, eval_fn))
+        if do_log or do_eval:
+            writer.write(step, last)
+            logging.info(
+                "%s | %s",
+                line if do_log else f"step {step}",
+                ", ".join(f"{k} {v:.4g}" for k, v in last.items()),
+            )
+        if do_save or preempted:
+            manager.save(step, args=checkpointing.save_args(state), force=preempted)
+        if preempted:
+            manager.wait_until_finished()
+            logging.warning("Preempted at step %d: checkpoint saved", step)
+            break
+    manager.wait_until_finished()
+    manager.close()
+    return last
