@@ -1,0 +1,521 @@
+"""Ground truth and submission files: GLDv2 solution/prediction CSVs, Revisited gnd pickles.
+
+GLDv2 solutions (`retrieval_solution_v2.1.csv`: `id,images,Usage`;
+`recognition_solution_v2.1.csv`: `id,landmarks,Usage`) are split by Usage into
+Public and Private; Ignored rows are dropped but their ids are kept, so that
+predictions for them are accepted and skipped, as DELF's `dataset_file_io`
+does, while predictions for unknown ids are errors. Submissions are the
+Kaggle CSVs `id,images` (index ids, best first, space separated) and
+`id,landmarks` ("<landmark> <score>"); an empty field means no prediction.
+
+Where DELF is lenient in ways that change scores (a repeated test id
+overwrites the earlier row; a bad Usage surfaces as a KeyError later), these
+readers raise a `SolutionFormatError` naming the file and line instead.
+Paths may be local or anything tf.io.gfile opens (gs://).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import pickle
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypedDict
+
+from landmark_jax.retrieval import metrics
+
+PUBLIC = "Public"
+PRIVATE = "Private"
+IGNORED = "Ignored"
+ALL = "All"
+USAGES = (PUBLIC, PRIVATE)
+
+
+class SolutionFormatError(ValueError):
+    """A solution, submission or ground-truth file does not have the expected format."""
+
+
+class RetrievalSolution(TypedDict):
+    """Query id -> relevant index ids per scored usage, plus the ignored ids."""
+
+    Public: dict[str, list[str]]
+    Private: dict[str, list[str]]
+    Ignored: list[str]
+
+
+class RecognitionSolution(TypedDict):
+    """Test id -> landmark ids (empty: not a landmark) per usage, plus the ignored ids."""
+
+    Public: dict[str, list[int]]
+    Private: dict[str, list[int]]
+    Ignored: list[str]
+
+
+@contextlib.contextmanager
+def _open(path: str, mode: str) -> Iterator[io.TextIOBase]:
+    if "://" in path:
+        # Lazy: TensorFlow is only worth importing for remote paths.
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(path, mode) as f:
+            yield f
+        return
+    # utf-8-sig: a spreadsheet may have saved the CSV with a byte-order mark,
+    # which would otherwise stick to the first column's name.
+    text = (
+        {} if "b" in mode else {"newline": "", "encoding": "utf-8-sig" if "r" in mode else "utf-8"}
+    )
+    if "r" in mode and not os.path.isfile(path):
+        raise SolutionFormatError(f"{path}: file not found")
+    with open(path, mode, **text) as f:
+        yield f
+
+
+def _csv_rows(path: str, columns: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
+    """Yields (line number, [value of each column]) of a CSV, checking its header.
+
+    Blank lines are skipped, as DELF does; a row whose field count differs
+    from the header's is an error.
+    """
+    with _open(path, "r") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise SolutionFormatError(f"{path}:1: empty file, expected header {','.join(columns)}")
+        header = [h.strip() for h in header]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise SolutionFormatError(
+                f"{path}:1: missing column(s) {missing}; the header is {header}, "
+                f"expected {','.join(columns)}"
+            )
+        where = [header.index(c) for c in columns]
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise SolutionFormatError(
+                    f"{path}:{reader.line_num}: {len(row)} fields, the header has "
+                    f"{len(header)}: {row}"
+                )
+            yield reader.line_num, [row[i] for i in where]
+
+
+def _parse_int(path: str, line: int, token: str, what: str) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise SolutionFormatError(f"{path}:{line}: {what} {token!r} is not an integer") from None
+
+
+def _read_solution(path: str, column: str, parse) -> dict[str, Any]:
+    solution: dict[str, Any] = {PUBLIC: {}, PRIVATE: {}, IGNORED: []}
+    first_line: dict[str, int] = {}
+    for line, (test_id, value, usage) in _csv_rows(path, ("id", column, "Usage")):
+        test_id = test_id.strip()
+        if test_id in first_line:
+            raise SolutionFormatError(
+                f"{path}:{line}: test id {test_id!r} repeats line {first_line[test_id]}"
+            )
+        first_line[test_id] = line
+        usage = usage.strip()
+        if usage == IGNORED:
+            # Not parsed, as in DELF: ignored rows carry 'None' or anything.
+            solution[IGNORED].append(test_id)
+        elif usage in USAGES:
+            solution[usage][test_id] = parse(line, value.strip())
+        else:
+            raise SolutionFormatError(
+                f"{path}:{line}: test id {test_id!r} has Usage {usage!r}, expected one of "
+                f"{[PUBLIC, PRIVATE, IGNORED]}"
+            )
+    return solution
+
+
+def read_retrieval_solution(path: str) -> RetrievalSolution:
+    """Reads a GLDv2 retrieval solution CSV (`id,images,Usage`).
+
+    A Public/Private row whose `images` is empty or 'None' gets an empty list:
+    such a query cannot be answered, scores 0 and still counts in the mean
+    (DELF reads it as one id that never matches, with the same result).
+
+    Args:
+      path: the CSV file.
+
+    Returns:
+      {'Public': {query id: [index ids]}, 'Private': {...}, 'Ignored': [ids]}.
+
+    Raises:
+      SolutionFormatError: the file is missing, lacks a column, has a row with
+        the wrong field count, an unknown Usage, or a repeated test id.
+    """
+
+    def parse(line: int, value: str) -> list[str]:
+        return [] if value == "None" else value.split()
+
+    return _read_solution(path, "images", parse)  # type: ignore[return-value]
+
+
+def read_recognition_solution(path: str) -> RecognitionSolution:
+    """Reads a GLDv2 recognition solution CSV (`id,landmarks,Usage`).
+
+    Args:
+      path: the CSV file.
+
+    Returns:
+      {'Public': {test id: [landmark ids]}, 'Private': {...}, 'Ignored': [ids]};
+      an empty `landmarks` field (a non-landmark image) gives [].
+
+    Raises:
+      SolutionFormatError: as read_retrieval_solution, or a landmark id is not
+        an integer.
+    """
+
+    def parse(line: int, value: str) -> list[int]:
+        return [_parse_int(path, line, t, "landmark id") for t in value.split()]
+
+    return _read_solution(path, "landmarks", parse)  # type: ignore[return-value]
+
+
+def _prediction_tokens(value: str) -> list[str]:
+    # DELF splits on single spaces and drops one trailing empty token, so a
+    # trailing space is fine but a double space yields an empty id that still
+    # takes a rank. Kept as is: it decides what the submission scores.
+    tokens = value.split(" ")
+    if not tokens[-1]:
+        tokens = tokens[:-1]
+    return tokens
+
+
+def _read_predictions(path: str, column: str, parse) -> dict[str, Any]:
+    predictions: dict[str, Any] = {}
+    first_line: dict[str, int] = {}
+    for line, (test_id, value) in _csv_rows(path, ("id", column)):
+        test_id = test_id.strip()
+        if test_id in first_line:
+            raise SolutionFormatError(
+                f"{path}:{line}: test id {test_id!r} repeats line {first_line[test_id]}"
+            )
+        first_line[test_id] = line
+        if value:
+            predictions[test_id] = parse(line, test_id, _prediction_tokens(value))
+    return predictions
+
+
+def read_retrieval_predictions(path: str) -> dict[str, list[str]]:
+    """Reads a Kaggle retrieval submission (`id,images`).
+
+    Args:
+      path: the CSV file.
+
+    Returns:
+      Query id -> index ids, best first, as written (the metric scores the
+      first 100). Rows with an empty `images` field are left out.
+
+    Raises:
+      SolutionFormatError: the file is missing, lacks a column, has a bad row
+        or a repeated id.
+    """
+    return _read_predictions(path, "images", lambda line, test_id, tokens: tokens)
+
+
+def read_recognition_predictions(path: str) -> dict[str, tuple[int, float]]:
+    """Reads a Kaggle recognition submission (`id,landmarks` with "<landmark> <score>").
+
+    Args:
+      path: the CSV file.
+
+    Returns:
+      Test id -> (landmark id, score). Rows with an empty field are left out.
+
+    Raises:
+      SolutionFormatError: (a ValueError) the field does not hold exactly two
+        tokens, the landmark is not an integer or the score not a number, or
+        as read_retrieval_predictions.
+    """
+
+    def parse(line: int, test_id: str, tokens: list[str]) -> tuple[int, float]:
+        if len(tokens) != 2:
+            raise SolutionFormatError(
+                f"{path}:{line}: prediction for {test_id!r} must be '<landmark> <score>', "
+                f"found {len(tokens)} tokens: {tokens}"
+            )
+        landmark = _parse_int(path, line, tokens[0], "landmark id")
+        try:
+            score = float(tokens[1])
+        except ValueError:
+            raise SolutionFormatError(
+                f"{path}:{line}: score {tokens[1]!r} is not a number"
+            ) from None
+        return landmark, score
+
+    return _read_predictions(path, "landmarks", parse)
+
+
+def _rows_in_order(
+    predictions: Mapping[str, Any], all_ids: Iterable[str] | None
+) -> list[tuple[str, Any]]:
+    if all_ids is None:
+        return list(predictions.items())
+    ids = list(all_ids)
+    unknown = set(predictions) - set(ids)
+    if unknown:
+        raise ValueError(f"predictions for ids not in all_ids: {sorted(unknown)[:5]}")
+    return [(i, predictions.get(i)) for i in ids]
+
+
+def _check_token(kind: str, value: str) -> str:
+    # Ids with separators would not read back as written.
+    if not value or any(c in value for c in ' ,"\n\r\t'):
+        raise ValueError(f"{kind} {value!r} is empty or holds a space, comma, quote or newline")
+    return value
+
+
+def write_retrieval_submission(
+    path: str,
+    predictions: Mapping[str, Sequence[str] | None],
+    all_ids: Iterable[str] | None = None,
+    max_images: int = 100,
+) -> None:
+    """Writes a Kaggle retrieval submission (`id,images`).
+
+    Args:
+      path: the CSV file to write.
+      predictions: query id -> index ids, best first; only the first
+        `max_images` are written (the metric scores no more). None or an empty
+        list writes an empty field.
+      all_ids: every test id, in the order to write them; ids without a
+        prediction get an empty field. None: the predictions' ids in order.
+      max_images: the most ids written per query.
+
+    Raises:
+      ValueError: an id is empty or holds a separator, or a prediction's id is
+        not in `all_ids`.
+    """
+    with _open(path, "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("id", "images"))
+        for test_id, images in _rows_in_order(predictions, all_ids):
+            if isinstance(images, str):
+                raise ValueError(f"prediction for {test_id!r} is a string, expected a list of ids")
+            field = " ".join(_check_token("index id", i) for i in (images or [])[:max_images])
+            writer.writerow((_check_token("test id", test_id), field))
+
+
+def write_recognition_submission(
+    path: str,
+    predictions: Mapping[str, tuple[int, float] | None],
+    all_ids: Iterable[str] | None = None,
+) -> None:
+    """Writes a Kaggle recognition submission (`id,landmarks`, "<landmark> <score>").
+
+    Scores are written with repr(), so they read back bit for bit.
+
+    Args:
+      path: the CSV file to write.
+      predictions: test id -> (landmark id, score); None writes an empty field.
+      all_ids: as write_retrieval_submission.
+
+    Raises:
+      ValueError: an id holds a separator, a landmark is not an integer, a
+        score is not finite, or a prediction's id is not in `all_ids`.
+    """
+    with _open(path, "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("id", "landmarks"))
+        for test_id, prediction in _rows_in_order(predictions, all_ids):
+            field = ""
+            if prediction is not None:
+                landmark, score = prediction
+                if isinstance(landmark, bool) or int(landmark) != landmark:
+                    raise ValueError(f"landmark {landmark!r} of {test_id!r} is not an integer")
+                if not math.isfinite(float(score)):
+                    raise ValueError(f"score {score!r} of {test_id!r} is not finite")
+                field = f"{int(landmark)} {float(score)!r}"
+            writer.writerow((_check_token("test id", test_id), field))
+
+
+class _GndUnpickler(pickle.Unpickler):
+    # The published gnd pickles hold only dicts, lists, str, int and float;
+    # refusing every global keeps a tampered file from running code.
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def read_revisited_gnd(path: str) -> dict[str, Any]:
+    """Reads a Revisited Oxford/Paris ground truth pickle (gnd_roxford5k.pkl, gnd_rparis6k.pkl).
+
+    Args:
+      path: the pickle: a dict with 'imlist' (database image names),
+        'qimlist' (query image names) and 'gnd' (per query: 'bbx' [x1, y1,
+        x2, y2] and 'easy', 'hard', 'junk' lists of 0-based imlist indices).
+
+    Returns:
+      {'imlist': [str], 'qimlist': [str], 'gnd': [{'bbx': [4 floats],
+      'easy'|'hard'|'junk': [int]}]}, ready for metrics.revisited_map.
+
+    Raises:
+      SolutionFormatError: the file is missing or not such a pickle, a key is
+        missing, the lengths disagree, an index is outside imlist, or a bbx is
+        not 4 finite numbers.
+    """
+    with _open(path, "rb") as f:
+        try:
+            data = _GndUnpickler(f).load()
+        except Exception as e:  # pickle raises many kinds on a bad file
+            raise SolutionFormatError(f"{path}: not a readable gnd pickle: {e}") from e
+    if not isinstance(data, Mapping):
+        raise SolutionFormatError(f"{path}: expected a dict, got {type(data).__name__}")
+    missing = [k for k in ("imlist", "qimlist", "gnd") if k not in data]
+    if missing:
+        raise SolutionFormatError(f"{path}: missing key(s) {missing}; has {sorted(data)}")
+    imlist, qimlist, gnd = list(data["imlist"]), list(data["qimlist"]), list(data["gnd"])
+    if len(gnd) != len(qimlist):
+        raise SolutionFormatError(
+            f"{path}: {len(gnd)} gnd entries for {len(qimlist)} queries in qimlist"
+        )
+    num_db = len(imlist)
+    out = []
+    for q, entry in enumerate(gnd):
+        name = f"{path}: gnd[{q}] (query {qimlist[q]!r})"
+        if not isinstance(entry, Mapping):
+            raise SolutionFormatError(f"{name}: expected a dict, got {type(entry).__name__}")
+        lacking = [k for k in ("bbx", "easy", "hard", "junk") if k not in entry]
+        if lacking:
+            raise SolutionFormatError(f"{name}: missing key(s) {lacking}")
+        bbx = list(entry["bbx"])
+        if len(bbx) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbx):
+            raise SolutionFormatError(f"{name}: bbx must be 4 finite numbers, got {bbx}")
+        parsed: dict[str, Any] = {"bbx": [float(v) for v in bbx]}
+        for key in ("easy", "hard", "junk"):
+            indices = list(entry[key])
+            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int)]
+            bad += [i for i in indices if i not in bad and not 0 <= i < num_db]
+            if bad:
+                raise SolutionFormatError(
+                    f"{name}: '{key}' holds {bad[:5]}, not indices into imlist "
+                    f"(0..{num_db - 1}, 0-based)"
+                )
+            parsed[key] = indices
+        out.append(parsed)
+    return {"imlist": imlist, "qimlist": qimlist, "gnd": out}
+
+
+def split_predictions(
+    predictions: Mapping[str, Any], solution: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Splits predictions by usage, as DELF's ReadPredictions does.
+
+    Args:
+      predictions: test id -> prediction (either task).
+      solution: a read_*_solution result.
+
+    Returns:
+      {'Public': {...}, 'Private': {...}}; predictions for ignored ids are dropped.
+
+    Raises:
+      ValueError: a predicted id is in no usage of the solution.
+    """
+    ignored = set(solution[IGNORED])
+    split: dict[str, dict[str, Any]] = {usage: {} for usage in USAGES}
+    for test_id, prediction in predictions.items():
+        for usage in USAGES:
+            if test_id in solution[usage]:
+                split[usage][test_id] = prediction
+                break
+        else:
+            if test_id not in ignored:
+                raise ValueError(f"Test image {test_id!r} is not part of the solution")
+    return split
+
+
+def _by_usage(predictions, solution) -> Iterator[tuple[str, dict, dict]]:
+    split = split_predictions(predictions, solution)
+    everything_p: dict[str, Any] = {}
+    everything_s: dict[str, Any] = {}
+    for usage in USAGES:
+        everything_p.update(split[usage])
+        everything_s.update(solution[usage])
+        yield usage, split[usage], solution[usage]
+    yield ALL, everything_p, everything_s
+
+
+def retrieval_metrics_by_usage(
+    predictions: Mapping[str, Sequence[str]],
+    solution: RetrievalSolution,
+    max_predictions: int = 100,
+) -> dict[str, dict[str, float]]:
+    """mAP@100, mP@{1,5,10,50,100} and first-hit positions per usage.
+
+    The numbers compute_retrieval_metrics.py prints, plus the two splits together.
+
+    Args:
+      predictions: query id -> index ids, best first (ignored ids allowed).
+      solution: a read_retrieval_solution result.
+      max_predictions: the cutoff of mAP and positions (100 on Kaggle).
+
+    Returns:
+      {'Public'|'Private'|'All': {'map@100', 'mp@1', 'mp@5', 'mp@10', 'mp@50',
+      'mp@100', 'mean_position', 'median_position'}}. 'All' scores the two
+      splits together; a usage without queries is left out.
+
+    Raises:
+      ValueError: a predicted query id is not in the solution.
+    """
+    results: dict[str, dict[str, float]] = {}
+    for usage, preds, sol in _by_usage(predictions, solution):
+        if not sol:
+            continue
+        precisions = metrics.mean_precisions(preds, sol, max_predictions)
+        mean_pos, median_pos = metrics.mean_median_position(preds, sol, max_predictions)
+        entry = {
+            f"map@{max_predictions}": metrics.mean_average_precision(preds, sol, max_predictions)
+        }
+        for k in (1, 5, 10, 50, 100):
+            if k <= max_predictions:
+                entry[f"mp@{k}"] = float(precisions[k - 1])
+        entry["mean_position"] = mean_pos
+        entry["median_position"] = median_pos
+        results[usage] = entry
+    return results
+
+
+def recognition_metrics_by_usage(
+    predictions: Mapping[str, tuple[int, float]],
+    solution: RecognitionSolution,
+    ignore_non_gt_test_images: bool = False,
+) -> dict[str, dict[str, float]]:
+    """GAP and top-1 accuracy per usage, as compute_recognition_metrics.py.
+
+    Args:
+      predictions: test id -> (landmark id, score) (ignored ids allowed).
+      solution: a read_recognition_solution result.
+      ignore_non_gt_test_images: see metrics.global_average_precision.
+
+    Returns:
+      {'Public'|'Private'|'All': {'gap', 'top1_accuracy'}}; a usage without
+      landmark images is left out.
+
+    Raises:
+      ValueError: a predicted id is not in the solution.
+    """
+    results: dict[str, dict[str, float]] = {}
+    for usage, preds, sol in _by_usage(predictions, solution):
+        if not any(sol.values()):
+            continue
+        results[usage] = {
+            "gap": metrics.global_average_precision(preds, sol, ignore_non_gt_test_images),
+            "top1_accuracy": metrics.top1_accuracy(preds, sol),
+        }
+    return results
+
+
+def format_metrics_by_usage(results: Mapping[str, Mapping[str, float]]) -> str:
+    """One line per usage, e.g. 'Public   map@100=0.3868 mp@1=0.5000 ...'."""
+    return "\n".join(
+        f"{usage:<8} " + " ".join(f"{name}={value:.4f}" for name, value in values.items())
+        for usage, values in results.items()
+    )
