@@ -72,8 +72,12 @@ def describe(data_dir: str, image_size: int = 64, batch_size: int | None = None)
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Output folder of data_pipelines.gldv2_to_tfrecord.")
-flags.DEFINE_integer("image_size", 64, "Image side of the sample batch.")
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program)."""
+    flags.DEFINE_string("data_dir", None, "Output folder of data_pipelines.gldv2_to_tfrecord.")
+    flags.DEFINE_integer("image_size", 64, "Image side of the sample batch.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -83,5 +87,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["data_dir"])
     app.run(main)

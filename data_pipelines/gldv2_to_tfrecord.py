@@ -400,19 +400,30 @@ def format_summary(summary: dict) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("split", None, list(SPLITS), "Which GLDv2 split the CSV describes.")
-flags.DEFINE_string("csv", None, "train.csv, index.csv or test.csv.")
-flags.DEFINE_string("clean_csv", None, "train_clean.csv (train only): marks image/is_clean.")
-flags.DEFINE_bool("clean_only", False, "Keep only the images of --clean_csv (GLDv2-clean).")
-flags.DEFINE_string("images_dir", None, "Root of the split's a/b/c/<id>.jpg image tree.")
-flags.DEFINE_string("output_dir", None, "Data folder for shards, dataset_info.json, label_map.csv.")
-flags.DEFINE_integer("num_shards", None, "Number of shard files.")
-flags.DEFINE_float("val_fraction", 0.0, "Fraction of each class's clean images held out as val.")
-flags.DEFINE_integer("num_val_shards", None, "Shard files for val (default: scaled by fraction).")
-flags.DEFINE_integer("seed", 0, "Seed of the validation split and the shard shuffle.")
-flags.DEFINE_bool("skip_bad_images", False, "Skip and list missing/undecodable images.")
-flags.DEFINE_integer("num_workers", None, "Writer processes (default: min(shards, cores)).")
-flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality for re-encoded images.")
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program: absl flags are
+    global, and importing two tools into one process must not collide)."""
+    flags.DEFINE_enum("split", None, list(SPLITS), "Which GLDv2 split the CSV describes.")
+    flags.DEFINE_string("csv", None, "train.csv, index.csv or test.csv.")
+    flags.DEFINE_string("clean_csv", None, "train_clean.csv (train only): marks image/is_clean.")
+    flags.DEFINE_bool("clean_only", False, "Keep only the images of --clean_csv (GLDv2-clean).")
+    flags.DEFINE_string("images_dir", None, "Root of the split's a/b/c/<id>.jpg image tree.")
+    flags.DEFINE_string(
+        "output_dir", None, "Data folder for shards, dataset_info.json, label_map.csv."
+    )
+    flags.DEFINE_integer("num_shards", None, "Number of shard files.")
+    flags.DEFINE_float(
+        "val_fraction", 0.0, "Fraction of each class's clean images held out as val."
+    )
+    flags.DEFINE_integer(
+        "num_val_shards", None, "Shard files for val (default: scaled by fraction)."
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of the validation split and the shard shuffle.")
+    flags.DEFINE_bool("skip_bad_images", False, "Skip and list missing/undecodable images.")
+    flags.DEFINE_integer("num_workers", None, "Writer processes (default: min(shards, cores)).")
+    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality for re-encoded images.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -437,5 +448,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["split", "csv", "images_dir", "output_dir", "num_shards"])
     app.run(main)

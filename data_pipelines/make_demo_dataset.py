@@ -480,44 +480,44 @@ def format_summary(summary: dict[str, int | float | str]) -> str:
     )
 
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder to write the data set to.")
-_NUM_LANDMARKS = flags.DEFINE_integer("num_landmarks", 80, "Train landmarks (classes).")
-_NUM_INDEX_LANDMARKS = flags.DEFINE_integer(
-    "num_index_landmarks", 20, "Index landmarks, disjoint from the train landmarks."
-)
-_MAX_IMAGES = flags.DEFINE_integer(
-    "max_images_per_landmark", 80, "Clean images of the largest train class."
-)
-_NOISY_FRACTION = flags.DEFINE_float(
-    "noisy_fraction", 0.3, "Fraction of train.csv not in train_clean.csv."
-)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Longest image side, in pixels.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed; same seed, same data set.")
-_NUM_WORKERS = flags.DEFINE_integer(
-    "num_workers", None, "Rendering processes (default min(4, CPUs); 1: no pool)."
-)
-_OVERWRITE = flags.DEFINE_boolean(
-    "overwrite", False, "Replace an earlier data set in a non-empty --output_dir."
-)
-flags.mark_flag_as_required("output_dir")
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program: absl flags are
+    global, and importing two tools into one process must not collide)."""
+    flags.DEFINE_string("output_dir", None, "Folder to write the data set to.")
+    flags.DEFINE_integer("num_landmarks", 80, "Train landmarks (classes).")
+    flags.DEFINE_integer(
+        "num_index_landmarks", 20, "Index landmarks, disjoint from the train landmarks."
+    )
+    flags.DEFINE_integer("max_images_per_landmark", 80, "Clean images of the largest train class.")
+    flags.DEFINE_float("noisy_fraction", 0.3, "Fraction of train.csv not in train_clean.csv.")
+    flags.DEFINE_integer("image_size", 128, "Longest image side, in pixels.")
+    flags.DEFINE_integer("seed", 0, "Random seed; same seed, same data set.")
+    flags.DEFINE_integer(
+        "num_workers", None, "Rendering processes (default min(4, CPUs); 1: no pool)."
+    )
+    flags.DEFINE_boolean(
+        "overwrite", False, "Replace an earlier data set in a non-empty --output_dir."
+    )
+    flags.mark_flag_as_required("output_dir")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     summary = make_demo_dataset(
-        _OUTPUT_DIR.value,
-        num_landmarks=_NUM_LANDMARKS.value,
-        num_index_landmarks=_NUM_INDEX_LANDMARKS.value,
-        max_images_per_landmark=_MAX_IMAGES.value,
-        noisy_fraction=_NOISY_FRACTION.value,
-        image_size=_IMAGE_SIZE.value,
-        seed=_SEED.value,
-        num_workers=_NUM_WORKERS.value,
-        overwrite=_OVERWRITE.value,
+        flags.FLAGS.output_dir,
+        num_landmarks=flags.FLAGS.num_landmarks,
+        num_index_landmarks=flags.FLAGS.num_index_landmarks,
+        max_images_per_landmark=flags.FLAGS.max_images_per_landmark,
+        noisy_fraction=flags.FLAGS.noisy_fraction,
+        image_size=flags.FLAGS.image_size,
+        seed=flags.FLAGS.seed,
+        num_workers=flags.FLAGS.num_workers,
+        overwrite=flags.FLAGS.overwrite,
     )
     print(format_summary(summary))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
