@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from landmark_jax.models import input_normalization, keras_import
+from landmark_jax.models import backbone_checkpoint, input_normalization, keras_import
 
 RNG = np.random.default_rng(0)
 # Relative to the output's scale, per the issue.
@@ -156,7 +156,7 @@ def test_cli_end_to_end_and_reload(keras_b0, tmp_path):
         ["--arch=efficientnet_b0", f"--weights={weights}", f"--output={output}"]
     )
     assert status == 0
-    metadata = json.loads((output / "backbone.json").read_text())
+    metadata = backbone_checkpoint.read_backbone_metadata(str(output))
     assert metadata["arch"] == "efficientnet_b0" and metadata["padding"] == "keras_dynamic"
     assert metadata["input_normalization"] is None  # random Normalization stats
     module, variables = keras_import.load_backbone(str(output))
@@ -169,12 +169,12 @@ def test_cli_end_to_end_and_reload(keras_b0, tmp_path):
         keras_import.convert("efficientnet_b0", str(weights), str(output))
     # A checkpoint that does not fit its recorded arch names the variables.
     metadata["arch"] = "efficientnet_b1"
-    (output / "backbone.json").write_text(json.dumps(metadata))
+    (output / backbone_checkpoint.METADATA_FILE).write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match="missing params/block2c/dwconv/kernel"):
         keras_import.load_backbone_checkpoint(str(output))
 
 
-def test_cli_rejects_weights_of_another_architecture(keras_r50, tmp_path):
+def test_cli_resnet_and_weights_of_another_architecture(keras_r50, tmp_path):
     weights = tmp_path / "r50.weights.h5"  # the Keras 3 weights format
     keras_r50.save_weights(weights)
     with pytest.raises(
@@ -185,6 +185,17 @@ def test_cli_rejects_weights_of_another_architecture(keras_r50, tmp_path):
         )
     with pytest.raises(ValueError, match="no such file"):
         keras_import.convert("resnet50", str(tmp_path / "missing.h5"), str(tmp_path / "o"))
+    # The ResNet checkpoint takes RGB: conv1 reordered, the caffe preset recorded.
+    metadata = keras_import.convert("resnet50", str(weights), str(tmp_path / "r50"))
+    assert metadata["input_normalization"] == "caffe" and metadata["padding"] is None
+    assert backbone_checkpoint.read_backbone_metadata(str(tmp_path / "r50")) == metadata
+    variables = keras_import.load_backbone_checkpoint(str(tmp_path / "r50"))
+    conv1 = keras_r50.get_layer("conv1_conv").get_weights()[0]
+    np.testing.assert_array_equal(variables["params"]["conv1_conv"]["kernel"], conv1[:, :, ::-1])
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["conv5_block3"]["3_bn"]["var"],
+        keras_r50.get_layer("conv5_block3_3_bn").get_weights()[3],
+    )
 
 
 def test_resnet_checkpoint_takes_rgb_with_caffe_preset(keras_r50):

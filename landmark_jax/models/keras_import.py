@@ -13,13 +13,11 @@ where there is internet) into an Orbax checkpoint:
     python -m landmark_jax.models.keras_import --arch=efficientnet_b7 \
         --weights=PATH.h5|imagenet --output=DIR
 
-DIR then holds `variables/` (an Orbax StandardCheckpointer save of
-`{'params': ..., 'batch_stats': ...}`, numpy float32) and `backbone.json`
-(arch, input normalisation preset and constants, padding, source). Every
-checkpoint takes RGB pixels in [0, 255]: for ResNet, whose Keras weights
-expect caffe-style BGR, conv1's input channels are reordered and the
-normalisation becomes the `caffe` preset. `load_backbone_checkpoint(DIR)`
-returns the variables, `load_backbone(DIR)` the module as well.
+DIR's layout is described in backbone_checkpoint.py. Every checkpoint takes
+RGB pixels in [0, 255]: for ResNet, whose Keras weights expect caffe-style
+BGR, conv1's input channels are reordered and the normalisation becomes the
+`caffe` preset. `load_backbone_checkpoint(DIR)` returns the variables,
+`load_backbone(DIR)` the module as well.
 """
 
 import argparse
@@ -37,9 +35,19 @@ import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from landmark_jax.models import backbones, efficientnet, input_normalization, resnet
+from landmark_jax.models import (
+    backbone_checkpoint,
+    backbones,
+    efficientnet,
+    input_normalization,
+    resnet,
+)
+
+# The trainer's entry points, re-exported so the converter's module has the
+# whole workflow; they live with the checkpoint layout.
+load_backbone = backbone_checkpoint.load_backbone
+load_backbone_checkpoint = backbone_checkpoint.load_backbone_checkpoint
 
 # --arch -> keras.applications constructor.
 KERAS_APPLICATIONS = {
@@ -47,8 +55,6 @@ KERAS_APPLICATIONS = {
     "resnet50": "ResNet50",
     "resnet101": "ResNet101",
 }
-CHECKPOINT_SUBDIR = "variables"
-METADATA_FILE = "backbone.json"
 
 _BN_VARIABLES = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_variance"}
 # keras.backend.epsilon(), the floor of Normalization's sqrt(variance).
@@ -395,101 +401,18 @@ def convert(arch: str, weights: str, output: str) -> dict[str, Any]:
       ValueError: unknown arch, a weights file for another architecture, or
         an existing checkpoint in `output`.
     """
-    output = os.path.abspath(output)
-    if os.path.exists(os.path.join(output, CHECKPOINT_SUBDIR)):
-        raise ValueError(f"{output} already holds a checkpoint; choose a new --output")
+    backbone_checkpoint.check_output_is_new(output)
     keras_model = _build_keras_model(arch, weights)
     module, variables = from_keras(keras_model)
     if isinstance(module, resnet.ResNet):
         module, variables = caffe_bgr_to_rgb(module, variables)
-    metadata = {
-        "arch": arch,
-        "input_normalization": input_normalization.match_input_normalization(
-            module.input_scale, module.input_offset
-        ),
-        "input_scale": list(module.input_scale),
-        "input_offset": list(module.input_offset),
-        "input_channels": "rgb",
-        "padding": getattr(module, "padding", None),
-        "source": {"weights": weights, "keras_class": KERAS_APPLICATIONS[arch]},
-    }
-    os.makedirs(output, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(output, CHECKPOINT_SUBDIR), variables)
-    with open(os.path.join(output, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
-    return metadata
-
-
-def load_backbone(path: str, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Loads a converter checkpoint with the module it was written for.
-
-    Args:
-      path: the converter's --output folder.
-      **overrides: module attributes to change, e.g. dtype.
-
-    Returns:
-      (module with the recorded input normalisation and padding, variables).
-
-    Raises:
-      ValueError: missing files, or variables that do not fit the arch (the
-        message names each variable).
-    """
-    with open(_metadata_path(path)) as f:
-        metadata = json.load(f)
-    recorded: dict[str, Any] = {
-        "input_scale": tuple(metadata["input_scale"]),
-        "input_offset": tuple(metadata["input_offset"]),
-    }
-    if metadata.get("padding") is not None:
-        recorded["padding"] = metadata["padding"]
-    module = backbones.create_backbone(metadata["arch"], **{**recorded, **overrides})
-    return module, _restore_checked(path, module)
-
-
-def load_backbone_checkpoint(path: str) -> dict[str, Any]:
-    """Returns {'params', 'batch_stats'} (numpy) of a converter checkpoint.
-
-    The variables are checked name by name and shape by shape against the
-    recorded arch before they are returned. The input normalisation they need
-    is in `backbone.json` (`input_normalization`, a preset name).
-
-    Args:
-      path: the converter's --output folder.
-
-    Raises:
-      ValueError: missing files, or variables that do not fit the arch.
-    """
-    return load_backbone(path)[1]
-
-
-def _metadata_path(path: str) -> str:
-    metadata_path = os.path.join(path, METADATA_FILE)
-    if not os.path.isfile(metadata_path):
-        raise ValueError(
-            f"{path} is not a keras_import output folder (no {METADATA_FILE}); "
-            "create one with python -m landmark_jax.models.keras_import"
-        )
-    return metadata_path
-
-
-def _restore_checked(path: str, module: nn.Module) -> dict[str, Any]:
-    restored = ocp.StandardCheckpointer().restore(
-        os.path.abspath(os.path.join(path, CHECKPOINT_SUBDIR))
+    return backbone_checkpoint.save_backbone_checkpoint(
+        output,
+        arch,
+        module,
+        variables,
+        source={"weights": weights, "keras_class": KERAS_APPLICATIONS[arch]},
     )
-    expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-    got = flax.traverse_util.flatten_dict(restored, sep="/")
-    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/")
-    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-    problems += [
-        f"{k}: checkpoint {tuple(got[k].shape)} vs model {want[k].shape}"
-        for k in sorted(set(want) & set(got))
-        if tuple(got[k].shape) != want[k].shape
-    ]
-    if problems:
-        raise ValueError(f"{path} does not fit {type(module).__name__}: {problems}")
-    return {k: jax.tree_util.tree_map(np.asarray, v) for k, v in restored.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,164 @@
+"""On-disk layout of converted backbone weights, and loading them for training.
+
+A backbone checkpoint is a folder:
+
+    DIR/variables/     Orbax StandardCheckpointer save of
+                       {'params': ..., 'batch_stats': ...} (numpy float32)
+    DIR/backbone.json  {"arch": registry name, "input_normalization": preset
+                        name or null, "input_scale": [3 floats],
+                        "input_offset": [3 floats], "input_channels": "rgb",
+                        "padding": EfficientNet padding or null,
+                        "source": where the weights came from}
+
+`python -m landmark_jax.models.keras_import` writes them; the trainer reads
+them with `load_backbone_checkpoint` (variables) or `load_backbone` (module
+and variables). Restoring checks every variable's name and shape against the
+recorded arch first, because Orbax names neither on a mismatch.
+"""
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from landmark_jax.models import backbones, input_normalization
+
+CHECKPOINT_SUBDIR = "variables"
+METADATA_FILE = "backbone.json"
+
+
+def check_output_is_new(output: str) -> None:
+    """Raises ValueError if `output` already holds a backbone checkpoint."""
+    if os.path.exists(os.path.join(os.path.abspath(output), CHECKPOINT_SUBDIR)):
+        raise ValueError(f"{output} already holds a checkpoint; choose a new --output")
+
+
+def save_backbone_checkpoint(
+    output: str,
+    arch: str,
+    module: nn.Module,
+    variables: Mapping[str, Any],
+    source: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Writes `variables` and the metadata to rebuild `module` into `output`.
+
+    Args:
+      output: the folder to create (or an empty existing one).
+      arch: the registry name of `module`.
+      module: the backbone; its input normalisation and padding are recorded.
+      variables: {'params', 'batch_stats'}.
+      source: provenance, stored as given.
+
+    Returns:
+      The metadata written to backbone.json.
+
+    Raises:
+      ValueError: `output` already holds a checkpoint.
+    """
+    check_output_is_new(output)
+    output = os.path.abspath(output)
+    metadata = {
+        "arch": arch,
+        "input_normalization": input_normalization.match_input_normalization(
+            module.input_scale, module.input_offset
+        ),
+        "input_scale": [float(s) for s in module.input_scale],
+        "input_offset": [float(o) for o in module.input_offset],
+        "input_channels": "rgb",
+        "padding": getattr(module, "padding", None),
+        "source": dict(source),
+    }
+    os.makedirs(output, exist_ok=True)
+    host = jax.tree_util.tree_map(np.asarray, dict(variables))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(output, CHECKPOINT_SUBDIR), host)
+    with open(os.path.join(output, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2)
+    return metadata
+
+
+def read_backbone_metadata(path: str) -> dict[str, Any]:
+    """Returns the backbone.json of a checkpoint folder.
+
+    Raises:
+      ValueError: `path` has no backbone.json.
+    """
+    metadata_path = os.path.join(path, METADATA_FILE)
+    if not os.path.isfile(metadata_path):
+        raise ValueError(
+            f"{path} is not a backbone checkpoint folder (no {METADATA_FILE}); "
+            "create one with python -m landmark_jax.models.keras_import"
+        )
+    with open(metadata_path) as f:
+        return json.load(f)
+
+
+def load_backbone(path: str, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads a backbone checkpoint with the module it was written for.
+
+    Args:
+      path: the converter's --output folder.
+      **overrides: module attributes to change, e.g. dtype.
+
+    Returns:
+      (module with the recorded input normalisation and padding, variables
+      as numpy arrays).
+
+    Raises:
+      ValueError: missing files, or variables that do not fit the arch (the
+        message names each variable).
+    """
+    metadata = read_backbone_metadata(path)
+    recorded: dict[str, Any] = {
+        "input_scale": tuple(metadata["input_scale"]),
+        "input_offset": tuple(metadata["input_offset"]),
+    }
+    if metadata.get("padding") is not None:
+        recorded["padding"] = metadata["padding"]
+    module = backbones.create_backbone(metadata["arch"], **{**recorded, **overrides})
+    return module, _restore_checked(path, module)
+
+
+def load_backbone_checkpoint(path: str) -> dict[str, Any]:
+    """Returns {'params', 'batch_stats'} (numpy) of a backbone checkpoint.
+
+    The variables are checked name by name and shape by shape against the
+    recorded arch before they are returned. The input normalisation they
+    need is `read_backbone_metadata(path)['input_normalization']`, a preset
+    name ('imagenet' for Keras EfficientNet, 'caffe' for Keras ResNet).
+
+    Args:
+      path: the converter's --output folder.
+
+    Raises:
+      ValueError: missing files, or variables that do not fit the arch.
+    """
+    return load_backbone(path)[1]
+
+
+def _restore_checked(path: str, module: nn.Module) -> dict[str, Any]:
+    checkpoint = os.path.abspath(os.path.join(path, CHECKPOINT_SUBDIR))
+    if not os.path.isdir(checkpoint):
+        raise ValueError(f"{path}: no {CHECKPOINT_SUBDIR}/ checkpoint")
+    # Restored without a target (as saved: numpy), then compared by name.
+    restored = ocp.StandardCheckpointer().restore(checkpoint)
+    expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    got = flax.traverse_util.flatten_dict(restored, sep="/")
+    want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected), sep="/")
+    problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+    problems += [
+        f"{k}: checkpoint {tuple(got[k].shape)} vs model {want[k].shape}"
+        for k in sorted(set(want) & set(got))
+        if tuple(got[k].shape) != want[k].shape
+    ]
+    if problems:
+        raise ValueError(f"{path} does not fit {type(module).__name__}: {problems}")
+    return {k: jax.tree_util.tree_map(np.asarray, v) for k, v in restored.items()}
