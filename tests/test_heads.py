@@ -1,0 +1,310 @@
+"""Cosine heads, margins, AdaCos scales and the class-sharded head, against numpy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from landmark_jax import heads, losses
+
+# ---------------------------------------------------------------------------
+# numpy references, written from the recipes' formulas.
+
+
+def np_normalize(x, axis):
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def np_cosine(x, kernel, num_classes, k):
+    """Class-major sub-centers: column c*k + j is sub-center j of class c."""
+    cos = np_normalize(x, 1) @ np_normalize(kernel, 0)
+    cos = cos.reshape(x.shape[0], -1, k).max(-1)
+    cos[:, num_classes:] = heads.PADDED_COSINE
+    return cos
+
+
+def np_margin_logits(cos, labels, margin_type, m, s, easy_margin=False):
+    cos = cos.astype(np.float64)
+    m = np.broadcast_to(np.asarray(m, np.float64), labels.shape)
+    out = cos.copy()
+    for i, y in enumerate(labels):
+        c = min(max(cos[i, y], -1.0), 1.0)
+        if margin_type == "cosface":
+            out[i, y] = c - m[i]
+        elif margin_type == "arcface":
+            phi = c * math.cos(m[i]) - math.sqrt(1 - c * c) * math.sin(m[i])
+            if easy_margin:
+                out[i, y] = phi if c > 0 else c
+            elif c > math.cos(math.pi - m[i]):
+                out[i, y] = phi
+            else:
+                out[i, y] = c - math.sin(math.pi - m[i]) * m[i]
+    return s * out
+
+
+def np_adacos_scale(cos, labels, num_classes, valid):
+    s0 = math.sqrt(2) * math.log(num_classes - 1)
+    rows = np.flatnonzero(valid)
+    b = [sum(math.exp(s0 * cos[i, j]) for j in range(num_classes) if j != labels[i]) for i in rows]
+    theta = np.sort(np.arccos(np.clip(cos[rows, labels[rows]], -1 + 1e-7, 1 - 1e-7)))
+    theta_med = theta[int(np.round((len(rows) - 1) / 2))]  # tfp 'nearest'
+    return math.log(np.mean(b)) / math.cos(min(math.pi / 4, theta_med))
+
+
+def init_head(num_classes, k, dim, padded=None, seed=0):
+    clf = heads.CosineClassifier(num_classes, num_subcenters=k, num_classes_padded=padded)
+    params = clf.init(jax.random.key(seed, impl="rbg"), jnp.zeros((1, dim)))["params"]
+    return clf, params
+
+
+# ---------------------------------------------------------------------------
+# CosineClassifier.
+
+
+def test_cosine_classifier_matches_numpy_subcenters_and_padding():
+    clf, params = init_head(num_classes=5, k=3, dim=6, padded=8)
+    kernel = np.asarray(params["kernel"])
+    assert kernel.shape == (6, 8 * 3)
+    assert np.abs(kernel).max() <= 1 / math.sqrt(6)
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    cos = np.asarray(clf.apply({"params": params}, jnp.asarray(x)))
+    assert cos.dtype == np.float32 and cos.shape == (4, 8)
+    np.testing.assert_allclose(cos, np_cosine(x, kernel, 5, 3), atol=1e-6)
+    assert np.all(np.abs(cos[:, :5]) <= 1 + 1e-6)
+
+
+def test_padded_classes_never_win_and_leave_softmax_unchanged():
+    dim, k = 4, 2
+    clf_p, params = init_head(num_classes=3, k=k, dim=dim, padded=8)
+    clf_u = heads.CosineClassifier(3, num_subcenters=k)
+    x = np.random.default_rng(1).normal(size=(5, dim)).astype(np.float32)
+    kernel = np.asarray(params["kernel"]).copy()
+    kernel[:, 3 * k :] = np.repeat(x[0][:, None], 5 * k, axis=1)  # a perfect padded match
+    cos_p = clf_p.apply({"params": {"kernel": jnp.asarray(kernel)}}, jnp.asarray(x))
+    cos_u = clf_u.apply({"params": {"kernel": jnp.asarray(kernel[:, : 3 * k])}}, jnp.asarray(x))
+    labels = jnp.array([0, 1, 2, 0, 1])
+    for margin_type in heads.MARGIN_TYPES:
+        lp = heads.margin_logits(cos_p, labels, margin_type=margin_type, margin=0.3, scale=0.5)
+        lu = heads.margin_logits(cos_u, labels, margin_type=margin_type, margin=0.3, scale=0.5)
+        prob = np.asarray(jax.nn.softmax(lp))
+        np.testing.assert_array_equal(prob[:, 3:], 0.0)
+        np.testing.assert_allclose(prob[:, :3], jax.nn.softmax(lu), rtol=1e-6)
+        assert np.all(np.argmax(lp, -1) < 3)
+        loss_p, _ = losses.weighted_cross_entropy(lp, labels)
+        loss_u, _ = losses.weighted_cross_entropy(lu, labels)
+        np.testing.assert_allclose(loss_p, loss_u, rtol=1e-6)
+
+
+def test_classifier_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="smaller than num_classes"):
+        init_head(num_classes=5, k=1, dim=3, padded=4)
+
+
+# ---------------------------------------------------------------------------
+# Margins.
+
+# Target cosines chosen to hit every branch: 0.95 (phi), -0.2 (easy-margin
+# fallback), -0.99 (< cos(pi - m) for m >= 0.15: the threshold branch), +-1.
+TARGET_COS = np.array([0.95, -0.2, -0.99, 1.0, -1.0, 0.3], np.float32)
+
+
+def _cosines(num_classes=7, seed=2):
+    rng = np.random.default_rng(seed)
+    cos = rng.uniform(-1, 1, size=(len(TARGET_COS), num_classes)).astype(np.float32)
+    labels = rng.integers(0, num_classes, size=len(TARGET_COS))
+    cos[np.arange(len(labels)), labels] = TARGET_COS
+    return cos, labels
+
+
+@pytest.mark.parametrize(
+    "margin_type,easy_margin",
+    [("none", False), ("cosface", False), ("arcface", False), ("arcface", True)],
+)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_margin_logits_match_numpy(margin_type, easy_margin, per_sample):
+    cos, labels = _cosines()
+    m = np.linspace(0.05, 0.5, len(labels)).astype(np.float32) if per_sample else 0.35
+    got = heads.margin_logits(
+        jnp.asarray(cos),
+        jnp.asarray(labels),
+        margin_type=margin_type,
+        margin=jnp.asarray(m),
+        scale=30.0,
+        easy_margin=easy_margin,
+    )
+    assert got.dtype == jnp.float32
+    want = np_margin_logits(cos, labels, margin_type, m, 30.0, easy_margin)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_arcface_threshold_branch_by_hand():
+    # m = 0.5: cos(pi - 0.5) = -0.8776 > -0.99, so the target logit is
+    # s * (-0.99 - sin(0.5) * 0.5) = 2 * (-0.99 - 0.23971) = -2.45943.
+    logits = heads.margin_logits(
+        jnp.array([[-0.99, 0.1]]), jnp.array([0]), margin_type="arcface", margin=0.5, scale=2.0
+    )
+    np.testing.assert_allclose(logits, [[-2.459426, 0.2]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("easy_margin", [False, True])
+def test_arcface_gradients_finite_at_unit_cosine(easy_margin):
+    cos = jnp.array([[1.0, -1.0], [-1.0, 1.0], [1.0000001, 0.0]])
+    labels = jnp.array([0, 0, 0])
+
+    def f(c, m):
+        out = heads.margin_logits(
+            c, labels, margin_type="arcface", margin=m, scale=10.0, easy_margin=easy_margin
+        )
+        return jnp.sum(out)
+
+    g_cos, g_m = jax.grad(f, argnums=(0, 1))(cos, jnp.full((3,), 0.3))
+    assert np.all(np.isfinite(g_cos)) and np.all(np.isfinite(g_m))
+
+
+def test_unknown_margin_type_lists_valid_names():
+    with pytest.raises(ValueError, match="none, cosface, arcface"):
+        heads.margin_logits(jnp.zeros((1, 2)), jnp.array([0]), margin_type="sphere", scale=1.0)
+
+
+# ---------------------------------------------------------------------------
+# AdaCos scales.
+
+
+def test_adacos_fixed_scale_values():
+    assert heads.adacos_fixed_scale(81_313) == pytest.approx(15.99, abs=5e-3)
+    assert heads.adacos_fixed_scale(203_094) == pytest.approx(17.28, abs=5e-3)
+    with pytest.raises(ValueError, match="num_classes >= 3"):
+        heads.adacos_fixed_scale(2)
+
+
+@pytest.mark.parametrize("num_rows", [6, 7])  # even n: the tfp 'nearest' tie rule
+def test_adacos_dynamic_scale_matches_numpy(num_rows):
+    rng = np.random.default_rng(num_rows)
+    num_classes, padded = 5, 8
+    cos = rng.uniform(-0.5, 0.9, size=(num_rows + 2, padded)).astype(np.float32)
+    cos[:, num_classes:] = 0.99  # even unmasked, padded columns must not count
+    labels = rng.integers(0, num_classes, size=num_rows + 2)
+    valid = np.arange(num_rows + 2) < num_rows  # two padded rows
+    got = heads.adacos_dynamic_scale(
+        jnp.asarray(cos), jnp.asarray(labels), num_classes, valid_mask=jnp.asarray(valid)
+    )
+    np.testing.assert_allclose(got, np_adacos_scale(cos, labels, num_classes, valid), rtol=1e-5)
+
+
+def test_adacos_dynamic_scale_has_no_gradient():
+    cos, labels = _cosines()
+
+    def loss(c):
+        s = heads.compute_scale("adacos_dynamic", num_classes=7, cosine=c, labels=labels)
+        return s * jnp.sum(c)
+
+    def loss_const(c):
+        s = heads.adacos_dynamic_scale(jax.lax.stop_gradient(c), labels, 7)
+        return s * jnp.sum(c)
+
+    g = jax.grad(loss)(jnp.asarray(cos))
+    np.testing.assert_allclose(g, jax.grad(loss_const)(jnp.asarray(cos)))
+    assert np.all(np.isfinite(g))
+
+
+def test_compute_scale_modes_and_errors():
+    assert heads.compute_scale("fixed", num_classes=10, scale=45) == 45.0
+    assert heads.compute_scale("adacos_fixed", num_classes=10) == pytest.approx(
+        math.sqrt(2) * math.log(9)
+    )
+    with pytest.raises(ValueError, match="fixed, adacos_fixed, adacos_dynamic"):
+        heads.compute_scale("adaptive", num_classes=10)
+    with pytest.raises(ValueError, match="needs a scale"):
+        heads.compute_scale("fixed", num_classes=10)
+    with pytest.raises(ValueError, match="cosine and labels"):
+        heads.compute_scale("adacos_dynamic", num_classes=10)
+
+
+# ---------------------------------------------------------------------------
+# Sharding.
+
+
+def test_padded_num_classes():
+    assert heads.padded_num_classes(81_313, 8) == 81_344
+    assert heads.padded_num_classes(203_094, 8) == 203_136
+    assert heads.padded_num_classes(13, 8, per_shard_multiple=1) == 16
+    assert heads.padded_num_classes(16, 8, per_shard_multiple=1) == 16
+    assert heads.padded_num_classes(5, 1, per_shard_multiple=1) == 5
+    with pytest.raises(ValueError, match=">= 1"):
+        heads.padded_num_classes(10, 0)
+
+
+def test_param_shardings_paths():
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    params = {
+        "model": {"neck": {"kernel": jnp.zeros((4, 8))}, "head": {"bias": jnp.zeros(3)}},
+        "head": {"kernel": jax.ShapeDtypeStruct((4, 16), jnp.float32)},
+    }
+    specs = jax.tree.map(lambda s: s.spec, heads.param_shardings(params, mesh, True))
+    assert specs == {
+        "model": {"neck": {"kernel": P()}, "head": {"bias": P()}},
+        "head": {"kernel": P(None, "data")},
+    }
+    # The same rule reaches the head inside an optimizer state.
+    opt_state = optax.sgd(0.1, momentum=0.9).init({"head": {"kernel": jnp.zeros((4, 16))}})
+    leaves = jax.tree.leaves(heads.param_shardings(opt_state, mesh, True))
+    assert [s.spec for s in leaves] == [P(None, "data")]
+    unsharded = heads.param_shardings(params, mesh, False)
+    assert all(s.spec == P() for s in jax.tree.leaves(unsharded))
+    with pytest.raises(ValueError, match="padded_num_classes"):
+        heads.param_shardings({"head": {"kernel": jnp.zeros((4, 12))}}, mesh, True)
+
+
+def test_sharded_head_matches_single_device():
+    """Class-sharded kernel + batch-sharded embeddings == one device, values and grads."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    num_classes, k, dim, batch = 13, 3, 8, 16
+    padded = heads.padded_num_classes(num_classes, 8, per_shard_multiple=1)  # 16
+    clf = heads.CosineClassifier(num_classes, num_subcenters=k, num_classes_padded=padded)
+    head = clf.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, dim)))["params"]
+    params = {"head": head, "model": {"scale": jnp.ones((dim,))}}
+    rng = np.random.default_rng(3)
+    emb = jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, num_classes, size=batch))
+    valid = jnp.arange(batch) < batch - 3
+    counts = rng.integers(1, 50, size=num_classes)
+    margins = jnp.asarray(losses.dynamic_margins(counts), jnp.float32)
+    class_w = losses.class_weights(counts, "inv_log1p")
+    class_w = jnp.asarray(class_w * losses.weight_normalizer(counts, None, class_w, 1.0))
+
+    def loss_fn(params, emb, labels, valid):
+        cos = clf.apply({"params": params["head"]}, emb * params["model"]["scale"])
+        s = heads.adacos_dynamic_scale(cos, labels, num_classes, valid_mask=valid)
+        logits = heads.margin_logits(
+            cos, labels, margin_type="arcface", margin=margins[labels], scale=s
+        )
+        w = losses.sample_weights(labels, labels % 2 == 0, class_w, 0.5)
+        return losses.weighted_cross_entropy(logits, labels, w, valid_mask=valid)[0]
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+    one = jax.devices()[0]
+    ref_loss, (ref_gp, ref_gx) = grad_fn(*jax.device_put((params, emb, labels, valid), one))
+
+    batch_sharded = NamedSharding(mesh, P("data"))
+    sharded_args = (
+        jax.device_put(params, heads.param_shardings(params, mesh, shard_head=True)),
+        jax.device_put(emb, batch_sharded),
+        jax.device_put(labels, batch_sharded),
+        jax.device_put(valid, batch_sharded),
+    )
+    loss, (gp, gx) = grad_fn(*sharded_args)
+
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(ref_gp), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    kernel_grad = gp["head"]["kernel"]
+    assert kernel_grad.sharding.spec == P(None, "data")
+    assert {s.data.shape for s in kernel_grad.addressable_shards} == {(dim, padded * k // 8)}
+    # Padded classes get no gradient.
+    np.testing.assert_array_equal(np.asarray(kernel_grad)[:, num_classes * k :], 0.0)
