@@ -8,9 +8,11 @@ does, while predictions for unknown ids are errors. Submissions are the
 Kaggle CSVs `id,images` (index ids, best first, space separated) and
 `id,landmarks` ("<landmark> <score>"); an empty field means no prediction.
 
-Where DELF is lenient in ways that change scores (a repeated test id
-overwrites the earlier row; a bad Usage surfaces as a KeyError later), these
-readers raise a `SolutionFormatError` naming the file and line instead.
+Where DELF is lenient (a test id repeated in a solution silently overwrites
+the earlier row; columns are taken by position whatever the header says; a
+short row fails with an IndexError), these readers raise a
+`SolutionFormatError` naming the file and line instead. Valid files read the
+same as with DELF.
 Paths may be local or anything tf.io.gfile opens (gs://).
 """
 
