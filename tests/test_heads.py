@@ -88,15 +88,25 @@ def test_padded_classes_never_win_and_leave_softmax_unchanged():
     cos_p = clf_p.apply({"params": {"kernel": jnp.asarray(kernel)}}, jnp.asarray(x))
     cos_u = clf_u.apply({"params": {"kernel": jnp.asarray(kernel[:, : 3 * k])}}, jnp.asarray(x))
     labels = jnp.array([0, 1, 2, 0, 1])
+
+    @jax.jit
+    def softmax_and_loss(cos):
+        out = {}
+        for margin_type in heads.MARGIN_TYPES:
+            logits = heads.margin_logits(
+                cos, labels, margin_type=margin_type, margin=0.3, scale=0.5
+            )
+            loss, _ = losses.weighted_cross_entropy(logits, labels)
+            out[margin_type] = (jax.nn.softmax(logits), jnp.argmax(logits, -1), loss)
+        return out
+
+    padded_out, unpadded_out = softmax_and_loss(cos_p), softmax_and_loss(cos_u)
     for margin_type in heads.MARGIN_TYPES:
-        lp = heads.margin_logits(cos_p, labels, margin_type=margin_type, margin=0.3, scale=0.5)
-        lu = heads.margin_logits(cos_u, labels, margin_type=margin_type, margin=0.3, scale=0.5)
-        prob = np.asarray(jax.nn.softmax(lp))
-        np.testing.assert_array_equal(prob[:, 3:], 0.0)
-        np.testing.assert_allclose(prob[:, :3], jax.nn.softmax(lu), rtol=1e-6)
-        assert np.all(np.argmax(lp, -1) < 3)
-        loss_p, _ = losses.weighted_cross_entropy(lp, labels)
-        loss_u, _ = losses.weighted_cross_entropy(lu, labels)
+        prob_p, argmax_p, loss_p = padded_out[margin_type]
+        prob_u, _, loss_u = unpadded_out[margin_type]
+        np.testing.assert_array_equal(np.asarray(prob_p)[:, 3:], 0.0)
+        np.testing.assert_allclose(np.asarray(prob_p)[:, :3], prob_u, rtol=1e-6)
+        assert np.all(np.asarray(argmax_p) < 3)
         np.testing.assert_allclose(loss_p, loss_u, rtol=1e-6)
 
 
@@ -277,18 +287,22 @@ def test_sharded_head_matches_single_device():
     class_w = losses.class_weights(counts, "inv_log1p")
     class_w = jnp.asarray(class_w * losses.weight_normalizer(counts, None, class_w, 1.0))
 
-    def loss_fn(params, emb, labels, valid):
-        cos = clf.apply({"params": params["head"]}, emb * params["model"]["scale"])
-        s = heads.adacos_dynamic_scale(cos, labels, num_classes, valid_mask=valid)
-        logits = heads.margin_logits(
-            cos, labels, margin_type="arcface", margin=margins[labels], scale=s
-        )
-        w = losses.sample_weights(labels, labels % 2 == 0, class_w, 0.5)
-        return losses.weighted_cross_entropy(logits, labels, w, valid_mask=valid)[0]
+    def make_grad_fn(clf):
+        def loss_fn(params, emb, labels, valid):
+            cos = clf.apply({"params": params["head"]}, emb * params["model"]["scale"])
+            s = heads.adacos_dynamic_scale(cos, labels, num_classes, valid_mask=valid)
+            logits = heads.margin_logits(
+                cos, labels, margin_type="arcface", margin=margins[labels], scale=s
+            )
+            w = losses.sample_weights(labels, labels % 2 == 0, class_w, 0.5)
+            return losses.weighted_cross_entropy(logits, labels, w, valid_mask=valid)[0]
 
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+        return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+
     one = jax.devices()[0]
-    ref_loss, (ref_gp, ref_gx) = grad_fn(*jax.device_put((params, emb, labels, valid), one))
+    ref_loss, (ref_gp, ref_gx) = make_grad_fn(clf)(
+        *jax.device_put((params, emb, labels, valid), one)
+    )
 
     batch_sharded = NamedSharding(mesh, P("data"))
     sharded_args = (
@@ -297,14 +311,16 @@ def test_sharded_head_matches_single_device():
         jax.device_put(labels, batch_sharded),
         jax.device_put(valid, batch_sharded),
     )
-    loss, (gp, gx) = grad_fn(*sharded_args)
-
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(ref_gp), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    kernel_grad = gp["head"]["kernel"]
-    assert kernel_grad.sharding.spec == P(None, "data")
-    assert {s.data.shape for s in kernel_grad.addressable_shards} == {(dim, padded * k // 8)}
-    # Padded classes get no gradient.
-    np.testing.assert_array_equal(np.asarray(kernel_grad)[:, num_classes * k :], 0.0)
+    # Left to XLA's partitioner, and pinned with the classifier's mesh constraint.
+    for sharded_clf in (clf, clf.clone(mesh=mesh)):
+        loss, (gp, gx) = make_grad_fn(sharded_clf)(*sharded_args)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(ref_gp), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        kernel_grad = gp["head"]["kernel"]
+        assert kernel_grad.sharding.spec == P(None, "data")
+        shard_shapes = {s.data.shape for s in kernel_grad.addressable_shards}
+        assert shard_shapes == {(dim, padded * k // 8)}
+        # Padded classes get no gradient.
+        np.testing.assert_array_equal(np.asarray(kernel_grad)[:, num_classes * k :], 0.0)

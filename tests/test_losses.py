@@ -1,0 +1,126 @@
+"""Class weights, weight normaliser, dynamic margins and weighted CE, against numpy."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from landmark_jax import heads, losses
+
+COUNTS = np.array([2, 5, 1, 40, 7, 3])
+CLEAN = np.array([2, 3, 0, 25, 7, 1])
+
+
+def test_class_weights_each_mode():
+    np.testing.assert_array_equal(losses.class_weights(COUNTS, "none"), np.ones(6))
+    np.testing.assert_allclose(losses.class_weights(COUNTS, "inv_log1p"), 1 / np.log(COUNTS + 1))
+    no_singletons = COUNTS + 1
+    got = losses.class_weights(no_singletons, "inv_log")
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, 1 / np.log(no_singletons))
+
+
+def test_class_weights_guards():
+    with pytest.raises(ValueError, match=r"label 2.*inv_log1p"):
+        losses.class_weights(COUNTS, "inv_log")
+    with pytest.raises(ValueError, match=r"counts\[1\] = 0"):
+        losses.class_weights([3, 0, 4], "inv_log1p")
+    with pytest.raises(ValueError, match="none, inv_log, inv_log1p"):
+        losses.class_weights(COUNTS, "inverse")
+
+
+@pytest.mark.parametrize("not_clean_weight", [1.0, 0.5])
+@pytest.mark.parametrize("mode", ["none", "inv_log1p"])
+def test_normalizer_gives_unit_mean_sample_weight(mode, not_clean_weight):
+    # The training set, one row per sample, as the GLR2020 notebook sees it.
+    labels = np.repeat(np.arange(len(COUNTS)), COUNTS)
+    is_clean = np.concatenate([np.arange(n) < k for n, k in zip(COUNTS, CLEAN, strict=True)])
+    class_w = losses.class_weights(COUNTS, mode)
+    s = losses.weight_normalizer(COUNTS, CLEAN, class_w, not_clean_weight)
+
+    factor = np.where(is_clean, 1.0, not_clean_weight)
+    assert s == pytest.approx(1 / np.mean(factor * class_w[labels]), rel=1e-12)
+    w = losses.sample_weights(
+        jnp.asarray(labels), jnp.asarray(is_clean), jnp.asarray(class_w * s), not_clean_weight
+    )
+    assert w.dtype == jnp.float32
+    np.testing.assert_allclose(w, factor * class_w[labels] * s, rtol=1e-6)
+    assert float(np.mean(np.asarray(w, np.float64))) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_normalizer_clean_stage_and_errors():
+    counts = np.array([2, 9, 30])
+    class_w = losses.class_weights(counts, "inv_log")
+    # All clean (clean_counts=None): S = 1 / mean_i(1 / ln n_{y_i}).
+    want = 1 / np.mean(1 / np.log(np.repeat(counts, counts)))
+    assert losses.weight_normalizer(counts, None, class_w, 0.5) == pytest.approx(want)
+    with pytest.raises(ValueError, match="outside"):
+        losses.weight_normalizer(counts, [3, 0, 0], class_w, 1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        losses.weight_normalizer(counts, [1, 1], class_w, 1.0)
+    with pytest.raises(ValueError, match="total sample weight is 0"):
+        losses.weight_normalizer(counts, [0, 0, 0], class_w, 0.0)
+
+
+def test_dynamic_margins():
+    counts = np.array([10, 1, 10_000, 500, 1])
+    m = losses.dynamic_margins(counts)
+    tmp = np.sqrt(1 / np.sqrt(counts))  # the GLR2021 code's spelling of n^-1/4
+    np.testing.assert_allclose(m, (tmp - tmp.min()) / (tmp.max() - tmp.min()) * 0.45 + 0.05)
+    assert m[1] == m[4] == pytest.approx(0.5)  # rarest
+    assert m[2] == pytest.approx(0.05)  # most frequent
+    assert np.all((m >= 0.05) & (m <= 0.5 + 1e-12))
+    # Hand value: counts 1, 16, 256 -> n^-1/4 = 1, 0.5, 0.25 -> 1, 1/3, 0.
+    np.testing.assert_allclose(
+        losses.dynamic_margins([1, 16, 256], a=0.3, b=0.1), [0.4, 0.2, 0.1], rtol=1e-12
+    )
+    np.testing.assert_array_equal(losses.dynamic_margins([7, 7, 7]), [0.05] * 3)
+
+
+def np_weighted_ce(logits, labels, weights, valid):
+    logits = logits.astype(np.float64)
+    mx = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - mx).sum(-1)) + mx[:, 0]
+    ce = lse - logits[np.arange(len(labels)), labels]
+    per = np.where(valid, weights * ce, 0.0)
+    return per.sum() / valid.sum(), per
+
+
+def test_weighted_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=10, size=(6, 9)).astype(np.float32)
+    logits[:, 7:] = heads.PADDED_COSINE * 30  # padded classes, as the head makes them
+    labels = rng.integers(0, 7, size=6)
+    weights = rng.uniform(0.2, 2, size=6).astype(np.float32)
+    valid = np.array([1, 1, 0, 1, 1, 0], bool)
+    loss, per = losses.weighted_cross_entropy(
+        jnp.asarray(logits),
+        jnp.asarray(labels),
+        jnp.asarray(weights),
+        valid_mask=jnp.asarray(valid),
+    )
+    want_loss, want_per = np_weighted_ce(logits, labels, weights, valid)
+    np.testing.assert_allclose(per, want_per, rtol=1e-5)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    # Unweighted, unmasked: mean CE over all rows.
+    loss, _ = losses.weighted_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+    np.testing.assert_allclose(loss, np_weighted_ce(logits, labels, 1.0, np.ones(6, bool))[0], 1e-5)
+
+
+def test_weighted_cross_entropy_by_hand():
+    # Two equal logits: ce = ln 2 per row; weights 1 and 3 over B=2: 2 ln 2.
+    loss, per = losses.weighted_cross_entropy(
+        jnp.zeros((2, 2)), jnp.array([0, 1]), jnp.array([1.0, 3.0])
+    )
+    np.testing.assert_allclose(per, [math.log(2), 3 * math.log(2)], rtol=1e-6)
+    np.testing.assert_allclose(loss, 2 * math.log(2), rtol=1e-6)
+
+
+def test_accuracy():
+    logits = jnp.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    labels = jnp.array([1, 1, 1, 0])
+    assert float(losses.accuracy(logits, labels)) == pytest.approx(0.75)
+    valid = jnp.array([True, False, True, False])
+    assert float(losses.accuracy(logits, labels, valid)) == pytest.approx(1.0)
+    assert float(losses.accuracy(logits, labels, jnp.zeros(4, bool))) == 0.0
