@@ -53,11 +53,18 @@ def _efficientnet_entries() -> dict[str, BackboneSpec]:
 
 BACKBONES: dict[str, BackboneSpec] = {
     **_efficientnet_entries(),
-    # 8-48 channels, one block per stage but two in stage 6 (so drop-connect
-    # runs): for tests and smoke runs.
+    # 8-48 channels, one block per stage but two in stage 6: for tests and
+    # smoke runs. No drop-connect by default, so train=True needs no
+    # 'dropout' rng (the B0-B7 entries do need one); pass drop_connect_rate
+    # to exercise it.
     "efficientnet_tiny": BackboneSpec(
         efficientnet.EfficientNet,
-        {"width_coefficient": 0.1, "depth_coefficient": 0.3, "top_filters": 640},
+        {
+            "width_coefficient": 0.1,
+            "depth_coefficient": 0.3,
+            "top_filters": 640,
+            "drop_connect_rate": 0.0,
+        },
         default_image_size=32,
     ),
     **{
