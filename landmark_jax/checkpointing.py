@@ -45,8 +45,11 @@ def create_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Chec
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True
     )
+    # The handler is named up front so item_metadata works before any save.
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options
+        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+        options=options,
+        item_handlers=ocp.StandardCheckpointHandler(),
     )
 
 
@@ -97,7 +100,8 @@ def check_shapes(
             problems.append(f"  {path}: in the model {want[path]}, not in the checkpoint")
         elif got[path] != want[path]:
             problems.append(
-                f"  {path}: checkpoint {got[path]} vs model {want[path]} (config key: {_hint(path)})"
+                f"  {path}: checkpoint {got[path]} vs model {want[path]} "
+                f"(config key: {_hint(path)})"
             )
     problems += [
         f"  {path}: in the checkpoint {got[path]}, not in the model ({_hint(path)})"
@@ -150,7 +154,10 @@ def load_stage(path: str) -> dict[str, Any]:
       FileNotFoundError: no checkpoint there.
     """
     directory = _checkpoint_dir(path)
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False)) as m:
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    with ocp.CheckpointManager(
+        directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+    ) as m:
         step = m.latest_step()
         if step is None:
             raise FileNotFoundError(

@@ -136,17 +136,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             raise ValueError(
                 f"config.{key}={value} must be a positive multiple of the {num_devices} devices"
             )
-    resolve_model_config({k: v for k, v in config.model.items() if k != "input_normalization"})
+    resolve_model_config(
+        {k: v for k, v in config.model.to_dict().items() if k != "input_normalization"}
+    )
     backbones.check_image_size(config.model.backbone, config.image_size)
     _check_choice(config, "optimizer.name", config.optimizer.name, OPTIMIZERS)
     _check_choice(config, "optimizer.schedule", config.optimizer.schedule, SCHEDULES)
     _check_choice(config, "head.margin_type", config.head.margin_type, heads.MARGIN_TYPES)
-    _check_choice(config, "head.scale", config.head.scale, heads.SCALES)
-    _check_choice(config, "loss.class_weights", config.loss.class_weights, losses.CLASS_WEIGHTS)
+    _check_choice(config, "head.scale", config.head.scale, heads.SCALE_MODES)
+    _check_choice(
+        config, "loss.class_weights", config.loss.class_weights, losses.CLASS_WEIGHT_MODES
+    )
     _check_choice(config, "init.carry", config.init.carry, INIT_CARRY)
     if config.head.num_subcenters < 1:
         raise ValueError(f"config.head.num_subcenters={config.head.num_subcenters}: expected >= 1")
-    if not 0.0 <= config.loss.not_clean_weight:
+    if not config.loss.not_clean_weight >= 0.0:
         raise ValueError(f"config.loss.not_clean_weight={config.loss.not_clean_weight} < 0")
     import tensorflow as tf  # gfile reads local and gs:// paths alike
 

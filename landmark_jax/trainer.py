@@ -12,7 +12,6 @@ re-run with the same command continues with exactly the same losses.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -35,7 +33,12 @@ from landmark_jax import (
     metric_writer,
     sharding,
 )
-from landmark_jax.models import create_model, keras_import
+from landmark_jax.models import backbone_checkpoint, create_model, input_normalization
+
+# The head's class count is padded for this many shards (times 8), whatever
+# the device count of the run: checkpoints then restore on any number of
+# devices that divides it (1 CPU, 8 TPU cores, a 128-chip pod).
+HEAD_PAD_SHARDS = 128
 
 # ----------------------------------------------------------------------------
 # Building blocks: model, optimizer, state
@@ -43,36 +46,49 @@ from landmark_jax.models import create_model, keras_import
 
 
 def build_model(config: ml_collections.ConfigDict):
-    """The embedding model, with the input normalisation its init weights need.
+    """The embedding model, with the input convention its init weights need.
+
+    With `config.init.backbone` (a keras_import output folder) the backbone
+    takes the normalisation and padding recorded with those weights.
 
     Returns:
       (model, backbone variables from config.init.backbone or None).
 
     Raises:
-      ValueError: config.model.input_normalization contradicts the
-        normalisation recorded with the init.backbone weights.
+      ValueError: the init.backbone weights are for another architecture
+        than config.model.backbone, or config.model.input_normalization
+        names another convention than theirs.
     """
-    model_cfg = {k: v for k, v in config.model.items() if k != "input_normalization"}
+    model = create_model(
+        {k: v for k, v in config.model.to_dict().items() if k != "input_normalization"}
+    )
     preset = config.model.input_normalization
+    backbone_overrides: dict[str, Any] = {}
     variables = None
     if config.init.backbone:
-        with open(os.path.join(config.init.backbone, keras_import.METADATA_FILE)) as f:
-            recorded = json.load(f)["input_normalization"]
-        if preset is not None and preset != recorded:
+        metadata = backbone_checkpoint.read_backbone_metadata(config.init.backbone)
+        if metadata["arch"] != config.model.backbone:
+            raise ValueError(
+                f"config.init.backbone={config.init.backbone!r} holds {metadata['arch']} "
+                f"weights but config.model.backbone={config.model.backbone!r}"
+            )
+        if preset is not None and preset != metadata["input_normalization"]:
             raise ValueError(
                 f"config.model.input_normalization={preset!r} but the weights in "
-                f"config.init.backbone={config.init.backbone!r} expect {recorded!r}"
+                f"config.init.backbone expect {metadata['input_normalization']!r}"
             )
-        preset = recorded
-        variables = keras_import.load_backbone_checkpoint(config.init.backbone)
-    model = create_model(model_cfg)
-    if preset is not None:
-        from landmark_jax.models import input_normalization
-
+        backbone_overrides = {
+            "input_scale": tuple(metadata["input_scale"]),
+            "input_offset": tuple(metadata["input_offset"]),
+        }
+        if metadata.get("padding") is not None:
+            backbone_overrides["padding"] = metadata["padding"]
+        variables = backbone_checkpoint.load_backbone_checkpoint(config.init.backbone)
+    elif preset is not None:
         norm = input_normalization.get_input_normalization(preset)
-        model = model.clone(
-            backbone=model.backbone.clone(input_scale=norm.scale, input_offset=norm.offset)
-        )
+        backbone_overrides = {"input_scale": norm.scale, "input_offset": norm.offset}
+    if backbone_overrides:
+        model = model.clone(backbone=model.backbone.clone(**backbone_overrides))
     return model, variables
 
 
@@ -123,12 +139,14 @@ def state_shardings(abstract_state: Any, mesh, shard_head: bool) -> Any:
 
 def _logits(config, cosine, labels, consts, num_classes, valid_mask=None):
     hc = config.head
-    if hc.scale == "fixed":
-        scale = hc.scale_value
-    elif hc.scale == "adacos_fixed":
-        scale = heads.adacos_fixed_scale(num_classes)
-    else:
-        scale = heads.adacos_dynamic_scale(cosine, labels, num_classes, valid_mask=valid_mask)
+    scale = heads.compute_scale(
+        hc.scale,
+        num_classes=num_classes,
+        scale=hc.scale_value,
+        cosine=cosine,
+        labels=labels,
+        valid_mask=valid_mask,
+    )
     margin = consts["margins"][labels] if hc.dynamic_margins else hc.margin
     logits = heads.margin_logits(
         cosine,
@@ -268,7 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     head = heads.CosineClassifier(
         num_classes=num_classes,
         num_subcenters=config.head.num_subcenters,
-        num_classes_padded=heads.padded_num_classes(num_classes, mesh.devices.size),
+        num_classes_padded=heads.padded_num_classes(num_classes, HEAD_PAD_SHARDS),
+        mesh=mesh if shard_head else None,
     )
     class_w = losses.class_weights(label_map.counts, config.loss.class_weights)
     class_w = class_w * losses.weight_normalizer(
@@ -286,7 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx, schedule = build_optimizer(config.optimizer, config.total_steps)
 
     # --- State: initialise sharded, then resume / carry over / import ------
-    base_key = jax.random.key(config.seed)
+    # Two streams: one for initialisation, one folded with the step number.
+    init_key, base_key = jax.random.split(jax.random.key(config.seed))
     image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
 
     def init_state(key):
@@ -305,7 +325,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             },
         }
 
-    init_key = jax.random.fold_in(base_key, -1)
     abstract = jax.eval_shape(init_state, init_key)
     shardings = state_shardings(abstract, mesh, shard_head)
     state = jax.jit(init_state, out_shardings=shardings)(init_key)
