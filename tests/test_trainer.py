@@ -1,0 +1,300 @@
+"""The trainer end to end on small demo data, on the 8-device CPU mesh."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from data_pipelines import gldv2_to_tfrecord, make_demo_dataset
+from landmark_jax import checkpointing, data_format, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_config(arg: str):
+    """configs/demo.py's get_config, loaded by path as config_flags does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_config", f"{REPO}/configs/demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def build(raw: str, out: str, csv: str = "train.csv", **kwargs) -> str:
+    gldv2_to_tfrecord.build_split(
+        "train",
+        f"{raw}/{csv}",
+        f"{raw}/train",
+        out,
+        2,
+        clean_csv=f"{raw}/train_clean.csv",
+        val_fraction=0.1,
+        num_workers=1,
+        **kwargs,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Two data folders of one demo set: all classes, and a class subset."""
+    root = tmp_path_factory.mktemp("demo")
+    raw = str(root / "raw")
+    make_demo_dataset.make_demo_dataset(
+        raw,
+        num_landmarks=10,
+        num_index_landmarks=2,
+        max_images_per_landmark=12,
+        image_size=48,
+        num_workers=1,
+    )
+    full = build(raw, str(root / "full"))
+    # The same images with fewer landmarks: a stand-in for a stage change
+    # from one class set to another (GLDv2-clean 81,313 -> GLDv2 203,094).
+    lines = open(f"{raw}/train.csv").read().splitlines()
+    landmarks = sorted({line.split(",")[-1] for line in lines[1:]})[:6]
+    keep = [lines[0]] + [line for line in lines[1:] if line.split(",")[-1] in landmarks]
+    open(f"{raw}/train_subset.csv", "w").write("\n".join(keep) + "\n")
+    clean = open(f"{raw}/train_clean.csv").read().splitlines()
+    clean_keep = [clean[0]] + [line for line in clean[1:] if line.split(",")[0] in landmarks]
+    open(f"{raw}/train_clean_subset.csv", "w").write("\n".join(clean_keep) + "\n")
+    subset = str(root / "subset")
+    gldv2_to_tfrecord.build_split(
+        "train",
+        f"{raw}/train_subset.csv",
+        f"{raw}/train",
+        subset,
+        2,
+        clean_csv=f"{raw}/train_clean_subset.csv",
+        val_fraction=0.1,
+        num_workers=1,
+    )
+    return {"full": full, "subset": subset}
+
+
+def config_for(data_dir: str, **overrides):
+    config = demo_config("smoke")
+    config.data_dir = data_dir
+    config.log_every_steps = 1
+    config.optimizer.schedule = "constant"
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return config
+
+
+def losses_of(workdir: str) -> dict[int, float]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+def restore_params(workdir: str) -> dict:
+    return checkpointing.load_stage(workdir)
+
+
+def test_training_lowers_the_loss(demo, tmp_path):
+    # A fixed scale of 16 lets 10 classes' logits spread quickly (AdaCos
+    # picks about 3 for so few classes).
+    config = config_for(
+        demo["full"],
+        total_steps=30,
+        log_every_steps=5,
+        eval_every_steps=30,
+        **{"optimizer.learning_rate": 0.1, "head.scale": "fixed", "head.scale_value": 16.0},
+    )
+    last = trainer.train_and_evaluate(config, str(tmp_path))
+    losses = list(losses_of(str(tmp_path)).values())
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert set(last) >= {
+        "loss",
+        "learning_rate",
+        "images_per_sec",
+        "grad_norm",
+        "val_loss",
+        "val_accuracy",
+    }
+    assert os.path.isdir(tmp_path / "tensorboard")
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["total_steps"] == 30 and saved["data_dir"] == demo["full"]
+    # A finished run returns at once.
+    assert trainer.train_and_evaluate(config, str(tmp_path)) == {}
+
+
+def _train_command(data_dir: str, workdir: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "landmark_jax.train",
+        "--config=configs/demo.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.data_dir={data_dir}",
+        "--config.total_steps=8",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=3",
+        "--config.optimizer.schedule=constant",
+    ]
+
+
+def test_kill_and_resume_gives_the_same_losses(demo, tmp_path):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    reference = str(tmp_path / "reference")
+    trainer.train_and_evaluate(
+        config_for(demo["full"], total_steps=8, checkpoint_every_steps=3), reference
+    )
+
+    killed = str(tmp_path / "killed")
+    cmd = _train_command(demo["full"], killed)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(killed, "checkpoints", "3")):
+        assert proc.poll() is None and time.time() < deadline, "training did not reach step 3"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed" in result.stderr
+
+    want, got = losses_of(reference), losses_of(killed)
+    assert sorted(got) == list(range(1, 9))
+    np.testing.assert_allclose(
+        [got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=1e-5
+    )
+
+
+def test_stages_carry_weights_into_a_new_head_and_a_new_resolution(demo, tmp_path):
+    stage1, stage2, stage3 = (str(tmp_path / f"stage{i}") for i in (1, 2, 3))
+    trainer.train_and_evaluate(config_for(demo["subset"], total_steps=2), stage1)
+    # A learning rate of 0 keeps the carried weights as they were loaded.
+    trainer.train_and_evaluate(
+        config_for(
+            demo["full"],
+            total_steps=1,
+            **{
+                "init.checkpoint": stage1,
+                "init.carry": "model",
+                "optimizer.learning_rate": 0.0,
+            },
+        ),
+        stage2,
+    )
+    first, second = restore_params(stage1), restore_params(stage2)
+    for a, b in zip(
+        _leaves(first["params"]["model"]), _leaves(second["params"]["model"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    num_full = data_format.read_num_classes(demo["full"])
+    num_subset = data_format.read_num_classes(demo["subset"])
+    assert num_full > num_subset
+    # The new head was initialised for the new class count.
+    kernel = second["params"]["head"]["kernel"]
+    assert kernel.shape[1] >= num_full
+    assert not np.array_equal(
+        kernel[:, :num_subset], first["params"]["head"]["kernel"][:, :num_subset]
+    )
+
+    # Higher resolution, everything carried (head included).
+    trainer.train_and_evaluate(
+        config_for(
+            demo["full"],
+            total_steps=1,
+            image_size=64,
+            **{
+                "init.checkpoint": stage2,
+                "init.carry": "all",
+                "optimizer.learning_rate": 0.0,
+            },
+        ),
+        stage3,
+    )
+    third = restore_params(stage3)
+    for a, b in zip(_leaves(second["params"]), _leaves(third["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, tmp_path):
+    stage1 = str(tmp_path / "stage1")
+    trainer.train_and_evaluate(config_for(demo["subset"], total_steps=1), stage1)
+    config = config_for(
+        demo["full"], total_steps=1, **{"init.checkpoint": stage1, "init.carry": "all"}
+    )
+    config.model.embedding_dim = 32
+    with pytest.raises(ValueError) as e:
+        trainer.train_and_evaluate(config, str(tmp_path / "stage2"))
+    message = str(e.value)
+    assert "params/model/neck" in message and "model.embedding_dim" in message
+    # Resuming a workdir with a changed config names the parameter too.
+    config = config_for(demo["subset"], total_steps=2)
+    config.model.embedding_dim = 32
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)params/head/kernel: checkpoint \(64, \d+\) vs "
+        r"model \(32, \d+\)",
+    ):
+        trainer.train_and_evaluate(config, stage1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"batch_size": 12}, ValueError, "batch_size=12 must be a positive multiple of the 8"),
+        ({"image_size": 16}, ValueError, "image size 16 is too small for efficientnet_tiny"),
+        ({"num_classes": 3}, ValueError, "config.num_classes=3 but .*dataset_info.json says"),
+        ({"init.checkpoint": "/nonexistent/run"}, ValueError, "init.checkpoint.*does not exist"),
+        ({"head.scale": "adacos"}, ValueError, "head.scale='adacos'; valid"),
+    ],
+)
+def test_bad_configs_fail_before_compiling(demo, tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        trainer.train_and_evaluate(config_for(demo["full"], **overrides), str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_empty_data_folder_is_an_error(tmp_path):
+    with pytest.raises(data_format.DataFormatError, match="dataset_info.json not found"):
+        trainer.train_and_evaluate(config_for(str(tmp_path / "nothing")), str(tmp_path / "w"))
+
+
+def test_non_finite_loss_stops_with_its_step(demo, tmp_path):
+    # An absurd learning rate overflows the weights after the first update.
+    config = config_for(demo["full"], total_steps=4, **{"optimizer.learning_rate": 1e38})
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
+        trainer.train_and_evaluate(config, str(tmp_path / "a"))
+    # Skipping keeps the weights; past max_skipped the run stops.
+    config.nonfinite.skip_updates = True
+    config.nonfinite.max_skipped = 1
+    with pytest.raises(FloatingPointError, match=r"non-finite steps \(first at step 2\)"):
+        trainer.train_and_evaluate(config, str(tmp_path / "b"))
+
+
+def test_checkpoints_hold_the_class_sharded_head_on_8_devices(demo, tmp_path):
+    trainer.train_and_evaluate(config_for(demo["full"], total_steps=1), str(tmp_path))
+    directory = os.path.join(tmp_path, "checkpoints")
+    with ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler()) as m:
+        tree = m.item_metadata(m.latest_step()).tree
+    kernel = tree["params"]["head"]["kernel"]
+    assert kernel.shape[1] % 8 == 0
+    assert "data" in str(kernel.sharding)
