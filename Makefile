@@ -25,7 +25,7 @@ lint: install
 	$(PY) -m ruff format --check .
 
 demo: install
-	$(PY) -m data_pipelines.make_demo_dataset --output_dir=$(DEMO_DIR)/raw
+	$(PY) -m data_pipelines.make_demo_dataset --output_dir=$(DEMO_DIR)/raw --overwrite
 	for split in train index test; do \
 	  $(PY) -m data_pipelines.gldv2_to_tfrecord --split=$$split \
 	    --csv=$(DEMO_DIR)/raw/$$split.csv \
@@ -34,6 +34,9 @@ demo: install
 	    --num_shards=4 || exit 1; \
 	done
 	$(PY) -m data_pipelines.describe_dataset --data_dir=$(DEMO_DIR)/tfrecords
+	rm -rf $(DEMO_DIR)/workdir
+	$(PY) -m landmark_jax.train --config=configs/demo.py --workdir=$(DEMO_DIR)/workdir
+	$(PY) -m landmark_jax.training_summary --workdir=$(DEMO_DIR)/workdir
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

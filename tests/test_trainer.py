@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from data_pipelines import gldv2_to_tfrecord, make_demo_dataset
-from landmark_jax import checkpointing, data_format, trainer
+from landmark_jax import checkpointing, data_format, trainer, training_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,6 +127,9 @@ def test_training_lowers_the_loss(demo, tmp_path):
     assert os.path.isdir(tmp_path / "tensorboard")
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["total_steps"] == 30 and saved["data_dir"] == demo["full"]
+    summary = training_summary.summarize(str(tmp_path))
+    assert f"train loss {losses[0]:.3f} (step 5) -> {losses[-1]:.3f} (step 30)" in summary
+    assert "checkpoints at steps [30]" in summary
     # A finished run returns at once.
     assert trainer.train_and_evaluate(config, str(tmp_path)) == {}
 
