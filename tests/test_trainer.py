@@ -301,3 +301,44 @@ def test_checkpoints_hold_the_class_sharded_head_on_8_devices(demo, tmp_path):
     kernel = tree["params"]["head"]["kernel"]
     assert kernel.shape[1] % 8 == 0
     assert "data" in str(kernel.sharding)
+
+
+def test_two_processes_train_together(demo, tmp_path):
+    """2 processes x 4 CPU devices: one mesh, each process reads its shards."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    workdir = str(tmp_path / "run")
+    cmd = _train_command(demo["full"], workdir)[:-4] + [
+        "--config.total_steps=4",
+        "--config.log_every_steps=2",
+        "--config.checkpoint_every_steps=2",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd + [f"--process_id={i}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "JAX process 0/2, 8 devices" in outputs[0]
+    assert "JAX process 1/2, 8 devices" in outputs[1]
+    losses = losses_of(workdir)
+    assert sorted(losses) == [2, 4] and all(np.isfinite(list(losses.values())))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
