@@ -118,6 +118,7 @@ def test_knn_vote_matches_brute_force_on_random_neighbours():
         (np.zeros((1, 2), int), np.zeros((1, 2)), {"power": 0}, ValueError, "power"),
         (np.zeros((1, 2), int), np.zeros((1, 2)), {"power": np.inf}, ValueError, "power"),
         (np.zeros((1, 2), int), np.zeros((1, 2)), {"top_k": 0}, ValueError, "top_k"),
+        (np.zeros((1, 2), int), np.zeros((1, 2)), {"top_k": True}, ValueError, "top_k"),
     ],
 )
 def test_knn_vote_rejects_bad_input(labels, scores, kwargs, error, match):

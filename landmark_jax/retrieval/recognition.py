@@ -119,10 +119,12 @@ def _vote(labels: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def _top(
     labels: np.ndarray, scores: np.ndarray, top_k: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    if top_k is None or top_k >= labels.shape[1]:
+    if top_k is None:
         return labels, scores
     if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_k >= labels.shape[1]:
+        return labels, scores
     # Search results are usually sorted already; re-sorting makes top_k mean
     # "the k most similar" whatever order the caller passes, with padded
     # slots last.
