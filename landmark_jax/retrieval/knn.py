@@ -1,0 +1,507 @@
+"""k-nearest-neighbour search by squared L2: exact on the accelerator, or ScaNN.
+
+GLDv2 retrieval ranks the index images by Euclidean distance between
+L2-normalised embeddings (k=100). Two engines answer the same question:
+
+- `exact_search`: matmul + `jax.lax.top_k` on the local devices, streamed over
+  index chunks with a running top-k, so a 762k x 512 index (or a 4M-image
+  train set for recognition) never materialises a [Q, N] matrix nor even has
+  to fit on the device. It is the oracle for ScaNN's recall and the fallback
+  when ScaNN cannot be imported.
+- `ScannSearcher`: ScaNN's tree + asymmetric hashing + exact reordering,
+  parameters scaled to the index size, serialisable to a directory.
+
+Both return `(distances, indices)`: float32 squared L2 distances, ascending,
+and int64 row numbers of the index, each [Q, k].
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from landmark_jax import sharding
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("scann", "exact")
+_SCANN_PIN = "tensorflow-cpu~=2.20.0 and scann==1.4.2"
+# Below this many points a partition tree and AH codebooks are mostly noise
+# (k-means on a few dozen points per leaf); brute force is exact and fast.
+_MIN_TREE_POINTS = 1000
+_METADATA_FILE = "landmark_jax_knn.json"
+
+
+# ----------------------------------------------------------------- validation
+
+
+def _check_matrix(name: str, x: Any) -> np.ndarray:
+    """float32 [rows, dim] with at least one row, one column, and finite values."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D [rows, dim] array, got shape {x.shape}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {x.shape}); nothing to search")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    # A float64 row sum propagates NaN/inf without an [N, D] boolean temporary
+    # (390 MB for the GLDv2 index) and cannot overflow for float32 inputs.
+    bad = np.flatnonzero(~np.isfinite(x.sum(axis=1, dtype=np.float64)))
+    if bad.size:
+        raise ValueError(
+            f"{name} has {bad.size} row(s) with NaN or inf values, first at row {bad[0]}"
+        )
+    return x
+
+
+def _check_pair(queries: Any, index: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    queries = _check_matrix("queries", queries)
+    index = _check_matrix("index", index)
+    if queries.shape[1] != index.shape[1]:
+        raise ValueError(
+            f"dimension mismatch: queries have {queries.shape[1]} dims, "
+            f"the index has {index.shape[1]}"
+        )
+    _check_k(k, index.shape[0])
+    return queries, index
+
+
+def _check_k(k: int, num_points: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > num_points:
+        raise ValueError(f"k={k} is larger than the index, which has N={num_points} points")
+
+
+# --------------------------------------------------------------- exact search
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_chunk(best_scores, best_ids, queries, chunk, offset, num_valid, *, k):
+    """Folds one index chunk into the running top-k of a query chunk.
+
+    Scores are 2 q.x - ||x||^2 = ||q||^2 - ||q - x||^2: the same ranking as the
+    distance, with the per-query constant added back on the host.
+    """
+    dots = jnp.matmul(queries, chunk.T, precision=jax.lax.Precision.HIGHEST)
+    scores = 2.0 * dots - jnp.sum(chunk * chunk, axis=1)[None, :]
+    columns = jnp.arange(chunk.shape[0], dtype=jnp.int32)
+    # The padded tail of the last chunk can never enter the top-k.
+    scores = jnp.where(columns[None, :] < num_valid, scores, -jnp.inf)
+    # Running results go first: top_k puts the lower position first on ties, and
+    # every running index is lower than every index of this chunk.
+    top, pos = jax.lax.top_k(jnp.concatenate([best_scores, scores], axis=1), k)
+    from_best = jnp.take_along_axis(best_ids, jnp.minimum(pos, k - 1), axis=1)
+    return top, jnp.where(pos < k, from_best, offset + pos - k)
+
+
+def exact_search(
+    queries: np.ndarray,
+    index: np.ndarray,
+    k: int,
+    *,
+    index_chunk: int = 65536,
+    query_chunk: int = 1024,
+    devices: Sequence[jax.Device] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours by squared L2, on the accelerator.
+
+    Distances are the true ||q||^2 + ||x||^2 - 2 q.x, so inputs need not be
+    normalised; for unit vectors this is 2 - 2 <q, x>. The dot products run at
+    HIGHEST precision (no bf16/TF32 passes), since this is the reference that
+    approximate search is measured against. Rounding can make a distance
+    slightly negative; it is clamped at 0.
+
+    The index is streamed in chunks of `index_chunk` rows (each moved to the
+    devices once); every query chunk keeps a running top-k, so memory is
+    O(query_chunk * index_chunk) for scores, never O(Q * N). Query chunks are
+    split over `devices` (data parallel). The last index chunk is padded to
+    the chunk size so the jitted step compiles once per call shape.
+
+    Ties: equal computed scores come back lower index first (`lax.top_k` is
+    stable and earlier chunks are merged first). Distances that are equal in
+    exact arithmetic but differ in float rounding (accumulation order is up to
+    the backend's matmul) are ordered by their rounded values.
+
+    Args:
+      queries: [Q, D] query embeddings.
+      index: [N, D] database embeddings.
+      k: neighbours per query, 1 <= k <= N.
+      index_chunk: index rows per step; bounds the [query_chunk, index_chunk]
+        score matrix.
+      query_chunk: queries per step, rounded up to a multiple of the device
+        count.
+      devices: devices to split query chunks over; default this process's
+        local devices.
+
+    Returns:
+      (distances [Q, k] float32 ascending, indices [Q, k] int64).
+
+    Raises:
+      ValueError: empty inputs, NaN/inf rows, mismatched dimensions, k < 1 or
+        k > N, non-positive chunk sizes.
+    """
+    queries, index = _check_pair(queries, index, k)
+    if index_chunk < 1 or query_chunk < 1:
+        raise ValueError(
+            f"index_chunk and query_chunk must be positive, got {index_chunk}, {query_chunk}"
+        )
+    num_queries, num_points = queries.shape[0], index.shape[0]
+    if num_points >= 2**31:
+        raise ValueError(f"the index has N={num_points} rows; int32 positions allow < 2**31")
+    mesh = sharding.create_mesh(jax.local_devices() if devices is None else devices)
+    num_devices = mesh.devices.size
+    data = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated_sharding(mesh)
+
+    ic = min(index_chunk, num_points)
+    qc = -(-min(query_chunk, num_queries) // num_devices) * num_devices
+    q_starts = range(0, num_queries, qc)
+    # All query chunks go to the devices up front: queries and the running top-k
+    # are small next to the index, which is what gets streamed.
+    q_dev, best = [], []
+    for start in q_starts:
+        q_dev.append(jax.device_put(_pad_rows(queries[start : start + qc], qc), data))
+        best.append(
+            (
+                jax.device_put(np.full((qc, k), -np.inf, np.float32), data),
+                jax.device_put(np.full((qc, k), -1, np.int32), data),
+            )
+        )
+    for offset in range(0, num_points, ic):
+        chunk = index[offset : offset + ic]
+        chunk_dev = jax.device_put(_pad_rows(chunk, ic), replicated)
+        for i, q in enumerate(q_dev):
+            best[i] = _merge_chunk(*best[i], q, chunk_dev, offset, chunk.shape[0], k=k)
+
+    scores = np.concatenate([np.asarray(s) for s, _ in best])[:num_queries]
+    ids = np.concatenate([np.asarray(i) for _, i in best])[:num_queries]
+    q_sq = np.sum(queries * queries, axis=1, dtype=np.float32)[:, None]
+    distances = np.maximum(q_sq - scores, 0.0).astype(np.float32)
+    return distances, ids.astype(np.int64)
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    if x.shape[0] == rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - x.shape[0], x.shape[1]), x.dtype)])
+
+
+# ---------------------------------------------------------------------- ScaNN
+
+
+@functools.cache
+def _scann_module() -> ModuleType | Exception:
+    try:
+        from scann.scann_ops.py import scann_ops_pybind
+    except Exception as e:  # noqa: BLE001 - a TF ABI mismatch is not an ImportError
+        return e
+    # `import scann` imports TensorFlow; it must not claim the accelerators.
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        try:
+            tf.config.set_visible_devices([], "GPU")
+            tf.config.set_visible_devices([], "TPU")
+        except (RuntimeError, ValueError):
+            pass  # Already initialised, or no such device type.
+    return scann_ops_pybind
+
+
+def scann_available() -> bool:
+    """Whether ScaNN can be imported (the result is cached)."""
+    return isinstance(_scann_module(), ModuleType)
+
+
+def _import_error_message(error: Exception) -> str:
+    return (
+        f"ScaNN could not be imported ({type(error).__name__}: {error}). Install the "
+        f"pinned pair {_SCANN_PIN} (scann 1.4.2 loads a TensorFlow op library built for "
+        "TF 2.20 and fails with other versions), or use backend='exact'."
+    )
+
+
+def _scann() -> ModuleType:
+    module = _scann_module()
+    if isinstance(module, Exception):
+        raise ImportError(_import_error_message(module)) from module
+    return module
+
+
+class ScannSearcher:
+    """A ScaNN index over one [N, D] array, searched by squared L2.
+
+    Build with `ScannSearcher.build`, or restore one with `ScannSearcher.load`.
+    Attributes describe the built configuration: `num_points`, `dim`,
+    `num_neighbors` (default k), `brute_force`, and for trees `num_leaves`,
+    `num_leaves_to_search`, `reorder_k` (None when brute force).
+    """
+
+    def __init__(self, searcher: Any, config: Mapping[str, Any]):
+        self._searcher = searcher
+        self.config = dict(config)
+        self.num_points: int = self.config["num_points"]
+        self.dim: int = self.config["dim"]
+        self.num_neighbors: int = self.config["num_neighbors"]
+        self.brute_force: bool = self.config["brute_force"]
+        self.num_leaves: int | None = self.config.get("num_leaves")
+        self.num_leaves_to_search: int | None = self.config.get("num_leaves_to_search")
+        self.reorder_k: int | None = self.config.get("reorder_k")
+
+    @classmethod
+    def build(
+        cls,
+        index: np.ndarray,
+        *,
+        num_neighbors: int = 100,
+        num_leaves: int | None = None,
+        num_leaves_to_search: int | None = None,
+        training_sample_size: int | None = None,
+        dimensions_per_block: int = 2,
+        reorder_k: int | None = None,
+    ) -> ScannSearcher:
+        """Builds a tree + asymmetric-hashing + reordering searcher.
+
+        Indexes of fewer than 1000 points, or fewer than 2 * num_leaves, get an
+        exact float32 brute-force searcher instead: a tree of a few points per
+        leaf saves nothing and only loses recall.
+
+        Args:
+          index: [N, D] database embeddings.
+          num_neighbors: default k of `search`.
+          num_leaves: partitions of the k-means tree; default round(sqrt(N)).
+          num_leaves_to_search: partitions scored per query; default 10% of the
+            leaves, at least 8 (capped at num_leaves). Data without cluster
+            structure (random vectors) needs far more.
+          training_sample_size: points sampled to train the tree and the AH
+            codebooks; default min(N, 100000).
+          dimensions_per_block: dimensions per AH sub-space (16 centres each).
+          reorder_k: AH candidates rescored exactly; default
+            max(500, 5 * num_neighbors), capped at N.
+
+        Returns:
+          The searcher.
+
+        Raises:
+          ImportError: ScaNN cannot be imported (message names the pinned pair).
+          ValueError: invalid index or parameters.
+        """
+        index = _check_matrix("index", index)
+        num_points, dim = index.shape
+        _check_k(num_neighbors, num_points)
+        for name, value in [
+            ("num_leaves", num_leaves),
+            ("num_leaves_to_search", num_leaves_to_search),
+            ("training_sample_size", training_sample_size),
+            ("dimensions_per_block", dimensions_per_block),
+            ("reorder_k", reorder_k),
+        ]:
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        scann = _scann()
+        leaves = min(num_leaves or max(1, round(math.sqrt(num_points))), num_points)
+        config: dict[str, Any] = dict(
+            num_points=num_points, dim=dim, num_neighbors=num_neighbors, brute_force=True
+        )
+        builder = scann.builder(index, num_neighbors, "squared_l2")
+        if num_points < _MIN_TREE_POINTS or num_points < 2 * leaves:
+            logger.info("ScaNN: brute force over %d points (too few for a tree)", num_points)
+            searcher = builder.score_brute_force().build()
+            return cls(searcher, config)
+
+        to_search = num_leaves_to_search or max(8, math.ceil(leaves / 10))
+        to_search = min(to_search, leaves)
+        sample = min(training_sample_size or 100_000, num_points)
+        reorder = min(reorder_k or max(500, math.ceil(5 * num_neighbors)), num_points)
+        reorder = max(reorder, num_neighbors)
+        config.update(
+            brute_force=False,
+            num_leaves=leaves,
+            num_leaves_to_search=to_search,
+            training_sample_size=sample,
+            dimensions_per_block=dimensions_per_block,
+            reorder_k=reorder,
+        )
+        logger.info("ScaNN: building %s", config)
+        searcher = (
+            builder.tree(
+                num_leaves=leaves, num_leaves_to_search=to_search, training_sample_size=sample
+            )
+            .score_ah(dimensions_per_block, training_sample_size=sample)
+            .reorder(reorder)
+            .build()
+        )
+        return cls(searcher, config)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int | None = None,
+        *,
+        batch_size: int = 8192,
+        leaves_to_search: int | None = None,
+        reorder_k: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate k nearest neighbours of each query.
+
+        When the searched leaves hold fewer than k points for a query, its
+        missing slots are index -1 at distance +inf (a warning is logged).
+
+        Args:
+          queries: [Q, D] query embeddings.
+          k: neighbours per query; default the build's num_neighbors.
+          batch_size: queries per `search_batched` call (bounds memory).
+          leaves_to_search: override of the build's num_leaves_to_search.
+          reorder_k: override of the build's reorder_k (at least k is used).
+
+        Returns:
+          (distances [Q, k] float32 ascending, indices [Q, k] int64).
+
+        Raises:
+          ValueError: invalid queries, dimension mismatch, k < 1 or k > N.
+        """
+        queries = _check_matrix("queries", queries)
+        if queries.shape[1] != self.dim:
+            raise ValueError(
+                f"dimension mismatch: queries have {queries.shape[1]} dims, "
+                f"the index has {self.dim}"
+            )
+        k = self.num_neighbors if k is None else k
+        _check_k(k, self.num_points)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        leaves = pre_reorder = None
+        if not self.brute_force:
+            leaves = min(leaves_to_search or self.num_leaves_to_search, self.num_leaves)
+            pre_reorder = min(max(reorder_k or self.reorder_k, k), self.num_points)
+        distances = np.full((queries.shape[0], k), np.inf, np.float32)
+        indices = np.full((queries.shape[0], k), -1, np.int64)
+        for start in range(0, queries.shape[0], batch_size):
+            ids, dist = self._searcher.search_batched(
+                queries[start : start + batch_size], k, pre_reorder, leaves
+            )
+            # ScaNN trims columns to the longest result in the batch and pads
+            # shorter rows with index 0 at distance NaN.
+            found = ~np.isnan(dist)
+            rows = slice(start, start + ids.shape[0])
+            indices[rows, : ids.shape[1]] = np.where(found, ids.astype(np.int64), -1)
+            distances[rows, : ids.shape[1]] = np.where(found, dist, np.inf)
+        short = int(np.sum(indices[:, -1] < 0))
+        if short:
+            logger.warning(
+                "ScaNN found fewer than k=%d neighbours for %d of %d queries; search more leaves",
+                k,
+                short,
+                queries.shape[0],
+            )
+        return distances, indices
+
+    def save(self, directory: str) -> None:
+        """Writes the ScaNN assets and this wrapper's config to `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        self._searcher.serialize(directory)
+        with open(os.path.join(directory, _METADATA_FILE), "w") as f:
+            json.dump(self.config, f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str) -> ScannSearcher:
+        """Restores a searcher written by `save`.
+
+        Raises:
+          FileNotFoundError: `directory` lacks the config written by `save`.
+          ImportError: ScaNN cannot be imported.
+        """
+        path = os.path.join(directory, _METADATA_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: {directory!r} was not written by ScannSearcher.save"
+            )
+        with open(path) as f:
+            config = json.load(f)
+        return cls(_scann().load_searcher(directory), config)
+
+
+# ------------------------------------------------------------------- dispatch
+
+
+def search(
+    queries: np.ndarray,
+    index: np.ndarray,
+    k: int,
+    backend: str = "scann",
+    *,
+    scann_options: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest neighbours of each query in `index`, by squared L2.
+
+    backend='scann' falls back to exact search, with a warning, when ScaNN
+    cannot be imported: slower, but the answer is only better.
+
+    Args:
+      queries: [Q, D] query embeddings.
+      index: [N, D] database embeddings.
+      k: neighbours per query.
+      backend: 'scann' (approximate) or 'exact'.
+      scann_options: keyword arguments for `ScannSearcher.build`.
+
+    Returns:
+      (distances [Q, k] float32 ascending, indices [Q, k] int64).
+
+    Raises:
+      ValueError: unknown backend, or invalid inputs.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kNN backend {backend!r}; valid backends: {BACKENDS}")
+    if backend == "scann" and not scann_available():
+        error = _scann_module()
+        logger.warning("%s Falling back to exact search.", _import_error_message(error))
+        backend = "exact"
+    if backend == "exact":
+        return exact_search(queries, index, k)
+    queries, index = _check_pair(queries, index, k)
+    options = {"num_neighbors": k, **(scann_options or {})}
+    return ScannSearcher.build(index, **options).search(queries, k)
+
+
+def recall_at_k(
+    approx_indices: np.ndarray, exact_indices: np.ndarray, k: int | None = None
+) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / k.
+
+    Args:
+      approx_indices: [Q, >=k] neighbours from an approximate search.
+      exact_indices: [Q, >=k] true neighbours, distinct within a row.
+      k: cut-off; default the width of exact_indices.
+
+    Returns:
+      Recall@k in [0, 1].
+
+    Raises:
+      ValueError: shapes differ in Q, or either has fewer than k columns.
+    """
+    approx, exact = np.asarray(approx_indices), np.asarray(exact_indices)
+    if approx.ndim != 2 or exact.ndim != 2 or approx.shape[0] != exact.shape[0]:
+        raise ValueError(
+            f"need [Q, k] arrays with the same Q, got {approx.shape} and {exact.shape}"
+        )
+    k = exact.shape[1] if k is None else k
+    if k < 1 or approx.shape[1] < k or exact.shape[1] < k:
+        raise ValueError(f"k={k} needs >= k columns, got {approx.shape} and {exact.shape}")
+    if exact.shape[0] == 0:
+        raise ValueError("no queries: recall is undefined")
+    approx, exact = approx[:, :k], exact[:, :k]
+    hits = 0
+    # Row blocks keep the [rows, k, k] comparison small (GLDv2 has 117k queries).
+    for start in range(0, exact.shape[0], 1024):
+        a, e = approx[start : start + 1024], exact[start : start + 1024]
+        hits += int(np.sum((e[:, :, None] == a[:, None, :]).any(axis=2)))
+    return hits / (exact.shape[0] * k)
