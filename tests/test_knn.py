@@ -1,0 +1,202 @@
+"""kNN search: exact search against a numpy reference, ScaNN recall, dispatch."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from landmark_jax.retrieval import knn
+
+needs_scann = pytest.mark.skipif(not knn.scann_available(), reason="ScaNN cannot be imported")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _reference(queries: np.ndarray, index: np.ndarray, k: int):
+    """Brute-force squared L2 in float64, stable sort: lower index first on ties."""
+    q, x = queries.astype(np.float64), index.astype(np.float64)
+    d = (q * q).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2 * q @ x.T
+    ids = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, ids, axis=1), ids
+
+
+@pytest.fixture(scope="module")
+def unit_data():
+    """Random unit vectors at the ScaNN recall test's scale (N=20,000, D=64)."""
+    rng = np.random.default_rng(0)
+    index = _unit(rng.standard_normal((20_000, 64)))
+    queries = _unit(rng.standard_normal((200, 64)))
+    return queries, index, knn.exact_search(queries, index, 100)
+
+
+@pytest.mark.parametrize(
+    "num_points, index_chunk, query_chunk",
+    [
+        (1000, 1000, 1024),  # one chunk each way
+        (1000, 300, 16),  # chunks divide neither N=1000 nor Q=37
+        (100, 7, 8),  # index chunks smaller than k
+    ],
+)
+def test_exact_search_matches_numpy(num_points, index_chunk, query_chunk):
+    rng = np.random.default_rng(num_points + index_chunk)
+    # Not normalised, with an offset: the true ||q - x||^2 must come back.
+    index = rng.standard_normal((num_points, 24)).astype(np.float32) + 0.5
+    queries = rng.standard_normal((37, 24)).astype(np.float32) * 2
+    distances, indices = knn.exact_search(
+        queries, index, 10, index_chunk=index_chunk, query_chunk=query_chunk
+    )
+    ref_d, ref_i = _reference(queries, index, 10)
+    assert distances.shape == indices.shape == (37, 10)
+    assert distances.dtype == np.float32 and indices.dtype == np.int64
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_search_unit_vectors_and_ties():
+    # Small integers: every dot product is exact in float32, so duplicated rows
+    # tie exactly and must come back lower index first, across chunk borders.
+    rng = np.random.default_rng(1)
+    index = rng.integers(-2, 3, (60, 8)).astype(np.float32)
+    index[[17, 33, 58]] = index[5]
+    queries = np.concatenate([index[5:6], rng.integers(-2, 3, (4, 8)).astype(np.float32)])
+    distances, indices = knn.exact_search(queries, index, 60, index_chunk=16)
+    ref_d, ref_i = _reference(queries, index, 60)
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_array_equal(indices[0, :4], [5, 17, 33, 58])
+    np.testing.assert_allclose(distances, ref_d, atol=1e-5)
+
+    unit_index, unit_queries = _unit(index + 0.1), _unit(queries + 0.1)
+    distances, _ = knn.exact_search(unit_queries, unit_index, 5)
+    ref_d, _ = _reference(unit_queries, unit_index, 5)
+    np.testing.assert_allclose(distances, ref_d, atol=1e-5)
+
+
+def test_exact_search_validation():
+    index = np.ones((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"k=6 .*N=5"):
+        knn.exact_search(index, index, 6)
+    with pytest.raises(ValueError, match="index is empty"):
+        knn.exact_search(index, np.zeros((0, 3), np.float32), 1)
+    with pytest.raises(ValueError, match="queries is empty"):
+        knn.exact_search(np.zeros((0, 3), np.float32), index, 1)
+    with pytest.raises(ValueError, match="queries have 4 dims, the index has 3"):
+        knn.exact_search(np.ones((2, 4), np.float32), index, 1)
+    bad = index.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="index has 1 row.* NaN .*row 3"):
+        knn.exact_search(index, bad, 1)
+    with pytest.raises(ValueError, match="2-D"):
+        knn.exact_search(index[0], index, 1)
+    with pytest.raises(ValueError, match="positive integer"):
+        knn.exact_search(index, index, 0)
+
+
+def test_recall_at_k():
+    exact = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])
+    approx = np.array([[3, 2, 9, 8], [4, 5, 6, -1]])
+    assert knn.recall_at_k(approx, exact) == pytest.approx((2 / 4 + 3 / 4) / 2)
+    assert knn.recall_at_k(approx, exact, k=2) == pytest.approx((0 + 2 / 2) / 2)
+    with pytest.raises(ValueError, match="same Q"):
+        knn.recall_at_k(approx[:1], exact)
+    with pytest.raises(ValueError, match="k=5"):
+        knn.recall_at_k(approx, exact, k=5)
+
+
+@needs_scann
+def test_scann_recall_on_random_unit_vectors(unit_data):
+    queries, index, (_, exact) = unit_data
+    searcher = knn.ScannSearcher.build(index)
+    assert not searcher.brute_force
+    assert (searcher.num_leaves, searcher.num_leaves_to_search, searcher.reorder_k) == (
+        141,
+        15,
+        500,
+    )
+    # Random 64-d unit vectors have no cluster structure, so a query's
+    # neighbours are spread over most leaves: search them all and rescore more
+    # candidates. This exercises the AH scoring and reordering path end to end.
+    _, approx = searcher.search(queries, leaves_to_search=141, reorder_k=1000)
+    recall = knn.recall_at_k(approx, exact, 100)
+    assert recall >= 0.95, recall  # measured 0.987 (seeds 0-2)
+
+
+@needs_scann
+def test_scann_defaults_on_clustered_unit_vectors():
+    # Embeddings of landmark classes cluster; the default 10% of leaves must
+    # then find almost all neighbours.
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((300, 64))
+    index = _unit(centres[rng.integers(0, 300, 20_000)] + 0.35 * rng.standard_normal((20_000, 64)))
+    queries = _unit(centres[rng.integers(0, 300, 200)] + 0.35 * rng.standard_normal((200, 64)))
+    _, exact = knn.exact_search(queries, index, 100)
+    _, approx = knn.ScannSearcher.build(index).search(queries)
+    assert knn.recall_at_k(approx, exact) >= 0.9  # measured 0.944-0.958 (seeds 0-2)
+
+
+@needs_scann
+def test_scann_brute_force_for_tiny_index_is_exact():
+    rng = np.random.default_rng(3)
+    index, queries = _unit(rng.standard_normal((300, 16))), _unit(rng.standard_normal((9, 16)))
+    searcher = knn.ScannSearcher.build(index, num_neighbors=20)
+    assert searcher.brute_force
+    distances, indices = searcher.search(queries)
+    ref_d, ref_i = knn.exact_search(queries, index, 20)
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(distances, ref_d, atol=1e-5)
+    with pytest.raises(ValueError, match=r"k=301 .*N=300"):
+        searcher.search(queries, k=301)
+    with pytest.raises(ValueError, match="queries have 8 dims, the index has 16"):
+        searcher.search(queries[:, :8])
+
+
+@needs_scann
+def test_scann_missing_neighbours_are_padded(caplog):
+    rng = np.random.default_rng(4)
+    index = rng.standard_normal((2000, 8)).astype(np.float32)
+    # 200 leaves of about 10 points, one searched: far fewer than k=100 found.
+    searcher = knn.ScannSearcher.build(index, num_leaves=200, num_leaves_to_search=1)
+    with caplog.at_level(logging.WARNING):
+        distances, indices = searcher.search(index[:5])
+    assert "fewer than k=100" in caplog.text
+    missing = indices < 0
+    assert missing.any() and np.isinf(distances[missing]).all()
+    assert np.isfinite(distances[~missing]).all() and (indices[:, 0] >= 0).all()
+
+
+@needs_scann
+def test_scann_save_load_round_trip(unit_data, tmp_path):
+    queries, index, _ = unit_data
+    searcher = knn.ScannSearcher.build(index[:5000], num_neighbors=10)
+    before = searcher.search(queries)
+    searcher.save(str(tmp_path / "scann"))
+    loaded = knn.ScannSearcher.load(str(tmp_path / "scann"))
+    assert loaded.config == searcher.config
+    after = loaded.search(queries)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+    with pytest.raises(FileNotFoundError, match="ScannSearcher.save"):
+        knn.ScannSearcher.load(str(tmp_path))
+
+
+def test_search_dispatch(monkeypatch, caplog):
+    rng = np.random.default_rng(5)
+    index, queries = _unit(rng.standard_normal((200, 8))), _unit(rng.standard_normal((4, 8)))
+    expected = knn.exact_search(queries, index, 5)
+    np.testing.assert_array_equal(knn.search(queries, index, 5, backend="exact")[1], expected[1])
+    if knn.scann_available():
+        # 200 points: the ScaNN backend builds a brute-force searcher, so exact.
+        np.testing.assert_array_equal(knn.search(queries, index, 5)[1], expected[1])
+    with pytest.raises(ValueError, match=r"'faiss'.*'scann', 'exact'"):
+        knn.search(queries, index, 5, backend="faiss")
+
+    # Without ScaNN: a clear ImportError, and search() falls back to exact.
+    monkeypatch.setattr(knn, "_scann_module", lambda: ImportError("no module named scann"))
+    assert not knn.scann_available()
+    with pytest.raises(ImportError, match=r"tensorflow-cpu~=2\.20\.0 and scann==1\.4\.2"):
+        knn.ScannSearcher.build(index)
+    with caplog.at_level(logging.WARNING):
+        result = knn.search(queries, index, 5, backend="scann")
+    assert "falling back to exact search" in caplog.text.lower()
+    np.testing.assert_array_equal(result[1], expected[1])
