@@ -181,6 +181,11 @@ def exact_search(
     for offset in range(0, num_points, ic):
         chunk = index[offset : offset + ic]
         chunk_dev = jax.device_put(_pad_rows(chunk, ic), replicated)
+        # Dispatch is asynchronous: without this wait the loop would queue the
+        # whole index onto the devices. Waiting for the previous chunk's work
+        # keeps at most two chunks there while still overlapping transfer and
+        # compute.
+        jax.block_until_ready(best)
         for i, q in enumerate(q_dev):
             best[i] = _merge_chunk(*best[i], q, chunk_dev, offset, chunk.shape[0], k=k)
 
