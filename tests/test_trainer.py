@@ -17,14 +17,18 @@ from landmark_jax import checkpointing, data_format, trainer, training_summary
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def demo_config(arg: str):
-    """configs/demo.py's get_config, loaded by path as config_flags does."""
+def load_config(name: str, arg: str):
+    """configs/NAME.py's get_config(arg), loaded by path as config_flags does."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("demo_config", f"{REPO}/configs/demo.py")
+    spec = importlib.util.spec_from_file_location(name, f"{REPO}/configs/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def demo_config(arg: str):
+    return load_config("demo", arg)
 
 
 def build(raw: str, out: str, csv: str = "train.csv", **kwargs) -> str:
@@ -342,3 +346,31 @@ def test_two_processes_train_together(demo, tmp_path):
     losses = losses_of(workdir)
     assert sorted(losses) == [2, 4] and all(np.isfinite(list(losses.values())))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+RECIPE_STAGES = {
+    "glr2020_retrieval": ["clean", "full", "full640", "full736", "notclean"],
+    "glr2021_dolg": ["step1", "step2", "step3"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_STAGES))
+def test_recipe_configs_validate(demo, name):
+    from landmark_jax import config_lib
+
+    for stage in RECIPE_STAGES[name]:
+        for arg in (stage, f"{stage},smoke"):
+            config = load_config(name, arg)
+            config.data_dir = demo["full"]
+            config_lib.validate_config(config, num_devices=8)
+    with pytest.raises(ValueError, match="valid: one of"):
+        load_config(name, "nonsense")
+
+
+def test_dolg_recipe_smoke_trains(demo, tmp_path):
+    """DOLG + sub-center ArcFace + dynamic margins + Adam through the trainer."""
+    config = load_config("glr2021_dolg", "step1,smoke")
+    config.data_dir = demo["full"]
+    config.total_steps = 2
+    last = trainer.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(last["loss"]) and last["scale"] == 45.0

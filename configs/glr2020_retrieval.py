@@ -1,0 +1,100 @@
+r"""GLR2020 retrieval, 1st place (SeungKee Jeon): the staged EfficientNet recipe.
+
+EfficientNet-B7 -> GAP -> Dense(512, swish) embedding -> cosine-softmax head
+with the per-batch AdaCos scale and no margin (the released code defines
+m=0.5 but never applies it), cross-entropy weighted by 1/ln(n_c) (clean
+stage) or 1/ln(n_c + 1) (full stages) and by a not-clean factor, flip-only
+augmentation, SGD(lr 1e-3, momentum 0.9) with Keras's per-step decay 1e-5,
+global batch 64 (8 per core on a v3-8). Stages, each its own workdir, each
+initialised from the previous one:
+
+    # 0. ImageNet weights, converted once (users bring the .h5):
+    python -m landmark_jax.models.keras_import --arch=efficientnet_b7 \
+        --weights=efficientnetb7_notop.h5 --output=weights/b7
+    # 1. GLDv2-clean (81,313 classes), 512 px:
+    python -m landmark_jax.train --config=configs/glr2020_retrieval.py:clean \
+        --workdir=runs/clean --config.data_dir=DATA_CLEAN --config.init.backbone=weights/b7
+    # 2. Full GLDv2 (203,094 classes): new head, backbone + neck carried:
+    python -m landmark_jax.train --config=configs/glr2020_retrieval.py:full \
+        --workdir=runs/full --config.data_dir=DATA_FULL --config.init.checkpoint=runs/clean
+    # 3. 640 px, then 736 px, everything carried:
+    python -m landmark_jax.train --config=configs/glr2020_retrieval.py:full640 \
+        --workdir=runs/full640 --config.data_dir=DATA_FULL --config.init.checkpoint=runs/full
+    python -m landmark_jax.train --config=configs/glr2020_retrieval.py:full736 \
+        --workdir=runs/full736 --config.data_dir=DATA_FULL --config.init.checkpoint=runs/full640
+    # 4. Not-clean images at half weight:
+    python -m landmark_jax.train --config=configs/glr2020_retrieval.py:notclean \
+        --workdir=runs/notclean --config.data_dir=DATA_FULL --config.init.checkpoint=runs/full736
+
+DATA_CLEAN is `gldv2_to_tfrecord --split=train --clean_only` output, DATA_FULL
+the same without --clean_only (both with --clean_csv so is_clean is set).
+Expected (the published result of the 4-model ensemble of such runs):
+private mAP@100 0.38677. The original trained each stage "until the
+validation loss converges"; total_steps below are starting points, watch
+val_loss in metrics.jsonl. Append `,smoke` to any stage (e.g.
+`:full640,smoke`) for a seconds-long run on the demo data.
+"""
+
+from landmark_jax import config_lib
+
+# (image size, class weights, not-clean weight, what to carry from the previous stage)
+STAGES = {
+    "clean": (512, "inv_log", 1.0, None),
+    "full": (512, "inv_log1p", 1.0, "model"),
+    "full640": (640, "inv_log1p", 1.0, "all"),
+    "full736": (736, "inv_log1p", 1.0, "all"),
+    "notclean": (736, "inv_log1p", 0.5, "all"),
+}
+
+
+def get_config(arg: str = "clean"):
+    """arg: a stage name from STAGES, optionally followed by ',smoke'."""
+    parts = (arg or "clean").split(",")
+    stage, smoke = parts[0], parts[1:] == ["smoke"]
+    if stage not in STAGES or parts[1:] not in ([], ["smoke"]):
+        raise ValueError(
+            f"configs/glr2020_retrieval.py: arg {arg!r}; valid: "
+            f"one of {sorted(STAGES)}, optionally followed by ',smoke'"
+        )
+    image_size, class_weights, not_clean_weight, carry = STAGES[stage]
+
+    config = config_lib.base_config("global")
+    config.model.backbone = "efficientnet_b7"
+    config.model.embedding_dim = 512
+    config.model.pooling = "gap"
+    config.model.neck = "dense_swish"
+    config.image_size = image_size
+    config.batch_size = 64
+    config.total_steps = 100_000
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 2_000
+    config.eval_every_steps = 10_000
+    config.head.scale = "adacos_dynamic"
+    config.head.margin_type = "none"
+    config.loss.class_weights = class_weights
+    config.loss.not_clean_weight = not_clean_weight
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.momentum = 0.9
+    config.optimizer.schedule = "inverse_time"
+    config.optimizer.decay = 1e-5
+    if carry:
+        config.init.carry = carry
+
+    if smoke:
+        config.data_dir = "demo_data/tfrecords"
+        config.model.backbone = "efficientnet_tiny"
+        config.model.embedding_dim = 64
+        config.image_size = 32 if image_size == 512 else 48
+        config.batch_size = 16
+        config.total_steps = 4
+        config.log_every_steps = 2
+        config.checkpoint_every_steps = 2
+        config.eval_every_steps = 0
+        config.optimizer.learning_rate = 0.05
+        config.input.files_per_chunk = 4
+        config.input.shuffle_buffer = 64
+        if class_weights == "inv_log":
+            # The demo set has classes of one training image (ln 1 = 0).
+            config.loss.class_weights = "inv_log1p"
+    return config

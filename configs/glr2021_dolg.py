@@ -1,0 +1,92 @@
+r"""GLR2021 recognition, 1st place (Henkel): DOLG-EfficientNet + sub-center ArcFace.
+
+DOLG on EfficientNet-B5 (local branch: dilations 6/12/18 on the stride-16
+map with DELF attention; global branch: 1x1 conv -> BN -> SiLU -> GeM on the
+stride-32 map; orthogonal fusion; Linear -> BN -> PReLU to 512), sub-center
+ArcFace (k=3, s=45) with dynamic margins m_c = 0.45 * normalise(n_c^-1/4)
++ 0.05, Adam lr 1e-4 with weight decay 1e-4, one warm-up epoch and a cosine
+schedule, no class weights. Steps, each its own workdir:
+
+    python -m landmark_jax.models.keras_import --arch=efficientnet_b5 \
+        --weights=efficientnetb5_notop.h5 --output=weights/b5
+    # 1. GLDv2-clean, 256 px:
+    python -m landmark_jax.train --config=configs/glr2021_dolg.py:step1 \
+        --workdir=runs/dolg1 --config.data_dir=DATA_CLEAN --config.init.backbone=weights/b5
+    # 2. GLDv2x (the 81,313 clean classes, all their images), 448 px:
+    python -m landmark_jax.train --config=configs/glr2021_dolg.py:step2 \
+        --workdir=runs/dolg2 --config.data_dir=DATA_X --config.init.checkpoint=runs/dolg1
+    # 3. 768 px, lr 5e-5:
+    python -m landmark_jax.train --config=configs/glr2021_dolg.py:step3 \
+        --workdir=runs/dolg3 --config.data_dir=DATA_X --config.init.checkpoint=runs/dolg2
+
+Steps 2-3 keep the class set of step 1, so the head is carried too. Expected
+(the published single DOLG-EffNet-B5 result at 768 px): recognition private
+GAP 0.476, retrieval private mAP@100 0.478. Append `,smoke` to a step for a
+seconds-long run on the demo data.
+"""
+
+from landmark_jax import config_lib
+
+# (image size, learning rate, carry from the previous step)
+STEPS = {"step1": (256, 1e-4, None), "step2": (448, 1e-4, "all"), "step3": (768, 5e-5, "all")}
+
+
+def get_config(arg: str = "step1"):
+    """arg: a step name from STEPS, optionally followed by ',smoke'."""
+    parts = (arg or "step1").split(",")
+    step, smoke = parts[0], parts[1:] == ["smoke"]
+    if step not in STEPS or parts[1:] not in ([], ["smoke"]):
+        raise ValueError(
+            f"configs/glr2021_dolg.py: arg {arg!r}; valid: "
+            f"one of {sorted(STEPS)}, optionally followed by ',smoke'"
+        )
+    image_size, learning_rate, carry = STEPS[step]
+
+    config = config_lib.base_config("dolg")
+    config.model.backbone = "efficientnet_b5"
+    config.model.embedding_dim = 512
+    config.model.pooling = "gem"
+    config.model.neck = "dense_bn_prelu"
+    config.model.dolg.dilations = (6, 12, 18)
+    config.model.dolg.global_branch = "conv_bn_silu_gem"
+    config.model.dtype = "bfloat16"
+    config.image_size = image_size
+    config.batch_size = 64
+    config.total_steps = 250_000
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 2_000
+    config.eval_every_steps = 10_000
+    config.head.num_subcenters = 3
+    config.head.margin_type = "arcface"
+    config.head.dynamic_margins = True
+    config.head.margin_a = 0.45
+    config.head.margin_b = 0.05
+    config.head.scale = "fixed"
+    config.head.scale_value = 45.0
+    config.loss.class_weights = "none"
+    config.optimizer.name = "adam"
+    config.optimizer.learning_rate = learning_rate
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.schedule = "warmup_cosine"
+    config.optimizer.warmup_steps = 25_000  # about one epoch of GLDv2-clean at batch 64
+    if carry:
+        config.init.carry = carry
+
+    if smoke:
+        config.data_dir = "demo_data/tfrecords"
+        config.model.backbone = "efficientnet_tiny"
+        config.model.embedding_dim = 64
+        config.model.dolg.branch_channels = 16
+        config.model.dolg.local_dim = 32
+        config.model.dolg.global_dim = 32
+        config.model.dtype = "float32"
+        config.image_size = 32 if step == "step1" else 48
+        config.batch_size = 16
+        config.total_steps = 4
+        config.log_every_steps = 2
+        config.checkpoint_every_steps = 2
+        config.eval_every_steps = 0
+        config.optimizer.warmup_steps = 1
+        config.input.files_per_chunk = 4
+        config.input.shuffle_buffer = 64
+    return config
