@@ -133,7 +133,7 @@ def test_training_lowers_the_loss(demo, tmp_path):
     assert saved["total_steps"] == 30 and saved["data_dir"] == demo["full"]
     summary = training_summary.summarize(str(tmp_path))
     assert f"train loss {losses[0]:.3f} (step 5) -> {losses[-1]:.3f} (step 30)" in summary
-    assert "checkpoints at steps [30]" in summary
+    assert summary.rstrip().endswith("30]")  # the last checkpoint is the last step
     # A finished run returns at once.
     assert trainer.train_and_evaluate(config, str(tmp_path)) == {}
 
