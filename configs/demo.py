@@ -39,6 +39,8 @@ def get_config(arg: str | None = None):
     config.optimizer.warmup_steps = 20
     config.input.files_per_chunk = 4
     config.input.shuffle_buffer = 512
+    config.eval.retrieval_solution = "demo_data/raw/retrieval_solution.csv"
+    config.eval.recognition_solution = "demo_data/raw/recognition_solution.csv"
     if arg == "smoke":
         config.image_size = 32
         config.batch_size = 16

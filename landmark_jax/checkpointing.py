@@ -141,6 +141,15 @@ def _metadata_tree(metadata: Any) -> Mapping[str, Any]:
     return tree
 
 
+def latest_step(path: str) -> int | None:
+    """The newest checkpoint step of a workdir (or checkpoints/ folder), or None."""
+    directory = _checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    return max(steps) if steps else None
+
+
 def load_stage(path: str) -> dict[str, Any]:
     """The params and batch_stats of another run's latest checkpoint (numpy).
 

@@ -83,6 +83,25 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.init.carry = "model"  # model: backbone + neck, new head | all: head too
     c.init.backbone = ""  # a keras_import output folder
 
+    # Retrieval / recognition evaluation (python -m landmark_jax.evaluate).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.retrieval_solution = ""  # retrieval_solution.csv: scores mAP@100
+    c.eval.recognition_solution = ""  # recognition_solution.csv: scores GAP
+    c.eval.index_split = "index"
+    c.eval.test_split = "test"
+    c.eval.train_split = "train"  # recognition by kNN against it; "" skips recognition
+    c.eval.knn_backend = "scann"  # scann | exact
+    c.eval.k = 100
+    c.eval.recognition_k = 20
+    c.eval.recognition_power = 9.0  # neighbour votes are cos^p
+    c.eval.scales = (1.0,)  # e.g. (0.7071, 1.0, 1.4142)
+    c.eval.flip = False
+    c.eval.image_size = ml_collections.FieldReference(None, field_type=int)  # None: image_size
+    c.eval.gallery_queries = 8
+    # GLR2020 ensemble: [{'workdir': ..., 'weight': 1.0, 'image_size': 640}, ...];
+    # empty: the evaluated workdir alone.
+    c.eval.ensemble = ()
+
     c.nonfinite = ml_collections.ConfigDict()
     c.nonfinite.skip_updates = False  # False: stop at the first non-finite loss
     c.nonfinite.max_skipped = 10

@@ -22,3 +22,56 @@ def _check_eight_devices():
         f"tests expect 8 emulated CPU devices, got {jax.device_count()}; "
         "was jax imported before tests/conftest.py set XLA_FLAGS?"
     )
+
+
+def _build_train(raw: str, out: str, csv: str, clean_csv: str) -> str:
+    from data_pipelines import gldv2_to_tfrecord
+
+    gldv2_to_tfrecord.build_split(
+        "train",
+        f"{raw}/{csv}",
+        f"{raw}/train",
+        out,
+        2,
+        clean_csv=f"{raw}/{clean_csv}",
+        val_fraction=0.1,
+        num_workers=1,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A small demo data set built into two data folders.
+
+    'full': all 10 train landmarks plus the index and test splits; 'subset':
+    the same images of 6 landmarks (a stand-in for a stage change from one
+    class set to another, like GLDv2-clean 81,313 -> GLDv2 203,094); 'raw':
+    the GLDv2-layout CSVs and images.
+    """
+    from data_pipelines import gldv2_to_tfrecord, make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    raw = str(root / "raw")
+    make_demo_dataset.make_demo_dataset(
+        raw,
+        num_landmarks=10,
+        num_index_landmarks=3,
+        max_images_per_landmark=12,
+        image_size=48,
+        num_workers=1,
+    )
+    full = _build_train(raw, str(root / "full"), "train.csv", "train_clean.csv")
+    for split in ("index", "test"):
+        gldv2_to_tfrecord.build_split(
+            split, f"{raw}/{split}.csv", f"{raw}/{split}", full, 2, num_workers=1
+        )
+    lines = open(f"{raw}/train.csv").read().splitlines()
+    landmarks = sorted({line.split(",")[-1] for line in lines[1:]})[:6]
+    keep = [lines[0]] + [line for line in lines[1:] if line.split(",")[-1] in landmarks]
+    open(f"{raw}/train_subset.csv", "w").write("\n".join(keep) + "\n")
+    clean = open(f"{raw}/train_clean.csv").read().splitlines()
+    clean_keep = [clean[0]] + [line for line in clean[1:] if line.split(",")[0] in landmarks]
+    open(f"{raw}/train_clean_subset.csv", "w").write("\n".join(clean_keep) + "\n")
+    subset = _build_train(raw, str(root / "subset"), "train_subset.csv", "train_clean_subset.csv")
+    return {"full": full, "subset": subset, "raw": raw}

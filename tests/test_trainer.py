@@ -11,76 +11,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from data_pipelines import gldv2_to_tfrecord, make_demo_dataset
 from landmark_jax import checkpointing, data_format, trainer, training_summary
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name: str, arg: str):
-    """configs/NAME.py's get_config(arg), loaded by path as config_flags does."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, f"{REPO}/configs/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+from config_files import REPO, load_config
 
 
 def demo_config(arg: str):
     return load_config("demo", arg)
-
-
-def build(raw: str, out: str, csv: str = "train.csv", **kwargs) -> str:
-    gldv2_to_tfrecord.build_split(
-        "train",
-        f"{raw}/{csv}",
-        f"{raw}/train",
-        out,
-        2,
-        clean_csv=f"{raw}/train_clean.csv",
-        val_fraction=0.1,
-        num_workers=1,
-        **kwargs,
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Two data folders of one demo set: all classes, and a class subset."""
-    root = tmp_path_factory.mktemp("demo")
-    raw = str(root / "raw")
-    make_demo_dataset.make_demo_dataset(
-        raw,
-        num_landmarks=10,
-        num_index_landmarks=2,
-        max_images_per_landmark=12,
-        image_size=48,
-        num_workers=1,
-    )
-    full = build(raw, str(root / "full"))
-    # The same images with fewer landmarks: a stand-in for a stage change
-    # from one class set to another (GLDv2-clean 81,313 -> GLDv2 203,094).
-    lines = open(f"{raw}/train.csv").read().splitlines()
-    landmarks = sorted({line.split(",")[-1] for line in lines[1:]})[:6]
-    keep = [lines[0]] + [line for line in lines[1:] if line.split(",")[-1] in landmarks]
-    open(f"{raw}/train_subset.csv", "w").write("\n".join(keep) + "\n")
-    clean = open(f"{raw}/train_clean.csv").read().splitlines()
-    clean_keep = [clean[0]] + [line for line in clean[1:] if line.split(",")[0] in landmarks]
-    open(f"{raw}/train_clean_subset.csv", "w").write("\n".join(clean_keep) + "\n")
-    subset = str(root / "subset")
-    gldv2_to_tfrecord.build_split(
-        "train",
-        f"{raw}/train_subset.csv",
-        f"{raw}/train",
-        subset,
-        2,
-        clean_csv=f"{raw}/train_clean_subset.csv",
-        val_fraction=0.1,
-        num_workers=1,
-    )
-    return {"full": full, "subset": subset}
 
 
 def config_for(data_dir: str, **overrides):

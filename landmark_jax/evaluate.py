@@ -1,0 +1,46 @@
+r"""Evaluates a trained workdir: a thin entry point around retrieval.evaluation.
+
+    python -m landmark_jax.evaluate --config=configs/NAME.py[:ARG] --workdir=DIR \
+        [--config.eval.retrieval_solution=CSV] [--config.eval.recognition_solution=CSV]
+
+Embeds the `index` and `test` splits of config.data_dir (and `train` for
+recognition), searches k=100 neighbours, and writes DIR/eval/metrics.json
+(`map@100`, `gap`), retrieval_submission.csv, recognition_submission.csv and
+gallery.png. An ensemble is configured in config.eval.ensemble.
+"""
+
+from __future__ import annotations
+
+import logging as logging_std
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The workdir's config (configs/NAME.py[:ARG]).")
+flags.DEFINE_string("workdir", None, "The training workdir to evaluate.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _DropOrbaxInfo(logging_std.Filter):
+    def filter(self, record):
+        return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+    from landmark_jax.retrieval import evaluation
+
+    metrics = evaluation.evaluate(FLAGS.config, FLAGS.workdir)
+    for key in ("map@100", "gap"):
+        if key in metrics:
+            print(f"{key}: {metrics[key]:.4f}")
+    print(f"wrote {os.path.join(FLAGS.workdir, evaluation.EVAL_DIR)}/")
+
+
+if __name__ == "__main__":
+    app.run(main)

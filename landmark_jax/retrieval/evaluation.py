@@ -1,0 +1,181 @@
+"""`evaluate(config, workdir)`: embeddings -> kNN -> metrics and submissions.
+
+Retrieval: the test (query) embeddings are searched against the index
+embeddings (k = 100, squared L2 on unit vectors; ScaNN, or exact search on
+the accelerator), scored by GLDv2 mAP@100 per Public/Private split.
+Recognition: each test image takes the landmark voted by its nearest train
+images (cos^p scores), scored by GAP. An ensemble (config.eval.ensemble)
+concatenates several workdirs' normalised, weighted embeddings (GLR2020).
+
+Writes `<workdir>/eval/`: metrics.json (`map@100`, `gap`, and per-split
+detail), retrieval_submission.csv, recognition_submission.csv, gallery.png
+and the embeddings (embeddings-<split>-<member>.npz).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from landmark_jax import checkpointing, data_format, sharding
+from landmark_jax.retrieval import (
+    ensemble,
+    extract,
+    gallery,
+    knn,
+    recognition,
+    solutions,
+)
+
+EVAL_DIR = "eval"
+
+
+def _member_config(config: ml_collections.ConfigDict, member_workdir: str, workdir: str):
+    """The training config of an ensemble member (its config.json), on our data."""
+    if os.path.abspath(member_workdir) == os.path.abspath(workdir):
+        return config
+    path = os.path.join(member_workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"ensemble member {member_workdir}: no config.json")
+    with open(path) as f:
+        member = ml_collections.ConfigDict(json.load(f))
+    member.data_dir = config.data_dir
+    return member
+
+
+def embed_split(config, workdir: str, split: str, members, mesh) -> extract.Embeddings:
+    """A split's (ensemble) embeddings, cached in <workdir>/eval/."""
+    parts = []
+    for i, member in enumerate(members):
+        member_config = _member_config(config, member.workdir, workdir)
+        settings = {
+            "workdir": os.path.abspath(member.workdir),
+            "step": checkpointing.latest_step(member.workdir),
+            "data_dir": config.data_dir,
+            "scales": list(config.eval.scales),
+            "flip": bool(config.eval.flip),
+            "image_size": member.image_size or config.eval.image_size or member_config.image_size,
+        }
+        cache = os.path.join(workdir, EVAL_DIR, f"embeddings-{split}-{i}.npz")
+        # Reused only when made by the same checkpoint with the same settings.
+        if os.path.exists(cache):
+            cached = extract.Embeddings.load(cache)
+            if cached.settings == settings:
+                parts.append(cached)
+                continue
+        emb = extract.extract(
+            member_config,
+            member.workdir,
+            split,
+            scales=tuple(config.eval.scales),
+            flip=config.eval.flip,
+            image_size=settings["image_size"],
+            mesh=mesh,
+        )
+        emb = dataclasses.replace(emb, settings=settings)
+        emb.save(cache)
+        parts.append(emb)
+    ids, aligned = ensemble.align_by_ids([(p.ids, p.embeddings) for p in parts])
+    combined = ensemble.combine_embeddings(aligned, [m.weight for m in members])
+    return extract.Embeddings(np.asarray(ids), combined, parts[0].labels)
+
+
+def _merged(solution: Any) -> dict:
+    return {**solution[solutions.PUBLIC], **solution[solutions.PRIVATE]}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluates a workdir (or an ensemble) on the data's index/test splits.
+
+    Args:
+      config: the training config with its `eval` block.
+      workdir: the training workdir; results go to <workdir>/eval/.
+
+    Returns:
+      The metrics written to eval/metrics.json.
+
+    Raises:
+      FileNotFoundError: no checkpoint, or a missing solution file.
+      ValueError: a bad ensemble entry or predictions for unknown ids.
+    """
+    ec = config.eval
+    out_dir = os.path.join(workdir, EVAL_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    mesh = sharding.create_mesh()
+    members = (
+        ensemble.ensemble_members_from_config(list(ec.ensemble))
+        if ec.ensemble
+        else [ensemble.EnsembleMember(workdir, 1.0, None)]
+    )
+    metrics: dict[str, Any] = {"members": [m.workdir for m in members]}
+
+    # --- Retrieval: test queries against the index -------------------------
+    index = embed_split(config, workdir, ec.index_split, members, mesh)
+    test = embed_split(config, workdir, ec.test_split, members, mesh)
+    k = min(ec.k, len(index.ids))
+    _, neighbors = knn.search(test.embeddings, index.embeddings, k, backend=ec.knn_backend)
+    retrieval = {
+        qid: [str(index.ids[j]) for j in row if j >= 0]
+        for qid, row in zip(test.ids, neighbors, strict=True)
+    }
+    solutions.write_retrieval_submission(
+        os.path.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
+    )
+    if ec.retrieval_solution:
+        solution = solutions.read_retrieval_solution(ec.retrieval_solution)
+        by_usage = solutions.retrieval_metrics_by_usage(retrieval, solution)
+        metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
+        metrics["retrieval"] = by_usage
+        gallery.write_gallery(
+            config.data_dir,
+            retrieval,
+            _merged(solution),
+            os.path.join(out_dir, "gallery.png"),
+            num_queries=ec.gallery_queries,
+            title=f"{workdir}: mAP@100 {metrics['map@100']:.4f}",
+        )
+
+    # --- Recognition: vote of the nearest train images ----------------------
+    if ec.train_split:
+        train = embed_split(config, workdir, ec.train_split, members, mesh)
+        label_map = data_format.read_label_map(config.data_dir)
+        scores, neighbors = knn.search(
+            test.embeddings,
+            train.embeddings,
+            min(ec.recognition_k, len(train.ids)),
+            backend=ec.knn_backend,
+        )
+        # Squared L2 on unit vectors -> cosine.
+        cosine = np.where(neighbors >= 0, 1.0 - scores / 2.0, 0.0)
+        train_landmarks = label_map.landmark_ids[train.labels]
+        labels, label_scores = recognition.knn_vote(
+            recognition.neighbor_landmarks(neighbors, train_landmarks),
+            cosine,
+            power=ec.recognition_power,
+        )
+        predictions = recognition.recognition_predictions(list(test.ids), labels, label_scores)
+        solutions.write_recognition_submission(
+            os.path.join(out_dir, "recognition_submission.csv"),
+            predictions,
+            all_ids=list(test.ids),
+        )
+        if ec.recognition_solution:
+            solution = solutions.read_recognition_solution(ec.recognition_solution)
+            by_usage = solutions.recognition_metrics_by_usage(predictions, solution)
+            metrics["gap"] = by_usage[solutions.ALL]["gap"]
+            metrics["recognition"] = by_usage
+
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2, default=float)
+    logging.info(
+        "Evaluation of %s: %s",
+        workdir,
+        {k: v for k, v in metrics.items() if k in ("map@100", "gap")},
+    )
+    return metrics

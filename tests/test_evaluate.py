@@ -1,0 +1,183 @@
+"""Extraction, kNN evaluation, ensembles and the evaluate entry point, end to end."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from landmark_jax import input_pipeline, sharding, trainer
+from landmark_jax.retrieval import ensemble, evaluation, extract, knn, metrics, solutions
+
+from config_files import REPO, load_config
+
+
+def eval_config(demo, **eval_overrides):
+    config = load_config("demo", "smoke")
+    config.data_dir = demo["full"]
+    config.total_steps = 4
+    config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
+    config.eval.recognition_solution = f"{demo['raw']}/recognition_solution.csv"
+    config.eval.knn_backend = "exact"
+    config.eval.gallery_queries = 3
+    for key, value in eval_overrides.items():
+        config.eval[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    trainer.train_and_evaluate(eval_config(demo), workdir)
+    return workdir
+
+
+def csv_ids(path):
+    with open(path) as f:
+        return [row["id"] for row in csv.DictReader(f)]
+
+
+def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
+    config = eval_config(demo)
+    emb = extract.extract(config, trained, "index")
+    assert list(emb.ids) == csv_ids(f"{demo['raw']}/index.csv")
+    assert emb.embeddings.shape == (len(emb.ids), config.model.embedding_dim)
+    np.testing.assert_allclose(np.linalg.norm(emb.embeddings, axis=1), 1.0, rtol=1e-5)
+    assert (emb.labels == -1).all()
+
+    # Flip averaging against the definition: mean of the normalised views,
+    # normalised, with the model applied here to the pipeline's images.
+    flipped = extract.extract(config, trained, "index", flip=True)
+    model, variables = extract.load_model_variables(config, trained, sharding.create_mesh())
+    ds, _ = input_pipeline.create_eval_dataset(
+        demo["full"], "index", image_size=config.image_size, local_batch_size=64
+    )
+    images = next(ds.as_numpy_iterator())["image"][: len(emb.ids)]
+
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    plain = unit(model.apply(variables, images))
+    expected = unit(plain + unit(model.apply(variables, images[:, :, ::-1])))
+    np.testing.assert_allclose(emb.embeddings, plain, atol=1e-5)
+    np.testing.assert_allclose(flipped.embeddings, expected, atol=1e-5)
+
+    scaled = extract.extract(config, trained, "index", scales=(0.75, 1.0))
+    assert list(scaled.ids) == list(emb.ids)
+    np.testing.assert_allclose(np.linalg.norm(scaled.embeddings, axis=1), 1.0, rtol=1e-5)
+    assert np.abs(scaled.embeddings - emb.embeddings).max() > 0
+
+    val = extract.extract(config, trained, "val")
+    assert (val.labels >= 0).all()
+
+
+def test_evaluate_writes_metrics_submissions_and_gallery(demo, trained):
+    result = evaluation.evaluate(eval_config(demo), trained)
+    out = os.path.join(trained, "eval")
+    written = json.load(open(os.path.join(out, "metrics.json")))
+    assert written["map@100"] == pytest.approx(result["map@100"])
+    assert 0.0 <= written["map@100"] <= 1.0 and 0.0 <= written["gap"] <= 1.0
+
+    # The metrics agree with the submission files scored independently.
+    retrieval = solutions.read_retrieval_predictions(os.path.join(out, "retrieval_submission.csv"))
+    assert sorted(retrieval) == sorted(csv_ids(f"{demo['raw']}/test.csv"))
+    assert all(
+        len(v) == min(100, len(csv_ids(f"{demo['raw']}/index.csv"))) for v in retrieval.values()
+    )
+    solution = solutions.read_retrieval_solution(f"{demo['raw']}/retrieval_solution.csv")
+    scored = {k: v for k, v in retrieval.items() if k not in solution[solutions.IGNORED]}
+    merged = {**solution[solutions.PUBLIC], **solution[solutions.PRIVATE]}
+    assert metrics.mean_average_precision(scored, merged) == pytest.approx(written["map@100"])
+
+    recognition = solutions.read_recognition_predictions(
+        os.path.join(out, "recognition_submission.csv")
+    )
+    rec_solution = solutions.read_recognition_solution(f"{demo['raw']}/recognition_solution.csv")
+    rec_merged = {**rec_solution[solutions.PUBLIC], **rec_solution[solutions.PRIVATE]}
+    scored = {k: v for k, v in recognition.items() if k in rec_merged}
+    assert metrics.global_average_precision(scored, rec_merged) == pytest.approx(written["gap"])
+
+    with Image.open(os.path.join(out, "gallery.png")) as image:
+        assert image.format == "PNG" and image.width > 300 and image.height > 300
+
+
+def test_scann_backend_matches_exact_search(demo, trained):
+    result = evaluation.evaluate(eval_config(demo, knn_backend="scann"), trained)
+    out = os.path.join(trained, "eval")
+    retrieval = solutions.read_retrieval_predictions(os.path.join(out, "retrieval_submission.csv"))
+    assert sorted(retrieval) == sorted(csv_ids(f"{demo['raw']}/test.csv"))
+    assert 0.0 <= result["map@100"] <= 1.0
+    # On the same embeddings both backends return the same distances, best
+    # first (ids of near-equal distances may swap places).
+    index = extract.Embeddings.load(os.path.join(out, "embeddings-index-0.npz"))
+    test = extract.Embeddings.load(os.path.join(out, "embeddings-test-0.npz"))
+    k = len(index.ids)
+    d_scann, _ = knn.search(test.embeddings, index.embeddings, k, backend="scann")
+    d_exact, _ = knn.search(test.embeddings, index.embeddings, k, backend="exact")
+    np.testing.assert_allclose(d_scann, d_exact, atol=1e-5)
+
+
+def test_ensemble_of_one_model_twice_ranks_like_the_model(demo, trained, tmp_path):
+    single = evaluation.evaluate(eval_config(demo, train_split=""), trained)
+    ensemble_dir = str(tmp_path / "ensemble")
+    config = eval_config(demo, train_split="")
+    copy = str(tmp_path / "copy")  # the same weights as a second member
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("eval"))
+    config.eval.ensemble = (
+        {"workdir": trained, "weight": 1.0},
+        {"workdir": copy, "weight": 0.5},
+    )
+    combined = evaluation.evaluate(config, ensemble_dir)
+    assert combined["members"] == [trained, copy]
+    out = os.path.join(ensemble_dir, "eval")
+    parts = {
+        (split, i): extract.Embeddings.load(os.path.join(out, f"embeddings-{split}-{i}.npz"))
+        for split in ("index", "test")
+        for i in (0, 1)
+    }
+    for split in ("index", "test"):
+        np.testing.assert_array_equal(parts[split, 0].embeddings, parts[split, 1].embeddings)
+    # Weighted concatenation: every squared distance is (1 + 0.5^2) times the
+    # single model's, so the ranking is the model's.
+    combined_index = ensemble.combine_embeddings(
+        [parts["index", 0].embeddings, parts["index", 1].embeddings], [1.0, 0.5]
+    )
+    combined_test = ensemble.combine_embeddings(
+        [parts["test", 0].embeddings, parts["test", 1].embeddings], [1.0, 0.5]
+    )
+    k = len(parts["index", 0].ids)
+    d_single, _ = knn.search(
+        parts["test", 0].embeddings, parts["index", 0].embeddings, k, backend="exact"
+    )
+    d_combined, _ = knn.search(combined_test, combined_index, k, backend="exact")
+    np.testing.assert_allclose(d_combined, 1.25 * d_single, atol=1e-5)
+    assert 0.0 <= combined["map@100"] <= 1.0 and 0.0 <= single["map@100"] <= 1.0
+
+
+def test_evaluate_command_line(demo, trained, tmp_path):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "landmark_jax.evaluate",
+        "--config=configs/demo.py:smoke",
+        f"--workdir={trained}",
+        f"--config.data_dir={demo['full']}",
+        f"--config.eval.retrieval_solution={demo['raw']}/retrieval_solution.csv",
+        "--config.eval.train_split=",
+        "--config.eval.knn_backend=exact",
+    ]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "map@100: " in result.stdout
+    assert "gap" not in result.stdout
