@@ -37,6 +37,7 @@ demo: install
 	rm -rf $(DEMO_DIR)/workdir
 	$(PY) -m landmark_jax.train --config=configs/demo.py --workdir=$(DEMO_DIR)/workdir
 	$(PY) -m landmark_jax.training_summary --workdir=$(DEMO_DIR)/workdir
+	$(PY) -m landmark_jax.evaluate --config=configs/demo.py --workdir=$(DEMO_DIR)/workdir
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
