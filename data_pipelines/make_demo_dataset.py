@@ -17,13 +17,7 @@ occluded. The splits follow GLDv2:
   index landmarks get none), recognition images (photographs of train
   landmarks) and non-landmark distractors.
 
-The solutions list every test id, as the GLDv2 v2.1 files do:
-retrieval_solution.csv has `<index ids>,Public|Private` for queries and
-`None,Ignored` for every other test image; recognition_solution.csv has
-`<landmark_id>,Public|Private` for recognition images and an empty landmarks
-field with Public/Private for the others, so that confident predictions on
-them lower GAP (GAP counts them in its ranking; Ignored rows it would skip).
-Each test image has one Usage, shared by both files.
+`demo_layout` decides where the images go and what the CSV and solution files list.
 
 The same seed gives byte-identical CSVs and identical pixels, whatever the
 number of worker processes.
@@ -32,30 +26,18 @@ number of worker processes.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import math
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Sequence
 
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import synthetic_scenes
+from data_pipelines import demo_layout, synthetic_scenes
 
-SPLITS = ("train", "index", "test")
-CSV_FILES = (
-    "train.csv",
-    "train_clean.csv",
-    "index.csv",
-    "test.csv",
-    "index_image_to_landmark.csv",
-    "retrieval_solution.csv",
-    "recognition_solution.csv",
-)
 # GLDv2 train landmark ids run up to 203,093; demo ids are drawn from the same
 # range, non-contiguous, so that builders must map them to labels 0..C-1.
 _LANDMARK_ID_RANGE = 203_094
@@ -211,19 +193,6 @@ def _plan(
     return photos
 
 
-def image_path(images_dir: str, image_id: str) -> str:
-    """The GLDv2 path of an image: `<images_dir>/a/b/c/<id>.jpg`.
-
-    Args:
-      images_dir: the split's image folder, e.g. `<output_dir>/train`.
-      image_id: the image id (at least 3 characters).
-
-    Returns:
-      The file path.
-    """
-    return os.path.join(images_dir, image_id[0], image_id[1], image_id[2], f"{image_id}.jpg")
-
-
 def _jobs(
     photos: Sequence[_Photo], output_dir: str, seed: int, image_size: int
 ) -> list[synthetic_scenes.PhotoJob]:
@@ -232,7 +201,7 @@ def _jobs(
         collections.defaultdict(list)
     )
     for serial, photo in enumerate(photos):
-        path = image_path(os.path.join(output_dir, photo.split), photo.image_id)
+        path = demo_layout.image_path(os.path.join(output_dir, photo.split), photo.image_id)
         by_scene[photo.scene].append((path, (seed, _PHOTO_STREAM, serial), photo.difficulty))
     jobs = []
     for (kind, index), items in by_scene.items():
@@ -257,81 +226,6 @@ def _render(jobs: Sequence[synthetic_scenes.PhotoJob], num_workers: int) -> int:
     # threads, which fork does not survive safely.
     with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
         return sum(pool.imap_unordered(synthetic_scenes.render_job, jobs))
-
-
-def _write_csv(path: str, header: Sequence[str], rows) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def _write_csvs(output_dir: str, photos: Sequence[_Photo]) -> None:
-    """Writes the GLDv2 CSV files, rows sorted by id (or landmark id) for stable bytes."""
-    by_split = {
-        split: sorted((p for p in photos if p.split == split), key=lambda p: p.image_id)
-        for split in SPLITS
-    }
-    join = os.path.join
-    _write_csv(
-        join(output_dir, "train.csv"),
-        ("id", "url", "landmark_id"),
-        ((p.image_id, f"demo://train/{p.image_id}.jpg", p.label) for p in by_split["train"]),
-    )
-    clean: dict[int, list[str]] = collections.defaultdict(list)
-    for p in by_split["train"]:
-        if p.clean:
-            clean[p.label].append(p.image_id)
-    _write_csv(
-        join(output_dir, "train_clean.csv"),
-        ("landmark_id", "images"),
-        ((lm, " ".join(ids)) for lm, ids in sorted(clean.items())),
-    )
-    for split in ("index", "test"):
-        _write_csv(
-            join(output_dir, f"{split}.csv"), ("id",), ((p.image_id,) for p in by_split[split])
-        )
-    _write_csv(
-        join(output_dir, "index_image_to_landmark.csv"),
-        ("id", "landmark_id"),
-        ((p.image_id, p.truth) for p in by_split["index"] if p.truth is not None),
-    )
-    index_of: dict[int, list[str]] = collections.defaultdict(list)
-    for p in by_split["index"]:
-        if p.truth is not None:
-            index_of[p.truth].append(p.image_id)
-    retrieval, recognition = [], []
-    for p in by_split["test"]:
-        if p.test_role == "query":
-            retrieval.append((p.image_id, " ".join(index_of[p.truth]), p.usage))
-        else:
-            retrieval.append((p.image_id, "None", "Ignored"))
-        landmarks = str(p.truth) if p.test_role == "recognition" else ""
-        recognition.append((p.image_id, landmarks, p.usage))
-    _write_csv(join(output_dir, "retrieval_solution.csv"), ("id", "images", "Usage"), retrieval)
-    _write_csv(
-        join(output_dir, "recognition_solution.csv"), ("id", "landmarks", "Usage"), recognition
-    )
-
-
-def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Creates the folder, refusing to mix with earlier contents unless told to."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise NotADirectoryError(f"--output_dir {output_dir!r} exists and is not a folder")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not overwrite:
-            raise FileExistsError(
-                f"--output_dir {output_dir!r} is not empty; pass --overwrite to replace "
-                "a data set there, or choose another folder"
-            )
-        # Remove only what this tool writes: the folder may hold other work.
-        for split in SPLITS:
-            shutil.rmtree(os.path.join(output_dir, split), ignore_errors=True)
-        for name in CSV_FILES:
-            path = os.path.join(output_dir, name)
-            if os.path.isfile(path):
-                os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
 
 
 def _check_arguments(
@@ -412,14 +306,14 @@ def make_demo_dataset(
         num_workers,
     )
     start = time.perf_counter()
-    _prepare_output_dir(output_dir, overwrite)
+    demo_layout.prepare_output_dir(output_dir, overwrite)
     rng = np.random.default_rng((seed, _PLAN_STREAM))
     photos = _plan(num_landmarks, num_index_landmarks, max_images_per_landmark, noisy_fraction, rng)
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1)
     written = _render(_jobs(photos, output_dir, seed, image_size), num_workers)
     # The CSVs come last, so a data set with CSVs is a complete one.
-    _write_csvs(output_dir, photos)
+    demo_layout.write_csvs(output_dir, photos)
 
     train = [p for p in photos if p.split == "train"]
     test = [p for p in photos if p.split == "test"]

@@ -15,20 +15,18 @@ label and passed per sample).
 
 Padded classes. The class dimension of a large head (203,094 classes, 104M
 parameters) is sharded across devices, so it is padded to a multiple of the
-device count (`padded_num_classes`). The classifier sets the cosine of every
-padded class (index >= num_classes) to `PADDED_COSINE` (-1e9): any logit made
-from it by a positive scale is at most -1e9 * s, whose exp underflows to exactly
-0 in float32, so padded classes never carry softmax mass, never win an argmax
-or top-k, and receive zero gradient. The value is finite on purpose: -inf would
-turn `0 * x` and d(logit)/d(scale) into NaN. `margin_logits` leaves non-target
-columns unclipped so the sentinel survives; labels must be < num_classes.
+device count (`head_sharding.padded_num_classes`). The classifier sets the
+cosine of every padded class (index >= num_classes) to `PADDED_COSINE` (-1e9):
+any logit made from it by a positive scale is at most -1e9 * s, whose exp
+underflows to exactly 0 in float32, so padded classes never carry softmax mass,
+never win an argmax or top-k, and receive zero gradient. The value is finite
+on purpose: -inf would turn `0 * x` and d(logit)/d(scale) into NaN.
+`margin_logits` leaves non-target columns unclipped so the sentinel survives;
+labels must be < num_classes.
 
-Sharding. `param_shardings` places the head kernel as P(None, 'data'), every
-other parameter replicated. Under `jax.jit` the matmul, the max over
-sub-centers, the margin and the cross-entropy's logsumexp are then computed on
-each device's slice of classes, with only [B]-sized reductions crossing
-devices. Set `CosineClassifier.mesh` so the embeddings are all-gathered (small)
-rather than the kernel (large).
+Sharding. `head_sharding` pads and splits the class dimension across devices;
+set `CosineClassifier.mesh` so the embeddings are all-gathered (small) rather
+than the kernel (large).
 """
 
 from __future__ import annotations
@@ -40,14 +38,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from landmark_jax.sharding import DATA_AXIS
+
 Dtype = Any
 
-DATA_AXIS = "data"
-HEAD_KEY = "head"
 KERNEL_KEY = "kernel"
 
 # Cosine given to padded classes; see the module docstring for why it is finite.
@@ -83,7 +80,7 @@ class CosineClassifier(nn.Module):
       num_subcenters: k, weight vectors per class.
       param_dtype: dtype of the kernel.
       num_classes_padded: C_padded >= C, the kernel's class count (see
-        `padded_num_classes`); None means C. Classes >= C get `PADDED_COSINE`.
+        `head_sharding.padded_num_classes`); None means C. Classes >= C get `PADDED_COSINE`.
       dtype: dtype of the normalised operands of the matmul (float32 by
         default; bfloat16 halves its memory traffic). Accumulation and the
         output are always float32.
@@ -396,92 +393,3 @@ def compute_scale(
     if cosine is None or labels is None:
         raise ValueError("scale_mode 'adacos_dynamic' needs the batch's cosine and labels")
     return adacos_dynamic_scale(cosine, labels, num_classes, valid_mask=valid_mask)
-
-
-# ----------------------------------------------------------------------------
-# Sharding of the class dimension.
-
-
-def padded_num_classes(num_classes: int, num_shards: int, per_shard_multiple: int = 8) -> int:
-    """Rounds C up to a multiple of num_shards * per_shard_multiple.
-
-    Every shard of the class axis then holds the same whole number of classes
-    (with all their sub-centers, by the class-major layout), a multiple of
-    `per_shard_multiple` for aligned per-device tiles.
-
-    The result depends on num_shards, and so does the kernel shape saved in a
-    checkpoint: pass the same num_shards (e.g. a fixed 8, or a multiple of
-    every device count you will use) to resume on a different device count.
-
-    Args:
-      num_classes: real C >= 1.
-      num_shards: devices the class axis is split over (>= 1).
-      per_shard_multiple: alignment of each shard's class count (>= 1).
-
-    Returns:
-      C_padded >= C.
-
-    Raises:
-      ValueError: an argument below 1.
-    """
-    if min(num_classes, num_shards, per_shard_multiple) < 1:
-        raise ValueError(
-            f"num_classes={num_classes}, num_shards={num_shards} and "
-            f"per_shard_multiple={per_shard_multiple} must all be >= 1"
-        )
-    unit = num_shards * per_shard_multiple
-    return -(-num_classes // unit) * unit
-
-
-def _is_head_kernel(path: tuple[Any, ...]) -> bool:
-    """True for a key path ending in ('head', 'kernel').
-
-    Matching the suffix also catches the kernel inside an optimizer state
-    (e.g. momentum 'trace') or a {'params': ...} wrapper.
-    """
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    return len(names) >= 2 and names[-2:] == [HEAD_KEY, KERNEL_KEY]
-
-
-def param_shardings(params: Any, mesh: Mesh, shard_head: bool) -> Any:
-    """NamedShardings for a parameter (or optimizer-state) pytree.
-
-    The head kernel (path ending in 'head', 'kernel', i.e.
-    params['head']['kernel']) gets P(None, 'data') when shard_head, so no device
-    holds the whole head; everything else is replicated (P()).
-
-    Args:
-      params: pytree of arrays or jax.ShapeDtypeStruct (e.g. from
-        jax.eval_shape); the trainer's model keeps the head under 'head' and
-        the embedding model under 'model'.
-      mesh: device mesh with a 'data' axis.
-      shard_head: shard the head kernel's class axis; False replicates all.
-
-    Returns:
-      A pytree of NamedSharding with the structure of `params`.
-
-    Raises:
-      ValueError: the mesh has no 'data' axis, or the kernel's last dimension
-        is not divisible by the 'data' axis size (pad with
-        `padded_num_classes`).
-    """
-    if DATA_AXIS not in mesh.axis_names:
-        raise ValueError(f"mesh axes {mesh.axis_names} have no {DATA_AXIS!r} axis")
-    num_shards = mesh.shape[DATA_AXIS]
-    replicated = NamedSharding(mesh, P())
-    class_sharded = NamedSharding(mesh, P(None, DATA_AXIS))
-
-    def choose(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        if not (shard_head and _is_head_kernel(path)):
-            return replicated
-        shape = np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape
-        if len(shape) != 2 or shape[-1] % num_shards:
-            raise ValueError(
-                f"head kernel {jax.tree_util.keystr(path)} of shape {tuple(shape)} cannot be "
-                f"split over {num_shards} devices: its last dimension (classes * sub-centers) "
-                "must be a multiple of the device count; set num_classes_padded = "
-                "padded_num_classes(num_classes, num_devices)"
-            )
-        return class_sharded
-
-    return jax.tree_util.tree_map_with_path(choose, params)

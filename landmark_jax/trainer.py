@@ -27,6 +27,7 @@ from landmark_jax import (
     checkpointing,
     config_lib,
     data_format,
+    head_sharding,
     heads,
     input_pipeline,
     losses,
@@ -286,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     head = heads.CosineClassifier(
         num_classes=num_classes,
         num_subcenters=config.head.num_subcenters,
-        num_classes_padded=heads.padded_num_classes(num_classes, HEAD_PAD_SHARDS),
+        num_classes_padded=head_sharding.padded_num_classes(num_classes, HEAD_PAD_SHARDS),
         mesh=mesh if shard_head else None,
     )
     class_w = losses.class_weights(label_map.counts, config.loss.class_weights)

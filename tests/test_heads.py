@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from landmark_jax import heads, losses
+from landmark_jax import head_sharding, heads, losses
 
 # ---------------------------------------------------------------------------
 # numpy references, written from the recipes' formulas.
@@ -240,13 +240,13 @@ def test_compute_scale_modes_and_errors():
 
 
 def test_padded_num_classes():
-    assert heads.padded_num_classes(81_313, 8) == 81_344
-    assert heads.padded_num_classes(203_094, 8) == 203_136
-    assert heads.padded_num_classes(13, 8, per_shard_multiple=1) == 16
-    assert heads.padded_num_classes(16, 8, per_shard_multiple=1) == 16
-    assert heads.padded_num_classes(5, 1, per_shard_multiple=1) == 5
+    assert head_sharding.padded_num_classes(81_313, 8) == 81_344
+    assert head_sharding.padded_num_classes(203_094, 8) == 203_136
+    assert head_sharding.padded_num_classes(13, 8, per_shard_multiple=1) == 16
+    assert head_sharding.padded_num_classes(16, 8, per_shard_multiple=1) == 16
+    assert head_sharding.padded_num_classes(5, 1, per_shard_multiple=1) == 5
     with pytest.raises(ValueError, match=">= 1"):
-        heads.padded_num_classes(10, 0)
+        head_sharding.padded_num_classes(10, 0)
 
 
 def test_param_shardings_paths():
@@ -255,26 +255,26 @@ def test_param_shardings_paths():
         "model": {"neck": {"kernel": jnp.zeros((4, 8))}, "head": {"bias": jnp.zeros(3)}},
         "head": {"kernel": jax.ShapeDtypeStruct((4, 16), jnp.float32)},
     }
-    specs = jax.tree.map(lambda s: s.spec, heads.param_shardings(params, mesh, True))
+    specs = jax.tree.map(lambda s: s.spec, head_sharding.param_shardings(params, mesh, True))
     assert specs == {
         "model": {"neck": {"kernel": P()}, "head": {"bias": P()}},
         "head": {"kernel": P(None, "data")},
     }
     # The same rule reaches the head inside an optimizer state.
     opt_state = optax.sgd(0.1, momentum=0.9).init({"head": {"kernel": jnp.zeros((4, 16))}})
-    leaves = jax.tree.leaves(heads.param_shardings(opt_state, mesh, True))
+    leaves = jax.tree.leaves(head_sharding.param_shardings(opt_state, mesh, True))
     assert [s.spec for s in leaves] == [P(None, "data")]
-    unsharded = heads.param_shardings(params, mesh, False)
+    unsharded = head_sharding.param_shardings(params, mesh, False)
     assert all(s.spec == P() for s in jax.tree.leaves(unsharded))
     with pytest.raises(ValueError, match="padded_num_classes"):
-        heads.param_shardings({"head": {"kernel": jnp.zeros((4, 12))}}, mesh, True)
+        head_sharding.param_shardings({"head": {"kernel": jnp.zeros((4, 12))}}, mesh, True)
 
 
 def test_sharded_head_matches_single_device():
     """Class-sharded kernel + batch-sharded embeddings == one device, values and grads."""
     mesh = Mesh(np.array(jax.devices()), ("data",))
     num_classes, k, dim, batch = 13, 3, 8, 16
-    padded = heads.padded_num_classes(num_classes, 8, per_shard_multiple=1)  # 16
+    padded = head_sharding.padded_num_classes(num_classes, 8, per_shard_multiple=1)  # 16
     clf = heads.CosineClassifier(num_classes, num_subcenters=k, num_classes_padded=padded)
     head = clf.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, dim)))["params"]
     params = {"head": head, "model": {"scale": jnp.ones((dim,))}}
@@ -306,7 +306,7 @@ def test_sharded_head_matches_single_device():
 
     batch_sharded = NamedSharding(mesh, P("data"))
     sharded_args = (
-        jax.device_put(params, heads.param_shardings(params, mesh, shard_head=True)),
+        jax.device_put(params, head_sharding.param_shardings(params, mesh, shard_head=True)),
         jax.device_put(emb, batch_sharded),
         jax.device_put(labels, batch_sharded),
         jax.device_put(valid, batch_sharded),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines import demo_layout
 from data_pipelines import make_demo_dataset as demo
 
 TINY = dict(
@@ -44,7 +45,7 @@ def _ids(root: str, split: str) -> list[str]:
 
 
 def _pixels(root: str, split: str, image_id: str) -> np.ndarray:
-    with Image.open(demo.image_path(os.path.join(root, split), image_id)) as image:
+    with Image.open(demo_layout.image_path(os.path.join(root, split), image_id)) as image:
         return np.asarray(image.convert("RGB"))
 
 
@@ -64,14 +65,14 @@ def test_files_and_headers_are_gldv2(tiny):
 
 def test_ids_are_16_hex_and_unique_across_splits(tiny):
     root, summary = tiny
-    all_ids = [i for split in demo.SPLITS for i in _ids(root, split)]
+    all_ids = [i for split in demo_layout.SPLITS for i in _ids(root, split)]
     assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in all_ids)
     assert len(set(all_ids)) == len(all_ids) == summary["total_images"]
 
 
 def test_image_tree_matches_the_csvs_exactly(tiny):
     root, _ = tiny
-    for split in demo.SPLITS:
+    for split in demo_layout.SPLITS:
         on_disk = set()
         for folder, _, files in os.walk(os.path.join(root, split)):
             for name in files:
@@ -87,9 +88,9 @@ def test_image_tree_matches_the_csvs_exactly(tiny):
 def test_images_are_rgb_jpegs_of_varied_shapes(tiny):
     root, _ = tiny
     shapes = set()
-    for split in demo.SPLITS:
+    for split in demo_layout.SPLITS:
         for image_id in _ids(root, split):
-            with Image.open(demo.image_path(os.path.join(root, split), image_id)) as image:
+            with Image.open(demo_layout.image_path(os.path.join(root, split), image_id)) as image:
                 assert image.format == "JPEG" and image.mode == "RGB"
                 assert 48 <= max(image.size) <= 64
                 shapes.add(image.size)
@@ -168,7 +169,7 @@ def test_same_seed_same_data_set_whatever_the_workers(tiny, tmp_path):
     for name in HEADERS:
         with open(os.path.join(root, name), "rb") as a, open(os.path.join(again, name), "rb") as b:
             assert a.read() == b.read(), name
-    for split in demo.SPLITS:
+    for split in demo_layout.SPLITS:
         for image_id in _ids(root, split):
             np.testing.assert_array_equal(
                 _pixels(root, split, image_id), _pixels(again, split, image_id)
@@ -191,8 +192,10 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
         demo.make_demo_dataset(root, **small)
     demo.make_demo_dataset(root, **{**small, "seed": 5}, overwrite=True)
     # The old images are gone (ids are seed-dependent) and unrelated files stay.
-    n_files = sum(len(files) for split in demo.SPLITS for _, _, files in os.walk(f"{root}/{split}"))
-    assert n_files == sum(len(_ids(root, split)) for split in demo.SPLITS)
+    n_files = sum(
+        len(files) for split in demo_layout.SPLITS for _, _, files in os.walk(f"{root}/{split}")
+    )
+    assert n_files == sum(len(_ids(root, split)) for split in demo_layout.SPLITS)
     assert keep.read_text() == "mine"
 
 
