@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-from landmark_jax.retrieval import solutions
+from landmark_jax.retrieval import solutions, usage_metrics
 from landmark_jax.retrieval.solutions import SolutionFormatError
 
 
@@ -187,7 +187,7 @@ def test_retrieval_metrics_by_usage(tmp_path):
     # q3 is ignored: accepted and skipped. q1: a@1, b@3 -> 5/6. q5 ('None')
     # and q2 (unpredicted) score 0. q6: e@1 -> (1/1)/2.
     predictions = {"q1": ["a", "x", "b"], "q3": ["z"], "q5": ["a"], "q6": ["e"]}
-    results = solutions.retrieval_metrics_by_usage(predictions, solution)
+    results = usage_metrics.retrieval_metrics_by_usage(predictions, solution)
     assert results["Public"]["map@100"] == pytest.approx((5 / 6 + 0) / 2)
     assert results["Private"]["map@100"] == pytest.approx((0 + 1 / 2) / 2)
     assert results["All"]["map@100"] == pytest.approx((5 / 6 + 1 / 2) / 4)
@@ -197,8 +197,8 @@ def test_retrieval_metrics_by_usage(tmp_path):
         "map@100", "mp@1", "mp@5", "mp@10", "mp@50", "mp@100", "mean_position", "median_position"
     }  # fmt: skip
     with pytest.raises(ValueError, match="zzz"):
-        solutions.retrieval_metrics_by_usage({"zzz": ["a"]}, solution)
-    text = solutions.format_metrics_by_usage(results)
+        usage_metrics.retrieval_metrics_by_usage({"zzz": ["a"]}, solution)
+    text = usage_metrics.format_metrics_by_usage(results)
     assert text.splitlines()[0].startswith("Public   map@100=0.4167")
 
 
@@ -208,11 +208,11 @@ def test_recognition_metrics_by_usage(tmp_path):
     # 0.8), so 1/2 over 1 GT image. Private: t4 right alone: 1. All: t2, then
     # t1 (1 correct at rank 2: 1/2), then t4 (2 at rank 3: 2/3), over 2.
     predictions = {"t1": (2, 0.8), "t2": (9, 0.9), "t3": (1, 1.0), "t4": (7, 0.5)}
-    results = solutions.recognition_metrics_by_usage(predictions, solution)
+    results = usage_metrics.recognition_metrics_by_usage(predictions, solution)
     assert results["Public"] == pytest.approx({"gap": 1 / 2, "top1_accuracy": 1.0})
     assert results["Private"] == pytest.approx({"gap": 1.0, "top1_accuracy": 1.0})
     assert results["All"]["gap"] == pytest.approx((1 / 2 + 2 / 3) / 2)
-    ignoring = solutions.recognition_metrics_by_usage(
+    ignoring = usage_metrics.recognition_metrics_by_usage(
         predictions, solution, ignore_non_gt_test_images=True
     )
     assert ignoring["Public"]["gap"] == pytest.approx(1.0)
@@ -221,12 +221,12 @@ def test_recognition_metrics_by_usage(tmp_path):
 def test_usage_without_queries_is_left_out(tmp_path):
     path = _write(tmp_path, "s.csv", "id,images,Usage\nq1,a,Public\nq2,None,Ignored\n")
     solution = solutions.read_retrieval_solution(path)
-    assert set(solutions.retrieval_metrics_by_usage({}, solution)) == {"Public", "All"}
+    assert set(usage_metrics.retrieval_metrics_by_usage({}, solution)) == {"Public", "All"}
 
 
 def test_split_predictions():
     solution = {"Public": {"a": [1]}, "Private": {"b": []}, "Ignored": ["c"]}
-    split = solutions.split_predictions({"a": (1, 0.5), "b": (2, 0.1), "c": (3, 1.0)}, solution)
+    split = usage_metrics.split_predictions({"a": (1, 0.5), "b": (2, 0.1), "c": (3, 1.0)}, solution)
     assert split == {"Public": {"a": (1, 0.5)}, "Private": {"b": (2, 0.1)}}
 
 

@@ -31,6 +31,7 @@ from landmark_jax.retrieval import (
     knn,
     recognition,
     solutions,
+    usage_metrics,
 )
 
 EVAL_DIR = "eval"
@@ -129,7 +130,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     if ec.retrieval_solution:
         solution = solutions.read_retrieval_solution(ec.retrieval_solution)
-        by_usage = solutions.retrieval_metrics_by_usage(retrieval, solution)
+        by_usage = usage_metrics.retrieval_metrics_by_usage(retrieval, solution)
         metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
         metrics["retrieval"] = by_usage
         gallery.write_gallery(
@@ -167,7 +168,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
         if ec.recognition_solution:
             solution = solutions.read_recognition_solution(ec.recognition_solution)
-            by_usage = solutions.recognition_metrics_by_usage(predictions, solution)
+            by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
             metrics["gap"] = by_usage[solutions.ALL]["gap"]
             metrics["recognition"] = by_usage
 

@@ -13,7 +13,8 @@ the earlier row; columns are taken by position whatever the header says; a
 short row fails with an IndexError), these readers raise a
 `SolutionFormatError` naming the file and line instead. Valid files read the
 same as with DELF.
-Paths may be local or anything tf.io.gfile opens (gs://).
+Paths may be local or anything tf.io.gfile opens (gs://). Scoring predictions
+against a solution per usage lives in `landmark_jax.retrieval.usage_metrics`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import os
 import pickle
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict
-
-from landmark_jax.retrieval import metrics
 
 PUBLIC = "Public"
 PRIVATE = "Private"
@@ -404,120 +403,3 @@ def read_revisited_gnd(path: str) -> dict[str, Any]:
             parsed[key] = indices
         out.append(parsed)
     return {"imlist": imlist, "qimlist": qimlist, "gnd": out}
-
-
-def split_predictions(
-    predictions: Mapping[str, Any], solution: Mapping[str, Any]
-) -> dict[str, dict[str, Any]]:
-    """Splits predictions by usage, as DELF's ReadPredictions does.
-
-    Args:
-      predictions: test id -> prediction (either task).
-      solution: a read_*_solution result.
-
-    Returns:
-      {'Public': {...}, 'Private': {...}}; predictions for ignored ids are dropped.
-
-    Raises:
-      ValueError: a predicted id is in no usage of the solution.
-    """
-    ignored = set(solution[IGNORED])
-    split: dict[str, dict[str, Any]] = {usage: {} for usage in USAGES}
-    for test_id, prediction in predictions.items():
-        for usage in USAGES:
-            if test_id in solution[usage]:
-                split[usage][test_id] = prediction
-                break
-        else:
-            if test_id not in ignored:
-                raise ValueError(f"Test image {test_id!r} is not part of the solution")
-    return split
-
-
-def _by_usage(predictions, solution) -> Iterator[tuple[str, dict, dict]]:
-    split = split_predictions(predictions, solution)
-    everything_p: dict[str, Any] = {}
-    everything_s: dict[str, Any] = {}
-    for usage in USAGES:
-        everything_p.update(split[usage])
-        everything_s.update(solution[usage])
-        yield usage, split[usage], solution[usage]
-    yield ALL, everything_p, everything_s
-
-
-def retrieval_metrics_by_usage(
-    predictions: Mapping[str, Sequence[str]],
-    solution: RetrievalSolution,
-    max_predictions: int = 100,
-) -> dict[str, dict[str, float]]:
-    """mAP@100, mP@{1,5,10,50,100} and first-hit positions per usage.
-
-    The numbers compute_retrieval_metrics.py prints, plus the two splits together.
-
-    Args:
-      predictions: query id -> index ids, best first (ignored ids allowed).
-      solution: a read_retrieval_solution result.
-      max_predictions: the cutoff of mAP and positions (100 on Kaggle).
-
-    Returns:
-      {'Public'|'Private'|'All': {'map@100', 'mp@1', 'mp@5', 'mp@10', 'mp@50',
-      'mp@100', 'mean_position', 'median_position'}}. 'All' scores the two
-      splits together; a usage without queries is left out.
-
-    Raises:
-      ValueError: a predicted query id is not in the solution.
-    """
-    results: dict[str, dict[str, float]] = {}
-    for usage, preds, sol in _by_usage(predictions, solution):
-        if not sol:
-            continue
-        precisions = metrics.mean_precisions(preds, sol, max_predictions)
-        mean_pos, median_pos = metrics.mean_median_position(preds, sol, max_predictions)
-        entry = {
-            f"map@{max_predictions}": metrics.mean_average_precision(preds, sol, max_predictions)
-        }
-        for k in (1, 5, 10, 50, 100):
-            if k <= max_predictions:
-                entry[f"mp@{k}"] = float(precisions[k - 1])
-        entry["mean_position"] = mean_pos
-        entry["median_position"] = median_pos
-        results[usage] = entry
-    return results
-
-
-def recognition_metrics_by_usage(
-    predictions: Mapping[str, tuple[int, float]],
-    solution: RecognitionSolution,
-    ignore_non_gt_test_images: bool = False,
-) -> dict[str, dict[str, float]]:
-    """GAP and top-1 accuracy per usage, as compute_recognition_metrics.py.
-
-    Args:
-      predictions: test id -> (landmark id, score) (ignored ids allowed).
-      solution: a read_recognition_solution result.
-      ignore_non_gt_test_images: see metrics.global_average_precision.
-
-    Returns:
-      {'Public'|'Private'|'All': {'gap', 'top1_accuracy'}}; a usage without
-      landmark images is left out.
-
-    Raises:
-      ValueError: a predicted id is not in the solution.
-    """
-    results: dict[str, dict[str, float]] = {}
-    for usage, preds, sol in _by_usage(predictions, solution):
-        if not any(sol.values()):
-            continue
-        results[usage] = {
-            "gap": metrics.global_average_precision(preds, sol, ignore_non_gt_test_images),
-            "top1_accuracy": metrics.top1_accuracy(preds, sol),
-        }
-    return results
-
-
-def format_metrics_by_usage(results: Mapping[str, Mapping[str, float]]) -> str:
-    """One line per usage, e.g. 'Public   map@100=0.3868 mp@1=0.5000 ...'."""
-    return "\n".join(
-        f"{usage:<8} " + " ".join(f"{name}={value:.4f}" for name, value in values.items())
-        for usage, values in results.items()
-    )
