@@ -92,6 +92,7 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval.train_split = "train"  # recognition by kNN against it; "" skips recognition
     c.eval.knn_backend = "scann"  # scann | exact
     c.eval.k = 100
+    c.eval.recall_queries = 1000  # queries sampled to report ScaNN's recall vs exact
     c.eval.recognition_k = 20
     c.eval.recognition_power = 9.0  # neighbour votes are cos^p
     c.eval.scales = (1.0,)  # e.g. (0.7071, 1.0, 1.4142)

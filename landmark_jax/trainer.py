@@ -275,6 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_lib.validate_config(config, mesh.devices.size)
     num_classes = config_lib.resolve_num_classes(config)
     label_map = data_format.read_label_map(config.data_dir)
+    if config.eval_every_steps:
+        # Fail now, not at the first evaluation hours into the run.
+        data_format.read_split_info(config.data_dir, config.eval_split)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:

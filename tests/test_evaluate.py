@@ -113,6 +113,8 @@ def test_scann_backend_matches_exact_search(demo, trained):
     retrieval = solutions.read_retrieval_predictions(os.path.join(out, "retrieval_submission.csv"))
     assert sorted(retrieval) == sorted(csv_ids(f"{demo['raw']}/test.csv"))
     assert 0.0 <= result["map@100"] <= 1.0
+    # A tiny index is searched by brute force inside ScaNN: recall is 1.
+    assert result[f"scann_recall@{len(csv_ids(demo['raw'] + '/index.csv'))}"] == 1.0
     # On the same embeddings both backends return the same distances, best
     # first (ids of near-equal distances may swap places).
     index = extract.Embeddings.load(os.path.join(out, "embeddings-index-0.npz"))

@@ -121,6 +121,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     test = embed_split(config, workdir, ec.test_split, members, mesh)
     k = min(ec.k, len(index.ids))
     _, neighbors = knn.search(test.embeddings, index.embeddings, k, backend=ec.knn_backend)
+    if ec.knn_backend == "scann":
+        # ScaNN's recall against exact search, on a sample of the queries.
+        sample = np.random.default_rng(0).permutation(len(test.ids))[: ec.recall_queries]
+        _, exact = knn.search(test.embeddings[sample], index.embeddings, k, backend="exact")
+        metrics[f"scann_recall@{k}"] = knn.recall_at_k(neighbors[sample], exact)
     retrieval = {
         qid: [str(index.ids[j]) for j in row if j >= 0]
         for qid, row in zip(test.ids, neighbors, strict=True)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 from jax.experimental import multihost_utils
 
 from landmark_jax import checkpointing, input_pipeline, sharding
@@ -140,11 +141,18 @@ def extract(
     total, ids, labels, mask = None, None, None, None
     for scale in scales:
         size = max(int(round(image_size * scale)), 1)
-        batches, _ = input_pipeline.eval_iterator(
+        batches, num_steps = input_pipeline.eval_iterator(
             config.data_dir, split, mesh=mesh, global_batch_size=batch_size, image_size=size
         )
         parts, id_parts, label_parts, mask_parts = [], [], [], []
-        for batch, batch_ids in batches:
+        progress = tqdm.tqdm(
+            batches,
+            total=num_steps,
+            desc=f"embedding {split} @{size}px",
+            unit="batch",
+            disable=jax.process_index() != 0,
+        )
+        for batch, batch_ids in progress:
             parts.append(_gather(embed(variables, batch["image"])))
             mask_parts.append(_gather(batch["mask"]))
             id_parts.append(_gather(sharding.host_local_to_global(_encode_ids(batch_ids), mesh)))
