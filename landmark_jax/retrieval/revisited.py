@@ -1,0 +1,186 @@
+"""Revisited Oxford/Paris evaluation of a trained workdir (ROxford5k, RParis6k).
+
+`evaluate_revisited(config, workdir, data_dir)` embeds the `revisited_db` and
+`revisited_query` splits that `data_pipelines.revisited_to_tfrecord` wrote to
+`data_dir` (queries already cropped to their bbx), ranks the whole database
+for every query by exact search (squared L2 on unit vectors, i.e. cosine), and
+scores the ranking with `metrics.revisited_map` against `data_dir/gnd.pkl`
+under the easy, medium and hard protocols.
+
+Writes `<workdir>/eval/revisited.json` (the means, per-query APs and how the
+embeddings were made) and the embeddings,
+`<workdir>/eval/embeddings-revisited_db.npz` and `...-revisited_query.npz`,
+in gnd order, so the ranking can be recomputed without the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from landmark_jax import checkpointing, sharding
+from landmark_jax.retrieval import exact_search, extract, metrics, solutions
+
+DB_SPLIT = "revisited_db"
+QUERY_SPLIT = "revisited_query"
+GND_FILE = "gnd.pkl"
+EVAL_DIR = "eval"
+RESULTS_FILE = "revisited.json"
+PROTOCOLS = ("easy", "medium", "hard")
+
+
+def embeddings_path(workdir: str, split: str) -> str:
+    """Where evaluate_revisited saves a split's embeddings (in gnd order)."""
+    return os.path.join(workdir, EVAL_DIR, f"embeddings-{split}.npz")
+
+
+def in_gnd_order(
+    emb: extract.Embeddings, names: Sequence[str], split: str, data_dir: str
+) -> extract.Embeddings:
+    """The embeddings reordered to the gnd list, checking every name is there once.
+
+    One process reads the shards in gnd order already; several processes
+    each read every n-th shard, so the gathered rows come interleaved.
+
+    Args:
+      emb: the extracted split.
+      names: the gnd's imlist (database) or qimlist (queries).
+      split: the split name, for errors.
+      data_dir: the data folder, for errors.
+
+    Returns:
+      Embeddings whose ids equal `names`, in that order.
+
+    Raises:
+      ValueError: the split repeats an id, lacks a gnd name or holds an image
+        the gnd does not list (a stale or foreign split: rebuild it).
+    """
+    ids = [str(i) for i in emb.ids]
+    if ids == list(names):
+        return emb
+    row_of: dict[str, int] = {}
+    for row, image_id in enumerate(ids):
+        if image_id in row_of:
+            raise ValueError(f"{data_dir}: split {split!r} holds image {image_id!r} twice")
+        row_of[image_id] = row
+    missing = [n for n in names if n not in row_of]
+    extra = sorted(set(row_of) - set(names))
+    if missing or extra:
+        raise ValueError(
+            f"{data_dir}: split {split!r} does not match {GND_FILE}: {len(missing)} gnd "
+            f"image(s) missing (e.g. {missing[:3]}), {len(extra)} not in the gnd "
+            f"(e.g. {extra[:3]}); rebuild it with data_pipelines.revisited_to_tfrecord"
+        )
+    order = np.array([row_of[n] for n in names], np.int64)
+    return extract.Embeddings(
+        emb.ids[order], emb.embeddings[order], emb.labels[order], emb.settings
+    )
+
+
+def rank_database(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
+    """Every database index for every query, nearest first (exact search, k = N).
+
+    Args:
+      queries: [Q, D] unit embeddings.
+      database: [N, D] unit embeddings.
+
+    Returns:
+      int64 [Q, N] ranks, best first, the layout metrics.revisited_map takes.
+    """
+    _, ranks = exact_search.exact_search(queries, database, k=database.shape[0])
+    return ranks
+
+
+def _json_number(x: float) -> float | None:
+    # JSON has no NaN: a protocol whose queries all lack positives reads null.
+    return None if math.isnan(x) else float(x)
+
+
+def evaluate_revisited(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    data_dir: str,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Revisited Oxford/Paris mAP and mP@k of a workdir's latest checkpoint.
+
+    Args:
+      config: the workdir's training config (the model; its data_dir is
+        replaced by `data_dir` on a copy).
+      workdir: the training workdir; results go to `<workdir>/eval/`.
+      data_dir: a revisited_to_tfrecord output folder: the `revisited_db`
+        and `revisited_query` splits and gnd.pkl.
+      scales: image-size multipliers averaged by extraction.
+      flip: also average the left-right flipped view.
+
+    Returns:
+      {'easy'|'medium'|'hard': {'map', 'mp@1', 'mp@5', 'mp@10'}} as fractions
+      (papers print them x100); NaN where a protocol has no scorable query.
+      The per-query APs are in revisited.json.
+
+    Raises:
+      solutions.SolutionFormatError: data_dir has no readable gnd.pkl.
+      data_format.DataFormatError: a split is missing or its shards disagree
+        with dataset_info.json.
+      FileNotFoundError: the workdir has no checkpoint.
+      ValueError: the extracted ids do not match the gnd's image lists.
+    """
+    gnd = solutions.read_revisited_gnd(os.path.join(data_dir, GND_FILE))
+    config = config.copy_and_resolve_references()
+    config.data_dir = data_dir
+    mesh = sharding.create_mesh()
+    database = extract.extract(config, workdir, DB_SPLIT, scales=scales, flip=flip, mesh=mesh)
+    queries = extract.extract(config, workdir, QUERY_SPLIT, scales=scales, flip=flip, mesh=mesh)
+    database = in_gnd_order(database, gnd["imlist"], DB_SPLIT, data_dir)
+    queries = in_gnd_order(queries, gnd["qimlist"], QUERY_SPLIT, data_dir)
+
+    ranks = rank_database(queries.embeddings, database.embeddings)
+    scored = metrics.revisited_map(ranks, gnd["gnd"])
+    results = {p: {k: float(v) for k, v in scored[p].items() if k != "aps"} for p in PROTOCOLS}
+
+    if jax.process_index() == 0:
+        settings = {
+            "workdir": os.path.abspath(workdir),
+            "step": checkpointing.latest_step(workdir),
+            "data_dir": data_dir,
+            "scales": [float(s) for s in scales],
+            "flip": bool(flip),
+            "num_db": len(gnd["imlist"]),
+            "num_queries": len(gnd["qimlist"]),
+        }
+        for split, emb in ((DB_SPLIT, database), (QUERY_SPLIT, queries)):
+            extract.Embeddings(emb.ids, emb.embeddings, emb.labels, settings).save(
+                embeddings_path(workdir, split)
+            )
+        report: dict[str, Any] = {
+            p: {k: _json_number(v) for k, v in results[p].items()} for p in PROTOCOLS
+        }
+        report["per_query_ap"] = {
+            "queries": list(gnd["qimlist"]),
+            **{p: [_json_number(a) for a in scored[p]["aps"]] for p in PROTOCOLS},
+        }
+        report["settings"] = settings
+        path = os.path.join(workdir, EVAL_DIR, RESULTS_FILE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return results
+
+
+def format_results(results: dict[str, dict[str, float]]) -> str:
+    """The easy/medium/hard table, x100 as papers print it."""
+    keys = list(next(iter(results.values())))
+    lines = ["protocol " + " ".join(f"{k:>7s}" for k in keys)]
+    for protocol, entry in results.items():
+        lines.append(f"{protocol:8s} " + " ".join(f"{100 * entry[k]:7.2f}" for k in keys))
+    return "\n".join(lines)

@@ -1,0 +1,257 @@
+"""Revisited Oxford/Paris: the TFRecord builder and the evaluation, on a tiny synthetic set."""
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from data_pipelines import revisited_to_tfrecord, tfrecord_shard
+from landmark_jax import data_format, trainer
+from landmark_jax.retrieval import extract, metrics, revisited
+
+from config_files import REPO, load_config
+
+NUM_DB = 12
+# Query boxes: one float box, one spilling over the image edge (clamped), one
+# whole-image box.
+BOXES = ([5.4, 6.6, 41.2, 30.5], [20, -7, 90, 33], [0, 0, 64, 48])
+EXPECTED_BOXES = ((5, 7, 41, 30), (20, 0, 64, 33), (0, 0, 64, 48))
+
+
+def _image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A smooth coloured image (JPEG keeps it within a few grey levels)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(30, 220, size=3)
+    slope = rng.uniform(-2, 2, size=(2, 3))
+    pixels = base + x[..., None] * slope[0] + y[..., None] * slope[1]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture()
+def tiny_set(tmp_path):
+    """12 database and 3 query JPEGs with a hand-made gnd pickle."""
+    rng = np.random.default_rng(0)
+    images = tmp_path / "jpg"
+    images.mkdir()
+    imlist = [f"db_{i:02d}" for i in range(NUM_DB)]
+    qimlist = ["query_a", "query_b", "query_c"]
+    for name in imlist:
+        _image(rng, 56 + int(rng.integers(0, 16)), 40).save(images / f"{name}.jpg", quality=95)
+    for name in qimlist:
+        _image(rng, 64, 48).save(images / f"{name}.jpg", quality=95)
+    gnd = {
+        "imlist": imlist,
+        "qimlist": qimlist,
+        "gnd": [
+            {"bbx": BOXES[0], "easy": [0, 1], "hard": [2], "junk": [3]},
+            {"bbx": BOXES[1], "easy": [4], "hard": [5, 6], "junk": []},
+            {"bbx": BOXES[2], "easy": [7, 8, 9], "hard": [], "junk": [10, 11]},
+        ],
+    }
+    gnd_path = tmp_path / "gnd_rtiny.pkl"
+    with open(gnd_path, "wb") as f:
+        pickle.dump(gnd, f)
+    return {"gnd": str(gnd_path), "images": str(images), "data": gnd}
+
+
+def read_split(out_dir: str, split: str) -> list[tuple[str, bytes]]:
+    """(id, JPEG bytes) of a split in file order, parsed with protobuf, checked
+    against data_format.read_split_info."""
+    info = data_format.read_split_info(out_dir, split)
+    rows = []
+    for path, count in zip(info.files, info.file_examples, strict=True):
+        records = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
+        assert len(records) == count, path
+        for raw in records:
+            feats = tf.train.Example.FromString(raw).features.feature
+            assert set(feats) == {data_format.ID, data_format.IMAGE}
+            rows.append(
+                (
+                    feats[data_format.ID].bytes_list.value[0].decode(),
+                    feats[data_format.IMAGE].bytes_list.value[0],
+                )
+            )
+    return rows
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(jpeg))
+    assert image.format == "JPEG" and image.mode == "RGB"
+    return np.asarray(image, np.float32)
+
+
+def test_builder_writes_both_splits_in_gnd_order_with_cropped_queries(tiny_set, tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    # Another data set's splits in the same folder must survive the merge.
+    with open(os.path.join(out, "dataset_info.json"), "w") as f:
+        json.dump({"num_classes": 7, "splits": {"index": {"files": []}}, "sources": {}}, f)
+
+    summary = revisited_to_tfrecord.build_revisited(
+        tiny_set["gnd"], tiny_set["images"], out, num_shards=4, num_workers=1
+    )
+
+    gnd = tiny_set["data"]
+    db, queries = read_split(out, "revisited_db"), read_split(out, "revisited_query")
+    assert [i for i, _ in db] == gnd["imlist"]
+    assert [i for i, _ in queries] == gnd["qimlist"]
+    assert summary["splits"] == {
+        "revisited_db": {"num_examples": 12, "num_files": 4},
+        "revisited_query": {"num_examples": 3, "num_files": 3},
+    }
+    assert sorted(f for f in os.listdir(out) if f.startswith("revisited_db")) == [
+        f"revisited_db-0000{i}-of-00004.tfrecord" for i in range(4)
+    ]
+    info = json.load(open(os.path.join(out, "dataset_info.json")))
+    assert info["num_classes"] == 7 and "index" in info["splits"]
+    assert info["sources"]["revisited"]["crop_queries"] is True
+    with open(os.path.join(out, "gnd.pkl"), "rb") as f, open(tiny_set["gnd"], "rb") as g:
+        assert f.read() == g.read()
+    # The crops' scratch folder is gone.
+    assert not [f for f in os.listdir(out) if f.startswith(".revisited-crops")]
+
+    # Database images (RGB JPEGs) are stored byte for byte.
+    for name, jpeg in db:
+        assert jpeg == open(os.path.join(tiny_set["images"], f"{name}.jpg"), "rb").read()
+    # Queries are exactly their clamped, rounded box of the original.
+    for (name, jpeg), box in zip(queries, EXPECTED_BOXES, strict=True):
+        original = np.asarray(Image.open(os.path.join(tiny_set["images"], f"{name}.jpg")))
+        x1, y1, x2, y2 = box
+        expected = original[y1:y2, x1:x2].astype(np.float32)
+        got = decode(jpeg)
+        assert got.shape == expected.shape, name
+        assert np.abs(got - expected).mean() < 2.0, name
+        assert np.abs(got - expected).max() < 24, name
+
+
+def test_no_crop_keeps_full_queries_and_rebuild_replaces_shards(tiny_set, tmp_path):
+    out = str(tmp_path / "out")
+    revisited_to_tfrecord.build_revisited(
+        tiny_set["gnd"], tiny_set["images"], out, num_shards=4, num_workers=1
+    )
+    revisited_to_tfrecord.build_revisited(
+        tiny_set["gnd"], tiny_set["images"], out, num_shards=2, crop_queries=False, num_workers=1
+    )
+    # The 4-shard files of the first build are gone (a glob would read them).
+    assert data_format.read_split_info(out, "revisited_db").files[-1].endswith("-of-00002.tfrecord")
+    assert len(read_split(out, "revisited_db")) == NUM_DB
+    for name, jpeg in read_split(out, "revisited_query"):
+        assert jpeg == open(os.path.join(tiny_set["images"], f"{name}.jpg"), "rb").read()
+
+
+def test_builder_errors_name_the_file(tiny_set, tmp_path):
+    build = revisited_to_tfrecord.build_revisited
+    images, gnd_path, data = tiny_set["images"], tiny_set["gnd"], tiny_set["data"]
+
+    missing = os.path.join(images, "db_05.jpg")
+    os.rename(missing, missing + ".bak")
+    with pytest.raises(FileNotFoundError, match="db_05.jpg"):
+        build(gnd_path, images, str(tmp_path / "a"), num_workers=1)
+    os.rename(missing + ".bak", missing)
+
+    corrupt = os.path.join(images, "db_03.jpg")
+    with open(corrupt, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(tfrecord_shard.BadImageError, match="db_03.jpg"):
+        build(gnd_path, images, str(tmp_path / "b"), num_workers=1)
+
+    corrupt_query = os.path.join(images, "query_b.jpg")
+    with open(corrupt_query, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(tfrecord_shard.BadImageError, match="query_b.jpg"):
+        build(gnd_path, images, str(tmp_path / "c"), num_workers=1)
+
+    for bbx in ([70, 10, 90, 20], [10, 10, 10.2, 30], [30, 10, 20, 30]):
+        bad = dict(data, gnd=[dict(g) for g in data["gnd"]])
+        bad["gnd"][0]["bbx"] = bbx
+        bad_path = str(tmp_path / "bad.pkl")
+        with open(bad_path, "wb") as f:
+            pickle.dump(bad, f)
+        with pytest.raises(ValueError, match=r"query 0 \('query_a'.*query_a.jpg.*bbx.*empty"):
+            build(bad_path, images, str(tmp_path / "d"), num_workers=1)
+
+    with pytest.raises(ValueError, match="num_shards=13 is more than the 12"):
+        build(gnd_path, images, str(tmp_path / "e"), num_shards=13)
+
+
+def test_command_line(tiny_set, tmp_path):
+    out = str(tmp_path / "out")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_pipelines.revisited_to_tfrecord",
+            f"--gnd={tiny_set['gnd']}",
+            f"--images_dir={tiny_set['images']}",
+            f"--output_dir={out}",
+            "--num_shards=3",
+            "--no_crop_queries",
+            "--num_workers=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "NOT cropped" in result.stdout
+    assert [i for i, _ in read_split(out, "revisited_query")] == tiny_set["data"]["qimlist"]
+
+
+def test_in_gnd_order_reorders_and_rejects_mismatches():
+    ids = np.array(["b", "c", "a"])
+    emb = extract.Embeddings(ids, np.eye(3, dtype=np.float32), np.full(3, -1))
+    ordered = revisited.in_gnd_order(emb, ["a", "b", "c"], "revisited_db", "DIR")
+    assert list(ordered.ids) == ["a", "b", "c"]
+    np.testing.assert_array_equal(ordered.embeddings, np.eye(3)[[2, 0, 1]])
+    with pytest.raises(ValueError, match=r"1 gnd image\(s\) missing.*'d'.*1 not in the gnd"):
+        revisited.in_gnd_order(emb, ["a", "b", "d"], "revisited_db", "DIR")
+    twice = extract.Embeddings(np.array(["a", "a", "b"]), emb.embeddings, emb.labels)
+    with pytest.raises(ValueError, match="'a' twice"):
+        revisited.in_gnd_order(twice, ["a", "b"], "revisited_db", "DIR")
+
+
+def test_evaluate_revisited_matches_numpy_ranking(demo, tiny_set, tmp_path):
+    data_dir = str(tmp_path / "revisited")
+    revisited_to_tfrecord.build_revisited(
+        tiny_set["gnd"], tiny_set["images"], data_dir, num_shards=2, num_workers=1
+    )
+    config = load_config("demo", "smoke")
+    config.data_dir = demo["full"]
+    config.total_steps = 2
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config, workdir)
+
+    results = revisited.evaluate_revisited(config, workdir, data_dir, flip=True)
+    assert config.data_dir == demo["full"]  # the caller's config is untouched
+
+    gnd = tiny_set["data"]
+    db = extract.Embeddings.load(revisited.embeddings_path(workdir, "revisited_db"))
+    queries = extract.Embeddings.load(revisited.embeddings_path(workdir, "revisited_query"))
+    assert list(db.ids) == gnd["imlist"] and list(queries.ids) == gnd["qimlist"]
+    assert db.settings["flip"] is True
+    np.testing.assert_allclose(np.linalg.norm(db.embeddings, axis=1), 1.0, rtol=1e-5)
+
+    ranks = np.argsort(-(queries.embeddings @ db.embeddings.T), axis=1, kind="stable")
+    expected = metrics.revisited_map(ranks, gnd["gnd"])
+    assert set(results) == {"easy", "medium", "hard"}
+    for protocol in results:
+        assert set(results[protocol]) == {"map", "mp@1", "mp@5", "mp@10"}
+        for key, value in results[protocol].items():
+            assert value == pytest.approx(expected[protocol][key], abs=1e-9), (protocol, key)
+        assert 0.0 <= results[protocol]["map"] <= 1.0
+
+    report = json.load(open(os.path.join(workdir, "eval", "revisited.json")))
+    assert report["medium"] == pytest.approx(results["medium"])
+    assert report["per_query_ap"]["queries"] == gnd["qimlist"]
+    np.testing.assert_allclose(report["per_query_ap"]["hard"][:2], expected["hard"]["aps"][:2])
+    assert report["per_query_ap"]["hard"][2] is None  # query_c has no hard positives
+    assert report["settings"]["step"] == 2
+    assert "medium" in revisited.format_results(results)
