@@ -7,10 +7,12 @@ for every query by exact search (squared L2 on unit vectors, i.e. cosine), and
 scores the ranking with `metrics.revisited_map` against `data_dir/gnd.pkl`
 under the easy, medium and hard protocols.
 
-Writes `<workdir>/eval/revisited.json` (the means, per-query APs and how the
-embeddings were made) and the embeddings,
-`<workdir>/eval/embeddings-revisited_db.npz` and `...-revisited_query.npz`,
-in gnd order, so the ranking can be recomputed without the model.
+Writes to `<workdir>/eval/`: `revisited.json` (the means, per-query APs and
+how the embeddings were made), `revisited_ranks.npy` (int32 [Q, N]: row q
+holds the imlist indices best first for qimlist[q], the input of
+`revisited_map`), and the embeddings `embeddings-revisited_db.npz` and
+`embeddings-revisited_query.npz` in gnd order, so the ranking can be checked
+or recomputed without the model.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ QUERY_SPLIT = "revisited_query"
 GND_FILE = "gnd.pkl"
 EVAL_DIR = "eval"
 RESULTS_FILE = "revisited.json"
+RANKS_FILE = "revisited_ranks.npy"
 PROTOCOLS = ("easy", "medium", "hard")
 
 
@@ -169,8 +172,9 @@ def evaluate_revisited(
             **{p: [_json_number(a) for a in scored[p]["aps"]] for p in PROTOCOLS},
         }
         report["settings"] = settings
+        # int32 halves the file; imlist indices stay far below 2**31.
+        np.save(os.path.join(workdir, EVAL_DIR, RANKS_FILE), ranks.astype(np.int32))
         path = os.path.join(workdir, EVAL_DIR, RESULTS_FILE)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump(report, f, indent=2)
         os.replace(path + ".tmp", path)
