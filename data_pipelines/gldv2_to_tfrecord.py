@@ -38,7 +38,8 @@ DATASET_INFO = "dataset_info.json"
 LABEL_MAP = "label_map.csv"
 
 
-def _shard_name(split: str, index: int, num_shards: int) -> str:
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """`<split>-00000-of-000NN.tfrecord`, the shard naming all splits share."""
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
@@ -159,7 +160,7 @@ def _plan_shards(
     if split != "train":
         bounds = np.linspace(0, len(examples), num_shards + 1).astype(int)
         return [
-            (_shard_name(split, s, num_shards), list(examples[bounds[s] : bounds[s + 1]]))
+            (shard_name(split, s, num_shards), list(examples[bounds[s] : bounds[s + 1]]))
             for s in range(num_shards)
         ]
     plan = []
@@ -167,11 +168,11 @@ def _plan_shards(
         members = [examples[i] for i in rng.permutation(np.flatnonzero(mask))]
         if not members:
             continue
-        plan += [(_shard_name(name, s, n), members[s::n]) for s in range(n)]
+        plan += [(shard_name(name, s, n), members[s::n]) for s in range(n)]
     return plan
 
 
-def _remove_old_shards(output_dir: str, names: Sequence[str]) -> None:
+def remove_old_shards(output_dir: str, names: Sequence[str]) -> None:
     """Deletes earlier shards of the same splits, which a glob would pick up."""
     prefixes = {n.split("-")[0] + "-" for n in names}
     for f in os.listdir(output_dir):
@@ -179,7 +180,7 @@ def _remove_old_shards(output_dir: str, names: Sequence[str]) -> None:
             os.remove(os.path.join(output_dir, f))
 
 
-def _write_shards(
+def write_shards(
     output_dir: str,
     plan: Sequence[tuple[str, list[tfrecord_shard.Example]]],
     skip_bad_images: bool,
@@ -212,7 +213,7 @@ def _write_shards(
     return sorted(results, key=lambda r: r.path)
 
 
-def _update_dataset_info(output_dir: str, split: str, info_splits: dict, num_classes, source):
+def update_dataset_info(output_dir: str, split: str, info_splits: dict, num_classes, source):
     """Merges this run's splits into dataset_info.json (other splits are kept)."""
     path = os.path.join(output_dir, DATASET_INFO)
     info = {"num_classes": None, "splits": {}, "sources": {}}
@@ -314,10 +315,10 @@ def build_split(
     plan = _plan_shards(split, examples, is_val, num_shards, num_val_shards, rng)
 
     os.makedirs(output_dir, exist_ok=True)
-    _remove_old_shards(output_dir, [name for name, _ in plan])
+    remove_old_shards(output_dir, [name for name, _ in plan])
     if num_workers is None:
         num_workers = min(len(plan), os.cpu_count() or 1)
-    results = _write_shards(output_dir, plan, skip_bad_images, num_workers, jpeg_quality)
+    results = write_shards(output_dir, plan, skip_bad_images, num_workers, jpeg_quality)
 
     # Count what was written, not what was planned: --skip_bad_images may have
     # dropped undecodable images inside the workers.
@@ -363,7 +364,7 @@ def build_split(
         "seed": seed,
         "num_skipped": len(skipped),
     }
-    info = _update_dataset_info(output_dir, split, info_splits, num_classes, source)
+    info = update_dataset_info(output_dir, split, info_splits, num_classes, source)
     return {
         "split": split,
         "output_dir": output_dir,

@@ -99,6 +99,9 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval.flip = False
     c.eval.image_size = ml_collections.FieldReference(None, field_type=int)  # None: image_size
     c.eval.gallery_queries = 8
+    # A revisited_to_tfrecord output folder (ROxford5k / RParis6k): when set,
+    # evaluation also reports the easy / medium / hard mAP and mP@k.
+    c.eval.revisited_data_dir = ""
     # GLR2020 ensemble: [{'workdir': ..., 'weight': 1.0, 'image_size': 640}, ...];
     # empty: the evaluated workdir alone.
     c.eval.ensemble = ()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_pipelines import revisited_to_tfrecord, tfrecord_shard
 from landmark_jax import data_format, trainer
-from landmark_jax.retrieval import extract, metrics, revisited
+from landmark_jax.retrieval import evaluation, extract, metrics, revisited
 
 from config_files import REPO, load_config
 
@@ -291,3 +291,13 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, tiny_set, tmp_path):
     assert report["per_query_ap"]["hard"][2] is None  # query_c has no hard positives
     assert report["settings"]["step"] == 2
     assert "medium" in revisited.format_results(results)
+
+    # python -m landmark_jax.evaluate runs it when config.eval.revisited_data_dir is set.
+    config.eval.revisited_data_dir = data_dir
+    config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
+    config.eval.train_split = ""
+    config.eval.knn_backend = "exact"
+    report = evaluation.evaluate(config, workdir)
+    written = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+    assert set(report["revisited"]) == set(written["revisited"]) == {"easy", "medium", "hard"}
+    assert 0.0 <= written["revisited"]["medium"]["map"] <= 1.0

@@ -30,6 +30,7 @@ from landmark_jax.retrieval import (
     gallery,
     knn,
     recognition,
+    revisited,
     solutions,
     usage_metrics,
 )
@@ -176,6 +177,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
             metrics["gap"] = by_usage[solutions.ALL]["gap"]
             metrics["recognition"] = by_usage
+
+    # --- Revisited Oxford/Paris (cropped queries, easy/medium/hard) ---------
+    if ec.revisited_data_dir:
+        metrics["revisited"] = revisited.evaluate_revisited(
+            config, workdir, ec.revisited_data_dir, scales=tuple(ec.scales), flip=ec.flip
+        )
+        logging.info("Revisited:\n%s", revisited.format_results(metrics["revisited"]))
 
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2, default=float)
