@@ -11,11 +11,12 @@ gallery.png. An ensemble is configured in config.eval.ensemble.
 
 from __future__ import annotations
 
-import logging as logging_std
 import os
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from landmark_jax import entry_point_logging
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The workdir's config (configs/NAME.py[:ARG]).")
@@ -23,16 +24,10 @@ flags.DEFINE_string("workdir", None, "The training workdir to evaluate.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _DropOrbaxInfo(logging_std.Filter):
-    def filter(self, record):
-        return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+    entry_point_logging.quiet_library_logs()
     from landmark_jax.retrieval import evaluation
 
     metrics = evaluation.evaluate(FLAGS.config, FLAGS.workdir)

@@ -33,21 +33,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from landmark_jax import data_format, sharding
+from landmark_jax import data_format, sharding, tensorflow_setup
 
 _MAX_EPOCHS = 2**62
 
 
-def _tf():
-    """TensorFlow, with accelerators hidden: it only runs tf.data on the host."""
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):
-        pass  # Already initialised, or no such device type: nothing to hide.
-    return tf
+_tf = tensorflow_setup.import_tensorflow
 
 
 def _process_files(split: data_format.SplitInfo, process_index: int, process_count: int):

@@ -10,11 +10,10 @@ finds them itself. Without these flags it runs as a single process.
 
 from __future__ import annotations
 
-import logging as logging_std
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from landmark_jax import entry_point_logging
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py[:ARG]).")
@@ -49,19 +48,10 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-class _DropOrbaxInfo(logging_std.Filter):
-    """Orbax logs every save step by step at INFO; keep its warnings only."""
-
-    def filter(self, record):
-        return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # TF only feeds tf.data: keep it off the accelerators and quiet.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+    entry_point_logging.quiet_library_logs()
     initialize_distributed()
     import jax
 

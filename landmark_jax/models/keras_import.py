@@ -21,7 +21,6 @@ BGR, conv1's input channels are reordered and the normalisation becomes the
 """
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -367,11 +366,9 @@ def _build_keras_model(arch: str, weights: str) -> Any:
     import keras  # deferred: only the converter needs TensorFlow/Keras
 
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        from landmark_jax import tensorflow_setup
 
-        # Leave any accelerator to JAX; RuntimeError: TF's devices are set up.
-        with contextlib.suppress(RuntimeError):
-            tf.config.set_visible_devices([], "GPU")
+        tensorflow_setup.import_tensorflow()  # leave the accelerators to JAX
     if arch not in KERAS_APPLICATIONS:
         raise ValueError(f"--arch={arch} unsupported; valid: {', '.join(KERAS_APPLICATIONS)}")
     if weights != "imagenet":

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from landmark_jax import data_format
+from landmark_jax import data_format, tensorflow_setup
 from landmark_jax.retrieval import metrics
 
 # Frame colours. Green and red differ in both the R and G channels (not only
@@ -114,16 +114,7 @@ class GalleryLayout:
         return left + FRAME, top + FRAME, right - FRAME, bottom - FRAME
 
 
-def _tf():
-    """TensorFlow for tf.data only, with accelerators hidden from it."""
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):
-        pass  # Already initialised, or no such device type: nothing to hide.
-    return tf
+_tf = tensorflow_setup.import_tensorflow
 
 
 def read_images_by_id(

@@ -32,6 +32,7 @@ import numpy as np
 
 # exact_search is re-exported: callers use knn.exact_search. The validation
 # helpers live with it so both engines share one copy without an import cycle.
+from landmark_jax import tensorflow_setup
 from landmark_jax.retrieval.exact_search import (
     _check_k,
     _check_matrix,
@@ -70,11 +71,7 @@ def _scann_module() -> ModuleType | Exception:
     # `import scann` imports TensorFlow; it must not claim the accelerators.
     tf = sys.modules.get("tensorflow")
     if tf is not None:
-        try:
-            tf.config.set_visible_devices([], "GPU")
-            tf.config.set_visible_devices([], "TPU")
-        except (RuntimeError, ValueError):
-            pass  # Already initialised, or no such device type.
+        tensorflow_setup.hide_accelerators(tf)
     return scann_ops_pybind
 
 
