@@ -95,6 +95,10 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval.recall_queries = 1000  # queries sampled to report ScaNN's recall vs exact
     c.eval.recognition_k = 20
     c.eval.recognition_power = 9.0  # neighbour votes are cos^p
+    # Fuse the votes with the trained head's top-m classes (cos^p * head^q).
+    c.eval.classifier_fusion = False
+    c.eval.classifier_top_m = 5
+    c.eval.classifier_power = 10.0
     c.eval.scales = (1.0,)  # e.g. (0.7071, 1.0, 1.4142)
     c.eval.flip = False
     c.eval.image_size = ml_collections.FieldReference(None, field_type=int)  # None: image_size

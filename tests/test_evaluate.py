@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from landmark_jax import input_pipeline, sharding, trainer
-from landmark_jax.retrieval import ensemble, evaluation, extract, knn, metrics, solutions
+from landmark_jax import checkpointing, data_format, input_pipeline, sharding, trainer
+from landmark_jax.retrieval import (
+    ensemble,
+    evaluation,
+    extract,
+    knn,
+    metrics,
+    recognition,
+    solutions,
+)
 
 from config_files import REPO, load_config
 
@@ -105,6 +113,35 @@ def test_evaluate_writes_metrics_submissions_and_gallery(demo, trained):
 
     with Image.open(os.path.join(out, "gallery.png")) as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 300
+
+
+def test_recognition_fused_with_the_classifier_head(demo, trained):
+    config = eval_config(demo, classifier_fusion=True)
+    evaluation.evaluate(config, trained)
+    out = os.path.join(trained, "eval")
+    written = solutions.read_recognition_predictions(
+        os.path.join(out, "recognition_submission.csv")
+    )
+    # The head's top-5 landmarks, computed here with numpy from the checkpoint.
+    label_map = data_format.read_label_map(demo["full"])
+    test = extract.Embeddings.load(os.path.join(out, "embeddings-test-0.npz"))
+    train = extract.Embeddings.load(os.path.join(out, "embeddings-train-0.npz"))
+    kernel = checkpointing.load_stage(trained)["params"]["head"]["kernel"].astype(np.float64)
+    head_cos = test.embeddings @ (kernel / np.linalg.norm(kernel, axis=0))
+    head_cos = head_cos[:, : label_map.num_classes]
+    order = np.argsort(-head_cos, axis=1, kind="stable")[:, :5]
+    top_landmarks = label_map.landmark_ids[order]
+    top_scores = np.take_along_axis(head_cos, order, axis=1)
+    distances, neighbors = knn.search(test.embeddings, train.embeddings, 20, backend="exact")
+    labels, _ = recognition.fuse_with_classifier(
+        label_map.landmark_ids[train.labels][neighbors],
+        1.0 - distances / 2.0,
+        top_landmarks,
+        top_scores,
+        knn_power=9.0,
+        classifier_power=10.0,
+    )
+    assert {i: written[i][0] for i in written} == dict(zip(test.ids, labels.tolist(), strict=True))
 
 
 def test_scann_backend_matches_exact_search(demo, trained):

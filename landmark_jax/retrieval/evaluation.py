@@ -88,6 +88,43 @@ def embed_split(config, workdir: str, split: str, members, mesh) -> extract.Embe
     return extract.Embeddings(np.asarray(ids), combined, parts[0].labels)
 
 
+def _member_embeddings(workdir: str, split: str, ids: np.ndarray) -> np.ndarray:
+    """The first member's own (unit) embeddings of a split, in `ids` order."""
+    first = extract.Embeddings.load(os.path.join(workdir, EVAL_DIR, f"embeddings-{split}-0.npz"))
+    # align_by_ids keeps the first member's order, so the rows line up.
+    if list(first.ids) != list(ids):
+        raise ValueError(f"{workdir}/{EVAL_DIR}: the cached {split} embeddings are stale")
+    return first.embeddings
+
+
+def classifier_top_m(
+    member_config,
+    member_workdir: str,
+    embeddings: np.ndarray,
+    class_landmarks,
+    m: int,
+    chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The trained head's top-m landmarks and cosines for unit embeddings.
+
+    The head scores cos(embedding, class weight), the max over a class's
+    sub-centers; queries go in chunks so a 203,094-class head never needs a
+    [Q, C] matrix.
+    """
+    kernel = checkpointing.load_stage(member_workdir)["params"]["head"]["kernel"]
+    k = member_config.head.num_subcenters
+    num_classes = len(class_landmarks)
+    weights = kernel / np.maximum(np.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
+    labels, scores = [], []
+    for start in range(0, len(embeddings), chunk):
+        cos = embeddings[start : start + chunk] @ weights
+        cos = cos.reshape(len(cos), -1, k).max(-1)[:, :num_classes]  # drop padded classes
+        top = recognition.classifier_top_m(cos, class_landmarks, m=m)
+        labels.append(top[0])
+        scores.append(top[1])
+    return np.concatenate(labels), np.concatenate(scores)
+
+
 def _merged(solution: Any) -> dict:
     return {**solution[solutions.PUBLIC], **solution[solutions.PRIVATE]}
 
@@ -158,14 +195,33 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             min(ec.recognition_k, len(train.ids)),
             backend=ec.knn_backend,
         )
-        # Squared L2 on unit vectors -> cosine.
-        cosine = np.where(neighbors >= 0, 1.0 - scores / 2.0, 0.0)
-        train_landmarks = label_map.landmark_ids[train.labels]
-        labels, label_scores = recognition.knn_vote(
-            recognition.neighbor_landmarks(neighbors, train_landmarks),
-            cosine,
-            power=ec.recognition_power,
+        # Squared L2 -> cosine. Every (ensemble) row has squared norm
+        # sum(w_i^2), so this is the weighted mean of the members' cosines.
+        norm2 = sum(m.weight**2 for m in members)
+        cosine = np.where(neighbors >= 0, 1.0 - scores / (2.0 * norm2), 0.0)
+        neighbor_landmarks = recognition.neighbor_landmarks(
+            neighbors, label_map.landmark_ids[train.labels]
         )
+        if ec.classifier_fusion:
+            top_landmarks, top_scores = classifier_top_m(
+                _member_config(config, members[0].workdir, workdir),
+                members[0].workdir,
+                _member_embeddings(workdir, ec.test_split, test.ids),
+                label_map.landmark_ids,
+                ec.classifier_top_m,
+            )
+            labels, label_scores = recognition.fuse_with_classifier(
+                neighbor_landmarks,
+                cosine,
+                top_landmarks,
+                top_scores,
+                knn_power=ec.recognition_power,
+                classifier_power=ec.classifier_power,
+            )
+        else:
+            labels, label_scores = recognition.knn_vote(
+                neighbor_landmarks, cosine, power=ec.recognition_power
+            )
         predictions = recognition.recognition_predictions(list(test.ids), labels, label_scores)
         solutions.write_recognition_submission(
             os.path.join(out_dir, "recognition_submission.csv"),
