@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
-import multiprocessing
 import os
 import time
 from collections.abc import Sequence
@@ -31,16 +29,10 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import gldv2_csv, tfrecord_shard
+from data_pipelines import gldv2_csv, shard_writer, tfrecord_shard
+from landmark_jax import data_format
 
 SPLITS = ("train", "index", "test")
-DATASET_INFO = "dataset_info.json"
-LABEL_MAP = "label_map.csv"
-
-
-def shard_name(split: str, index: int, num_shards: int) -> str:
-    """`<split>-00000-of-000NN.tfrecord`, the shard naming all splits share."""
-    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
 def _assign_val(
@@ -160,7 +152,10 @@ def _plan_shards(
     if split != "train":
         bounds = np.linspace(0, len(examples), num_shards + 1).astype(int)
         return [
-            (shard_name(split, s, num_shards), list(examples[bounds[s] : bounds[s + 1]]))
+            (
+                shard_writer.shard_name(split, s, num_shards),
+                list(examples[bounds[s] : bounds[s + 1]]),
+            )
             for s in range(num_shards)
         ]
     plan = []
@@ -168,74 +163,8 @@ def _plan_shards(
         members = [examples[i] for i in rng.permutation(np.flatnonzero(mask))]
         if not members:
             continue
-        plan += [(shard_name(name, s, n), members[s::n]) for s in range(n)]
+        plan += [(shard_writer.shard_name(name, s, n), members[s::n]) for s in range(n)]
     return plan
-
-
-def remove_old_shards(output_dir: str, names: Sequence[str]) -> None:
-    """Deletes earlier shards of the same splits, which a glob would pick up."""
-    prefixes = {n.split("-")[0] + "-" for n in names}
-    for f in os.listdir(output_dir):
-        if f.endswith(".tfrecord") and any(f.startswith(p) for p in prefixes):
-            os.remove(os.path.join(output_dir, f))
-
-
-def write_shards(
-    output_dir: str,
-    plan: Sequence[tuple[str, list[tfrecord_shard.Example]]],
-    skip_bad_images: bool,
-    num_workers: int,
-    jpeg_quality: int,
-) -> list[tfrecord_shard.ShardResult]:
-    """Writes the shards, in parallel processes when num_workers > 1."""
-    from tqdm import tqdm
-
-    jobs = [
-        tfrecord_shard.ShardJob(
-            os.path.join(output_dir, name), examples, skip_bad_images, jpeg_quality
-        )
-        for name, examples in plan
-    ]
-    total = sum(len(j.examples) for j in jobs)
-    results = []
-    with tqdm(total=total, unit="img", desc="writing shards") as progress:
-        if num_workers <= 1:
-            for job in jobs:
-                results.append(tfrecord_shard.write_shard(job))
-                progress.update(len(job.examples))
-        else:
-            # spawn, not fork: TensorFlow's runtime does not survive a fork.
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(num_workers) as pool:
-                for result in pool.imap_unordered(tfrecord_shard.write_shard, jobs):
-                    results.append(result)
-                    progress.update(result.num_examples + len(result.skipped))
-    return sorted(results, key=lambda r: r.path)
-
-
-def update_dataset_info(output_dir: str, split: str, info_splits: dict, num_classes, source):
-    """Merges this run's splits into dataset_info.json (other splits are kept)."""
-    path = os.path.join(output_dir, DATASET_INFO)
-    info = {"num_classes": None, "splits": {}, "sources": {}}
-    if os.path.exists(path):
-        with open(path) as f:
-            info.update(json.load(f))
-    if split == "train":
-        info["num_classes"] = num_classes
-        info["splits"].pop("val", None)
-    info["splits"].update(info_splits)
-    info["sources"][split] = source
-    info["features"] = {
-        "image/encoded": "JPEG bytes, 3 channels",
-        "image/id": "bytes",
-        "image/class/label": "int64, contiguous 0..num_classes-1 (train, val)",
-        "image/class/landmark_id": "int64, the GLDv2 landmark id (train, val)",
-        "image/is_clean": "int64, 1 if listed in train_clean.csv (train, val)",
-    }
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
-    return info
 
 
 def build_split(
@@ -315,10 +244,12 @@ def build_split(
     plan = _plan_shards(split, examples, is_val, num_shards, num_val_shards, rng)
 
     os.makedirs(output_dir, exist_ok=True)
-    remove_old_shards(output_dir, [name for name, _ in plan])
+    shard_writer.remove_old_shards(output_dir, [name for name, _ in plan])
     if num_workers is None:
         num_workers = min(len(plan), os.cpu_count() or 1)
-    results = write_shards(output_dir, plan, skip_bad_images, num_workers, jpeg_quality)
+    results = shard_writer.write_shards(
+        output_dir, plan, skip_bad_images, num_workers, jpeg_quality
+    )
 
     # Count what was written, not what was planned: --skip_bad_images may have
     # dropped undecodable images inside the workers.
@@ -344,7 +275,7 @@ def build_split(
                 f"{len(empty)} landmark(s) lost all their training images to skipped "
                 f"images, e.g. landmark_id {empty[0]}; fix or remove those rows of {csv_path}"
             )
-        with open(os.path.join(output_dir, LABEL_MAP), "w", newline="") as f:
+        with open(os.path.join(output_dir, data_format.LABEL_MAP), "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["label", "landmark_id", "count", "num_clean"])
             for lm, label in sorted(label_of.items(), key=lambda kv: kv[1]):
@@ -364,7 +295,7 @@ def build_split(
         "seed": seed,
         "num_skipped": len(skipped),
     }
-    info = update_dataset_info(output_dir, split, info_splits, num_classes, source)
+    info = shard_writer.update_dataset_info(output_dir, split, info_splits, num_classes, source)
     return {
         "split": split,
         "output_dir": output_dir,

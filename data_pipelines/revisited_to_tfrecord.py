@@ -36,7 +36,7 @@ from typing import Any
 from absl import app, flags
 from PIL import Image
 
-from data_pipelines import gldv2_to_tfrecord, tfrecord_shard
+from data_pipelines import shard_writer, tfrecord_shard
 from landmark_jax.retrieval import solutions
 
 DB_SPLIT = "revisited_db"
@@ -123,7 +123,7 @@ def _plan(
     n = len(examples)
     bounds = [n * s // num_shards for s in range(num_shards + 1)]
     return [
-        (gldv2_to_tfrecord.shard_name(split, s, num_shards), list(examples[a:b]))
+        (shard_writer.shard_name(split, s, num_shards), list(examples[a:b]))
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]
 
@@ -204,10 +204,10 @@ def build_revisited(
 
         plan = _plan(DB_SPLIT, db_examples, num_shards)
         plan += _plan(QUERY_SPLIT, query_examples, min(num_shards, len(qimlist)))
-        gldv2_to_tfrecord.remove_old_shards(output_dir, [name for name, _ in plan])
+        shard_writer.remove_old_shards(output_dir, [name for name, _ in plan])
         if num_workers is None:
             num_workers = min(len(plan), os.cpu_count() or 1)
-        results = gldv2_to_tfrecord.write_shards(output_dir, plan, False, num_workers, jpeg_quality)
+        results = shard_writer.write_shards(output_dir, plan, False, num_workers, jpeg_quality)
 
     info_splits: dict[str, dict] = {}
     for r in results:
@@ -226,7 +226,7 @@ def build_revisited(
         "images_dir": os.path.abspath(images_dir),
         "crop_queries": crop_queries,
     }
-    gldv2_to_tfrecord.update_dataset_info(output_dir, "revisited", info_splits, None, source)
+    shard_writer.update_dataset_info(output_dir, "revisited", info_splits, None, source)
     return {
         "gnd": gnd_path,
         "output_dir": output_dir,
