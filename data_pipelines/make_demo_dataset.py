@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import demo_layout, synthetic_scenes
+from data_pipelines import demo_layout, synthetic_photos
 
 # GLDv2 train landmark ids run up to 203,093; demo ids are drawn from the same
 # range, non-contiguous, so that builders must map them to labels 0..C-1.
@@ -195,7 +195,7 @@ def _plan(
 
 def _jobs(
     photos: Sequence[_Photo], output_dir: str, seed: int, image_size: int
-) -> list[synthetic_scenes.PhotoJob]:
+) -> list[synthetic_photos.PhotoJob]:
     """Groups photos by scene so that each worker draws a scene once."""
     by_scene: dict[tuple[str, int], list[tuple[str, tuple[int, ...], float]]] = (
         collections.defaultdict(list)
@@ -207,7 +207,7 @@ def _jobs(
     for (kind, index), items in by_scene.items():
         stream = _LANDMARK_STREAM if kind == "landmark" else _DISTRACTOR_STREAM
         jobs.append(
-            synthetic_scenes.PhotoJob(
+            synthetic_photos.PhotoJob(
                 scene_seed=(seed, stream, index),
                 is_landmark=kind == "landmark",
                 photos=tuple(items),
@@ -219,13 +219,13 @@ def _jobs(
     return jobs
 
 
-def _render(jobs: Sequence[synthetic_scenes.PhotoJob], num_workers: int) -> int:
+def _render(jobs: Sequence[synthetic_photos.PhotoJob], num_workers: int) -> int:
     if num_workers <= 1:
-        return sum(synthetic_scenes.render_job(job) for job in jobs)
+        return sum(synthetic_photos.render_job(job) for job in jobs)
     # spawn, not fork: callers (tests, notebooks) may have started jax or TF
     # threads, which fork does not survive safely.
     with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-        return sum(pool.imap_unordered(synthetic_scenes.render_job, jobs))
+        return sum(pool.imap_unordered(synthetic_photos.render_job, jobs))
 
 
 def _check_arguments(
