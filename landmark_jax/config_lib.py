@@ -42,13 +42,16 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval_split = "val"
     c.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: batch_size
 
+    # model.input_normalization and model.padding (the input convention of
+    # the weights) left None are resolved before training starts: from
+    # init.backbone's backbone.json, else the init.checkpoint run's
+    # config.json, else the backbone's default (run_config.py).
     c.model = default_model_config(model_name)
-    # Input normalisation preset of the backbone; None takes it from the
-    # init.backbone checkpoint, else 'imagenet'.
-    c.model.input_normalization = ml_collections.FieldReference(None, field_type=str)
 
     c.head = ml_collections.ConfigDict()
     c.head.num_subcenters = 1
+    # uniform_fan_in: U(+-1/sqrt(D)) (GLR2021, PyTorch) | glorot_uniform (GLR2020, Keras)
+    c.head.init = "uniform_fan_in"
     c.head.margin_type = "none"  # none | cosface | arcface
     c.head.margin = 0.0  # a fixed margin (ignored with dynamic_margins)
     c.head.dynamic_margins = False  # m_c = a * normalise(n_c^-1/4) + b
@@ -163,14 +166,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             raise ValueError(
                 f"config.{key}={value} must be a positive multiple of the {num_devices} devices"
             )
-    resolve_model_config(
-        {k: v for k, v in config.model.to_dict().items() if k != "input_normalization"}
-    )
+    resolve_model_config(config.model)
     backbones.check_image_size(config.model.backbone, config.image_size)
     _check_choice(config, "optimizer.name", config.optimizer.name, OPTIMIZERS)
     _check_choice(config, "optimizer.schedule", config.optimizer.schedule, SCHEDULES)
     _check_choice(config, "head.margin_type", config.head.margin_type, heads.MARGIN_TYPES)
     _check_choice(config, "head.scale", config.head.scale, heads.SCALE_MODES)
+    _check_choice(config, "head.init", config.head.init, heads.HEAD_INITS)
     _check_choice(
         config, "loss.class_weights", config.loss.class_weights, losses.CLASS_WEIGHT_MODES
     )

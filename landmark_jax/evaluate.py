@@ -3,6 +3,9 @@ r"""Evaluates a trained workdir: a thin entry point around retrieval.evaluation.
     python -m landmark_jax.evaluate --config=configs/NAME.py[:ARG] --workdir=DIR \
         [--config.eval.retrieval_solution=CSV] [--config.eval.recognition_solution=CSV]
 
+The model is rebuilt from DIR/config.json (its input convention included);
+the command line contributes `data_dir` and `eval.*`, and a
+`--config.model.*` flag that disagrees with DIR/config.json is an error.
 Embeds the `index` and `test` splits of config.data_dir (and `train` for
 recognition), searches k=100 neighbours, and writes DIR/eval/metrics.json
 (`map@100`, `gap`), retrieval_submission.csv, recognition_submission.csv and
@@ -30,7 +33,11 @@ def main(argv):
     entry_point_logging.quiet_library_logs()
     from landmark_jax.retrieval import evaluation
 
-    metrics = evaluation.evaluate(FLAGS.config, FLAGS.workdir)
+    # Only model keys typed on the command line are checked against the
+    # workdir's config.json; the config file's own model block is ignored.
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    model_overrides = {k: v for k, v in overrides.items() if k.startswith("model.")}
+    metrics = evaluation.evaluate(FLAGS.config, FLAGS.workdir, model_overrides)
     for key in ("map@100", "gap"):
         if key in metrics:
             print(f"{key}: {metrics[key]:.4f}")

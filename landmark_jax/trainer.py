@@ -32,9 +32,10 @@ from landmark_jax import (
     input_pipeline,
     losses,
     metric_writer,
+    run_config,
     sharding,
 )
-from landmark_jax.models import backbone_checkpoint, create_model, input_normalization
+from landmark_jax.models import backbone_checkpoint, create_model
 
 # The head's class count is padded for this many shards (times 8), whatever
 # the device count of the run: checkpoints then restore on any number of
@@ -44,53 +45,6 @@ HEAD_PAD_SHARDS = 128
 # ----------------------------------------------------------------------------
 # Building blocks: model, optimizer, state
 # ----------------------------------------------------------------------------
-
-
-def build_model(config: ml_collections.ConfigDict):
-    """The embedding model, with the input convention its init weights need.
-
-    With `config.init.backbone` (a keras_import output folder) the backbone
-    takes the normalisation and padding recorded with those weights.
-
-    Returns:
-      (model, backbone variables from config.init.backbone or None).
-
-    Raises:
-      ValueError: the init.backbone weights are for another architecture
-        than config.model.backbone, or config.model.input_normalization
-        names another convention than theirs.
-    """
-    model = create_model(
-        {k: v for k, v in config.model.to_dict().items() if k != "input_normalization"}
-    )
-    preset = config.model.input_normalization
-    backbone_overrides: dict[str, Any] = {}
-    variables = None
-    if config.init.backbone:
-        metadata = backbone_checkpoint.read_backbone_metadata(config.init.backbone)
-        if metadata["arch"] != config.model.backbone:
-            raise ValueError(
-                f"config.init.backbone={config.init.backbone!r} holds {metadata['arch']} "
-                f"weights but config.model.backbone={config.model.backbone!r}"
-            )
-        if preset is not None and preset != metadata["input_normalization"]:
-            raise ValueError(
-                f"config.model.input_normalization={preset!r} but the weights in "
-                f"config.init.backbone expect {metadata['input_normalization']!r}"
-            )
-        backbone_overrides = {
-            "input_scale": tuple(metadata["input_scale"]),
-            "input_offset": tuple(metadata["input_offset"]),
-        }
-        if metadata.get("padding") is not None:
-            backbone_overrides["padding"] = metadata["padding"]
-        variables = backbone_checkpoint.load_backbone_checkpoint(config.init.backbone)
-    elif preset is not None:
-        norm = input_normalization.get_input_normalization(preset)
-        backbone_overrides = {"input_scale": norm.scale, "input_offset": norm.offset}
-    if backbone_overrides:
-        model = model.clone(backbone=model.backbone.clone(**backbone_overrides))
-    return model, variables
 
 
 def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
@@ -273,6 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- Setup: mesh, checks before any compile, workdir ---------------------
     mesh = sharding.create_mesh()
     config_lib.validate_config(config, mesh.devices.size)
+    # The model keys, the input convention of the weights included, are
+    # settled here and recorded in config.json: later stages and evaluation
+    # rebuild the model from that file.
+    config = run_config.resolve_training_config(config)
     num_classes = config_lib.resolve_num_classes(config)
     label_map = data_format.read_label_map(config.data_dir)
     if config.eval_every_steps:
@@ -280,30 +238,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         data_format.read_split_info(config.data_dir, config.eval_split)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        run_config.write_run_config(config, workdir)
     writer = metric_writer.MetricWriter(workdir)
 
     # --- Model, head and the per-class loss constants ------------------------
-    model, backbone_variables = build_model(config)
+    model = create_model(config.model)
+    backbone_variables = (
+        backbone_checkpoint.load_backbone_checkpoint(config.init.backbone)
+        if config.init.backbone
+        else None
+    )
     shard_head = config.head.shard_classes and mesh.devices.size > 1
     head = heads.CosineClassifier(
         num_classes=num_classes,
         num_subcenters=config.head.num_subcenters,
         num_classes_padded=head_sharding.padded_num_classes(num_classes, HEAD_PAD_SHARDS),
         mesh=mesh if shard_head else None,
+        kernel_init=config.head.init,
     )
-    class_w = losses.class_weights(label_map.counts, config.loss.class_weights)
-    class_w = class_w * losses.weight_normalizer(
-        label_map.counts, label_map.clean_counts, class_w, config.loss.not_clean_weight
-    )
-    margins = losses.dynamic_margins(label_map.counts, config.head.margin_a, config.head.margin_b)
-    # Per-class arrays the loss indexes by label, placed on the devices once.
+    # Per-class arrays the loss indexes by label (class weights and margins
+    # from the train + val counts, see losses.py), placed on the devices once.
     consts = jax.device_put(
-        {
-            "class_weights": jnp.asarray(class_w, jnp.float32),
-            "margins": jnp.asarray(margins, jnp.float32),
-        },
+        losses.per_class_constants(
+            label_map,
+            class_weight_mode=config.loss.class_weights,
+            not_clean_weight=config.loss.not_clean_weight,
+            margin_a=config.head.margin_a,
+            margin_b=config.head.margin_b,
+        ),
         sharding.replicated_sharding(mesh),
     )
     tx, schedule = build_optimizer(config.optimizer, config.total_steps)

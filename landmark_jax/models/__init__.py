@@ -24,6 +24,24 @@ Model config keys (`default_model_config(name)` gives every key and default):
     dtype          'float32' | 'bfloat16' compute dtype (params stay float32)
     dolg           dilations, branch_channels, local_dim, global_dim,
                    image_pooling, global_branch (used by 'dolg' only)
+
+The input convention of the weights, and how the model trains:
+
+    input_normalization  a preset of input_normalization.INPUT_NORMALIZATIONS
+                   ('imagenet', 'caffe', ...): the per-channel affine the
+                   backbone applies to raw pixels; None: 'imagenet'
+    padding        EfficientNet stride-2 padding, 'same' | 'keras_dynamic'
+                   (they differ at sizes that are not multiples of 32);
+                   None: 'same'. Must stay None for a ResNet.
+    drop_connect_rate  EfficientNet stochastic depth of the last block;
+                   None: the variant's (0.2 for B0-B7). 0 for a ResNet.
+    batch_norm     'batch' | 'frozen': every BatchNorm of the model uses the
+                   batch's statistics in training, or its moving statistics
+                   (gamma/beta still train; layers.BATCH_NORM_MODES)
+
+`resolve_model_config` replaces each None by the value it stands for, so a
+resolved config (what a run writes to its config.json, see run_config.py)
+rebuilds exactly the same model.
 """
 
 from __future__ import annotations
@@ -35,7 +53,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from landmark_jax.models import dolg, global_model, layers
+from landmark_jax.models import dolg, global_model, input_normalization, layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -46,6 +64,16 @@ _DOLG_DEFAULTS: dict[str, Any] = {
     "global_dim": 1024,
     "image_pooling": False,
     "global_branch": "gem_fc",
+}
+
+# Options of the backbone and of training behaviour, the same for every model.
+# None stands for the backbone's own default (see the module docstring); the
+# types let a command line set a key whose default is None.
+_BACKBONE_OPTIONS: dict[str, tuple[Any, type]] = {
+    "input_normalization": (None, str),
+    "padding": (None, str),
+    "drop_connect_rate": (None, float),
+    "batch_norm": ("batch", str),
 }
 
 # Defaults follow the published recipes: GLR2020 1st place (EfficientNet-B7,
@@ -79,6 +107,7 @@ def _build_global(cfg: Mapping[str, Any], backbone: nn.Module, dtype: Any) -> nn
         neck=cfg["neck"],
         dropout=cfg["dropout"],
         dtype=dtype,
+        batch_norm=cfg["batch_norm"],
     )
 
 
@@ -97,6 +126,7 @@ def _build_dolg(cfg: Mapping[str, Any], backbone: nn.Module, dtype: Any) -> nn.M
         neck=cfg["neck"],
         dropout=cfg["dropout"],
         dtype=dtype,
+        batch_norm=cfg["batch_norm"],
     )
 
 
@@ -126,9 +156,12 @@ def default_model_config(name: str) -> ml_collections.ConfigDict:
       ValueError: for an unknown name, listing the valid ones.
     """
     _check_name(name)
-    return ml_collections.ConfigDict(
+    config = ml_collections.ConfigDict(
         {"name": name, **_MODEL_DEFAULTS[name], "dolg": dict(_DOLG_DEFAULTS)}
     )
+    for key, (default, field_type) in _BACKBONE_OPTIONS.items():
+        config[key] = ml_collections.FieldReference(default, field_type=field_type)
+    return config
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -178,7 +211,45 @@ def resolve_model_config(model_config: Any) -> dict[str, Any]:
     dolg.check_global_branch(cfg["dolg"]["global_branch"])
     if cfg["dtype"] not in DTYPES:
         raise ValueError(f"unknown dtype {cfg['dtype']!r}; valid: {sorted(DTYPES)}")
+    _resolve_backbone_options(cfg)
     return cfg
+
+
+def _resolve_backbone_options(cfg: dict[str, Any]) -> None:
+    """Checks the backbone options and replaces each None by its meaning."""
+    from landmark_jax.models import backbones, efficientnet
+
+    backbone = cfg["backbone"]
+    if cfg["input_normalization"] is None:
+        cfg["input_normalization"] = "imagenet"
+    input_normalization.get_input_normalization(cfg["input_normalization"])
+
+    default_padding = backbones.backbone_option(backbone, "padding")
+    if cfg["padding"] is None:
+        cfg["padding"] = default_padding
+    elif default_padding is None:
+        raise ValueError(
+            f"model.padding={cfg['padding']!r}, but {backbone} has no padding option; "
+            "leave model.padding unset (None)"
+        )
+    elif cfg["padding"] not in efficientnet.PADDINGS:
+        raise ValueError(f"model.padding={cfg['padding']!r}; valid: {efficientnet.PADDINGS}")
+
+    default_rate = backbones.backbone_option(backbone, "drop_connect_rate")
+    rate = cfg["drop_connect_rate"]
+    if rate is None:
+        rate = default_rate if default_rate is not None else 0.0
+    elif default_rate is None and rate != 0:
+        raise ValueError(
+            f"model.drop_connect_rate={rate}, but {backbone} has no stochastic depth; use 0"
+        )
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"model.drop_connect_rate={rate}: expected 0 <= rate < 1")
+    cfg["drop_connect_rate"] = float(rate)
+    if cfg["batch_norm"] not in layers.BATCH_NORM_MODES:
+        raise ValueError(
+            f"model.batch_norm={cfg['batch_norm']!r}; valid: {layers.BATCH_NORM_MODES}"
+        )
 
 
 def create_model(model_config: Any) -> nn.Module:
@@ -199,8 +270,15 @@ def create_model(model_config: Any) -> nn.Module:
     cfg = resolve_model_config(model_config)
     # Imported here so that `landmark_jax.models.layers` etc. stay importable
     # without pulling in every backbone definition.
-    from landmark_jax.models.backbones import create_backbone
+    from landmark_jax.models.backbones import backbone_option, create_backbone
 
     dtype = DTYPES[cfg["dtype"]]
-    backbone = create_backbone(cfg["backbone"], dtype=dtype)
+    options: dict[str, Any] = {"dtype": dtype, "batch_norm": cfg["batch_norm"]}
+    if cfg["padding"] is not None:
+        options["padding"] = cfg["padding"]
+    if backbone_option(cfg["backbone"], "drop_connect_rate") is not None:
+        options["drop_connect_rate"] = cfg["drop_connect_rate"]
+    backbone = create_backbone(
+        cfg["backbone"], input_normalization=cfg["input_normalization"], **options
+    )
     return MODELS[cfg["name"]](cfg, backbone, dtype)

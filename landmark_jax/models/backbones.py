@@ -83,6 +83,28 @@ def _spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
+def backbone_option(name: str, option: str) -> Any:
+    """The value a registry backbone's module attribute takes by default.
+
+    Args:
+      name: a key of `BACKBONES`.
+      option: a module attribute, e.g. 'padding' or 'drop_connect_rate'.
+
+    Returns:
+      The variant's value (its registry kwargs over the module's field
+      default), or None when the module has no such attribute (a ResNet has
+      no 'padding').
+
+    Raises:
+      ValueError: on an unknown name (the message lists the valid names).
+    """
+    spec = _spec(name)
+    if option in spec.kwargs:
+        return spec.kwargs[option]
+    fields = {f.name: f for f in dataclasses.fields(spec.module)}
+    return fields[option].default if option in fields else None
+
+
 def create_backbone(
     name: str, input_normalization: str | None = None, **overrides: Any
 ) -> nn.Module:

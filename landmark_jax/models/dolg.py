@@ -136,12 +136,14 @@ class SpatialAttention(nn.Module):
         and product run in float32.
       param_dtype: parameter dtype.
       norm: BatchNorm factory.
+      batch_norm: a key of `layers.BATCH_NORM_MODES`.
     """
 
     channels: int = 1024
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     norm: Callable[..., nn.Module] = layers.DEFAULT_NORM
+    batch_norm: str = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -149,7 +151,10 @@ class SpatialAttention(nn.Module):
         conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=self.param_dtype)
         y = conv(self.channels, (1, 1), name="conv")(x)
         y = self.norm(
-            use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype, name="bn"
+            use_running_average=layers.use_running_average(train, self.batch_norm),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="bn",
         )(y)
         logits = conv(1, (1, 1), name="score")(nn.relu(y))
         scores = jax.nn.softplus(logits.astype(jnp.float32))
@@ -201,6 +206,8 @@ class DOLG(nn.Module):
       local_key, global_key: backbone maps feeding the two branches.
       dtype: compute dtype (bf16 for mixed precision); params are float32.
       norm: BatchNorm factory used in every head BN.
+      batch_norm: a key of `layers.BATCH_NORM_MODES`, for the head BNs (the
+        backbone carries its own).
     """
 
     backbone: nn.Module
@@ -218,6 +225,7 @@ class DOLG(nn.Module):
     global_key: str = "stride_32"
     dtype: Dtype = jnp.float32
     norm: Callable[..., nn.Module] = layers.DEFAULT_NORM
+    batch_norm: str = "batch"
 
     def _check(self) -> GlobalBranchSpec:
         if self.local_dim != self.global_dim:
@@ -233,7 +241,7 @@ class DOLG(nn.Module):
 
         Args:
           x: [batch, height, width, 3] raw pixels in 0..255.
-          train: training mode (BatchNorm batch statistics, dropout).
+          train: training mode (dropout; BatchNorm per `batch_norm`).
 
         Returns:
           [batch, embedding_dim] float32 embedding, NOT L2-normalised. Sown
@@ -259,13 +267,21 @@ class DOLG(nn.Module):
             name="local_atrous",
         )(features[self.local_key])
         f_local, scores = SpatialAttention(
-            channels=self.local_dim, dtype=self.dtype, norm=self.norm, name="local_attention"
+            channels=self.local_dim,
+            dtype=self.dtype,
+            norm=self.norm,
+            batch_norm=self.batch_norm,
+            name="local_attention",
         )(local, train=train)
 
         g = features[self.global_key]
         if spec.conv_bn_act:
             g = conv(self.global_dim, (1, 1), name="global_conv")(g)
-            g = self.norm(use_running_average=not train, dtype=self.dtype, name="global_bn")(g)
+            g = self.norm(
+                use_running_average=layers.use_running_average(train, self.batch_norm),
+                dtype=self.dtype,
+                name="global_bn",
+            )(g)
             g = nn.silu(g)
         f_global = layers.make_pooling(self.pooling, name="global_pool")(g)
         if spec.fc:
@@ -288,5 +304,6 @@ class DOLG(nn.Module):
             variant=self.neck,
             dtype=self.dtype,
             norm=self.norm,
+            batch_norm=self.batch_norm,
             name="neck",
         )(pooled, train=train)

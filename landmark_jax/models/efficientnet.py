@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from landmark_jax.models import input_normalization
+from landmark_jax.models import input_normalization, layers
 
 PADDINGS = ("same", "keras_dynamic")
 STRIDE_KEYS = ("stride_2", "stride_4", "stride_8", "stride_16", "stride_32")
@@ -187,6 +187,8 @@ class EfficientNet(nn.Module):
       padding: 'same' or 'keras_dynamic' (see the module docstring).
       bn_momentum: BatchNorm running-average momentum (Keras's 0.99).
       bn_epsilon: BatchNorm epsilon (Keras's 1e-3).
+      batch_norm: a key of `layers.BATCH_NORM_MODES`: batch statistics in
+        training, or the moving statistics ('frozen').
       input_scale: per-channel factor of the first op, `x * scale + offset`.
       input_offset: per-channel offset of that op.
       dtype: computation dtype.
@@ -205,6 +207,7 @@ class EfficientNet(nn.Module):
     padding: str = "same"
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    batch_norm: str = "batch"
     input_scale: tuple[float, float, float] = input_normalization.IMAGENET_SCALE
     input_offset: tuple[float, float, float] = input_normalization.IMAGENET_OFFSET
     dtype: Any = jnp.float32
@@ -274,7 +277,7 @@ class EfficientNet(nn.Module):
         )
         norm = functools.partial(
             nn.BatchNorm,
-            use_running_average=not train,
+            use_running_average=layers.use_running_average(train, self.batch_norm),
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,

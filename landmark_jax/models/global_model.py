@@ -39,6 +39,8 @@ class GlobalModel(nn.Module):
         include_top=False output (after EfficientNet's top conv).
       dtype: compute dtype of the neck (the backbone carries its own).
       norm: BatchNorm factory for the neck.
+      batch_norm: a key of `layers.BATCH_NORM_MODES`, for the neck (the
+        backbone carries its own).
     """
 
     backbone: nn.Module
@@ -49,6 +51,7 @@ class GlobalModel(nn.Module):
     feature_key: str = "final"
     dtype: Dtype = jnp.float32
     norm: Callable[..., nn.Module] = layers.DEFAULT_NORM
+    batch_norm: str = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -57,7 +60,7 @@ class GlobalModel(nn.Module):
         Args:
           x: [batch, height, width, 3] raw pixels in 0..255 (the backbone
             normalises).
-          train: training mode (BatchNorm batch statistics, dropout).
+          train: training mode (dropout; BatchNorm per `batch_norm`).
 
         Returns:
           [batch, embedding_dim] float32 embedding, NOT L2-normalised (the head
@@ -77,5 +80,6 @@ class GlobalModel(nn.Module):
             variant=self.neck,
             dtype=self.dtype,
             norm=self.norm,
+            batch_norm=self.batch_norm,
             name="neck",
         )(pooled, train=train)

@@ -32,6 +32,33 @@ DEFAULT_NORM = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 # torch.nn.PReLU initialises its single slope at 0.25 (flax's default is 0.01).
 PRELU_SLOPE_INIT = 0.25
 
+# How every BatchNorm of a model behaves in training (`model.batch_norm`):
+# 'batch' normalises with the batch's statistics and updates the moving
+# averages; 'frozen' normalises with the moving statistics and never updates
+# them, while gamma and beta still train. 'frozen' is what a Keras model
+# called as `model(images)` (no training=True) inside a GradientTape does,
+# which is how the GLR2020 notebooks trained. Outside training both use the
+# moving statistics.
+BATCH_NORM_MODES = ("batch", "frozen")
+
+
+def use_running_average(train: bool, batch_norm: str) -> bool:
+    """BatchNorm's `use_running_average` for a training flag and a mode.
+
+    Args:
+      train: the model's training flag.
+      batch_norm: a key of `BATCH_NORM_MODES`.
+
+    Returns:
+      True unless training with batch statistics.
+
+    Raises:
+      ValueError: an unknown mode, listing the valid ones.
+    """
+    if batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(f"unknown batch_norm mode {batch_norm!r}; valid: {BATCH_NORM_MODES}")
+    return not train or batch_norm == "frozen"
+
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """Averages an NHWC map over its spatial axes, in float32.
@@ -163,6 +190,7 @@ class EmbeddingNeck(nn.Module):
       param_dtype: parameter dtype.
       norm: BatchNorm factory (PyTorch defaults), injected so a recipe can
         swap momentum/epsilon.
+      batch_norm: a key of `BATCH_NORM_MODES`.
     """
 
     features: int = 512
@@ -170,6 +198,7 @@ class EmbeddingNeck(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     norm: Callable[..., nn.Module] = DEFAULT_NORM
+    batch_norm: str = "batch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -177,7 +206,7 @@ class EmbeddingNeck(nn.Module):
 
         Args:
           x: pooled descriptor [batch, in].
-          train: BatchNorm uses batch statistics and updates `batch_stats`.
+          train: training mode (BatchNorm per `batch_norm`).
 
         Returns:
           [batch, features] float32 embedding.
@@ -187,7 +216,7 @@ class EmbeddingNeck(nn.Module):
         y = y.astype(jnp.float32)
         if spec.use_norm:
             y = self.norm(
-                use_running_average=not train,
+                use_running_average=use_running_average(train, self.batch_norm),
                 dtype=jnp.float32,
                 param_dtype=self.param_dtype,
                 name="bn",

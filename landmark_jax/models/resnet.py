@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from landmark_jax.models import input_normalization
+from landmark_jax.models import input_normalization, layers
 
 RESNET_STAGE_SIZES: dict[str, tuple[int, ...]] = {
     "resnet50": (3, 4, 6, 3),
@@ -67,6 +67,8 @@ class ResNet(nn.Module):
         (the feature keys keep their nominal names).
       bn_momentum: BatchNorm running-average momentum (Keras's 0.99).
       bn_epsilon: BatchNorm epsilon (Keras's 1.001e-5).
+      batch_norm: a key of `layers.BATCH_NORM_MODES`: batch statistics in
+        training, or the moving statistics ('frozen').
       input_scale: per-channel factor of the first op, `x * scale + offset`.
       input_offset: per-channel offset of that op.
       dtype: computation dtype.
@@ -79,6 +81,7 @@ class ResNet(nn.Module):
     stem_stride: int = 2
     bn_momentum: float = 0.99
     bn_epsilon: float = 1.001e-5
+    batch_norm: str = "batch"
     input_scale: tuple[float, float, float] = input_normalization.IMAGENET_SCALE
     input_offset: tuple[float, float, float] = input_normalization.IMAGENET_OFFSET
     dtype: Any = jnp.float32
@@ -115,7 +118,7 @@ class ResNet(nn.Module):
         )
         norm = functools.partial(
             nn.BatchNorm,
-            use_running_average=not train,
+            use_running_average=layers.use_running_average(train, self.batch_norm),
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,

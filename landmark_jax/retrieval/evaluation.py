@@ -18,12 +18,13 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from landmark_jax import checkpointing, data_format, sharding
+from landmark_jax import checkpointing, data_format, run_config, sharding
 from landmark_jax.retrieval import (
     ensemble,
     extract,
@@ -39,16 +40,13 @@ EVAL_DIR = "eval"
 
 
 def _member_config(config: ml_collections.ConfigDict, member_workdir: str, workdir: str):
-    """The training config of an ensemble member (its config.json), on our data."""
-    if os.path.abspath(member_workdir) == os.path.abspath(workdir):
-        return config
-    path = os.path.join(member_workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"ensemble member {member_workdir}: no config.json")
-    with open(path) as f:
-        member = ml_collections.ConfigDict(json.load(f))
-    member.data_dir = config.data_dir
-    return member
+    """A member's own training config (its config.json), on our data and eval settings.
+
+    `workdir` (the evaluated one) is a member like any other: its model is
+    rebuilt from its config.json, never from the command line's model keys.
+    """
+    del workdir  # every member, the evaluated workdir included, is rebuilt the same way
+    return run_config.evaluation_config(config, member_workdir)
 
 
 def embed_split(config, workdir: str, split: str, members, mesh) -> extract.Embeddings:
@@ -129,19 +127,31 @@ def _merged(solution: Any) -> dict:
     return {**solution[solutions.PUBLIC], **solution[solutions.PRIVATE]}
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    model_overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Evaluates a workdir (or an ensemble) on the data's index/test splits.
 
+    Each model (the workdir's, or every ensemble member's) is rebuilt from its
+    own config.json (run_config.evaluation_config); `config` contributes
+    `data_dir` and the `eval` block.
+
     Args:
-      config: the training config with its `eval` block.
+      config: the command line's config, with its `eval` block.
       workdir: the training workdir; results go to <workdir>/eval/.
+      model_overrides: model keys given on the command line, flat
+        ('model.input_normalization' -> value); each must equal every
+        evaluated workdir's.
 
     Returns:
       The metrics written to eval/metrics.json.
 
     Raises:
-      FileNotFoundError: no checkpoint, or a missing solution file.
-      ValueError: a bad ensemble entry or predictions for unknown ids.
+      FileNotFoundError: no checkpoint or config.json, or a missing solution file.
+      ValueError: a bad ensemble entry, predictions for unknown ids, or a
+        command-line model key that disagrees with a workdir's config.json.
     """
     ec = config.eval
     out_dir = os.path.join(workdir, EVAL_DIR)
@@ -152,6 +162,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if ec.ensemble
         else [ensemble.EnsembleMember(workdir, 1.0, None)]
     )
+    # Fails before any extraction; without a data_dir of its own, the command
+    # line evaluates on the (first) member's training data folder.
+    first = None
+    for member in members:
+        member_config = run_config.evaluation_config(config, member.workdir, model_overrides)
+        first = first or member_config
+    config = config.copy_and_resolve_references()
+    config.data_dir = first.data_dir
+    ec = config.eval
     metrics: dict[str, Any] = {"members": [m.workdir for m in members]}
 
     # --- Retrieval: test queries against the index -------------------------
@@ -237,7 +256,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # --- Revisited Oxford/Paris (cropped queries, easy/medium/hard) ---------
     if ec.revisited_data_dir:
         metrics["revisited"] = revisited.evaluate_revisited(
-            config, workdir, ec.revisited_data_dir, scales=tuple(ec.scales), flip=ec.flip
+            run_config.evaluation_config(config, workdir),
+            workdir,
+            ec.revisited_data_dir,
+            scales=tuple(ec.scales),
+            flip=ec.flip,
         )
         logging.info("Revisited:\n%s", revisited.format_results(metrics["revisited"]))
 

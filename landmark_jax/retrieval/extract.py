@@ -26,6 +26,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from landmark_jax import checkpointing, input_pipeline, sharding
+from landmark_jax.models import create_model
 
 _ID_BYTES = 64  # ids travel between processes as fixed-width bytes
 
@@ -59,12 +60,13 @@ class Embeddings:
 def load_model_variables(config: ml_collections.ConfigDict, workdir: str, mesh):
     """The workdir's model and its latest variables, replicated on the mesh.
 
+    `config` is the workdir's own config (run_config.evaluation_config), whose
+    resolved model block rebuilds the trained model, input convention included.
+
     Raises:
       FileNotFoundError: the workdir has no checkpoint.
     """
-    from landmark_jax import trainer  # the same model construction as training
-
-    model, _ = trainer.build_model(config)
+    model = create_model(config.model)
     stage = checkpointing.load_stage(workdir)
     variables = {"params": stage["params"]["model"], "batch_stats": stage["batch_stats"]["model"]}
     return model, jax.device_put(variables, sharding.replicated_sharding(mesh))

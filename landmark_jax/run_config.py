@@ -1,0 +1,273 @@
+"""A run's recorded config: config.json, where its model's input convention
+comes from, and the config evaluation rebuilds a workdir's model from.
+
+A run's model describes itself. The input convention of the weights, the
+per-channel pixel affine (`model.input_normalization`, a preset name) and
+EfficientNet's stride-2 padding (`model.padding`), is a property of the
+weights, not of the command that happens to load them. Before training
+starts, `resolve_training_config` settles both from every source there is:
+
+- `init.backbone`: the converted weights' backbone.json;
+- `init.checkpoint`: the previous stage's config.json;
+- the config's own value, when it names one (not None).
+
+Every source that exists must agree with the others (a disagreement is an
+error naming both); with no source, the backbone's default applies
+('imagenet', 'same'). The whole model block is then written resolved to the
+workdir's config.json (`write_run_config`), so that file alone rebuilds the
+model: a later stage inherits the convention from it, and evaluation
+(`evaluation_config`) rebuilds each workdir's model from it, taking only
+`data_dir` and `eval.*` from the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from landmark_jax import checkpointing
+from landmark_jax.models import (
+    backbone_checkpoint,
+    input_normalization,
+    resolve_model_config,
+)
+
+CONFIG_FILE = "config.json"
+# The model keys that describe what input the weights expect.
+CONVENTION_KEYS = ("input_normalization", "padding")
+
+
+def _run_dir(path: str) -> str:
+    """A workdir, given the workdir or its checkpoints/ folder."""
+    trimmed = path.rstrip("/")
+    if os.path.basename(trimmed) == checkpointing.CHECKPOINT_DIR:
+        return os.path.dirname(trimmed)
+    return path
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run recorded in its workdir.
+
+    Args:
+      workdir: a training workdir (or its checkpoints/ folder).
+
+    Returns:
+      The config.json as a ConfigDict (JSON types: tuples read as lists).
+
+    Raises:
+      FileNotFoundError: the folder has no config.json.
+    """
+    path = os.path.join(_run_dir(workdir), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training workdir")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _same_convention(key: str, a: Any, b: Any) -> bool:
+    if key == "input_normalization":
+        # Presets that are equal as affines (keras_efficientnet_imagenet is
+        # imagenet up to rounding) are the same convention.
+        pa = input_normalization.get_input_normalization(a)
+        pb = input_normalization.get_input_normalization(b)
+        return input_normalization.match_input_normalization(pa.scale, pa.offset) == (
+            input_normalization.match_input_normalization(pb.scale, pb.offset)
+        )
+    return a == b
+
+
+def _backbone_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    path = config.init.backbone
+    metadata = backbone_checkpoint.read_backbone_metadata(path)
+    if metadata["arch"] != config.model.backbone:
+        raise ValueError(
+            f"config.init.backbone={path!r} holds {metadata['arch']} weights but "
+            f"config.model.backbone={config.model.backbone!r}"
+        )
+    preset = metadata.get("input_normalization")
+    if preset is None:
+        # Checkpoints written before presets were always recorded.
+        preset = input_normalization.match_input_normalization(
+            metadata["input_scale"], metadata["input_offset"]
+        )
+    if preset is None:
+        raise ValueError(
+            f"{path}/{backbone_checkpoint.METADATA_FILE} records an input affine "
+            f"(scale {metadata['input_scale']}, offset {metadata['input_offset']}) that is no "
+            f"preset of {sorted(input_normalization.INPUT_NORMALIZATIONS)}; re-convert the "
+            "weights with python -m landmark_jax.models.keras_import"
+        )
+    return {"input_normalization": preset, "padding": metadata.get("padding")}
+
+
+def _stage_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    path = config.init.checkpoint
+    previous = read_run_config(path).model
+    missing = [k for k in CONVENTION_KEYS if k not in previous]
+    if not missing:
+        return {k: previous[k] for k in CONVENTION_KEYS}
+    if config.model.input_normalization is None:
+        raise ValueError(
+            f"the run in config.init.checkpoint={path!r} does not record model.{missing[0]} "
+            "in its config.json (it predates recorded input conventions); set "
+            "config.model.input_normalization (and, for EfficientNet, config.model.padding) "
+            "to what that run used"
+        )
+    return {}
+
+
+def resolve_training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with every model key resolved, the input convention from its sources.
+
+    Args:
+      config: a validated training config (see config_lib.validate_config).
+
+    Returns:
+      A copy whose `model` block is complete and concrete
+      (`models.resolve_model_config`), with `input_normalization` and
+      `padding` taken from init.backbone / init.checkpoint where set.
+
+    Raises:
+      ValueError: two sources (or a source and the config's own value)
+        disagree, naming both; init.backbone holds another architecture or an
+        affine that is no preset; the previous stage records no convention and
+        the config names none.
+      FileNotFoundError: init.checkpoint has no config.json.
+    """
+    config = config.copy_and_resolve_references()
+    sources: list[tuple[str, dict[str, Any]]] = [
+        (f"config.model ({key} as given)", {key: config.model[key]})
+        for key in CONVENTION_KEYS
+        if config.model[key] is not None
+    ]
+    if config.init.backbone:
+        sources.append(
+            (
+                f"the weights in config.init.backbone={config.init.backbone!r}",
+                _backbone_source(config),
+            )
+        )
+    if config.init.checkpoint:
+        sources.append(
+            (
+                f"the previous stage config.init.checkpoint={config.init.checkpoint!r}",
+                _stage_source(config),
+            )
+        )
+
+    resolved: dict[str, tuple[str, Any]] = {}
+    for where, convention in sources:
+        for key, value in convention.items():
+            if key not in resolved:
+                resolved[key] = (where, value)
+            elif not _same_convention(key, resolved[key][1], value):
+                first, first_value = resolved[key]
+                raise ValueError(
+                    f"model.{key}: {first} says {first_value!r} but {where} says {value!r}; "
+                    "a run must use its weights' input convention"
+                )
+    for key, (where, value) in resolved.items():
+        config.model[key] = value
+        logging.info("model.%s = %r (from %s)", key, value, where)
+    model = resolve_model_config(config.model)
+    for key, value in model.items():
+        if key != "dolg":
+            config.model[key] = value
+    return config
+
+
+def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the resolved config to <workdir>/config.json.
+
+    A workdir that already holds checkpoints keeps its input convention: a
+    resumed run whose config resolves to another one is refused.
+
+    Raises:
+      ValueError: the workdir's checkpoints were trained with another
+        model.input_normalization or model.padding (both named).
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.isfile(path) and checkpointing.latest_step(workdir) is not None:
+        saved = read_run_config(workdir).model
+        for key in CONVENTION_KEYS:
+            if key in saved and not _same_convention(key, saved[key], config.model[key]):
+                raise ValueError(
+                    f"{workdir} was trained with model.{key}={saved[key]!r} ({path}) but "
+                    f"this config resolves to {config.model[key]!r}; resume with the "
+                    "workdir's convention or start a new workdir"
+                )
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def _get_path(config: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return KeyError(dotted)
+        value = value[part]
+    return value
+
+
+def _normalised(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalised(v) for v in value)
+    return value
+
+
+def evaluation_config(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    model_overrides: Mapping[str, Any] | None = None,
+) -> ml_collections.ConfigDict:
+    """The config to evaluate a workdir with: its own config.json, our data and eval.
+
+    The model (and everything else about the run: image_size, head, ...)
+    comes from the workdir's config.json; `config` contributes `data_dir`
+    (when set) and the `eval` block.
+
+    Args:
+      config: the command line's config.
+      workdir: the training workdir.
+      model_overrides: the model keys given on the command line, flat
+        ('model.padding' -> value); each must equal the workdir's.
+
+    Returns:
+      A ConfigDict with the workdir's resolved model block.
+
+    Raises:
+      FileNotFoundError: the workdir has no config.json.
+      ValueError: its config.json does not record the input convention, or
+        a command-line model key disagrees with it (both named).
+    """
+    saved = read_run_config(workdir)
+    path = os.path.join(_run_dir(workdir), CONFIG_FILE)
+    missing = [k for k in CONVENTION_KEYS if k not in saved.model]
+    if missing:
+        raise ValueError(
+            f"{path} does not record model.{missing[0]} (the run predates recorded input "
+            "conventions); add model.input_normalization and model.padding as that run "
+            "used them to its config.json"
+        )
+    for key, value in (model_overrides or {}).items():
+        recorded = _get_path(saved.to_dict(), key)
+        if isinstance(recorded, KeyError) or _normalised(recorded) != _normalised(value):
+            shown = "nothing" if isinstance(recorded, KeyError) else repr(recorded)
+            raise ValueError(
+                f"--config.{key}={value!r} but {path} records {shown}: evaluation rebuilds "
+                "the model from the workdir's config.json; drop the flag"
+            )
+    merged = ml_collections.ConfigDict(saved.to_dict())
+    merged.model = resolve_model_config(saved.model)
+    if config.data_dir:
+        merged.data_dir = config.data_dir
+    else:
+        logging.info("config.data_dir is empty: evaluating on %s's data_dir", workdir)
+    merged.eval = config.eval.copy_and_resolve_references()
+    return merged
