@@ -147,23 +147,78 @@ def test_missing_and_unexpected_weights_are_listed(keras_b0):
     assert "unexpected (Keras weights not used): ['extra_conv/kernel']" in message
 
 
-def test_cli_end_to_end_and_reload(keras_b0, tmp_path):
-    # model.save(.h5) writes the legacy HDF5 layout of the applications' files.
-    weights = tmp_path / "b0.h5"
-    keras_b0.save(weights)
+IMAGENET_MEAN = np.asarray(input_normalization.IMAGENET_MEAN_RGB)
+IMAGENET_STD = np.asarray(input_normalization.IMAGENET_STD_RGB)
+
+
+def _keras_pixels_for_imagenet(x, mean, variance):
+    """x' such that Keras's (x'/255 - mean)/sqrt(variance) is (x/255 - m)/s.
+
+    (m, s: the ImageNet mean/std.) Feeding x' to a Keras EfficientNet gives
+    its function of correctly normalised x, whatever its Normalization holds:
+    a reference that shares no code with the converter.
+    """
+    wanted = (x.astype(np.float64) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return (255.0 * (mean + np.sqrt(variance) * wanted)).astype(np.float32)
+
+
+def _set_normalization(model, mean, variance):
+    layer = next(n for n in model.layers if type(n).__name__ == "Normalization")
+    for w in layer.weights:
+        if w.name in ("mean", "variance"):
+            values = mean if w.name == "mean" else variance
+            w.assign(np.broadcast_to(values, tuple(w.shape)).astype(np.float32))
+    layer.finalize_state()
+
+
+@pytest.fixture(scope="module")
+def released_b0(keras_b0, tmp_path_factory):
+    """(path, Keras model) of an .h5 laid out like the released ImageNet files.
+
+    The Normalization layer holds mean = ImageNet mean and variance =
+    ImageNet *std* (tensorflow/tensorflow#49930); saved with model.save(.h5),
+    the legacy HDF5 layout of the applications' files, which
+    EfficientNetB0(include_top=False, weights=PATH) loads.
+    """
+    model = keras.applications.EfficientNetB0(include_top=False, weights=None)
+    model.set_weights(keras_b0.get_weights())
+    _set_normalization(model, IMAGENET_MEAN, IMAGENET_STD)
+    path = tmp_path_factory.mktemp("released") / "efficientnetb0_notop.h5"
+    model.save(path)
+    return path, model
+
+
+def test_released_h5_records_imagenet_and_reproduces_it(released_b0, tmp_path):
+    weights, keras_model = released_b0
     output = tmp_path / "converted"
     status = keras_import.main(
         ["--arch=efficientnet_b0", f"--weights={weights}", f"--output={output}"]
     )
     assert status == 0
     metadata = backbone_checkpoint.read_backbone_metadata(str(output))
+    preset = input_normalization.INPUT_NORMALIZATIONS["imagenet"]
+    assert metadata["input_normalization"] == "imagenet"
+    assert metadata["input_scale"] == list(preset.scale)
+    assert metadata["input_offset"] == list(preset.offset)
     assert metadata["arch"] == "efficientnet_b0" and metadata["padding"] == "keras_dynamic"
-    assert metadata["input_normalization"] is None  # random Normalization stats
+    # Provenance keeps what the Keras model itself computed: (x/255-mean)/sqrt(std).
+    np.testing.assert_allclose(
+        metadata["source"]["keras_input_affine"]["scale"],
+        1 / (255 * np.sqrt(IMAGENET_STD)),
+        rtol=1e-6,
+    )
     module, variables = keras_import.load_backbone(str(output))
-    _, reference = keras_import.from_keras(keras_b0)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, reference)
+    assert (module.input_scale, module.input_offset) == (preset.scale, preset.offset)
     x = _pixels(64, 64)
-    _assert_parity(keras_b0(x), jax.jit(module.apply)(variables, x)["final"])
+    expected = keras_model(_keras_pixels_for_imagenet(x, IMAGENET_MEAN, IMAGENET_STD))
+    _assert_parity(expected, jax.jit(module.apply)(variables, x)["final"])
+    # The test can fail: the Keras model on x itself (the old, wrong affine).
+    with pytest.raises(AssertionError):
+        _assert_parity(expected, keras_model(x))
+    assert "released Keras EfficientNet .h5" in metadata["source"]["input_normalization_from"]
+    # The variables are the Keras model's, unchanged.
+    _, reference = keras_import.from_keras(keras_model)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, reference)
     assert set(keras_import.load_backbone_checkpoint(str(output))) == {"params", "batch_stats"}
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         keras_import.convert("efficientnet_b0", str(weights), str(output))
@@ -172,6 +227,112 @@ def test_cli_end_to_end_and_reload(keras_b0, tmp_path):
     (output / backbone_checkpoint.METADATA_FILE).write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match="missing params/block2c/dwconv/kernel"):
         keras_import.load_backbone_checkpoint(str(output))
+
+
+def test_released_h5_as_path_equals_weights_imagenet(released_b0, tmp_path, monkeypatch):
+    """--weights=PATH gives exactly what --weights=imagenet gives for that file."""
+    weights, _ = released_b0
+    # weights='imagenet' without the internet: Keras's download returns the file.
+    from keras.src.applications import efficientnet as keras_efficientnet
+
+    monkeypatch.setattr(
+        keras_efficientnet.file_utils, "get_file", lambda *args, **kwargs: str(weights)
+    )
+    from_imagenet = keras_import.convert("efficientnet_b0", "imagenet", str(tmp_path / "i"))
+    from_path = keras_import.convert("efficientnet_b0", str(weights), str(tmp_path / "p"))
+    for key in ("arch", "input_normalization", "input_scale", "input_offset", "padding"):
+        assert from_imagenet[key] == from_path[key], key
+    assert from_path["input_normalization"] == "imagenet"
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        keras_import.load_backbone_checkpoint(str(tmp_path / "i")),
+        keras_import.load_backbone_checkpoint(str(tmp_path / "p")),
+    )
+    # And both reproduce the weights='imagenet' Keras model (with its extra Rescaling).
+    keras_imagenet = keras.applications.EfficientNetB0(include_top=False, weights="imagenet")
+    assert sum(type(n).__name__ == "Rescaling" for n in keras_imagenet.layers) == 2
+    module, variables = keras_import.load_backbone(str(tmp_path / "p"))
+    x = _pixels(64, 64)
+    _assert_parity(keras_imagenet(x), jax.jit(module.apply)(variables, x)["final"])
+
+
+def test_unrecognised_affine_needs_the_flag(keras_b0, tmp_path):
+    # keras_b0's Normalization holds random statistics: no known convention.
+    weights = tmp_path / "b0.h5"
+    keras_b0.save(weights)
+    with pytest.raises(ValueError, match=r"cannot be established.*--input_normalization=PRESET"):
+        keras_import.convert("efficientnet_b0", str(weights), str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="unknown input normalization 'imagenett'"):
+        keras_import.convert("efficientnet_b0", str(weights), str(tmp_path / "o"), "imagenett")
+    # With the flag: the stated preset, and the Keras function of input so normalised.
+    output = tmp_path / "stated"
+    status = keras_import.main(
+        [
+            "--arch=efficientnet_b0",
+            f"--weights={weights}",
+            f"--output={output}",
+            "--input_normalization=imagenet",
+        ]
+    )
+    assert status == 0
+    metadata = backbone_checkpoint.read_backbone_metadata(str(output))
+    preset = input_normalization.INPUT_NORMALIZATIONS["imagenet"]
+    assert metadata["input_normalization"] == "imagenet"
+    assert (metadata["input_scale"], metadata["input_offset"]) == (
+        list(preset.scale),
+        list(preset.offset),
+    )
+    assert metadata["source"]["input_normalization_from"] == "--input_normalization"
+    module, variables = keras_import.load_backbone(str(output))
+    layer = next(n for n in keras_b0.layers if type(n).__name__ == "Normalization")
+    mean = np.asarray(layer.mean, np.float64).ravel()
+    variance = np.asarray(layer.variance, np.float64).ravel()
+    x = _pixels(64, 64)
+    _assert_parity(
+        keras_b0(_keras_pixels_for_imagenet(x, mean, variance)),
+        jax.jit(module.apply)(variables, x)["final"],
+    )
+
+
+def test_contradicting_flag_is_an_error(released_b0, keras_r50, tmp_path):
+    weights, _ = released_b0
+    with pytest.raises(
+        ValueError, match=r"--input_normalization=caffe contradicts the 'imagenet' normalisation"
+    ):
+        keras_import.convert("efficientnet_b0", str(weights), str(tmp_path / "o"), "caffe")
+    assert not (tmp_path / "o").exists()
+    # Agreeing with the established convention is fine.
+    metadata = keras_import.convert(
+        "efficientnet_b0", str(weights), str(tmp_path / "ok"), input_normalization="imagenet"
+    )
+    assert metadata["input_normalization"] == "imagenet"
+    resnet_weights = tmp_path / "r50.weights.h5"
+    keras_r50.save_weights(resnet_weights)
+    with pytest.raises(
+        ValueError, match=r"--input_normalization=imagenet contradicts the 'caffe' normalisation"
+    ):
+        keras_import.main(
+            [
+                "--arch=resnet50",
+                f"--weights={resnet_weights}",
+                f"--output={tmp_path / 'r'}",
+                "--input_normalization=imagenet",
+            ]
+        )
+
+
+def test_save_checks_the_recorded_preset(keras_b0, tmp_path):
+    module, variables = keras_import.from_keras(keras_b0)  # random affine
+    with pytest.raises(ValueError, match="is not the 'imagenet' preset"):
+        backbone_checkpoint.save_backbone_checkpoint(
+            str(tmp_path / "o"),
+            "efficientnet_b0",
+            module,
+            variables,
+            {},
+            input_normalization_name="imagenet",
+        )
 
 
 def test_cli_resnet_and_weights_of_another_architecture(keras_r50, tmp_path):

@@ -4,11 +4,19 @@ A backbone checkpoint is a folder:
 
     DIR/variables/     Orbax StandardCheckpointer save of
                        {'params': ..., 'batch_stats': ...} (numpy float32)
-    DIR/backbone.json  {"arch": registry name, "input_normalization": preset
-                        name or null, "input_scale": [3 floats],
-                        "input_offset": [3 floats], "input_channels": "rgb",
+    DIR/backbone.json  {"arch": registry name, "input_normalization": the
+                        name of the input_normalization.py preset the
+                        weights need, "input_scale": [3 floats],
+                        "input_offset": [3 floats] (that preset's values),
+                        "input_channels": "rgb",
                         "padding": EfficientNet padding or null,
                         "source": where the weights came from}
+
+The keras_import converter always records a preset name: `imagenet` for
+keras.applications EfficientNet ImageNet weights (whether built with
+weights='imagenet' or from the released .h5, whose Normalization variance
+holds the std), `caffe` for ResNet (conv1 reordered to take RGB), or the one
+given with --input_normalization where the weights do not establish it.
 
 `python -m landmark_jax.models.keras_import` writes them; the trainer reads
 them with `load_backbone_checkpoint` (variables) or `load_backbone` (module
@@ -46,6 +54,8 @@ def save_backbone_checkpoint(
     module: nn.Module,
     variables: Mapping[str, Any],
     source: Mapping[str, Any],
+    *,
+    input_normalization_name: str,
 ) -> dict[str, Any]:
     """Writes `variables` and the metadata to rebuild `module` into `output`.
 
@@ -55,20 +65,34 @@ def save_backbone_checkpoint(
       module: the backbone; its input normalisation and padding are recorded.
       variables: {'params', 'batch_stats'}.
       source: provenance, stored as given.
+      input_normalization_name: the preset the weights need, as the caller
+        established it (recorded as given, not re-derived from floats);
+        `module`'s input_scale/input_offset must be that preset's.
 
     Returns:
       The metadata written to backbone.json.
 
     Raises:
-      ValueError: `output` already holds a checkpoint.
+      ValueError: `output` already holds a checkpoint, an unknown preset
+        name, or a module whose input affine is not that preset's.
     """
     check_output_is_new(output)
+    preset = input_normalization.get_input_normalization(input_normalization_name)
+    # The trainer rebuilds the module from input_scale/input_offset and checks
+    # configs against the name: the two must not disagree.
+    if not (
+        np.allclose(module.input_scale, preset.scale, rtol=1e-6, atol=0)
+        and np.allclose(module.input_offset, preset.offset, rtol=1e-6, atol=1e-7)
+    ):
+        raise ValueError(
+            f"{output}: the module's input affine (scale {list(module.input_scale)}, "
+            f"offset {list(module.input_offset)}) is not the {input_normalization_name!r} "
+            f"preset (scale {list(preset.scale)}, offset {list(preset.offset)})"
+        )
     output = os.path.abspath(output)
     metadata = {
         "arch": arch,
-        "input_normalization": input_normalization.match_input_normalization(
-            module.input_scale, module.input_offset
-        ),
+        "input_normalization": input_normalization_name,
         "input_scale": [float(s) for s in module.input_scale],
         "input_offset": [float(o) for o in module.input_offset],
         "input_channels": "rgb",
@@ -132,7 +156,9 @@ def load_backbone_checkpoint(path: str) -> dict[str, Any]:
     The variables are checked name by name and shape by shape against the
     recorded arch before they are returned. The input normalisation they
     need is `read_backbone_metadata(path)['input_normalization']`, a preset
-    name ('imagenet' for Keras EfficientNet, 'caffe' for Keras ResNet).
+    name: 'imagenet' for keras.applications EfficientNet ImageNet weights
+    (from weights='imagenet' or the released .h5 alike), 'caffe' for Keras
+    ResNet, or what --input_normalization stated for other weights.
 
     Args:
       path: the converter's --output folder.
