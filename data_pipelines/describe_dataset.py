@@ -50,10 +50,15 @@ def describe(data_dir: str, image_size: int = 64, batch_size: int | None = None)
         )
     if "train" in info["splits"]:
         label_map = data_format.read_label_map(data_dir)
-        counts = label_map.counts
+        counts, train_val = label_map.counts, label_map.train_val_counts
         lines.append(
             f"  classes: {label_map.num_classes:,d} (train images per class: min {counts.min()}, "
             f"median {int(np.median(counts))}, max {counts.max()})"
+        )
+        # The class weights and margins use these (losses.per_class_constants).
+        lines.append(
+            f"  train + val images per class: min {train_val.min()}, "
+            f"median {int(np.median(train_val))}, max {train_val.max()}"
         )
         mesh = sharding.create_mesh()
         batch_size = batch_size or mesh.devices.size

@@ -9,8 +9,11 @@ r"""Converts a GLDv2 split (CSV + image tree) into sharded TFRecords.
 Shards are `<split>-00000-of-000NN.tfrecord` (train also writes `val-*`), so
 every split of a data set shares one folder. Train relabels landmark ids to
 contiguous labels (`label_map.csv`: label, landmark_id, count of training
-examples, num_clean of them) and marks `image/is_clean` from train_clean.csv. Every run updates
-`dataset_info.json` (examples per split and per file, number of classes).
+examples, num_clean of them, and train_val_count / train_val_clean, the same
+over train + val, i.e. every row of the CSV that was written: the n_c of the
+class weights and margins) and marks `image/is_clean` from train_clean.csv.
+Every run updates `dataset_info.json` (examples per split and per file,
+number of classes).
 
 Nothing is dropped silently: a missing or undecodable image stops the run with
 its path, unless --skip_bad_images, which lists every skipped image in
@@ -256,6 +259,10 @@ def build_split(
     info_splits: dict[str, dict] = {}
     train_counts: collections.Counter = collections.Counter()
     clean_counts: collections.Counter = collections.Counter()
+    # Train + val per class: the counts over the whole CSV, as the GLR2020
+    # notebooks compute n_c (held-out fold included; see losses.py).
+    train_val_counts: collections.Counter = collections.Counter()
+    train_val_clean: collections.Counter = collections.Counter()
     for r in results:
         name = os.path.basename(r.path).split("-")[0]
         entry = info_splits.setdefault(name, {"num_examples": 0, "num_clean": 0, "files": []})
@@ -266,6 +273,9 @@ def build_split(
         if name == "train":
             train_counts.update(r.label_counts)
             clean_counts.update(r.clean_label_counts)
+        if name in data_format.LABELED_SPLITS:
+            train_val_counts.update(r.label_counts)
+            train_val_clean.update(r.clean_label_counts)
 
     num_classes = len(label_of) if split == "train" else None
     if split == "train":
@@ -277,9 +287,18 @@ def build_split(
             )
         with open(os.path.join(output_dir, data_format.LABEL_MAP), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["label", "landmark_id", "count", "num_clean"])
+            w.writerow(data_format.LABEL_MAP_COLUMNS)
             for lm, label in sorted(label_of.items(), key=lambda kv: kv[1]):
-                w.writerow([label, lm, train_counts[label], clean_counts[label]])
+                w.writerow(
+                    [
+                        label,
+                        lm,
+                        train_counts[label],
+                        clean_counts[label],
+                        train_val_counts[label],
+                        train_val_clean[label],
+                    ]
+                )
 
     if skipped:
         with open(os.path.join(output_dir, f"bad_images-{split}.csv"), "w", newline="") as f:

@@ -2,9 +2,10 @@
 
 A data folder (`config.data_dir`, local or gs://) holds TFRecord shards named
 `<split>-00000-of-000NN.tfrecord`, `dataset_info.json` (examples per split and
-per file, number of classes) and `label_map.csv` (label, landmark_id, count).
-Readers here check that the three agree, so a stale shard, a truncated label
-map or a class count that does not match fails loudly before training.
+per file, number of classes) and `label_map.csv` (label, landmark_id, count,
+num_clean, train_val_count, train_val_clean). Readers here check that the three
+agree, so a stale shard, a truncated label map or a class count that does not
+match fails loudly before training.
 """
 
 from __future__ import annotations
@@ -126,32 +127,76 @@ def read_num_classes(data_dir: str) -> int:
     return int(num_classes)
 
 
+# label_map.csv columns. `count` / `num_clean` describe the train split (what
+# an epoch holds); `train_val_count` / `train_val_clean` the class's images in
+# train + val, i.e. every row of the CSV the builder read, which is what the
+# GLR2020 class weights and the GLR2021 margins count (see losses.py).
+LABEL_MAP_COLUMNS = (
+    "label",
+    "landmark_id",
+    "count",
+    "num_clean",
+    "train_val_count",
+    "train_val_clean",
+)
+_TRAIN_VAL_COLUMNS = ("train_val_count", "train_val_clean")
+
+
 @dataclasses.dataclass(frozen=True)
 class LabelMap:
-    """label -> landmark id and training-example count, indexed by label."""
+    """Per-class landmark ids and example counts, indexed by label."""
 
     landmark_ids: np.ndarray  # int64 [num_classes]
     counts: np.ndarray  # int64 [num_classes]: training examples per class
     clean_counts: np.ndarray  # int64 [num_classes]: of which clean
+    train_val_counts: np.ndarray  # int64 [num_classes]: examples in train + val
+    train_val_clean_counts: np.ndarray  # int64 [num_classes]: of which clean
 
     @property
     def num_classes(self) -> int:
         return len(self.counts)
 
 
-def read_label_map(data_dir: str) -> LabelMap:
-    """Reads label_map.csv: per-class landmark ids and training counts.
+def _int_column(path: str, rows: list[dict], column: str) -> np.ndarray:
+    """One integer column of label_map.csv; a bad cell names its line."""
+    values = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            values.append(int(row[column]))
+        except (TypeError, ValueError):
+            raise DataFormatError(
+                f"{path}:{line}: {column} {row[column]!r} is not an integer"
+            ) from None
+    return np.array(values, np.int64)
 
-    Columns: label, landmark_id, count (training examples), and optionally
-    num_clean (how many of them are in train_clean.csv).
+
+def read_label_map(data_dir: str) -> LabelMap:
+    """Reads label_map.csv: per-class landmark ids and example counts.
+
+    Columns: label, landmark_id, count (training examples), optionally
+    num_clean (how many of them are in train_clean.csv; absent: all), and
+    train_val_count / train_val_clean (the class's examples in train + val and
+    how many are clean). A label map written before the train_val columns
+    existed is read only when the folder has no `val` split (then train + val
+    is train); with a val split the train-only counts would be the wrong n_c
+    for the class weights, so it is an error, never a silent fallback.
 
     The counts feed the class weights (w_c ~ 1/ln n_c) and the dynamic
     margins, which index them by label, so the labels must be exactly
     0..C-1 in order and C must match dataset_info.json.
 
+    Args:
+      data_dir: the data folder.
+
+    Returns:
+      The label map.
+
     Raises:
-      DataFormatError: missing file or column, labels not 0..C-1, a count
-        below 1, or a class count that differs from dataset_info.json.
+      DataFormatError: missing file or column (only one of the train_val
+        columns, or neither with a `val` split), a non-integer cell, labels
+        not 0..C-1, a count below 1, train_val counts below the train counts
+        or a clean count outside [0, count], or totals that disagree with
+        dataset_info.json (class count, train + val examples).
     """
     gfile = _gfile()
     path = _join(data_dir, LABEL_MAP)
@@ -161,10 +206,10 @@ def read_label_map(data_dir: str) -> LabelMap:
         rows = list(csv.DictReader(io.StringIO(f.read())))
     if not rows or {"label", "landmark_id", "count"} - set(rows[0]):
         raise DataFormatError(f"{path}: expected columns label,landmark_id,count")
-    labels = np.array([int(r["label"]) for r in rows])
+    labels = _int_column(path, rows, "label")
     if not np.array_equal(labels, np.arange(len(rows))):
         raise DataFormatError(f"{path}: labels are not 0..{len(rows) - 1} in order")
-    counts = np.array([int(r["count"]) for r in rows], np.int64)
+    counts = _int_column(path, rows, "count")
     if counts.min() < 1:
         bad = int(np.argmin(counts))
         raise DataFormatError(
@@ -178,5 +223,58 @@ def read_label_map(data_dir: str) -> LabelMap:
         )
     # num_clean is optional (label maps written by other tools): then every
     # example counts as clean, as the builder does without train_clean.csv.
-    clean = np.array([int(r.get("num_clean") or r["count"]) for r in rows], np.int64)
-    return LabelMap(np.array([int(r["landmark_id"]) for r in rows], np.int64), counts, clean)
+    clean = _int_column(path, rows, "num_clean") if "num_clean" in rows[0] else counts.copy()
+    _check_clean(path, "num_clean", clean, counts)
+
+    with gfile.GFile(_join(data_dir, DATASET_INFO)) as f:
+        splits = json.load(f).get("splits", {})
+    present = [c for c in _TRAIN_VAL_COLUMNS if c in rows[0]]
+    if len(present) == 1:
+        raise DataFormatError(
+            f"{path}: has {present[0]} but not "
+            f"{next(c for c in _TRAIN_VAL_COLUMNS if c not in present)}; "
+            "rebuild the train split"
+        )
+    if present:
+        train_val = _int_column(path, rows, "train_val_count")
+        train_val_clean = _int_column(path, rows, "train_val_clean")
+        below = np.flatnonzero(train_val < counts)
+        if below.size:
+            bad = int(below[0])
+            raise DataFormatError(
+                f"{path}: label {bad} has train_val_count {train_val[bad]} < count "
+                f"{counts[bad]}; rebuild the train split"
+            )
+        _check_clean(path, "train_val_clean", train_val_clean, train_val)
+    elif "val" in splits:
+        # Without the columns only the train counts are known; using them as
+        # n_c would change the class weights and could leave a class at
+        # n_c = 1 (ln 1 = 0) that has more images in val.
+        raise DataFormatError(
+            f"{path}: no train_val_count,train_val_clean columns, and {DATASET_INFO} "
+            "lists a 'val' split, so the per-class counts over train + val that the "
+            "class weights and margins use are unknown; rebuild the train split with "
+            "data_pipelines.gldv2_to_tfrecord --split=train"
+        )
+    else:
+        # No val split: train + val is the train split.
+        train_val, train_val_clean = counts.copy(), clean.copy()
+
+    listed = sum(int(splits[s]["num_examples"]) for s in LABELED_SPLITS if s in splits)
+    if int(train_val.sum()) != listed:
+        raise DataFormatError(
+            f"{path}: the train_val counts sum to {int(train_val.sum())} but "
+            f"{DATASET_INFO} lists {listed} train + val examples; rebuild the train split"
+        )
+    landmark_ids = _int_column(path, rows, "landmark_id")
+    return LabelMap(landmark_ids, counts, clean, train_val, train_val_clean)
+
+
+def _check_clean(path: str, column: str, clean: np.ndarray, counts: np.ndarray) -> None:
+    """Raises DataFormatError unless 0 <= clean <= counts per class."""
+    bad_rows = np.flatnonzero((clean < 0) | (clean > counts))
+    if bad_rows.size:
+        bad = int(bad_rows[0])
+        raise DataFormatError(
+            f"{path}: label {bad} has {column} {clean[bad]}, outside [0, {counts[bad]}]"
+        )

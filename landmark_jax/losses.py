@@ -1,11 +1,12 @@
 """Weighted cross-entropy, per-class loss weights and per-class dynamic margins.
 
-Per-class quantities (`class_weights`, `weight_normalizer`, `dynamic_margins`)
-are computed once in numpy from the per-class training counts of
-`label_map.csv` (indexed by contiguous label, so they cannot be misaligned) and
-passed into the jitted step as arrays. Per-batch quantities (`sample_weights`,
-`weighted_cross_entropy`, `accuracy`) are jnp and run under jit, also when the
-class axis of the logits is sharded across devices.
+Per-class quantities (`class_weights`, `weight_normalizer`, `dynamic_margins`,
+gathered by `per_class_constants`) are computed once in numpy from the
+per-class counts of `label_map.csv` (indexed by contiguous label, so they
+cannot be misaligned) and passed into the jitted step as arrays. Per-batch
+quantities (`sample_weights`, `weighted_cross_entropy`, `accuracy`) are jnp and
+run under jit, also when the class axis of the logits is sharded across
+devices.
 
 GLR2020 1st place (exact):
   clean stage:  w_c = S / ln(n_c),       S = 1 / mean_i(1 / ln n_{y_i})
@@ -13,6 +14,27 @@ GLR2020 1st place (exact):
                 f_i = 1 for clean samples, not_clean_weight (1.0, then 0.5) else;
   loss = sum_i f_i w_{y_i} ce_i / global_batch_size.
 GLR2021 1st place: m_c = a * minmax(n_c^-1/4) + b (a=0.45, b=0.05).
+
+Which images n_c and S count: the whole CSV, held-out fold included. The
+released notebooks (github seungkee/google_landmark_retrieval_2020_1st_place_
+solution) read the 16-fold CSV and count every row, although training reads
+only the `*_tfrecord_train` shards and validation the `*_tfrecord_valid` ones.
+`v2clean_train.ipynb`, cell 3:
+
+    train_16fold = pd.read_csv('.../train_16fold.csv')
+    landmarkIdCounter = dict(Counter(train_16fold['clean_landmark_id']))
+    train_16fold['counts'] = [landmarkIdCounter[x] for x in train_16fold['clean_landmark_id']]
+    scaleV = 1/ np.mean(1/np.log(np.array(train_16fold['counts'])))
+    lossWeight = tf.constant(scaleV/np.log(np.array(countIdList)))
+
+`v2total_train.ipynb` cell 3 does the same over `train_total_16fold.csv`, with
+`isClean` of every row in the mean (NOT_CLEAN_WEIGHT * 1/np.log(counts+1)).
+So both n_c and the mean of S run over every image of the data set, train and
+held-out alike. Henkel's GLR2021 margins likewise use `value_counts()` of the
+whole train dataframe. Here that is `label_map.csv`'s train_val_count and
+train_val_clean (train + val split = every image the builder wrote); its
+`count` (train split only) is not used for the loss: with a per-class val
+split a 2-image GLDv2-clean class can keep one training image, and ln 1 = 0.
 """
 
 from __future__ import annotations
@@ -22,6 +44,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from landmark_jax import data_format
 
 ArrayLike = np.ndarray | list[int] | tuple[int, ...]
 
@@ -68,7 +92,7 @@ def class_weights(counts: ArrayLike, mode: str) -> np.ndarray:
     """Unnormalised per-class loss weights.
 
     Args:
-      counts: [C] training examples per class (label order), each >= 1.
+      counts: [C] examples per class (label order), each >= 1.
       mode: 'none' (all ones), 'inv_log' (1 / ln n_c, GLR2020 clean stage) or
         'inv_log1p' (1 / ln(n_c + 1), GLR2020 full-set stage).
 
@@ -93,14 +117,15 @@ def weight_normalizer(
     class_w: np.ndarray,
     not_clean_weight: float,
 ) -> float:
-    """S such that the mean sample weight over the training set is exactly 1.
+    """S such that the mean sample weight over the counted samples is exactly 1.
 
     S = 1 / mean_i(f_i * w_{y_i}) = sum_c n_c / sum_c w_c (k_c + r (n_c - k_c)),
     with k_c the clean examples of class c, r = not_clean_weight and f_i = 1
     for clean samples, r otherwise. Exact from the counts: no pass over samples.
 
     Args:
-      counts: [C] training examples per class.
+      counts: [C] examples per class (the trainer passes train + val, see the
+        module docstring).
       clean_counts: [C] of which clean; None: all clean.
       class_w: [C] unnormalised weights from `class_weights`.
       not_clean_weight: r >= 0, the factor of a not-clean sample.
@@ -164,7 +189,7 @@ def dynamic_margins(counts: ArrayLike, a: float = 0.45, b: float = 0.05) -> np.n
     frequent class, which all of them are).
 
     Args:
-      counts: [C] training examples per class (label order), each >= 1.
+      counts: [C] examples per class (label order), each >= 1.
       a: margin range.
       b: smallest margin.
 
@@ -179,6 +204,59 @@ def dynamic_margins(counts: ArrayLike, a: float = 0.45, b: float = 0.05) -> np.n
     if hi == lo:
         return np.full_like(tmp, b)
     return (tmp - lo) / (hi - lo) * a + b
+
+
+def per_class_constants(
+    label_map: data_format.LabelMap,
+    *,
+    class_weight_mode: str,
+    not_clean_weight: float,
+    margin_a: float,
+    margin_b: float,
+) -> dict[str, np.ndarray]:
+    """The per-class arrays the train and eval steps index by label.
+
+    The one place that decides which counts the loss uses: the class's images
+    over train + val (`label_map.train_val_counts` / `train_val_clean_counts`,
+    every row of the builder's CSV), as the GLR2020 notebooks count n_c and
+    average S and as the GLR2021 margins count (module docstring).
+
+    Args:
+      label_map: from `data_format.read_label_map`.
+      class_weight_mode: config.loss.class_weights ('none', 'inv_log',
+        'inv_log1p').
+      not_clean_weight: config.loss.not_clean_weight, the factor of a
+        not-clean sample (inside S too).
+      margin_a: config.head.margin_a, the range of the dynamic margins.
+      margin_b: config.head.margin_b, the smallest dynamic margin.
+
+    Returns:
+      {'class_weights': [C] float32 S * w_c, 'margins': [C] float32 m_c}.
+      The margins are always computed; the head uses them only with
+      config.head.dynamic_margins.
+
+    Raises:
+      ValueError: as `class_weights`, `weight_normalizer` and
+        `dynamic_margins`; the message says the counts are label_map.csv's
+        train_val_count (so a class of one image in the whole data set is
+        named as such).
+    """
+    counts = label_map.train_val_counts
+    try:
+        class_w = class_weights(counts, class_weight_mode)
+        class_w = class_w * weight_normalizer(
+            counts, label_map.train_val_clean_counts, class_w, not_clean_weight
+        )
+        margins = dynamic_margins(counts, margin_a, margin_b)
+    except ValueError as e:
+        raise ValueError(
+            f"per-class constants from label_map.csv's train_val_count "
+            f"(the class's images over train + val): {e}"
+        ) from e
+    return {
+        "class_weights": class_w.astype(np.float32),
+        "margins": margins.astype(np.float32),
+    }
 
 
 def _valid_rows(num_rows: int, valid_mask: jax.Array | None) -> jax.Array:

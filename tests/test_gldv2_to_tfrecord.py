@@ -1,5 +1,6 @@
 """The GLDv2 -> TFRecord builder on tiny generated GLDv2 trees."""
 
+import collections
 import csv
 import io
 import json
@@ -88,6 +89,90 @@ def test_train_split_labels_clean_flags_and_counts(tree, tmp_path):
     assert info["splits"]["train"]["num_clean"] == sum(r[data_format.IS_CLEAN] for r in train)
 
 
+def test_label_map_train_val_columns_count_the_whole_csv(tree, tmp_path):
+    root, _ = tree
+    out = str(tmp_path)
+    build_train(root, out)
+    header = open(os.path.join(out, "label_map.csv")).readline().strip()
+    assert header == "label,landmark_id,count,num_clean,train_val_count,train_val_clean"
+    label_map = data_format.read_label_map(out)
+    assert len(read_records(out, "val")) > 0  # else train + val would be train
+
+    # From the CSVs, independently of the builder: every row of train.csv and
+    # of train_clean.csv (nothing skipped), per landmark in label order.
+    rows = list(csv.DictReader(open(f"{root}/train.csv")))
+    landmarks = sorted({int(r["landmark_id"]) for r in rows})
+    csv_counts = collections.Counter(int(r["landmark_id"]) for r in rows)
+    csv_clean = {
+        int(r["landmark_id"]): len(r["images"].split())
+        for r in csv.DictReader(open(f"{root}/train_clean.csv"))
+    }
+    np.testing.assert_array_equal(label_map.train_val_counts, [csv_counts[lm] for lm in landmarks])
+    np.testing.assert_array_equal(
+        label_map.train_val_clean_counts, [csv_clean.get(lm, 0) for lm in landmarks]
+    )
+    # From the records: train + val per label.
+    both = read_records(out, "train") + read_records(out, "val")
+    labels = [r[data_format.LABEL] for r in both]
+    np.testing.assert_array_equal(
+        label_map.train_val_counts, np.bincount(labels, minlength=len(landmarks))
+    )
+    np.testing.assert_array_equal(
+        label_map.train_val_clean_counts,
+        np.bincount(labels, weights=[r[data_format.IS_CLEAN] for r in both]).astype(int),
+    )
+    # The val split took images from some classes: totals exceed train there.
+    assert np.any(label_map.train_val_counts > label_map.counts)
+
+
+def _drop_columns(path, columns):
+    rows = list(csv.DictReader(open(path)))
+    keep = [c for c in rows[0] if c not in columns]
+    _rewrite(path, keep, [[r[c] for c in keep] for r in rows])
+
+
+def test_label_map_without_train_val_columns(tree, tmp_path):
+    root, _ = tree
+    # With a val split the train counts are not n_c: an error, no fallback.
+    with_val = str(tmp_path / "with_val")
+    build_train(root, with_val)
+    path = os.path.join(with_val, "label_map.csv")
+    _drop_columns(path, {"train_val_count", "train_val_clean"})
+    with pytest.raises(
+        data_format.DataFormatError, match=r"label_map\.csv: no train_val_count.*rebuild the train"
+    ):
+        data_format.read_label_map(with_val)
+    # Only one of the two columns.
+    build_train(root, with_val)
+    _drop_columns(path, {"train_val_clean"})
+    with pytest.raises(data_format.DataFormatError, match="has train_val_count but not"):
+        data_format.read_label_map(with_val)
+
+    # Without a val split train + val is train.
+    no_val = str(tmp_path / "no_val")
+    build_train(root, no_val, val_fraction=0.0)
+    _drop_columns(os.path.join(no_val, "label_map.csv"), {"train_val_count", "train_val_clean"})
+    label_map = data_format.read_label_map(no_val)
+    np.testing.assert_array_equal(label_map.train_val_counts, label_map.counts)
+    np.testing.assert_array_equal(label_map.train_val_clean_counts, label_map.clean_counts)
+
+
+def test_label_map_train_val_must_agree_with_dataset_info(tree, tmp_path):
+    root, _ = tree
+    out = str(tmp_path)
+    build_train(root, out)
+    path = os.path.join(out, "label_map.csv")
+    rows = list(csv.DictReader(open(path)))
+    rows[0]["train_val_count"] = str(int(rows[0]["train_val_count"]) + 1)
+    _rewrite(path, list(rows[0]), [list(r.values()) for r in rows])
+    with pytest.raises(data_format.DataFormatError, match="lists .* train \\+ val examples"):
+        data_format.read_label_map(out)
+    rows[0]["train_val_count"] = "0"
+    _rewrite(path, list(rows[0]), [list(r.values()) for r in rows])
+    with pytest.raises(data_format.DataFormatError, match="label 0 has train_val_count 0 < count"):
+        data_format.read_label_map(out)
+
+
 def test_unusual_images_become_rgb_jpegs(tree, tmp_path):
     root, ids = tree
     out = str(tmp_path)
@@ -157,6 +242,8 @@ def test_missing_file_is_an_error_or_listed(tmp_path):
     assert [(r["id"], r["reason"]) for r in rows] == [(ids["missing"], "missing file")]
     total = summary["splits"]["train"]["num_examples"] + summary["splits"]["val"]["num_examples"]
     assert total == len(ids["train"]) - 1
+    # The train + val counts are of the images written: the skipped one is out.
+    assert data_format.read_label_map(str(tmp_path / "out")).train_val_counts.sum() == total
 
 
 def test_corrupt_image_is_an_error_or_listed(tmp_path):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from landmark_jax import heads, losses
+from landmark_jax import data_format, heads, losses
 
 COUNTS = np.array([2, 5, 1, 40, 7, 3])
 CLEAN = np.array([2, 3, 0, 25, 7, 1])
@@ -124,3 +124,63 @@ def test_accuracy():
     valid = jnp.array([True, False, True, False])
     assert float(losses.accuracy(logits, labels, valid)) == pytest.approx(1.0)
     assert float(losses.accuracy(logits, labels, jnp.zeros(4, bool))) == 0.0
+
+
+def _label_map(train, train_clean, train_val, train_val_clean):
+    return data_format.LabelMap(
+        landmark_ids=np.arange(len(train)) * 10,
+        counts=np.array(train),
+        clean_counts=np.array(train_clean),
+        train_val_counts=np.array(train_val),
+        train_val_clean_counts=np.array(train_val_clean),
+    )
+
+
+def test_per_class_constants_use_train_val_counts_clean_stage():
+    # Class 0 kept 1 of its 2 images for training: ln 1 = 0 on train counts,
+    # but n_0 = 2 over train + val, as the reference counts it.
+    label_map = _label_map([1, 3, 4], [1, 3, 4], [2, 3, 5], [2, 3, 5])
+    got = losses.per_class_constants(
+        label_map, class_weight_mode="inv_log", not_clean_weight=1.0, margin_a=0.45, margin_b=0.05
+    )
+    assert set(got) == {"class_weights", "margins"}
+    assert got["class_weights"].dtype == got["margins"].dtype == np.float32
+    # By hand: samples 2 x 1/ln2, 3 x 1/ln3, 5 x 1/ln5 (all clean) ->
+    # S = 10 / (2/ln2 + 3/ln3 + 5/ln5).
+    s = 10 / (2 / math.log(2) + 3 / math.log(3) + 5 / math.log(5))
+    want_w = [s / math.log(2), s / math.log(3), s / math.log(5)]
+    np.testing.assert_allclose(got["class_weights"], want_w, rtol=1e-6)
+    # Margins: n^-1/4 = 2^-.25, 3^-.25, 5^-.25; rarest (n=2) a + b, largest b.
+    t = np.array([2, 3, 5], float) ** -0.25
+    want_m = 0.45 * (t - t[2]) / (t[0] - t[2]) + 0.05
+    np.testing.assert_allclose(got["margins"], want_m, rtol=1e-6)
+    np.testing.assert_allclose(got["margins"][[0, 2]], [0.5, 0.05], rtol=1e-6)
+
+
+def test_per_class_constants_full_stage_not_clean_factor():
+    # Train + val: class 0 has 4 images, 2 clean; class 1 has 1 image, clean.
+    label_map = _label_map([3, 1], [1, 1], [4, 1], [2, 1])
+    got = losses.per_class_constants(
+        label_map, class_weight_mode="inv_log1p", not_clean_weight=0.5, margin_a=0.3, margin_b=0.1
+    )
+    # Samples: class 0: 2 clean (1/ln5) + 2 not clean (0.5/ln5); class 1:
+    # 1 clean (1/ln2). S = 5 / (3/ln5 + 1/ln2).
+    s = 5 / (3 / math.log(5) + 1 / math.log(2))
+    np.testing.assert_allclose(got["class_weights"], [s / math.log(5), s / math.log(2)], rtol=1e-6)
+    np.testing.assert_allclose(got["margins"], [0.1, 0.4], rtol=1e-6)
+
+
+def test_per_class_constants_errors_name_the_counts():
+    label_map = _label_map([1, 3], [1, 3], [1, 4], [1, 4])  # one image in all
+    with pytest.raises(ValueError, match=r"train_val_count.*label 0.*inv_log1p"):
+        losses.per_class_constants(
+            label_map,
+            class_weight_mode="inv_log",
+            not_clean_weight=1.0,
+            margin_a=0.45,
+            margin_b=0.05,
+        )
+    with pytest.raises(ValueError, match="unknown class weight mode 'log'"):
+        losses.per_class_constants(
+            label_map, class_weight_mode="log", not_clean_weight=1.0, margin_a=0.45, margin_b=0.05
+        )
