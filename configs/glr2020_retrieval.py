@@ -26,6 +26,33 @@ initialised from the previous one:
     python -m landmark_jax.train --config=configs/glr2020_retrieval.py:notclean \
         --workdir=runs/notclean --config.data_dir=DATA_FULL --config.init.checkpoint=runs/full736
 
+Faithful to the released notebooks (v2clean_train.ipynb, v2total_train.ipynb)
+in three details a summary would miss:
+
+- Backbone in inference mode while training (`model.batch_norm='frozen'`,
+  `model.drop_connect_rate=0`). The notebooks compute `cosine =
+  model(images)` inside `tf.GradientTape` without `training=True` (only the
+  validation step passes `training=False`). In a TF2 custom loop an unset
+  learning phase means inference: every BatchNorm normalises with its
+  (ImageNet, then carried) moving statistics and never updates them, while
+  gamma/beta still train, and the drop-connect Dropout layers are inactive
+  (tensorflow/tensorflow#32864; reproduced with the installed Keras). This
+  rests on TF2 semantics, not on a TF 2.3 run.
+- Head init `glorot_uniform` (`head.init`): `ArcMarginProduct_v2` creates its
+  [512, C] weight with `add_variable` and no initializer, i.e. Keras's
+  glorot_uniform (column norm 0.11 at 81,313 classes, 0.07 at 203,094). The
+  cosine head's angular step scales like lr/||w||^2, so the PyTorch-style
+  U(+-1/sqrt(512)) init (norm 0.58) would learn the new 203,094-class head's
+  directions about 66x slower under the same SGD lr 1e-3.
+- Class weights count each class's images over the whole CSV (train + the
+  held-out val fold), as the notebooks' counts do (see losses.py).
+
+Input convention: stage 1 takes it from the converted weights' backbone.json
+(`imagenet` for Keras EfficientNet, whether converted from `imagenet` or a
+released `.h5`); every later stage inherits it from the previous stage's
+config.json, and evaluation rebuilds each stage's model from its own
+config.json, so no flag is repeated.
+
 DATA_CLEAN is `gldv2_to_tfrecord --split=train --clean_only` output, DATA_FULL
 the same without --clean_only (both with --clean_csv so is_clean is set).
 Expected (the published result of the 4-model ensemble of such runs):
@@ -63,6 +90,9 @@ def get_config(arg: str = "clean"):
     config.model.embedding_dim = 512
     config.model.pooling = "gap"
     config.model.neck = "dense_swish"
+    # model(images) without training=True in the notebooks: see the docstring.
+    config.model.batch_norm = "frozen"
+    config.model.drop_connect_rate = 0.0
     config.image_size = image_size
     config.batch_size = 64
     config.total_steps = 100_000
@@ -71,6 +101,7 @@ def get_config(arg: str = "clean"):
     config.eval_every_steps = 10_000
     config.head.scale = "adacos_dynamic"
     config.head.margin_type = "none"
+    config.head.init = "glorot_uniform"  # Keras add_variable default, see the docstring
     config.loss.class_weights = class_weights
     config.loss.not_clean_weight = not_clean_weight
     config.optimizer.name = "sgd"
@@ -94,7 +125,4 @@ def get_config(arg: str = "clean"):
         config.optimizer.learning_rate = 0.05
         config.input.files_per_chunk = 4
         config.input.shuffle_buffer = 64
-        if class_weights == "inv_log":
-            # The demo set has classes of one training image (ln 1 = 0).
-            config.loss.class_weights = "inv_log1p"
     return config

@@ -12,7 +12,20 @@ from landmark_jax.models.global_model import GlobalModel
 
 # rbg keys: XLA compiles threefry-based parameter init ~6x slower on CPU.
 KEY = jax.random.key(0, impl="rbg")
-TOP_KEYS = {"name", "backbone", "embedding_dim", "pooling", "neck", "dropout", "dtype", "dolg"}
+TOP_KEYS = {
+    "name",
+    "backbone",
+    "embedding_dim",
+    "pooling",
+    "neck",
+    "dropout",
+    "dtype",
+    "dolg",
+    "input_normalization",
+    "padding",
+    "drop_connect_rate",
+    "batch_norm",
+}
 DOLG_KEYS = {
     "dilations",
     "branch_channels",
@@ -41,7 +54,16 @@ def test_default_config_has_every_key(name):
     # The recipes: GLR2020 GAP + Dense/swish, GLR2021 GeM + Dense/BN/PReLU.
     expected = {"global": ("gap", "dense_swish"), "dolg": ("gem", "dense_bn_prelu")}[name]
     assert (config.pooling, config.neck) == expected
-    assert models.resolve_model_config({"name": name}) == config.to_dict()
+    # Unset backbone options resolve to what they stand for, so a resolved
+    # config rebuilds the same model.
+    resolved = {
+        **config.to_dict(),
+        "input_normalization": "imagenet",
+        "padding": "same",
+        "drop_connect_rate": 0.2,
+    }
+    assert models.resolve_model_config({"name": name}) == resolved
+    assert models.resolve_model_config(resolved) == resolved
 
 
 @pytest.mark.parametrize(
@@ -94,8 +116,109 @@ def test_unknown_model_name_lists_valid():
         ({"name": "dolg", "dtype": "float16"}, r"'float16'.*\['bfloat16', 'float32'\]"),
         ({"name": "dolg", "dolg": {"global_branch": "x"}}, r"'x'.*gem_fc"),
         ({"name": "dolg", "backbone": "resnet18"}, r"'resnet18'.*resnet50"),
+        ({"name": "global", "input_normalization": "bgr"}, r"'bgr'.*caffe.*imagenet"),
+        ({"name": "global", "backbone": "resnet50", "padding": "same"}, r"resnet50 has no padding"),
+        ({"name": "global", "padding": "valid"}, r"'valid'.*keras_dynamic"),
+        ({"name": "global", "backbone": "resnet50", "drop_connect_rate": 0.1}, r"no stochastic"),
+        ({"name": "global", "drop_connect_rate": 1.0}, r"drop_connect_rate=1.0"),
+        ({"name": "global", "batch_norm": "sync"}, r"'sync'.*frozen"),
     ],
 )
 def test_config_errors_name_the_problem(config, match):
     with pytest.raises(ValueError, match=match):
         models.create_model(ml_collections.ConfigDict(config))
+
+
+def test_backbone_options_reach_the_backbone():
+    model = models.create_model(
+        {
+            "name": "dolg",
+            "backbone": "efficientnet_b0",
+            "input_normalization": "caffe",
+            "padding": "keras_dynamic",
+            "drop_connect_rate": 0.0,
+            "batch_norm": "frozen",
+        }
+    )
+    b = model.backbone
+    assert (b.input_scale, b.padding, b.drop_connect_rate, b.batch_norm) == (
+        (1.0, 1.0, 1.0),
+        "keras_dynamic",
+        0.0,
+        "frozen",
+    )
+    assert b.input_offset == pytest.approx((-123.68, -116.779, -103.939))
+    assert model.batch_norm == "frozen"
+    resnet = models.create_model({"name": "global", "backbone": "resnet50"})
+    assert resnet.backbone.input_scale == pytest.approx(
+        (1 / 255 / 0.229, 1 / 255 / 0.224, 1 / 255 / 0.225)
+    )
+
+
+def test_frozen_batch_norm_trains_on_moving_statistics(name="dolg"):
+    """'frozen': in training every BatchNorm normalises with its moving
+    statistics and leaves them unchanged, while gamma/beta get gradients;
+    the output then equals inference mode. 'batch' differs on both counts."""
+    x = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)), jnp.float32)
+    frozen = models.create_model(_small(name, neck="dense_bn_prelu", batch_norm="frozen"))
+    batch = frozen.clone(batch_norm="batch", backbone=frozen.backbone.clone(batch_norm="batch"))
+    variables = jax.jit(frozen.init)(KEY, x)
+    # Moving statistics far from this batch's, so the two modes differ.
+    rng = np.random.default_rng(3)
+    stats = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.asarray(
+            rng.uniform(0.5, 2.0, v.shape)
+            if jax.tree_util.keystr(path).endswith("'var']")
+            else rng.normal(0.0, 0.2, v.shape),
+            v.dtype,
+        ),
+        variables["batch_stats"],
+    )
+    variables = {**variables, "batch_stats": stats}
+
+    def train(model, v):
+        return model.apply(v, x, train=True, mutable=["batch_stats"])
+
+    out, updates = jax.jit(lambda v: train(frozen, v))(variables)
+    np.testing.assert_allclose(out, jax.jit(frozen.apply)(variables, x), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_array_equal(a, b)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(train(frozen, {**variables, "params": p})[0] ** 2)))(
+        variables["params"]
+    )
+    bn_grads = [
+        g
+        for path, g in jax.tree_util.tree_leaves_with_path(grads)
+        if "bn" in jax.tree_util.keystr(path)
+    ]
+    # gamma/beta still learn (a few may get no gradient behind a dead ReLU).
+    assert len(bn_grads) > 4 and np.mean([np.abs(g).max() > 0 for g in bn_grads]) > 0.5
+
+    out_batch, updates_batch = jax.jit(lambda v: train(batch, v))(variables)
+    assert np.abs(np.asarray(out_batch) - np.asarray(out)).max() > 1e-3
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(updates_batch["batch_stats"]), jax.tree.leaves(stats))
+    ]
+    assert all(changed)
+
+
+def test_drop_connect_rate_zero_makes_training_deterministic():
+    x = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 3)), jnp.float32)
+    config = {"name": "global", "backbone": "efficientnet_tiny", "embedding_dim": 8}
+    on = models.create_model({**config, "drop_connect_rate": 0.5})
+    off = models.create_model({**config, "drop_connect_rate": 0.0})
+    variables = jax.jit(on.init)(KEY, x)
+
+    def run(model, seed):
+        out, _ = model.apply(
+            variables,
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(seed)},
+        )
+        return np.asarray(out)
+
+    assert np.abs(run(on, 0) - run(on, 1)).max() > 1e-4
+    np.testing.assert_array_equal(run(off, 0), run(off, 1))
