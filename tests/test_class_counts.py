@@ -10,11 +10,12 @@ finite. This builds such a data set and trains the clean stage on it with
 import json
 import os
 
+import flax
 import numpy as np
 import pytest
 
 from data_pipelines import gldv2_to_tfrecord
-from landmark_jax import data_format, losses, trainer
+from landmark_jax import checkpointing, data_format, losses, trainer
 
 import tiny_gldv2
 from config_files import load_config
@@ -49,8 +50,7 @@ def test_glr2020_clean_stage_trains_with_two_image_classes(tmp_path):
         losses.class_weights(label_map.counts, "inv_log")
 
     config = load_config("glr2020_retrieval", "clean,smoke")
-    # The smoke variant swaps in 'inv_log1p'; the recipe's clean stage is 'inv_log'.
-    config.loss.class_weights = "inv_log"
+    assert config.loss.class_weights == "inv_log"  # the recipe's clean stage, smoke too
     config.data_dir = data_dir
     config.total_steps = 2
     config.log_every_steps = 2
@@ -64,3 +64,18 @@ def test_glr2020_clean_stage_trains_with_two_image_classes(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [2]
     assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
     assert np.isfinite(last["loss"])
+
+    # As released, the GLR2020 backbone trains in inference mode: after two
+    # SGD steps every BatchNorm still holds its initial moving statistics
+    # (mean 0, variance 1 from scratch) while its gamma/beta have moved.
+    stage = checkpointing.load_stage(workdir)
+    stats = flax.traverse_util.flatten_dict(stage["batch_stats"]["model"], sep="/")
+    assert stats and all(np.all(v == (1.0 if k.endswith("var") else 0.0)) for k, v in stats.items())
+    params = flax.traverse_util.flatten_dict(stage["params"]["model"], sep="/")
+    gammas = [v for k, v in params.items() if k.endswith("bn/scale")]
+    assert gammas and any(np.any(g != 1.0) for g in gammas)
+    # Its head starts from Keras's glorot_uniform, bound sqrt(6 / (D + C)) with
+    # the real C; the padded columns get no gradient and keep their init.
+    kernel = stage["params"]["head"]["kernel"]
+    bound = np.sqrt(6.0 / (kernel.shape[0] + 40))
+    assert bound * 0.95 < np.abs(kernel[:, 40:]).max() <= bound

@@ -198,7 +198,9 @@ def test_frozen_batch_norm_trains_on_moving_statistics(name="dolg"):
     assert np.abs(np.asarray(out_batch) - np.asarray(out)).max() > 1e-3
     changed = [
         not np.array_equal(a, b)
-        for a, b in zip(jax.tree.leaves(updates_batch["batch_stats"]), jax.tree.leaves(stats))
+        for a, b in zip(
+            jax.tree.leaves(updates_batch["batch_stats"]), jax.tree.leaves(stats), strict=True
+        )
     ]
     assert all(changed)
 

@@ -220,3 +220,9 @@ def test_evaluate_command_line(demo, trained, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "map@100: " in result.stdout
     assert "gap" not in result.stdout
+    # The model comes from the workdir's config.json: a model flag that
+    # contradicts it is refused before anything is extracted.
+    cmd.append("--config.model.input_normalization=caffe")
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--config.model.input_normalization='caffe' but" in result.stderr

@@ -110,6 +110,31 @@ def test_padded_classes_never_win_and_leave_softmax_unchanged():
         np.testing.assert_allclose(loss_p, loss_u, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("init", "bound"),
+    [
+        ("uniform_fan_in", 1 / math.sqrt(64)),  # PyTorch: U(+-1/sqrt(in_features))
+        ("glorot_uniform", math.sqrt(6 / (64 + 900 * 3))),  # Keras on [D, C*k], real C
+    ],
+)
+def test_head_inits_follow_their_definitions(init, bound):
+    head = heads.CosineClassifier(
+        num_classes=900, num_subcenters=3, num_classes_padded=1024, kernel_init=init
+    )
+    kernel = np.asarray(
+        head.init(jax.random.key(0), jnp.zeros((1, 64)))["params"][heads.KERNEL_KEY]
+    )
+    assert kernel.shape == (64, 1024 * 3)
+    assert 0.99 * bound < np.abs(kernel).max() <= bound
+    # Uniform(-b, b) has variance b^2/3: column norms about sqrt(D/3) b.
+    norms = np.linalg.norm(kernel, axis=0)
+    assert np.mean(norms) == pytest.approx(math.sqrt(64 / 3) * bound, rel=0.02)
+    with pytest.raises(ValueError, match=r"'xavier'.*glorot_uniform"):
+        heads.CosineClassifier(num_classes=4, kernel_init="xavier").init(
+            jax.random.key(0), jnp.zeros((1, 8))
+        )
+
+
 def test_classifier_rejects_bad_sizes():
     with pytest.raises(ValueError, match="smaller than num_classes"):
         init_head(num_classes=5, k=1, dim=3, padded=4)

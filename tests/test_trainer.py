@@ -304,6 +304,33 @@ def test_recipe_configs_validate(demo, name):
         load_config(name, "nonsense")
 
 
+def test_recipe_configs_follow_the_released_code():
+    """Details of the released code a summary would miss (see the docstrings)."""
+    for stage in RECIPE_STAGES["glr2020_retrieval"]:
+        c = load_config("glr2020_retrieval", stage)
+        # model(images) without training=True; add_variable's glorot default.
+        assert (c.model.batch_norm, c.model.drop_connect_rate, c.head.init) == (
+            "frozen",
+            0.0,
+            "glorot_uniform",
+        )
+        assert (c.head.margin_type, c.head.scale, c.optimizer.weight_decay) == (
+            "none",
+            "adacos_dynamic",
+            0.0,
+        )
+    assert load_config("glr2020_retrieval", "clean").loss.class_weights == "inv_log"
+    for step in RECIPE_STAGES["glr2021_dolg"]:
+        c = load_config("glr2021_dolg", step)
+        assert (c.model.batch_norm, c.model.drop_connect_rate, c.head.init) == (
+            "batch",
+            0.0,
+            "uniform_fan_in",
+        )
+    decay = {s: load_config("glr2021_dolg", s).optimizer.weight_decay for s in ("step1", "step3")}
+    assert decay == {"step1": 1e-4, "step3": 0.0}
+
+
 def test_dolg_recipe_smoke_trains(demo, tmp_path):
     """DOLG + sub-center ArcFace + dynamic margins + Adam through the trainer."""
     config = load_config("glr2021_dolg", "step1,smoke")
