@@ -15,7 +15,7 @@ from landmark_jax.models import backbone_checkpoint, backbones, create_model
 from landmark_jax.retrieval import extract
 
 from backbone_variables import random_variables
-from config_files import load_config
+from config_files import load_config, set_keys
 
 
 def _config(data_dir: str, **overrides):
@@ -27,13 +27,7 @@ def _config(data_dir: str, **overrides):
     # lr 0 keeps the loaded weights as they are, so every stage holds them.
     config.optimizer.schedule = "constant"
     config.optimizer.learning_rate = 0.0
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        target = config
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return set_keys(config, **overrides)
 
 
 def _weights(root, arch: str, preset: str, image_size: int, **module_options) -> str:

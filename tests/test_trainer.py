@@ -13,7 +13,7 @@ import pytest
 
 from landmark_jax import checkpointing, data_format, trainer, training_summary
 
-from config_files import REPO, load_config
+from config_files import REPO, load_config, set_keys
 
 
 def demo_config(arg: str):
@@ -25,13 +25,7 @@ def config_for(data_dir: str, **overrides):
     config.data_dir = data_dir
     config.log_every_steps = 1
     config.optimizer.schedule = "constant"
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return set_keys(config, **overrides)
 
 
 def losses_of(workdir: str) -> dict[int, float]:
