@@ -105,6 +105,10 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval.scales = (1.0,)  # e.g. (0.7071, 1.0, 1.4142)
     c.eval.flip = False
     c.eval.image_size = ml_collections.FieldReference(None, field_type=int)  # None: image_size
+    # square (GLR2020) | longer_side | native; the last two keep the aspect ratio
+    c.eval.resize = "square"
+    c.eval.revisited_resize = "native"  # Revisited: each image x scale, DOLG's protocol
+    c.eval.size_multiple = 1  # aspect kept: sides rounded to a multiple (fewer programs)
     c.eval.gallery_queries = 8
     # A revisited_to_tfrecord output folder (ROxford5k / RParis6k): when set,
     # evaluation also reports the easy / medium / hard mAP and mP@k.

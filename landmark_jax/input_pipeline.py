@@ -20,11 +20,18 @@ Eval stream. Every example of a split exactly once, in file order, padded to
 whole batches with `mask=False` rows, with the ids kept on the host. All
 processes run the same number of steps (the largest share) since each step is
 a collective computation.
+
+Aspect-kept eval input (`read_eval_index`, `eval_image_sizes`,
+`create_sized_eval_dataset`): a first pass reads the ids, labels and image
+sizes (JPEG headers only); the images are then decoded and resized one by
+one, each to its own size, with the aspect ratio kept (`longer_side` or
+`native`); retrieval/extract.py batches them by shape.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -53,12 +60,21 @@ def _process_files(split: data_format.SplitInfo, process_index: int, process_cou
     )
 
 
-def _decode_and_resize(tf, encoded, image_size: int):
+def _decode(tf, encoded):
     # channels=3 turns grayscale into RGB; expand_animations=False keeps a
     # GIF/PNG a single [H, W, 3] frame.
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    return tf.image.resize(image, [image_size, image_size], method="bilinear")
+    return image
+
+
+def _decode_and_resize(tf, encoded, image_size: int):
+    return _resize(tf, _decode(tf, encoded), [image_size, image_size])
+
+
+def _resize(tf, image, size):
+    """The one resize of every pipeline: bilinear from the decoded image."""
+    return tf.image.resize(image, size, method="bilinear")
 
 
 def _to_uint8(tf, image):
@@ -281,6 +297,201 @@ def create_eval_dataset(
         .prefetch(tf.data.AUTOTUNE)
     )
     return ds, num_steps
+
+
+RESIZE_MODES = ("square", "longer_side", "native")
+
+
+def eval_image_sizes(
+    heights: np.ndarray,
+    widths: np.ndarray,
+    *,
+    resize: str,
+    image_size: int,
+    scale: float,
+    multiple: int = 1,
+) -> np.ndarray:
+    """The (height, width) every image is resized to at one extraction scale.
+
+    Args:
+      heights: int [N], the decoded images' heights.
+      widths: int [N], their widths.
+      resize: 'square': image_size * scale on both sides, the aspect ratio
+        lost (the GLR2020 evaluation); 'longer_side': the aspect ratio kept,
+        the longer side image_size * scale and the shorter one scaled by the
+        same factor; 'native': the aspect ratio kept, the decoded image scaled
+        by `scale` (DOLG's evaluation, cv2.resize fx = fy = scale;
+        image_size unused).
+      image_size: the base side ('square', 'longer_side').
+      scale: the multi-scale factor.
+      multiple: aspect-kept modes only: each side goes to the nearest multiple
+        of it (at least `multiple`) rather than to the nearest integer, so that
+        fewer distinct shapes, i.e. compiled programs, arise; 1 is exact.
+
+    Returns:
+      int64 [N, 2] sizes: round(side * factor) (half to even, as Python's and
+      DOLG's round), at least 1.
+
+    Raises:
+      ValueError: an unknown mode, a non-positive scale, image size or
+        multiple, or an image with an empty side.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
+    if not scale > 0:
+        raise ValueError(f"scale={scale!r}: must be positive")
+    if not multiple >= 1 or int(multiple) != multiple:
+        raise ValueError(f"size multiple={multiple!r}: must be a positive integer")
+    if resize != "native" and not (image_size and image_size > 0):
+        raise ValueError(f"image_size={image_size!r}: must be positive for resize={resize!r}")
+    dims = np.stack([np.asarray(heights, np.int64), np.asarray(widths, np.int64)], axis=1)
+    if dims.size and dims.min() < 1:
+        row = int(np.argwhere(dims < 1)[0, 0])
+        raise ValueError(f"image {row} has size {tuple(map(int, dims[row]))}: an empty side")
+    if resize == "square":
+        side = max(int(round(image_size * scale)), 1)
+        return np.full((len(dims), 2), side, np.int64)
+    if resize == "native":
+        exact = dims * float(scale)
+    else:
+        target = image_size * scale
+        longer = dims.max(axis=1, keepdims=True)
+        # The longer side is the target itself, not a division away from it.
+        exact = np.where(dims == longer, target, dims * (target / longer))
+    if multiple == 1:
+        return np.maximum(np.rint(exact), 1).astype(np.int64)
+    return (np.maximum(np.rint(exact / multiple), 1) * multiple).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalIndex:
+    """A process's share of a split, in its reading order, without pixels."""
+
+    ids: np.ndarray  # str [n]
+    labels: np.ndarray | None  # int64 [n] for labeled splits, else None
+    heights: np.ndarray  # int64 [n]: the decoded images' sizes
+    widths: np.ndarray  # int64 [n]
+
+
+def read_eval_index(
+    data_dir: str, split: str, *, process_index: int = 0, process_count: int = 1
+) -> EvalIndex:
+    """Ids, labels and image sizes of this process's examples of a split.
+
+    JPEG sizes come from the header (tf.image.extract_jpeg_shape, the size
+    decode_image gives); other formats are decoded.
+
+    Args:
+      data_dir: the data folder.
+      split: the split name.
+      process_index: this process.
+      process_count: all processes.
+
+    Returns:
+      An EvalIndex in the order create_sized_eval_dataset reads the images.
+
+    Raises:
+      DataFormatError: the split is missing, or its shards hold another
+        number of examples than dataset_info.json says.
+      ValueError: fewer shards than processes.
+    """
+    tf = _tf()
+    info = data_format.read_split_info(data_dir, split)
+    files, counts = _process_files(info, process_index, process_count)
+    spec = {
+        data_format.IMAGE: tf.io.FixedLenFeature([], tf.string),
+        data_format.ID: tf.io.FixedLenFeature([], tf.string),
+    }
+    if info.labeled:
+        spec[data_format.LABEL] = tf.io.FixedLenFeature([], tf.int64)
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        encoded = ex[data_format.IMAGE]
+        shape = tf.cond(
+            tf.io.is_jpeg(encoded),
+            lambda: tf.image.extract_jpeg_shape(encoded)[:2],
+            lambda: tf.shape(_decode(tf, encoded))[:2],
+        )
+        out = {"id": ex[data_format.ID], "shape": shape}
+        if info.labeled:
+            out["label"] = ex[data_format.LABEL]
+        return out
+
+    ds = (
+        tf.data.TFRecordDataset(list(files))
+        .map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(4096)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    ids, shapes, labels = [], [], []
+    for batch in ds.as_numpy_iterator():
+        ids.extend(i.decode() for i in batch["id"])
+        shapes.append(batch["shape"].reshape(-1, 2))
+        if info.labeled:
+            labels.append(batch["label"])
+    if len(ids) != sum(counts):
+        raise data_format.DataFormatError(
+            f"{data_dir}: process {process_index}'s shards of split {split!r} hold "
+            f"{len(ids)} examples, dataset_info.json says {sum(counts)}; rebuild the split"
+        )
+    shape = np.concatenate(shapes).astype(np.int64) if shapes else np.zeros((0, 2), np.int64)
+    return EvalIndex(
+        ids=np.array(ids, dtype=str),
+        labels=np.concatenate(labels).astype(np.int64) if info.labeled else None,
+        heights=shape[:, 0],
+        widths=shape[:, 1],
+    )
+
+
+def create_sized_eval_dataset(
+    data_dir: str,
+    split: str,
+    sizes: np.ndarray,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """This process's images of a split, each resized to its own size, in order.
+
+    The decode and the bilinear resize are those of every other pipeline
+    here (`tf.image.resize` from the decoded image, rounded to uint8).
+
+    Args:
+      data_dir: the data folder.
+      split: the split name.
+      sizes: int [n, 2] (height, width) per example of this process, in
+        read_eval_index order (e.g. eval_image_sizes of its sizes).
+      process_index: this process.
+      process_count: all processes.
+
+    Returns:
+      An unbatched tf.data.Dataset of uint8 [h_i, w_i, 3] images.
+
+    Raises:
+      ValueError: `sizes` does not have one row per example of this process.
+    """
+    tf = _tf()
+    info = data_format.read_split_info(data_dir, split)
+    files, counts = _process_files(info, process_index, process_count)
+    sizes = np.asarray(sizes, np.int32)
+    if sizes.shape != (sum(counts), 2):
+        raise ValueError(
+            f"sizes has shape {sizes.shape}; process {process_index} reads "
+            f"{sum(counts)} examples of split {split!r}: expected ({sum(counts)}, 2)"
+        )
+    spec = {data_format.IMAGE: tf.io.FixedLenFeature([], tf.string)}
+
+    def load(record, size):
+        encoded = tf.io.parse_single_example(record, spec)[data_format.IMAGE]
+        return _to_uint8(tf, _resize(tf, _decode(tf, encoded), size))
+
+    ds = tf.data.Dataset.zip(
+        (tf.data.TFRecordDataset(list(files)), tf.data.Dataset.from_tensor_slices(sizes))
+    )
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
+        tf.data.AUTOTUNE
+    )
 
 
 def _to_device(dataset, mesh: Mesh, prefetch: int) -> Iterator[Any]:

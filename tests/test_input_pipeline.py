@@ -281,3 +281,135 @@ def test_label_map_must_agree_with_dataset_info(data, tmp_path):
     open(os.path.join(copy, "label_map.csv"), "w").write("\n".join(lines[:-1]) + "\n")
     with pytest.raises(data_format.DataFormatError, match="classes but dataset_info.json says"):
         data_format.read_label_map(copy)
+
+
+def test_eval_image_sizes_square_longer_side_and_native():
+    heights, widths = np.array([768, 1024, 100, 40, 5]), np.array([1024, 768, 333, 40, 7])
+    sizes = input_pipeline.eval_image_sizes
+    square = sizes(heights, widths, resize="square", image_size=512, scale=0.5)
+    np.testing.assert_array_equal(square, [[256, 256]] * 5)
+    longer = sizes(heights, widths, resize="longer_side", image_size=512, scale=0.5)
+    # round(100 * 256 / 333) = round(76.88); round(5 * 256 / 7) = round(182.86).
+    np.testing.assert_array_equal(
+        longer, [[192, 256], [256, 192], [77, 256], [256, 256], [183, 256]]
+    )
+    # DOLG's im_scale: round(h * s), round(w * s), half to even (2.5 -> 2, 3.5 -> 4).
+    native = sizes(heights, widths, resize="native", image_size=None, scale=0.5)
+    np.testing.assert_array_equal(native, [[384, 512], [512, 384], [50, 166], [20, 20], [2, 4]])
+    np.testing.assert_array_equal(
+        sizes(heights, widths, resize="native", image_size=None, scale=0.7071)[:3],
+        [[543, 724], [724, 543], [71, 235]],
+    )
+    # A multiple rounds every side to the nearest multiple, at least one.
+    np.testing.assert_array_equal(
+        sizes(heights, widths, resize="longer_side", image_size=512, scale=0.5, multiple=16),
+        [[192, 256], [256, 192], [80, 256], [256, 256], [176, 256]],
+    )
+    np.testing.assert_array_equal(
+        sizes(heights, widths, resize="native", image_size=None, scale=0.5, multiple=16)[3:],
+        [[16, 16], [16, 16]],
+    )
+    assert sizes(heights[:0], widths[:0], resize="native", image_size=None, scale=1.0).shape == (
+        0,
+        2,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(resize="squash"), "resize='squash'"),
+        (dict(scale=0.0), "scale=0.0"),
+        (dict(multiple=0), "multiple=0"),
+        (dict(multiple=1.5), "multiple=1.5"),
+        (dict(image_size=None), "image_size=None"),
+        (dict(heights=[4, 0]), r"image 1 has size \(0, 5\)"),
+    ],
+)
+def test_eval_image_sizes_errors_name_the_value(kwargs, message):
+    args = dict(heights=[4, 6], widths=[5, 5], resize="longer_side", image_size=8, scale=1.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        input_pipeline.eval_image_sizes(args.pop("heights"), args.pop("widths"), **args)
+
+
+def _records(out, split):
+    """{id: encoded image} of a split, read with protobuf."""
+    info = data_format.read_split_info(out, split)
+    rows = {}
+    for raw in tf.data.TFRecordDataset(list(info.files)).as_numpy_iterator():
+        feats = tf.train.Example.FromString(raw).features.feature
+        rows[feats[data_format.ID].bytes_list.value[0].decode()] = feats[
+            data_format.IMAGE
+        ].bytes_list.value[0]
+    return rows
+
+
+def test_sized_eval_images_keep_the_aspect_ratio_and_cover_each_example_once(data):
+    root, out, ids = data
+    encoded = _records(out, "index")
+    seen = []
+    for p in range(2):
+        index = input_pipeline.read_eval_index(out, "index", process_index=p, process_count=2)
+        assert index.labels is None
+        sizes = input_pipeline.eval_image_sizes(
+            index.heights, index.widths, resize="longer_side", image_size=SIZE, scale=1.0
+        )
+        ds = input_pipeline.create_sized_eval_dataset(
+            out, "index", sizes, process_index=p, process_count=2
+        )
+        images = list(ds.as_numpy_iterator())
+        assert len(images) == len(index.ids) == len(sizes)
+        for image_id, h, w, size, image in zip(
+            index.ids, index.heights, index.widths, sizes, images, strict=True
+        ):
+            original = np.asarray(
+                Image.open(tiny_gldv2.image_path(root, "index", image_id)), np.float32
+            )
+            assert (h, w) == original.shape[:2]  # the JPEG header's size
+            assert max(size) == SIZE and image.shape == (*size, 3) and image.dtype == np.uint8
+            assert abs(size[0] / size[1] - h / w) <= 1 / min(size)  # aspect ratio kept
+            # The same op as create_eval_dataset, from the stored bytes ...
+            same_op = tf.image.resize(
+                tf.io.decode_image(encoded[image_id], channels=3), size, method="bilinear"
+            )
+            np.testing.assert_array_equal(
+                image, np.clip(np.round(same_op.numpy()), 0, 255).astype(np.uint8)
+            )
+            # ... and close to an independent implementation (jax, half-pixel).
+            expected = jax.image.resize(original, (*size, 3), "linear", antialias=False)
+            assert np.abs(np.asarray(expected) - image.astype(np.float32)).mean() < 2.0
+        seen += list(index.ids)
+    assert sorted(seen) == sorted(ids["index"])
+
+
+def test_sized_eval_reads_png_sizes_labels_and_checks_the_size_table(data, tmp_path):
+    _, out, _ = data
+    copy = str(tmp_path / "data")
+    shutil.copytree(out, copy)
+    png = io.BytesIO()
+    Image.new("RGB", (20, 30), (10, 200, 30)).save(png, format="PNG")
+    examples = [
+        {
+            data_format.IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+            data_format.ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[name])),
+            data_format.LABEL: _int(label),
+            data_format.IS_CLEAN: _int(1),
+        }
+        for image, name, label in (
+            (png.getvalue(), b"png", 3),
+            (_jpeg("RGB").bytes_list.value[0], b"jpeg", 5),
+        )
+    ]
+    _write_split(copy, "val", examples)
+    index = input_pipeline.read_eval_index(copy, "val")
+    assert list(index.ids) == ["png", "jpeg"]
+    np.testing.assert_array_equal(index.labels, [3, 5])
+    np.testing.assert_array_equal(index.heights, [30, 30])
+    np.testing.assert_array_equal(index.widths, [20, 20])
+    sizes = np.array([[9, 6], [30, 20]])
+    images = list(input_pipeline.create_sized_eval_dataset(copy, "val", sizes).as_numpy_iterator())
+    assert [i.shape for i in images] == [(9, 6, 3), (30, 20, 3)]
+    np.testing.assert_allclose(images[0].reshape(-1, 3), [[10, 200, 30]] * 54, atol=1)
+    with pytest.raises(ValueError, match=r"sizes has shape \(1, 2\).*expected \(2, 2\)"):
+        input_pipeline.create_sized_eval_dataset(copy, "val", sizes[:1])

@@ -7,14 +7,15 @@ import pickle
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from data_pipelines import revisited_to_tfrecord, tfrecord_shard
-from landmark_jax import data_format, trainer
-from landmark_jax.retrieval import evaluation, extract, metrics, revisited
+from landmark_jax import data_format, input_pipeline, sharding, trainer
+from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited
 
 from config_files import REPO, load_config
 
@@ -34,9 +35,8 @@ def _image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-@pytest.fixture()
-def tiny_set(tmp_path):
-    """12 database and 3 query JPEGs with a hand-made gnd pickle."""
+def make_tiny_set(tmp_path) -> dict:
+    """12 database and 3 query JPEGs with a hand-made gnd pickle under tmp_path."""
     rng = np.random.default_rng(0)
     images = tmp_path / "jpg"
     images.mkdir()
@@ -59,6 +59,34 @@ def tiny_set(tmp_path):
     with open(gnd_path, "wb") as f:
         pickle.dump(gnd, f)
     return {"gnd": str(gnd_path), "images": str(images), "data": gnd}
+
+
+@pytest.fixture()
+def tiny_set(tmp_path):
+    return make_tiny_set(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def revisited_data(tmp_path_factory):
+    """The tiny set and its revisited_to_tfrecord folder (2 shards per split)."""
+    root = tmp_path_factory.mktemp("revisited")
+    tiny = make_tiny_set(root)
+    data_dir = str(root / "tfrecords")
+    revisited_to_tfrecord.build_revisited(
+        tiny["gnd"], tiny["images"], data_dir, num_shards=2, num_workers=1
+    )
+    return tiny, data_dir
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    """(config, workdir) of the demo smoke model trained for 2 steps."""
+    config = load_config("demo", "smoke")
+    config.data_dir = demo["full"]
+    config.total_steps = 2
+    workdir = str(tmp_path_factory.mktemp("revisited_run") / "run")
+    trainer.train_and_evaluate(config, workdir)
+    return config, workdir
 
 
 def read_split(out_dir: str, split: str) -> list[tuple[str, bytes]]:
@@ -236,18 +264,13 @@ def test_rank_database_matches_numpy_and_feeds_revisited_map(tiny_set):
         assert got[protocol]["map"] == expected[protocol]["map"]
 
 
-def test_evaluate_revisited_matches_numpy_ranking(demo, tiny_set, tmp_path):
-    data_dir = str(tmp_path / "revisited")
-    revisited_to_tfrecord.build_revisited(
-        tiny_set["gnd"], tiny_set["images"], data_dir, num_shards=2, num_workers=1
-    )
-    config = load_config("demo", "smoke")
-    config.data_dir = demo["full"]
-    config.total_steps = 2
-    workdir = str(tmp_path / "run")
-    trainer.train_and_evaluate(config, workdir)
+def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained):
+    tiny_set, data_dir = revisited_data
+    trained_config, workdir = trained
+    config = trained_config.copy_and_resolve_references()
 
-    results = revisited.evaluate_revisited(config, workdir, data_dir, flip=True)
+    # Sides rounded to 8 px: fewer shapes to compile (exact sizes are tested below).
+    results = revisited.evaluate_revisited(config, workdir, data_dir, flip=True, size_multiple=8)
     assert config.data_dir == demo["full"]  # the caller's config is untouched
 
     gnd = tiny_set["data"]
@@ -255,6 +278,8 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, tiny_set, tmp_path):
     queries = extract.Embeddings.load(revisited.embeddings_path(workdir, "revisited_query"))
     assert list(db.ids) == gnd["imlist"] and list(queries.ids) == gnd["qimlist"]
     assert db.settings["flip"] is True
+    assert db.settings["resize"] == "native" and db.settings["image_size"] is None
+    assert db.settings["size_multiple"] == 8
     np.testing.assert_allclose(np.linalg.norm(db.embeddings, axis=1), 1.0, rtol=1e-5)
 
     # A model trained for 2 steps embeds every image in nearly the same
@@ -297,7 +322,165 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, tiny_set, tmp_path):
     config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
     config.eval.train_split = ""
     config.eval.knn_backend = "exact"
+    config.eval.revisited_resize = "longer_side"
+    config.eval.size_multiple = 16
     report = evaluation.evaluate(config, workdir)
     written = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
     assert set(report["revisited"]) == set(written["revisited"]) == {"easy", "medium", "hard"}
     assert 0.0 <= written["revisited"]["medium"]["map"] <= 1.0
+    settings = json.load(open(os.path.join(workdir, "eval", "revisited.json")))["settings"]
+    assert (settings["resize"], settings["image_size"], settings["size_multiple"]) == (
+        "longer_side",
+        config.image_size,
+        16,
+    )
+
+    # The GLDv2 embeddings' cache records the resize: a square-resized cache
+    # is not reused for aspect-kept extraction.
+    cache = os.path.join(workdir, "eval", "embeddings-index-0.npz")
+    square = extract.Embeddings.load(cache)
+    assert (square.settings["resize"], square.settings["size_multiple"]) == ("square", 16)
+    config.eval.resize = "longer_side"
+    members = [ensemble.EnsembleMember(workdir, 1.0, None)]
+    kept = evaluation.embed_split(config, workdir, "index", members, sharding.create_mesh())
+    assert extract.Embeddings.load(cache).settings["resize"] == "longer_side"
+    assert list(kept.ids) == list(square.ids)
+    assert not np.allclose(kept.embeddings, square.embeddings, atol=1e-6)
+
+
+def resized_size(h: int, w: int, resize: str, scale: float, image_size=None, multiple=1):
+    """The resize rule written out per image (DOLG: round(h * s), round(w * s))."""
+    if resize == "native":
+        exact = [h * scale, w * scale]
+    else:
+        target, longer = image_size * scale, max(h, w)
+        exact = [target if side == longer else side * target / longer for side in (h, w)]
+    return [max(multiple, multiple * round(x / multiple)) for x in exact]
+
+
+def one_image_at_a_time(config, workdir, data_dir, split, *, scales, flip, **resize):
+    """{id: embedding}: each image of the split alone through the model.
+
+    Decoded from its stored JPEG, resized with tf.image.resize (bilinear) to
+    `resized_size`, rounded to uint8, run as a batch of one on one device;
+    views L2-normalised, summed, normalised.
+    """
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    model, variables = extract.load_model_variables(config, workdir, mesh)
+    apply = jax.jit(model.apply)
+    out = {}
+    for image_id, jpeg in read_split(data_dir, split):
+        decoded = tf.io.decode_image(jpeg, channels=3, expand_animations=False)
+        total = 0.0
+        for scale in scales:
+            size = resized_size(*decoded.shape[:2], scale=scale, **resize)
+            image = tf.image.resize(decoded, size, method="bilinear").numpy()
+            image = np.clip(np.round(image), 0, 255).astype(np.uint8)[None]
+            for view in [image, image[:, :, ::-1]] if flip else [image]:
+                e = np.asarray(apply(variables, view), np.float64)[0]
+                total = total + e / np.linalg.norm(e)
+        out[image_id] = total / np.linalg.norm(total)
+    return out
+
+
+def assert_matches(emb: extract.Embeddings, expected: dict, atol=2e-6):
+    assert list(emb.ids) == list(expected)  # file order, each image once
+    np.testing.assert_allclose(emb.embeddings, np.stack(list(expected.values())), atol=atol)
+    np.testing.assert_array_equal(emb.labels, -1)
+
+
+def test_native_extraction_equals_one_image_at_a_time(revisited_data, trained):
+    tiny_set, data_dir = revisited_data
+    config, workdir = trained
+    config = config.copy_and_resolve_references()
+    config.data_dir = data_dir
+    options = dict(scales=(1.0, 0.5), flip=True, resize="native")
+    # Queries at their exact sizes (3 crops, 3 shapes per scale); the database
+    # (12 images 40 px high, 56-71 px wide) with sides rounded to 8 px, which
+    # keeps the number of compiled shapes, and the test, small.
+    for split, names, multiple in (
+        ("revisited_query", "qimlist", 1),
+        ("revisited_db", "imlist", 8),
+    ):
+        emb = extract.extract(
+            config, workdir, split, batch_size=16, size_multiple=multiple, **options
+        )
+        assert list(emb.ids) == tiny_set["data"][names]
+        expected = one_image_at_a_time(
+            config, workdir, data_dir, split, multiple=multiple, **options
+        )
+        assert_matches(emb, expected)
+    index = input_pipeline.read_eval_index(data_dir, "revisited_query")
+    assert list(zip(index.heights, index.widths, strict=True)) == [(23, 36), (33, 44), (48, 64)]
+
+
+def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisited_data, trained):
+    _, data_dir = revisited_data
+    config, workdir = trained
+    config = config.copy_and_resolve_references()
+    config.data_dir = data_dir
+    split = "revisited_db"
+    # Longer side 32 and sides rounded to 16: all 12 images are 16 x 32.
+    resize = dict(resize="longer_side", image_size=32, size_multiple=16)
+    expected = one_image_at_a_time(
+        config,
+        workdir,
+        data_dir,
+        split,
+        scales=(1.0,),
+        flip=False,
+        resize="longer_side",
+        image_size=32,
+        multiple=16,
+    )
+    # 16 rows: one batch of 12 images and 4 padding rows; 8 rows: a full batch
+    # of 8, then 4 images and 4 padding rows.
+    for batch_size in (16, 8):
+        emb = extract.extract(config, workdir, split, batch_size=batch_size, **resize)
+        assert_matches(emb, expected)
+
+    # Two processes (simulated here): each embeds its shards, the merge puts
+    # the rows back in file order, each image exactly once.
+    mesh = sharding.create_mesh()
+    model, variables = extract.load_model_variables(config, workdir, mesh)
+    embed = extract._embed_views(model, flip=False)
+    shares = [
+        extract._share_embeddings(
+            embed,
+            variables,
+            data_dir,
+            split,
+            scales=(1.0,),
+            image_size=32,
+            resize="longer_side",
+            size_multiple=16,
+            local_rows=8,
+            local_mesh=mesh,
+            process_index=p,
+            process_count=2,
+        )
+        for p in range(2)
+    ]
+    info = data_format.read_split_info(data_dir, split)
+    assert [len(s["ids"]) for s in shares] == [sum(info.file_examples[p::2]) for p in range(2)]
+    merged = extract._file_order(shares, info.file_examples)
+    assert_matches(
+        extract.Embeddings(
+            extract._decode_ids(merged["ids"]), merged["embeddings"], merged["labels"]
+        ),
+        expected,
+    )
+
+    # Directly: an image's row is the same beside other images or zero rows.
+    images = np.stack(
+        list(
+            input_pipeline.create_sized_eval_dataset(
+                data_dir, split, np.full((12, 2), [16, 32])
+            ).as_numpy_iterator()
+        )
+    )
+    alone = np.zeros((8, 16, 32, 3), np.uint8)
+    alone[0] = images[0]
+    full = np.asarray(embed(variables, jax.device_put(images[:8], sharding.batch_sharding(mesh))))
+    single = np.asarray(embed(variables, jax.device_put(alone, sharding.batch_sharding(mesh))))
+    np.testing.assert_allclose(single[0], full[0], atol=1e-6)

@@ -61,6 +61,8 @@ def embed_split(config, workdir: str, split: str, members, mesh) -> extract.Embe
             "scales": list(config.eval.scales),
             "flip": bool(config.eval.flip),
             "image_size": member.image_size or config.eval.image_size or member_config.image_size,
+            "resize": config.eval.get("resize", "square"),
+            "size_multiple": int(config.eval.get("size_multiple", 1)),
         }
         cache = os.path.join(workdir, EVAL_DIR, f"embeddings-{split}-{i}.npz")
         # Reused only when made by the same checkpoint with the same settings.
@@ -77,6 +79,8 @@ def embed_split(config, workdir: str, split: str, members, mesh) -> extract.Embe
             flip=config.eval.flip,
             image_size=settings["image_size"],
             mesh=mesh,
+            resize=settings["resize"],
+            size_multiple=settings["size_multiple"],
         )
         emb = dataclasses.replace(emb, settings=settings)
         emb.save(cache)
@@ -261,6 +265,9 @@ def evaluate(
             ec.revisited_data_dir,
             scales=tuple(ec.scales),
             flip=ec.flip,
+            resize=ec.get("revisited_resize", "native"),
+            image_size=ec.image_size,
+            size_multiple=int(ec.get("size_multiple", 1)),
         )
         logging.info("Revisited:\n%s", revisited.format_results(metrics["revisited"]))
 

@@ -7,6 +7,15 @@ for every query by exact search (squared L2 on unit vectors, i.e. cosine), and
 scores the ranking with `metrics.revisited_map` against `data_dir/gnd.pkl`
 under the easy, medium and hard protocols.
 
+Images keep their aspect ratio. The default, resize='native', is the papers'
+protocol: each database image and each cropped query is scaled by every
+scale s from its own size (DOLG's evaler, `cv2.resize` fx = fy = s, bilinear;
+the ROxf/RPar images are at most 1024 px, so this is also cirtorch's setting
+at imsize 1024, which only shrinks), so a small query crop is not enlarged.
+'longer_side' instead brings every image's longer side to image_size * s;
+'square' is the GLDv2 squash, not comparable with the papers. See
+extract.py for how the differently shaped images are batched.
+
 Writes to `<workdir>/eval/`: `revisited.json` (the means, per-query APs and
 how the embeddings were made), `revisited_ranks.npy` (int32 [Q, N]: row q
 holds the imlist indices best first for qimlist[q], the input of
@@ -113,6 +122,9 @@ def evaluate_revisited(
     *,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    resize: str = "native",
+    image_size: int | None = None,
+    size_multiple: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Revisited Oxford/Paris mAP and mP@k of a workdir's latest checkpoint.
 
@@ -124,6 +136,14 @@ def evaluate_revisited(
         and `revisited_query` splits and gnd.pkl.
       scales: image-size multipliers averaged by extraction.
       flip: also average the left-right flipped view.
+      resize: 'native' (each image scaled by s, aspect kept: the papers'
+        protocol), 'longer_side' (aspect kept, longer side image_size * s) or
+        'square'.
+      image_size: the base side of 'longer_side' and 'square' (default
+        config.image_size); unused by 'native'.
+      size_multiple: aspect-kept modes: sides rounded to a multiple of it,
+        fewer programs to compile at a small deviation from the exact size;
+        1 (exact) for paper numbers.
 
     Returns:
       {'easy'|'medium'|'hard': {'map', 'mp@1', 'mp@5', 'mp@10'}} as fractions
@@ -135,14 +155,23 @@ def evaluate_revisited(
       data_format.DataFormatError: a split is missing or its shards disagree
         with dataset_info.json.
       FileNotFoundError: the workdir has no checkpoint.
-      ValueError: the extracted ids do not match the gnd's image lists.
+      ValueError: the extracted ids do not match the gnd's image lists, or
+        a bad resize mode, scale or size_multiple.
     """
     gnd = solutions.read_revisited_gnd(os.path.join(data_dir, GND_FILE))
     config = config.copy_and_resolve_references()
     config.data_dir = data_dir
     mesh = sharding.create_mesh()
-    database = extract.extract(config, workdir, DB_SPLIT, scales=scales, flip=flip, mesh=mesh)
-    queries = extract.extract(config, workdir, QUERY_SPLIT, scales=scales, flip=flip, mesh=mesh)
+    options = dict(
+        scales=scales,
+        flip=flip,
+        mesh=mesh,
+        resize=resize,
+        image_size=image_size,
+        size_multiple=size_multiple,
+    )
+    database = extract.extract(config, workdir, DB_SPLIT, **options)
+    queries = extract.extract(config, workdir, QUERY_SPLIT, **options)
     database = in_gnd_order(database, gnd["imlist"], DB_SPLIT, data_dir)
     queries = in_gnd_order(queries, gnd["qimlist"], QUERY_SPLIT, data_dir)
 
@@ -157,6 +186,9 @@ def evaluate_revisited(
             "data_dir": data_dir,
             "scales": [float(s) for s in scales],
             "flip": bool(flip),
+            "resize": resize,
+            "image_size": None if resize == "native" else image_size or config.image_size,
+            "size_multiple": int(size_multiple),
             "num_db": len(gnd["imlist"]),
             "num_queries": len(gnd["qimlist"]),
         }

@@ -1,0 +1,62 @@
+"""Shape buckets of aspect-kept extraction (retrieval/extract.py), without a model."""
+
+import numpy as np
+import pytest
+
+from landmark_jax.retrieval import extract
+
+
+def _image(index: int, shape: tuple[int, int]) -> np.ndarray:
+    # Pixel value 1 + index, so every image (and zero padding) is recognisable.
+    return np.full((*shape, 3), 1 + index, np.uint8)
+
+
+def test_bucket_rows_shrink_rare_shapes_to_a_multiple_of_the_devices():
+    sizes = np.array([[8, 12]] * 20 + [[12, 8]] * 3 + [[6, 12]])
+    rows = extract.bucket_rows(sizes, max_rows=16, row_multiple=4)
+    assert rows == {(8, 12): 16, (12, 8): 4, (6, 12): 4}
+    assert extract.bucket_rows(np.zeros((0, 2), np.int64), 16, 4) == {}
+    with pytest.raises(ValueError, match="batch rows=10 must be a positive multiple of the 4"):
+        extract.bucket_rows(sizes, max_rows=10, row_multiple=4)
+
+
+def test_bucket_batches_hold_every_image_once_with_zero_padding():
+    shapes = [(8, 12), (12, 8), (8, 12), (8, 12), (6, 12), (8, 12), (8, 12), (12, 8)]
+    images = [_image(i, s) for i, s in enumerate(shapes)]
+    rows = extract.bucket_rows(np.array(shapes), max_rows=4, row_multiple=2)
+    assert rows == {(8, 12): 4, (12, 8): 2, (6, 12): 2}
+
+    batches = list(extract.bucket_batches(iter(images), rows))
+    # Full batches as soon as they fill (the 4th (8, 12) image is at position 5,
+    # the 2nd (12, 8) at 7), then the partial ones in first-seen order.
+    assert [list(indices) for indices, _ in batches] == [[0, 2, 3, 5], [1, 7], [6], [4]]
+    seen = []
+    for indices, batch in batches:
+        shape = shapes[indices[0]]
+        assert batch.shape == (rows[shape], *shape, 3) and batch.dtype == np.uint8
+        for row, i in enumerate(indices):
+            assert shapes[i] == shape
+            np.testing.assert_array_equal(batch[row], images[i])
+        assert not batch[len(indices) :].any()  # padding rows are zeros
+        seen += list(indices)
+    assert sorted(seen) == list(range(len(images)))
+
+
+def test_bucket_batches_reject_an_unplanned_shape():
+    with pytest.raises(ValueError, match=r"image 1 has shape \(5, 5\)"):
+        list(extract.bucket_batches([_image(0, (4, 4)), _image(1, (5, 5))], {(4, 4): 2}))
+
+
+def test_file_order_interleaves_process_shares_by_shard():
+    # 5 shards of 2, 1, 3, 0, 2 examples read by 2 processes: process 0 reads
+    # shards 0, 2, 4 (rows a0 a1 | c0 c1 c2 | e0 e1), process 1 shards 1, 3.
+    file_examples = [2, 1, 3, 0, 2]
+    shares = [
+        {"ids": np.array(["a0", "a1", "c0", "c1", "c2", "e0", "e1"]), "x": np.arange(7)},
+        {"ids": np.array(["b0"]), "x": np.array([70])},
+    ]
+    merged = extract._file_order(shares, file_examples)
+    assert list(merged["ids"]) == ["a0", "a1", "b0", "c0", "c1", "c2", "e0", "e1"]
+    np.testing.assert_array_equal(merged["x"], [0, 1, 70, 2, 3, 4, 5, 6])
+    with pytest.raises(AssertionError, match="do not add up"):
+        extract._file_order(shares, [2, 1, 3, 0, 1])
