@@ -5,9 +5,12 @@ its class axis, so that no device holds the whole head:
 
 - `padded_num_classes` rounds the class count up so every device holds the
   same whole number of classes (the classifier gives the padded classes a
-  sentinel cosine, see `heads`).
+  sentinel cosine, see `heads`); training pads to a multiple of 1024
+  (`portable_num_classes`) so checkpoints restore on any device count that
+  divides it.
 - `param_shardings` places the head kernel as P(None, 'data'), every other
-  parameter (and the matching optimizer state) replicated.
+  parameter (and the matching optimizer state) replicated: the trainer's
+  whole train state goes through it.
 
 Under `jax.jit` the matmul, the max over sub-centers, the margin and the
 cross-entropy's logsumexp are then computed on each device's slice of classes,
@@ -28,6 +31,11 @@ from landmark_jax.heads import KERNEL_KEY
 from landmark_jax.sharding import DATA_AXIS
 
 HEAD_KEY = "head"
+
+# The trainer pads the class count for this many shards (times 8), whatever
+# the device count of the run: a checkpoint's head then restores on any
+# number of devices that divides 1024 (1 CPU, 8 TPU cores, a 128-chip pod).
+PORTABLE_NUM_SHARDS = 128
 
 
 def padded_num_classes(num_classes: int, num_shards: int, per_shard_multiple: int = 8) -> int:
@@ -59,6 +67,15 @@ def padded_num_classes(num_classes: int, num_shards: int, per_shard_multiple: in
         )
     unit = num_shards * per_shard_multiple
     return -(-num_classes // unit) * unit
+
+
+def portable_num_classes(num_classes: int) -> int:
+    """C padded to a multiple of 1024: the head shape of every training run.
+
+    Raises:
+      ValueError: num_classes < 1.
+    """
+    return padded_num_classes(num_classes, PORTABLE_NUM_SHARDS)
 
 
 def _is_head_kernel(path: tuple[Any, ...]) -> bool:

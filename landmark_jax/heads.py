@@ -14,8 +14,10 @@ GLR2021 1st place: k=3 (sub-center ArcFace), scale 'fixed' (s=45), margin
 label and passed per sample).
 
 Padded classes. The class dimension of a large head (203,094 classes, 104M
-parameters) is sharded across devices, so it is padded to a multiple of the
-device count (`head_sharding.padded_num_classes`). The classifier sets the
+parameters) is sharded across devices, so it is padded: the trainer pads
+every head to a multiple of 1024 classes (`head_sharding.portable_num_classes`,
+which any device count dividing 1024 splits evenly, so a checkpoint restores
+on 1 CPU or a 128-chip pod alike). The classifier sets the
 cosine of every padded class (index >= num_classes) to `PADDED_COSINE` (-1e9):
 any logit made from it by a positive scale is at most -1e9 * s, whose exp
 underflows to exactly 0 in float32, so padded classes never carry softmax mass,

@@ -14,14 +14,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from landmark_jax import (
     checkpointing,
@@ -36,11 +33,6 @@ from landmark_jax import (
     sharding,
 )
 from landmark_jax.models import backbone_checkpoint, create_model
-
-# The head's class count is padded for this many shards (times 8), whatever
-# the device count of the run: checkpoints then restore on any number of
-# devices that divides it (1 CPU, 8 TPU cores, a 128-chip pod).
-HEAD_PAD_SHARDS = 128
 
 # ----------------------------------------------------------------------------
 # Building blocks: model, optimizer, state
@@ -72,19 +64,6 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
     if cfg.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
     return tx, schedule
-
-
-def state_shardings(abstract_state: Any, mesh, shard_head: bool) -> Any:
-    """Replicated state, except head kernels (and their optimizer moments)
-    whose class dimension is split over the data axis."""
-
-    def place(path, leaf):
-        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if shard_head and "head" in keys and keys[-1] == "kernel" and leaf.ndim == 2:
-            return NamedSharding(mesh, P(None, sharding.DATA_AXIS))
-        return sharding.replicated_sharding(mesh)
-
-    return jax.tree_util.tree_map_with_path(place, abstract_state)
 
 
 # ----------------------------------------------------------------------------
@@ -252,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     head = heads.CosineClassifier(
         num_classes=num_classes,
         num_subcenters=config.head.num_subcenters,
-        num_classes_padded=head_sharding.padded_num_classes(num_classes, HEAD_PAD_SHARDS),
+        num_classes_padded=head_sharding.portable_num_classes(num_classes),
         mesh=mesh if shard_head else None,
         kernel_init=config.head.init,
     )
@@ -292,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         }
 
     abstract = jax.eval_shape(init_state, init_key)
-    shardings = state_shardings(abstract, mesh, shard_head)
+    shardings = head_sharding.param_shardings(abstract, mesh, shard_head)
     state = jax.jit(init_state, out_shardings=shardings)(init_key)
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
     abstract_sharded = jax.tree.map(

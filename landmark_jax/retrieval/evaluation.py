@@ -168,12 +168,11 @@ def evaluate(
     )
     # Fails before any extraction; without a data_dir of its own, the command
     # line evaluates on the (first) member's training data folder.
-    first = None
-    for member in members:
-        member_config = run_config.evaluation_config(config, member.workdir, model_overrides)
-        first = first or member_config
+    member_configs = [
+        run_config.evaluation_config(config, member.workdir, model_overrides) for member in members
+    ]
     config = config.copy_and_resolve_references()
-    config.data_dir = first.data_dir
+    config.data_dir = member_configs[0].data_dir
     ec = config.eval
     metrics: dict[str, Any] = {"members": [m.workdir for m in members]}
 
