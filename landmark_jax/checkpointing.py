@@ -26,6 +26,19 @@ from flax import traverse_util
 
 CHECKPOINT_DIR = "checkpoints"
 
+# Orbax's replica-parallel saving has every replica of a replicated array
+# write a slice of it, each slice cut by its own dispatched op. For the
+# hundreds of small arrays of a model (BatchNorm statistics, biases, 3x3
+# kernels) that costs more than it saves: measured on 8 CPU devices, the
+# first save of efficientnet_tiny took 15 s in 2,052 slice ops. Arrays whose
+# per-replica slice would be under this size are written by one replica.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+ocp.type_handlers.register_type_handler(
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+    override=True,
+)
+
 # Which config key sets a parameter's shape, by where it lives.
 _SHAPE_HINTS = (
     (
