@@ -181,28 +181,35 @@ def resolve_training_config(config: ml_collections.ConfigDict) -> ml_collections
     return config
 
 
-def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the resolved config to <workdir>/config.json.
-
-    A workdir that already holds checkpoints keeps its input convention: a
-    resumed run whose config resolves to another one is refused.
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses to resume a workdir's checkpoints with another input convention.
 
     Raises:
       ValueError: the workdir's checkpoints were trained with another
         model.input_normalization or model.padding (both named).
     """
     path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.isfile(path) and checkpointing.latest_step(workdir) is not None:
-        saved = read_run_config(workdir).model
-        for key in CONVENTION_KEYS:
-            if key in saved and not _same_convention(key, saved[key], config.model[key]):
-                raise ValueError(
-                    f"{workdir} was trained with model.{key}={saved[key]!r} ({path}) but "
-                    f"this config resolves to {config.model[key]!r}; resume with the "
-                    "workdir's convention or start a new workdir"
-                )
+    if not os.path.isfile(path) or checkpointing.latest_step(workdir) is None:
+        return
+    saved = read_run_config(workdir).model
+    for key in CONVENTION_KEYS:
+        if key in saved and not _same_convention(key, saved[key], config.model[key]):
+            raise ValueError(
+                f"{workdir} was trained with model.{key}={saved[key]!r} ({path}) but "
+                f"this config resolves to {config.model[key]!r}; resume with the "
+                "workdir's convention or start a new workdir"
+            )
+
+
+def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the resolved config to <workdir>/config.json.
+
+    Call it once the run's state is in place (initialised or restored), so a
+    start that fails (e.g. a resumed config whose shapes do not fit) leaves
+    the workdir's record of its model as it was.
+    """
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
 
 

@@ -215,9 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.eval_every_steps:
         # Fail now, not at the first evaluation hours into the run.
         data_format.read_split_info(config.data_dir, config.eval_split)
+    run_config.check_resume(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        run_config.write_run_config(config, workdir)
     writer = metric_writer.MetricWriter(workdir)
 
     # --- Model, head and the per-class loss constants ------------------------
@@ -289,6 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = checkpointing.load_backbone_weights(state, backbone_variables, config.init.backbone)
         logging.info("Initialised the backbone from %s", config.init.backbone)
     start_step = int(state["step"])
+    if jax.process_index() == 0:
+        # Written once the state fits the model (a failed restore leaves the
+        # workdir's record as it was).
+        run_config.write_run_config(config, workdir)
     writer.truncate_after(start_step)
     if start_step >= config.total_steps:
         logging.info("%s: already trained for %d steps", workdir, start_step)

@@ -85,3 +85,22 @@ def demo(tmp_path_factory):
     open(f"{raw}/train_clean_subset.csv", "w").write("\n".join(clean_keep) + "\n")
     subset = _build_train(raw, str(root / "subset"), "train_subset.csv", "train_clean_subset.csv")
     return {"full": full, "subset": subset, "raw": raw}
+
+
+@pytest.fixture(scope="session")
+def trained_demo(demo, tmp_path_factory):
+    """A workdir of the demo smoke model trained 4 steps on demo['full'].
+
+    One training run shared by the extraction and evaluation tests; tests
+    may write to its eval/ folder but never train it further.
+    """
+    from landmark_jax import trainer
+
+    from config_files import load_config
+
+    config = load_config("demo", "smoke")
+    config.data_dir = demo["full"]
+    config.total_steps = 4
+    workdir = str(tmp_path_factory.mktemp("trained_demo") / "run")
+    trainer.train_and_evaluate(config, workdir)
+    return workdir

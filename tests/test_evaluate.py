@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from landmark_jax import checkpointing, data_format, input_pipeline, sharding, trainer
+from landmark_jax import checkpointing, data_format, input_pipeline, sharding
 from landmark_jax.retrieval import (
     ensemble,
     evaluation,
@@ -39,10 +39,8 @@ def eval_config(demo, **eval_overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(demo, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run"))
-    trainer.train_and_evaluate(eval_config(demo), workdir)
-    return workdir
+def trained(trained_demo):
+    return trained_demo  # the session's demo smoke run (conftest.py)
 
 
 def csv_ids(path):

@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from data_pipelines import revisited_to_tfrecord, tfrecord_shard
-from landmark_jax import data_format, input_pipeline, sharding, trainer
+from landmark_jax import data_format, input_pipeline, sharding
 from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited
 
 from config_files import REPO, load_config
@@ -79,14 +79,11 @@ def revisited_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(demo, tmp_path_factory):
-    """(config, workdir) of the demo smoke model trained for 2 steps."""
+def trained(demo, trained_demo):
+    """(config, workdir) of the session's demo smoke run (conftest.py)."""
     config = load_config("demo", "smoke")
     config.data_dir = demo["full"]
-    config.total_steps = 2
-    workdir = str(tmp_path_factory.mktemp("revisited_run") / "run")
-    trainer.train_and_evaluate(config, workdir)
-    return config, workdir
+    return config, trained_demo
 
 
 def read_split(out_dir: str, split: str) -> list[tuple[str, bytes]]:
@@ -282,7 +279,7 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     assert db.settings["size_multiple"] == 8
     np.testing.assert_allclose(np.linalg.norm(db.embeddings, axis=1), 1.0, rtol=1e-5)
 
-    # A model trained for 2 steps embeds every image in nearly the same
+    # A model trained for 4 steps embeds every image in nearly the same
     # direction (cosines differ in the 6th decimal), so float32 rounding may
     # order near-ties differently in exact search and in numpy. The saved
     # ranking is checked to be a correct descending sort of the numpy scores,

@@ -117,9 +117,17 @@ def test_kill_and_resume_gives_the_same_losses(demo, tmp_path):
     )
 
 
-def test_stages_carry_weights_into_a_new_head_and_a_new_resolution(demo, tmp_path):
-    stage1, stage2, stage3 = (str(tmp_path / f"stage{i}") for i in (1, 2, 3))
-    trainer.train_and_evaluate(config_for(demo["subset"], total_steps=2), stage1)
+@pytest.fixture(scope="module")
+def subset_stage1(demo, tmp_path_factory):
+    """A first stage on the 6-landmark subset, 2 steps (tests only read it)."""
+    workdir = str(tmp_path_factory.mktemp("subset") / "stage1")
+    trainer.train_and_evaluate(config_for(demo["subset"], total_steps=2), workdir)
+    return workdir
+
+
+def test_stages_carry_weights_into_a_new_head_and_a_new_resolution(demo, subset_stage1, tmp_path):
+    stage1 = subset_stage1
+    stage2, stage3 = (str(tmp_path / f"stage{i}") for i in (2, 3))
     # A learning rate of 0 keeps the carried weights as they were loaded.
     trainer.train_and_evaluate(
         config_for(
@@ -173,9 +181,9 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, tmp_path):
-    stage1 = str(tmp_path / "stage1")
-    trainer.train_and_evaluate(config_for(demo["subset"], total_steps=1), stage1)
+def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, subset_stage1, tmp_path):
+    stage1 = subset_stage1
+    recorded = open(os.path.join(stage1, "config.json")).read()
     config = config_for(
         demo["full"], total_steps=1, **{"init.checkpoint": stage1, "init.carry": "all"}
     )
@@ -193,6 +201,8 @@ def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, tmp_path):
         r"model \(32, \d+\)",
     ):
         trainer.train_and_evaluate(config, stage1)
+    # The failed start left the workdir's record of its model as it was.
+    assert open(os.path.join(stage1, "config.json")).read() == recorded
 
 
 @pytest.mark.parametrize(
