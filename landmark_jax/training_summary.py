@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from landmark_jax import checkpointing
 from landmark_jax.metric_writer import METRICS_FILE
 
 
@@ -38,7 +39,7 @@ def summarize(workdir: str) -> str:
             lines.append(
                 f"  step {row['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items())
             )
-    checkpoints = os.path.join(workdir, "checkpoints")
+    checkpoints = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
     if os.path.isdir(checkpoints):
         steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
         lines.append(f"  checkpoints at steps {steps}")

@@ -36,6 +36,7 @@ from landmark_jax.retrieval import (
     usage_metrics,
 )
 
+# The folder of a workdir that evaluation (and revisited.py) writes to.
 EVAL_DIR = "eval"
 
 

@@ -37,12 +37,13 @@ import ml_collections
 import numpy as np
 
 from landmark_jax import checkpointing, sharding
-from landmark_jax.retrieval import exact_search, extract, metrics, solutions
+
+# evaluation imports this module too; EVAL_DIR is read only at call time.
+from landmark_jax.retrieval import evaluation, exact_search, extract, metrics, solutions
 
 DB_SPLIT = "revisited_db"
 QUERY_SPLIT = "revisited_query"
 GND_FILE = "gnd.pkl"
-EVAL_DIR = "eval"
 RESULTS_FILE = "revisited.json"
 RANKS_FILE = "revisited_ranks.npy"
 PROTOCOLS = ("easy", "medium", "hard")
@@ -50,7 +51,7 @@ PROTOCOLS = ("easy", "medium", "hard")
 
 def embeddings_path(workdir: str, split: str) -> str:
     """Where evaluate_revisited saves a split's embeddings (in gnd order)."""
-    return os.path.join(workdir, EVAL_DIR, f"embeddings-{split}.npz")
+    return os.path.join(workdir, evaluation.EVAL_DIR, f"embeddings-{split}.npz")
 
 
 def in_gnd_order(
@@ -205,8 +206,8 @@ def evaluate_revisited(
         }
         report["settings"] = settings
         # int32 halves the file; imlist indices stay far below 2**31.
-        np.save(os.path.join(workdir, EVAL_DIR, RANKS_FILE), ranks.astype(np.int32))
-        path = os.path.join(workdir, EVAL_DIR, RESULTS_FILE)
+        np.save(os.path.join(workdir, evaluation.EVAL_DIR, RANKS_FILE), ranks.astype(np.int32))
+        path = os.path.join(workdir, evaluation.EVAL_DIR, RESULTS_FILE)
         with open(path + ".tmp", "w") as f:
             json.dump(report, f, indent=2)
         os.replace(path + ".tmp", path)
