@@ -19,6 +19,7 @@ from landmark_jax import config_lib
 
 def get_config(arg: str | None = None):
     """The demo config; arg 'smoke' gives the seconds-long variant."""
+    _, smoke = config_lib.parse_config_arg(arg, (), None, "configs/demo.py")
     config = config_lib.base_config("global")
     config.data_dir = "demo_data/tfrecords"
     config.model.backbone = "efficientnet_tiny"
@@ -41,14 +42,6 @@ def get_config(arg: str | None = None):
     config.input.shuffle_buffer = 512
     config.eval.retrieval_solution = "demo_data/raw/retrieval_solution.csv"
     config.eval.recognition_solution = "demo_data/raw/recognition_solution.csv"
-    if arg == "smoke":
-        config.image_size = 32
-        config.batch_size = 16
-        config.total_steps = 6
-        config.log_every_steps = 2
-        config.checkpoint_every_steps = 3
-        config.eval_every_steps = 0
-        config.input.shuffle_buffer = 64
-    elif arg:
-        raise ValueError(f"configs/demo.py: unknown arg {arg!r}; valid: 'smoke' or none")
+    if smoke:
+        config_lib.apply_smoke(config, image_size=32, total_steps=6, checkpoint_every_steps=3)
     return config

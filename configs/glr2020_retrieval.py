@@ -76,13 +76,7 @@ STAGES = {
 
 def get_config(arg: str = "clean"):
     """arg: a stage name from STAGES, optionally followed by ',smoke'."""
-    parts = (arg or "clean").split(",")
-    stage, smoke = parts[0], parts[1:] == ["smoke"]
-    if stage not in STAGES or parts[1:] not in ([], ["smoke"]):
-        raise ValueError(
-            f"configs/glr2020_retrieval.py: arg {arg!r}; valid: "
-            f"one of {sorted(STAGES)}, optionally followed by ',smoke'"
-        )
+    stage, smoke = config_lib.parse_config_arg(arg, STAGES, "clean", "configs/glr2020_retrieval.py")
     image_size, class_weights, not_clean_weight, carry = STAGES[stage]
 
     config = config_lib.base_config("global")
@@ -113,16 +107,6 @@ def get_config(arg: str = "clean"):
         config.init.carry = carry
 
     if smoke:
-        config.data_dir = "demo_data/tfrecords"
-        config.model.backbone = "efficientnet_tiny"
-        config.model.embedding_dim = 64
-        config.image_size = 32 if image_size == 512 else 48
-        config.batch_size = 16
-        config.total_steps = 4
-        config.log_every_steps = 2
-        config.checkpoint_every_steps = 2
-        config.eval_every_steps = 0
+        config_lib.apply_smoke(config, image_size=32 if image_size == 512 else 48)
         config.optimizer.learning_rate = 0.05
-        config.input.files_per_chunk = 4
-        config.input.shuffle_buffer = 64
     return config

@@ -59,13 +59,7 @@ STEPS = {
 
 def get_config(arg: str = "step1"):
     """arg: a step name from STEPS, optionally followed by ',smoke'."""
-    parts = (arg or "step1").split(",")
-    step, smoke = parts[0], parts[1:] == ["smoke"]
-    if step not in STEPS or parts[1:] not in ([], ["smoke"]):
-        raise ValueError(
-            f"configs/glr2021_dolg.py: arg {arg!r}; valid: "
-            f"one of {sorted(STEPS)}, optionally followed by ',smoke'"
-        )
+    step, smoke = config_lib.parse_config_arg(arg, STEPS, "step1", "configs/glr2021_dolg.py")
     image_size, learning_rate, weight_decay, carry = STEPS[step]
 
     config = config_lib.base_config("dolg")
@@ -102,20 +96,10 @@ def get_config(arg: str = "step1"):
         config.init.carry = carry
 
     if smoke:
-        config.data_dir = "demo_data/tfrecords"
-        config.model.backbone = "efficientnet_tiny"
-        config.model.embedding_dim = 64
+        config_lib.apply_smoke(config, image_size=32 if step == "step1" else 48)
         config.model.dolg.branch_channels = 16
         config.model.dolg.local_dim = 32
         config.model.dolg.global_dim = 32
         config.model.dtype = "float32"
-        config.image_size = 32 if step == "step1" else 48
-        config.batch_size = 16
-        config.total_steps = 4
-        config.log_every_steps = 2
-        config.checkpoint_every_steps = 2
-        config.eval_every_steps = 0
         config.optimizer.warmup_steps = 1
-        config.input.files_per_chunk = 4
-        config.input.shuffle_buffer = 64
     return config

@@ -123,6 +123,68 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     return c
 
 
+def parse_config_arg(
+    arg: str | None, choices, default: str | None, config_file: str
+) -> tuple[str | None, bool]:
+    """Parses a config's `arg`: 'CHOICE', 'CHOICE,smoke', or (no choices) 'smoke'.
+
+    Args:
+      arg: what followed `config.py:` on the command line (None or '': default).
+      choices: the config's stage names; empty for a config without stages.
+      default: the stage taken when arg names none (None without stages).
+      config_file: the config's path, for the error message.
+
+    Returns:
+      (stage, smoke): the stage name (default when arg names none) and
+      whether ',smoke' (or 'smoke' alone, for a config without stages) was given.
+
+    Raises:
+      ValueError: an unknown stage or suffix; the message lists the valid args.
+    """
+    parts = arg.split(",") if arg else []
+    if not choices:
+        if parts in ([], ["smoke"]):
+            return default, bool(parts)
+        raise ValueError(f"{config_file}: unknown arg {arg!r}; valid: 'smoke' or none")
+    stage = parts[0] if parts else default
+    if stage in choices and parts[1:] in ([], ["smoke"]):
+        return stage, parts[1:] == ["smoke"]
+    raise ValueError(
+        f"{config_file}: arg {arg!r}; valid: "
+        f"one of {sorted(choices)}, optionally followed by ',smoke'"
+    )
+
+
+def apply_smoke(
+    config: ml_collections.ConfigDict,
+    *,
+    image_size: int,
+    total_steps: int = 4,
+    checkpoint_every_steps: int = 2,
+) -> ml_collections.ConfigDict:
+    """Shrinks a config in place to a seconds-long run on the demo data.
+
+    The tiny EfficientNet with a 64-d embedding, batch 16, a few steps, no
+    in-training validation and small input buffers; a config changes what
+    its recipe needs beyond these (e.g. DOLG's branch widths) after the call.
+
+    Returns:
+      The same config.
+    """
+    config.data_dir = "demo_data/tfrecords"
+    config.model.backbone = "efficientnet_tiny"
+    config.model.embedding_dim = 64
+    config.image_size = image_size
+    config.batch_size = 16
+    config.total_steps = total_steps
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = checkpoint_every_steps
+    config.eval_every_steps = 0
+    config.input.files_per_chunk = 4
+    config.input.shuffle_buffer = 64
+    return config
+
+
 def _check_choice(config, key: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"config.{key}={value!r}; valid: {list(choices)}")
