@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from landmark_jax.retrieval import knn
+from landmark_jax.retrieval import exact_search, knn
 
 needs_scann = pytest.mark.skipif(not knn.scann_available(), reason="ScaNN cannot be imported")
 
@@ -28,7 +28,7 @@ def unit_data():
     rng = np.random.default_rng(0)
     index = _unit(rng.standard_normal((20_000, 64)))
     queries = _unit(rng.standard_normal((200, 64)))
-    return queries, index, knn.exact_search(queries, index, 100)
+    return queries, index, exact_search.exact_search(queries, index, 100)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,7 @@ def test_exact_search_matches_numpy(num_points, index_chunk, query_chunk):
     # Not normalised, with an offset: the true ||q - x||^2 must come back.
     index = rng.standard_normal((num_points, 24)).astype(np.float32) + 0.5
     queries = rng.standard_normal((37, 24)).astype(np.float32) * 2
-    distances, indices = knn.exact_search(
+    distances, indices = exact_search.exact_search(
         queries, index, 10, index_chunk=index_chunk, query_chunk=query_chunk
     )
     ref_d, ref_i = _reference(queries, index, 10)
@@ -61,14 +61,14 @@ def test_exact_search_unit_vectors_and_ties():
     index = rng.integers(-2, 3, (60, 8)).astype(np.float32)
     index[[17, 33, 58]] = index[5]
     queries = np.concatenate([index[5:6], rng.integers(-2, 3, (4, 8)).astype(np.float32)])
-    distances, indices = knn.exact_search(queries, index, 60, index_chunk=16)
+    distances, indices = exact_search.exact_search(queries, index, 60, index_chunk=16)
     ref_d, ref_i = _reference(queries, index, 60)
     np.testing.assert_array_equal(indices, ref_i)
     np.testing.assert_array_equal(indices[0, :4], [5, 17, 33, 58])
     np.testing.assert_allclose(distances, ref_d, atol=1e-5)
 
     unit_index, unit_queries = _unit(index + 0.1), _unit(queries + 0.1)
-    distances, _ = knn.exact_search(unit_queries, unit_index, 5)
+    distances, _ = exact_search.exact_search(unit_queries, unit_index, 5)
     ref_d, _ = _reference(unit_queries, unit_index, 5)
     np.testing.assert_allclose(distances, ref_d, atol=1e-5)
 
@@ -76,21 +76,21 @@ def test_exact_search_unit_vectors_and_ties():
 def test_exact_search_validation():
     index = np.ones((5, 3), np.float32)
     with pytest.raises(ValueError, match=r"k=6 .*N=5"):
-        knn.exact_search(index, index, 6)
+        exact_search.exact_search(index, index, 6)
     with pytest.raises(ValueError, match="index is empty"):
-        knn.exact_search(index, np.zeros((0, 3), np.float32), 1)
+        exact_search.exact_search(index, np.zeros((0, 3), np.float32), 1)
     with pytest.raises(ValueError, match="queries is empty"):
-        knn.exact_search(np.zeros((0, 3), np.float32), index, 1)
+        exact_search.exact_search(np.zeros((0, 3), np.float32), index, 1)
     with pytest.raises(ValueError, match="queries have 4 dims, the index has 3"):
-        knn.exact_search(np.ones((2, 4), np.float32), index, 1)
+        exact_search.exact_search(np.ones((2, 4), np.float32), index, 1)
     bad = index.copy()
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="index has 1 row.* NaN .*row 3"):
-        knn.exact_search(index, bad, 1)
+        exact_search.exact_search(index, bad, 1)
     with pytest.raises(ValueError, match="2-D"):
-        knn.exact_search(index[0], index, 1)
+        exact_search.exact_search(index[0], index, 1)
     with pytest.raises(ValueError, match="positive integer"):
-        knn.exact_search(index, index, 0)
+        exact_search.exact_search(index, index, 0)
 
 
 def test_recall_at_k():
@@ -130,7 +130,7 @@ def test_scann_defaults_on_clustered_unit_vectors():
     centres = rng.standard_normal((300, 64))
     index = _unit(centres[rng.integers(0, 300, 20_000)] + 0.35 * rng.standard_normal((20_000, 64)))
     queries = _unit(centres[rng.integers(0, 300, 200)] + 0.35 * rng.standard_normal((200, 64)))
-    _, exact = knn.exact_search(queries, index, 100)
+    _, exact = exact_search.exact_search(queries, index, 100)
     _, approx = knn.ScannSearcher.build(index).search(queries)
     assert knn.recall_at_k(approx, exact) >= 0.9  # measured 0.944-0.958 (seeds 0-2)
 
@@ -142,7 +142,7 @@ def test_scann_brute_force_for_tiny_index_is_exact():
     searcher = knn.ScannSearcher.build(index, num_neighbors=20)
     assert searcher.brute_force
     distances, indices = searcher.search(queries)
-    ref_d, ref_i = knn.exact_search(queries, index, 20)
+    ref_d, ref_i = exact_search.exact_search(queries, index, 20)
     np.testing.assert_array_equal(indices, ref_i)
     np.testing.assert_allclose(distances, ref_d, atol=1e-5)
     with pytest.raises(ValueError, match=r"k=301 .*N=300"):
@@ -183,7 +183,7 @@ def test_scann_save_load_round_trip(unit_data, tmp_path):
 def test_search_dispatch(monkeypatch, caplog):
     rng = np.random.default_rng(5)
     index, queries = _unit(rng.standard_normal((200, 8))), _unit(rng.standard_normal((4, 8)))
-    expected = knn.exact_search(queries, index, 5)
+    expected = exact_search.exact_search(queries, index, 5)
     np.testing.assert_array_equal(knn.search(queries, index, 5, backend="exact")[1], expected[1])
     if knn.scann_available():
         # 200 points: the ScaNN backend builds a brute-force searcher, so exact.

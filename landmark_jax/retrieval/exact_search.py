@@ -4,10 +4,10 @@
 streamed over index chunks with a running top-k, so a 762k x 512 index (or a
 4M-image train set for recognition) never materialises a [Q, N] matrix nor
 even has to fit on the device. It is the oracle for ScaNN's recall and the
-fallback when ScaNN cannot be imported (see `knn`, which also re-exports it).
+fallback when ScaNN cannot be imported (see `knn`).
 
 This module also holds the input validation shared by every kNN engine
-(`_check_matrix`, `_check_pair`, `_check_k`); `knn` imports it from here, so
+(`check_matrix`, `check_pair`, `check_k`); `knn` uses it from here, so
 there is one copy and no import cycle.
 
 Returns `(distances, indices)`: float32 squared L2 distances, ascending, and
@@ -29,7 +29,7 @@ from landmark_jax import sharding
 # ----------------------------------------------------------------- validation
 
 
-def _check_matrix(name: str, x: Any) -> np.ndarray:
+def check_matrix(name: str, x: Any) -> np.ndarray:
     """float32 [rows, dim] with at least one row, one column, and finite values."""
     x = np.asarray(x)
     if x.ndim != 2:
@@ -47,19 +47,19 @@ def _check_matrix(name: str, x: Any) -> np.ndarray:
     return x
 
 
-def _check_pair(queries: Any, index: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    queries = _check_matrix("queries", queries)
-    index = _check_matrix("index", index)
+def check_pair(queries: Any, index: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    queries = check_matrix("queries", queries)
+    index = check_matrix("index", index)
     if queries.shape[1] != index.shape[1]:
         raise ValueError(
             f"dimension mismatch: queries have {queries.shape[1]} dims, "
             f"the index has {index.shape[1]}"
         )
-    _check_k(k, index.shape[0])
+    check_k(k, index.shape[0])
     return queries, index
 
 
-def _check_k(k: int, num_points: int) -> None:
+def check_k(k: int, num_points: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if k > num_points:
@@ -134,7 +134,7 @@ def exact_search(
       ValueError: empty inputs, NaN/inf rows, mismatched dimensions, k < 1 or
         k > N, non-positive chunk sizes.
     """
-    queries, index = _check_pair(queries, index, k)
+    queries, index = check_pair(queries, index, k)
     if index_chunk < 1 or query_chunk < 1:
         raise ValueError(
             f"index_chunk and query_chunk must be positive, got {index_chunk}, {query_chunk}"

@@ -3,9 +3,8 @@
 GLDv2 retrieval ranks the index images by Euclidean distance between
 L2-normalised embeddings (k=100). Two engines answer the same question:
 
-- `exact_search` (in `landmark_jax.retrieval.exact_search`, re-exported here
-  so `knn.exact_search` keeps working): matmul + `jax.lax.top_k` on the local
-  devices, streamed over index chunks with a running top-k. It is the oracle
+- `exact_search.exact_search` (its own module): matmul + `jax.lax.top_k` on
+  the local devices, streamed over index chunks with a running top-k. It is the oracle
   for ScaNN's recall and the fallback when ScaNN cannot be imported.
 - `ScannSearcher`: ScaNN's tree + asymmetric hashing + exact reordering,
   parameters scaled to the index size, serialisable to a directory.
@@ -30,20 +29,12 @@ from typing import Any
 
 import numpy as np
 
-# exact_search is re-exported: callers use knn.exact_search. The validation
-# helpers live with it so both engines share one copy without an import cycle.
 from landmark_jax import tensorflow_setup
-from landmark_jax.retrieval.exact_search import (
-    _check_k,
-    _check_matrix,
-    _check_pair,
-    exact_search,
-)
+from landmark_jax.retrieval import exact_search
 
 __all__ = [
     "BACKENDS",
     "ScannSearcher",
-    "exact_search",
     "recall_at_k",
     "scann_available",
     "search",
@@ -57,6 +48,8 @@ _SCANN_PIN = "tensorflow-cpu~=2.20.0 and scann==1.4.2"
 # (k-means on a few dozen points per leaf); brute force is exact and fast.
 _MIN_TREE_POINTS = 1000
 _METADATA_FILE = "landmark_jax_knn.json"
+# Queries per `search_batched` call (bounds memory).
+_QUERY_BATCH = 8192
 
 
 # ---------------------------------------------------------------------- ScaNN
@@ -153,9 +146,9 @@ class ScannSearcher:
           ImportError: ScaNN cannot be imported (message names the pinned pair).
           ValueError: invalid index or parameters.
         """
-        index = _check_matrix("index", index)
+        index = exact_search.check_matrix("index", index)
         num_points, dim = index.shape
-        _check_k(num_neighbors, num_points)
+        exact_search.check_k(num_neighbors, num_points)
         for name, value in [
             ("num_leaves", num_leaves),
             ("num_leaves_to_search", num_leaves_to_search),
@@ -205,7 +198,6 @@ class ScannSearcher:
         queries: np.ndarray,
         k: int | None = None,
         *,
-        batch_size: int = 8192,
         leaves_to_search: int | None = None,
         reorder_k: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -217,7 +209,6 @@ class ScannSearcher:
         Args:
           queries: [Q, D] query embeddings.
           k: neighbours per query; default the build's num_neighbors.
-          batch_size: queries per `search_batched` call (bounds memory).
           leaves_to_search: override of the build's num_leaves_to_search.
           reorder_k: override of the build's reorder_k (at least k is used).
 
@@ -227,25 +218,23 @@ class ScannSearcher:
         Raises:
           ValueError: invalid queries, dimension mismatch, k < 1 or k > N.
         """
-        queries = _check_matrix("queries", queries)
+        queries = exact_search.check_matrix("queries", queries)
         if queries.shape[1] != self.dim:
             raise ValueError(
                 f"dimension mismatch: queries have {queries.shape[1]} dims, "
                 f"the index has {self.dim}"
             )
         k = self.num_neighbors if k is None else k
-        _check_k(k, self.num_points)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        exact_search.check_k(k, self.num_points)
         leaves = pre_reorder = None
         if not self.brute_force:
             leaves = min(leaves_to_search or self.num_leaves_to_search, self.num_leaves)
             pre_reorder = min(max(reorder_k or self.reorder_k, k), self.num_points)
         distances = np.full((queries.shape[0], k), np.inf, np.float32)
         indices = np.full((queries.shape[0], k), -1, np.int64)
-        for start in range(0, queries.shape[0], batch_size):
+        for start in range(0, queries.shape[0], _QUERY_BATCH):
             ids, dist = self._searcher.search_batched(
-                queries[start : start + batch_size], k, pre_reorder, leaves
+                queries[start : start + _QUERY_BATCH], k, pre_reorder, leaves
             )
             # ScaNN trims columns to the longest result in the batch and pads
             # shorter rows with index 0 at distance NaN.
@@ -296,8 +285,6 @@ def search(
     index: np.ndarray,
     k: int,
     backend: str = "scann",
-    *,
-    scann_options: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours of each query in `index`, by squared L2.
 
@@ -309,7 +296,6 @@ def search(
       index: [N, D] database embeddings.
       k: neighbours per query.
       backend: 'scann' (approximate) or 'exact'.
-      scann_options: keyword arguments for `ScannSearcher.build`.
 
     Returns:
       (distances [Q, k] float32 ascending, indices [Q, k] int64).
@@ -324,10 +310,9 @@ def search(
         logger.warning("%s Falling back to exact search.", _import_error_message(error))
         backend = "exact"
     if backend == "exact":
-        return exact_search(queries, index, k)
-    queries, index = _check_pair(queries, index, k)
-    options = {"num_neighbors": k, **(scann_options or {})}
-    return ScannSearcher.build(index, **options).search(queries, k)
+        return exact_search.exact_search(queries, index, k)
+    queries, index = exact_search.check_pair(queries, index, k)
+    return ScannSearcher.build(index, num_neighbors=k).search(queries, k)
 
 
 def recall_at_k(
