@@ -39,17 +39,20 @@ ocp.type_handlers.register_type_handler(
     override=True,
 )
 
-# Which config key sets a parameter's shape, by where it lives.
+# Which config keys (of config_lib.base_config(); tested) set a parameter's
+# shape, by where it lives, and a note. num_classes left None is the data's
+# dataset_info.json count.
 _SHAPE_HINTS = (
     (
         "params/head/",
-        "head.num_classes / num_classes (dataset_info.json), head.num_subcenters "
-        "or model.embedding_dim; to start a new head use init.carry='model'",
+        ("num_classes", "head.num_subcenters", "model.embedding_dim"),
+        "num_classes None: the data's dataset_info.json; "
+        "to start a new head use init.carry='model'",
     ),
-    ("params/model/backbone/", "model.backbone"),
-    ("batch_stats/model/backbone/", "model.backbone"),
-    ("params/model/", "model.embedding_dim, model.neck, model.dolg.*"),
-    ("batch_stats/model/", "model.embedding_dim, model.neck, model.dolg.*"),
+    ("params/model/backbone/", ("model.backbone",), ""),
+    ("batch_stats/model/backbone/", ("model.backbone",), ""),
+    ("params/model/", ("model.embedding_dim", "model.neck", "model.dolg"), ""),
+    ("batch_stats/model/", ("model.embedding_dim", "model.neck", "model.dolg"), ""),
 )
 
 
@@ -83,9 +86,10 @@ def _flat_shapes(tree: Mapping[str, Any], keys=("params", "batch_stats")) -> dic
 
 
 def _hint(path: str) -> str:
-    return next(
-        (hint for prefix, hint in _SHAPE_HINTS if path.startswith(prefix)), "the model config"
-    )
+    for prefix, keys, note in _SHAPE_HINTS:
+        if path.startswith(prefix):
+            return ", ".join(keys) + (f"; {note}" if note else "")
+    return "the model config"
 
 
 def check_shapes(
@@ -114,7 +118,7 @@ def check_shapes(
         elif got[path] != want[path]:
             problems.append(
                 f"  {path}: checkpoint {got[path]} vs model {want[path]} "
-                f"(config key: {_hint(path)})"
+                f"(config keys: {_hint(path)})"
             )
     problems += [
         f"  {path}: in the checkpoint {got[path]}, not in the model ({_hint(path)})"
@@ -164,13 +168,17 @@ def latest_step(path: str) -> int | None:
 
 
 def load_stage(path: str) -> dict[str, Any]:
-    """The params and batch_stats of another run's latest checkpoint (numpy).
+    """The params and batch_stats of a run's latest checkpoint, on the host.
+
+    Only the model is read (no optimizer state, which is twice the size of
+    the params under Adam), as numpy arrays: the checkpoint then loads on any
+    device count, not only on the topology it was saved from.
 
     Args:
-      path: a previous stage's workdir, or its checkpoints/ folder.
+      path: a run's workdir, or its checkpoints/ folder.
 
     Returns:
-      {'params': ..., 'batch_stats': ..., 'step': int} on the host.
+      {'params': ..., 'batch_stats': ..., 'step': int} as numpy.
 
     Raises:
       FileNotFoundError: no checkpoint there.
@@ -178,14 +186,23 @@ def load_stage(path: str) -> dict[str, Any]:
     directory = _checkpoint_dir(path)
     options = ocp.CheckpointManagerOptions(create=False, read_only=True)
     with ocp.CheckpointManager(
-        directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+        directory, options=options, item_handlers=ocp.PyTreeCheckpointHandler()
     ) as m:
         step = m.latest_step()
         if step is None:
             raise FileNotFoundError(
                 f"config.init.checkpoint={path!r}: no checkpoint in {directory}"
             )
-        restored = m.restore(step, args=ocp.args.StandardRestore())
+        saved = _metadata_tree(m.item_metadata(step))
+        target = {
+            k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved[k])
+            for k in ("params", "batch_stats", "step")
+        }
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        restored = m.restore(
+            step,
+            args=ocp.args.PyTreeRestore(item=target, restore_args=as_numpy, partial_restore=True),
+        )
     host = jax.tree.map(np.asarray, {k: restored[k] for k in ("params", "batch_stats")})
     return {**host, "step": int(restored["step"])}
 
