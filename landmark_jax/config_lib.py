@@ -9,6 +9,8 @@ with a message naming the config key.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from landmark_jax import data_format, heads, losses
@@ -253,3 +255,78 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         path = config.init[key.split(".")[1]]
         if path and not tf.io.gfile.exists(path):
             raise ValueError(f"config.{key}={path!r} does not exist")
+
+
+def _check_int(key: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.{key}={value!r}: expected an integer >= {minimum}")
+
+
+def _check_number(key: str, value, minimum: float) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < minimum
+    ):
+        raise ValueError(f"config.{key}={value!r}: expected a finite number >= {minimum}")
+
+
+def validate_eval_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the `eval` block before any model is restored or image embedded.
+
+    Args:
+      config: a config with an `eval` block (base_config's keys).
+
+    Raises:
+      ValueError: a value out of range or not among the valid names, a
+        malformed ensemble entry, or a solution file / Revisited folder that
+        is set but does not exist; the message names the key.
+    """
+    import tensorflow as tf  # gfile reads local and gs:// paths alike
+
+    from landmark_jax import input_pipeline
+    from landmark_jax.retrieval import ensemble, knn
+
+    ec = config.eval
+    _check_choice(config, "eval.knn_backend", ec.knn_backend, knn.BACKENDS)
+    for key, minimum in (
+        ("k", 1),
+        ("recognition_k", 1),
+        ("recall_queries", 1),
+        ("classifier_top_m", 1),
+        ("size_multiple", 1),
+        ("gallery_queries", 0),
+    ):
+        _check_int(f"eval.{key}", ec[key], minimum)
+    for key in ("recognition_power", "classifier_power"):
+        _check_number(f"eval.{key}", ec[key], 0.0)
+    if ec.image_size is not None:
+        _check_int("eval.image_size", ec.image_size, 1)
+    scales = tuple(ec.scales) if isinstance(ec.scales, (tuple, list)) else ec.scales
+    if (
+        not isinstance(scales, tuple)
+        or not scales
+        or not all(
+            not isinstance(s, bool) and isinstance(s, (int, float)) and math.isfinite(s) and s > 0
+            for s in scales
+        )
+    ):
+        raise ValueError(
+            f"config.eval.scales={ec.scales!r}: expected one or more positive numbers, "
+            "e.g. (0.7071, 1.0, 1.4142)"
+        )
+    for key in ("resize", "revisited_resize"):
+        _check_choice(config, f"eval.{key}", ec[key], input_pipeline.RESIZE_MODES)
+    for key in ("index_split", "test_split"):
+        if not ec[key]:
+            raise ValueError(f"config.eval.{key} is empty: name a split of the data folder")
+    if ec.ensemble:
+        try:
+            ensemble.ensemble_members_from_config(list(ec.ensemble))
+        except ValueError as e:
+            raise ValueError(f"config.eval.ensemble: {e}") from e
+    for key in ("retrieval_solution", "recognition_solution", "revisited_data_dir"):
+        path = ec[key]
+        if path and not tf.io.gfile.exists(path):
+            raise ValueError(f"config.eval.{key}={path!r} does not exist")

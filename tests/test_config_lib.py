@@ -41,3 +41,60 @@ def test_parse_config_arg():
             parse(bad, ("a", "b"), "a", "c.py")
     with pytest.raises(ValueError, match="valid: 'smoke' or none"):
         parse("a", (), None, "c.py")
+
+
+def test_default_eval_config_is_valid():
+    config_lib.validate_eval_config(config_lib.base_config())
+    config_lib.validate_eval_config(config_lib.base_config("dolg"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("knn_backend", "faiss", r"config\.eval\.knn_backend='faiss'; valid: \['scann', 'exact'\]"),
+        ("k", 0, r"config\.eval\.k=0: expected an integer >= 1"),
+        ("recognition_k", 0, r"config\.eval\.recognition_k=0"),
+        ("recall_queries", -1, r"config\.eval\.recall_queries=-1"),
+        ("size_multiple", 0, r"config\.eval\.size_multiple=0"),
+        ("classifier_top_m", 0, r"config\.eval\.classifier_top_m=0"),
+        ("recognition_power", -1.0, r"config\.eval\.recognition_power=-1\.0"),
+        ("scales", (), r"config\.eval\.scales=\(\).*positive"),
+        ("scales", (1.0, 0.0), r"config\.eval\.scales=.*positive"),
+        ("resize", "crop", r"config\.eval\.resize='crop'; valid: \['square', 'longer_side'"),
+        ("revisited_resize", "crop", r"config\.eval\.revisited_resize='crop'; valid:"),
+        ("index_split", "", r"config\.eval\.index_split is empty"),
+        ("retrieval_solution", "/nonexistent/sol.csv", r"config\.eval\.retrieval_solution="),
+        ("recognition_solution", "/nonexistent/s.csv", r"config\.eval\.recognition_solution="),
+        ("revisited_data_dir", "/nonexistent/roxford", r"config\.eval\.revisited_data_dir="),
+    ],
+)
+def test_bad_eval_values_name_the_key(key, value, match):
+    config = config_lib.base_config()
+    config.eval[key] = value
+    with pytest.raises(ValueError, match=match):
+        config_lib.validate_eval_config(config)
+
+
+def test_eval_image_size_and_existing_paths(tmp_path):
+    config = config_lib.base_config()
+    config.eval.image_size = 0
+    with pytest.raises(ValueError, match=r"config\.eval\.image_size=0"):
+        config_lib.validate_eval_config(config)
+    config.eval.image_size = 64
+    solution = tmp_path / "retrieval_solution.csv"
+    solution.write_text("id,images,Usage\n")
+    config.eval.retrieval_solution = str(solution)
+    config.eval.revisited_data_dir = str(tmp_path)
+    config_lib.validate_eval_config(config)
+
+
+def test_eval_ensemble_reuses_the_ensemble_validator():
+    config = config_lib.base_config()
+    config.eval.ensemble = ({"workdir": "runs/a", "weight": 1.0, "image_size": 640},)
+    config_lib.validate_eval_config(config)
+    config.eval.ensemble = ({"workdir": "runs/a", "wieght": 1.0},)
+    with pytest.raises(ValueError, match=r"config\.eval\.ensemble: ensemble member 0: unknown key"):
+        config_lib.validate_eval_config(config)
+    config.eval.ensemble = ({"workdir": "runs/a", "weight": -1.0},)
+    with pytest.raises(ValueError, match=r"config\.eval\.ensemble: .*weight"):
+        config_lib.validate_eval_config(config)

@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from landmark_jax import checkpointing, data_format, run_config, sharding
+from landmark_jax import checkpointing, config_lib, data_format, run_config, sharding
 from landmark_jax.retrieval import (
     ensemble,
     extract,
@@ -158,6 +158,7 @@ def evaluate(
       ValueError: a bad ensemble entry, predictions for unknown ids, or a
         command-line model key that disagrees with a workdir's config.json.
     """
+    config_lib.validate_eval_config(config)
     ec = config.eval
     out_dir = os.path.join(workdir, EVAL_DIR)
     os.makedirs(out_dir, exist_ok=True)
