@@ -207,7 +207,7 @@ def test_released_h5_records_imagenet_and_reproduces_it(released_b0, tmp_path):
         1 / (255 * np.sqrt(IMAGENET_STD)),
         rtol=1e-6,
     )
-    module, variables = keras_import.load_backbone(str(output))
+    module, variables = backbone_checkpoint.load_backbone(str(output))
     assert (module.input_scale, module.input_offset) == (preset.scale, preset.offset)
     x = _pixels(64, 64)
     expected = keras_model(_keras_pixels_for_imagenet(x, IMAGENET_MEAN, IMAGENET_STD))
@@ -219,14 +219,15 @@ def test_released_h5_records_imagenet_and_reproduces_it(released_b0, tmp_path):
     # The variables are the Keras model's, unchanged.
     _, reference = keras_import.from_keras(keras_model)
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, reference)
-    assert set(keras_import.load_backbone_checkpoint(str(output))) == {"params", "batch_stats"}
+    restored = backbone_checkpoint.load_backbone_checkpoint(str(output))
+    assert set(restored) == {"params", "batch_stats"}
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         keras_import.convert("efficientnet_b0", str(weights), str(output))
     # A checkpoint that does not fit its recorded arch names the variables.
     metadata["arch"] = "efficientnet_b1"
     (output / backbone_checkpoint.METADATA_FILE).write_text(json.dumps(metadata))
     with pytest.raises(ValueError, match="missing params/block2c/dwconv/kernel"):
-        keras_import.load_backbone_checkpoint(str(output))
+        backbone_checkpoint.load_backbone_checkpoint(str(output))
 
 
 def test_released_h5_as_path_equals_weights_imagenet(released_b0, tmp_path, monkeypatch):
@@ -245,13 +246,13 @@ def test_released_h5_as_path_equals_weights_imagenet(released_b0, tmp_path, monk
     assert from_path["input_normalization"] == "imagenet"
     jax.tree_util.tree_map(
         np.testing.assert_array_equal,
-        keras_import.load_backbone_checkpoint(str(tmp_path / "i")),
-        keras_import.load_backbone_checkpoint(str(tmp_path / "p")),
+        backbone_checkpoint.load_backbone_checkpoint(str(tmp_path / "i")),
+        backbone_checkpoint.load_backbone_checkpoint(str(tmp_path / "p")),
     )
     # And both reproduce the weights='imagenet' Keras model (with its extra Rescaling).
     keras_imagenet = keras.applications.EfficientNetB0(include_top=False, weights="imagenet")
     assert sum(type(n).__name__ == "Rescaling" for n in keras_imagenet.layers) == 2
-    module, variables = keras_import.load_backbone(str(tmp_path / "p"))
+    module, variables = backbone_checkpoint.load_backbone(str(tmp_path / "p"))
     x = _pixels(64, 64)
     _assert_parity(keras_imagenet(x), jax.jit(module.apply)(variables, x)["final"])
 
@@ -284,7 +285,7 @@ def test_unrecognised_affine_needs_the_flag(keras_b0, tmp_path):
         list(preset.offset),
     )
     assert metadata["source"]["input_normalization_from"] == "--input_normalization"
-    module, variables = keras_import.load_backbone(str(output))
+    module, variables = backbone_checkpoint.load_backbone(str(output))
     layer = next(n for n in keras_b0.layers if type(n).__name__ == "Normalization")
     mean = np.asarray(layer.mean, np.float64).ravel()
     variance = np.asarray(layer.variance, np.float64).ravel()
@@ -350,7 +351,7 @@ def test_cli_resnet_and_weights_of_another_architecture(keras_r50, tmp_path):
     metadata = keras_import.convert("resnet50", str(weights), str(tmp_path / "r50"))
     assert metadata["input_normalization"] == "caffe" and metadata["padding"] is None
     assert backbone_checkpoint.read_backbone_metadata(str(tmp_path / "r50")) == metadata
-    variables = keras_import.load_backbone_checkpoint(str(tmp_path / "r50"))
+    variables = backbone_checkpoint.load_backbone_checkpoint(str(tmp_path / "r50"))
     conv1 = keras_r50.get_layer("conv1_conv").get_weights()[0]
     np.testing.assert_array_equal(variables["params"]["conv1_conv"]["kernel"], conv1[:, :, ::-1])
     np.testing.assert_array_equal(

@@ -29,8 +29,8 @@ as a preset of input_normalization.py, established from the weights:
 
 Any other affine is an error unless `--input_normalization=PRESET` states the
 convention of the weights; a PRESET that contradicts an established one is an
-error too. `load_backbone_checkpoint(DIR)` returns the variables,
-`load_backbone(DIR)` the module as well.
+error too. `backbone_checkpoint.load_backbone_checkpoint(DIR)` returns the
+variables, `backbone_checkpoint.load_backbone(DIR)` the module as well.
 """
 
 import argparse
@@ -55,11 +55,6 @@ from landmark_jax.models import (
     input_normalization,
     resnet,
 )
-
-# The trainer's entry points, re-exported so the converter's module has the
-# whole workflow; they live with the checkpoint layout.
-load_backbone = backbone_checkpoint.load_backbone
-load_backbone_checkpoint = backbone_checkpoint.load_backbone_checkpoint
 
 # --arch -> keras.applications constructor.
 KERAS_APPLICATIONS = {
