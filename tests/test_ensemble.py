@@ -51,23 +51,6 @@ def test_squared_distance_is_weighted_sum_of_part_distances():
     np.testing.assert_allclose(got, want_cos, rtol=1e-5)
 
 
-def test_renormalize_gives_unit_rows_and_the_same_ranking():
-    rng = np.random.default_rng(2)
-    index = [_random(rng, 30, 6), _random(rng, 30, 4)]
-    query = [_random(rng, 3, 6), _random(rng, 3, 4)]
-    weights = [1.0, 0.55]
-    raw_index = ensemble.combine_embeddings(index, weights)
-    raw_query = ensemble.combine_embeddings(query, weights)
-    unit_index = ensemble.combine_embeddings(index, weights, renormalize=True)
-    unit_query = ensemble.combine_embeddings(query, weights, renormalize=True)
-    np.testing.assert_allclose(np.linalg.norm(unit_index, axis=1), 1.0, rtol=1e-6)
-
-    def ranking(q, x):
-        return np.argsort(((q[:, None, :] - x[None, :, :]) ** 2).sum(-1), axis=1)
-
-    np.testing.assert_array_equal(ranking(raw_query, raw_index), ranking(unit_query, unit_index))
-
-
 def test_combine_accepts_float16_and_float64():
     rng = np.random.default_rng(3)
     parts = [_random(rng, 4, 3).astype(np.float16), _random(rng, 4, 2).astype(np.float64)]

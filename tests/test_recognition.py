@@ -69,28 +69,6 @@ def test_queries_without_usable_neighbours():
     label, score = recognition.knn_vote(labels, scores)
     assert label.tolist() == [recognition.NO_PREDICTION, 4]
     assert score.tolist() == [0.0, 0.0]
-    label, score = recognition.knn_vote(labels, scores, normalize=True)
-    assert score.tolist() == [0.0, 0.0]
-
-
-def test_normalized_score_is_the_winning_share():
-    labels = np.array([[1, 2, 1]])
-    scores = np.array([[0.8, 0.6, 0.4]])
-    label, score = recognition.knn_vote(labels, scores, power=1.0, normalize=True)
-    assert label.tolist() == [1]
-    np.testing.assert_allclose(score, [1.2 / 1.8])
-
-
-def test_top_k_takes_the_most_similar_whatever_the_order():
-    labels = np.array([[2, 1, 2, 2, -1]])
-    scores = np.array([[0.3, 0.9, 0.2, 0.35, 0.99]])
-    # The two most similar real neighbours: landmark 1 (0.9) and 2 (0.35).
-    label, score = recognition.knn_vote(labels, scores, power=1.0, top_k=2)
-    assert label.tolist() == [1]
-    np.testing.assert_allclose(score, [0.9])
-    # All of them: landmark 2 has 0.85.
-    assert recognition.knn_vote(labels, scores, power=1.0)[0].tolist() == [1]
-    assert recognition.knn_vote(labels, scores, power=0.5)[0].tolist() == [2]
 
 
 def test_knn_vote_matches_brute_force_on_random_neighbours():
@@ -117,8 +95,6 @@ def test_knn_vote_matches_brute_force_on_random_neighbours():
         (np.zeros((2, 2), int), np.array([[0.1, 0.2], [np.nan, 0.1]]), {}, ValueError, r"\[1\]"),
         (np.zeros((1, 2), int), np.zeros((1, 2)), {"power": 0}, ValueError, "power"),
         (np.zeros((1, 2), int), np.zeros((1, 2)), {"power": np.inf}, ValueError, "power"),
-        (np.zeros((1, 2), int), np.zeros((1, 2)), {"top_k": 0}, ValueError, "top_k"),
-        (np.zeros((1, 2), int), np.zeros((1, 2)), {"top_k": True}, ValueError, "top_k"),
     ],
 )
 def test_knn_vote_rejects_bad_input(labels, scores, kwargs, error, match):
@@ -143,11 +119,6 @@ def test_fusion_hand_computed():
     label, score = recognition.fuse_with_classifier(knn_labels, knn_scores, clf_labels, clf_scores)
     assert label.tolist() == [20]
     np.testing.assert_allclose(score, [2 * 0.8**9 * 0.5**10], rtol=1e-12)
-    label, score = recognition.fuse_with_classifier(
-        knn_labels, knn_scores, clf_labels, clf_scores, normalize=True
-    )
-    total = 2 * 0.8**9 * 0.5**10 + 0.9**9 * 1e-80
-    np.testing.assert_allclose(score, [2 * 0.8**9 * 0.5**10 / total], rtol=1e-12)
 
 
 def test_fusion_without_classifier_support_keeps_retrieval_order():
@@ -215,8 +186,6 @@ def test_fusion_rejects_bad_input():
         recognition.fuse_with_classifier(labels, scores, np.zeros((3, 2), int), np.zeros((3, 2)))
     with pytest.raises(ValueError, match="classifier labels"):
         recognition.fuse_with_classifier(labels, scores, np.zeros((2, 2), int), np.zeros((2, 3)))
-    with pytest.raises(ValueError, match="classifier_floor"):
-        recognition.fuse_with_classifier(labels, scores, labels, scores, classifier_floor=0.0)
     with pytest.raises(ValueError, match="classifier_power"):
         recognition.fuse_with_classifier(labels, scores, labels, scores, classifier_power=-1)
 
@@ -225,18 +194,12 @@ def test_fusion_rejects_bad_input():
 # Helpers around the search and the head.
 
 
-def test_classifier_top_m_with_penalty():
+def test_classifier_top_m():
     logits = np.array([[0.1, 0.8, 0.6, 0.3], [0.9, 0.2, 0.0, 0.5]])
     class_landmarks = np.array([100, 101, 102, 103])
     labels, scores = recognition.classifier_top_m(logits, class_landmarks, m=2)
     assert labels.tolist() == [[101, 102], [100, 103]]
     np.testing.assert_allclose(scores, [[0.8, 0.6], [0.9, 0.5]])
-    # 101 and 100 not allowed: shifted down by 1, below every allowed class.
-    labels, scores = recognition.classifier_top_m(
-        logits, class_landmarks, m=3, allowed_landmarks=[102, 103]
-    )
-    assert labels.tolist() == [[102, 103, 101], [103, 102, 100]]
-    np.testing.assert_allclose(scores, [[0.6, 0.3, -0.2], [0.5, 0.0, -0.1]])
     with pytest.raises(ValueError, match="m must"):
         recognition.classifier_top_m(logits, class_landmarks, m=5)
     with pytest.raises(ValueError, match="class_landmarks"):

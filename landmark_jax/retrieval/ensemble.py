@@ -11,9 +11,8 @@ unit length and weights w_i,
 
 so the ranking is that of sum_i w_i^2 cos_i: a model's cosine counts with the
 square of its weight (0.8 -> 0.64). Because every row has the same norm
-sqrt(sum w_i^2), normalising the concatenation (`renormalize=True`) changes
-distances by one constant factor and no ranking; it only makes inner products
-read as cosines in [-1, 1].
+sqrt(sum w_i^2), normalising the concatenation would change distances by
+one constant factor and no ranking, so it is not done.
 
 Models extracted in separate runs may list the images in different orders;
 `align_by_ids` puts them in one order before they are combined. Ensembles are
@@ -66,8 +65,6 @@ def _as_float32(embedding: Any, where: str) -> np.ndarray:
 def combine_embeddings(
     embeddings: Sequence[np.ndarray],
     weights: Sequence[float],
-    *,
-    renormalize: bool = False,
 ) -> np.ndarray:
     """Concatenates the L2-normalised embeddings of several models, each times its weight.
 
@@ -77,13 +74,11 @@ def combine_embeddings(
     Args:
       embeddings: one [N, D_i] floating array per model; need not be normalised.
       weights: one weight > 0 per model (e.g. 1.0, 0.8, 0.55, 0.5 for GLR2020).
-      renormalize: False (the GLR2020 export): every row has norm
-        sqrt(sum w_i^2) and squared L2 distances equal
-        sum_i w_i^2 ||a_i - b_i||^2 of the normalised parts. True: rows are
-        divided by that norm, to unit length; kNN rankings do not change.
 
     Returns:
-      [N, sum D_i] float32.
+      [N, sum D_i] float32, as the GLR2020 export: every row has norm
+      sqrt(sum w_i^2) and squared L2 distances equal
+      sum_i w_i^2 ||a_i - b_i||^2 of the normalised parts.
 
     Raises:
       ValueError: no models, a different number of weights, a weight <= 0 or
@@ -119,8 +114,6 @@ def combine_embeddings(
             raise ValueError(f"model {i}: row(s) {rows} are zero or not finite")
         np.divide(array, norms, out=part)
         part *= np.float32(weight)
-    if renormalize:
-        out /= np.sqrt(np.einsum("nd,nd->n", out, out))[:, None]
     return out
 
 

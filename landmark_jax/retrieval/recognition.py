@@ -36,7 +36,7 @@ NO_PREDICTION = -1
 # The reference gives a landmark the classifier did not rank in its top m the
 # score 1e-8, so that (1e-8)^10 keeps it a candidate far behind any landmark
 # the classifier does rank.
-DEFAULT_CLASSIFIER_FLOOR = 1e-8
+CLASSIFIER_FLOOR = 1e-8
 
 # Rows per chunk when matching neighbours against the classifier's top m:
 # bounds the [rows, k, m] comparison to a few tens of MB.
@@ -116,37 +116,11 @@ def _vote(labels: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return best, best_sum, total
 
 
-def _top(
-    labels: np.ndarray, scores: np.ndarray, top_k: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    if top_k is None:
-        return labels, scores
-    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_k >= labels.shape[1]:
-        return labels, scores
-    # Search results are usually sorted already; re-sorting makes top_k mean
-    # "the k most similar" whatever order the caller passes, with padded
-    # slots last.
-    key = np.where(labels >= 0, scores, -np.inf)
-    order = np.argsort(-key, axis=1, kind="stable")[:, : int(top_k)]
-    return np.take_along_axis(labels, order, axis=1), np.take_along_axis(scores, order, axis=1)
-
-
-def _finish(best, best_sum, total, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    if not normalize:
-        return best, best_sum
-    share = np.divide(best_sum, total, out=np.zeros_like(best_sum), where=total > 0)
-    return best, share
-
-
 def knn_vote(
     neighbor_labels: np.ndarray,
     neighbor_scores: np.ndarray,
     *,
     power: float = 9.0,
-    top_k: int | None = None,
-    normalize: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels queries by cosine-power voting of their nearest train images.
 
@@ -161,28 +135,24 @@ def knn_vote(
       neighbor_scores: [Q, k] cosine similarities (for unit vectors,
         1 - d^2 / 2 of the squared L2 distance d^2 that kNN search returns).
       power: the exponent p (9 in the reference); must be > 0.
-      top_k: use only the top_k most similar neighbours of each query (None:
-        all k).
-      normalize: False: the score is the winning sum itself, as the reference
-        submits it (it ranks confident near-duplicate matches first for GAP).
-        True: the winning sum divided by the sum over all landmarks, a share
-        in [0, 1] that measures how unanimous the neighbours are.
 
     Returns:
-      (labels [Q] int64, scores [Q] float64). A query whose neighbours are all
+      (labels [Q] int64, scores [Q] float64): the score is the winning sum
+      itself, as the reference submits it (it ranks confident near-duplicate
+      matches first for GAP). A query whose neighbours are all
       empty slots gets label -1 (NO_PREDICTION) and score 0; one whose
       neighbours all have cos <= 0 gets its lowest neighbour landmark and 0.
 
     Raises:
       ValueError: shapes differ or are not 2-D, a score is NaN/infinite, or
-        power/top_k is out of range.
+        power is out of range.
       TypeError: labels are not integers or scores not floats.
     """
     labels, scores = _check_pair(neighbor_labels, neighbor_scores, "neighbor")
     power = _check_power("power", power, allow_zero=False)
-    labels, scores = _top(labels, scores, top_k)
     votes = np.maximum(scores, 0.0) ** power
-    return _finish(*_vote(labels, votes), normalize)
+    best, best_sum, _ = _vote(labels, votes)
+    return best, best_sum
 
 
 def fuse_with_classifier(
@@ -193,25 +163,23 @@ def fuse_with_classifier(
     *,
     knn_power: float = 9.0,
     classifier_power: float = 10.0,
-    classifier_floor: float = DEFAULT_CLASSIFIER_FLOOR,
-    top_k: int | None = None,
-    normalize: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fuses kNN votes with the classifier head (GLR2020 3rd-place recognition post-processing).
 
     Per query and landmark l found among the neighbours:
 
         score(l) = sum over neighbours n of l of
-                   max(cos_n, 0)^knn_power * max(c(l), classifier_floor)^classifier_power
+                   max(cos_n, 0)^knn_power * max(c(l), floor)^classifier_power
 
     where c(l) is the classifier's score for l if l is in the query's
-    classifier top m, and classifier_floor otherwise. The prediction is the
+    classifier top m, and floor (CLASSIFIER_FLOOR) otherwise. The floor is
+    > 0 so such landmarks keep their retrieval order behind the ones the
+    classifier confirms. The prediction is the
     landmark with the largest score, ties going to the lower id.
 
     Differences from the reference notebook, on purpose:
     - The reference takes the classifier's top m after shifting the logits
-      of classes outside its `pred_mask` by -1; that shift happens upstream,
-      in `classifier_top_m(..., allowed_landmarks=...)`.
+      of classes outside its `pred_mask` by -1; here every class is allowed.
     - The reference raises the (possibly negative) logit to the 10th power,
       so a logit of -1.5 outweighs one of 0.9; clipping at the floor keeps
       the classifier term monotonic in the logit. A landmark outside the top
@@ -226,18 +194,13 @@ def fuse_with_classifier(
       knn_power: p, > 0 (9 in the reference).
       classifier_power: q, >= 0 (10 in the reference; 0 ignores the
         classifier and reduces to knn_vote).
-      classifier_floor: the classifier score of a landmark not in the top m,
-        and the lower clip of every score; > 0 so such landmarks keep their
-        retrieval order behind the ones the classifier confirms.
-      top_k: use only the top_k most similar neighbours (None: all).
-      normalize: as knn_vote.
 
     Returns:
       (labels [Q] int64, scores [Q] float64), as knn_vote.
 
     Raises:
       ValueError: shapes are not 2-D, disagree on Q, a score is NaN/infinite,
-        or a power/floor/top_k is out of range.
+        or a power is out of range.
       TypeError: labels are not integers or scores not floats.
     """
     labels, scores = _check_pair(knn_labels, knn_scores, "knn")
@@ -249,11 +212,7 @@ def fuse_with_classifier(
         )
     knn_power = _check_power("knn_power", knn_power, allow_zero=False)
     classifier_power = _check_power("classifier_power", classifier_power, allow_zero=True)
-    floor = float(classifier_floor)
-    if not (math.isfinite(floor) and floor > 0):
-        raise ValueError(f"classifier_floor must be finite and > 0, got {classifier_floor}")
-    labels, scores = _top(labels, scores, top_k)
-
+    floor = CLASSIFIER_FLOOR
     clf_for_neighbor = np.full(labels.shape, floor, dtype=np.float64)
     clf_values = np.where(clf_labels >= 0, clf_scores, -np.inf)
     for start in range(0, labels.shape[0], _FUSION_CHUNK):
@@ -263,7 +222,8 @@ def fuse_with_classifier(
         matched = np.where(match, clf_values[rows, None, :], -np.inf).max(axis=2, initial=-np.inf)
         clf_for_neighbor[rows] = np.maximum(matched, floor)
     votes = np.maximum(scores, 0.0) ** knn_power * clf_for_neighbor**classifier_power
-    return _finish(*_vote(labels, votes), normalize)
+    best, best_sum, _ = _vote(labels, votes)
+    return best, best_sum
 
 
 def classifier_top_m(
@@ -271,28 +231,18 @@ def classifier_top_m(
     class_landmarks: np.ndarray,
     *,
     m: int = 5,
-    allowed_landmarks: Sequence[int] | np.ndarray | None = None,
-    penalty: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The classifier's top m landmarks per query, ready for fuse_with_classifier.
-
-    Mirrors the reference's `pred_mask`: logits of classes whose landmark is
-    not in `allowed_landmarks` (e.g. landmarks that cannot occur in the test
-    set) are lowered by `penalty` (1, a full cosine unit, in the reference)
-    before taking the top m, so they only fill the list when nothing allowed
-    scores close.
 
     Args:
       logits: [Q, C] classifier scores over the contiguous classes 0..C-1
         (cosine logits before the softmax scale in the reference).
       class_landmarks: [C] landmark id of each class (label_map.csv).
       m: how many to keep (5 in the reference); at most C.
-      allowed_landmarks: landmark ids not penalised; None: no penalty.
-      penalty: subtracted from the logits of the other classes.
 
     Returns:
       (landmark ids [Q, m] int64, scores [Q, m] float64), best first; the
-      scores are the shifted logits.
+      scores are the logits.
 
     Raises:
       ValueError: shapes disagree, m is out of range or a logit is not finite.
@@ -311,9 +261,6 @@ def classifier_top_m(
         raise ValueError(f"m must be an integer in [1, {num_classes}], got {m!r}")
     if not np.isfinite(logits).all():
         raise ValueError("logits hold NaN or infinite values")
-    if allowed_landmarks is not None:
-        allowed = np.isin(class_landmarks, np.asarray(allowed_landmarks))
-        logits = logits - np.where(allowed, 0.0, float(penalty))[None, :]
     m = int(m)
     part = np.argpartition(-logits, m - 1, axis=1)[:, :m]
     part_scores = np.take_along_axis(logits, part, axis=1)
