@@ -37,7 +37,7 @@ from absl import app, flags
 from PIL import Image
 
 from data_pipelines import shard_writer, tfrecord_shard
-from landmark_jax.retrieval import solutions
+from landmark_jax import data_format
 
 DB_SPLIT = "revisited_db"
 QUERY_SPLIT = "revisited_query"
@@ -162,7 +162,7 @@ def build_revisited(
       the gnd copy's path and the seconds taken.
 
     Raises:
-      solutions.SolutionFormatError: the gnd pickle is missing or malformed.
+      data_format.DataFormatError: the gnd pickle is missing or malformed.
       FileNotFoundError: images_dir is not a folder, or an image has no file.
       tfrecord_shard.BadImageError: an image cannot be decoded (names it).
       ValueError: num_shards < 1 or more than the database images, a
@@ -171,7 +171,7 @@ def build_revisited(
     start = time.time()
     if num_shards < 1:
         raise ValueError(f"--num_shards={num_shards}: expected >= 1")
-    gnd = solutions.read_revisited_gnd(gnd_path)
+    gnd = data_format.read_revisited_gnd(gnd_path)
     imlist, qimlist = gnd["imlist"], gnd["qimlist"]
     if not imlist or not qimlist:
         raise ValueError(

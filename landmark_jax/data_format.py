@@ -6,6 +6,9 @@ per file, number of classes) and `label_map.csv` (label, landmark_id, count,
 num_clean, train_val_count, train_val_clean). Readers here check that the three
 agree, so a stale shard, a truncated label map or a class count that does not
 match fails loudly before training.
+
+The Revisited Oxford/Paris ground truth (the published gnd pickles, copied to
+`gnd.pkl` by `data_pipelines.revisited_to_tfrecord`) is read here too.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import csv
 import dataclasses
 import io
 import json
+import math
+import pickle
 import posixpath
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -278,3 +285,75 @@ def _check_clean(path: str, column: str, clean: np.ndarray, counts: np.ndarray) 
         raise DataFormatError(
             f"{path}: label {bad} has {column} {clean[bad]}, outside [0, {counts[bad]}]"
         )
+
+
+# ---------------------------------------------------- Revisited Oxford/Paris
+
+
+class _GndUnpickler(pickle.Unpickler):
+    # The published gnd pickles hold only dicts, lists, str, int and float;
+    # refusing every global keeps a tampered file from running code.
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def read_revisited_gnd(path: str) -> dict[str, Any]:
+    """Reads a Revisited Oxford/Paris ground truth pickle (gnd_roxford5k.pkl, gnd_rparis6k.pkl).
+
+    Args:
+      path: the pickle: a dict with 'imlist' (database image names),
+        'qimlist' (query image names) and 'gnd' (per query: 'bbx' [x1, y1,
+        x2, y2] and 'easy', 'hard', 'junk' lists of 0-based imlist indices).
+
+    Returns:
+      {'imlist': [str], 'qimlist': [str], 'gnd': [{'bbx': [4 floats],
+      'easy'|'hard'|'junk': [int]}]}, ready for metrics.revisited_map.
+
+    Raises:
+      DataFormatError: the file is missing or not such a pickle, a key is
+        missing, the lengths disagree, an index is outside imlist, or a bbx is
+        not 4 finite numbers.
+    """
+    gfile = _gfile()
+    if not gfile.exists(path):
+        raise DataFormatError(f"{path}: file not found")
+    with gfile.GFile(path, "rb") as f:
+        try:
+            data = _GndUnpickler(f).load()
+        except Exception as e:  # pickle raises many kinds on a bad file
+            raise DataFormatError(f"{path}: not a readable gnd pickle: {e}") from e
+    if not isinstance(data, Mapping):
+        raise DataFormatError(f"{path}: expected a dict, got {type(data).__name__}")
+    missing = [k for k in ("imlist", "qimlist", "gnd") if k not in data]
+    if missing:
+        raise DataFormatError(f"{path}: missing key(s) {missing}; has {sorted(data)}")
+    imlist, qimlist, gnd = list(data["imlist"]), list(data["qimlist"]), list(data["gnd"])
+    if len(gnd) != len(qimlist):
+        raise DataFormatError(
+            f"{path}: {len(gnd)} gnd entries for {len(qimlist)} queries in qimlist"
+        )
+    num_db = len(imlist)
+    out = []
+    for q, entry in enumerate(gnd):
+        name = f"{path}: gnd[{q}] (query {qimlist[q]!r})"
+        if not isinstance(entry, Mapping):
+            raise DataFormatError(f"{name}: expected a dict, got {type(entry).__name__}")
+        lacking = [k for k in ("bbx", "easy", "hard", "junk") if k not in entry]
+        if lacking:
+            raise DataFormatError(f"{name}: missing key(s) {lacking}")
+        bbx = list(entry["bbx"])
+        if len(bbx) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbx):
+            raise DataFormatError(f"{name}: bbx must be 4 finite numbers, got {bbx}")
+        parsed: dict[str, Any] = {"bbx": [float(v) for v in bbx]}
+        for key in ("easy", "hard", "junk"):
+            indices = list(entry[key])
+            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int)]
+            bad += [i for i in indices if i not in bad and not 0 <= i < num_db]
+            if bad:
+                raise DataFormatError(
+                    f"{name}: '{key}' holds {bad[:5]}, not indices into imlist "
+                    f"(0..{num_db - 1}, 0-based)"
+                )
+            parsed[key] = indices
+        out.append(parsed)
+    return {"imlist": imlist, "qimlist": qimlist, "gnd": out}

@@ -1,8 +1,5 @@
 """GLDv2 solution/submission readers and writers, the Revisited gnd reader, metrics per usage."""
 
-import datetime
-import pickle
-
 import pytest
 
 from landmark_jax.retrieval import solutions, usage_metrics
@@ -228,72 +225,3 @@ def test_split_predictions():
     solution = {"Public": {"a": [1]}, "Private": {"b": []}, "Ignored": ["c"]}
     split = usage_metrics.split_predictions({"a": (1, 0.5), "b": (2, 0.1), "c": (3, 1.0)}, solution)
     assert split == {"Public": {"a": (1, 0.5)}, "Private": {"b": (2, 0.1)}}
-
-
-# --------------------------------------------------------------------------
-# Revisited Oxford/Paris ground truth.
-
-
-def _gnd(**overrides):
-    gnd = {
-        "imlist": ["db0", "db1", "db2", "db3"],
-        "qimlist": ["qa", "qb"],
-        "gnd": [
-            {"bbx": [1, 2.5, 30, 40], "easy": [0, 2], "hard": [1], "junk": []},
-            {"bbx": [0.0, 0.0, 5.0, 5.0], "easy": [], "hard": [3], "junk": [0]},
-        ],
-    }
-    gnd.update(overrides)
-    return gnd
-
-
-def _pickle(tmp_path, data, name="gnd_tiny.pkl"):
-    path = tmp_path / name
-    path.write_bytes(pickle.dumps(data))
-    return str(path)
-
-
-def test_read_revisited_gnd(tmp_path):
-    data = solutions.read_revisited_gnd(_pickle(tmp_path, _gnd()))
-    assert data["imlist"] == ["db0", "db1", "db2", "db3"] and data["qimlist"] == ["qa", "qb"]
-    assert data["gnd"][0] == {
-        "bbx": [1.0, 2.5, 30.0, 40.0],
-        "easy": [0, 2],
-        "hard": [1],
-        "junk": [],
-    }
-    assert data["gnd"][1]["junk"] == [0]
-
-
-def _bad_query(**fields):
-    query = {"bbx": [0, 0, 1, 1], "easy": [0], "hard": [], "junk": []}
-    query.update(fields)
-    return _gnd(gnd=[query, _gnd()["gnd"][1]])
-
-
-@pytest.mark.parametrize(
-    "data, match",
-    [
-        (_bad_query(easy=[0, 4]), r"gnd\[0\] \(query 'qa'\): 'easy' holds \[4\]"),
-        (_bad_query(junk=[-1]), r"'junk' holds \[-1\]"),
-        (_bad_query(hard=[1.0]), r"'hard' holds \[1.0\]"),
-        (_bad_query(bbx=[0, 0, 1]), "bbx must be 4 finite numbers"),
-        ({"imlist": [], "gnd": []}, r"missing key\(s\) \['qimlist'\]"),
-        (_gnd(qimlist=["qa"]), "2 gnd entries for 1 queries"),
-        ([1, 2], "expected a dict"),
-    ],
-)
-def test_read_revisited_gnd_errors_name_the_file(tmp_path, data, match):
-    with pytest.raises(SolutionFormatError, match="gnd_tiny.pkl: .*" + match):
-        solutions.read_revisited_gnd(_pickle(tmp_path, data))
-
-
-def test_read_revisited_gnd_refuses_pickled_objects(tmp_path):
-    # Anything beyond plain containers needs a global, which could run code.
-    path = _pickle(tmp_path, _gnd(imlist=[datetime.date(2020, 1, 1)]))
-    with pytest.raises(SolutionFormatError, match="refusing to load global datetime.date"):
-        solutions.read_revisited_gnd(path)
-    path = tmp_path / "garbage.pkl"
-    path.write_bytes(b"not a pickle")
-    with pytest.raises(SolutionFormatError, match="garbage.pkl: not a readable gnd pickle"):
-        solutions.read_revisited_gnd(str(path))

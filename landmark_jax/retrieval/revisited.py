@@ -36,10 +36,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from landmark_jax import checkpointing, sharding
+from landmark_jax import checkpointing, data_format, sharding
 
 # evaluation imports this module too; EVAL_DIR is read only at call time.
-from landmark_jax.retrieval import evaluation, exact_search, extract, metrics, solutions
+from landmark_jax.retrieval import evaluation, exact_search, extract, metrics
 
 DB_SPLIT = "revisited_db"
 QUERY_SPLIT = "revisited_query"
@@ -152,14 +152,13 @@ def evaluate_revisited(
       The per-query APs are in revisited.json.
 
     Raises:
-      solutions.SolutionFormatError: data_dir has no readable gnd.pkl.
-      data_format.DataFormatError: a split is missing or its shards disagree
-        with dataset_info.json.
+      data_format.DataFormatError: data_dir has no readable gnd.pkl, or a
+        split is missing or its shards disagree with dataset_info.json.
       FileNotFoundError: the workdir has no checkpoint.
       ValueError: the extracted ids do not match the gnd's image lists, or
         a bad resize mode, scale or size_multiple.
     """
-    gnd = solutions.read_revisited_gnd(os.path.join(data_dir, GND_FILE))
+    gnd = data_format.read_revisited_gnd(os.path.join(data_dir, GND_FILE))
     config = config.copy_and_resolve_references()
     config.data_dir = data_dir
     mesh = sharding.create_mesh()

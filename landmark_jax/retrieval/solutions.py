@@ -1,4 +1,4 @@
-"""Ground truth and submission files: GLDv2 solution/prediction CSVs, Revisited gnd pickles.
+"""Ground truth and submission files: GLDv2 solution/prediction CSVs.
 
 GLDv2 solutions (`retrieval_solution_v2.1.csv`: `id,images,Usage`;
 `recognition_solution_v2.1.csv`: `id,landmarks,Usage`) are split by Usage into
@@ -24,7 +24,6 @@ import csv
 import io
 import math
 import os
-import pickle
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -337,69 +336,3 @@ def write_recognition_submission(
                     raise ValueError(f"score {score!r} of {test_id!r} is not finite")
                 field = f"{int(landmark)} {float(score)!r}"
             writer.writerow((_check_token("test id", test_id), field))
-
-
-class _GndUnpickler(pickle.Unpickler):
-    # The published gnd pickles hold only dicts, lists, str, int and float;
-    # refusing every global keeps a tampered file from running code.
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-
-
-def read_revisited_gnd(path: str) -> dict[str, Any]:
-    """Reads a Revisited Oxford/Paris ground truth pickle (gnd_roxford5k.pkl, gnd_rparis6k.pkl).
-
-    Args:
-      path: the pickle: a dict with 'imlist' (database image names),
-        'qimlist' (query image names) and 'gnd' (per query: 'bbx' [x1, y1,
-        x2, y2] and 'easy', 'hard', 'junk' lists of 0-based imlist indices).
-
-    Returns:
-      {'imlist': [str], 'qimlist': [str], 'gnd': [{'bbx': [4 floats],
-      'easy'|'hard'|'junk': [int]}]}, ready for metrics.revisited_map.
-
-    Raises:
-      SolutionFormatError: the file is missing or not such a pickle, a key is
-        missing, the lengths disagree, an index is outside imlist, or a bbx is
-        not 4 finite numbers.
-    """
-    with _open(path, "rb") as f:
-        try:
-            data = _GndUnpickler(f).load()
-        except Exception as e:  # pickle raises many kinds on a bad file
-            raise SolutionFormatError(f"{path}: not a readable gnd pickle: {e}") from e
-    if not isinstance(data, Mapping):
-        raise SolutionFormatError(f"{path}: expected a dict, got {type(data).__name__}")
-    missing = [k for k in ("imlist", "qimlist", "gnd") if k not in data]
-    if missing:
-        raise SolutionFormatError(f"{path}: missing key(s) {missing}; has {sorted(data)}")
-    imlist, qimlist, gnd = list(data["imlist"]), list(data["qimlist"]), list(data["gnd"])
-    if len(gnd) != len(qimlist):
-        raise SolutionFormatError(
-            f"{path}: {len(gnd)} gnd entries for {len(qimlist)} queries in qimlist"
-        )
-    num_db = len(imlist)
-    out = []
-    for q, entry in enumerate(gnd):
-        name = f"{path}: gnd[{q}] (query {qimlist[q]!r})"
-        if not isinstance(entry, Mapping):
-            raise SolutionFormatError(f"{name}: expected a dict, got {type(entry).__name__}")
-        lacking = [k for k in ("bbx", "easy", "hard", "junk") if k not in entry]
-        if lacking:
-            raise SolutionFormatError(f"{name}: missing key(s) {lacking}")
-        bbx = list(entry["bbx"])
-        if len(bbx) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbx):
-            raise SolutionFormatError(f"{name}: bbx must be 4 finite numbers, got {bbx}")
-        parsed: dict[str, Any] = {"bbx": [float(v) for v in bbx]}
-        for key in ("easy", "hard", "junk"):
-            indices = list(entry[key])
-            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int)]
-            bad += [i for i in indices if i not in bad and not 0 <= i < num_db]
-            if bad:
-                raise SolutionFormatError(
-                    f"{name}: '{key}' holds {bad[:5]}, not indices into imlist "
-                    f"(0..{num_db - 1}, 0-based)"
-                )
-            parsed[key] = indices
-        out.append(parsed)
-    return {"imlist": imlist, "qimlist": qimlist, "gnd": out}
