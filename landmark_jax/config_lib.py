@@ -40,9 +40,14 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.checkpoint_every_steps = 1_000
     c.keep_checkpoints = 3
-    c.eval_every_steps = 0  # 0: no in-training evaluation
-    c.eval_split = "val"
-    c.eval_batch_size = ml_collections.FieldReference(None, field_type=int)  # None: batch_size
+
+    # Validation loss / accuracy during training (trainer.py); not to be
+    # confused with `eval`, the retrieval / recognition evaluation below.
+    c.val = ml_collections.ConfigDict()
+    c.val.every_steps = 0  # 0: no in-training validation
+    c.val.split = "val"
+    # None: batch_size; also extraction's default batch in evaluation
+    c.val.batch_size = ml_collections.FieldReference(None, field_type=int)
 
     # model.input_normalization and model.padding (the input convention of
     # the weights) left None are resolved before training starts: from
@@ -181,7 +186,7 @@ def apply_smoke(
     config.total_steps = total_steps
     config.log_every_steps = 2
     config.checkpoint_every_steps = checkpoint_every_steps
-    config.eval_every_steps = 0
+    config.val.every_steps = 0
     config.input.files_per_chunk = 4
     config.input.shuffle_buffer = 64
     return config
@@ -226,10 +231,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     for key in ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise ValueError(f"config.{key}={config[key]}: expected >= 1")
-    if config.eval_every_steps < 0:
-        raise ValueError(f"config.eval_every_steps={config.eval_every_steps}: expected >= 0")
-    for key in ("batch_size", "eval_batch_size"):
-        value = config[key] if config[key] is not None else config.batch_size
+    if config.val.every_steps < 0:
+        raise ValueError(f"config.val.every_steps={config.val.every_steps}: expected >= 0")
+    for key, value in (
+        ("batch_size", config.batch_size),
+        ("val.batch_size", config.val.batch_size),
+    ):
+        value = value if value is not None else config.batch_size
         if value < 1 or value % num_devices:
             raise ValueError(
                 f"config.{key}={value} must be a positive multiple of the {num_devices} devices"

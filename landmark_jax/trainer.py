@@ -159,11 +159,11 @@ def eval_step(state, batch, consts, *, model, head, config, num_classes):
 
 
 def evaluate(config, mesh, state, consts, eval_fn) -> dict[str, float]:
-    """Validation loss and top-1 accuracy on config.eval_split."""
-    batch_size = config.eval_batch_size or config.batch_size
+    """Validation loss and top-1 accuracy on config.val.split."""
+    batch_size = config.val.batch_size or config.batch_size
     it, num_steps = input_pipeline.eval_iterator(
         config.data_dir,
-        config.eval_split,
+        config.val.split,
         mesh=mesh,
         global_batch_size=batch_size,
         image_size=config.image_size,
@@ -175,8 +175,8 @@ def evaluate(config, mesh, state, consts, eval_fn) -> dict[str, float]:
     totals = jax.device_get(totals)
     count = max(int(totals["count"]), 1)
     return {
-        f"{config.eval_split}_loss": float(totals["loss_sum"]) / count,
-        f"{config.eval_split}_accuracy": float(totals["correct"]) / count,
+        f"{config.val.split}_loss": float(totals["loss_sum"]) / count,
+        f"{config.val.split}_accuracy": float(totals["correct"]) / count,
     }
 
 
@@ -212,9 +212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = run_config.resolve_training_config(config)
     num_classes = config_lib.resolve_num_classes(config)
     label_map = data_format.read_label_map(config.data_dir)
-    if config.eval_every_steps:
+    if config.val.every_steps:
         # Fail now, not at the first evaluation hours into the run.
-        data_format.read_split_info(config.data_dir, config.eval_split)
+        data_format.read_split_info(config.data_dir, config.val.split)
     run_config.check_resume(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     writer = metric_writer.MetricWriter(workdir)
@@ -337,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         num_summed += 1
         is_last = step == config.total_steps
         do_log = step % config.log_every_steps == 0 or is_last
-        do_eval = config.eval_every_steps and (step % config.eval_every_steps == 0 or is_last)
+        do_eval = config.val.every_steps and (step % config.val.every_steps == 0 or is_last)
         do_save = step % config.checkpoint_every_steps == 0 or is_last
         preempted = manager.reached_preemption(step)
         if not (do_log or do_eval or do_save or preempted):

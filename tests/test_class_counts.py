@@ -55,7 +55,7 @@ def test_glr2020_clean_stage_trains_with_two_image_classes(tmp_path):
     config.total_steps = 2
     config.log_every_steps = 2
     config.checkpoint_every_steps = 2
-    config.eval_every_steps = 0
+    config.val.every_steps = 0
     workdir = str(tmp_path / "run")
     last = trainer.train_and_evaluate(config, workdir)
 

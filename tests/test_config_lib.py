@@ -98,3 +98,17 @@ def test_eval_ensemble_reuses_the_ensemble_validator():
     config.eval.ensemble = ({"workdir": "runs/a", "weight": -1.0},)
     with pytest.raises(ValueError, match=r"config\.eval\.ensemble: .*weight"):
         config_lib.validate_eval_config(config)
+
+
+def test_training_validation_keys_live_in_the_val_block():
+    config = config_lib.base_config()
+    assert "eval_every_steps" not in config and "eval_batch_size" not in config
+    assert (config.val.every_steps, config.val.split, config.val.batch_size) == (0, "val", None)
+    config.data_dir = "data"
+    config.val.every_steps = -1
+    with pytest.raises(ValueError, match=r"config\.val\.every_steps=-1: expected >= 0"):
+        config_lib.validate_config(config, num_devices=8)
+    config.val.every_steps = 10
+    config.val.batch_size = 12
+    with pytest.raises(ValueError, match=r"config\.val\.batch_size=12 must be a positive multiple"):
+        config_lib.validate_config(config, num_devices=8)

@@ -44,8 +44,12 @@ def test_training_lowers_the_loss(demo, tmp_path):
         demo["full"],
         total_steps=30,
         log_every_steps=5,
-        eval_every_steps=30,
-        **{"optimizer.learning_rate": 0.1, "head.scale": "fixed", "head.scale_value": 16.0},
+        **{
+            "val.every_steps": 30,
+            "optimizer.learning_rate": 0.1,
+            "head.scale": "fixed",
+            "head.scale_value": 16.0,
+        },
     )
     last = trainer.train_and_evaluate(config, str(tmp_path))
     losses = list(losses_of(str(tmp_path)).values())

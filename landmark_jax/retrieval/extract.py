@@ -381,7 +381,7 @@ def extract(
         raise ValueError(f"size_multiple={size_multiple!r}: must be a positive integer")
     mesh = mesh or sharding.create_mesh()
     image_size = image_size or config.image_size
-    batch_size = batch_size or config.eval_batch_size or config.batch_size
+    batch_size = batch_size or config.get("val", {}).get("batch_size") or config.batch_size
     # Aspect-kept programs run on this process's devices only (see above).
     run_mesh = mesh if resize == "square" else _local_mesh(mesh)
     local_rows = sharding.local_batch_size(batch_size, mesh)
