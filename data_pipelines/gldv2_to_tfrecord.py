@@ -156,7 +156,7 @@ def _plan_shards(
         bounds = np.linspace(0, len(examples), num_shards + 1).astype(int)
         return [
             (
-                shard_writer.shard_name(split, s, num_shards),
+                data_format.shard_name(split, s, num_shards),
                 list(examples[bounds[s] : bounds[s + 1]]),
             )
             for s in range(num_shards)
@@ -166,7 +166,7 @@ def _plan_shards(
         members = [examples[i] for i in rng.permutation(np.flatnonzero(mask))]
         if not members:
             continue
-        plan += [(shard_writer.shard_name(name, s, n), members[s::n]) for s in range(n)]
+        plan += [(data_format.shard_name(name, s, n), members[s::n]) for s in range(n)]
     return plan
 
 

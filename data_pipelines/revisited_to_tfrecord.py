@@ -123,7 +123,7 @@ def _plan(
     n = len(examples)
     bounds = [n * s // num_shards for s in range(num_shards + 1)]
     return [
-        (shard_writer.shard_name(split, s, num_shards), list(examples[a:b]))
+        (data_format.shard_name(split, s, num_shards), list(examples[a:b]))
         for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]
 

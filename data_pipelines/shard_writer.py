@@ -1,13 +1,14 @@
 """Writes a split's shards into a data folder, shared by the data builders.
 
-Shard naming (`<split>-00000-of-000NN.tfrecord`), removal of a split's
-earlier shards, parallel writing (worker processes run tfrecord_shard), and
-the merge of a run's splits into `dataset_info.json`, which the input
-pipeline checks the shards on disk against.
+Removal of a split's earlier shards (named by `data_format.shard_name`),
+parallel writing (worker processes run tfrecord_shard), and the merge of a
+run's splits into `dataset_info.json`, which the input pipeline checks the
+shards on disk against.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import multiprocessing
 import os
@@ -17,16 +18,11 @@ from data_pipelines import tfrecord_shard
 from landmark_jax import data_format
 
 
-def shard_name(split: str, index: int, num_shards: int) -> str:
-    """`<split>-00000-of-000NN.tfrecord`, the shard naming all splits share."""
-    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
-
-
 def remove_old_shards(output_dir: str, names: Sequence[str]) -> None:
     """Deletes earlier shards of the same splits, which a glob would pick up."""
-    prefixes = {n.split("-")[0] + "-" for n in names}
+    patterns = {data_format.shard_pattern(n.split("-")[0]) for n in names}
     for f in os.listdir(output_dir):
-        if f.endswith(".tfrecord") and any(f.startswith(p) for p in prefixes):
+        if any(fnmatch.fnmatchcase(f, p) for p in patterns):
             os.remove(os.path.join(output_dir, f))
 
 

@@ -49,6 +49,16 @@ def _gfile():
     return tf.io.gfile
 
 
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """`<split>-00000-of-000NN.tfrecord`: the name the builders give a shard."""
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def shard_pattern(split: str) -> str:
+    """The glob that matches every `shard_name(split, ...)`, as readers list a split."""
+    return f"{split}-*-of-*.tfrecord"
+
+
 def _join(data_dir: str, name: str) -> str:
     return posixpath.join(data_dir, name) if "://" in data_dir else f"{data_dir.rstrip('/')}/{name}"
 
@@ -98,7 +108,7 @@ def read_split_info(data_dir: str, split: str) -> SplitInfo:
     if split not in splits:
         raise DataFormatError(f"{info_path}: no split {split!r}; it has {sorted(splits)}")
     listed = splits[split]["files"]
-    pattern = _join(data_dir, f"{split}-*-of-*.tfrecord")
+    pattern = _join(data_dir, shard_pattern(split))
     on_disk = sorted(posixpath.basename(p) for p in gfile.glob(pattern))
     names = [f["name"] for f in listed]
     if not on_disk:
