@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from landmark_jax.models import layers
 from landmark_jax.sharding import DATA_AXIS
 
 Dtype = Any
@@ -54,15 +55,6 @@ PADDED_COSINE = -1e9
 
 # AdaCos (GLR2020 code) clips cosines to this before arccos.
 _ACOS_CLIP = 1.0 - 1e-7
-
-# Normalisation floor on the norm, as torch.nn.functional.normalize (eps=1e-12).
-_NORM_EPS = 1e-12
-
-
-def _l2_normalize(x: jax.Array, axis: int) -> jax.Array:
-    """x / max(||x||, eps) along `axis`, in x's dtype."""
-    sq = jnp.sum(x * x, axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS * _NORM_EPS))
 
 
 def _uniform_bound(name: str, dim: int, num_columns: int) -> float:
@@ -164,8 +156,8 @@ class CosineClassifier(nn.Module):
         x = embeddings.astype(jnp.float32)
         if self.mesh is not None:
             x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P()))
-        x = _l2_normalize(x, axis=-1).astype(self.dtype)
-        w = _l2_normalize(kernel.astype(jnp.float32), axis=0).astype(self.dtype)
+        x = layers.l2_normalize(x, axis=-1).astype(self.dtype)
+        w = layers.l2_normalize(kernel.astype(jnp.float32), axis=0).astype(self.dtype)
         cos = jnp.matmul(x, w, precision=self.precision, preferred_element_type=jnp.float32)
         if self.mesh is not None:
             cos = jax.lax.with_sharding_constraint(

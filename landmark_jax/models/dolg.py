@@ -37,22 +37,6 @@ from landmark_jax.models import layers
 Dtype = Any
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) along `axis`, in float32 (torch F.normalize semantics).
-
-    Args:
-      x: array of any float dtype.
-      axis: axis to normalise.
-      eps: floor on the norm, so an all-zero vector stays zero instead of NaN.
-
-    Returns:
-      float32 array of x's shape.
-    """
-    x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
-
-
 def orthogonal_fusion(f_local: jax.Array, f_global: jax.Array, eps: float = 1e-6) -> jax.Array:
     """Removes from each local vector its projection on the global vector, then concatenates.
 
@@ -158,7 +142,7 @@ class SpatialAttention(nn.Module):
         )(y)
         logits = conv(1, (1, 1), name="score")(nn.relu(y))
         scores = jax.nn.softplus(logits.astype(jnp.float32))
-        return l2_normalize(y, axis=-1) * scores, scores
+        return layers.l2_normalize(y.astype(jnp.float32), axis=-1) * scores, scores
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,6 +60,20 @@ def use_running_average(train: bool, batch_norm: str) -> bool:
     return not train or batch_norm == "frozen"
 
 
+# Floor on the norm in l2_normalize, as torch.nn.functional.normalize (eps=1e-12).
+NORM_EPS = 1e-12
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """x / max(||x||, NORM_EPS) along `axis`, in x's dtype (torch F.normalize).
+
+    Computed as x * rsqrt(max(||x||^2, NORM_EPS^2)), so an all-zero vector
+    stays zero instead of NaN. The heads and DOLG's attention use this one.
+    """
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS * NORM_EPS))
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """Averages an NHWC map over its spatial axes, in float32.
 
