@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
+
+from absl import app, flags
 
 from landmark_jax import checkpointing
 from landmark_jax.metric_writer import METRICS_FILE
@@ -46,14 +47,22 @@ def summarize(workdir: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> int:
-    import argparse
+FLAGS = flags.FLAGS
 
-    parser = argparse.ArgumentParser(prog="python -m landmark_jax.training_summary")
-    parser.add_argument("--workdir", required=True)
-    print(summarize(parser.parse_args(argv).workdir))
-    return 0
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program: absl flags are
+    global, and importing two tools into one process must not collide)."""
+    flags.DEFINE_string("workdir", None, "The training run's workdir.")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(summarize(FLAGS.workdir))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    define_flags()
+    app.run(main)

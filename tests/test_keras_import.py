@@ -7,6 +7,10 @@ pass) and the Normalization layer's mean/variance. Nothing is downloaded.
 """
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import keras
@@ -15,9 +19,18 @@ import pytest
 
 from landmark_jax.models import backbone_checkpoint, input_normalization, keras_import
 
+from config_files import REPO
+
 RNG = np.random.default_rng(0)
 # Relative to the output's scale, per the issue.
 PARITY_RTOL = 1e-4
+
+
+def _cli(*args):
+    """Runs `python -m landmark_jax.models.keras_import ARGS` as users do."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "landmark_jax.models.keras_import", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _randomize(model):
@@ -191,10 +204,9 @@ def released_b0(keras_b0, tmp_path_factory):
 def test_released_h5_records_imagenet_and_reproduces_it(released_b0, tmp_path):
     weights, keras_model = released_b0
     output = tmp_path / "converted"
-    status = keras_import.main(
-        ["--arch=efficientnet_b0", f"--weights={weights}", f"--output={output}"]
-    )
-    assert status == 0
+    result = _cli("--arch=efficientnet_b0", f"--weights={weights}", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["input_normalization"] == "imagenet"
     metadata = backbone_checkpoint.read_backbone_metadata(str(output))
     preset = input_normalization.INPUT_NORMALIZATIONS["imagenet"]
     assert metadata["input_normalization"] == "imagenet"
@@ -268,15 +280,7 @@ def test_unrecognised_affine_needs_the_flag(keras_b0, tmp_path):
         keras_import.convert("efficientnet_b0", str(weights), str(tmp_path / "o"), "imagenett")
     # With the flag: the stated preset, and the Keras function of input so normalised.
     output = tmp_path / "stated"
-    status = keras_import.main(
-        [
-            "--arch=efficientnet_b0",
-            f"--weights={weights}",
-            f"--output={output}",
-            "--input_normalization=imagenet",
-        ]
-    )
-    assert status == 0
+    keras_import.convert("efficientnet_b0", str(weights), str(output), "imagenet")
     metadata = backbone_checkpoint.read_backbone_metadata(str(output))
     preset = input_normalization.INPUT_NORMALIZATIONS["imagenet"]
     assert metadata["input_normalization"] == "imagenet"
@@ -313,14 +317,7 @@ def test_contradicting_flag_is_an_error(released_b0, keras_r50, tmp_path):
     with pytest.raises(
         ValueError, match=r"--input_normalization=imagenet contradicts the 'caffe' normalisation"
     ):
-        keras_import.main(
-            [
-                "--arch=resnet50",
-                f"--weights={resnet_weights}",
-                f"--output={tmp_path / 'r'}",
-                "--input_normalization=imagenet",
-            ]
-        )
+        keras_import.convert("resnet50", str(resnet_weights), str(tmp_path / "r"), "imagenet")
 
 
 def test_save_checks_the_recorded_preset(keras_b0, tmp_path):
@@ -339,12 +336,14 @@ def test_save_checks_the_recorded_preset(keras_b0, tmp_path):
 def test_cli_resnet_and_weights_of_another_architecture(keras_r50, tmp_path):
     weights = tmp_path / "r50.weights.h5"  # the Keras 3 weights format
     keras_r50.save_weights(weights)
-    with pytest.raises(
-        ValueError, match=r"r50\.weights\.h5 holds weights for resnet50, not --arch=efficientnet_b0"
-    ):
-        keras_import.main(
-            ["--arch=efficientnet_b0", f"--weights={weights}", f"--output={tmp_path / 'o'}"]
-        )
+    # The command line prints the error in one line and exits with status 2.
+    result = _cli("--arch=efficientnet_b0", f"--weights={weights}", f"--output={tmp_path / 'o'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert re.search(
+        r"error: .*r50\.weights\.h5 holds weights for resnet50, not --arch=efficientnet_b0",
+        result.stderr,
+    )
     with pytest.raises(ValueError, match="no such file"):
         keras_import.convert("resnet50", str(tmp_path / "missing.h5"), str(tmp_path / "o"))
     # The ResNet checkpoint takes RGB: conv1 reordered, the caffe preset recorded.

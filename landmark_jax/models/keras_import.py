@@ -33,7 +33,6 @@ error too. `backbone_checkpoint.load_backbone_checkpoint(DIR)` returns the
 variables, `backbone_checkpoint.load_backbone(DIR)` the module as well.
 """
 
-import argparse
 import json
 import os
 import re
@@ -47,6 +46,7 @@ import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from landmark_jax.models import (
     backbone_checkpoint,
@@ -546,41 +546,40 @@ def _with_preset(module: nn.Module, name: str) -> nn.Module:
     return module.clone(input_scale=preset.scale, input_offset=preset.offset)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point.
+FLAGS = flags.FLAGS
 
-    Args:
-      argv: the arguments without the program name (None: sys.argv[1:]).
 
-    Returns:
-      The exit status, 0.
-
-    Raises:
-      ValueError: from `convert`, e.g. weights of another architecture.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m landmark_jax.models.keras_import", description=__doc__.split("\n")[0]
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program: absl flags are
+    global, and importing two tools into one process must not collide)."""
+    flags.DEFINE_enum("arch", None, sorted(KERAS_APPLICATIONS), "Backbone architecture.")
+    flags.DEFINE_string("weights", None, "PATH.h5 or 'imagenet'.")
+    flags.DEFINE_string("output", None, "Output folder (an Orbax checkpoint).")
+    flags.DEFINE_enum(
+        "input_normalization",
+        None,
+        sorted(input_normalization.INPUT_NORMALIZATIONS),
+        "The input normalisation the weights were trained with; required only when it "
+        "cannot be established from them (keras.applications ImageNet weights need "
+        "none), an error if it contradicts them.",
     )
-    parser.add_argument("--arch", required=True, choices=sorted(KERAS_APPLICATIONS))
-    parser.add_argument("--weights", required=True, help="PATH.h5 or 'imagenet'")
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument(
-        "--input_normalization",
-        choices=sorted(input_normalization.INPUT_NORMALIZATIONS),
-        default=None,
-        help="the input normalisation the weights were trained with; required only "
-        "when it cannot be established from them (keras.applications ImageNet "
-        "weights need none), an error if it contradicts them",
-    )
-    args = parser.parse_args(argv)
-    metadata = convert(args.arch, args.weights, args.output, args.input_normalization)
+    flags.mark_flags_as_required(["arch", "weights", "output"])
+
+
+def main(argv: Sequence[str]) -> int:
+    """Converts --weights; a ValueError (e.g. weights of another architecture)
+    is printed as one line and exits with status 2, not a traceback."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        metadata = convert(FLAGS.arch, FLAGS.weights, FLAGS.output, FLAGS.input_normalization)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(metadata, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as error:  # a clear message, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    define_flags()
+    app.run(main)
