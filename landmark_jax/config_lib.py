@@ -334,7 +334,12 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
             ensemble.ensemble_members_from_config(list(ec.ensemble))
         except ValueError as e:
             raise ValueError(f"config.eval.ensemble: {e}") from e
-    for key in ("retrieval_solution", "recognition_solution", "revisited_data_dir"):
+    # A path the evaluation will read must exist; recognition (and so its
+    # solution) is skipped when eval.train_split is empty.
+    used = ["retrieval_solution", "revisited_data_dir"]
+    if ec.train_split:
+        used.append("recognition_solution")
+    for key in used:
         path = ec[key]
         if path and not tf.io.gfile.exists(path):
             raise ValueError(f"config.eval.{key}={path!r} does not exist")

@@ -116,7 +116,7 @@ def train_step(state, batch, consts, *, model, head, tx, config, num_classes, ba
         state["params"]
     )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new = {
         "step": step + 1,

@@ -86,6 +86,10 @@ def test_eval_image_size_and_existing_paths(tmp_path):
     config.eval.retrieval_solution = str(solution)
     config.eval.revisited_data_dir = str(tmp_path)
     config_lib.validate_eval_config(config)
+    # Recognition off (no train split): its solution is not read, not checked.
+    config.eval.recognition_solution = "/nonexistent/s.csv"
+    config.eval.train_split = ""
+    config_lib.validate_eval_config(config)
 
 
 def test_eval_ensemble_reuses_the_ensemble_validator():

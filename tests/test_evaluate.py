@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from landmark_jax import checkpointing, data_format, input_pipeline, sharding
+from landmark_jax import checkpointing, data_format, input_pipeline
 from landmark_jax.retrieval import (
     ensemble,
     evaluation,
@@ -50,7 +50,8 @@ def csv_ids(path):
 
 def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
     config = eval_config(demo)
-    emb = extract.extract(config, trained, "index")
+    model = extract.load_trained_model(config, trained)
+    emb = extract.extract(model, "index")
     assert list(emb.ids) == csv_ids(f"{demo['raw']}/index.csv")
     assert emb.embeddings.shape == (len(emb.ids), config.model.embedding_dim)
     np.testing.assert_allclose(np.linalg.norm(emb.embeddings, axis=1), 1.0, rtol=1e-5)
@@ -58,8 +59,8 @@ def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
 
     # Flip averaging against the definition: mean of the normalised views,
     # normalised, with the model applied here to the pipeline's images.
-    flipped = extract.extract(config, trained, "index", flip=True)
-    model, variables = extract.load_model_variables(config, trained, sharding.create_mesh())
+    flipped = extract.extract(model, "index", flip=True)
+    module, variables = model.module, model.variables
     ds, _ = input_pipeline.create_eval_dataset(
         demo["full"], "index", image_size=config.image_size, local_batch_size=64
     )
@@ -69,17 +70,17 @@ def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
         x = np.asarray(x, np.float64)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    plain = unit(model.apply(variables, images))
-    expected = unit(plain + unit(model.apply(variables, images[:, :, ::-1])))
+    plain = unit(module.apply(variables, images))
+    expected = unit(plain + unit(module.apply(variables, images[:, :, ::-1])))
     np.testing.assert_allclose(emb.embeddings, plain, atol=1e-5)
     np.testing.assert_allclose(flipped.embeddings, expected, atol=1e-5)
 
-    scaled = extract.extract(config, trained, "index", scales=(0.75, 1.0))
+    scaled = extract.extract(model, "index", scales=(0.75, 1.0))
     assert list(scaled.ids) == list(emb.ids)
     np.testing.assert_allclose(np.linalg.norm(scaled.embeddings, axis=1), 1.0, rtol=1e-5)
     assert np.abs(scaled.embeddings - emb.embeddings).max() > 0
 
-    val = extract.extract(config, trained, "val")
+    val = extract.extract(model, "val")
     assert (val.labels >= 0).all()
 
 

@@ -267,7 +267,9 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     config = trained_config.copy_and_resolve_references()
 
     # Sides rounded to 8 px: fewer shapes to compile (exact sizes are tested below).
-    results = revisited.evaluate_revisited(config, workdir, data_dir, flip=True, size_multiple=8)
+    results = revisited.evaluate_revisited(
+        extract.load_trained_model(config, workdir), data_dir, flip=True, size_multiple=8
+    )
     assert config.data_dir == demo["full"]  # the caller's config is untouched
 
     gnd = tiny_set["data"]
@@ -311,7 +313,7 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     assert report["per_query_ap"]["queries"] == gnd["qimlist"]
     np.testing.assert_allclose(report["per_query_ap"]["hard"][:2], expected["hard"]["aps"][:2])
     assert report["per_query_ap"]["hard"][2] is None  # query_c has no hard positives
-    assert report["settings"]["step"] == 2
+    assert report["settings"]["step"] == 4  # the trained_demo run (conftest.py)
     assert "medium" in revisited.format_results(results)
 
     # python -m landmark_jax.evaluate runs it when config.eval.revisited_data_dir is set.
@@ -339,7 +341,8 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     assert (square.settings["resize"], square.settings["size_multiple"]) == ("square", 16)
     config.eval.resize = "longer_side"
     members = [ensemble.EnsembleMember(workdir, 1.0, None)]
-    kept = evaluation.embed_split(config, workdir, "index", members, sharding.create_mesh())
+    models = [extract.load_trained_model(config, workdir)]
+    kept = evaluation.embed_split(config, workdir, "index", members, models, sharding.create_mesh())
     assert extract.Embeddings.load(cache).settings["resize"] == "longer_side"
     assert list(kept.ids) == list(square.ids)
     assert not np.allclose(kept.embeddings, square.embeddings, atol=1e-6)
@@ -362,9 +365,9 @@ def one_image_at_a_time(config, workdir, data_dir, split, *, scales, flip, **res
     `resized_size`, rounded to uint8, run as a batch of one on one device;
     views L2-normalised, summed, normalised.
     """
-    mesh = sharding.create_mesh(jax.devices()[:1])
-    model, variables = extract.load_model_variables(config, workdir, mesh)
-    apply = jax.jit(model.apply)
+    trained = extract.load_trained_model(config, workdir)
+    apply = jax.jit(trained.module.apply)
+    variables = jax.device_put(trained.variables, jax.devices()[0])
     out = {}
     for image_id, jpeg in read_split(data_dir, split):
         decoded = tf.io.decode_image(jpeg, channels=3, expand_animations=False)
@@ -400,7 +403,11 @@ def test_native_extraction_equals_one_image_at_a_time(revisited_data, trained):
         ("revisited_db", "imlist", 8),
     ):
         emb = extract.extract(
-            config, workdir, split, batch_size=16, size_multiple=multiple, **options
+            extract.load_trained_model(config, workdir),
+            split,
+            batch_size=16,
+            size_multiple=multiple,
+            **options,
         )
         assert list(emb.ids) == tiny_set["data"][names]
         expected = one_image_at_a_time(
@@ -433,14 +440,17 @@ def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisi
     # 16 rows: one batch of 12 images and 4 padding rows; 8 rows: a full batch
     # of 8, then 4 images and 4 padding rows.
     for batch_size in (16, 8):
-        emb = extract.extract(config, workdir, split, batch_size=batch_size, **resize)
+        emb = extract.extract(
+            extract.load_trained_model(config, workdir), split, batch_size=batch_size, **resize
+        )
         assert_matches(emb, expected)
 
     # Two processes (simulated here): each embeds its shards, the merge puts
     # the rows back in file order, each image exactly once.
     mesh = sharding.create_mesh()
-    model, variables = extract.load_model_variables(config, workdir, mesh)
-    embed = extract._embed_views(model, flip=False)
+    trained_model = extract.load_trained_model(config, workdir)
+    variables = jax.device_put(trained_model.variables, sharding.replicated_sharding(mesh))
+    embed = extract._embed_views(trained_model.module, flip=False)
     shares = [
         extract._share_embeddings(
             embed,

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from landmark_jax import checkpointing, run_config, sharding, trainer
+from landmark_jax import checkpointing, run_config, trainer
 from landmark_jax.models import backbone_checkpoint, backbones, create_model
 from landmark_jax.retrieval import extract
 
@@ -118,7 +118,7 @@ def test_the_convention_holds_in_both_stages_and_in_evaluation(
     # Evaluation with the plain demo config (another backbone, no init keys):
     # the model comes from the workdir's config.json.
     eval_config = run_config.evaluation_config(load_config("demo", "smoke"), run["stage2"])
-    eval_model, _ = extract.load_model_variables(eval_config, run["stage2"], sharding.create_mesh())
+    eval_model = extract.load_trained_model(eval_config, run["stage2"]).module
     attributes = ("input_scale", "input_offset") if key == "input_normalization" else (key,)
     for attribute in attributes:
         assert getattr(eval_model.backbone, attribute) == getattr(stage1_model.backbone, attribute)

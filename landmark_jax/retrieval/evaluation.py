@@ -18,13 +18,14 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
-from landmark_jax import checkpointing, config_lib, data_format, run_config, sharding
+from landmark_jax import config_lib, data_format, heads, run_config, sharding
 from landmark_jax.retrieval import (
     ensemble,
     extract,
@@ -40,28 +41,33 @@ from landmark_jax.retrieval import (
 EVAL_DIR = "eval"
 
 
-def _member_config(config: ml_collections.ConfigDict, member_workdir: str, workdir: str):
-    """A member's own training config (its config.json), on our data and eval settings.
+def embed_split(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    split: str,
+    members: Sequence[ensemble.EnsembleMember],
+    models: Sequence[extract.TrainedModel],
+    mesh,
+) -> extract.Embeddings:
+    """A split's (ensemble) embeddings, cached in <workdir>/eval/.
 
-    `workdir` (the evaluated one) is a member like any other: its model is
-    rebuilt from its config.json, never from the command line's model keys.
+    Args:
+      config: the evaluation config (data_dir, eval.*).
+      workdir: where the cache lives (<workdir>/eval/).
+      split: the split to embed.
+      members: the ensemble members (one for a single run).
+      models: each member's restored model, in the same order.
+      mesh: the device mesh.
     """
-    del workdir  # every member, the evaluated workdir included, is rebuilt the same way
-    return run_config.evaluation_config(config, member_workdir)
-
-
-def embed_split(config, workdir: str, split: str, members, mesh) -> extract.Embeddings:
-    """A split's (ensemble) embeddings, cached in <workdir>/eval/."""
     parts = []
-    for i, member in enumerate(members):
-        member_config = _member_config(config, member.workdir, workdir)
+    for i, (member, model) in enumerate(zip(members, models, strict=True)):
         settings = {
             "workdir": os.path.abspath(member.workdir),
-            "step": checkpointing.latest_step(member.workdir),
+            "step": model.step,
             "data_dir": config.data_dir,
             "scales": list(config.eval.scales),
             "flip": bool(config.eval.flip),
-            "image_size": member.image_size or config.eval.image_size or member_config.image_size,
+            "image_size": member.image_size or config.eval.image_size or model.config.image_size,
             "resize": config.eval.get("resize", "square"),
             "size_multiple": int(config.eval.get("size_multiple", 1)),
         }
@@ -73,9 +79,9 @@ def embed_split(config, workdir: str, split: str, members, mesh) -> extract.Embe
                 parts.append(cached)
                 continue
         emb = extract.extract(
-            member_config,
-            member.workdir,
+            model,
             split,
+            data_dir=config.data_dir,
             scales=tuple(config.eval.scales),
             flip=config.eval.flip,
             image_size=settings["image_size"],
@@ -101,27 +107,40 @@ def _member_embeddings(workdir: str, split: str, ids: np.ndarray) -> np.ndarray:
 
 
 def classifier_top_m(
-    member_config,
-    member_workdir: str,
+    model: extract.TrainedModel,
     embeddings: np.ndarray,
-    class_landmarks,
+    class_landmarks: np.ndarray,
     m: int,
     chunk: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The trained head's top-m landmarks and cosines for unit embeddings.
 
-    The head scores cos(embedding, class weight), the max over a class's
-    sub-centers; queries go in chunks so a 203,094-class head never needs a
-    [Q, C] matrix.
+    The head module itself scores the embeddings on the devices (the cosine
+    to each class, the max over its sub-centers, padded classes at the
+    sentinel), in chunks of queries so a 203,094-class head never needs a
+    [Q, C] matrix on the host.
+
+    Args:
+      model: the restored run (its head_params and head config).
+      embeddings: [Q, D] unit embeddings.
+      class_landmarks: [C] landmark id of each contiguous label.
+      m: how many classes to keep per query.
+      chunk: queries per device call.
+
+    Returns:
+      ([Q, m] landmark ids, [Q, m] cosines), best first.
     """
-    kernel = checkpointing.load_stage(member_workdir)["params"]["head"]["kernel"]
-    k = member_config.head.num_subcenters
+    kernel = model.head_params[heads.KERNEL_KEY]
+    k = model.config.head.num_subcenters
     num_classes = len(class_landmarks)
-    weights = kernel / np.maximum(np.linalg.norm(kernel, axis=0, keepdims=True), 1e-12)
+    head = heads.CosineClassifier(
+        num_classes=num_classes, num_subcenters=k, num_classes_padded=kernel.shape[1] // k
+    )
+    params = jax.device_put({"params": model.head_params})
+    score = jax.jit(lambda p, x: head.apply(p, x)[:, :num_classes])  # drop padded classes
     labels, scores = [], []
     for start in range(0, len(embeddings), chunk):
-        cos = embeddings[start : start + chunk] @ weights
-        cos = cos.reshape(len(cos), -1, k).max(-1)[:, :num_classes]  # drop padded classes
+        cos = np.asarray(score(params, embeddings[start : start + chunk]))
         top = recognition.classifier_top_m(cos, class_landmarks, m=m)
         labels.append(top[0])
         scores.append(top[1])
@@ -168,19 +187,23 @@ def evaluate(
         if ec.ensemble
         else [ensemble.EnsembleMember(workdir, 1.0, None)]
     )
-    # Fails before any extraction; without a data_dir of its own, the command
-    # line evaluates on the (first) member's training data folder.
-    member_configs = [
-        run_config.evaluation_config(config, member.workdir, model_overrides) for member in members
+    # Each member is restored once (params and batch statistics), its model
+    # rebuilt from its own config.json; without a data_dir of its own, the
+    # command line evaluates on the (first) member's training data folder.
+    models = [
+        extract.load_trained_model(
+            run_config.evaluation_config(config, member.workdir, model_overrides), member.workdir
+        )
+        for member in members
     ]
     config = config.copy_and_resolve_references()
-    config.data_dir = member_configs[0].data_dir
+    config.data_dir = models[0].config.data_dir
     ec = config.eval
     metrics: dict[str, Any] = {"members": [m.workdir for m in members]}
 
     # --- Retrieval: test queries against the index -------------------------
-    index = embed_split(config, workdir, ec.index_split, members, mesh)
-    test = embed_split(config, workdir, ec.test_split, members, mesh)
+    index = embed_split(config, workdir, ec.index_split, members, models, mesh)
+    test = embed_split(config, workdir, ec.test_split, members, models, mesh)
     k = min(ec.k, len(index.ids))
     _, neighbors = knn.search(test.embeddings, index.embeddings, k, backend=ec.knn_backend)
     if ec.knn_backend == "scann":
@@ -211,7 +234,7 @@ def evaluate(
 
     # --- Recognition: vote of the nearest train images ----------------------
     if ec.train_split:
-        train = embed_split(config, workdir, ec.train_split, members, mesh)
+        train = embed_split(config, workdir, ec.train_split, members, models, mesh)
         label_map = data_format.read_label_map(config.data_dir)
         scores, neighbors = knn.search(
             test.embeddings,
@@ -228,8 +251,7 @@ def evaluate(
         )
         if ec.classifier_fusion:
             top_landmarks, top_scores = classifier_top_m(
-                _member_config(config, members[0].workdir, workdir),
-                members[0].workdir,
+                models[0],
                 _member_embeddings(workdir, ec.test_split, test.ids),
                 label_map.landmark_ids,
                 ec.classifier_top_m,
@@ -260,9 +282,11 @@ def evaluate(
 
     # --- Revisited Oxford/Paris (cropped queries, easy/medium/hard) ---------
     if ec.revisited_data_dir:
+        own = [t for m, t in zip(members, models, strict=True) if m.workdir == workdir]
         metrics["revisited"] = revisited.evaluate_revisited(
-            run_config.evaluation_config(config, workdir),
-            workdir,
+            own[0]
+            if own
+            else extract.load_trained_model(run_config.evaluation_config(config, workdir), workdir),
             ec.revisited_data_dir,
             scales=tuple(ec.scales),
             flip=ec.flip,

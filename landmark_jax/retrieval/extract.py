@@ -1,4 +1,8 @@
-"""Embeddings of a split from a trained workdir, sharded over all devices.
+"""Embeddings of a split from a restored model, sharded over all devices.
+
+A run is restored once (`load_trained_model`: its config.json's model, the
+checkpoint's params and batch statistics, no optimizer state) and every
+split, scale and view is extracted from that `TrainedModel`.
 
 Every image of the split is embedded exactly once (the eval pipeline pads the
 last batch and masks it out), with optional flip and multi-scale averaging:
@@ -73,19 +77,54 @@ class Embeddings:
             return cls(f["ids"], f["embeddings"], f["labels"], json.loads(str(f["settings"])))
 
 
-def load_model_variables(config: ml_collections.ConfigDict, workdir: str, mesh):
-    """The workdir's model and its latest variables, replicated on the mesh.
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A run's model, restored once for a whole evaluation.
 
-    `config` is the workdir's own config (run_config.evaluation_config), whose
-    resolved model block rebuilds the trained model, input convention included.
+    Attributes:
+      config: the run's own config (run_config.evaluation_config): its
+        resolved model block built `module`; data_dir and eval.* are the
+        evaluation's.
+      workdir: the run's workdir.
+      step: the checkpoint step that was restored.
+      module: the embedding model.
+      variables: {'params', 'batch_stats'} of `module`, numpy on the host.
+      head_params: the classification head's params, numpy
+        ({'kernel': [D, C_padded * k]}).
+    """
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    step: int
+    module: Any
+    variables: dict
+    head_params: dict
+
+
+def load_trained_model(config: ml_collections.ConfigDict, workdir: str) -> TrainedModel:
+    """Restores a run's latest checkpoint once: model and head, no optimizer state.
+
+    Args:
+      config: the run's own config (run_config.evaluation_config(cli, workdir)).
+      workdir: the run's workdir.
+
+    Returns:
+      The TrainedModel, its variables on the host (they load on any device
+      count; extraction places them on its devices).
 
     Raises:
       FileNotFoundError: the workdir has no checkpoint.
     """
-    model = create_model(config.model)
     stage = checkpointing.load_stage(workdir)
     variables = {"params": stage["params"]["model"], "batch_stats": stage["batch_stats"]["model"]}
-    return model, jax.device_put(variables, sharding.replicated_sharding(mesh))
+    return TrainedModel(
+        config,
+        workdir,
+        stage["step"],
+        create_model(config.model),
+        variables,
+        stage["params"]["head"],
+    )
 
 
 def _encode_ids(ids: np.ndarray) -> np.ndarray:
@@ -334,10 +373,10 @@ def _extract_by_shape(embed, variables, data_dir: str, split: str, **kwargs) -> 
 
 
 def extract(
-    config: ml_collections.ConfigDict,
-    workdir: str,
+    model: TrainedModel,
     split: str,
     *,
+    data_dir: str | None = None,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     image_size: int | None = None,
@@ -346,18 +385,19 @@ def extract(
     resize: str = "square",
     size_multiple: int = 1,
 ) -> Embeddings:
-    """Embeds every image of a split with the workdir's latest checkpoint.
+    """Embeds every image of a split with a restored model.
 
     Args:
-      config: the workdir's training config (model, data_dir).
-      workdir: the training workdir.
+      model: the run's model (load_trained_model), restored once by the caller.
       split: 'index', 'test', 'train' or 'val'.
+      data_dir: the data folder holding the split (default
+        model.config.data_dir).
       scales: image-size multipliers to average over (e.g. 1/sqrt2, 1, sqrt2).
       flip: also average the left-right flipped view.
-      image_size: base image side (default config.image_size); unused by
-        resize='native'.
-      batch_size: global batch (default config.batch_size), a multiple of
-        the device count.
+      image_size: base image side (default: the run's image_size); unused
+        by resize='native'.
+      batch_size: global batch (default: the run's eval or training batch),
+        a multiple of the device count.
       mesh: the device mesh (default all devices).
       resize: 'square' (image_size * scale squared), 'longer_side' or
         'native' (aspect ratio kept; see input_pipeline.eval_image_sizes).
@@ -371,7 +411,6 @@ def extract(
       ValueError: an empty scale list, a non-positive scale, an unknown resize
         mode, a size_multiple below 1, or a batch that does not divide over
         the devices.
-      FileNotFoundError: the workdir has no checkpoint.
     """
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales={tuple(scales)}: need one or more positive scales")
@@ -379,19 +418,21 @@ def extract(
         raise ValueError(f"resize={resize!r}: expected one of {input_pipeline.RESIZE_MODES}")
     if not size_multiple >= 1 or int(size_multiple) != size_multiple:
         raise ValueError(f"size_multiple={size_multiple!r}: must be a positive integer")
+    config = model.config
+    data_dir = data_dir or config.data_dir
     mesh = mesh or sharding.create_mesh()
     image_size = image_size or config.image_size
     batch_size = batch_size or config.get("val", {}).get("batch_size") or config.batch_size
     # Aspect-kept programs run on this process's devices only (see above).
     run_mesh = mesh if resize == "square" else _local_mesh(mesh)
     local_rows = sharding.local_batch_size(batch_size, mesh)
-    model, variables = load_model_variables(config, workdir, run_mesh)
-    embed = _embed_views(model, flip)
+    variables = jax.device_put(model.variables, sharding.replicated_sharding(run_mesh))
+    embed = _embed_views(model.module, flip)
     if resize != "square":
         return _extract_by_shape(
             embed,
             variables,
-            config.data_dir,
+            data_dir,
             split,
             scales=tuple(scales),
             image_size=image_size,
@@ -405,7 +446,7 @@ def extract(
     for scale in scales:
         size = max(int(round(image_size * scale)), 1)
         batches, num_steps = input_pipeline.eval_iterator(
-            config.data_dir, split, mesh=mesh, global_batch_size=batch_size, image_size=size
+            data_dir, split, mesh=mesh, global_batch_size=batch_size, image_size=size
         )
         parts, id_parts, label_parts, mask_parts = [], [], [], []
         progress = tqdm.tqdm(

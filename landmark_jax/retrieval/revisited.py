@@ -1,6 +1,6 @@
 """Revisited Oxford/Paris evaluation of a trained workdir (ROxford5k, RParis6k).
 
-`evaluate_revisited(config, workdir, data_dir)` embeds the `revisited_db` and
+`evaluate_revisited(model, data_dir)` embeds the `revisited_db` and
 `revisited_query` splits that `data_pipelines.revisited_to_tfrecord` wrote to
 `data_dir` (queries already cropped to their bbx), ranks the whole database
 for every query by exact search (squared L2 on unit vectors, i.e. cosine), and
@@ -33,10 +33,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from landmark_jax import checkpointing, data_format, sharding
+from landmark_jax import data_format, sharding
 
 # evaluation imports this module too; EVAL_DIR is read only at call time.
 from landmark_jax.retrieval import evaluation, exact_search, extract, metrics
@@ -117,8 +116,7 @@ def _json_number(x: float) -> float | None:
 
 
 def evaluate_revisited(
-    config: ml_collections.ConfigDict,
-    workdir: str,
+    model: extract.TrainedModel,
     data_dir: str,
     *,
     scales: Sequence[float] = (1.0,),
@@ -127,12 +125,11 @@ def evaluate_revisited(
     image_size: int | None = None,
     size_multiple: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Revisited Oxford/Paris mAP and mP@k of a workdir's latest checkpoint.
+    """Revisited Oxford/Paris mAP and mP@k of a restored run.
 
     Args:
-      config: the workdir's training config (the model; its data_dir is
-        replaced by `data_dir` on a copy).
-      workdir: the training workdir; results go to `<workdir>/eval/`.
+      model: the run (extract.load_trained_model), restored once by the
+        caller; results go to `<model.workdir>/eval/`.
       data_dir: a revisited_to_tfrecord output folder: the `revisited_db`
         and `revisited_query` splits and gnd.pkl.
       scales: image-size multipliers averaged by extraction.
@@ -140,8 +137,8 @@ def evaluate_revisited(
       resize: 'native' (each image scaled by s, aspect kept: the papers'
         protocol), 'longer_side' (aspect kept, longer side image_size * s) or
         'square'.
-      image_size: the base side of 'longer_side' and 'square' (default
-        config.image_size); unused by 'native'.
+      image_size: the base side of 'longer_side' and 'square' (default the
+        run's image_size); unused by 'native'.
       size_multiple: aspect-kept modes: sides rounded to a multiple of it,
         fewer programs to compile at a small deviation from the exact size;
         1 (exact) for paper numbers.
@@ -154,24 +151,23 @@ def evaluate_revisited(
     Raises:
       data_format.DataFormatError: data_dir has no readable gnd.pkl, or a
         split is missing or its shards disagree with dataset_info.json.
-      FileNotFoundError: the workdir has no checkpoint.
       ValueError: the extracted ids do not match the gnd's image lists, or
         a bad resize mode, scale or size_multiple.
     """
     gnd = data_format.read_revisited_gnd(os.path.join(data_dir, GND_FILE))
-    config = config.copy_and_resolve_references()
-    config.data_dir = data_dir
+    workdir = model.workdir
     mesh = sharding.create_mesh()
     options = dict(
         scales=scales,
         flip=flip,
+        data_dir=data_dir,
         mesh=mesh,
         resize=resize,
         image_size=image_size,
         size_multiple=size_multiple,
     )
-    database = extract.extract(config, workdir, DB_SPLIT, **options)
-    queries = extract.extract(config, workdir, QUERY_SPLIT, **options)
+    database = extract.extract(model, DB_SPLIT, **options)
+    queries = extract.extract(model, QUERY_SPLIT, **options)
     database = in_gnd_order(database, gnd["imlist"], DB_SPLIT, data_dir)
     queries = in_gnd_order(queries, gnd["qimlist"], QUERY_SPLIT, data_dir)
 
@@ -182,12 +178,12 @@ def evaluate_revisited(
     if jax.process_index() == 0:
         settings = {
             "workdir": os.path.abspath(workdir),
-            "step": checkpointing.latest_step(workdir),
+            "step": model.step,
             "data_dir": data_dir,
             "scales": [float(s) for s in scales],
             "flip": bool(flip),
             "resize": resize,
-            "image_size": None if resize == "native" else image_size or config.image_size,
+            "image_size": None if resize == "native" else image_size or model.config.image_size,
             "size_multiple": int(size_multiple),
             "num_db": len(gnd["imlist"]),
             "num_queries": len(gnd["qimlist"]),
