@@ -49,7 +49,7 @@ def embed_split(
     models: Sequence[extract.TrainedModel],
     mesh,
 ) -> extract.Embeddings:
-    """A split's (ensemble) embeddings, cached in <workdir>/eval/.
+    """A split's (ensemble) embeddings, cached in <workdir>/eval/ (by process 0).
 
     Args:
       config: the evaluation config (data_dir, eval.*).
@@ -72,8 +72,10 @@ def embed_split(
             "size_multiple": int(config.eval.get("size_multiple", 1)),
         }
         cache = os.path.join(workdir, EVAL_DIR, f"embeddings-{split}-{i}.npz")
-        # Reused only when made by the same checkpoint with the same settings.
-        if os.path.exists(cache):
+        # Reused only when made by the same checkpoint with the same settings,
+        # and only by a single process: processes that disagreed on whether
+        # the cache is there would not all join the extraction's collectives.
+        if jax.process_count() == 1 and os.path.exists(cache):
             cached = extract.Embeddings.load(cache)
             if cached.settings == settings:
                 parts.append(cached)
@@ -90,20 +92,23 @@ def embed_split(
             size_multiple=settings["size_multiple"],
         )
         emb = dataclasses.replace(emb, settings=settings)
-        emb.save(cache)
+        if _writes():
+            emb.save(cache)
         parts.append(emb)
     ids, aligned = ensemble.align_by_ids([(p.ids, p.embeddings) for p in parts])
     combined = ensemble.combine_embeddings(aligned, [m.weight for m in members])
     return extract.Embeddings(np.asarray(ids), combined, parts[0].labels)
 
 
-def _member_embeddings(workdir: str, split: str, ids: np.ndarray) -> np.ndarray:
-    """The first member's own (unit) embeddings of a split, in `ids` order."""
-    first = extract.Embeddings.load(os.path.join(workdir, EVAL_DIR, f"embeddings-{split}-0.npz"))
-    # align_by_ids keeps the first member's order, so the rows line up.
-    if list(first.ids) != list(ids):
-        raise ValueError(f"{workdir}/{EVAL_DIR}: the cached {split} embeddings are stale")
-    return first.embeddings
+def _first_member_embeddings(
+    combined: extract.Embeddings, members: Sequence[ensemble.EnsembleMember], dim: int
+) -> np.ndarray:
+    """The first member's own unit embeddings, out of the weighted concatenation.
+
+    combine_embeddings writes member 0's unit rows times its weight into the
+    first `dim` columns (and does not renormalise), so they divide back out.
+    """
+    return combined.embeddings[:, :dim] / members[0].weight
 
 
 def classifier_top_m(
@@ -178,13 +183,11 @@ def evaluate(
         command-line model key that disagrees with a workdir's config.json.
     """
     config_lib.validate_eval_config(config)
-    ec = config.eval
     out_dir = os.path.join(workdir, EVAL_DIR)
-    os.makedirs(out_dir, exist_ok=True)
     mesh = sharding.create_mesh()
     members = (
-        ensemble.ensemble_members_from_config(list(ec.ensemble))
-        if ec.ensemble
+        ensemble.ensemble_members_from_config(list(config.eval.ensemble))
+        if config.eval.ensemble
         else [ensemble.EnsembleMember(workdir, 1.0, None)]
     )
     # Each member is restored once (params and batch statistics), its model
@@ -199,11 +202,45 @@ def evaluate(
     config = config.copy_and_resolve_references()
     config.data_dir = models[0].config.data_dir
     ec = config.eval
-    metrics: dict[str, Any] = {"members": [m.workdir for m in members]}
+    if _writes():
+        os.makedirs(out_dir, exist_ok=True)
 
-    # --- Retrieval: test queries against the index -------------------------
+    # Every process takes part in extraction; process 0 writes the files.
+    metrics: dict[str, Any] = {"members": [m.workdir for m in members]}
     index = embed_split(config, workdir, ec.index_split, members, models, mesh)
     test = embed_split(config, workdir, ec.test_split, members, models, mesh)
+    metrics.update(_retrieval(config, workdir, index, test))
+    if ec.train_split:
+        train = embed_split(config, workdir, ec.train_split, members, models, mesh)
+        metrics.update(_recognition(config, workdir, test, train, members, models[0]))
+    if ec.revisited_data_dir:
+        own = [t for m, t in zip(members, models, strict=True) if m.workdir == workdir]
+        model = (
+            own[0]
+            if own
+            else extract.load_trained_model(run_config.evaluation_config(config, workdir), workdir)
+        )
+        metrics["revisited"] = _revisited(config, model)
+
+    if _writes():
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2, default=float)
+    logging.info(
+        "Evaluation of %s: %s",
+        workdir,
+        {k: v for k, v in metrics.items() if k in ("map@100", "gap")},
+    )
+    return metrics
+
+
+def _writes() -> bool:
+    """Whether this process writes the evaluation's files (process 0 does)."""
+    return jax.process_index() == 0
+
+
+def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
+    """Test queries against the index: kNN, submission, mAP@100 and gallery."""
+    ec, out_dir, metrics = config.eval, os.path.join(workdir, EVAL_DIR), {}
     k = min(ec.k, len(index.ids))
     _, neighbors = knn.search(test.embeddings, index.embeddings, k, backend=ec.knn_backend)
     if ec.knn_backend == "scann":
@@ -215,92 +252,90 @@ def evaluate(
         qid: [str(index.ids[j]) for j in row if j >= 0]
         for qid, row in zip(test.ids, neighbors, strict=True)
     }
-    solutions.write_retrieval_submission(
-        os.path.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
-    )
+    if _writes():
+        solutions.write_retrieval_submission(
+            os.path.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
+        )
     if ec.retrieval_solution:
         solution = solutions.read_retrieval_solution(ec.retrieval_solution)
         by_usage = usage_metrics.retrieval_metrics_by_usage(retrieval, solution)
         metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
         metrics["retrieval"] = by_usage
-        gallery.write_gallery(
-            config.data_dir,
-            retrieval,
-            _merged(solution),
-            os.path.join(out_dir, "gallery.png"),
-            num_queries=ec.gallery_queries,
-            title=f"{workdir}: mAP@100 {metrics['map@100']:.4f}",
-        )
+        if _writes():
+            gallery.write_gallery(
+                config.data_dir,
+                retrieval,
+                _merged(solution),
+                os.path.join(out_dir, "gallery.png"),
+                num_queries=ec.gallery_queries,
+                title=f"{workdir}: mAP@100 {metrics['map@100']:.4f}",
+            )
+    return metrics
 
-    # --- Recognition: vote of the nearest train images ----------------------
-    if ec.train_split:
-        train = embed_split(config, workdir, ec.train_split, members, models, mesh)
-        label_map = data_format.read_label_map(config.data_dir)
-        scores, neighbors = knn.search(
-            test.embeddings,
-            train.embeddings,
-            min(ec.recognition_k, len(train.ids)),
-            backend=ec.knn_backend,
+
+def _recognition(config, workdir: str, test, train, members, first_model) -> dict[str, Any]:
+    """Each test image takes the landmark its nearest train images vote for
+    (fused with the first member's head when eval.classifier_fusion); GAP."""
+    ec, out_dir, metrics = config.eval, os.path.join(workdir, EVAL_DIR), {}
+    label_map = data_format.read_label_map(config.data_dir)
+    scores, neighbors = knn.search(
+        test.embeddings,
+        train.embeddings,
+        min(ec.recognition_k, len(train.ids)),
+        backend=ec.knn_backend,
+    )
+    # Squared L2 -> cosine. Every (ensemble) row has squared norm
+    # sum(w_i^2), so this is the weighted mean of the members' cosines.
+    norm2 = sum(m.weight**2 for m in members)
+    cosine = np.where(neighbors >= 0, 1.0 - scores / (2.0 * norm2), 0.0)
+    neighbor_landmarks = recognition.neighbor_landmarks(
+        neighbors, label_map.landmark_ids[train.labels]
+    )
+    if ec.classifier_fusion:
+        top_landmarks, top_scores = classifier_top_m(
+            first_model,
+            _first_member_embeddings(test, members, first_model.config.model.embedding_dim),
+            label_map.landmark_ids,
+            ec.classifier_top_m,
         )
-        # Squared L2 -> cosine. Every (ensemble) row has squared norm
-        # sum(w_i^2), so this is the weighted mean of the members' cosines.
-        norm2 = sum(m.weight**2 for m in members)
-        cosine = np.where(neighbors >= 0, 1.0 - scores / (2.0 * norm2), 0.0)
-        neighbor_landmarks = recognition.neighbor_landmarks(
-            neighbors, label_map.landmark_ids[train.labels]
+        labels, label_scores = recognition.fuse_with_classifier(
+            neighbor_landmarks,
+            cosine,
+            top_landmarks,
+            top_scores,
+            knn_power=ec.recognition_power,
+            classifier_power=ec.classifier_power,
         )
-        if ec.classifier_fusion:
-            top_landmarks, top_scores = classifier_top_m(
-                models[0],
-                _member_embeddings(workdir, ec.test_split, test.ids),
-                label_map.landmark_ids,
-                ec.classifier_top_m,
-            )
-            labels, label_scores = recognition.fuse_with_classifier(
-                neighbor_landmarks,
-                cosine,
-                top_landmarks,
-                top_scores,
-                knn_power=ec.recognition_power,
-                classifier_power=ec.classifier_power,
-            )
-        else:
-            labels, label_scores = recognition.knn_vote(
-                neighbor_landmarks, cosine, power=ec.recognition_power
-            )
-        predictions = recognition.recognition_predictions(list(test.ids), labels, label_scores)
+    else:
+        labels, label_scores = recognition.knn_vote(
+            neighbor_landmarks, cosine, power=ec.recognition_power
+        )
+    predictions = recognition.recognition_predictions(list(test.ids), labels, label_scores)
+    if _writes():
         solutions.write_recognition_submission(
             os.path.join(out_dir, "recognition_submission.csv"),
             predictions,
             all_ids=list(test.ids),
         )
-        if ec.recognition_solution:
-            solution = solutions.read_recognition_solution(ec.recognition_solution)
-            by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
-            metrics["gap"] = by_usage[solutions.ALL]["gap"]
-            metrics["recognition"] = by_usage
-
-    # --- Revisited Oxford/Paris (cropped queries, easy/medium/hard) ---------
-    if ec.revisited_data_dir:
-        own = [t for m, t in zip(members, models, strict=True) if m.workdir == workdir]
-        metrics["revisited"] = revisited.evaluate_revisited(
-            own[0]
-            if own
-            else extract.load_trained_model(run_config.evaluation_config(config, workdir), workdir),
-            ec.revisited_data_dir,
-            scales=tuple(ec.scales),
-            flip=ec.flip,
-            resize=ec.get("revisited_resize", "native"),
-            image_size=ec.image_size,
-            size_multiple=int(ec.get("size_multiple", 1)),
-        )
-        logging.info("Revisited:\n%s", revisited.format_results(metrics["revisited"]))
-
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2, default=float)
-    logging.info(
-        "Evaluation of %s: %s",
-        workdir,
-        {k: v for k, v in metrics.items() if k in ("map@100", "gap")},
-    )
+    if ec.recognition_solution:
+        solution = solutions.read_recognition_solution(ec.recognition_solution)
+        by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
+        metrics["gap"] = by_usage[solutions.ALL]["gap"]
+        metrics["recognition"] = by_usage
     return metrics
+
+
+def _revisited(config, model: extract.TrainedModel) -> dict[str, Any]:
+    """Revisited Oxford/Paris easy/medium/hard of one run (cropped queries)."""
+    ec = config.eval
+    results = revisited.evaluate_revisited(
+        model,
+        ec.revisited_data_dir,
+        scales=tuple(ec.scales),
+        flip=ec.flip,
+        resize=ec.get("revisited_resize", "native"),
+        image_size=ec.image_size,
+        size_multiple=int(ec.get("size_multiple", 1)),
+    )
+    logging.info("Revisited:\n%s", revisited.format_results(results))
+    return results
