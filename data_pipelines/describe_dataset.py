@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from landmark_jax import data_format, input_pipeline, sharding
+from landmark_jax import data_format, input_pipeline, sharding, tensorflow_setup
 
 
 def describe(data_dir: str, image_size: int = 64, batch_size: int | None = None) -> str:
@@ -88,6 +88,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    tensorflow_setup.hide_accelerators()
     print(describe(FLAGS.data_dir, FLAGS.image_size))
 
 

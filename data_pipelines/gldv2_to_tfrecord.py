@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import gldv2_csv, shard_writer, tfrecord_shard
-from landmark_jax import data_format
+from landmark_jax import data_format, tensorflow_setup
 
 SPLITS = ("train", "index", "test")
 
@@ -380,6 +380,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    tensorflow_setup.hide_accelerators()
     summary = build_split(
         FLAGS.split,
         FLAGS.csv,

@@ -37,7 +37,7 @@ from absl import app, flags
 from PIL import Image
 
 from data_pipelines import shard_writer, tfrecord_shard
-from landmark_jax import data_format
+from landmark_jax import data_format, tensorflow_setup
 
 DB_SPLIT = "revisited_db"
 QUERY_SPLIT = "revisited_query"
@@ -278,6 +278,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    tensorflow_setup.hide_accelerators()
     summary = build_revisited(
         FLAGS.gnd,
         FLAGS.images_dir,

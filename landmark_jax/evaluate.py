@@ -19,7 +19,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from landmark_jax import entry_point_logging
+from landmark_jax import entry_point_logging, tensorflow_setup
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The workdir's config (configs/NAME.py[:ARG]).")
@@ -31,6 +31,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     entry_point_logging.quiet_library_logs()
+    tensorflow_setup.hide_accelerators()  # tf.data runs on the host; JAX owns them
     from landmark_jax.retrieval import evaluation
 
     # Only model keys typed on the command line are checked against the

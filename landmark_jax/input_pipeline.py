@@ -38,14 +38,12 @@ from typing import Any
 
 import jax
 import numpy as np
+import tensorflow as tf
 from jax.sharding import Mesh
 
-from landmark_jax import data_format, sharding, tensorflow_setup
+from landmark_jax import data_format, sharding
 
 _MAX_EPOCHS = 2**62
-
-
-_tf = tensorflow_setup.import_tensorflow
 
 
 def _process_files(split: data_format.SplitInfo, process_index: int, process_count: int):
@@ -132,7 +130,6 @@ def create_train_dataset(
       DataFormatError: the data folder is incomplete or inconsistent.
       ValueError: fewer shards than processes, or an unlabeled split.
     """
-    tf = _tf()
     info = data_format.read_split_info(data_dir, split)
     if not info.labeled:
         raise ValueError(
@@ -256,7 +253,6 @@ def create_eval_dataset(
       (False on padding), id string [B], and label int32 [B] for labeled
       splits; exactly num_steps batches, the same number in every process.
     """
-    tf = _tf()
     info = data_format.read_split_info(data_dir, split)
     files, counts = _process_files(info, process_index, process_count)
     num_local = sum(counts)
@@ -395,7 +391,6 @@ def read_eval_index(
         number of examples than dataset_info.json says.
       ValueError: fewer shards than processes.
     """
-    tf = _tf()
     info = data_format.read_split_info(data_dir, split)
     files, counts = _process_files(info, process_index, process_count)
     spec = {
@@ -471,7 +466,6 @@ def create_sized_eval_dataset(
     Raises:
       ValueError: `sizes` does not have one row per example of this process.
     """
-    tf = _tf()
     info = data_format.read_split_info(data_dir, split)
     files, counts = _process_files(info, process_index, process_count)
     sizes = np.asarray(sizes, np.int32)

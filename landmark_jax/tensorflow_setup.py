@@ -1,28 +1,24 @@
-"""TensorFlow as this project uses it: tf.data, gfile and Keras on the host only.
+"""TensorFlow on the host only: the entry points hide the accelerators from it.
 
-JAX owns the accelerators. TensorFlow, imported for tf.data, gs:// file access,
-ScaNN's op library or the Keras converter, would otherwise claim every GPU's
-memory on its first op, so each import goes through `import_tensorflow`.
+JAX owns the accelerators. TensorFlow (tf.data, gs:// file access, ScaNN's op
+library, the Keras converter) would otherwise claim every GPU's memory on its
+first op. So each program (`landmark_jax.train`, `landmark_jax.evaluate`,
+`landmark_jax.models.keras_import` and the `data_pipelines` builders) calls
+`hide_accelerators()` once at start-up, before any TensorFlow op runs, and
+modules simply `import tensorflow as tf`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from types import ModuleType
 
 
-def hide_accelerators(tf: ModuleType) -> None:
-    """Makes TensorFlow's GPUs and TPUs invisible to it (a no-op once TF's
+def hide_accelerators() -> None:
+    """Makes the GPUs and TPUs invisible to TensorFlow (a no-op once TF's
     devices are initialised, or where there are none)."""
+    import tensorflow as tf
+
     for kind in ("GPU", "TPU"):
         # RuntimeError: already initialised; ValueError: no such device type.
         with contextlib.suppress(RuntimeError, ValueError):
             tf.config.set_visible_devices([], kind)
-
-
-def import_tensorflow() -> ModuleType:
-    """`import tensorflow`, with the accelerators hidden from it."""
-    import tensorflow as tf
-
-    hide_accelerators(tf)
-    return tf

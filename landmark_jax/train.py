@@ -13,7 +13,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from landmark_jax import entry_point_logging
+from landmark_jax import entry_point_logging, tensorflow_setup
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py[:ARG]).")
@@ -52,6 +52,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     entry_point_logging.quiet_library_logs()
+    tensorflow_setup.hide_accelerators()  # tf.data runs on the host; JAX owns them
     initialize_distributed()
     import jax
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from landmark_jax import tensorflow_setup
 from landmark_jax.models import (
     backbone_checkpoint,
     backbones,
@@ -376,10 +377,6 @@ def _check_weights_file(path: str, arch: str) -> None:
 def _build_keras_model(arch: str, weights: str) -> Any:
     import keras  # deferred: only the converter needs TensorFlow/Keras
 
-    if keras.backend.backend() == "tensorflow":
-        from landmark_jax import tensorflow_setup
-
-        tensorflow_setup.import_tensorflow()  # leave the accelerators to JAX
     if arch not in KERAS_APPLICATIONS:
         raise ValueError(f"--arch={arch} unsupported; valid: {', '.join(KERAS_APPLICATIONS)}")
     if weights != "imagenet":
@@ -571,6 +568,7 @@ def main(argv: Sequence[str]) -> int:
     is printed as one line and exits with status 2, not a traceback."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    tensorflow_setup.hide_accelerators()  # Keras's TensorFlow leaves them to JAX
     try:
         metadata = convert(FLAGS.arch, FLAGS.weights, FLAGS.output, FLAGS.input_normalization)
     except ValueError as error:

@@ -29,9 +29,10 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from landmark_jax import data_format, tensorflow_setup
+from landmark_jax import data_format
 from landmark_jax.retrieval import metrics
 
 # Frame colours. Green and red differ in both the R and G channels (not only
@@ -114,9 +115,6 @@ class GalleryLayout:
         return left + FRAME, top + FRAME, right - FRAME, bottom - FRAME
 
 
-_tf = tensorflow_setup.import_tensorflow
-
-
 def read_images_by_id(
     data_dir: str, split: str, ids: Iterable[str], max_side: int = 128
 ) -> dict[str, Image.Image]:
@@ -146,7 +144,6 @@ def read_images_by_id(
     if not wanted:
         return {}
     info = data_format.read_split_info(data_dir, split)
-    tf = _tf()
     table = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(tf.constant(wanted), tf.ones([len(wanted)], tf.int32)),
         default_value=0,
@@ -311,7 +308,7 @@ def _write_png(image: Image.Image, path: str) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     if "://" in path:
-        gfile = _tf().io.gfile
+        gfile = tf.io.gfile
         gfile.makedirs(path.rsplit("/", 1)[0])
         with gfile.GFile(path, "wb") as f:
             f.write(buffer.getvalue())

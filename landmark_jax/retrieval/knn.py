@@ -22,14 +22,12 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from landmark_jax import tensorflow_setup
 from landmark_jax.retrieval import exact_search
 
 __all__ = [
@@ -61,10 +59,8 @@ def _scann_module() -> ModuleType | Exception:
         from scann.scann_ops.py import scann_ops_pybind
     except Exception as e:  # noqa: BLE001 - a TF ABI mismatch is not an ImportError
         return e
-    # `import scann` imports TensorFlow; it must not claim the accelerators.
-    tf = sys.modules.get("tensorflow")
-    if tf is not None:
-        tensorflow_setup.hide_accelerators(tf)
+    # `import scann` imports TensorFlow: the entry point has already hidden
+    # the accelerators from it (tensorflow_setup).
     return scann_ops_pybind
 
 
