@@ -10,6 +10,10 @@ Embeds the `index` and `test` splits of config.data_dir (and `train` for
 recognition), searches k=100 neighbours, and writes DIR/eval/metrics.json
 (`map@100`, `gap`), retrieval_submission.csv, recognition_submission.csv and
 gallery.png. An ensemble is configured in config.eval.ensemble.
+
+Multi-host: the same flags as train.py (--coordinator_address,
+--num_processes, --process_id, or --tpu_pod); every process takes part in
+extraction and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from landmark_jax import entry_point_logging, tensorflow_setup
+from landmark_jax import entry_point_logging, multihost, tensorflow_setup
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The workdir's config (configs/NAME.py[:ARG]).")
@@ -32,6 +36,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     entry_point_logging.quiet_library_logs()
     tensorflow_setup.hide_accelerators()  # tf.data runs on the host; JAX owns them
+    # Every process of a pod extracts its share; process 0 writes the files.
+    multihost.initialize_distributed()
+    import jax
+
     from landmark_jax.retrieval import evaluation
 
     # Only model keys typed on the command line are checked against the
@@ -39,10 +47,11 @@ def main(argv):
     overrides = config_flags.get_override_values(FLAGS["config"])
     model_overrides = {k: v for k, v in overrides.items() if k.startswith("model.")}
     metrics = evaluation.evaluate(FLAGS.config, FLAGS.workdir, model_overrides)
-    for key in ("map@100", "gap"):
-        if key in metrics:
-            print(f"{key}: {metrics[key]:.4f}")
-    print(f"wrote {os.path.join(FLAGS.workdir, evaluation.EVAL_DIR)}/")
+    if jax.process_index() == 0:
+        for key in ("map@100", "gap"):
+            if key in metrics:
+                print(f"{key}: {metrics[key]:.4f}")
+        print(f"wrote {os.path.join(FLAGS.workdir, evaluation.EVAL_DIR)}/")
 
 
 if __name__ == "__main__":
