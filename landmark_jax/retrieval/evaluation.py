@@ -269,6 +269,8 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
                 os.path.join(out_dir, "gallery.png"),
                 num_queries=ec.gallery_queries,
                 title=f"{workdir}: mAP@100 {metrics['map@100']:.4f}",
+                query_split=ec.test_split,
+                index_split=ec.index_split,
             )
     return metrics
 
