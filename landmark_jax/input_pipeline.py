@@ -58,7 +58,7 @@ def _process_files(split: data_format.SplitInfo, process_index: int, process_cou
     )
 
 
-def _decode(tf, encoded):
+def _decode(encoded):
     # channels=3 turns grayscale into RGB; expand_animations=False keeps a
     # GIF/PNG a single [H, W, 3] frame.
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -66,16 +66,16 @@ def _decode(tf, encoded):
     return image
 
 
-def _decode_and_resize(tf, encoded, image_size: int):
-    return _resize(tf, _decode(tf, encoded), [image_size, image_size])
+def _decode_and_resize(encoded, image_size: int):
+    return _resize(_decode(encoded), [image_size, image_size])
 
 
-def _resize(tf, image, size):
+def _resize(image, size):
     """The one resize of every pipeline: bilinear from the decoded image."""
     return tf.image.resize(image, size, method="bilinear")
 
 
-def _to_uint8(tf, image):
+def _to_uint8(image):
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
@@ -192,14 +192,14 @@ def create_train_dataset(
         tf.debugging.assert_non_negative(
             label, message=f"negative {data_format.LABEL} in {data_dir}"
         )
-        image = _decode_and_resize(tf, ex[data_format.IMAGE], image_size)
+        image = _decode_and_resize(ex[data_format.IMAGE], image_size)
         if flip:
             coin = tf.random.stateless_uniform(
                 [], seed=tf.stack([tf.constant(seed, tf.int64), position])
             )
             image = tf.cond(coin < 0.5, lambda: tf.reverse(image, axis=[1]), lambda: image)
         return {
-            "image": _to_uint8(tf, image),
+            "image": _to_uint8(image),
             "label": tf.cast(label, tf.int32),
             "is_clean": tf.cast(ex[data_format.IS_CLEAN], tf.int32),
         }
@@ -218,6 +218,18 @@ def create_train_dataset(
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
+
+
+def _eval_feature_spec(info: data_format.SplitInfo) -> dict[str, Any]:
+    """What an eval record is parsed into: image bytes, id, and the label of
+    a labelled split (a missing label is a parse error, never class 0)."""
+    spec = {
+        data_format.IMAGE: tf.io.FixedLenFeature([], tf.string),
+        data_format.ID: tf.io.FixedLenFeature([], tf.string),
+    }
+    if info.labeled:
+        spec[data_format.LABEL] = tf.io.FixedLenFeature([], tf.int64)
+    return spec
 
 
 def num_eval_steps(data_dir: str, split: str, local_batch_size: int, process_count: int = 1) -> int:
@@ -258,17 +270,12 @@ def create_eval_dataset(
     num_local = sum(counts)
     num_steps = num_eval_steps(data_dir, split, local_batch_size, process_count)
 
-    spec = {
-        data_format.IMAGE: tf.io.FixedLenFeature([], tf.string),
-        data_format.ID: tf.io.FixedLenFeature([], tf.string),
-    }
-    if info.labeled:
-        spec[data_format.LABEL] = tf.io.FixedLenFeature([], tf.int64)
+    spec = _eval_feature_spec(info)
 
     def parse(record):
         ex = tf.io.parse_single_example(record, spec)
         out = {
-            "image": _to_uint8(tf, _decode_and_resize(tf, ex[data_format.IMAGE], image_size)),
+            "image": _to_uint8(_decode_and_resize(ex[data_format.IMAGE], image_size)),
             "id": ex[data_format.ID],
             "mask": tf.constant(True),
         }
@@ -393,12 +400,7 @@ def read_eval_index(
     """
     info = data_format.read_split_info(data_dir, split)
     files, counts = _process_files(info, process_index, process_count)
-    spec = {
-        data_format.IMAGE: tf.io.FixedLenFeature([], tf.string),
-        data_format.ID: tf.io.FixedLenFeature([], tf.string),
-    }
-    if info.labeled:
-        spec[data_format.LABEL] = tf.io.FixedLenFeature([], tf.int64)
+    spec = _eval_feature_spec(info)
 
     def parse(record):
         ex = tf.io.parse_single_example(record, spec)
@@ -406,7 +408,7 @@ def read_eval_index(
         shape = tf.cond(
             tf.io.is_jpeg(encoded),
             lambda: tf.image.extract_jpeg_shape(encoded)[:2],
-            lambda: tf.shape(_decode(tf, encoded))[:2],
+            lambda: tf.shape(_decode(encoded))[:2],
         )
         out = {"id": ex[data_format.ID], "shape": shape}
         if info.labeled:
@@ -478,7 +480,7 @@ def create_sized_eval_dataset(
 
     def load(record, size):
         encoded = tf.io.parse_single_example(record, spec)[data_format.IMAGE]
-        return _to_uint8(tf, _resize(tf, _decode(tf, encoded), size))
+        return _to_uint8(_resize(_decode(encoded), size))
 
     ds = tf.data.Dataset.zip(
         (tf.data.TFRecordDataset(list(files)), tf.data.Dataset.from_tensor_slices(sizes))
