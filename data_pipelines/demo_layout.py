@@ -6,6 +6,7 @@ images at `<split>/a/b/c/<id>.jpg` (`image_path`) and the CSV files
 `CSV_FILES` (`write_csvs`): train.csv, train_clean.csv, index.csv, test.csv,
 index_image_to_landmark.csv and the two solution files. `prepare_output_dir`
 removes exactly these (and the split folders) before a data set is rewritten.
+The folder may be local or a URL (gs://): files go through `landmark_jax.file_io`.
 
 The solutions list every test id, as the GLDv2 v2.1 files do:
 retrieval_solution.csv has `<index ids>,Public|Private` for queries and
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import collections
 import csv
-import os
-import shutil
+import io
 from collections.abc import Sequence
 from typing import Protocol
+
+from landmark_jax import file_io
 
 SPLITS = ("train", "index", "test")
 CSV_FILES = (
@@ -59,14 +61,15 @@ def image_path(images_dir: str, image_id: str) -> str:
     Returns:
       The file path.
     """
-    return os.path.join(images_dir, image_id[0], image_id[1], image_id[2], f"{image_id}.jpg")
+    return file_io.join(images_dir, image_id[0], image_id[1], image_id[2], f"{image_id}.jpg")
 
 
 def _write_csv(path: str, header: Sequence[str], rows) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    file_io.write_text(path, text.getvalue())
 
 
 def write_csvs(output_dir: str, photos: Sequence[LaidOutImage]) -> None:
@@ -75,7 +78,7 @@ def write_csvs(output_dir: str, photos: Sequence[LaidOutImage]) -> None:
         split: sorted((p for p in photos if p.split == split), key=lambda p: p.image_id)
         for split in SPLITS
     }
-    join = os.path.join
+    join = file_io.join
     _write_csv(
         join(output_dir, "train.csv"),
         ("id", "url", "landmark_id"),
@@ -119,9 +122,9 @@ def write_csvs(output_dir: str, photos: Sequence[LaidOutImage]) -> None:
 
 def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     """Creates the folder, refusing to mix with earlier contents unless told to."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    if file_io.exists(output_dir) and not file_io.isdir(output_dir):
         raise NotADirectoryError(f"--output_dir {output_dir!r} exists and is not a folder")
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
+    if file_io.isdir(output_dir) and file_io.listdir(output_dir):
         if not overwrite:
             raise FileExistsError(
                 f"--output_dir {output_dir!r} is not empty; pass --overwrite to replace "
@@ -129,9 +132,11 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
             )
         # Remove only what this tool writes: the folder may hold other work.
         for split in SPLITS:
-            shutil.rmtree(os.path.join(output_dir, split), ignore_errors=True)
+            folder = file_io.join(output_dir, split)
+            if file_io.isdir(folder):
+                file_io.rmtree(folder)
         for name in CSV_FILES:
-            path = os.path.join(output_dir, name)
-            if os.path.isfile(path):
-                os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
+            path = file_io.join(output_dir, name)
+            if file_io.isfile(path):
+                file_io.remove(path)
+    file_io.makedirs(output_dir)

@@ -10,14 +10,12 @@ the first training step.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
 from absl import app, flags
 
-from landmark_jax import data_format, input_pipeline, sharding, tensorflow_setup
+from landmark_jax import data_format, file_io, input_pipeline, sharding, tensorflow_setup
 
 
 def describe(data_dir: str, image_size: int = 64, batch_size: int | None = None) -> str:
@@ -36,8 +34,7 @@ def describe(data_dir: str, image_size: int = 64, batch_size: int | None = None)
     """
     import jax
 
-    with open(os.path.join(data_dir, data_format.DATASET_INFO)) as f:
-        info = json.load(f)
+    info = file_io.read_json(file_io.join(data_dir, data_format.DATASET_INFO))
     lines = [f"data_dir: {data_dir}"]
     for name in ("train", "val", "index", "test"):
         if name not in info["splits"]:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
+import io
 import re
 from collections.abc import Iterator, Sequence
+
+from landmark_jax import file_io
 
 _ID_PATTERN = re.compile(r"^[0-9a-zA-Z_-]+$")
 
@@ -34,9 +36,10 @@ class ImageRecord:
 
 def _rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """Yields (line number, row) for a CSV after checking its header."""
-    if not os.path.isfile(path):
+    if not file_io.isfile(path):
         raise GLDv2FormatError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as f:
+    # newline="": the csv module sees the line endings as written, as with open().
+    with io.StringIO(file_io.read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in required if c not in header]
@@ -173,13 +176,13 @@ def image_path_candidates(images_dir: str, image_id: str) -> list[str]:
     GLDv2 stores JPEGs as `<id>.jpg`; `.jpeg` and `.png` are accepted too so
     that a tree assembled from other sources converts without renaming.
     """
-    folder = os.path.join(images_dir, image_id[0], image_id[1], image_id[2])
-    return [os.path.join(folder, f"{image_id}{ext}") for ext in (".jpg", ".jpeg", ".png")]
+    folder = file_io.join(images_dir, image_id[0], image_id[1], image_id[2])
+    return [file_io.join(folder, f"{image_id}{ext}") for ext in (".jpg", ".jpeg", ".png")]
 
 
 def find_image(images_dir: str, image_id: str) -> str | None:
     """Returns the path of an image in the GLDv2 tree, or None if absent."""
     for candidate in image_path_candidates(images_dir, image_id):
-        if os.path.isfile(candidate):
+        if file_io.isfile(candidate):
             return candidate
     return None

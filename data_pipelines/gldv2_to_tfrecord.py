@@ -19,12 +19,16 @@ Nothing is dropped silently: a missing or undecodable image stops the run with
 its path, unless --skip_bad_images, which lists every skipped image in
 `bad_images-<split>.csv` and in the summary. Grayscale, CMYK, palette and PNG
 images are re-encoded as 3-channel JPEGs; RGB JPEGs are copied byte for byte.
+
+Every path may be local or a URL (gs://...): the files go through
+`landmark_jax.file_io`.
 """
 
 from __future__ import annotations
 
 import collections
 import csv
+import io
 import os
 import time
 from collections.abc import Sequence
@@ -33,7 +37,7 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import gldv2_csv, shard_writer, tfrecord_shard
-from landmark_jax import data_format, tensorflow_setup
+from landmark_jax import data_format, file_io, tensorflow_setup
 
 SPLITS = ("train", "index", "test")
 
@@ -192,7 +196,8 @@ def build_split(
       split: 'train', 'index' or 'test'.
       csv_path: train.csv (id,url,landmark_id) or index.csv / test.csv (id).
       images_dir: the root of the split's `a/b/c/<id>.jpg` tree.
-      output_dir: the data folder (shared by all splits of a data set).
+      output_dir: the data folder (shared by all splits of a data set); local
+        or a URL (gs://; ram:// with num_workers <= 1 only).
       num_shards: number of shard files (train: of the training examples).
       clean_csv: train_clean.csv; marks `image/is_clean` (train only). Without
         it every train image counts as clean.
@@ -202,7 +207,8 @@ def build_split(
       seed: seed of the validation split and the shard shuffle.
       skip_bad_images: skip (and list) missing and undecodable images instead
         of stopping.
-      num_workers: processes writing shards; default min(num_shards, cores).
+      num_workers: processes writing shards; default min(num_shards, cores)
+        (1 for a ram:// output_dir).
       jpeg_quality: quality of re-encoded (non-RGB-JPEG) images.
 
     Returns:
@@ -211,7 +217,8 @@ def build_split(
 
     Raises:
       ValueError: inconsistent arguments (flags that apply only to train,
-        num_shards < 1, more shards than examples...).
+        num_shards < 1, more shards than examples, num_workers > 1 with a
+        ram:// output_dir...).
       GLDv2FormatError: a malformed CSV (the message names file and line).
       FileNotFoundError: images listed in the CSV with no file.
       tfrecord_shard.BadImageError: an undecodable image (names its path).
@@ -229,7 +236,8 @@ def build_split(
         raise ValueError(f"--val_fraction={val_fraction}: expected a value in [0, 1)")
     if num_shards < 1:
         raise ValueError(f"--num_shards={num_shards}: expected >= 1")
-    if not os.path.isdir(images_dir):
+    shard_writer.check_num_workers(output_dir, num_workers)
+    if not file_io.isdir(images_dir):
         raise FileNotFoundError(f"--images_dir={images_dir}: not a directory")
 
     examples, label_of, skipped = _load_examples(
@@ -246,10 +254,12 @@ def build_split(
         )
     plan = _plan_shards(split, examples, is_val, num_shards, num_val_shards, rng)
 
-    os.makedirs(output_dir, exist_ok=True)
+    file_io.makedirs(output_dir)
     shard_writer.remove_old_shards(output_dir, [name for name, _ in plan])
     if num_workers is None:
-        num_workers = min(len(plan), os.cpu_count() or 1)
+        num_workers = shard_writer.default_num_workers(
+            output_dir, min(len(plan), os.cpu_count() or 1)
+        )
     results = shard_writer.write_shards(
         output_dir, plan, skip_bad_images, num_workers, jpeg_quality
     )
@@ -264,11 +274,11 @@ def build_split(
     train_val_counts: collections.Counter = collections.Counter()
     train_val_clean: collections.Counter = collections.Counter()
     for r in results:
-        name = os.path.basename(r.path).split("-")[0]
+        name = file_io.basename(r.path).split("-")[0]
         entry = info_splits.setdefault(name, {"num_examples": 0, "num_clean": 0, "files": []})
         entry["num_examples"] += r.num_examples
         entry["num_clean"] += r.num_clean
-        entry["files"].append({"name": os.path.basename(r.path), "num_examples": r.num_examples})
+        entry["files"].append({"name": file_io.basename(r.path), "num_examples": r.num_examples})
         skipped += r.skipped
         if name == "train":
             train_counts.update(r.label_counts)
@@ -285,30 +295,32 @@ def build_split(
                 f"{len(empty)} landmark(s) lost all their training images to skipped "
                 f"images, e.g. landmark_id {empty[0]}; fix or remove those rows of {csv_path}"
             )
-        with open(os.path.join(output_dir, data_format.LABEL_MAP), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(data_format.LABEL_MAP_COLUMNS)
-            for lm, label in sorted(label_of.items(), key=lambda kv: kv[1]):
-                w.writerow(
-                    [
-                        label,
-                        lm,
-                        train_counts[label],
-                        clean_counts[label],
-                        train_val_counts[label],
-                        train_val_clean[label],
-                    ]
-                )
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(data_format.LABEL_MAP_COLUMNS)
+        for lm, label in sorted(label_of.items(), key=lambda kv: kv[1]):
+            w.writerow(
+                [
+                    label,
+                    lm,
+                    train_counts[label],
+                    clean_counts[label],
+                    train_val_counts[label],
+                    train_val_clean[label],
+                ]
+            )
+        file_io.write_text(file_io.join(output_dir, data_format.LABEL_MAP), text.getvalue())
 
     if skipped:
-        with open(os.path.join(output_dir, f"bad_images-{split}.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "path", "reason"])
-            w.writerows(sorted(skipped))
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(["id", "path", "reason"])
+        w.writerows(sorted(skipped))
+        file_io.write_text(file_io.join(output_dir, f"bad_images-{split}.csv"), text.getvalue())
 
     source = {
-        "csv": os.path.abspath(csv_path),
-        "clean_csv": os.path.abspath(clean_csv) if clean_csv else None,
+        "csv": shard_writer.source_path(csv_path),
+        "clean_csv": shard_writer.source_path(clean_csv) if clean_csv else None,
         "clean_only": clean_only,
         "val_fraction": val_fraction,
         "seed": seed,

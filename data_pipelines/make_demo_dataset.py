@@ -36,7 +36,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import demo_layout, synthetic_photos
+from data_pipelines import demo_layout, shard_writer, synthetic_photos
+from landmark_jax import file_io
 
 # GLDv2 train landmark ids run up to 203,093; demo ids are drawn from the same
 # range, non-contiguous, so that builders must map them to labels 0..C-1.
@@ -201,7 +202,7 @@ def _jobs(
         collections.defaultdict(list)
     )
     for serial, photo in enumerate(photos):
-        path = demo_layout.image_path(os.path.join(output_dir, photo.split), photo.image_id)
+        path = demo_layout.image_path(file_io.join(output_dir, photo.split), photo.image_id)
         by_scene[photo.scene].append((path, (seed, _PHOTO_STREAM, serial), photo.difficulty))
     jobs = []
     for (kind, index), items in by_scene.items():
@@ -274,7 +275,8 @@ def make_demo_dataset(
 
     Args:
       output_dir: where to write the CSVs and the `train/`, `index/` and
-        `test/` image trees; created if missing.
+        `test/` image trees; created if missing. A local folder or a URL
+        (gs://; ram:// with num_workers <= 1 only).
       num_landmarks: train landmarks (classes).
       num_index_landmarks: index landmarks, disjoint from the train ones.
       max_images_per_landmark: clean images of the largest train class; the
@@ -283,8 +285,8 @@ def make_demo_dataset(
       image_size: longest side of the images, in pixels; each image's longest
         side is between 3/4 of it and all of it.
       seed: the data set is a function of the seed and the other arguments.
-      num_workers: rendering processes; None for min(4, CPU count), 0 or 1 to
-        render in this process.
+      num_workers: rendering processes; None for min(4, CPU count) (1 for a
+        ram:// output_dir), 0 or 1 to render in this process.
       overwrite: replace an earlier data set in a non-empty output_dir.
 
     Returns:
@@ -292,7 +294,8 @@ def make_demo_dataset(
       classes, the clean fraction and the seconds taken.
 
     Raises:
-      ValueError: an argument out of range.
+      ValueError: an argument out of range, or num_workers > 1 with a ram://
+        output_dir (worker processes cannot write into this one's memory).
       FileExistsError: output_dir is not empty and overwrite is False.
       NotADirectoryError: output_dir is a file.
     """
@@ -305,12 +308,14 @@ def make_demo_dataset(
         seed,
         num_workers,
     )
+    # The images are written by worker processes: not into in-process ram://.
+    shard_writer.check_num_workers(output_dir, num_workers)
     start = time.perf_counter()
     demo_layout.prepare_output_dir(output_dir, overwrite)
     rng = np.random.default_rng((seed, _PLAN_STREAM))
     photos = _plan(num_landmarks, num_index_landmarks, max_images_per_landmark, noisy_fraction, rng)
     if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1)
+        num_workers = shard_writer.default_num_workers(output_dir, min(4, os.cpu_count() or 1))
     written = _render(_jobs(photos, output_dir, seed, image_size), num_workers)
     # The CSVs come last, so a data set with CSVs is a complete one.
     demo_layout.write_csvs(output_dir, photos)

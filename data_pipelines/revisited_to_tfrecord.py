@@ -22,14 +22,17 @@ copied to `OUT/gnd.pkl`, where `landmark_jax.retrieval.revisited` finds it.
 Boxes are rounded to whole pixels as PIL's `Image.crop` rounds them (the crop
 DELF and cirtorch apply), then clamped to the image. A missing or undecodable
 image, or a box that is empty after clamping, stops the run naming the file.
+
+Every path may be local or a URL (gs://...): the files go through
+`landmark_jax.file_io`.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +40,7 @@ from absl import app, flags
 from PIL import Image
 
 from data_pipelines import shard_writer, tfrecord_shard
-from landmark_jax import data_format, tensorflow_setup
+from landmark_jax import data_format, file_io, tensorflow_setup
 
 DB_SPLIT = "revisited_db"
 QUERY_SPLIT = "revisited_query"
@@ -47,7 +50,7 @@ IMAGE_EXT = ".jpg"
 
 def image_path(images_dir: str, name: str) -> str:
     """The file of a gnd image name: `<images_dir>/<name>.jpg`."""
-    return os.path.join(images_dir, name + IMAGE_EXT)
+    return file_io.join(images_dir, name + IMAGE_EXT)
 
 
 def crop_box(bbx: Sequence[float], width: int, height: int, where: str) -> tuple[int, ...]:
@@ -89,14 +92,16 @@ def _write_query_crop(path: str, bbx: Sequence[float], out_path: str, where: str
       ValueError: the box is empty inside the image.
     """
     try:
-        image = Image.open(path)
+        image = Image.open(io.BytesIO(file_io.read_bytes(path)))
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise tfrecord_shard.BadImageError(f"{path}: cannot decode image ({e})") from None
     crop = image.crop(crop_box(bbx, image.width, image.height, where))
     if crop.mode not in ("RGB", "L", "RGBA", "LA", "P"):
         crop = crop.convert("RGB")  # CMYK and friends cannot be saved as PNG
-    crop.save(out_path, format="PNG")
+    out = io.BytesIO()
+    crop.save(out, format="PNG")
+    file_io.write_bytes(out_path, out.getvalue())
 
 
 def _check_names(gnd_path: str, key: str, names: Sequence[str], images_dir: str) -> None:
@@ -108,7 +113,7 @@ def _check_names(gnd_path: str, key: str, names: Sequence[str], images_dir: str)
         if name in seen:
             raise ValueError(f"{gnd_path}: {key} lists {name!r} twice")
         seen.add(name)
-    missing = [n for n in names if not os.path.isfile(image_path(images_dir, n))]
+    missing = [n for n in names if not file_io.isfile(image_path(images_dir, n))]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} image(s) of {key} in {gnd_path} have no file, e.g. "
@@ -148,12 +153,14 @@ def build_revisited(
     Args:
       gnd_path: gnd_roxford5k.pkl or gnd_rparis6k.pkl (imlist, qimlist, gnd).
       images_dir: folder with `<name>.jpg` for every imlist and qimlist name.
-      output_dir: the data folder (may already hold other splits).
+      output_dir: the data folder (may already hold other splits); local or a
+        URL (gs://; ram:// with num_workers <= 1 only).
       num_shards: shard files for the database; the queries get
         min(num_shards, number of queries).
       crop_queries: crop each query to its bbx (the protocol); False keeps
         the full query images.
-      num_workers: processes writing shards; default min(shards, cores).
+      num_workers: processes writing shards; default min(shards, cores) (1
+        for a ram:// output_dir).
       jpeg_quality: quality of re-encoded images (every cropped query, and
         database images that are not RGB JPEGs).
 
@@ -166,11 +173,13 @@ def build_revisited(
       FileNotFoundError: images_dir is not a folder, or an image has no file.
       tfrecord_shard.BadImageError: an image cannot be decoded (names it).
       ValueError: num_shards < 1 or more than the database images, a
-        repeated or empty image name, or a bbx empty inside its image.
+        repeated or empty image name, a bbx empty inside its image, or
+        num_workers > 1 with a ram:// output_dir.
     """
     start = time.time()
     if num_shards < 1:
         raise ValueError(f"--num_shards={num_shards}: expected >= 1")
+    shard_writer.check_num_workers(output_dir, num_workers)
     gnd = data_format.read_revisited_gnd(gnd_path)
     imlist, qimlist = gnd["imlist"], gnd["qimlist"]
     if not imlist or not qimlist:
@@ -182,21 +191,23 @@ def build_revisited(
             f"--num_shards={num_shards} is more than the {len(imlist)} database images "
             f"of {gnd_path}"
         )
-    if not os.path.isdir(images_dir):
+    if not file_io.isdir(images_dir):
         raise FileNotFoundError(f"--images_dir={images_dir}: not a directory")
     _check_names(gnd_path, "imlist", imlist, images_dir)
     _check_names(gnd_path, "qimlist", qimlist, images_dir)
 
-    os.makedirs(output_dir, exist_ok=True)
+    file_io.makedirs(output_dir)
     db_examples = [_example(n, image_path(images_dir, n)) for n in imlist]
     # Crops go to a scratch folder inside output_dir, so the writer processes
     # read them like any image and nothing is left behind on success or error.
-    with tempfile.TemporaryDirectory(prefix=".revisited-crops-", dir=output_dir) as scratch:
+    scratch = file_io.join(output_dir, f".revisited-crops-{uuid.uuid4().hex[:8]}")
+    file_io.makedirs(scratch)
+    try:
         query_examples = []
         for q, name in enumerate(qimlist):
             path = image_path(images_dir, name)
             if crop_queries:
-                cropped = os.path.join(scratch, f"{q:06d}.png")
+                cropped = file_io.join(scratch, f"{q:06d}.png")
                 where = f"{gnd_path}: query {q} ({name!r}, {path})"
                 _write_query_crop(path, gnd["gnd"][q]["bbx"], cropped, where)
                 path = cropped
@@ -206,24 +217,30 @@ def build_revisited(
         plan += _plan(QUERY_SPLIT, query_examples, min(num_shards, len(qimlist)))
         shard_writer.remove_old_shards(output_dir, [name for name, _ in plan])
         if num_workers is None:
-            num_workers = min(len(plan), os.cpu_count() or 1)
+            num_workers = shard_writer.default_num_workers(
+                output_dir, min(len(plan), os.cpu_count() or 1)
+            )
         results = shard_writer.write_shards(output_dir, plan, False, num_workers, jpeg_quality)
+    finally:
+        file_io.rmtree(scratch)
 
     info_splits: dict[str, dict] = {}
     for r in results:
-        name = os.path.basename(r.path)
+        name = file_io.basename(r.path)
         split = DB_SPLIT if name.startswith(DB_SPLIT + "-") else QUERY_SPLIT
         entry = info_splits.setdefault(split, {"num_examples": 0, "num_clean": 0, "files": []})
         entry["num_examples"] += r.num_examples
         entry["num_clean"] += r.num_clean
         entry["files"].append({"name": name, "num_examples": r.num_examples})
 
-    gnd_copy = os.path.join(output_dir, GND_FILE)
-    if not (os.path.exists(gnd_copy) and os.path.samefile(gnd_path, gnd_copy)):
-        shutil.copyfile(gnd_path, gnd_copy)
+    gnd_copy = file_io.join(output_dir, GND_FILE)
+    gnd_bytes = file_io.read_bytes(gnd_path)
+    # Rewritten only if different: gnd_path may be the copy itself.
+    if not (file_io.exists(gnd_copy) and file_io.read_bytes(gnd_copy) == gnd_bytes):
+        file_io.write_bytes(gnd_copy, gnd_bytes)
     source = {
-        "gnd": os.path.abspath(gnd_path),
-        "images_dir": os.path.abspath(images_dir),
+        "gnd": shard_writer.source_path(gnd_path),
+        "images_dir": shard_writer.source_path(images_dir),
         "crop_queries": crop_queries,
     }
     shard_writer.update_dataset_info(output_dir, "revisited", info_splits, None, source)

@@ -3,7 +3,8 @@
 Removal of a split's earlier shards (named by `data_format.shard_name`),
 parallel writing (worker processes run tfrecord_shard), and the merge of a
 run's splits into `dataset_info.json`, which the input pipeline checks the
-shards on disk against.
+shards on disk against. Every path may be local or a URL (gs://, ram://):
+the files go through `landmark_jax.file_io`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,43 @@ import os
 from collections.abc import Sequence
 
 from data_pipelines import tfrecord_shard
-from landmark_jax import data_format
+from landmark_jax import data_format, file_io
+
+# TensorFlow's ram:// filesystem lives in one process's memory: what a worker
+# process writes there is lost with the worker.
+_IN_PROCESS_SCHEMES = ("ram",)
+
+
+def check_num_workers(path: str, num_workers: int | None, flag: str = "output_dir") -> None:
+    """Refuses worker processes for a folder only this process can see (ram://).
+
+    Raises:
+      ValueError: num_workers > 1 and `path` is in-process memory, naming it.
+    """
+    kind = file_io.scheme(path)
+    if num_workers is not None and num_workers > 1 and kind in _IN_PROCESS_SCHEMES:
+        raise ValueError(
+            f"--{flag}={path}: {kind}:// is TensorFlow's in-process memory, which worker "
+            f"processes cannot write into (num_workers={num_workers}); use num_workers=1"
+        )
+
+
+def default_num_workers(path: str, wanted: int) -> int:
+    """`wanted`, or 1 for a folder only this process can see (ram://)."""
+    return 1 if file_io.scheme(path) in _IN_PROCESS_SCHEMES else wanted
+
+
+def source_path(path: str) -> str:
+    """How dataset_info.json records an input: absolute if local, a URL as is."""
+    return path if file_io.is_url(path) else os.path.abspath(path)
 
 
 def remove_old_shards(output_dir: str, names: Sequence[str]) -> None:
     """Deletes earlier shards of the same splits, which a glob would pick up."""
     patterns = {data_format.shard_pattern(n.split("-")[0]) for n in names}
-    for f in os.listdir(output_dir):
+    for f in file_io.listdir(output_dir):
         if any(fnmatch.fnmatchcase(f, p) for p in patterns):
-            os.remove(os.path.join(output_dir, f))
+            file_io.remove(file_io.join(output_dir, f))
 
 
 def write_shards(
@@ -38,7 +67,7 @@ def write_shards(
 
     jobs = [
         tfrecord_shard.ShardJob(
-            os.path.join(output_dir, name), examples, skip_bad_images, jpeg_quality
+            file_io.join(output_dir, name), examples, skip_bad_images, jpeg_quality
         )
         for name, examples in plan
     ]
@@ -61,11 +90,10 @@ def write_shards(
 
 def update_dataset_info(output_dir: str, split: str, info_splits: dict, num_classes, source):
     """Merges this run's splits into dataset_info.json (other splits are kept)."""
-    path = os.path.join(output_dir, data_format.DATASET_INFO)
+    path = file_io.join(output_dir, data_format.DATASET_INFO)
     info = {"num_classes": None, "splits": {}, "sources": {}}
-    if os.path.exists(path):
-        with open(path) as f:
-            info.update(json.load(f))
+    if file_io.exists(path):
+        info.update(file_io.read_json(path))
     if split == "train":
         info["num_classes"] = num_classes
         info["splits"].pop("val", None)
@@ -78,7 +106,6 @@ def update_dataset_info(output_dir: str, split: str, info_splits: dict, num_clas
         "image/class/landmark_id": "int64, the GLDv2 landmark id (train, val)",
         "image/is_clean": "int64, 1 if listed in train_clean.csv (train, val)",
     }
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    # write_text replaces the file whole (written aside, then renamed locally).
+    file_io.write_text(path, json.dumps(info, indent=2, sort_keys=True))
     return info

@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from data_pipelines import synthetic_scenes
 from data_pipelines.synthetic_scenes import SCENE_SIZE
+from landmark_jax import file_io
 
 # Rendering the warp at twice the output size and box-averaging it down avoids
 # the aliasing of a plain bilinear warp when the window is much larger than
@@ -188,7 +188,5 @@ def render_job(job: PhotoJob) -> int:
     for path, photo_seed, difficulty in job.photos:
         rng = np.random.default_rng(photo_seed)
         data = encode_jpeg(photograph(scene, rng, job.max_side, difficulty), rng)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
+        file_io.write_bytes(path, data)  # creates the folders
     return len(job.photos)

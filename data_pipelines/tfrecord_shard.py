@@ -1,7 +1,9 @@
 """Writes one TFRecord shard of GLDv2 images (run inside a worker process).
 
 Kept apart from the builder's planning so the worker processes import only
-this module, PIL and TensorFlow's record writer.
+this module, PIL and TensorFlow's record writer. Paths may be local or URLs
+(gs://): images are read through `landmark_jax.file_io`, and the shard is
+written by TensorFlow's record writer, which takes the same paths.
 """
 
 from __future__ import annotations
@@ -9,12 +11,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import os
 from collections.abc import Sequence
 
 from PIL import Image
 
-from landmark_jax import data_format
+from landmark_jax import data_format, file_io
 
 
 class BadImageError(ValueError):
@@ -69,8 +70,7 @@ def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
       BadImageError: the file is empty, truncated or not an image (the message
         names the path and PIL's reason).
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    data = file_io.read_bytes(path)
     try:
         image = Image.open(io.BytesIO(data))
         if image.format == "JPEG" and image.mode == "RGB":
@@ -109,7 +109,9 @@ def _serialize(tf, example: Example, encoded: bytes) -> bytes:
         feature[data_format.LANDMARK_ID] = int_feature(example.landmark_id)
         feature[data_format.IS_CLEAN] = int_feature(example.is_clean)
     proto = tf.train.Example(features=tf.train.Features(feature=feature))
-    return proto.SerializeToString()
+    # Deterministic: features is a protobuf map, which otherwise serializes in
+    # an order that differs between processes, so equal shards had other bytes.
+    return proto.SerializeToString(deterministic=True)
 
 
 def write_shard(job: ShardJob) -> ShardResult:
@@ -143,5 +145,6 @@ def write_shard(job: ShardJob) -> ShardResult:
             if ex.label >= 0:
                 result.label_counts[ex.label] += 1
                 result.clean_label_counts[ex.label] += ex.is_clean
-    os.replace(tmp, job.path)
+    # tf.io.gfile, as file_io (no rename of its own) and the record writer use.
+    tf.io.gfile.rename(tmp, job.path, overwrite=True)
     return result
