@@ -9,7 +9,6 @@ the files go through `landmark_jax.file_io`.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import multiprocessing
 import os
@@ -50,9 +49,11 @@ def source_path(path: str) -> str:
 def remove_old_shards(output_dir: str, names: Sequence[str]) -> None:
     """Deletes earlier shards of the same splits, which a glob would pick up."""
     patterns = {data_format.shard_pattern(n.split("-")[0]) for n in names}
-    for f in file_io.listdir(output_dir):
-        if any(fnmatch.fnmatchcase(f, p) for p in patterns):
-            file_io.remove(file_io.join(output_dir, f))
+    # The readers' glob itself (data_format.read_split_info), which also lists
+    # only the shards' prefix in a bucket, not the whole folder.
+    for pattern in sorted(patterns):
+        for path in file_io.glob(file_io.join(output_dir, pattern)):
+            file_io.remove(path)
 
 
 def write_shards(
