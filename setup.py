@@ -17,11 +17,14 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tqdm>=4.66",
     "tensorflow-cpu~=2.20.0",
+    "tensorboard>=2.16",  # its event protos and record writer (metric_writer.py)
     "tensorflow-datasets>=4.9,<5",
     "keras>=3.10,<4",
     "h5py>=3.10",
     "scann==1.4.2",
 ]
+
+EMULATOR = ["gcsfs>=2024.2", "gcp-storage-emulator>=2024.8"]
 
 setuptools.setup(
     name="landmark_jax",
@@ -31,6 +34,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["landmark_jax*", "data_pipelines*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
+        # gs:// through a Cloud Storage emulator (file_io.py): gcsfs, which
+        # honours STORAGE_EMULATOR_HOST, and an emulator to run locally.
+        "emulator": EMULATOR,
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", *EMULATOR],
     },
 )

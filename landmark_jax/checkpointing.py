@@ -15,7 +15,6 @@ that decides that shape.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
+
+from landmark_jax import file_io
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -63,17 +64,17 @@ def create_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Chec
     )
     # The handler is named up front so item_metadata works before any save.
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+        file_io.join(file_io.checkpoint_path(workdir), CHECKPOINT_DIR),
         options=options,
         item_handlers=ocp.StandardCheckpointHandler(),
     )
 
 
 def _checkpoint_dir(path: str) -> str:
-    """Accepts a workdir or its checkpoints/ folder."""
-    path = os.path.abspath(path)
-    nested = os.path.join(path, CHECKPOINT_DIR)
-    return nested if os.path.isdir(nested) else path
+    """Accepts a workdir or its checkpoints/ folder (local or gs://)."""
+    path = file_io.checkpoint_path(path)
+    nested = file_io.join(path, CHECKPOINT_DIR)
+    return nested if file_io.isdir(nested) else path
 
 
 def _flat_shapes(tree: Mapping[str, Any], keys=("params", "batch_stats")) -> dict[str, tuple]:
@@ -142,7 +143,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any |
     step = manager.latest_step()
     if step is None:
         return None
-    source = os.path.join(str(manager.directory), str(step))
+    source = file_io.join(str(manager.directory), str(step))
     metadata = manager.item_metadata(step)
     check_shapes(_metadata_tree(metadata), abstract_state, source, ("params/", "batch_stats/"))
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
@@ -158,13 +159,22 @@ def _metadata_tree(metadata: Any) -> Mapping[str, Any]:
     return tree
 
 
-def latest_step(path: str) -> int | None:
-    """The newest checkpoint step of a workdir (or checkpoints/ folder), or None."""
+def saved_steps(path: str) -> list[int]:
+    """The finalized checkpoint steps of a workdir (or checkpoints/ folder), sorted.
+
+    A step still being written (a local temporary folder, or a bucket folder
+    without Orbax's commit marker) is not one.
+    """
     directory = _checkpoint_dir(path)
-    if not os.path.isdir(directory):
-        return None
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-    return max(steps) if steps else None
+    if not file_io.isdir(directory):
+        return []
+    return sorted(ocp.utils.checkpoint_steps(directory))
+
+
+def latest_step(path: str) -> int | None:
+    """The newest finalized checkpoint step of a workdir, or None."""
+    steps = saved_steps(path)
+    return steps[-1] if steps else None
 
 
 def load_stage(path: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import math
 
 import ml_collections
 
-from landmark_jax import data_format, heads, losses
+from landmark_jax import data_format, file_io, heads, losses
 from landmark_jax.models import backbones, default_model_config, resolve_model_config
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -257,11 +257,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         raise ValueError(f"config.head.num_subcenters={config.head.num_subcenters}: expected >= 1")
     if not config.loss.not_clean_weight >= 0.0:
         raise ValueError(f"config.loss.not_clean_weight={config.loss.not_clean_weight} < 0")
-    import tensorflow as tf  # gfile reads local and gs:// paths alike
-
     for key in ("init.checkpoint", "init.backbone"):
         path = config.init[key.split(".")[1]]
-        if path and not tf.io.gfile.exists(path):
+        if path and not file_io.exists(path):
             raise ValueError(f"config.{key}={path!r} does not exist")
 
 
@@ -291,8 +289,6 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         malformed ensemble entry, or a solution file / Revisited folder that
         is set but does not exist; the message names the key.
     """
-    import tensorflow as tf  # gfile reads local and gs:// paths alike
-
     from landmark_jax import input_pipeline
     from landmark_jax.retrieval import ensemble, knn
 
@@ -341,5 +337,5 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         used.append("recognition_solution")
     for key in used:
         path = ec[key]
-        if path and not tf.io.gfile.exists(path):
+        if path and not file_io.exists(path):
             raise ValueError(f"config.eval.{key}={path!r} does not exist")

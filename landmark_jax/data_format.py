@@ -16,14 +16,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import pickle
-import posixpath
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from landmark_jax import file_io
 
 # TFRecord feature keys.
 IMAGE = "image/encoded"
@@ -41,14 +41,6 @@ class DataFormatError(ValueError):
     """The data folder is missing a file or its files disagree."""
 
 
-def _gfile():
-    # Imported lazily: tf.io.gfile reads gs:// paths, and the builder's worker
-    # processes should not pay for TensorFlow before they need it.
-    import tensorflow as tf
-
-    return tf.io.gfile
-
-
 def shard_name(split: str, index: int, num_shards: int) -> str:
     """`<split>-00000-of-000NN.tfrecord`: the name the builders give a shard."""
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
@@ -57,10 +49,6 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 def shard_pattern(split: str) -> str:
     """The glob that matches every `shard_name(split, ...)`, as readers list a split."""
     return f"{split}-*-of-*.tfrecord"
-
-
-def _join(data_dir: str, name: str) -> str:
-    return posixpath.join(data_dir, name) if "://" in data_dir else f"{data_dir.rstrip('/')}/{name}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,21 +83,19 @@ def read_split_info(data_dir: str, split: str) -> SplitInfo:
         shard files on disk differ from the ones it lists (missing, stale or
         extra shards; an empty glob).
     """
-    gfile = _gfile()
-    info_path = _join(data_dir, DATASET_INFO)
-    if not gfile.exists(info_path):
+    info_path = file_io.join(data_dir, DATASET_INFO)
+    if not file_io.exists(info_path):
         raise DataFormatError(
             f"{info_path} not found: is data_dir={data_dir!r} the output folder of "
             "data_pipelines.gldv2_to_tfrecord?"
         )
-    with gfile.GFile(info_path) as f:
-        info = json.load(f)
+    info = file_io.read_json(info_path)
     splits = info.get("splits", {})
     if split not in splits:
         raise DataFormatError(f"{info_path}: no split {split!r}; it has {sorted(splits)}")
     listed = splits[split]["files"]
-    pattern = _join(data_dir, shard_pattern(split))
-    on_disk = sorted(posixpath.basename(p) for p in gfile.glob(pattern))
+    pattern = file_io.join(data_dir, shard_pattern(split))
+    on_disk = sorted(file_io.basename(p) for p in file_io.glob(pattern))
     names = [f["name"] for f in listed]
     if not on_disk:
         raise DataFormatError(f"no files match {pattern} (listed in {info_path}: {names[:3]}...)")
@@ -122,7 +108,7 @@ def read_split_info(data_dir: str, split: str) -> SplitInfo:
         )
     return SplitInfo(
         split,
-        tuple(_join(data_dir, n) for n in names),
+        tuple(file_io.join(data_dir, n) for n in names),
         tuple(int(f["num_examples"]) for f in listed),
     )
 
@@ -133,12 +119,10 @@ def read_num_classes(data_dir: str) -> int:
     Raises:
       DataFormatError: the file is missing or records no train split.
     """
-    gfile = _gfile()
-    info_path = _join(data_dir, DATASET_INFO)
-    if not gfile.exists(info_path):
+    info_path = file_io.join(data_dir, DATASET_INFO)
+    if not file_io.exists(info_path):
         raise DataFormatError(f"{info_path} not found")
-    with gfile.GFile(info_path) as f:
-        num_classes = json.load(f).get("num_classes")
+    num_classes = file_io.read_json(info_path).get("num_classes")
     if not num_classes:
         raise DataFormatError(f"{info_path}: no num_classes (was the train split built?)")
     return int(num_classes)
@@ -215,12 +199,10 @@ def read_label_map(data_dir: str) -> LabelMap:
         or a clean count outside [0, count], or totals that disagree with
         dataset_info.json (class count, train + val examples).
     """
-    gfile = _gfile()
-    path = _join(data_dir, LABEL_MAP)
-    if not gfile.exists(path):
+    path = file_io.join(data_dir, LABEL_MAP)
+    if not file_io.exists(path):
         raise DataFormatError(f"{path} not found (written by gldv2_to_tfrecord --split=train)")
-    with gfile.GFile(path) as f:
-        rows = list(csv.DictReader(io.StringIO(f.read())))
+    rows = list(csv.DictReader(io.StringIO(file_io.read_text(path))))
     if not rows or {"label", "landmark_id", "count"} - set(rows[0]):
         raise DataFormatError(f"{path}: expected columns label,landmark_id,count")
     labels = _int_column(path, rows, "label")
@@ -243,8 +225,7 @@ def read_label_map(data_dir: str) -> LabelMap:
     clean = _int_column(path, rows, "num_clean") if "num_clean" in rows[0] else counts.copy()
     _check_clean(path, "num_clean", clean, counts)
 
-    with gfile.GFile(_join(data_dir, DATASET_INFO)) as f:
-        splits = json.load(f).get("splits", {})
+    splits = file_io.read_json(file_io.join(data_dir, DATASET_INFO)).get("splits", {})
     present = [c for c in _TRAIN_VAL_COLUMNS if c in rows[0]]
     if len(present) == 1:
         raise DataFormatError(
@@ -324,14 +305,12 @@ def read_revisited_gnd(path: str) -> dict[str, Any]:
         missing, the lengths disagree, an index is outside imlist, or a bbx is
         not 4 finite numbers.
     """
-    gfile = _gfile()
-    if not gfile.exists(path):
+    if not file_io.exists(path):
         raise DataFormatError(f"{path}: file not found")
-    with gfile.GFile(path, "rb") as f:
-        try:
-            data = _GndUnpickler(f).load()
-        except Exception as e:  # pickle raises many kinds on a bad file
-            raise DataFormatError(f"{path}: not a readable gnd pickle: {e}") from e
+    try:
+        data = _GndUnpickler(io.BytesIO(file_io.read_bytes(path))).load()
+    except Exception as e:  # pickle raises many kinds on a bad file
+        raise DataFormatError(f"{path}: not a readable gnd pickle: {e}") from e
     if not isinstance(data, Mapping):
         raise DataFormatError(f"{path}: expected a dict, got {type(data).__name__}")
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in data]

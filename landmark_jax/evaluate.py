@@ -18,12 +18,10 @@ extraction and process 0 writes the files.
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from landmark_jax import entry_point_logging, multihost, tensorflow_setup
+from landmark_jax import entry_point_logging, file_io, multihost, tensorflow_setup
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The workdir's config (configs/NAME.py[:ARG]).")
@@ -51,7 +49,7 @@ def main(argv):
         for key in ("map@100", "gap"):
             if key in metrics:
                 print(f"{key}: {metrics[key]:.4f}")
-        print(f"wrote {os.path.join(FLAGS.workdir, evaluation.EVAL_DIR)}/")
+        print(f"wrote {file_io.join(FLAGS.workdir, evaluation.EVAL_DIR)}/")
 
 
 if __name__ == "__main__":

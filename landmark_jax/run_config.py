@@ -22,15 +22,13 @@ model: a later stage inherits the convention from it, and evaluation
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
-from landmark_jax import checkpointing
+from landmark_jax import checkpointing, file_io
 from landmark_jax.models import (
     backbone_checkpoint,
     input_normalization,
@@ -45,8 +43,8 @@ CONVENTION_KEYS = ("input_normalization", "padding")
 def _run_dir(path: str) -> str:
     """A workdir, given the workdir or its checkpoints/ folder."""
     trimmed = path.rstrip("/")
-    if os.path.basename(trimmed) == checkpointing.CHECKPOINT_DIR:
-        return os.path.dirname(trimmed)
+    if file_io.basename(trimmed) == checkpointing.CHECKPOINT_DIR:
+        return file_io.dirname(trimmed)
     return path
 
 
@@ -62,11 +60,10 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     Raises:
       FileNotFoundError: the folder has no config.json.
     """
-    path = os.path.join(_run_dir(workdir), CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = file_io.join(_run_dir(workdir), CONFIG_FILE)
+    if not file_io.isfile(path):
         raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training workdir")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(file_io.read_json(path))
 
 
 def _same_convention(key: str, a: Any, b: Any) -> bool:
@@ -188,8 +185,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
       ValueError: the workdir's checkpoints were trained with another
         model.input_normalization or model.padding (both named).
     """
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path) or checkpointing.latest_step(workdir) is None:
+    path = file_io.join(workdir, CONFIG_FILE)
+    if not file_io.isfile(path) or checkpointing.latest_step(workdir) is None:
         return
     saved = read_run_config(workdir).model
     for key in CONVENTION_KEYS:
@@ -208,9 +205,7 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     start that fails (e.g. a resumed config whose shapes do not fit) leaves
     the workdir's record of its model as it was.
     """
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    file_io.write_text(file_io.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def _get_path(config: Mapping[str, Any], dotted: str) -> Any:
@@ -254,7 +249,7 @@ def evaluation_config(
         a command-line model key disagrees with it (both named).
     """
     saved = read_run_config(workdir)
-    path = os.path.join(_run_dir(workdir), CONFIG_FILE)
+    path = file_io.join(_run_dir(workdir), CONFIG_FILE)
     missing = [k for k in CONVENTION_KEYS if k not in saved.model]
     if missing:
         raise ValueError(

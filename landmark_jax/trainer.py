@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ from landmark_jax import (
     checkpointing,
     config_lib,
     data_format,
+    file_io,
     head_sharding,
     heads,
     input_pipeline,
@@ -216,7 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # Fail now, not at the first evaluation hours into the run.
         data_format.read_split_info(config.data_dir, config.val.split)
     run_config.check_resume(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    # Fail now on a workdir that cannot be written or checkpointed to (named).
+    file_io.checkpoint_path(workdir)
+    file_io.makedirs(workdir)
     writer = metric_writer.MetricWriter(workdir)
 
     # --- Model, head and the per-class loss constants ------------------------

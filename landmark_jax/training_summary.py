@@ -6,12 +6,11 @@ python -m landmark_jax.training_summary --workdir=DIR
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 
 from absl import app, flags
 
-from landmark_jax import checkpointing
+from landmark_jax import checkpointing, file_io
 from landmark_jax.metric_writer import METRICS_FILE
 
 
@@ -21,11 +20,10 @@ def summarize(workdir: str) -> str:
     Raises:
       FileNotFoundError: the workdir has no metrics.jsonl.
     """
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = file_io.join(workdir, METRICS_FILE)
+    if not file_io.exists(path):
         raise FileNotFoundError(f"{path} not found: has a run been started in {workdir}?")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in file_io.read_text(path).splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{path} is empty")
     first, last = rows[0], rows[-1]
@@ -40,9 +38,8 @@ def summarize(workdir: str) -> str:
             lines.append(
                 f"  step {row['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in evals.items())
             )
-    checkpoints = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
-    if os.path.isdir(checkpoints):
-        steps = sorted(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    steps = checkpointing.saved_steps(workdir)
+    if steps:
         lines.append(f"  checkpoints at steps {steps}")
     return "\n".join(lines)
 

@@ -24,8 +24,6 @@ and variables). Restoring checks every variable's name and shape against the
 recorded arch first, because Orbax names neither on a mismatch.
 """
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from landmark_jax import file_io
 from landmark_jax.models import backbones, input_normalization
 
 CHECKPOINT_SUBDIR = "variables"
@@ -44,7 +43,7 @@ METADATA_FILE = "backbone.json"
 
 def check_output_is_new(output: str) -> None:
     """Raises ValueError if `output` already holds a backbone checkpoint."""
-    if os.path.exists(os.path.join(os.path.abspath(output), CHECKPOINT_SUBDIR)):
+    if file_io.exists(file_io.join(output, CHECKPOINT_SUBDIR)):
         raise ValueError(f"{output} already holds a checkpoint; choose a new --output")
 
 
@@ -89,7 +88,7 @@ def save_backbone_checkpoint(
             f"offset {list(module.input_offset)}) is not the {input_normalization_name!r} "
             f"preset (scale {list(preset.scale)}, offset {list(preset.offset)})"
         )
-    output = os.path.abspath(output)
+    output = file_io.checkpoint_path(output)
     metadata = {
         "arch": arch,
         "input_normalization": input_normalization_name,
@@ -99,12 +98,11 @@ def save_backbone_checkpoint(
         "padding": getattr(module, "padding", None),
         "source": dict(source),
     }
-    os.makedirs(output, exist_ok=True)
+    file_io.makedirs(output)
     host = jax.tree_util.tree_map(np.asarray, dict(variables))
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(output, CHECKPOINT_SUBDIR), host)
-    with open(os.path.join(output, METADATA_FILE), "w") as f:
-        json.dump(metadata, f, indent=2)
+        checkpointer.save(file_io.join(output, CHECKPOINT_SUBDIR), host)
+    file_io.write_json(file_io.join(output, METADATA_FILE), metadata)
     return metadata
 
 
@@ -114,14 +112,13 @@ def read_backbone_metadata(path: str) -> dict[str, Any]:
     Raises:
       ValueError: `path` has no backbone.json.
     """
-    metadata_path = os.path.join(path, METADATA_FILE)
-    if not os.path.isfile(metadata_path):
+    metadata_path = file_io.join(path, METADATA_FILE)
+    if not file_io.isfile(metadata_path):
         raise ValueError(
             f"{path} is not a backbone checkpoint folder (no {METADATA_FILE}); "
             "create one with python -m landmark_jax.models.keras_import"
         )
-    with open(metadata_path) as f:
-        return json.load(f)
+    return file_io.read_json(metadata_path)
 
 
 def load_backbone(path: str, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -170,8 +167,8 @@ def load_backbone_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _restore_checked(path: str, module: nn.Module) -> dict[str, Any]:
-    checkpoint = os.path.abspath(os.path.join(path, CHECKPOINT_SUBDIR))
-    if not os.path.isdir(checkpoint):
+    checkpoint = file_io.join(file_io.checkpoint_path(path), CHECKPOINT_SUBDIR)
+    if not file_io.isdir(checkpoint):
         raise ValueError(f"{path}: no {CHECKPOINT_SUBDIR}/ checkpoint")
     # Restored without a target (as saved: numpy), then compared by name.
     restored = ocp.StandardCheckpointer().restore(checkpoint)

@@ -37,6 +37,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from landmark_jax import tensorflow_setup
+from landmark_jax import file_io, tensorflow_setup
 from landmark_jax.models import (
     backbone_checkpoint,
     backbones,
@@ -379,6 +380,16 @@ def _build_keras_model(arch: str, weights: str) -> Any:
 
     if arch not in KERAS_APPLICATIONS:
         raise ValueError(f"--arch={arch} unsupported; valid: {', '.join(KERAS_APPLICATIONS)}")
+    if weights != "imagenet" and file_io.is_url(weights):
+        # h5py and Keras read local files only: a bucket's file is copied to a
+        # temporary one, removed once the model holds the weights.
+        if not file_io.isfile(weights):
+            raise ValueError(f"--weights={weights}: no such file")
+        with tempfile.TemporaryDirectory() as scratch:
+            local = os.path.join(scratch, file_io.basename(weights))
+            with open(local, "wb") as f:
+                f.write(file_io.read_bytes(weights))
+            return _build_keras_model(arch, local)
     if weights != "imagenet":
         _check_weights_file(weights, arch)
     constructor = getattr(keras.applications, KERAS_APPLICATIONS[arch])

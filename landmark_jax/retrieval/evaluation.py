@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from landmark_jax import config_lib, data_format, heads, run_config, sharding
+from landmark_jax import config_lib, data_format, file_io, heads, run_config, sharding
 from landmark_jax.retrieval import (
     ensemble,
     extract,
@@ -62,7 +61,7 @@ def embed_split(
     parts = []
     for i, (member, model) in enumerate(zip(members, models, strict=True)):
         settings = {
-            "workdir": os.path.abspath(member.workdir),
+            "workdir": file_io.absolute(member.workdir),
             "step": model.step,
             "data_dir": config.data_dir,
             "scales": list(config.eval.scales),
@@ -71,11 +70,11 @@ def embed_split(
             "resize": config.eval.get("resize", "square"),
             "size_multiple": int(config.eval.get("size_multiple", 1)),
         }
-        cache = os.path.join(workdir, EVAL_DIR, f"embeddings-{split}-{i}.npz")
+        cache = file_io.join(workdir, EVAL_DIR, f"embeddings-{split}-{i}.npz")
         # Reused only when made by the same checkpoint with the same settings,
         # and only by a single process: processes that disagreed on whether
         # the cache is there would not all join the extraction's collectives.
-        if jax.process_count() == 1 and os.path.exists(cache):
+        if jax.process_count() == 1 and file_io.exists(cache):
             cached = extract.Embeddings.load(cache)
             if cached.settings == settings:
                 parts.append(cached)
@@ -183,7 +182,7 @@ def evaluate(
         command-line model key that disagrees with a workdir's config.json.
     """
     config_lib.validate_eval_config(config)
-    out_dir = os.path.join(workdir, EVAL_DIR)
+    out_dir = file_io.join(workdir, EVAL_DIR)
     mesh = sharding.create_mesh()
     members = (
         ensemble.ensemble_members_from_config(list(config.eval.ensemble))
@@ -203,7 +202,7 @@ def evaluate(
     config.data_dir = models[0].config.data_dir
     ec = config.eval
     if _writes():
-        os.makedirs(out_dir, exist_ok=True)
+        file_io.makedirs(out_dir)  # fails now on a folder that cannot be written
 
     # Every process takes part in extraction; process 0 writes the files.
     metrics: dict[str, Any] = {"members": [m.workdir for m in members]}
@@ -223,8 +222,9 @@ def evaluate(
         metrics["revisited"] = _revisited(config, model)
 
     if _writes():
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2, default=float)
+        file_io.write_text(
+            file_io.join(out_dir, "metrics.json"), json.dumps(metrics, indent=2, default=float)
+        )
     logging.info(
         "Evaluation of %s: %s",
         workdir,
@@ -240,7 +240,7 @@ def _writes() -> bool:
 
 def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
     """Test queries against the index: kNN, submission, mAP@100 and gallery."""
-    ec, out_dir, metrics = config.eval, os.path.join(workdir, EVAL_DIR), {}
+    ec, out_dir, metrics = config.eval, file_io.join(workdir, EVAL_DIR), {}
     k = min(ec.k, len(index.ids))
     _, neighbors = knn.search(test.embeddings, index.embeddings, k, backend=ec.knn_backend)
     if ec.knn_backend == "scann":
@@ -254,7 +254,7 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
     }
     if _writes():
         solutions.write_retrieval_submission(
-            os.path.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
+            file_io.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
         )
     if ec.retrieval_solution:
         solution = solutions.read_retrieval_solution(ec.retrieval_solution)
@@ -266,7 +266,7 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
                 config.data_dir,
                 retrieval,
                 _merged(solution),
-                os.path.join(out_dir, "gallery.png"),
+                file_io.join(out_dir, "gallery.png"),
                 num_queries=ec.gallery_queries,
                 title=f"{workdir}: mAP@100 {metrics['map@100']:.4f}",
                 query_split=ec.test_split,
@@ -278,7 +278,7 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
 def _recognition(config, workdir: str, test, train, members, first_model) -> dict[str, Any]:
     """Each test image takes the landmark its nearest train images vote for
     (fused with the first member's head when eval.classifier_fusion); GAP."""
-    ec, out_dir, metrics = config.eval, os.path.join(workdir, EVAL_DIR), {}
+    ec, out_dir, metrics = config.eval, file_io.join(workdir, EVAL_DIR), {}
     label_map = data_format.read_label_map(config.data_dir)
     scores, neighbors = knn.search(
         test.embeddings,
@@ -315,7 +315,7 @@ def _recognition(config, workdir: str, test, train, members, first_model) -> dic
     predictions = recognition.recognition_predictions(list(test.ids), labels, label_scores)
     if _writes():
         solutions.write_recognition_submission(
-            os.path.join(out_dir, "recognition_submission.csv"),
+            file_io.join(out_dir, "recognition_submission.csv"),
             predictions,
             all_ids=list(test.ids),
         )

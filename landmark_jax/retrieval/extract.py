@@ -34,7 +34,6 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -45,7 +44,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from landmark_jax import checkpointing, data_format, input_pipeline, sharding
+from landmark_jax import checkpointing, data_format, file_io, input_pipeline, sharding
 from landmark_jax.models import create_model
 
 _ID_BYTES = 64  # ids travel between processes as fixed-width bytes
@@ -62,8 +61,7 @@ class Embeddings:
     settings: dict | None = None  # how they were made (checkpoint, scales...)
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(
+        file_io.save_npz(
             path,
             ids=self.ids,
             embeddings=self.embeddings,
@@ -73,8 +71,8 @@ class Embeddings:
 
     @classmethod
     def load(cls, path: str) -> Embeddings:
-        with np.load(path) as f:
-            return cls(f["ids"], f["embeddings"], f["labels"], json.loads(str(f["settings"])))
+        f = file_io.load_npz(path)
+        return cls(f["ids"], f["embeddings"], f["labels"], json.loads(str(f["settings"])))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from landmark_jax import data_format
+from landmark_jax import data_format, file_io
 from landmark_jax.retrieval import metrics
 
 # Frame colours. Green and red differ in both the R and G channels (not only
@@ -272,7 +271,7 @@ def render_gallery(
 
     Args:
       rows: the queries, top to bottom.
-      path: where to write the PNG (local, or gs:// through tf.io.gfile);
+      path: where to write the PNG (local or gs://);
         parent folders are created.
       thumb: side of each thumbnail in pixels; images are letterboxed into it.
       max_results: result columns after the query column.
@@ -307,17 +306,7 @@ def render_gallery(
 def _write_png(image: Image.Image, path: str) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    if "://" in path:
-        gfile = tf.io.gfile
-        gfile.makedirs(path.rsplit("/", 1)[0])
-        with gfile.GFile(path, "wb") as f:
-            f.write(buffer.getvalue())
-        return
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(buffer.getvalue())
+    file_io.write_bytes(path, buffer.getvalue())
 
 
 def choose_gallery_queries(

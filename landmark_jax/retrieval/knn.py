@@ -18,16 +18,15 @@ squared L2 distances, ascending, and int64 row numbers of the index, each
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import os
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from landmark_jax import file_io
 from landmark_jax.retrieval import exact_search
 
 __all__ = [
@@ -249,11 +248,16 @@ class ScannSearcher:
         return distances, indices
 
     def save(self, directory: str) -> None:
-        """Writes the ScaNN assets and this wrapper's config to `directory`."""
-        os.makedirs(directory, exist_ok=True)
+        """Writes the ScaNN assets and this wrapper's config to `directory`.
+
+        Raises:
+          ValueError: `directory` is a URL: ScaNN writes its assets with
+            plain local file I/O, so a gs:// folder would become a local one.
+        """
+        _check_local(directory)
+        file_io.makedirs(directory)
         self._searcher.serialize(directory)
-        with open(os.path.join(directory, _METADATA_FILE), "w") as f:
-            json.dump(self.config, f, indent=2)
+        file_io.write_json(file_io.join(directory, _METADATA_FILE), self.config)
 
     @classmethod
     def load(cls, directory: str) -> ScannSearcher:
@@ -263,14 +267,22 @@ class ScannSearcher:
           FileNotFoundError: `directory` lacks the config written by `save`.
           ImportError: ScaNN cannot be imported.
         """
-        path = os.path.join(directory, _METADATA_FILE)
-        if not os.path.isfile(path):
+        _check_local(directory)
+        path = file_io.join(directory, _METADATA_FILE)
+        if not file_io.isfile(path):
             raise FileNotFoundError(
                 f"{path} not found: {directory!r} was not written by ScannSearcher.save"
             )
-        with open(path) as f:
-            config = json.load(f)
+        config = file_io.read_json(path)
         return cls(_scann().load_searcher(directory), config)
+
+
+def _check_local(directory: str) -> None:
+    if file_io.is_url(directory):
+        raise ValueError(
+            f"{directory}: ScaNN reads and writes its assets on a local disk only; "
+            "copy them to or from the bucket yourself"
+        )
 
 
 # ------------------------------------------------------------------- dispatch

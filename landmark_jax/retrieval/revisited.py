@@ -26,16 +26,16 @@ or recomputed without the model.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from landmark_jax import data_format, sharding
+from landmark_jax import data_format, file_io, sharding
 
 # evaluation imports this module too; EVAL_DIR is read only at call time.
 from landmark_jax.retrieval import evaluation, exact_search, extract, metrics
@@ -50,7 +50,7 @@ PROTOCOLS = ("easy", "medium", "hard")
 
 def embeddings_path(workdir: str, split: str) -> str:
     """Where evaluate_revisited saves a split's embeddings (in gnd order)."""
-    return os.path.join(workdir, evaluation.EVAL_DIR, f"embeddings-{split}.npz")
+    return file_io.join(workdir, evaluation.EVAL_DIR, f"embeddings-{split}.npz")
 
 
 def in_gnd_order(
@@ -154,7 +154,7 @@ def evaluate_revisited(
       ValueError: the extracted ids do not match the gnd's image lists, or
         a bad resize mode, scale or size_multiple.
     """
-    gnd = data_format.read_revisited_gnd(os.path.join(data_dir, GND_FILE))
+    gnd = data_format.read_revisited_gnd(file_io.join(data_dir, GND_FILE))
     workdir = model.workdir
     mesh = sharding.create_mesh()
     options = dict(
@@ -177,7 +177,7 @@ def evaluate_revisited(
 
     if jax.process_index() == 0:
         settings = {
-            "workdir": os.path.abspath(workdir),
+            "workdir": file_io.absolute(workdir),
             "step": model.step,
             "data_dir": data_dir,
             "scales": [float(s) for s in scales],
@@ -201,11 +201,11 @@ def evaluate_revisited(
         }
         report["settings"] = settings
         # int32 halves the file; imlist indices stay far below 2**31.
-        np.save(os.path.join(workdir, evaluation.EVAL_DIR, RANKS_FILE), ranks.astype(np.int32))
-        path = os.path.join(workdir, evaluation.EVAL_DIR, RESULTS_FILE)
-        with open(path + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(path + ".tmp", path)
+        out_dir = file_io.join(workdir, evaluation.EVAL_DIR)
+        buffer = io.BytesIO()
+        np.save(buffer, ranks.astype(np.int32))
+        file_io.write_bytes(file_io.join(out_dir, RANKS_FILE), buffer.getvalue())
+        file_io.write_text(file_io.join(out_dir, RESULTS_FILE), json.dumps(report, indent=2))
     return results
 
 

@@ -13,7 +13,7 @@ the earlier row; columns are taken by position whatever the header says; a
 short row fails with an IndexError), these readers raise a
 `SolutionFormatError` naming the file and line instead. Valid files read the
 same as with DELF.
-Paths may be local or anything tf.io.gfile opens (gs://). Scoring predictions
+Paths may be local or URLs (gs://), read and written through `file_io`. Scoring predictions
 against a solution per usage lives in `landmark_jax.retrieval.usage_metrics`.
 """
 
@@ -23,9 +23,10 @@ import contextlib
 import csv
 import io
 import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict
+
+from landmark_jax import file_io
 
 PUBLIC = "Public"
 PRIVATE = "Private"
@@ -56,22 +57,16 @@ class RecognitionSolution(TypedDict):
 
 @contextlib.contextmanager
 def _open(path: str, mode: str) -> Iterator[io.TextIOBase]:
-    if "://" in path:
-        # Lazy: TensorFlow is only worth importing for remote paths.
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(path, mode) as f:
-            yield f
+    if "r" in mode:
+        if not file_io.isfile(path):
+            raise SolutionFormatError(f"{path}: file not found")
+        # newline='': csv handles line ends; read_text drops the byte-order
+        # mark a spreadsheet may have saved, which would stick to a column name.
+        yield io.StringIO(file_io.read_text(path), newline="")
         return
-    # utf-8-sig: a spreadsheet may have saved the CSV with a byte-order mark,
-    # which would otherwise stick to the first column's name.
-    text = (
-        {} if "b" in mode else {"newline": "", "encoding": "utf-8-sig" if "r" in mode else "utf-8"}
-    )
-    if "r" in mode and not os.path.isfile(path):
-        raise SolutionFormatError(f"{path}: file not found")
-    with open(path, mode, **text) as f:
-        yield f
+    buffer = io.StringIO(newline="")
+    yield buffer
+    file_io.write_text(path, buffer.getvalue())
 
 
 def _csv_rows(path: str, columns: Sequence[str]) -> Iterator[tuple[int, list[str]]]:

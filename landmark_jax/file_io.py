@@ -1,0 +1,339 @@
+"""Every file the project reads or writes goes through here: local, gs://, ram://.
+
+One path, one filesystem: TensorFlow's (`tf.io.gfile`), the one tf.data
+already reads the TFRecords through. It opens local paths, Cloud Storage
+(`gs://bucket/...`, with the VM's or `gcloud auth` credentials), TensorFlow's
+in-memory `ram://` and any filesystem a TensorFlow plugin registers. So a
+workdir or data folder in a bucket works like a local one, and nothing lands
+in a local folder named `gs:` by accident.
+
+Two exceptions, both by necessity:
+- Orbax writes checkpoint arrays through TensorStore, which takes local paths
+  and `gs://` only; `checkpoint_path` turns a path into what Orbax takes and
+  names the path it cannot.
+- TensorFlow's GCS client has no setting for another endpoint, so it cannot
+  reach a Cloud Storage emulator. With `STORAGE_EMULATOR_HOST` set (the
+  variable the Cloud Storage clients honour), `gs://` paths go through gcsfs,
+  which reaches the emulator; Orbax then needs `EPATH_USE_TF=0` and
+  `TENSORSTORE_GCS_HTTP_URL` set to the same address (the README's "Cloud
+  paths" section, and tests/test_cloud_paths.py, which runs on one).
+  TensorFlow's readers (tf.data) still use TensorFlow's client, so data
+  folders cannot live on an emulator.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import numpy as np
+
+EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+# Schemes Orbax (TensorStore) can write checkpoints to, besides local paths.
+CHECKPOINT_SCHEMES = ("gs",)
+
+
+def scheme(path: str) -> str | None:
+    """The URL scheme of `path` ('gs', 'ram', ...), or None for a local path."""
+    head, sep, _ = str(path).partition("://")
+    return head if sep and "/" not in head else None
+
+
+def is_url(path: str) -> bool:
+    """True for `scheme://...` paths (gs://, ram://), False for local ones."""
+    return scheme(path) is not None
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute; a URL as it is (what run records store)."""
+    return str(path) if is_url(path) else os.path.abspath(path)
+
+
+def join(path: str, *parts: str) -> str:
+    """Joins with '/' for URLs (on any OS) and os.path.join locally."""
+    return posixpath.join(path, *parts) if is_url(path) else os.path.join(path, *parts)
+
+
+def basename(path: str) -> str:
+    """The last component of a local path or URL."""
+    return posixpath.basename(str(path).rstrip("/"))
+
+
+def dirname(path: str) -> str:
+    """The parent of a local path or URL."""
+    return posixpath.dirname(str(path).rstrip("/")) if is_url(path) else os.path.dirname(path)
+
+
+# --- Backends -----------------------------------------------------------------
+
+
+class _TensorFlowFiles:
+    """tf.io.gfile: local paths, gs://, ram:// and TensorFlow's plugins."""
+
+    def __init__(self):
+        # Imported on first use: the builders' worker processes and the
+        # config-only CLIs need no TensorFlow until they touch a file.
+        import tensorflow as tf
+
+        self.gfile = tf.io.gfile
+
+    def open(self, path, mode):
+        return self.gfile.GFile(path, mode)
+
+    def exists(self, path):
+        return self.gfile.exists(path)
+
+    def isdir(self, path):
+        return self.gfile.isdir(path)
+
+    def makedirs(self, path):
+        self.gfile.makedirs(path)
+
+    def listdir(self, path):
+        return sorted(name.rstrip("/") for name in self.gfile.listdir(path))
+
+    def glob(self, pattern):
+        return sorted(self.gfile.glob(pattern))
+
+    def remove(self, path):
+        self.gfile.remove(path)
+
+    def rmtree(self, path):
+        self.gfile.rmtree(path)
+
+    def rename(self, source, target):
+        self.gfile.rename(source, target, overwrite=True)
+
+
+class _EmulatedCloudStorage:
+    """gcsfs against the Cloud Storage emulator at $STORAGE_EMULATOR_HOST."""
+
+    def __init__(self):
+        import gcsfs
+
+        # No listing cache: Orbax's TensorStore writes behind gcsfs's back.
+        self.fs = gcsfs.GCSFileSystem(token="anon", use_listings_cache=False)
+
+    def open(self, path, mode):
+        return self.fs.open(path, mode)
+
+    def exists(self, path):
+        return self.fs.exists(path)
+
+    def isdir(self, path):
+        return self.fs.isdir(path)
+
+    def makedirs(self, path):
+        # Object stores have no folders: an object's name creates its prefix.
+        pass
+
+    def listdir(self, path):
+        return sorted(basename(p) for p in self.fs.ls(path, detail=False))
+
+    def glob(self, pattern):
+        return sorted("gs://" + p for p in self.fs.glob(pattern))
+
+    def remove(self, path):
+        self.fs.rm_file(path)
+
+    def rmtree(self, path):
+        self.fs.rm(path, recursive=True)
+
+    def rename(self, source, target):
+        self.fs.mv(source, target)
+
+
+@functools.cache
+def _backend_named(name: str):
+    return _EmulatedCloudStorage() if name == "emulator" else _TensorFlowFiles()
+
+
+def _backend(path: str):
+    if scheme(path) == "gs" and os.environ.get(EMULATOR_ENV):
+        return _backend_named("emulator")
+    return _backend_named("tensorflow")
+
+
+# --- Queries ------------------------------------------------------------------
+
+
+def exists(path: str) -> bool:
+    """True if a file or folder exists at `path`."""
+    return _backend(path).exists(path)
+
+
+def isdir(path: str) -> bool:
+    """True if `path` is a folder (or, in a bucket, a prefix with objects)."""
+    return _backend(path).isdir(path)
+
+
+def isfile(path: str) -> bool:
+    """True if `path` exists and is not a folder."""
+    return exists(path) and not isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+    """The names (not paths) in a folder, sorted; [] for a missing folder."""
+    if not exists(path):
+        return []
+    return _backend(path).listdir(path)
+
+
+def glob(pattern: str) -> list[str]:
+    """The paths matching a glob, sorted."""
+    return _backend(pattern).glob(pattern)
+
+
+# --- Reading and writing ------------------------------------------------------
+
+
+@contextmanager
+def open_file(path: str, mode: str = "r") -> Iterator[IO[Any]]:
+    """Opens a file for reading or writing ('r', 'rb', 'w', 'wb').
+
+    Writing creates the parent folder. Errors name the path.
+
+    Raises:
+      FileNotFoundError: reading a file that does not exist.
+      OSError: the path cannot be opened or written (no permission, no such
+        bucket, a disk full), with the path and the filesystem's reason.
+    """
+    if "a" in mode or "+" in mode:
+        raise ValueError(f"{path}: mode {mode!r}: object stores cannot append; rewrite the file")
+    if "r" in mode and not isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if "w" in mode:
+        makedirs(dirname(path))
+    try:
+        with _backend(path).open(path, mode) as f:
+            yield f
+    except (FileNotFoundError, UnicodeDecodeError, ValueError, KeyError):
+        raise
+    except Exception as e:  # tf.errors.OpError and the gcsfs/aiohttp errors
+        if isinstance(e, OSError) and str(path) in str(e):
+            raise
+        raise OSError(f"{path}: cannot {'read' if 'r' in mode else 'write'}: {e}") from e
+
+
+def read_bytes(path: str) -> bytes:
+    """A file's contents."""
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 file's contents (a byte-order mark, as spreadsheets save, removed)."""
+    return read_bytes(path).decode("utf-8-sig")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes a whole file so that readers never see half of it.
+
+    A local file is written next to its target and renamed over it; an
+    object in a bucket is replaced whole by its upload already.
+    """
+    if is_url(path):
+        with open_file(path, "wb") as f:
+            f.write(data)
+        return
+    partial = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open_file(partial, "wb") as f:
+            f.write(data)
+        _backend(path).rename(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a whole UTF-8 text file (see write_bytes)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str) -> Any:
+    """A JSON file's contents.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: the file is not JSON, with the path.
+    """
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def write_json(path: str, value: Any) -> None:
+    """Writes `value` as indented JSON with sorted keys (see write_bytes)."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def save_npz(path: str, **arrays: Any) -> None:
+    """np.savez to any path (see write_bytes)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz written by save_npz."""
+    with np.load(io.BytesIO(read_bytes(path))) as f:
+        return {key: f[key] for key in f.files}
+
+
+# --- Folders ------------------------------------------------------------------
+
+
+def makedirs(path: str) -> None:
+    """Creates a folder and its parents; a no-op if it exists.
+
+    Raises:
+      OSError: it cannot be created, with the path.
+    """
+    if not path:
+        return
+    try:
+        _backend(path).makedirs(path)
+    except Exception as e:
+        raise OSError(f"{path}: cannot create the folder: {e}") from e
+
+
+def remove(path: str) -> None:
+    """Deletes a file."""
+    _backend(path).remove(path)
+
+
+def rmtree(path: str) -> None:
+    """Deletes a folder and everything in it; a no-op if it does not exist."""
+    if exists(path):
+        _backend(path).rmtree(path)
+
+
+# --- Orbax --------------------------------------------------------------------
+
+
+def checkpoint_path(path: str) -> str:
+    """The form of a folder that Orbax takes: absolute if local, gs:// as is.
+
+    Raises:
+      ValueError: a URL scheme that Orbax's TensorStore cannot write (ram://
+        and others), naming the path.
+    """
+    kind = scheme(path)
+    if kind is None:
+        return absolute(path)
+    if kind not in CHECKPOINT_SCHEMES:
+        raise ValueError(
+            f"{path}: Orbax checkpoints go to a local folder or gs:// only "
+            f"(TensorStore cannot write {kind}://); put the workdir there"
+        )
+    return str(path).rstrip("/")

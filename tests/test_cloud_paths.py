@@ -1,0 +1,172 @@
+"""A run whose workdir is in Cloud Storage and whose data folder is not on disk.
+
+The workdir is `gs://` on a Cloud Storage emulator (gcp-storage-emulator,
+served on loopback): Orbax writes the checkpoints there through TensorStore's
+GCS driver and epath, and the project's own files (config.json,
+metrics.jsonl, TensorBoard events, evaluation outputs) through file_io.
+TensorFlow's GCS client cannot be pointed at an emulator, so the data folder
+lives in TensorFlow's in-memory `ram://` filesystem instead, read by tf.data
+and file_io through tf.io.gfile, the code that reads gs:// data folders. The
+run is killed with SIGKILL after a checkpoint, resumed, evaluated, and checked
+file by file; nothing may appear on the local disk.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from landmark_jax import file_io, trainer
+from landmark_jax.retrieval import evaluation
+
+from config_files import REPO, load_config, set_keys
+
+BUCKET = "landmark-test"
+WORKDIR = f"gs://{BUCKET}/runs/demo"
+RAM_DATA = "ram://cloud-paths-test/data"
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    """An in-memory Cloud Storage emulator and the variables that point every client at it."""
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    variables = {
+        "STORAGE_EMULATOR_HOST": url,  # gcsfs: file_io and Orbax's epath
+        "TENSORSTORE_GCS_HTTP_URL": url,  # Orbax's array data
+        "EPATH_USE_TF": "0",  # epath through gcsfs, not TensorFlow's client
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no gRPC bucket probe
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in variables.items():
+            mp.setenv(key, value)
+        file_io._backend_named.cache_clear()
+        yield variables
+    file_io._backend_named.cache_clear()
+    server.stop()
+
+
+def _objects(prefix: str) -> list[str]:
+    """Every object under a gs:// prefix, relative to it."""
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(token="anon", use_listings_cache=False)
+    root = prefix.removeprefix("gs://").rstrip("/") + "/"
+    return sorted(p.removeprefix(root) for p in fs.find(root))
+
+
+def _losses(workdir: str) -> dict[int, float]:
+    rows = file_io.read_text(file_io.join(workdir, "metrics.jsonl")).splitlines()
+    return {row["step"]: row["loss"] for row in map(json.loads, rows)}
+
+
+def test_gs_workdir_and_ram_data_train_resume_and_evaluate(demo, emulator, tmp_path, monkeypatch):
+    # The same 8 steps on local paths: the losses the cloud run must give.
+    config = set_keys(
+        load_config("demo", "smoke"),
+        data_dir=demo["full"],
+        total_steps=8,
+        log_every_steps=1,
+        checkpoint_every_steps=3,
+        **{"optimizer.schedule": "constant"},
+    )
+    trainer.train_and_evaluate(config, str(tmp_path / "reference"))
+    want = _losses(str(tmp_path / "reference"))
+
+    # Train in a subprocess from an empty working folder, kill it after its
+    # step-3 checkpoint is committed, and run it again: it resumes.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {
+        **os.environ,
+        **emulator,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+    }
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tests", "cloud_train.py"),
+        demo["full"],
+        RAM_DATA,
+        f"--config={os.path.join(REPO, 'configs', 'demo.py')}:smoke",
+        f"--workdir={WORKDIR}",
+        f"--config.data_dir={RAM_DATA}",
+        "--config.total_steps=8",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=3",
+        "--config.optimizer.schedule=constant",
+    ]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "checkpoints/3/commit_success.txt" not in _objects(WORKDIR):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "training did not reach its step-3 checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resumed gs://" in result.stderr
+
+    got = _losses(WORKDIR)
+    assert sorted(got) == list(range(1, 9))
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+
+    # Evaluate here, from another empty working folder; the data folder is
+    # copied into this process's ram://, under the name config.json records.
+    from cloud_train import copy_folder
+
+    copy_folder(demo["full"], RAM_DATA)
+    monkeypatch.chdir(cwd)
+    eval_config = load_config("demo", "smoke")
+    eval_config.data_dir = RAM_DATA
+    eval_config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
+    eval_config.eval.recognition_solution = f"{demo['raw']}/recognition_solution.csv"
+    metrics = evaluation.evaluate(eval_config, WORKDIR)
+    assert 0.0 <= metrics["map@100"] <= 1.0 and 0.0 <= metrics["gap"] <= 1.0
+
+    objects = _objects(WORKDIR)
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "checkpoints/6/commit_success.txt",
+        "checkpoints/8/commit_success.txt",
+        "eval/metrics.json",
+        "eval/retrieval_submission.csv",
+        "eval/recognition_submission.csv",
+        "eval/gallery.png",
+        "eval/embeddings-index-0.npz",
+        "eval/embeddings-test-0.npz",
+    ):
+        assert name in objects, (name, objects)
+    # Two run segments (killed, resumed): two TensorBoard event files.
+    assert sum(o.startswith("tensorboard/events.out.tfevents.") for o in objects) == 2
+    saved = json.loads(file_io.read_text(f"{WORKDIR}/eval/metrics.json"))
+    assert saved["map@100"] == pytest.approx(metrics["map@100"])
+    assert json.loads(file_io.read_text(f"{WORKDIR}/config.json"))["data_dir"] == RAM_DATA
+    # Nothing landed on the local disk (no folder named gs: or ram:).
+    assert sorted(os.listdir(cwd)) == []
+    assert not any(os.path.exists(os.path.join(REPO, d)) for d in ("gs:", "ram:"))
+
+
+def test_a_workdir_orbax_cannot_write_is_named(demo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = set_keys(load_config("demo", "smoke"), data_dir=demo["full"], total_steps=1)
+    with pytest.raises(ValueError, match=r"ram://elsewhere/run: Orbax checkpoints go to"):
+        trainer.train_and_evaluate(config, "ram://elsewhere/run")
+    assert os.listdir(tmp_path) == []
