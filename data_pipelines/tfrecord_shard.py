@@ -145,6 +145,5 @@ def write_shard(job: ShardJob) -> ShardResult:
             if ex.label >= 0:
                 result.label_counts[ex.label] += 1
                 result.clean_label_counts[ex.label] += ex.is_clean
-    # tf.io.gfile, as file_io (no rename of its own) and the record writer use.
-    tf.io.gfile.rename(tmp, job.path, overwrite=True)
+    file_io.rename(tmp, job.path)
     return result

@@ -1,11 +1,12 @@
 """Every file the project reads or writes goes through here: local, gs://, ram://.
 
-One path, one filesystem: TensorFlow's (`tf.io.gfile`), the one tf.data
-already reads the TFRecords through. It opens local paths, Cloud Storage
-(`gs://bucket/...`, with the VM's or `gcloud auth` credentials), TensorFlow's
-in-memory `ram://` and any filesystem a TensorFlow plugin registers. So a
-workdir or data folder in a bucket works like a local one, and nothing lands
-in a local folder named `gs:` by accident.
+Local paths go through Python's own file functions; URLs through
+TensorFlow's filesystems (`tf.io.gfile`), the ones tf.data reads TFRecords
+through: Cloud Storage (`gs://bucket/...`, with the VM's or `gcloud auth`
+credentials), TensorFlow's in-memory `ram://` and any filesystem a
+TensorFlow plugin registers. So a workdir or data folder in a bucket works
+like a local one, and nothing lands in a local folder named `gs:` by
+accident.
 
 Two exceptions, both by necessity:
 - Orbax writes checkpoint arrays through TensorStore, which takes local paths
@@ -24,10 +25,12 @@ Two exceptions, both by necessity:
 from __future__ import annotations
 
 import functools
+import glob as glob_lib
 import io
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,17 +77,56 @@ def dirname(path: str) -> str:
 # --- Backends -----------------------------------------------------------------
 
 
+class _LocalFiles:
+    """Local paths: Python's own functions (no TensorFlow in worker processes)."""
+
+    def open(self, path, mode):
+        return open(path, mode, encoding=None if "b" in mode else "utf-8")
+
+    def exists(self, path):
+        return os.path.exists(path)
+
+    def isdir(self, path):
+        return os.path.isdir(path)
+
+    def isfile(self, path):
+        return os.path.isfile(path)
+
+    def makedirs(self, path):
+        os.makedirs(path, exist_ok=True)
+
+    def listdir(self, path):
+        return sorted(os.listdir(path))
+
+    def glob(self, pattern):
+        return sorted(glob_lib.glob(pattern))
+
+    def remove(self, path):
+        os.remove(path)
+
+    def rmtree(self, path):
+        shutil.rmtree(path)
+
+    def rename(self, source, target):
+        os.replace(source, target)
+
+
 class _TensorFlowFiles:
-    """tf.io.gfile: local paths, gs://, ram:// and TensorFlow's plugins."""
+    """tf.io.gfile: gs://, ram:// and TensorFlow's plugins."""
 
     def __init__(self):
-        # Imported on first use: the builders' worker processes and the
-        # config-only CLIs need no TensorFlow until they touch a file.
+        # Imported on first use: processes that touch only local files (the
+        # builders' workers, the config-only CLIs) need no TensorFlow.
         import tensorflow as tf
 
         self.gfile = tf.io.gfile
+        self.not_found = tf.errors.NotFoundError
 
     def open(self, path, mode):
+        if "w" in mode and scheme(path) == "ram" and self.gfile.exists(path):
+            # TF 2.20's ram:// appends when an existing file is opened for
+            # writing; every other filesystem replaces it.
+            self.gfile.remove(path)
         return self.gfile.GFile(path, mode)
 
     def exists(self, path):
@@ -93,10 +135,20 @@ class _TensorFlowFiles:
     def isdir(self, path):
         return self.gfile.isdir(path)
 
+    def isfile(self, path):
+        try:
+            return not self.gfile.stat(path).is_directory
+        except self.not_found:
+            return False
+
     def makedirs(self, path):
         self.gfile.makedirs(path)
 
     def listdir(self, path):
+        if scheme(path) == "ram":
+            # TF 2.20's ram:// lists siblings that share the folder's name as
+            # a prefix (train.csv beside train/); a glob does not.
+            return sorted(basename(p) for p in self.gfile.glob(join(path, "*")))
         return sorted(name.rstrip("/") for name in self.gfile.listdir(path))
 
     def glob(self, pattern):
@@ -130,6 +182,9 @@ class _EmulatedCloudStorage:
     def isdir(self, path):
         return self.fs.isdir(path)
 
+    def isfile(self, path):
+        return self.fs.isfile(path)
+
     def makedirs(self, path):
         # Object stores have no folders: an object's name creates its prefix.
         pass
@@ -150,13 +205,23 @@ class _EmulatedCloudStorage:
         self.fs.mv(source, target)
 
 
+_BACKENDS = {
+    "local": _LocalFiles,
+    "tensorflow": _TensorFlowFiles,
+    "emulator": _EmulatedCloudStorage,
+}
+
+
 @functools.cache
 def _backend_named(name: str):
-    return _EmulatedCloudStorage() if name == "emulator" else _TensorFlowFiles()
+    return _BACKENDS[name]()
 
 
 def _backend(path: str):
-    if scheme(path) == "gs" and os.environ.get(EMULATOR_ENV):
+    kind = scheme(path)
+    if kind is None:
+        return _backend_named("local")
+    if kind == "gs" and os.environ.get(EMULATOR_ENV):
         return _backend_named("emulator")
     return _backend_named("tensorflow")
 
@@ -176,7 +241,7 @@ def isdir(path: str) -> bool:
 
 def isfile(path: str) -> bool:
     """True if `path` exists and is not a folder."""
-    return exists(path) and not isdir(path)
+    return _backend(path).isfile(path)
 
 
 def listdir(path: str) -> list[str]:
@@ -247,7 +312,7 @@ def write_bytes(path: str, data: bytes) -> None:
     try:
         with open_file(partial, "wb") as f:
             f.write(data)
-        _backend(path).rename(partial, path)
+        rename(partial, path)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -310,6 +375,11 @@ def makedirs(path: str) -> None:
 def remove(path: str) -> None:
     """Deletes a file."""
     _backend(path).remove(path)
+
+
+def rename(source: str, target: str) -> None:
+    """Moves a file, replacing `target` (in a bucket: a copy, then a delete)."""
+    _backend(source).rename(source, target)
 
 
 def rmtree(path: str) -> None:

@@ -5,10 +5,10 @@ writes and reads a ram:// folder exactly as it does a local one works on a
 bucket too. Each build here is compared with the same build into a local
 folder: the same files, the same bytes, the same dataset_info.json.
 
-Two quirks of TensorFlow's ram:// (2.20) that gs:// does not have: listing a
-folder also lists the siblings that share its name as a prefix (hence globs
-here), and rewriting a file appends to it (hence one build per ram:// folder,
-and the xfail below).
+Two quirks of TensorFlow's ram:// (2.20) that gs:// does not have, which
+file_io works around: listing a folder also lists the siblings that share its
+name as a prefix, and rewriting a file appends to it (the second split built
+into one folder checks that).
 """
 
 import os
@@ -148,13 +148,6 @@ def test_gldv2_to_tfrecord_reads_its_inputs_from_ram(demo_raw, ram, cwd, tmp_pat
     assert info["sources"]["index"]["csv"] == f"{ram}/raw/index.csv"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="file_io.write_bytes on ram:// appends to an existing file (TensorFlow's "
-    "ram:// GFile 'wb' does not truncate), so the second split's dataset_info.json "
-    "is two JSON documents; remove this mark once file_io works around it",
-)
 def test_second_split_into_the_same_ram_folder(demo_raw, ram, cwd):
     remote = f"{ram}/data"
     _build_train(demo_raw, remote)

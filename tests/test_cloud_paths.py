@@ -32,10 +32,38 @@ WORKDIR = f"gs://{BUCKET}/runs/demo"
 RAM_DATA = "ram://cloud-paths-test/data"
 
 
+def _add_generation_header(server_module, objects) -> None:
+    """Makes the emulator's downloads carry `x-goog-generation`, as GCS's do.
+
+    TensorStore (Orbax's array store) reads an object's generation from that
+    header and rejects a download without it; gcp-storage-emulator sends the
+    generation in the object's JSON metadata only.
+    """
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # not found: the 404 stands as it is
+            return
+        response["x-goog-generation"] = obj["generation"]
+
+    objects.download = download_with_generation  # objects.get(alt=media) calls it
+    for _, handlers in server_module.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler is download:
+                handlers[method] = download_with_generation
+
+
 @pytest.fixture(scope="module")
 def emulator():
     """An in-memory Cloud Storage emulator and the variables that point every client at it."""
+    from gcp_storage_emulator import server as server_module
+    from gcp_storage_emulator.handlers import objects
     from gcp_storage_emulator.server import create_server
+
+    _add_generation_header(server_module, objects)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
