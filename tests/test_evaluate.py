@@ -198,8 +198,22 @@ def test_ensemble_of_one_model_twice_ranks_like_the_model(demo, trained, tmp_pat
     assert 0.0 <= combined["map@100"] <= 1.0 and 0.0 <= single["map@100"] <= 1.0
 
 
-def test_evaluate_command_line(demo, trained, tmp_path):
-    # Trained on 8 devices, evaluated on 2: a checkpoint loads on any topology.
+def _recognition_rows(path):
+    with open(path) as f:
+        return {row["id"]: row["landmarks"].split() for row in csv.DictReader(f)}
+
+
+def test_two_process_evaluation_equals_one_process(demo, trained, tmp_path):
+    """2 processes x 2 CPU devices (trained on 1 x 8): every process extracts
+    its share, process 0 writes the same files as a 1-process evaluation."""
+    import socket
+
+    reference = evaluation.evaluate(eval_config(demo, gallery_queries=3), trained)
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("eval"))
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
@@ -210,16 +224,64 @@ def test_evaluate_command_line(demo, trained, tmp_path):
         "-m",
         "landmark_jax.evaluate",
         "--config=configs/demo.py:smoke",
-        f"--workdir={trained}",
+        f"--workdir={workdir}",
         f"--config.data_dir={demo['full']}",
         f"--config.eval.retrieval_solution={demo['raw']}/retrieval_solution.csv",
-        "--config.eval.train_split=",
+        f"--config.eval.recognition_solution={demo['raw']}/recognition_solution.csv",
         "--config.eval.knn_backend=exact",
+        "--config.eval.gallery_queries=3",
     ]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "map@100: " in result.stdout
-    assert "gap" not in result.stdout
+    procs = [
+        subprocess.Popen(
+            [
+                *cmd,
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "map@100: " in outputs[0] and "map@100: " not in outputs[1]  # process 0 prints
+
+    one, two = os.path.join(trained, "eval"), os.path.join(workdir, "eval")
+    written = json.load(open(os.path.join(two, "metrics.json")))
+    assert written["map@100"] == pytest.approx(reference["map@100"], abs=1e-6)
+    assert written["gap"] == pytest.approx(reference["gap"], abs=1e-6)
+    assert written["retrieval"] == pytest.approx(reference["retrieval"], abs=1e-6)
+    assert (
+        open(os.path.join(two, "retrieval_submission.csv")).read()
+        == open(os.path.join(one, "retrieval_submission.csv")).read()
+    )
+    got = _recognition_rows(os.path.join(two, "recognition_submission.csv"))
+    want = _recognition_rows(os.path.join(one, "recognition_submission.csv"))
+    assert sorted(got) == sorted(want)
+    for image_id, row in want.items():
+        assert got[image_id][::2] == row[::2], image_id  # the landmark
+        np.testing.assert_allclose(
+            [float(x) for x in got[image_id][1::2]], [float(x) for x in row[1::2]], atol=1e-5
+        )
+    assert os.path.isfile(os.path.join(two, "gallery.png"))
+
+
+def test_evaluate_refuses_a_model_flag_that_contradicts_the_workdir(demo, trained):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "landmark_jax.evaluate",
+        "--config=configs/demo.py:smoke",
+        f"--workdir={trained}",
+        f"--config.data_dir={demo['full']}",
+    ]
     # The model comes from the workdir's config.json: a model flag that
     # contradicts it is refused before anything is extracted.
     cmd.append("--config.model.input_normalization=caffe")
