@@ -77,12 +77,17 @@ def emulator():
         "EPATH_USE_TF": "0",  # epath through gcsfs, not TensorFlow's client
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # no gRPC bucket probe
     }
+    from etils.epath import gpath
+
     with pytest.MonkeyPatch.context() as mp:
         for key, value in variables.items():
             mp.setenv(key, value)
+        # Both cache their choice of client: made again under these variables.
         file_io._backend_named.cache_clear()
+        gpath._is_tf_installed.cache_clear()
         yield variables
     file_io._backend_named.cache_clear()
+    gpath._is_tf_installed.cache_clear()
     server.stop()
 
 
