@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -202,4 +203,37 @@ def test_a_workdir_orbax_cannot_write_is_named(demo, tmp_path, monkeypatch):
     config = set_keys(load_config("demo", "smoke"), data_dir=demo["full"], total_steps=1)
     with pytest.raises(ValueError, match=r"ram://elsewhere/run: Orbax checkpoints go to"):
         trainer.train_and_evaluate(config, "ram://elsewhere/run")
+    assert os.listdir(tmp_path) == []
+
+
+def test_backbone_checkpoint_in_a_bucket_round_trips(emulator, tmp_path, monkeypatch):
+    """keras_import's output (Orbax variables + backbone.json) written to and
+    read from gs://, as `init.backbone` reads it."""
+    from landmark_jax.models import backbone_checkpoint, backbones
+
+    from backbone_variables import random_variables
+
+    monkeypatch.chdir(tmp_path)
+    module = backbones.create_backbone("efficientnet_tiny", input_normalization="imagenet")
+    variables = random_variables(module, (1, 32, 32, 3))
+    path = f"gs://{BUCKET}/weights/efficientnet_tiny"
+    backbone_checkpoint.save_backbone_checkpoint(
+        path,
+        "efficientnet_tiny",
+        module,
+        variables,
+        {"test": "random"},
+        input_normalization_name="imagenet",
+    )
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        backbone_checkpoint.check_output_is_new(path)
+    loaded_module, loaded = backbone_checkpoint.load_backbone(path)
+    assert loaded_module.input_scale == module.input_scale
+    for (key, want), got in zip(
+        jax.tree_util.tree_leaves_with_path(variables),
+        jax.tree_util.tree_leaves(loaded),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want, err_msg=str(key))
+    assert "weights/efficientnet_tiny/backbone.json" in _objects(f"gs://{BUCKET}")
     assert os.listdir(tmp_path) == []
