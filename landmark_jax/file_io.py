@@ -158,7 +158,15 @@ class _TensorFlowFiles:
         self.gfile.remove(path)
 
     def rmtree(self, path):
-        self.gfile.rmtree(path)
+        if scheme(path) != "ram":
+            self.gfile.rmtree(path)
+            return
+        # TF 2.20's ram:// has no folders to delete recursively: its files are.
+        for child in self.gfile.glob(join(path, "*")):
+            if self.gfile.isdir(child):
+                self.rmtree(child)
+            else:
+                self.gfile.remove(child)
 
     def rename(self, source, target):
         self.gfile.rename(source, target, overwrite=True)
@@ -259,16 +267,28 @@ def glob(pattern: str) -> list[str]:
 # --- Reading and writing ------------------------------------------------------
 
 
+def _named(error: Exception, path: str, doing: str) -> Exception:
+    """The filesystem's error, with the path in its message if it lacks one."""
+    if isinstance(error, OSError | ValueError) and str(path) in str(error):
+        return error
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(f"{path}: no such file ({error})")
+    # tf.errors.OpError, gcsfs/aiohttp errors, PermissionError, disk full...
+    return OSError(f"{path}: cannot {doing}: {error}")
+
+
 @contextmanager
 def open_file(path: str, mode: str = "r") -> Iterator[IO[Any]]:
     """Opens a file for reading or writing ('r', 'rb', 'w', 'wb').
 
-    Writing creates the parent folder. Errors name the path.
+    Writing creates the parent folder. Opening errors name the path; errors
+    raised by the caller's own code inside the `with` pass through as they are.
 
     Raises:
       FileNotFoundError: reading a file that does not exist.
-      OSError: the path cannot be opened or written (no permission, no such
-        bucket, a disk full), with the path and the filesystem's reason.
+      OSError: the path cannot be opened (no permission, no such bucket),
+        with the path and the filesystem's reason.
+      ValueError: an append or update mode, which object stores do not have.
     """
     if "a" in mode or "+" in mode:
         raise ValueError(f"{path}: mode {mode!r}: object stores cannot append; rewrite the file")
@@ -277,20 +297,25 @@ def open_file(path: str, mode: str = "r") -> Iterator[IO[Any]]:
     if "w" in mode:
         makedirs(dirname(path))
     try:
-        with _backend(path).open(path, mode) as f:
-            yield f
-    except (FileNotFoundError, UnicodeDecodeError, ValueError, KeyError):
-        raise
-    except Exception as e:  # tf.errors.OpError and the gcsfs/aiohttp errors
-        if isinstance(e, OSError) and str(path) in str(e):
-            raise
-        raise OSError(f"{path}: cannot {'read' if 'r' in mode else 'write'}: {e}") from e
+        f = _backend(path).open(path, mode)
+    except Exception as e:
+        raise _named(e, path, "open it") from e
+    with f:
+        yield f
 
 
 def read_bytes(path: str) -> bytes:
-    """A file's contents."""
+    """A file's contents.
+
+    Raises:
+      FileNotFoundError: no such file.
+      OSError: it cannot be read, with the path.
+    """
     with open_file(path, "rb") as f:
-        return f.read()
+        try:
+            return f.read()
+        except Exception as e:
+            raise _named(e, path, "read it") from e
 
 
 def read_text(path: str) -> str:
@@ -298,20 +323,30 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8-sig")
 
 
+def _write_whole(path: str, data: bytes, named: str) -> None:
+    try:
+        with open_file(path, "wb") as f:
+            f.write(data)
+    except Exception as e:  # an upload can fail at close, too
+        raise _named(e, named, "write it") from e
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Writes a whole file so that readers never see half of it.
 
     A local file is written next to its target and renamed over it; an
     object in a bucket is replaced whole by its upload already.
+
+    Raises:
+      OSError: it cannot be written (no permission, no such bucket, a full
+        disk), with the path.
     """
     if is_url(path):
-        with open_file(path, "wb") as f:
-            f.write(data)
+        _write_whole(path, data, path)
         return
     partial = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with open_file(partial, "wb") as f:
-            f.write(data)
+        _write_whole(partial, data, path)
         rename(partial, path)
     finally:
         if os.path.exists(partial):
