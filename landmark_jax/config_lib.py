@@ -289,7 +289,7 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         malformed ensemble entry, or a solution file / Revisited folder that
         is set but does not exist; the message names the key.
     """
-    from landmark_jax import input_pipeline
+    from landmark_jax import sized_eval_input
     from landmark_jax.retrieval import ensemble, knn
 
     ec = config.eval
@@ -321,7 +321,7 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
             "e.g. (0.7071, 1.0, 1.4142)"
         )
     for key in ("resize", "revisited_resize"):
-        _check_choice(config, f"eval.{key}", ec[key], input_pipeline.RESIZE_MODES)
+        _check_choice(config, f"eval.{key}", ec[key], sized_eval_input.RESIZE_MODES)
     for key in ("index_split", "test_split"):
         if not ec[key]:
             raise ValueError(f"config.eval.{key} is empty: name a split of the data folder")

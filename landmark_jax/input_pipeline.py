@@ -21,17 +21,13 @@ whole batches with `mask=False` rows, with the ids kept on the host. All
 processes run the same number of steps (the largest share) since each step is
 a collective computation.
 
-Aspect-kept eval input (`read_eval_index`, `eval_image_sizes`,
-`create_sized_eval_dataset`): a first pass reads the ids, labels and image
-sizes (JPEG headers only); the images are then decoded and resized one by
-one, each to its own size, with the aspect ratio kept (`longer_side` or
-`native`); retrieval/extract.py batches them by shape.
+Aspect-kept eval input, each image resized to its own size, is in
+sized_eval_input.py.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -46,7 +42,13 @@ from landmark_jax import data_format, sharding
 _MAX_EPOCHS = 2**62
 
 
-def _process_files(split: data_format.SplitInfo, process_index: int, process_count: int):
+def process_files(split: data_format.SplitInfo, process_index: int, process_count: int):
+    """(files, examples per file) a process reads: every process_count-th
+    shard from process_index on.
+
+    Raises:
+      ValueError: fewer shards than processes.
+    """
     if len(split.files) < process_count:
         raise ValueError(
             f"split {split.name!r} has {len(split.files)} shard file(s), fewer than the "
@@ -58,7 +60,8 @@ def _process_files(split: data_format.SplitInfo, process_index: int, process_cou
     )
 
 
-def _decode(encoded):
+def decode_image(encoded):
+    """Encoded image bytes (any format tf.io.decode_image reads) -> uint8 [H, W, 3]."""
     # channels=3 turns grayscale into RGB; expand_animations=False keeps a
     # GIF/PNG a single [H, W, 3] frame.
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -67,15 +70,16 @@ def _decode(encoded):
 
 
 def _decode_and_resize(encoded, image_size: int):
-    return _resize(_decode(encoded), [image_size, image_size])
+    return resize_image(decode_image(encoded), [image_size, image_size])
 
 
-def _resize(image, size):
+def resize_image(image, size):
     """The one resize of every pipeline: bilinear from the decoded image."""
     return tf.image.resize(image, size, method="bilinear")
 
 
-def _to_uint8(image):
+def to_uint8(image):
+    """Float pixels rounded and clipped to uint8."""
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
@@ -136,7 +140,7 @@ def create_train_dataset(
             f"split {split!r} has no labels; train on one of {data_format.LABELED_SPLITS}"
         )
     num_classes = data_format.read_num_classes(data_dir)
-    files, counts = _process_files(info, process_index, process_count)
+    files, counts = process_files(info, process_index, process_count)
     counts = np.asarray(counts, np.int64)
     epoch_len = int(counts.sum())
     if epoch_len == 0:
@@ -199,7 +203,7 @@ def create_train_dataset(
             )
             image = tf.cond(coin < 0.5, lambda: tf.reverse(image, axis=[1]), lambda: image)
         return {
-            "image": _to_uint8(image),
+            "image": to_uint8(image),
             "label": tf.cast(label, tf.int32),
             "is_clean": tf.cast(ex[data_format.IS_CLEAN], tf.int32),
         }
@@ -220,7 +224,7 @@ def create_train_dataset(
     return ds.with_options(options)
 
 
-def _eval_feature_spec(info: data_format.SplitInfo) -> dict[str, Any]:
+def eval_feature_spec(info: data_format.SplitInfo) -> dict[str, Any]:
     """What an eval record is parsed into: image bytes, id, and the label of
     a labelled split (a missing label is a parse error, never class 0)."""
     spec = {
@@ -266,16 +270,16 @@ def create_eval_dataset(
       splits; exactly num_steps batches, the same number in every process.
     """
     info = data_format.read_split_info(data_dir, split)
-    files, counts = _process_files(info, process_index, process_count)
+    files, counts = process_files(info, process_index, process_count)
     num_local = sum(counts)
     num_steps = num_eval_steps(data_dir, split, local_batch_size, process_count)
 
-    spec = _eval_feature_spec(info)
+    spec = eval_feature_spec(info)
 
     def parse(record):
         ex = tf.io.parse_single_example(record, spec)
         out = {
-            "image": _to_uint8(_decode_and_resize(ex[data_format.IMAGE], image_size)),
+            "image": to_uint8(_decode_and_resize(ex[data_format.IMAGE], image_size)),
             "id": ex[data_format.ID],
             "mask": tf.constant(True),
         }
@@ -300,194 +304,6 @@ def create_eval_dataset(
         .prefetch(tf.data.AUTOTUNE)
     )
     return ds, num_steps
-
-
-RESIZE_MODES = ("square", "longer_side", "native")
-
-
-def eval_image_sizes(
-    heights: np.ndarray,
-    widths: np.ndarray,
-    *,
-    resize: str,
-    image_size: int,
-    scale: float,
-    multiple: int = 1,
-) -> np.ndarray:
-    """The (height, width) every image is resized to at one extraction scale.
-
-    Args:
-      heights: int [N], the decoded images' heights.
-      widths: int [N], their widths.
-      resize: 'square': image_size * scale on both sides, the aspect ratio
-        lost (the GLR2020 evaluation); 'longer_side': the aspect ratio kept,
-        the longer side image_size * scale and the shorter one scaled by the
-        same factor; 'native': the aspect ratio kept, the decoded image scaled
-        by `scale` (DOLG's evaluation, cv2.resize fx = fy = scale;
-        image_size unused).
-      image_size: the base side ('square', 'longer_side').
-      scale: the multi-scale factor.
-      multiple: aspect-kept modes only: each side goes to the nearest multiple
-        of it (at least `multiple`) rather than to the nearest integer, so that
-        fewer distinct shapes, i.e. compiled programs, arise; 1 is exact.
-
-    Returns:
-      int64 [N, 2] sizes: round(side * factor) (half to even, as Python's and
-      DOLG's round), at least 1.
-
-    Raises:
-      ValueError: an unknown mode, a non-positive scale, image size or
-        multiple, or an image with an empty side.
-    """
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
-    if not scale > 0:
-        raise ValueError(f"scale={scale!r}: must be positive")
-    if not multiple >= 1 or int(multiple) != multiple:
-        raise ValueError(f"size multiple={multiple!r}: must be a positive integer")
-    if resize != "native" and not (image_size and image_size > 0):
-        raise ValueError(f"image_size={image_size!r}: must be positive for resize={resize!r}")
-    dims = np.stack([np.asarray(heights, np.int64), np.asarray(widths, np.int64)], axis=1)
-    if dims.size and dims.min() < 1:
-        row = int(np.argwhere(dims < 1)[0, 0])
-        raise ValueError(f"image {row} has size {tuple(map(int, dims[row]))}: an empty side")
-    if resize == "square":
-        side = max(int(round(image_size * scale)), 1)
-        return np.full((len(dims), 2), side, np.int64)
-    if resize == "native":
-        exact = dims * float(scale)
-    else:
-        target = image_size * scale
-        longer = dims.max(axis=1, keepdims=True)
-        # The longer side is the target itself, not a division away from it.
-        exact = np.where(dims == longer, target, dims * (target / longer))
-    if multiple == 1:
-        return np.maximum(np.rint(exact), 1).astype(np.int64)
-    return (np.maximum(np.rint(exact / multiple), 1) * multiple).astype(np.int64)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalIndex:
-    """A process's share of a split, in its reading order, without pixels."""
-
-    ids: np.ndarray  # str [n]
-    labels: np.ndarray | None  # int64 [n] for labeled splits, else None
-    heights: np.ndarray  # int64 [n]: the decoded images' sizes
-    widths: np.ndarray  # int64 [n]
-
-
-def read_eval_index(
-    data_dir: str, split: str, *, process_index: int = 0, process_count: int = 1
-) -> EvalIndex:
-    """Ids, labels and image sizes of this process's examples of a split.
-
-    JPEG sizes come from the header (tf.image.extract_jpeg_shape, the size
-    decode_image gives); other formats are decoded.
-
-    Args:
-      data_dir: the data folder.
-      split: the split name.
-      process_index: this process.
-      process_count: all processes.
-
-    Returns:
-      An EvalIndex in the order create_sized_eval_dataset reads the images.
-
-    Raises:
-      DataFormatError: the split is missing, or its shards hold another
-        number of examples than dataset_info.json says.
-      ValueError: fewer shards than processes.
-    """
-    info = data_format.read_split_info(data_dir, split)
-    files, counts = _process_files(info, process_index, process_count)
-    spec = _eval_feature_spec(info)
-
-    def parse(record):
-        ex = tf.io.parse_single_example(record, spec)
-        encoded = ex[data_format.IMAGE]
-        shape = tf.cond(
-            tf.io.is_jpeg(encoded),
-            lambda: tf.image.extract_jpeg_shape(encoded)[:2],
-            lambda: tf.shape(_decode(encoded))[:2],
-        )
-        out = {"id": ex[data_format.ID], "shape": shape}
-        if info.labeled:
-            out["label"] = ex[data_format.LABEL]
-        return out
-
-    ds = (
-        tf.data.TFRecordDataset(list(files))
-        .map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(4096)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    ids, shapes, labels = [], [], []
-    for batch in ds.as_numpy_iterator():
-        ids.extend(i.decode() for i in batch["id"])
-        shapes.append(batch["shape"].reshape(-1, 2))
-        if info.labeled:
-            labels.append(batch["label"])
-    if len(ids) != sum(counts):
-        raise data_format.DataFormatError(
-            f"{data_dir}: process {process_index}'s shards of split {split!r} hold "
-            f"{len(ids)} examples, dataset_info.json says {sum(counts)}; rebuild the split"
-        )
-    shape = np.concatenate(shapes).astype(np.int64) if shapes else np.zeros((0, 2), np.int64)
-    return EvalIndex(
-        ids=np.array(ids, dtype=str),
-        labels=np.concatenate(labels).astype(np.int64) if info.labeled else None,
-        heights=shape[:, 0],
-        widths=shape[:, 1],
-    )
-
-
-def create_sized_eval_dataset(
-    data_dir: str,
-    split: str,
-    sizes: np.ndarray,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-):
-    """This process's images of a split, each resized to its own size, in order.
-
-    The decode and the bilinear resize are those of every other pipeline
-    here (`tf.image.resize` from the decoded image, rounded to uint8).
-
-    Args:
-      data_dir: the data folder.
-      split: the split name.
-      sizes: int [n, 2] (height, width) per example of this process, in
-        read_eval_index order (e.g. eval_image_sizes of its sizes).
-      process_index: this process.
-      process_count: all processes.
-
-    Returns:
-      An unbatched tf.data.Dataset of uint8 [h_i, w_i, 3] images.
-
-    Raises:
-      ValueError: `sizes` does not have one row per example of this process.
-    """
-    info = data_format.read_split_info(data_dir, split)
-    files, counts = _process_files(info, process_index, process_count)
-    sizes = np.asarray(sizes, np.int32)
-    if sizes.shape != (sum(counts), 2):
-        raise ValueError(
-            f"sizes has shape {sizes.shape}; process {process_index} reads "
-            f"{sum(counts)} examples of split {split!r}: expected ({sum(counts)}, 2)"
-        )
-    spec = {data_format.IMAGE: tf.io.FixedLenFeature([], tf.string)}
-
-    def load(record, size):
-        encoded = tf.io.parse_single_example(record, spec)[data_format.IMAGE]
-        return _to_uint8(_resize(_decode(encoded), size))
-
-    ds = tf.data.Dataset.zip(
-        (tf.data.TFRecordDataset(list(files)), tf.data.Dataset.from_tensor_slices(sizes))
-    )
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
-        tf.data.AUTOTUNE
-    )
 
 
 def _to_device(dataset, mesh: Mesh, prefetch: int) -> Iterator[Any]:

@@ -1,9 +1,9 @@
-"""Shape buckets of aspect-kept extraction (retrieval/extract.py), without a model."""
+"""Shape buckets of aspect-kept extraction (retrieval/shape_buckets.py), without a model."""
 
 import numpy as np
 import pytest
 
-from landmark_jax.retrieval import extract
+from landmark_jax.retrieval import shape_buckets
 
 
 def _image(index: int, shape: tuple[int, int]) -> np.ndarray:
@@ -13,20 +13,20 @@ def _image(index: int, shape: tuple[int, int]) -> np.ndarray:
 
 def test_bucket_rows_shrink_rare_shapes_to_a_multiple_of_the_devices():
     sizes = np.array([[8, 12]] * 20 + [[12, 8]] * 3 + [[6, 12]])
-    rows = extract.bucket_rows(sizes, max_rows=16, row_multiple=4)
+    rows = shape_buckets.bucket_rows(sizes, max_rows=16, row_multiple=4)
     assert rows == {(8, 12): 16, (12, 8): 4, (6, 12): 4}
-    assert extract.bucket_rows(np.zeros((0, 2), np.int64), 16, 4) == {}
+    assert shape_buckets.bucket_rows(np.zeros((0, 2), np.int64), 16, 4) == {}
     with pytest.raises(ValueError, match="batch rows=10 must be a positive multiple of the 4"):
-        extract.bucket_rows(sizes, max_rows=10, row_multiple=4)
+        shape_buckets.bucket_rows(sizes, max_rows=10, row_multiple=4)
 
 
 def test_bucket_batches_hold_every_image_once_with_zero_padding():
     shapes = [(8, 12), (12, 8), (8, 12), (8, 12), (6, 12), (8, 12), (8, 12), (12, 8)]
     images = [_image(i, s) for i, s in enumerate(shapes)]
-    rows = extract.bucket_rows(np.array(shapes), max_rows=4, row_multiple=2)
+    rows = shape_buckets.bucket_rows(np.array(shapes), max_rows=4, row_multiple=2)
     assert rows == {(8, 12): 4, (12, 8): 2, (6, 12): 2}
 
-    batches = list(extract.bucket_batches(iter(images), rows))
+    batches = list(shape_buckets.bucket_batches(iter(images), rows))
     # Full batches as soon as they fill (the 4th (8, 12) image is at position 5,
     # the 2nd (12, 8) at 7), then the partial ones in first-seen order.
     assert [list(indices) for indices, _ in batches] == [[0, 2, 3, 5], [1, 7], [6], [4]]
@@ -44,7 +44,7 @@ def test_bucket_batches_hold_every_image_once_with_zero_padding():
 
 def test_bucket_batches_reject_an_unplanned_shape():
     with pytest.raises(ValueError, match=r"image 1 has shape \(5, 5\)"):
-        list(extract.bucket_batches([_image(0, (4, 4)), _image(1, (5, 5))], {(4, 4): 2}))
+        list(shape_buckets.bucket_batches([_image(0, (4, 4)), _image(1, (5, 5))], {(4, 4): 2}))
 
 
 def test_file_order_interleaves_process_shares_by_shard():
@@ -55,8 +55,8 @@ def test_file_order_interleaves_process_shares_by_shard():
         {"ids": np.array(["a0", "a1", "c0", "c1", "c2", "e0", "e1"]), "x": np.arange(7)},
         {"ids": np.array(["b0"]), "x": np.array([70])},
     ]
-    merged = extract._file_order(shares, file_examples)
+    merged = shape_buckets.file_order(shares, file_examples)
     assert list(merged["ids"]) == ["a0", "a1", "b0", "c0", "c1", "c2", "e0", "e1"]
     np.testing.assert_array_equal(merged["x"], [0, 1, 70, 2, 3, 4, 5, 6])
     with pytest.raises(AssertionError, match="do not add up"):
-        extract._file_order(shares, [2, 1, 3, 0, 1])
+        shape_buckets.file_order(shares, [2, 1, 3, 0, 1])

@@ -12,7 +12,7 @@ import tensorflow as tf
 from PIL import Image
 
 from data_pipelines import gldv2_to_tfrecord
-from landmark_jax import data_format, input_pipeline, sharding
+from landmark_jax import data_format, input_pipeline, sharding, sized_eval_input
 
 import tiny_gldv2
 
@@ -285,7 +285,7 @@ def test_label_map_must_agree_with_dataset_info(data, tmp_path):
 
 def test_eval_image_sizes_square_longer_side_and_native():
     heights, widths = np.array([768, 1024, 100, 40, 5]), np.array([1024, 768, 333, 40, 7])
-    sizes = input_pipeline.eval_image_sizes
+    sizes = sized_eval_input.eval_image_sizes
     square = sizes(heights, widths, resize="square", image_size=512, scale=0.5)
     np.testing.assert_array_equal(square, [[256, 256]] * 5)
     longer = sizes(heights, widths, resize="longer_side", image_size=512, scale=0.5)
@@ -330,7 +330,7 @@ def test_eval_image_sizes_errors_name_the_value(kwargs, message):
     args = dict(heights=[4, 6], widths=[5, 5], resize="longer_side", image_size=8, scale=1.0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        input_pipeline.eval_image_sizes(args.pop("heights"), args.pop("widths"), **args)
+        sized_eval_input.eval_image_sizes(args.pop("heights"), args.pop("widths"), **args)
 
 
 def _records(out, split):
@@ -350,12 +350,12 @@ def test_sized_eval_images_keep_the_aspect_ratio_and_cover_each_example_once(dat
     encoded = _records(out, "index")
     seen = []
     for p in range(2):
-        index = input_pipeline.read_eval_index(out, "index", process_index=p, process_count=2)
+        index = sized_eval_input.read_eval_index(out, "index", process_index=p, process_count=2)
         assert index.labels is None
-        sizes = input_pipeline.eval_image_sizes(
+        sizes = sized_eval_input.eval_image_sizes(
             index.heights, index.widths, resize="longer_side", image_size=SIZE, scale=1.0
         )
-        ds = input_pipeline.create_sized_eval_dataset(
+        ds = sized_eval_input.create_sized_eval_dataset(
             out, "index", sizes, process_index=p, process_count=2
         )
         images = list(ds.as_numpy_iterator())
@@ -402,14 +402,16 @@ def test_sized_eval_reads_png_sizes_labels_and_checks_the_size_table(data, tmp_p
         )
     ]
     _write_split(copy, "val", examples)
-    index = input_pipeline.read_eval_index(copy, "val")
+    index = sized_eval_input.read_eval_index(copy, "val")
     assert list(index.ids) == ["png", "jpeg"]
     np.testing.assert_array_equal(index.labels, [3, 5])
     np.testing.assert_array_equal(index.heights, [30, 30])
     np.testing.assert_array_equal(index.widths, [20, 20])
     sizes = np.array([[9, 6], [30, 20]])
-    images = list(input_pipeline.create_sized_eval_dataset(copy, "val", sizes).as_numpy_iterator())
+    images = list(
+        sized_eval_input.create_sized_eval_dataset(copy, "val", sizes).as_numpy_iterator()
+    )
     assert [i.shape for i in images] == [(9, 6, 3), (30, 20, 3)]
     np.testing.assert_allclose(images[0].reshape(-1, 3), [[10, 200, 30]] * 54, atol=1)
     with pytest.raises(ValueError, match=r"sizes has shape \(1, 2\).*expected \(2, 2\)"):
-        input_pipeline.create_sized_eval_dataset(copy, "val", sizes[:1])
+        sized_eval_input.create_sized_eval_dataset(copy, "val", sizes[:1])

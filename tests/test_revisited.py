@@ -14,8 +14,8 @@ import tensorflow as tf
 from PIL import Image
 
 from data_pipelines import revisited_to_tfrecord, tfrecord_shard
-from landmark_jax import data_format, input_pipeline, sharding
-from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited
+from landmark_jax import data_format, sharding, sized_eval_input
+from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited, shape_buckets
 
 from config_files import REPO, load_config
 
@@ -414,7 +414,7 @@ def test_native_extraction_equals_one_image_at_a_time(revisited_data, trained):
             config, workdir, data_dir, split, multiple=multiple, **options
         )
         assert_matches(emb, expected)
-    index = input_pipeline.read_eval_index(data_dir, "revisited_query")
+    index = sized_eval_input.read_eval_index(data_dir, "revisited_query")
     assert list(zip(index.heights, index.widths, strict=True)) == [(23, 36), (33, 44), (48, 64)]
 
 
@@ -452,7 +452,7 @@ def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisi
     variables = jax.device_put(trained_model.variables, sharding.replicated_sharding(mesh))
     embed = extract._embed_views(trained_model.module, flip=False)
     shares = [
-        extract._share_embeddings(
+        shape_buckets.share_embeddings(
             embed,
             variables,
             data_dir,
@@ -470,18 +470,15 @@ def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisi
     ]
     info = data_format.read_split_info(data_dir, split)
     assert [len(s["ids"]) for s in shares] == [sum(info.file_examples[p::2]) for p in range(2)]
-    merged = extract._file_order(shares, info.file_examples)
+    merged = shape_buckets.file_order(shares, info.file_examples)
     assert_matches(
-        extract.Embeddings(
-            extract._decode_ids(merged["ids"]), merged["embeddings"], merged["labels"]
-        ),
-        expected,
+        extract.Embeddings(merged["ids"], merged["embeddings"], merged["labels"]), expected
     )
 
     # Directly: an image's row is the same beside other images or zero rows.
     images = np.stack(
         list(
-            input_pipeline.create_sized_eval_dataset(
+            sized_eval_input.create_sized_eval_dataset(
                 data_dir, split, np.full((12, 2), [16, 32])
             ).as_numpy_iterator()
         )
