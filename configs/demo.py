@@ -42,6 +42,9 @@ def get_config(arg: str | None = None):
     config.input.shuffle_buffer = 512
     config.eval.retrieval_solution = "demo_data/raw/retrieval_solution.csv"
     config.eval.recognition_solution = "demo_data/raw/recognition_solution.csv"
+    # What training bought: the same queries scored by the untrained model,
+    # raw pixels and a random ranking (evaluate prints them side by side).
+    config.eval.baselines = ("untrained", "raw_pixels", "chance")
     if smoke:
         config_lib.apply_smoke(config, image_size=32, total_steps=6, checkpoint_every_steps=3)
     return config

@@ -117,6 +117,10 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval.revisited_resize = "native"  # Revisited: each image x scale, DOLG's protocol
     c.eval.size_multiple = 1  # aspect kept: sides rounded to a multiple (fewer programs)
     c.eval.gallery_queries = 8
+    # Scored beside the learned model on the same queries (retrieval/baselines.py):
+    # any of 'untrained', 'raw_pixels', 'chance'; needs eval.retrieval_solution.
+    c.eval.baselines = ()
+    c.eval.raw_pixel_size = 64  # raw_pixels: images resized to this side, squared
     # A revisited_to_tfrecord output folder (ROxford5k / RParis6k): when set,
     # evaluation also reports the easy / medium / hard mAP and mP@k.
     c.eval.revisited_data_dir = ""
@@ -290,7 +294,7 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         is set but does not exist; the message names the key.
     """
     from landmark_jax import sized_eval_input
-    from landmark_jax.retrieval import ensemble, knn
+    from landmark_jax.retrieval import baselines, ensemble, knn
 
     ec = config.eval
     _check_choice(config, "eval.knn_backend", ec.knn_backend, knn.BACKENDS)
@@ -301,6 +305,7 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         ("classifier_top_m", 1),
         ("size_multiple", 1),
         ("gallery_queries", 0),
+        ("raw_pixel_size", 1),
     ):
         _check_int(f"eval.{key}", ec[key], minimum)
     for key in ("recognition_power", "classifier_power"):
@@ -325,6 +330,13 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
     for key in ("index_split", "test_split"):
         if not ec[key]:
             raise ValueError(f"config.eval.{key} is empty: name a split of the data folder")
+    for name in ec.baselines:
+        _check_choice(config, "eval.baselines", name, baselines.BASELINES)
+    if ec.baselines and not ec.retrieval_solution:
+        raise ValueError(
+            f"config.eval.baselines={tuple(ec.baselines)} scores retrieval: "
+            "set config.eval.retrieval_solution too"
+        )
     if ec.ensemble:
         try:
             ensemble.ensemble_members_from_config(list(ec.ensemble))

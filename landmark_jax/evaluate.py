@@ -49,6 +49,13 @@ def main(argv):
         for key in ("map@100", "gap"):
             if key in metrics:
                 print(f"{key}: {metrics[key]:.4f}")
+        if "baselines" in metrics:
+            # What training bought, on the same queries with the same metric.
+            scored = {"learned": metrics["map@100"], **metrics["baselines"]}
+            print(
+                f"retrieval mAP@100 on {metrics['retrieval_queries']} queries: "
+                + " | ".join(f"{name.replace('_', ' ')} {v:.4f}" for name, v in scored.items())
+            )
         print(f"wrote {file_io.join(FLAGS.workdir, evaluation.EVAL_DIR)}/")
 
 

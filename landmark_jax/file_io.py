@@ -161,12 +161,15 @@ class _TensorFlowFiles:
         if scheme(path) != "ram":
             self.gfile.rmtree(path)
             return
-        # TF 2.20's ram:// has no folders to delete recursively: its files are.
+        # TF 2.20's ram:// cannot delete recursively: each file, then the
+        # folder's own entry.
         for child in self.gfile.glob(join(path, "*")):
             if self.gfile.isdir(child):
                 self.rmtree(child)
             else:
                 self.gfile.remove(child)
+        if self.gfile.exists(path):
+            self.gfile.remove(path)
 
     def rename(self, source, target):
         self.gfile.rename(source, target, overwrite=True)

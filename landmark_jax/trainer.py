@@ -29,6 +29,7 @@ from landmark_jax import (
     input_pipeline,
     losses,
     metric_writer,
+    random_streams,
     run_config,
     sharding,
 )
@@ -96,7 +97,7 @@ def _logits(config, cosine, labels, consts, num_classes, valid_mask=None):
 def train_step(state, batch, consts, *, model, head, tx, config, num_classes, base_key):
     """One SGD step on a global batch; returns (new state, metrics)."""
     step = state["step"]
-    key = jax.random.fold_in(base_key, step)
+    key = random_streams.step_key(base_key, step)
 
     def loss_fn(params):
         variables = {"params": params["model"], "batch_stats": state["batch_stats"]["model"]}
@@ -252,18 +253,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --- State: initialise sharded, then resume / carry over / import ------
     # Two streams: one for initialisation, one folded with the step number.
-    init_key, base_key = jax.random.split(jax.random.key(config.seed))
-    image = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+    keys = random_streams.run_keys(config.seed)
 
-    def init_state(key):
-        model_key, head_key = jax.random.split(key)
-        variables = model.init({"params": model_key, "dropout": model_key}, image)
+    def init_state(model_key, head_key):
+        variables = random_streams.init_model_variables(model, model_key, config.image_size)
         embedding = jnp.zeros((1, config.model.embedding_dim), jnp.float32)
         params = {"model": variables["params"], "head": head.init(head_key, embedding)["params"]}
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
-            "batch_stats": {"model": variables.get("batch_stats", {})},
+            "batch_stats": {"model": variables["batch_stats"]},
             "opt_state": tx.init(params),
             "nonfinite": {
                 "count": jnp.zeros((), jnp.int32),
@@ -271,9 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             },
         }
 
-    abstract = jax.eval_shape(init_state, init_key)
+    abstract = jax.eval_shape(init_state, keys.model, keys.head)
     shardings = head_sharding.param_shardings(abstract, mesh, shard_head)
-    state = jax.jit(init_state, out_shardings=shardings)(init_key)
+    state = jax.jit(init_state, out_shardings=shardings)(keys.model, keys.head)
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -309,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             tx=tx,
             config=config,
             num_classes=num_classes,
-            base_key=base_key,
+            base_key=keys.steps,
         ),
         donate_argnums=0,
         out_shardings=(shardings, sharding.replicated_sharding(mesh)),

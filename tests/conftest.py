@@ -6,9 +6,9 @@ at the top of conftest.py (pytest imports it before any test module).
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from cpu_devices import xla_flags
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same tiny programs (the demo smoke model's init and
 # train step, the eval step): a persistent compilation cache shared by the

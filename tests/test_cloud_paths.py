@@ -27,6 +27,7 @@ from landmark_jax import file_io, trainer
 from landmark_jax.retrieval import evaluation
 
 from config_files import REPO, load_config, set_keys
+from cpu_devices import subprocess_env
 
 BUCKET = "landmark-test"
 WORKDIR = f"gs://{BUCKET}/runs/demo"
@@ -123,13 +124,9 @@ def test_gs_workdir_and_ram_data_train_resume_and_evaluate(demo, emulator, tmp_p
     # step-3 checkpoint is committed, and run it again: it resumes.
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {
-        **os.environ,
-        **emulator,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-    }
+    env = subprocess_env(
+        8, **emulator, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+    )
     cmd = [
         sys.executable,
         os.path.join(REPO, "tests", "cloud_train.py"),

@@ -13,6 +13,7 @@ from PIL import Image
 
 from landmark_jax import checkpointing, data_format, input_pipeline
 from landmark_jax.retrieval import (
+    baselines,
     ensemble,
     evaluation,
     extract,
@@ -23,6 +24,7 @@ from landmark_jax.retrieval import (
 )
 
 from config_files import REPO, load_config
+from cpu_devices import subprocess_env
 
 
 def eval_config(demo, **eval_overrides):
@@ -85,11 +87,20 @@ def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
 
 
 def test_evaluate_writes_metrics_submissions_and_gallery(demo, trained):
-    result = evaluation.evaluate(eval_config(demo), trained)
+    result = evaluation.evaluate(eval_config(demo, baselines=baselines.BASELINES), trained)
     out = os.path.join(trained, "eval")
     written = json.load(open(os.path.join(out, "metrics.json")))
     assert written["map@100"] == pytest.approx(result["map@100"])
     assert 0.0 <= written["map@100"] <= 1.0 and 0.0 <= written["gap"] <= 1.0
+
+    # The baselines, scored on the same queries.
+    solution = solutions.read_retrieval_solution(f"{demo['raw']}/retrieval_solution.csv")
+    merged = {**solution[solutions.PUBLIC], **solution[solutions.PRIVATE]}
+    assert written["retrieval_queries"] == len(merged)
+    assert set(written["baselines"]) == set(baselines.BASELINES)
+    index_ids = csv_ids(f"{demo['raw']}/index.csv")
+    assert written["baselines"]["chance"] == pytest.approx(baselines.chance_map(merged, index_ids))
+    assert all(0.0 <= v <= 1.0 for v in written["baselines"].values())
 
     # The metrics agree with the submission files scored independently.
     retrieval = solutions.read_retrieval_predictions(os.path.join(out, "retrieval_submission.csv"))
@@ -218,11 +229,7 @@ def test_two_process_evaluation_equals_one_process(demo, trained, tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = subprocess_env(4)
     cmd = [
         sys.executable,
         "-m",
@@ -279,11 +286,7 @@ def test_two_process_evaluation_equals_one_process(demo, trained, tmp_path):
 
 def test_evaluate_on_another_device_count_and_refuses_a_contradicting_model_flag(demo, trained):
     # Trained on 8 devices, evaluated on 2: a checkpoint loads on any topology.
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = subprocess_env(2)
     cmd = [
         sys.executable,
         "-m",
@@ -295,9 +298,17 @@ def test_evaluate_on_another_device_count_and_refuses_a_contradicting_model_flag
         "--config.eval.train_split=",
         "--config.eval.knn_backend=exact",
     ]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*cmd, "--config.eval.baselines=('raw_pixels', 'chance')"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "map@100: " in result.stdout and "gap" not in result.stdout
+    assert "queries: learned 0." in result.stdout and "| raw pixels 0." in result.stdout
     # The model comes from the workdir's config.json: a model flag that
     # contradicts it is refused before anything is extracted.
     cmd.append("--config.model.input_normalization=caffe")

@@ -39,6 +39,7 @@ def test_write_read_list_and_replace(root):
     assert file_io.listdir(file_io.join(root, "a")) == ["b.json", "d.bin"]
     file_io.rmtree(file_io.join(root, "a"))
     assert not file_io.exists(file_io.join(root, "a", "b.json"))
+    assert file_io.listdir(root) == ["a.csv"]
 
 
 def test_npz_round_trip_and_utf8_with_byte_order_mark(root):

@@ -12,7 +12,7 @@ import pytest
 
 from landmark_jax import checkpointing, run_config, trainer
 from landmark_jax.models import backbone_checkpoint, backbones, create_model
-from landmark_jax.retrieval import extract
+from landmark_jax.retrieval import baselines, extract
 
 from backbone_variables import random_variables
 from config_files import load_config, set_keys
@@ -232,3 +232,25 @@ def test_evaluation_takes_data_and_eval_from_the_command_line_only(demo, caffe_r
         )
     with pytest.raises(FileNotFoundError, match="not a training workdir"):
         run_config.evaluation_config(cli, str(tmp_path))
+
+
+def test_the_untrained_baseline_is_each_stage_s_step_0_model(caffe_resnet):
+    """Both stages trained with lr 0, so each kept its step-0 parameters:
+    stage 1 the converted backbone and its seed's neck, stage 2 stage 1's
+    model. The evaluation's untrained baseline must rebuild exactly those."""
+    for stage in ("stage1", "stage2"):
+        workdir = caffe_resnet[stage]
+        config = run_config.evaluation_config(load_config("demo", "smoke"), workdir)
+        untrained = baselines.untrained_model(config, workdir)
+        trained = _model_variables(workdir)["params"]
+        paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(trained)]
+        assert paths == [
+            p for p, _ in jax.tree_util.tree_leaves_with_path(untrained.variables["params"])
+        ]
+        for path, a, b in zip(
+            paths,
+            jax.tree.leaves(untrained.variables["params"]),
+            jax.tree.leaves(trained),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a, b, err_msg=f"{stage} {jax.tree_util.keystr(path)}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from landmark_jax import config_lib, data_format, file_io, heads, run_config, sharding
 from landmark_jax.retrieval import (
+    baselines,
     ensemble,
     extract,
     gallery,
@@ -60,15 +61,13 @@ def embed_split(
     """
     parts = []
     for i, (member, model) in enumerate(zip(members, models, strict=True)):
+        options = _extraction_options(config, model, member.image_size)
         settings = {
             "workdir": file_io.absolute(member.workdir),
             "step": model.step,
             "data_dir": config.data_dir,
-            "scales": list(config.eval.scales),
-            "flip": bool(config.eval.flip),
-            "image_size": member.image_size or config.eval.image_size or model.config.image_size,
-            "resize": config.eval.get("resize", "square"),
-            "size_multiple": int(config.eval.get("size_multiple", 1)),
+            **options,
+            "scales": list(options["scales"]),
         }
         cache = file_io.join(workdir, EVAL_DIR, f"embeddings-{split}-{i}.npz")
         # Reused only when made by the same checkpoint with the same settings,
@@ -79,17 +78,7 @@ def embed_split(
             if cached.settings == settings:
                 parts.append(cached)
                 continue
-        emb = extract.extract(
-            model,
-            split,
-            data_dir=config.data_dir,
-            scales=tuple(config.eval.scales),
-            flip=config.eval.flip,
-            image_size=settings["image_size"],
-            mesh=mesh,
-            resize=settings["resize"],
-            size_multiple=settings["size_multiple"],
-        )
+        emb = extract.extract(model, split, data_dir=config.data_dir, mesh=mesh, **options)
         emb = dataclasses.replace(emb, settings=settings)
         if _writes():
             emb.save(cache)
@@ -97,6 +86,18 @@ def embed_split(
     ids, aligned = ensemble.align_by_ids([(p.ids, p.embeddings) for p in parts])
     combined = ensemble.combine_embeddings(aligned, [m.weight for m in members])
     return extract.Embeddings(np.asarray(ids), combined, parts[0].labels)
+
+
+def _extraction_options(config, model: extract.TrainedModel, image_size: int | None = None):
+    """How eval.* says to extract a model's embeddings (extract.extract's options)."""
+    ec = config.eval
+    return {
+        "scales": tuple(ec.scales),
+        "flip": bool(ec.flip),
+        "image_size": image_size or ec.image_size or model.config.image_size,
+        "resize": ec.get("resize", "square"),
+        "size_multiple": int(ec.get("size_multiple", 1)),
+    }
 
 
 def _first_member_embeddings(
@@ -209,6 +210,8 @@ def evaluate(
     index = embed_split(config, workdir, ec.index_split, members, models, mesh)
     test = embed_split(config, workdir, ec.test_split, members, models, mesh)
     metrics.update(_retrieval(config, workdir, index, test))
+    if ec.baselines:
+        metrics["baselines"] = _baselines(config, models[0], mesh, index.ids)
     if ec.train_split:
         train = embed_split(config, workdir, ec.train_split, members, models, mesh)
         metrics.update(_recognition(config, workdir, test, train, members, models[0]))
@@ -238,20 +241,26 @@ def _writes() -> bool:
     return jax.process_index() == 0
 
 
-def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
-    """Test queries against the index: kNN, submission, mAP@100 and gallery."""
-    ec, out_dir, metrics = config.eval, file_io.join(workdir, EVAL_DIR), {}
+def _ranked(ec, index, test, metrics: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """Each test query's k nearest index ids, best first (ScaNN's recall
+    against exact search goes to `metrics` when given)."""
     k = min(ec.k, len(index.ids))
     _, neighbors = knn.search(test.embeddings, index.embeddings, k, backend=ec.knn_backend)
-    if ec.knn_backend == "scann":
+    if ec.knn_backend == "scann" and metrics is not None:
         # ScaNN's recall against exact search, on a sample of the queries.
         sample = np.random.default_rng(0).permutation(len(test.ids))[: ec.recall_queries]
         _, exact = knn.search(test.embeddings[sample], index.embeddings, k, backend="exact")
         metrics[f"scann_recall@{k}"] = knn.recall_at_k(neighbors[sample], exact)
-    retrieval = {
+    return {
         qid: [str(index.ids[j]) for j in row if j >= 0]
         for qid, row in zip(test.ids, neighbors, strict=True)
     }
+
+
+def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
+    """Test queries against the index: kNN, submission, mAP@100 and gallery."""
+    ec, out_dir, metrics = config.eval, file_io.join(workdir, EVAL_DIR), {}
+    retrieval = _ranked(ec, index, test, metrics)
     if _writes():
         solutions.write_retrieval_submission(
             file_io.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
@@ -261,6 +270,7 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
         by_usage = usage_metrics.retrieval_metrics_by_usage(retrieval, solution)
         metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
         metrics["retrieval"] = by_usage
+        metrics["retrieval_queries"] = len(_merged(solution))
         if _writes():
             gallery.write_gallery(
                 config.data_dir,
@@ -273,6 +283,34 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
                 index_split=ec.index_split,
             )
     return metrics
+
+
+def _baselines(config, model: extract.TrainedModel, mesh, index_ids) -> dict[str, float]:
+    """mAP@100 of each of eval.baselines on the learned model's queries.
+
+    The untrained model is extracted as the learned one is; raw pixels at
+    eval.raw_pixel_size squared, one view; chance in closed form.
+    """
+    ec = config.eval
+    solution = solutions.read_retrieval_solution(ec.retrieval_solution)
+    scored: dict[str, float] = {}
+    for name in ec.baselines:
+        if name == "chance":
+            scored[name] = baselines.chance_map(_merged(solution), list(index_ids), ec.k)
+            continue
+        if name == "untrained":
+            baseline = baselines.untrained_model(model.config, model.workdir)
+            options = _extraction_options(config, model)
+        else:
+            baseline = baselines.raw_pixel_model(model.config)
+            options = {"image_size": ec.raw_pixel_size, "scales": (1.0,), "flip": False}
+        index, test = (
+            extract.extract(baseline, split, data_dir=config.data_dir, mesh=mesh, **options)
+            for split in (ec.index_split, ec.test_split)
+        )
+        by_usage = usage_metrics.retrieval_metrics_by_usage(_ranked(ec, index, test), solution)
+        scored[name] = by_usage[solutions.ALL]["map@100"]
+    return scored
 
 
 def _recognition(config, workdir: str, test, train, members, first_model) -> dict[str, Any]:
