@@ -30,6 +30,8 @@ def get_config(arg: str | None = None):
     config.log_every_steps = 20
     config.checkpoint_every_steps = 100
     config.val.every_steps = 200
+    # Retrieval mAP@100 of the unseen landmarks at each validation step.
+    config.val.retrieval_solution = "demo_data/raw/retrieval_solution.csv"
     config.head.scale = "adacos_dynamic"
     config.loss.class_weights = "inv_log1p"
     config.loss.not_clean_weight = 0.5

@@ -48,6 +48,12 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.val.split = "val"
     # None: batch_size; also extraction's default batch in evaluation
     c.val.batch_size = ml_collections.FieldReference(None, field_type=int)
+    # Retrieval mAP@100 at the validation steps (val_map@100): the queries of
+    # val.query_split against val.index_split, scored by this solution CSV
+    # (id,images,Usage) as evaluate scores them; "" skips it.
+    c.val.retrieval_solution = ""
+    c.val.query_split = "test"
+    c.val.index_split = "index"
 
     # model.input_normalization and model.padding (the input convention of
     # the weights) left None are resolved before training starts: from
@@ -191,6 +197,7 @@ def apply_smoke(
     config.log_every_steps = 2
     config.checkpoint_every_steps = checkpoint_every_steps
     config.val.every_steps = 0
+    config.val.retrieval_solution = ""
     config.input.files_per_chunk = 4
     config.input.shuffle_buffer = 64
     return config
@@ -237,6 +244,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             raise ValueError(f"config.{key}={config[key]}: expected >= 1")
     if config.val.every_steps < 0:
         raise ValueError(f"config.val.every_steps={config.val.every_steps}: expected >= 0")
+    if config.val.retrieval_solution:
+        if not config.val.every_steps:
+            raise ValueError(
+                f"config.val.retrieval_solution={config.val.retrieval_solution!r} is scored at "
+                "the validation steps: set config.val.every_steps > 0"
+            )
+        if not file_io.exists(config.val.retrieval_solution):
+            raise ValueError(
+                f"config.val.retrieval_solution={config.val.retrieval_solution!r} does not exist"
+            )
     for key, value in (
         ("batch_size", config.batch_size),
         ("val.batch_size", config.val.batch_size),

@@ -34,6 +34,7 @@ from landmark_jax import (
     sharding,
 )
 from landmark_jax.models import backbone_checkpoint, create_model
+from landmark_jax.retrieval import evaluation, extract
 
 # ----------------------------------------------------------------------------
 # Building blocks: model, optimizer, state
@@ -159,8 +160,9 @@ def eval_step(state, batch, consts, *, model, head, config, num_classes):
     }
 
 
-def evaluate(config, mesh, state, consts, eval_fn) -> dict[str, float]:
-    """Validation loss and top-1 accuracy on config.val.split."""
+def evaluate(config, mesh, state, consts, eval_fn, model) -> dict[str, float]:
+    """Validation loss and top-1 accuracy on config.val.split, and the
+    retrieval mAP@100 of config.val's queries when it names a solution."""
     batch_size = config.val.batch_size or config.batch_size
     it, num_steps = input_pipeline.eval_iterator(
         config.data_dir,
@@ -175,10 +177,24 @@ def evaluate(config, mesh, state, consts, eval_fn) -> dict[str, float]:
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = max(int(totals["count"]), 1)
-    return {
+    metrics = {
         f"{config.val.split}_loss": float(totals["loss_sum"]) / count,
         f"{config.val.split}_accuracy": float(totals["correct"]) / count,
     }
+    if config.val.retrieval_solution:
+        # The current parameters, through the evaluation's own extraction and
+        # scoring (no second implementation).
+        variables = {k: state[k]["model"] for k in ("params", "batch_stats")}
+        current = extract.TrainedModel(config, "", int(state["step"]), model, variables, {})
+        metrics["val_map@100"] = evaluation.retrieval_map(
+            current,
+            data_dir=config.data_dir,
+            query_split=config.val.query_split,
+            index_split=config.val.index_split,
+            solution_path=config.val.retrieval_solution,
+            mesh=mesh,
+        )
+    return metrics
 
 
 # ----------------------------------------------------------------------------
@@ -366,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
             sums, num_summed = None, 0
         if do_eval:
-            last.update(evaluate(config, mesh, state, consts, eval_fn))
+            last.update(evaluate(config, mesh, state, consts, eval_fn, model))
         if do_log or do_eval:
             writer.write(step, last)
             logging.info(

@@ -48,6 +48,7 @@ def test_training_lowers_the_loss(demo, tmp_path):
             "optimizer.learning_rate": 0.1,
             "head.scale": "fixed",
             "head.scale_value": 16.0,
+            "val.retrieval_solution": f"{demo['raw']}/retrieval_solution.csv",
         },
     )
     last = trainer.train_and_evaluate(config, str(tmp_path))
@@ -61,7 +62,24 @@ def test_training_lowers_the_loss(demo, tmp_path):
         "grad_norm",
         "val_loss",
         "val_accuracy",
+        "val_map@100",
     }
+    # The in-training retrieval mAP is the evaluation's own score of the
+    # step-30 parameters (the last checkpoint).
+    from landmark_jax import run_config
+    from landmark_jax.retrieval import evaluation, extract
+
+    saved = run_config.evaluation_config(config, str(tmp_path))
+    assert last["val_map@100"] == pytest.approx(
+        evaluation.retrieval_map(
+            extract.load_trained_model(saved, str(tmp_path)),
+            data_dir=demo["full"],
+            query_split="test",
+            index_split="index",
+            solution_path=f"{demo['raw']}/retrieval_solution.csv",
+        ),
+        abs=1e-6,
+    )
     assert os.path.isdir(tmp_path / "tensorboard")
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["total_steps"] == 30 and saved["data_dir"] == demo["full"]
@@ -183,6 +201,16 @@ def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, subset_stag
         ({"num_classes": 3}, ValueError, "config.num_classes=3 but .*dataset_info.json says"),
         ({"init.checkpoint": "/nonexistent/run"}, ValueError, "init.checkpoint.*does not exist"),
         ({"head.scale": "adacos"}, ValueError, "head.scale='adacos'; valid"),
+        (
+            {"val.retrieval_solution": "/nonexistent.csv", "val.every_steps": 5},
+            ValueError,
+            "val.retrieval_solution='/nonexistent.csv' does not exist",
+        ),
+        (
+            {"val.retrieval_solution": __file__, "val.every_steps": 0},
+            ValueError,
+            "scored at the validation steps: set config.val.every_steps > 0",
+        ),
     ],
 )
 def test_bad_configs_fail_before_compiling(demo, tmp_path, overrides, error, match):

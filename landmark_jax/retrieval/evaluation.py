@@ -242,7 +242,7 @@ def _writes() -> bool:
 
 
 def _ranked(ec, index, test, metrics: dict[str, Any] | None = None) -> dict[str, list[str]]:
-    """Each test query's k nearest index ids, best first (ScaNN's recall
+    """Each test query's eval.k nearest index ids, best first (ScaNN's recall
     against exact search goes to `metrics` when given)."""
     k = min(ec.k, len(index.ids))
     _, neighbors = knn.search(test.embeddings, index.embeddings, k, backend=ec.knn_backend)
@@ -255,6 +255,32 @@ def _ranked(ec, index, test, metrics: dict[str, Any] | None = None) -> dict[str,
         qid: [str(index.ids[j]) for j in row if j >= 0]
         for qid, row in zip(test.ids, neighbors, strict=True)
     }
+
+
+def retrieval_map(
+    model: extract.TrainedModel,
+    *,
+    data_dir: str,
+    query_split: str,
+    index_split: str,
+    solution_path: str,
+    mesh=None,
+) -> float:
+    """mAP@100 of a model's queries against its index, as evaluate scores it
+    (exact search, one view at the model's image size). The trainer's
+    validation calls it on the current parameters.
+
+    Raises:
+      FileNotFoundError / SolutionFormatError: a missing or malformed solution.
+    """
+    index, test = (
+        extract.extract(model, split, data_dir=data_dir, mesh=mesh)
+        for split in (index_split, query_split)
+    )
+    search = ml_collections.ConfigDict({"k": 100, "knn_backend": "exact"})
+    solution = solutions.read_retrieval_solution(solution_path)
+    by_usage = usage_metrics.retrieval_metrics_by_usage(_ranked(search, index, test), solution)
+    return by_usage[solutions.ALL]["map@100"]
 
 
 def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:

@@ -23,6 +23,7 @@ gather of the embeddings at the end (shape_buckets.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -144,8 +145,14 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+@functools.lru_cache(maxsize=16)
 def _embed_views(model, flip: bool):
-    """jit(variables, images uint8 [B,H,W,3]) -> [B, D] sum of unit view embeddings."""
+    """jit(variables, images uint8 [B,H,W,3]) -> [B, D] sum of unit view embeddings.
+
+    One jitted function per (module, flip): modules compare by value, so the
+    trainer's validation steps and an evaluation's repeated extractions reuse
+    the compiled programs.
+    """
 
     @jax.jit
     def embed(variables, images):
