@@ -20,3 +20,39 @@ def xla_flags(devices: int) -> str:
 def subprocess_env(devices: int, **extra: str) -> dict[str, str]:
     """The environment of a program the tests start, on `devices` CPU devices."""
     return {**os.environ, "XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu", **extra}
+
+
+def run_processes(cmd: list[str], num_processes: int, devices_per_process: int) -> list[str]:
+    """Runs `cmd` as one JAX program of `num_processes` processes on this machine.
+
+    Each process gets `devices_per_process` CPU devices and the multi-host
+    flags (a free loopback port as the coordinator); the call waits for all
+    and checks that each exited 0.
+
+    Returns:
+      Each process's output (stdout and stderr), by process id.
+    """
+    import socket
+    import subprocess
+
+    from config_files import REPO
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    flags = [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, *flags, f"--process_id={i}"],
+            cwd=REPO,
+            env=subprocess_env(devices_per_process),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    return outputs

@@ -24,7 +24,7 @@ from landmark_jax.retrieval import (
 )
 
 from config_files import REPO, load_config
-from cpu_devices import subprocess_env
+from cpu_devices import run_processes, subprocess_env
 
 
 def eval_config(demo, **eval_overrides):
@@ -221,15 +221,10 @@ def test_two_process_evaluation_equals_one_process(demo, trained, tmp_path):
     (The same 8 devices, so that the embeddings are the same to the bit and
     so is every ranking; test_evaluate_on_another_device_count... changes
     the device count.)"""
-    import socket
 
     reference = evaluation.evaluate(eval_config(demo, gallery_queries=3), trained)
     workdir = str(tmp_path / "run")
     shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("eval"))
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = subprocess_env(4)
     cmd = [
         sys.executable,
         "-m",
@@ -242,25 +237,7 @@ def test_two_process_evaluation_equals_one_process(demo, trained, tmp_path):
         "--config.eval.knn_backend=exact",
         "--config.eval.gallery_queries=3",
     ]
-    procs = [
-        subprocess.Popen(
-            [
-                *cmd,
-                f"--coordinator_address=localhost:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    outputs = run_processes(cmd, num_processes=2, devices_per_process=4)
     assert "map@100: " in outputs[0] and "map@100: " not in outputs[1]  # process 0 prints
 
     one, two = os.path.join(trained, "eval"), os.path.join(workdir, "eval")

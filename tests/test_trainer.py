@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,8 +10,8 @@ import pytest
 
 from landmark_jax import checkpointing, data_format, trainer, training_summary
 
-from config_files import REPO, load_config, set_keys
-from cpu_devices import subprocess_env
+from config_files import load_config, set_keys
+from cpu_devices import run_processes
 
 
 def demo_config(arg: str):
@@ -88,21 +87,6 @@ def test_training_lowers_the_loss(demo, tmp_path):
     assert summary.rstrip().endswith("30]")  # the last checkpoint is the last step
     # A finished run returns at once.
     assert trainer.train_and_evaluate(config, str(tmp_path)) == {}
-
-
-def _train_command(data_dir: str, workdir: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "landmark_jax.train",
-        "--config=configs/demo.py:smoke",
-        f"--workdir={workdir}",
-        f"--config.data_dir={data_dir}",
-        "--config.total_steps=8",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=3",
-        "--config.optimizer.schedule=constant",
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -248,34 +232,19 @@ def test_checkpoints_hold_the_class_sharded_head_on_8_devices(demo, tmp_path):
 
 def test_two_processes_train_together(demo, tmp_path):
     """2 processes x 4 CPU devices: one mesh, each process reads its shards."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = subprocess_env(4)
     workdir = str(tmp_path / "run")
-    cmd = _train_command(demo["full"], workdir)[:-4] + [
+    cmd = [
+        sys.executable,
+        "-m",
+        "landmark_jax.train",
+        "--config=configs/demo.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.data_dir={demo['full']}",
         "--config.total_steps=2",
         "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=1",
-        f"--coordinator_address=localhost:{port}",
-        "--num_processes=2",
     ]
-    procs = [
-        subprocess.Popen(
-            cmd + [f"--process_id={i}"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    outputs = run_processes(cmd, num_processes=2, devices_per_process=4)
     assert "JAX process 0/2, 8 devices" in outputs[0]
     assert "JAX process 1/2, 8 devices" in outputs[1]
     losses = losses_of(workdir)
