@@ -4,11 +4,22 @@ r"""The demo: a small GLR2020-style model on the embedded demo data set.
     # or, after the demo data is built:
     python -m landmark_jax.train --config=configs/demo.py --workdir=workdirs/demo
 
-A tiny EfficientNet + GAP + Dense(swish) embedding + AdaCos cosine-softmax
-head, SGD with momentum, flip-only augmentation: the GLR2020 recipe shrunk to
-run in about three minutes on 2 CPU cores. Expected: the training loss falls
-from about 3.9 to about 3.0 over 600 steps and validation accuracy rises to
-several times chance (1/80).
+A small ResNet (`resnet_small`: one bottleneck block per stage) + GAP +
+Dense(512, swish) embedding + AdaCos cosine-softmax head, SGD with momentum,
+flip-only augmentation: the GLR2020 recipe shrunk to train in about three
+minutes on 2 CPU cores, from scratch.
+
+Expected (measured on 2 CPU cores, seed 0): the training loss falls from
+about 4.5 to about 2.3 over 600 steps, validation accuracy reaches about 40%
+(chance 1/80), and retrieval on the 216 queries of the 140 unseen index
+landmarks gives mAP@100 about 0.036, against 0.033 for raw pixels, 0.017 for
+the untrained network and 0.005 for a random ranking: training beats the
+untrained network 2x but raw pixels only narrowly. Tried on the same data
+(mAP@100 vs raw pixels): efficientnet_tiny 0.011 (it learns slowly on a CPU);
+a 64-d embedding 0.033; Adam 2e-3 with a fixed scale 16 0.027 (higher
+validation accuracy, worse retrieval); 48 px, lr 0.3, 900 steps 0.032; GeM
+0.034; ArcFace m=0.3 s=30 does not learn in 600 steps (0.006); 300 train
+landmarks of up to 25 images 0.020 (raw pixels 0.044 there).
 
 `configs/demo.py:smoke` shrinks it further (a few seconds per step on CPU,
 a handful of steps) for tests and quick checks.
@@ -22,8 +33,8 @@ def get_config(arg: str | None = None):
     _, smoke = config_lib.parse_config_arg(arg, (), None, "configs/demo.py")
     config = config_lib.base_config("global")
     config.data_dir = "demo_data/tfrecords"
-    config.model.backbone = "efficientnet_tiny"
-    config.model.embedding_dim = 64
+    config.model.backbone = "resnet_small"
+    config.model.embedding_dim = 512
     config.image_size = 64
     config.batch_size = 32
     config.total_steps = 600
@@ -47,6 +58,9 @@ def get_config(arg: str | None = None):
     # What training bought: the same queries scored by the untrained model,
     # raw pixels and a random ranking (evaluate prints them side by side).
     config.eval.baselines = ("untrained", "raw_pixels", "chance")
+    # Exact search: the demo's index is small, and ScaNN's approximate
+    # neighbours would move every figure by a few points from run to run.
+    config.eval.knn_backend = "exact"
     if smoke:
         config_lib.apply_smoke(config, image_size=32, total_steps=6, checkpoint_every_steps=3)
     return config

@@ -263,7 +263,7 @@ def _check_arguments(
 def make_demo_dataset(
     output_dir: str,
     num_landmarks: int = 80,
-    num_index_landmarks: int = 20,
+    num_index_landmarks: int = 140,
     max_images_per_landmark: int = 80,
     noisy_fraction: float = 0.3,
     image_size: int = 128,
@@ -385,7 +385,7 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", None, "Folder to write the data set to.")
     flags.DEFINE_integer("num_landmarks", 80, "Train landmarks (classes).")
     flags.DEFINE_integer(
-        "num_index_landmarks", 20, "Index landmarks, disjoint from the train landmarks."
+        "num_index_landmarks", 140, "Index landmarks, disjoint from the train landmarks."
     )
     flags.DEFINE_integer("max_images_per_landmark", 80, "Clean images of the largest train class.")
     flags.DEFINE_float("noisy_fraction", 0.3, "Fraction of train.csv not in train_clean.csv.")

