@@ -24,15 +24,19 @@ def test_chance_equals_the_metric_on_random_rankings():
         "q3": ["i6", "missing"],  # a relevant image outside the index still counts in m
         "q4": [],  # scores 0 and counts
     }
-    for k in (3, 100):
-        want = baselines.chance_map(solution, index, k)
+    # (the metric's cutoff, ids ranked per query): eval.k may rank fewer.
+    for cutoff, ranked in ((3, 3), (100, 100), (100, 4)):
+        want = baselines.chance_map(solution, index, cutoff, num_predictions=ranked)
         draws = [
             metrics.mean_average_precision(
-                {q: list(rng.permutation(index)) for q in solution}, solution, max_predictions=k
+                {q: list(rng.permutation(index))[:ranked] for q in solution},
+                solution,
+                max_predictions=cutoff,
             )
             for _ in range(6000)
         ]
-        assert np.mean(draws) == pytest.approx(want, abs=3 * np.std(draws) / np.sqrt(6000)), k
+        tolerance = 3 * np.std(draws) / np.sqrt(6000)
+        assert np.mean(draws) == pytest.approx(want, abs=tolerance), (cutoff, ranked)
 
 
 def test_raw_pixels_are_the_centred_unit_pixel_vectors(demo):

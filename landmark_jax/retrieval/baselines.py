@@ -76,25 +76,30 @@ def untrained_model(config: ml_collections.ConfigDict, workdir: str) -> extract.
 
 
 def chance_map(
-    solution: Mapping[str, Sequence[str]], index_ids: Sequence[str], k: int = 100
+    solution: Mapping[str, Sequence[str]],
+    index_ids: Sequence[str],
+    max_predictions: int = 100,
+    num_predictions: int | None = None,
 ) -> float:
-    """The expected GLDv2 mAP@k of a uniformly random ranking of the index.
+    """The expected GLDv2 mAP@max_predictions of a uniformly random ranking.
 
     A query with R of its m relevant images among the N index images has a
     relevant image at rank i with probability R/N; given that, the expected
-    precision at i is (1 + (i - 1)(R - 1)/(N - 1)) / i. AP@k sums over the
-    first min(k, N) ranks and divides by min(m, k), as
-    metrics.mean_average_precision does; the mean is over the solution's
-    queries.
+    precision at i is (1 + (i - 1)(R - 1)/(N - 1)) / i. AP sums over the
+    ranks predicted (the first min(num_predictions, N)) and divides by
+    min(m, max_predictions), as metrics.mean_average_precision does; the mean
+    is over the solution's queries.
 
     Args:
       solution: query id -> relevant index ids (the scored queries).
       index_ids: the index's ids.
-      k: the cutoff (100 on Kaggle).
+      max_predictions: the metric's cutoff (100 on Kaggle).
+      num_predictions: ids ranked per query (eval.k); default max_predictions.
     """
     index = set(index_ids)
     n = len(index)
-    ranks = np.arange(1, min(k, n) + 1)
+    k = min(max_predictions, num_predictions or max_predictions, n)
+    ranks = np.arange(1, k + 1)
     total = 0.0
     for relevant in solution.values():
         m = len(set(relevant))
@@ -102,5 +107,5 @@ def chance_map(
         if not m or not r:
             continue
         together = (ranks - 1) * (r - 1) / (n - 1) if n > 1 else 0.0
-        total += float(np.sum((r / n) * (1.0 + together) / ranks)) / min(m, k)
+        total += float(np.sum((r / n) * (1.0 + together) / ranks)) / min(m, max_predictions)
     return total / len(solution)

@@ -322,7 +322,9 @@ def _baselines(config, model: extract.TrainedModel, mesh, index_ids) -> dict[str
     scored: dict[str, float] = {}
     for name in ec.baselines:
         if name == "chance":
-            scored[name] = baselines.chance_map(_merged(solution), list(index_ids), ec.k)
+            scored[name] = baselines.chance_map(
+                _merged(solution), list(index_ids), num_predictions=ec.k
+            )
             continue
         if name == "untrained":
             baseline = baselines.untrained_model(model.config, model.workdir)
