@@ -22,7 +22,6 @@ returns the variables, `backbone_checkpoint.load_backbone(DIR)` the module as we
 
 import json
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -40,129 +39,15 @@ from landmark_jax import file_io, tensorflow_setup
 from landmark_jax.models import (
     backbone_checkpoint,
     backbones,
-    efficientnet,
     input_normalization,
+    keras_architecture,
     keras_input_convention,
     resnet,
 )
 
-# --arch -> keras.applications constructor.
-KERAS_APPLICATIONS = {
-    **{f"efficientnet_b{i}": f"EfficientNetB{i}" for i in range(8)},
-    "resnet50": "ResNet50",
-    "resnet101": "ResNet101",
-}
-
 _BN_VARIABLES = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_variance"}
 # keras.backend.epsilon(), the floor of Normalization's sqrt(variance).
 _KERAS_EPSILON = 1e-7
-
-LayerShapes = Mapping[str, Sequence[tuple[int, ...]]]
-
-
-# ----------------------------------------------------------------------------
-# Architecture detection, shared by Keras models and weights files.
-
-
-def _signature(layer_shapes: LayerShapes) -> tuple | None:
-    """A hashable summary of the architecture, from layer names and shapes."""
-    names = list(layer_shapes)
-    if "stem_conv" in layer_shapes and "top_conv" in layer_shapes:
-        blocks = {m.group(1) for n in names if (m := re.match(r"(block(\d+)[a-z])_", n))}
-        order = sorted(blocks, key=lambda b: (int(re.sub(r"\D", "", b)), b[-1]))
-        return (
-            "efficientnet",
-            layer_shapes["stem_conv"][0][-1],
-            tuple(order),
-            layer_shapes["top_conv"][0][-1],
-        )
-    if "conv1_conv" in layer_shapes:
-        if any(n.endswith("_preact_bn") or n == "post_bn" for n in names):
-            return ("resnet_v2",)
-        counts: dict[int, int] = {}
-        for n in names:
-            if m := re.match(r"conv(\d+)_block(\d+)_", n):
-                stage, block = int(m.group(1)), int(m.group(2))
-                counts[stage] = max(counts.get(stage, 0), block)
-        sizes = tuple(counts.get(s, 0) for s in range(2, max(counts, default=1) + 1))
-        return ("resnet", layer_shapes["conv1_conv"][0][-1], sizes)
-    return None
-
-
-def _module_signature(module: nn.Module) -> tuple | None:
-    if isinstance(module, efficientnet.EfficientNet):
-        stem = efficientnet.round_filters(
-            module.stem_filters, module.width_coefficient, module.depth_divisor
-        )
-        blocks = tuple(spec.name for spec in module.block_specs())
-        return ("efficientnet", stem, blocks, module.feature_channels()["final"])
-    if isinstance(module, resnet.ResNet):
-        return ("resnet", module.width, tuple(module.stage_sizes))
-    return None
-
-
-def _describe(signature: tuple | None) -> str:
-    if signature is None:
-        return "neither a keras.applications EfficientNet nor a ResNet v1"
-    if signature[0] == "resnet_v2":
-        return "a ResNet v2 (pre-activation), which is not supported"
-    if signature[0] == "efficientnet":
-        return (
-            f"an EfficientNet with a {signature[1]}-channel stem, "
-            f"{len(signature[2])} blocks and a {signature[3]}-channel top"
-        )
-    return f"a ResNet v1 with {signature[1]} stem channels and blocks per stage {signature[2]}"
-
-
-def _identify(layer_shapes: LayerShapes) -> tuple[str | None, tuple | None]:
-    """Returns (registry name or None, signature)."""
-    signature = _signature(layer_shapes)
-    for name in backbones.BACKBONES:
-        if (
-            signature is not None
-            and _module_signature(backbones.create_backbone(name)) == signature
-        ):
-            return name, signature
-    return None, signature
-
-
-def detect_architecture(keras_model: Any) -> str:
-    """Returns the registry name of a keras.applications backbone.
-
-    Args:
-      keras_model: a Keras EfficientNetB0..B7 / ResNet50 / ResNet101 (or any
-        model with the same layers) built with include_top=False.
-
-    Returns:
-      A key of `backbones.BACKBONES`, e.g. 'efficientnet_b3'.
-
-    Raises:
-      ValueError: the model has a classification head or pooling, or its
-        layers match no registered backbone.
-    """
-    # The squeeze-excite blocks pool too, so look for Dense layers and at the
-    # output rank rather than for pooling layers.
-    head = [layer.name for layer in keras_model.layers if type(layer).__name__ == "Dense"]
-    if head or len(keras_model.output_shape) != 4:
-        raise ValueError(
-            f"Keras model {keras_model.name!r} has a head (Dense layers {head}, output "
-            f"shape {keras_model.output_shape}; built with "
-            "include_top=True or pooling=...); rebuild it with include_top=False, "
-            "pooling=None"
-        )
-    shapes = {
-        layer.name: [tuple(w.shape) for w in layer.weights]
-        for layer in keras_model.layers
-        if layer.weights
-    }
-    name, signature = _identify(shapes)
-    if name is None:
-        raise ValueError(
-            f"Keras model {keras_model.name!r} is {_describe(signature)}, which matches "
-            f"no registered backbone; supported: {', '.join(KERAS_APPLICATIONS)}"
-        )
-    return name
-
 
 # ----------------------------------------------------------------------------
 # Conversion.
@@ -267,7 +152,7 @@ def from_keras(keras_model: Any) -> tuple[nn.Module, dict[str, Any]]:
       ValueError: unsupported architecture, a head, or weights that do not
         map one-to-one (the message lists missing/unexpected names).
     """
-    name = detect_architecture(keras_model)
+    name = keras_architecture.detect_architecture(keras_model)
     consumed: set[str] = set()
     scale, offset = _input_affine(keras_model, consumed)
     overrides: dict[str, Any] = {
@@ -351,20 +236,22 @@ def _check_weights_file(path: str, arch: str) -> None:
             f"--weights={path} includes the classification top ('predictions'); "
             "use the include_top=False (*_notop.h5) weights"
         )
-    found, signature = _identify(shapes)
+    found, signature = keras_architecture.identify(shapes)
     # Keras loads legacy .h5 files by layer order, not name: a file whose
     # names we do not recognise may still load, so only a positive
     # identification of something else is an error here.
     if signature is not None and found != arch:
-        what = found if found else _describe(signature)
+        what = found if found else keras_architecture.describe(signature)
         raise ValueError(f"--weights={path} holds weights for {what}, not --arch={arch}")
 
 
 def _build_keras_model(arch: str, weights: str) -> Any:
     import keras  # deferred: only the converter needs TensorFlow/Keras
 
-    if arch not in KERAS_APPLICATIONS:
-        raise ValueError(f"--arch={arch} unsupported; valid: {', '.join(KERAS_APPLICATIONS)}")
+    if arch not in keras_architecture.KERAS_APPLICATIONS:
+        raise ValueError(
+            f"--arch={arch} unsupported; valid: {', '.join(keras_architecture.KERAS_APPLICATIONS)}"
+        )
     if weights != "imagenet" and file_io.is_url(weights):
         # h5py and Keras read local files only: a bucket's file is copied to a
         # temporary one, removed once the model holds the weights.
@@ -377,13 +264,13 @@ def _build_keras_model(arch: str, weights: str) -> Any:
             return _build_keras_model(arch, local)
     if weights != "imagenet":
         _check_weights_file(weights, arch)
-    constructor = getattr(keras.applications, KERAS_APPLICATIONS[arch])
+    constructor = getattr(keras.applications, keras_architecture.KERAS_APPLICATIONS[arch])
     try:
         return constructor(include_top=False, weights=weights)
     except Exception as e:  # Keras's loader errors rarely name the file
         raise ValueError(
             f"could not load --weights={weights} into keras.applications."
-            f"{KERAS_APPLICATIONS[arch]}(include_top=False): {e}"
+            f"{keras_architecture.KERAS_APPLICATIONS[arch]}(include_top=False): {e}"
         ) from e
 
 
@@ -398,7 +285,7 @@ def convert(
     one the caller states.
 
     Args:
-      arch: a key of `KERAS_APPLICATIONS`.
+      arch: a key of `keras_architecture.KERAS_APPLICATIONS`.
       weights: a .h5 / .weights.h5 path, or 'imagenet' (needs internet).
       output: the output folder; must not hold a checkpoint already.
       input_normalization: a preset of input_normalization.py stating the
@@ -435,7 +322,7 @@ def convert(
         variables,
         source={
             "weights": weights,
-            "keras_class": KERAS_APPLICATIONS[arch],
+            "keras_class": keras_architecture.KERAS_APPLICATIONS[arch],
             # What the Keras model itself computed, and why the recorded
             # normalisation differs from it where it does.
             "keras_input_affine": keras_affine,
@@ -456,7 +343,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a program: absl flags are
     global, and importing two tools into one process must not collide)."""
-    flags.DEFINE_enum("arch", None, sorted(KERAS_APPLICATIONS), "Backbone architecture.")
+    flags.DEFINE_enum(
+        "arch", None, sorted(keras_architecture.KERAS_APPLICATIONS), "Backbone architecture."
+    )
     flags.DEFINE_string("weights", None, "PATH.h5 or 'imagenet'.")
     flags.DEFINE_string("output", None, "Output folder (an Orbax checkpoint).")
     flags.DEFINE_enum(
