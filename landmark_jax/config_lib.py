@@ -13,7 +13,7 @@ import math
 
 import ml_collections
 
-from landmark_jax import data_format, file_io, heads, losses
+from landmark_jax import data_format, file_io, heads, losses, train_augmentation
 from landmark_jax.models import backbones, default_model_config, resolve_model_config
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -93,6 +93,12 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.input.files_per_chunk = 16
     c.input.shuffle_buffer = 4096
     c.input.flip = True
+    # GLR2021's other augmentations (train_augmentation.py), off at prob 0.
+    c.input.jpeg = ml_collections.ConfigDict({"prob": 0.0, "quality": (99, 100)})
+    c.input.shift_scale_rotate = ml_collections.ConfigDict(
+        {"prob": 0.0, "shift": 0.2, "scale": 0.2, "rotate": 10.0}
+    )
+    c.input.cutout = ml_collections.ConfigDict({"prob": 0.0, "size": 0.4})
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""  # a previous stage's workdir (or its checkpoints/ folder)
@@ -274,6 +280,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         config, "loss.class_weights", config.loss.class_weights, losses.CLASS_WEIGHT_MODES
     )
     _check_choice(config, "init.carry", config.init.carry, INIT_CARRY)
+    train_augmentation.from_config(config.input)
     if config.head.num_subcenters < 1:
         raise ValueError(f"config.head.num_subcenters={config.head.num_subcenters}: expected >= 1")
     if not config.loss.not_clean_weight >= 0.0:

@@ -9,8 +9,10 @@ position), which gives two things:
   * resume without replay: to start at step s the stream computes which epoch
     and chunk example s * local_batch falls in, and skips only inside that
     chunk (serialized records, before any decoding).
-The left-right flip, the only augmentation, is drawn from a stateless RNG
-keyed by the example's position, so it too is reproduced on resume.
+Augmentation (train_augmentation.py: the left-right flip, and optionally
+GLR2021's JPEG re-encode, ShiftScaleRotate and Cutout) is drawn from a
+stateless RNG keyed by the example's position, so it too is reproduced on
+resume.
 
 Images travel to the device as uint8 (a quarter of float32's host-to-device
 traffic); the model normalises pixels as its first op, with the constants of
@@ -38,8 +40,10 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from landmark_jax import data_format, sharding
+from landmark_jax.train_augmentation import Augmentation, augment_decoded, augment_resized
 
 _MAX_EPOCHS = 2**62
+FLIP_ONLY = Augmentation()
 
 
 def process_files(split: data_format.SplitInfo, process_index: int, process_count: int):
@@ -108,7 +112,7 @@ def create_train_dataset(
     process_count: int = 1,
     files_per_chunk: int = 16,
     shuffle_buffer: int = 4096,
-    flip: bool = True,
+    augmentation: Augmentation = FLIP_ONLY,
 ):
     """The host-local training stream: infinite batches of numpy-ready tensors.
 
@@ -124,7 +128,8 @@ def create_train_dataset(
       process_count: all processes (jax.process_count()).
       files_per_chunk: shards interleaved and shuffled together.
       shuffle_buffer: shuffle buffer within a chunk, in examples.
-      flip: random left-right flip (p = 0.5).
+      augmentation: the random transforms of each image (default: the
+        left-right flip only).
 
     Returns:
       A tf.data.Dataset of dicts: image uint8 [B, S, S, 3], label int32 [B],
@@ -196,12 +201,13 @@ def create_train_dataset(
         tf.debugging.assert_non_negative(
             label, message=f"negative {data_format.LABEL} in {data_dir}"
         )
-        image = _decode_and_resize(ex[data_format.IMAGE], image_size)
-        if flip:
-            coin = tf.random.stateless_uniform(
-                [], seed=tf.stack([tf.constant(seed, tf.int64), position])
-            )
+        key = tf.stack([tf.constant(seed, tf.int64), position])
+        image = augment_decoded(decode_image(ex[data_format.IMAGE]), key, augmentation)
+        image = resize_image(image, [image_size, image_size])
+        if augmentation.flip:
+            coin = tf.random.stateless_uniform([], seed=key)
             image = tf.cond(coin < 0.5, lambda: tf.reverse(image, axis=[1]), lambda: image)
+        image = augment_resized(image, key, augmentation)
         return {
             "image": to_uint8(image),
             "label": tf.cast(label, tf.int32),
@@ -343,7 +349,7 @@ def train_iterator(
       start_step: the first step to produce (exact resume).
       prefetch: batches kept in flight to the devices.
       **kwargs: more options of create_train_dataset (split, files_per_chunk,
-        shuffle_buffer, flip).
+        shuffle_buffer, augmentation).
 
     Returns:
       An infinite iterator of {'image', 'label', 'is_clean'} global arrays.

@@ -32,6 +32,7 @@ from landmark_jax import (
     random_streams,
     run_config,
     sharding,
+    train_augmentation,
 )
 from landmark_jax.models import backbone_checkpoint, create_model
 from landmark_jax.retrieval import evaluation, extract
@@ -341,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_step=start_step,
         files_per_chunk=config.input.files_per_chunk,
         shuffle_buffer=config.input.shuffle_buffer,
-        flip=config.input.flip,
+        augmentation=train_augmentation.from_config(config.input),
     )
 
     # --- Loop: step, log, evaluate, checkpoint --------------------------------

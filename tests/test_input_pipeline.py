@@ -13,6 +13,7 @@ from PIL import Image
 
 from data_pipelines import gldv2_to_tfrecord
 from landmark_jax import data_format, input_pipeline, sharding, sized_eval_input
+from landmark_jax.train_augmentation import Augmentation
 
 import tiny_gldv2
 
@@ -114,10 +115,23 @@ def test_resume_at_step_equals_uninterrupted_stream(data, start_step):
             np.testing.assert_array_equal(x[k], y[k])
 
 
+def test_resume_reproduces_every_augmentation(data):
+    _, out, _ = data
+    glr2021 = Augmentation(jpeg_prob=0.5, warp_prob=0.7, cutout_prob=0.5)
+    full = take(train_ds(out, augmentation=glr2021), 8)
+    resumed = take(train_ds(out, augmentation=glr2021, start_step=5), 3)
+    plain = take(train_ds(out, augmentation=Augmentation(flip=False)), 8)
+    for x, y, p in zip(full[5:], resumed, plain[5:], strict=True):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+        np.testing.assert_array_equal(x["label"], p["label"])
+        assert not np.array_equal(x["image"], p["image"])
+
+
 def test_flip_happens_and_is_the_only_change(data):
     _, out, _ = data
-    flipped = take(train_ds(out, flip=True), 8)
-    plain = take(train_ds(out, flip=False), 8)
+    flipped = take(train_ds(out, augmentation=Augmentation(flip=True)), 8)
+    plain = take(train_ds(out, augmentation=Augmentation(flip=False)), 8)
     num_flipped = 0
     for f, p in zip(flipped, plain, strict=True):
         np.testing.assert_array_equal(f["label"], p["label"])
@@ -222,7 +236,7 @@ def test_missing_label_is_an_error_not_class_0(data, tmp_path):
         copy, "train", [{data_format.IMAGE: _jpeg("RGB"), data_format.IS_CLEAN: _int(1)}] * 4
     )
     with pytest.raises(tf.errors.InvalidArgumentError, match="image/class/label"):
-        take(train_ds(copy, flip=False), 1)
+        take(train_ds(copy, augmentation=Augmentation(flip=False)), 1)
     _write_split(
         copy,
         "train",
@@ -236,7 +250,7 @@ def test_missing_label_is_an_error_not_class_0(data, tmp_path):
         * 4,
     )
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_classes"):
-        take(train_ds(copy, flip=False), 1)
+        take(train_ds(copy, augmentation=Augmentation(flip=False)), 1)
 
 
 def test_grayscale_jpeg_decodes_to_three_channels(data, tmp_path):
