@@ -26,7 +26,7 @@ lint: install
 
 demo: install
 	$(PY) -m data_pipelines.make_demo_dataset --output_dir=$(DEMO_DIR)/raw --overwrite
-	for split in train index test; do \
+	for split in train index test nonlandmark; do \
 	  $(PY) -m data_pipelines.gldv2_to_tfrecord --split=$$split \
 	    --csv=$(DEMO_DIR)/raw/$$split.csv \
 	    $$( [ $$split = train ] && echo --clean_csv=$(DEMO_DIR)/raw/train_clean.csv --val_fraction=0.1 ) \

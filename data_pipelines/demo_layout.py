@@ -4,7 +4,10 @@
 where they go and how they are listed, in the layout of the GLDv2 release:
 images at `<split>/a/b/c/<id>.jpg` (`image_path`) and the CSV files
 `CSV_FILES` (`write_csvs`): train.csv, train_clean.csv, index.csv, test.csv,
-index_image_to_landmark.csv and the two solution files. `prepare_output_dir`
+index_image_to_landmark.csv and the two solution files; and, beyond GLDv2,
+nonlandmark.csv (ids, like index.csv) of the `nonlandmark/` images: known
+non-landmark photographs, the reference set of recognition's non-landmark
+penalty (landmark_jax.retrieval.recognition). `prepare_output_dir`
 removes exactly these (and the split folders) before a data set is rewritten.
 The folder may be local or a URL (gs://): files go through `landmark_jax.file_io`.
 
@@ -27,12 +30,13 @@ from typing import Protocol
 
 from landmark_jax import file_io
 
-SPLITS = ("train", "index", "test")
+SPLITS = ("train", "index", "test", "nonlandmark")
 CSV_FILES = (
     "train.csv",
     "train_clean.csv",
     "index.csv",
     "test.csv",
+    "nonlandmark.csv",
     "index_image_to_landmark.csv",
     "retrieval_solution.csv",
     "recognition_solution.csv",
@@ -93,7 +97,7 @@ def write_csvs(output_dir: str, photos: Sequence[LaidOutImage]) -> None:
         ("landmark_id", "images"),
         ((lm, " ".join(ids)) for lm, ids in sorted(clean.items())),
     )
-    for split in ("index", "test"):
+    for split in ("index", "test", "nonlandmark"):
         _write_csv(
             join(output_dir, f"{split}.csv"), ("id",), ((p.image_id,) for p in by_split[split])
         )

@@ -39,7 +39,9 @@ from absl import app, flags
 from data_pipelines import gldv2_csv, shard_writer, tfrecord_shard
 from landmark_jax import data_format, file_io, tensorflow_setup
 
-SPLITS = ("train", "index", "test")
+# nonlandmark: known non-landmark images (an id CSV, like index and test), the
+# reference set of recognition's non-landmark penalty.
+SPLITS = ("train", "index", "test", "nonlandmark")
 
 
 def _assign_val(
@@ -193,7 +195,7 @@ def build_split(
     """Converts one GLDv2 split to TFRecord shards in `output_dir`.
 
     Args:
-      split: 'train', 'index' or 'test'.
+      split: 'train', 'index', 'test' or 'nonlandmark'.
       csv_path: train.csv (id,url,landmark_id) or index.csv / test.csv (id).
       images_dir: the root of the split's `a/b/c/<id>.jpg` tree.
       output_dir: the data folder (shared by all splits of a data set); local

@@ -16,6 +16,9 @@ occluded. The splits follow GLDv2:
 - test: retrieval queries (photographs of index landmarks; a quarter of the
   index landmarks get none), recognition images (photographs of train
   landmarks) and non-landmark distractors.
+- nonlandmark: known non-landmark photographs (scenes of their own, none of
+  them in another split), listed in nonlandmark.csv: the reference set that
+  recognition's non-landmark penalty compares test images with.
 
 `demo_layout` decides where the images go and what the CSV and solution files list.
 
@@ -117,6 +120,7 @@ def _plan(
     num_index_landmarks: int,
     max_images_per_landmark: int,
     noisy_fraction: float,
+    num_non_landmark_references: int,
     rng: np.random.Generator,
 ) -> list[_Photo]:
     """Decides every image of the data set, in a deterministic order."""
@@ -188,6 +192,9 @@ def _plan(
     for role in ("query", "recognition", "distractor"):
         _split_usage(test[role], rng)
         photos.extend(test[role])
+    # Last, and without drawing from rng: the other splits do not depend on
+    # how many reference images there are.
+    photos.extend(distractor("nonlandmark") for _ in range(num_non_landmark_references))
 
     for photo, image_id in zip(photos, _unique_hex_ids(rng, len(photos)), strict=True):
         photo.image_id = image_id
@@ -234,11 +241,16 @@ def _check_arguments(
     num_index_landmarks: int,
     max_images_per_landmark: int,
     noisy_fraction: float,
+    num_non_landmark_references: int,
     image_size: int,
     seed: int,
     num_workers: int | None,
 ) -> None:
     problems = []
+    if num_non_landmark_references < 0:
+        problems.append(
+            f"num_non_landmark_references must be >= 0 (got {num_non_landmark_references})"
+        )
     if num_landmarks < 2:
         problems.append(f"num_landmarks must be >= 2 (got {num_landmarks})")
     if num_index_landmarks < 2:
@@ -266,6 +278,7 @@ def make_demo_dataset(
     num_index_landmarks: int = 140,
     max_images_per_landmark: int = 80,
     noisy_fraction: float = 0.3,
+    num_non_landmark_references: int = 200,
     image_size: int = 128,
     seed: int = 0,
     num_workers: int | None = None,
@@ -282,6 +295,8 @@ def make_demo_dataset(
       max_images_per_landmark: clean images of the largest train class; the
         largest index landmark has a quarter of that (at least 2).
       noisy_fraction: fraction of train.csv that is not in train_clean.csv.
+      num_non_landmark_references: images of the nonlandmark split (0: none;
+        its CSV is then empty).
       image_size: longest side of the images, in pixels; each image's longest
         side is between 3/4 of it and all of it.
       seed: the data set is a function of the seed and the other arguments.
@@ -304,6 +319,7 @@ def make_demo_dataset(
         num_index_landmarks,
         max_images_per_landmark,
         noisy_fraction,
+        num_non_landmark_references,
         image_size,
         seed,
         num_workers,
@@ -313,7 +329,14 @@ def make_demo_dataset(
     start = time.perf_counter()
     demo_layout.prepare_output_dir(output_dir, overwrite)
     rng = np.random.default_rng((seed, _PLAN_STREAM))
-    photos = _plan(num_landmarks, num_index_landmarks, max_images_per_landmark, noisy_fraction, rng)
+    photos = _plan(
+        num_landmarks,
+        num_index_landmarks,
+        max_images_per_landmark,
+        noisy_fraction,
+        num_non_landmark_references,
+        rng,
+    )
     if num_workers is None:
         num_workers = shard_writer.default_num_workers(output_dir, min(4, os.cpu_count() or 1))
     written = _render(_jobs(photos, output_dir, seed, image_size), num_workers)
@@ -346,6 +369,7 @@ def make_demo_dataset(
         "test_queried_landmarks": len({p.truth for p in test if p.test_role == "query"}),
         "test_recognition": roles["recognition"],
         "test_distractors": roles["distractor"],
+        "nonlandmark_images": sum(p.split == "nonlandmark" for p in photos),
         "seconds": round(time.perf_counter() - start, 2),
     }
     return summary
@@ -375,6 +399,7 @@ def format_summary(summary: dict[str, int | float | str]) -> str:
             f"  test: {s['test_images']} images: {s['test_queries']} retrieval queries of "
             f"{s['test_queried_landmarks']} index landmarks, {s['test_recognition']} of train "
             f"landmarks, {s['test_distractors']} non-landmark",
+            f"  nonlandmark: {s['nonlandmark_images']} known non-landmark images",
         ]
     )
 
@@ -389,6 +414,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("max_images_per_landmark", 80, "Clean images of the largest train class.")
     flags.DEFINE_float("noisy_fraction", 0.3, "Fraction of train.csv not in train_clean.csv.")
+    flags.DEFINE_integer(
+        "num_non_landmark_references", 200, "Images of the nonlandmark (reference) split."
+    )
     flags.DEFINE_integer("image_size", 128, "Longest image side, in pixels.")
     flags.DEFINE_integer("seed", 0, "Random seed; same seed, same data set.")
     flags.DEFINE_integer(
@@ -409,6 +437,7 @@ def main(argv: Sequence[str]) -> None:
         num_index_landmarks=flags.FLAGS.num_index_landmarks,
         max_images_per_landmark=flags.FLAGS.max_images_per_landmark,
         noisy_fraction=flags.FLAGS.noisy_fraction,
+        num_non_landmark_references=flags.FLAGS.num_non_landmark_references,
         image_size=flags.FLAGS.image_size,
         seed=flags.FLAGS.seed,
         num_workers=flags.FLAGS.num_workers,

@@ -121,6 +121,12 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval.classifier_fusion = False
     c.eval.classifier_top_m = 5
     c.eval.classifier_power = 10.0
+    # Known non-landmark images (a builder split, e.g. 'nonlandmark'): a test
+    # image's score loses weight x its vote sum cos^p over its non_landmark_k
+    # nearest ones (retrieval/non_landmarks.py); "" skips it.
+    c.eval.non_landmark_split = ""
+    c.eval.non_landmark_k = 20
+    c.eval.non_landmark_weight = 1.0
     c.eval.scales = (1.0,)  # e.g. (0.7071, 1.0, 1.4142)
     c.eval.flip = False
     c.eval.image_size = ml_collections.FieldReference(None, field_type=int)  # None: image_size
@@ -330,9 +336,10 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         ("size_multiple", 1),
         ("gallery_queries", 0),
         ("raw_pixel_size", 1),
+        ("non_landmark_k", 1),
     ):
         _check_int(f"eval.{key}", ec[key], minimum)
-    for key in ("recognition_power", "classifier_power"):
+    for key in ("recognition_power", "classifier_power", "non_landmark_weight"):
         _check_number(f"eval.{key}", ec[key], 0.0)
     if ec.image_size is not None:
         _check_int("eval.image_size", ec.image_size, 1)

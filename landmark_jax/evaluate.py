@@ -56,6 +56,14 @@ def main(argv):
                 f"retrieval mAP@100 on {metrics['retrieval_queries']} queries: "
                 + " | ".join(f"{name.replace('_', ' ')} {v:.4f}" for name, v in scored.items())
             )
+        if "recognition_top1" in metrics:
+            without = metrics.get("gap_without_non_landmark_penalty")
+            penalty = "" if without is None else f" (without non-landmark penalty {without:.4f})"
+            print(
+                f"recognition GAP {metrics['gap']:.4f}{penalty}"
+                + f"; top-1 on {metrics['recognition_queries']} recognition queries: "
+                + " | ".join(f"{k} {v:.4f}" for k, v in metrics["recognition_top1"].items())
+            )
         print(f"wrote {file_io.join(FLAGS.workdir, evaluation.EVAL_DIR)}/")
 
 

@@ -69,10 +69,11 @@ def demo(tmp_path_factory):
         num_index_landmarks=3,
         max_images_per_landmark=12,
         image_size=48,
+        num_non_landmark_references=12,
         num_workers=1,
     )
     full = _build_train(raw, str(root / "full"), "train.csv", "train_clean.csv")
-    for split in ("index", "test"):
+    for split in ("index", "test", "nonlandmark"):
         gldv2_to_tfrecord.build_split(
             split, f"{raw}/{split}.csv", f"{raw}/{split}", full, 2, num_workers=1
         )

@@ -25,6 +25,7 @@ TINY_DEMO = dict(
     num_index_landmarks=2,
     max_images_per_landmark=4,
     image_size=32,
+    num_non_landmark_references=3,
     num_workers=1,
 )
 

@@ -125,9 +125,11 @@ def test_evaluate_writes_metrics_submissions_and_gallery(demo, trained):
         assert image.format == "PNG" and image.width > 300 and image.height > 300
 
 
-def test_recognition_fused_with_the_classifier_head(demo, trained):
-    config = eval_config(demo, classifier_fusion=True)
-    evaluation.evaluate(config, trained)
+def test_recognition_fused_with_the_classifier_head_and_non_landmark_penalty(demo, trained):
+    config = eval_config(
+        demo, classifier_fusion=True, non_landmark_split="nonlandmark", non_landmark_weight=0.7
+    )
+    result = evaluation.evaluate(config, trained)
     out = os.path.join(trained, "eval")
     written = solutions.read_recognition_predictions(
         os.path.join(out, "recognition_submission.csv")
@@ -136,6 +138,8 @@ def test_recognition_fused_with_the_classifier_head(demo, trained):
     label_map = data_format.read_label_map(demo["full"])
     test = extract.Embeddings.load(os.path.join(out, "embeddings-test-0.npz"))
     train = extract.Embeddings.load(os.path.join(out, "embeddings-train-0.npz"))
+    references = extract.Embeddings.load(os.path.join(out, "embeddings-nonlandmark-0.npz"))
+    assert len(references.ids) == 12
     kernel = checkpointing.load_stage(trained)["params"]["head"]["kernel"].astype(np.float64)
     head_cos = test.embeddings @ (kernel / np.linalg.norm(kernel, axis=0))
     head_cos = head_cos[:, : label_map.num_classes]
@@ -143,8 +147,9 @@ def test_recognition_fused_with_the_classifier_head(demo, trained):
     top_landmarks = label_map.landmark_ids[order]
     top_scores = np.take_along_axis(head_cos, order, axis=1)
     distances, neighbors = knn.search(test.embeddings, train.embeddings, 20, backend="exact")
-    labels, _ = recognition.fuse_with_classifier(
-        label_map.landmark_ids[train.labels][neighbors],
+    neighbor_landmarks = label_map.landmark_ids[train.labels][neighbors]
+    labels, fused = recognition.fuse_with_classifier(
+        neighbor_landmarks,
         1.0 - distances / 2.0,
         top_landmarks,
         top_scores,
@@ -152,6 +157,26 @@ def test_recognition_fused_with_the_classifier_head(demo, trained):
         classifier_power=10.0,
     )
     assert {i: written[i][0] for i in written} == dict(zip(test.ids, labels.tolist(), strict=True))
+    # The penalty by its definition: all 12 references are within k = 20.
+    reference_cos = test.embeddings.astype(np.float64) @ references.embeddings.T
+    penalty = 0.7 * (np.maximum(reference_cos, 0.0) ** 9).sum(axis=1)
+    np.testing.assert_allclose(
+        [written[i][1] for i in test.ids], fused - penalty, rtol=1e-4, atol=1e-6
+    )
+    rec_solution = solutions.read_recognition_solution(f"{demo['raw']}/recognition_solution.csv")
+    truth = {**rec_solution[solutions.PUBLIC], **rec_solution[solutions.PRIVATE]}
+    unpenalized = {i: (int(a), float(b)) for i, a, b in zip(test.ids, labels, fused, strict=True)}
+    assert result["gap_without_non_landmark_penalty"] == pytest.approx(
+        metrics.global_average_precision(unpenalized, truth), abs=1e-6
+    )
+    # Top-1 of each labeller on the images with ground truth, counted here.
+    knn_labels, _ = recognition.knn_vote(neighbor_landmarks, 1.0 - distances / 2.0)
+    has_truth = [n for n, i in enumerate(test.ids) if truth.get(i)]
+    assert result["recognition_queries"] == len(has_truth) > 0
+    labellers = {"knn": knn_labels, "classifier": top_landmarks[:, 0], "fused": labels}
+    for name, chosen in labellers.items():
+        correct = sum(chosen[n] in truth[test.ids[n]] for n in has_truth)
+        assert result["recognition_top1"][name] == pytest.approx(correct / len(has_truth)), name
 
 
 def test_scann_backend_matches_exact_search(demo, trained):

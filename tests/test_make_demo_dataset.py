@@ -20,6 +20,7 @@ TINY = dict(
     num_index_landmarks=4,
     max_images_per_landmark=8,
     image_size=64,
+    num_non_landmark_references=5,
     seed=3,
     num_workers=1,
 )
@@ -28,6 +29,7 @@ HEADERS = {
     "train_clean.csv": ["landmark_id", "images"],
     "index.csv": ["id"],
     "test.csv": ["id"],
+    "nonlandmark.csv": ["id"],
     "retrieval_solution.csv": ["id", "images", "Usage"],
     "recognition_solution.csv": ["id", "landmarks", "Usage"],
     "index_image_to_landmark.csv": ["id", "landmark_id"],
@@ -57,7 +59,7 @@ def tiny(tmp_path_factory) -> tuple[str, dict]:
 
 def test_files_and_headers_are_gldv2(tiny):
     root, _ = tiny
-    assert sorted(os.listdir(root)) == sorted([*HEADERS, "train", "index", "test"])
+    assert sorted(os.listdir(root)) == sorted([*HEADERS, "train", "index", "test", "nonlandmark"])
     for name, header in HEADERS.items():
         with open(os.path.join(root, name), newline="") as f:
             assert next(csv.reader(f)) == header, name
@@ -116,6 +118,25 @@ def test_train_clean_subset_and_noise(tiny):
     assert summary["train_noisy_correct"] + summary["train_noisy_mislabelled"] + summary[
         "train_noisy_distractor"
     ] == len(noisy)
+
+
+def test_nonlandmark_split_holds_its_own_non_landmark_scenes(tiny):
+    root, summary = tiny
+    ids = _ids(root, "nonlandmark")
+    assert len(ids) == summary["nonlandmark_images"] == TINY["num_non_landmark_references"]
+    listed = {
+        row["id"]
+        for name in ("train.csv", "index_image_to_landmark.csv")
+        for row in _read(root, name)
+    }
+    recognition = {row["id"]: row["landmarks"] for row in _read(root, "recognition_solution.csv")}
+    assert not set(ids) & (listed | set(recognition))
+    # The other splits do not depend on the size of the reference set.
+    other = str(os.path.join(os.path.dirname(root), "fewer_references"))
+    demo.make_demo_dataset(other, **{**TINY, "num_non_landmark_references": 1})
+    for name in ("train.csv", "index.csv", "test.csv", "recognition_solution.csv"):
+        assert _read(root, name) == _read(other, name), name
+    assert len(_ids(other, "nonlandmark")) == 1
 
 
 def test_index_and_test_landmarks_are_disjoint_from_train(tiny):

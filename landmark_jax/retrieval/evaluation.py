@@ -36,6 +36,7 @@ from landmark_jax.retrieval import (
     solutions,
     usage_metrics,
 )
+from landmark_jax.retrieval import non_landmarks as non_landmarks_lib
 
 # The folder of a workdir that evaluation (and revisited.py) writes to.
 EVAL_DIR = "eval"
@@ -214,7 +215,14 @@ def evaluate(
         metrics["baselines"] = _baselines(config, models[0], mesh, index.ids)
     if ec.train_split:
         train = embed_split(config, workdir, ec.train_split, members, models, mesh)
-        metrics.update(_recognition(config, workdir, test, train, members, models[0]))
+        non_landmarks = (
+            embed_split(config, workdir, ec.non_landmark_split, members, models, mesh)
+            if ec.non_landmark_split
+            else None
+        )
+        metrics.update(
+            _recognition(config, workdir, test, train, non_landmarks, members, models[0])
+        )
     if ec.revisited_data_dir:
         own = [t for m, t in zip(members, models, strict=True) if m.workdir == workdir]
         model = (
@@ -341,31 +349,43 @@ def _baselines(config, model: extract.TrainedModel, mesh, index_ids) -> dict[str
     return scored
 
 
-def _recognition(config, workdir: str, test, train, members, first_model) -> dict[str, Any]:
+def _recognition(
+    config, workdir: str, test, train, non_landmarks, members, first_model
+) -> dict[str, Any]:
     """Each test image takes the landmark its nearest train images vote for
-    (fused with the first member's head when eval.classifier_fusion); GAP."""
+    (fused with the first member's head when eval.classifier_fusion), its
+    score lowered by its similarity to the non-landmark split when one is
+    named (non_landmarks.py); GAP, and the top-1 accuracy of the kNN vote and
+    of the classifier alone on the images with ground truth."""
     ec, out_dir, metrics = config.eval, file_io.join(workdir, EVAL_DIR), {}
     label_map = data_format.read_label_map(config.data_dir)
-    scores, neighbors = knn.search(
-        test.embeddings,
-        train.embeddings,
-        min(ec.recognition_k, len(train.ids)),
-        backend=ec.knn_backend,
-    )
     # Squared L2 -> cosine. Every (ensemble) row has squared norm
     # sum(w_i^2), so this is the weighted mean of the members' cosines.
     norm2 = sum(m.weight**2 for m in members)
-    cosine = np.where(neighbors >= 0, 1.0 - scores / (2.0 * norm2), 0.0)
+
+    def nearest(reference, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, neighbors = knn.search(
+            test.embeddings, reference.embeddings, min(k, len(reference.ids)), ec.knn_backend
+        )
+        return neighbors, np.where(neighbors >= 0, 1.0 - scores / (2.0 * norm2), 0.0)
+
+    neighbors, cosine = nearest(train, ec.recognition_k)
     neighbor_landmarks = recognition.neighbor_landmarks(
         neighbors, label_map.landmark_ids[train.labels]
     )
-    if ec.classifier_fusion:
+    knn_labels, knn_scores = recognition.knn_vote(
+        neighbor_landmarks, cosine, power=ec.recognition_power
+    )
+    top1 = {"knn": knn_labels}
+    if ec.classifier_fusion or ec.recognition_solution:
         top_landmarks, top_scores = classifier_top_m(
             first_model,
             _first_member_embeddings(test, members, first_model.config.model.embedding_dim),
             label_map.landmark_ids,
             ec.classifier_top_m,
         )
+        top1["classifier"] = top_landmarks[:, 0]
+    if ec.classifier_fusion:
         labels, label_scores = recognition.fuse_with_classifier(
             neighbor_landmarks,
             cosine,
@@ -374,9 +394,17 @@ def _recognition(config, workdir: str, test, train, members, first_model) -> dic
             knn_power=ec.recognition_power,
             classifier_power=ec.classifier_power,
         )
+        top1["fused"] = labels
     else:
-        labels, label_scores = recognition.knn_vote(
-            neighbor_landmarks, cosine, power=ec.recognition_power
+        labels, label_scores = knn_labels, knn_scores
+    unpenalized = recognition.recognition_predictions(list(test.ids), labels, label_scores)
+    if non_landmarks is not None:
+        _, non_landmark_cosine = nearest(non_landmarks, ec.non_landmark_k)
+        label_scores = non_landmarks_lib.penalize_non_landmarks(
+            label_scores,
+            non_landmark_cosine,
+            power=ec.recognition_power,
+            weight=ec.non_landmark_weight,
         )
     predictions = recognition.recognition_predictions(list(test.ids), labels, label_scores)
     if _writes():
@@ -390,6 +418,17 @@ def _recognition(config, workdir: str, test, train, members, first_model) -> dic
         by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
         metrics["gap"] = by_usage[solutions.ALL]["gap"]
         metrics["recognition"] = by_usage
+        if non_landmarks is not None:
+            without = usage_metrics.recognition_metrics_by_usage(unpenalized, solution)
+            metrics["gap_without_non_landmark_penalty"] = without[solutions.ALL]["gap"]
+        metrics["recognition_queries"] = sum(1 for gt in _merged(solution).values() if gt)
+        metrics["recognition_top1"] = {
+            name: usage_metrics.recognition_metrics_by_usage(
+                recognition.recognition_predictions(list(test.ids), chosen, np.zeros(len(chosen))),
+                solution,
+            )[solutions.ALL]["top1_accuracy"]
+            for name, chosen in top1.items()
+        }
     return metrics
 
 
