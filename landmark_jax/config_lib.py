@@ -86,6 +86,10 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.optimizer.schedule = "inverse_time"  # keras SGD(decay=...): lr / (1 + decay * t)
     c.optimizer.decay = 1e-5
     c.optimizer.warmup_steps = 0
+    # The warmup_cosine schedule's length; None: total_steps. Longer than
+    # total_steps stops training part-way down the cosine, as GLR2021's step 2
+    # did (a 40-epoch schedule stopped after epoch 29).
+    c.optimizer.schedule_steps = ml_collections.FieldReference(None, field_type=int)
     c.optimizer.weight_decay = 0.0
     c.optimizer.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
 
@@ -287,6 +291,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
     _check_choice(config, "init.carry", config.init.carry, INIT_CARRY)
     train_augmentation.from_config(config.input)
+    if config.optimizer.schedule_steps is not None:
+        _check_int("optimizer.schedule_steps", config.optimizer.schedule_steps, 1)
     if config.head.num_subcenters < 1:
         raise ValueError(f"config.head.num_subcenters={config.head.num_subcenters}: expected >= 1")
     if not config.loss.not_clean_weight >= 0.0:

@@ -51,8 +51,9 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
         # Keras SGD(decay=d), as in the GLR2020 code: lr_t = lr / (1 + d * t).
         schedule = lambda t: lr / (1.0 + cfg.decay * t)  # noqa: E731
     else:
+        length = cfg.schedule_steps or total_steps
         schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(cfg.warmup_steps, 1), max(total_steps, cfg.warmup_steps + 1)
+            0.0, lr, max(cfg.warmup_steps, 1), max(length, cfg.warmup_steps + 1)
         )
     if cfg.name == "sgd":
         tx = optax.sgd(schedule, momentum=cfg.momentum or None)

@@ -195,12 +195,29 @@ def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, subset_stag
             ValueError,
             "scored at the validation steps: set config.val.every_steps > 0",
         ),
+        ({"optimizer.schedule_steps": 0}, ValueError, "optimizer.schedule_steps=0"),
+        ({"input.cutout.prob": 2.0}, ValueError, "config.input.cutout.prob=2.0"),
     ],
 )
 def test_bad_configs_fail_before_compiling(demo, tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):
         trainer.train_and_evaluate(config_for(demo["full"], **overrides), str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("schedule_steps", [None, 1600])
+def test_warmup_cosine_runs_over_schedule_steps(schedule_steps):
+    config = load_config("demo")
+    config.optimizer.schedule_steps = schedule_steps
+    _, schedule = trainer.build_optimizer(config.optimizer, 1000)
+    lr, warmup = config.optimizer.learning_rate, config.optimizer.warmup_steps
+    length = schedule_steps or 1000
+    for step in (0, 10, warmup, 400, 999, 1000):
+        if step < warmup:
+            want = lr * step / warmup
+        else:
+            want = lr * 0.5 * (1 + np.cos(np.pi * (step - warmup) / (length - warmup)))
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
 
 
 def test_empty_data_folder_is_an_error(tmp_path):
@@ -296,6 +313,10 @@ def test_recipe_configs_follow_the_released_code():
         )
     decay = {s: load_config("glr2021_dolg", s).optimizer.weight_decay for s in ("step1", "step3")}
     assert decay == {"step1": 1e-4, "step3": 0.0}
+    # Step 2: a 40-epoch schedule stopped after epoch 29.
+    step2 = load_config("glr2021_dolg", "step2")
+    assert step2.optimizer.schedule_steps * 29 / 40 == pytest.approx(step2.total_steps, abs=1)
+    assert load_config("glr2021_dolg", "step1").optimizer.schedule_steps is None
 
 
 def test_dolg_recipe_smoke_trains(demo, tmp_path):
