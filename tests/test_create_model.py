@@ -122,6 +122,7 @@ def test_unknown_model_name_lists_valid():
         ({"name": "global", "backbone": "resnet50", "drop_connect_rate": 0.1}, r"no stochastic"),
         ({"name": "global", "drop_connect_rate": 1.0}, r"drop_connect_rate=1.0"),
         ({"name": "global", "batch_norm": "sync"}, r"'sync'.*frozen"),
+        ({"name": "global", "descriptor": "neck"}, r"model.descriptor 'neck'.*'pooled'"),
     ],
 )
 def test_config_errors_name_the_problem(config, match):

@@ -55,7 +55,7 @@ def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
     model = extract.load_trained_model(config, trained)
     emb = extract.extract(model, "index")
     assert list(emb.ids) == csv_ids(f"{demo['raw']}/index.csv")
-    assert emb.embeddings.shape == (len(emb.ids), config.model.embedding_dim)
+    assert emb.embeddings.shape[0] == len(emb.ids)
     np.testing.assert_allclose(np.linalg.norm(emb.embeddings, axis=1), 1.0, rtol=1e-5)
     assert (emb.labels == -1).all()
 
@@ -72,10 +72,23 @@ def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
         x = np.asarray(x, np.float64)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    plain = unit(module.apply(variables, images))
-    expected = unit(plain + unit(module.apply(variables, images[:, :, ::-1])))
-    np.testing.assert_allclose(emb.embeddings, plain, atol=1e-5)
+    # The demo searches with the pooled backbone features (model.descriptor):
+    # the mean of the backbone's final map over its positions, computed here
+    # from the backbone alone.
+    assert config.model.descriptor == "pooled"
+    final = module.apply(variables, images, method=lambda m, x: m.backbone(x)["final"])
+    pooled = unit(np.asarray(final).mean(axis=(1, 2)))
+    np.testing.assert_allclose(emb.embeddings, pooled, atol=1e-5)
+    flipped_final = module.apply(
+        variables, images[:, :, ::-1], method=lambda m, x: m.backbone(x)["final"]
+    )
+    expected = unit(pooled + unit(np.asarray(flipped_final).mean(axis=(1, 2))))
     np.testing.assert_allclose(flipped.embeddings, expected, atol=1e-5)
+    # descriptor='embedding': the model's own output, the neck's.
+    neck = extract.extract(model, "index", descriptor="embedding")
+    np.testing.assert_allclose(neck.embeddings, unit(module.apply(variables, images)), atol=1e-5)
+    assert neck.embeddings.shape[1] == config.model.embedding_dim
+    assert np.abs(neck.embeddings - emb.embeddings).max() > 0.1
 
     scaled = extract.extract(model, "index", scales=(0.75, 1.0))
     assert list(scaled.ids) == list(emb.ids)
@@ -140,8 +153,13 @@ def test_recognition_fused_with_the_classifier_head_and_non_landmark_penalty(dem
     train = extract.Embeddings.load(os.path.join(out, "embeddings-train-0.npz"))
     references = extract.Embeddings.load(os.path.join(out, "embeddings-nonlandmark-0.npz"))
     assert len(references.ids) == 12
+    # The search uses the pooled descriptors; the head scores the neck's
+    # embeddings of the same images.
+    model = extract.load_trained_model(config, trained)
+    neck = extract.extract(model, "test", descriptor="embedding")
+    assert list(neck.ids) == list(test.ids)
     kernel = checkpointing.load_stage(trained)["params"]["head"]["kernel"].astype(np.float64)
-    head_cos = test.embeddings @ (kernel / np.linalg.norm(kernel, axis=0))
+    head_cos = neck.embeddings @ (kernel / np.linalg.norm(kernel, axis=0))
     head_cos = head_cos[:, : label_map.num_classes]
     order = np.argsort(-head_cos, axis=1, kind="stable")[:, :5]
     top_landmarks = label_map.landmark_ids[order]

@@ -362,11 +362,19 @@ def one_image_at_a_time(config, workdir, data_dir, split, *, scales, flip, **res
     """{id: embedding}: each image of the split alone through the model.
 
     Decoded from its stored JPEG, resized with tf.image.resize (bilinear) to
-    `resized_size`, rounded to uint8, run as a batch of one on one device;
-    views L2-normalised, summed, normalised.
+    `resized_size`, rounded to uint8, run as a batch of one on one device
+    (the run's model.descriptor); views L2-normalised, summed, normalised.
     """
     trained = extract.load_trained_model(config, workdir)
-    apply = jax.jit(trained.module.apply)
+    if extract.descriptor_of(trained.config) == "pooled":
+        # The pooled features the model sows before its neck.
+        def describe(variables, x):
+            _, state = trained.module.apply(variables, x, mutable=["intermediates"])
+            return state["intermediates"]["pooled"][0]
+
+        apply = jax.jit(describe)
+    else:
+        apply = jax.jit(trained.module.apply)
     variables = jax.device_put(trained.variables, jax.devices()[0])
     out = {}
     for image_id, jpeg in read_split(data_dir, split):
@@ -450,7 +458,9 @@ def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisi
     mesh = sharding.create_mesh()
     trained_model = extract.load_trained_model(config, workdir)
     variables = jax.device_put(trained_model.variables, sharding.replicated_sharding(mesh))
-    embed = extract._embed_views(trained_model.module, flip=False)
+    embed = extract._embed_views(
+        trained_model.module, False, extract.descriptor_of(trained_model.config)
+    )
     shares = [
         shape_buckets.share_embeddings(
             embed,

@@ -21,6 +21,10 @@ Model config keys (`default_model_config(name)` gives every key and default):
                    stride-32 map in DOLG's global branch
     neck           'dense_swish' | 'dense_bn_prelu' | 'dense'
     dropout        rate on the pooled descriptor in training
+    descriptor     what retrieval and recognition search with: 'embedding'
+                   (the neck's output, both recipes) | 'pooled' (the pooled
+                   features before the neck, sown as intermediates/pooled;
+                   the head still trains on the embedding)
     dtype          'float32' | 'bfloat16' compute dtype (params stay float32)
     dolg           dilations, branch_channels, local_dim, global_dim,
                    image_pooling, global_branch (used by 'dolg' only)
@@ -86,6 +90,7 @@ _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
         "pooling": "gap",
         "neck": "dense_swish",
         "dropout": 0.0,
+        "descriptor": "embedding",
         "dtype": "float32",
     },
     "dolg": {
@@ -94,6 +99,7 @@ _MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
         "pooling": "gem",
         "neck": "dense_bn_prelu",
         "dropout": 0.0,
+        "descriptor": "embedding",
         "dtype": "float32",
     },
 }
@@ -129,6 +135,9 @@ def _build_dolg(cfg: Mapping[str, Any], backbone: nn.Module, dtype: Any) -> nn.M
         batch_norm=cfg["batch_norm"],
     )
 
+
+# What extraction returns for an image (retrieval/extract.py).
+DESCRIPTORS = ("embedding", "pooled")
 
 MODELS: dict[str, Callable[[Mapping[str, Any], nn.Module, Any], nn.Module]] = {
     "global": _build_global,
@@ -211,6 +220,10 @@ def resolve_model_config(model_config: Any) -> dict[str, Any]:
     dolg.check_global_branch(cfg["dolg"]["global_branch"])
     if cfg["dtype"] not in DTYPES:
         raise ValueError(f"unknown dtype {cfg['dtype']!r}; valid: {sorted(DTYPES)}")
+    if cfg["descriptor"] not in DESCRIPTORS:
+        raise ValueError(
+            f"unknown model.descriptor {cfg['descriptor']!r}; valid: {sorted(DESCRIPTORS)}"
+        )
     _resolve_backbone_options(cfg)
     return cfg
 

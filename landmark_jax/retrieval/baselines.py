@@ -46,6 +46,8 @@ class RawPixels(nn.Module):
 
 def raw_pixel_model(config: ml_collections.ConfigDict) -> extract.TrainedModel:
     """RawPixels as a model extraction takes (no variables, step 0)."""
+    config = config.copy_and_resolve_references()
+    config.model.descriptor = "embedding"  # RawPixels' output, whatever the run searches with
     return extract.TrainedModel(config, "", 0, RawPixels(), {}, {})
 
 

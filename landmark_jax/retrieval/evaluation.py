@@ -98,6 +98,7 @@ def _extraction_options(config, model: extract.TrainedModel, image_size: int | N
         "image_size": image_size or ec.image_size or model.config.image_size,
         "resize": ec.get("resize", "square"),
         "size_multiple": int(ec.get("size_multiple", 1)),
+        "descriptor": extract.descriptor_of(model.config),
     }
 
 
@@ -110,6 +111,26 @@ def _first_member_embeddings(
     first `dim` columns (and does not renormalise), so they divide back out.
     """
     return combined.embeddings[:, :dim] / members[0].weight
+
+
+def _classifier_inputs(config, test, members, first_model, mesh) -> np.ndarray:
+    """The first member's unit embeddings of the test split, which its head
+    scores: out of the (ensemble) descriptors when they are embeddings,
+    else (model.descriptor='pooled') extracted once more as embeddings."""
+    if extract.descriptor_of(first_model.config) == "embedding":
+        return _first_member_embeddings(test, members, first_model.config.model.embedding_dim)
+    options = {
+        **_extraction_options(config, first_model, members[0].image_size),
+        "descriptor": "embedding",
+    }
+    own = extract.extract(
+        first_model, config.eval.test_split, data_dir=config.data_dir, mesh=mesh, **options
+    )
+    # In the test descriptors' row order.
+    _, (_, aligned) = ensemble.align_by_ids(
+        [(test.ids, np.zeros((len(test.ids), 0))), (own.ids, own.embeddings)]
+    )
+    return aligned
 
 
 def classifier_top_m(
@@ -221,7 +242,7 @@ def evaluate(
             else None
         )
         metrics.update(
-            _recognition(config, workdir, test, train, non_landmarks, members, models[0])
+            _recognition(config, workdir, test, train, non_landmarks, members, models[0], mesh)
         )
     if ec.revisited_data_dir:
         own = [t for m, t in zip(members, models, strict=True) if m.workdir == workdir]
@@ -350,7 +371,7 @@ def _baselines(config, model: extract.TrainedModel, mesh, index_ids) -> dict[str
 
 
 def _recognition(
-    config, workdir: str, test, train, non_landmarks, members, first_model
+    config, workdir: str, test, train, non_landmarks, members, first_model, mesh
 ) -> dict[str, Any]:
     """Each test image takes the landmark its nearest train images vote for
     (fused with the first member's head when eval.classifier_fusion), its
@@ -380,7 +401,7 @@ def _recognition(
     if ec.classifier_fusion or ec.recognition_solution:
         top_landmarks, top_scores = classifier_top_m(
             first_model,
-            _first_member_embeddings(test, members, first_model.config.model.embedding_dim),
+            _classifier_inputs(config, test, members, first_model, mesh),
             label_map.landmark_ids,
             ec.classifier_top_m,
         )

@@ -145,21 +145,33 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-@functools.lru_cache(maxsize=16)
-def _embed_views(model, flip: bool):
-    """jit(variables, images uint8 [B,H,W,3]) -> [B, D] sum of unit view embeddings.
+def descriptor_of(config: ml_collections.ConfigDict) -> str:
+    """A run's model.descriptor ('embedding' for configs that predate it)."""
+    return config.model.get("descriptor", "embedding")
 
-    One jitted function per (module, flip): modules compare by value, so the
-    trainer's validation steps and an evaluation's repeated extractions reuse
-    the compiled programs.
+
+@functools.lru_cache(maxsize=16)
+def _embed_views(model, flip: bool, descriptor: str = "embedding"):
+    """jit(variables, images uint8 [B,H,W,3]) -> [B, D] sum of unit view descriptors.
+
+    descriptor 'embedding' is the model's output; 'pooled' the pooled
+    features it sows before its neck. One jitted function per (module, flip,
+    descriptor): modules compare by value, so the trainer's validation steps
+    and an evaluation's repeated extractions reuse the compiled programs.
     """
+
+    def describe(variables, view):
+        if descriptor == "embedding":
+            return model.apply(variables, view)
+        _, state = model.apply(variables, view, mutable=["intermediates"])
+        return state["intermediates"]["pooled"][0]
 
     @jax.jit
     def embed(variables, images):
         views = [images, images[:, :, ::-1]] if flip else [images]
         total = 0.0
         for view in views:
-            e = model.apply(variables, view).astype(jnp.float32)
+            e = describe(variables, view).astype(jnp.float32)
             total = total + e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
         return total
 
@@ -202,6 +214,7 @@ def extract(
     mesh: Any = None,
     resize: str = "square",
     size_multiple: int = 1,
+    descriptor: str | None = None,
 ) -> Embeddings:
     """Embeds every image of a split with a restored model.
 
@@ -221,6 +234,8 @@ def extract(
         'native' (aspect ratio kept; see sized_eval_input.eval_image_sizes).
       size_multiple: aspect-kept modes: sides rounded to a multiple of it
         (fewer distinct shapes to compile); 1 is exact.
+      descriptor: 'embedding' or 'pooled' (models.DESCRIPTORS); None: the
+        run's model.descriptor.
 
     Returns:
       Embeddings in the split's file order, L2-normalised.
@@ -245,7 +260,7 @@ def extract(
     run_mesh = mesh if resize == "square" else shape_buckets.process_mesh(mesh)
     local_rows = sharding.local_batch_size(batch_size, mesh)
     variables = jax.device_put(model.variables, sharding.replicated_sharding(run_mesh))
-    embed = _embed_views(model.module, flip)
+    embed = _embed_views(model.module, flip, descriptor or descriptor_of(config))
     if resize != "square":
         return _extract_by_shape(
             embed,
