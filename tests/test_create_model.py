@@ -19,6 +19,7 @@ TOP_KEYS = {
     "pooling",
     "neck",
     "dropout",
+    "descriptor",
     "dtype",
     "dolg",
     "input_normalization",
@@ -54,6 +55,7 @@ def test_default_config_has_every_key(name):
     # The recipes: GLR2020 GAP + Dense/swish, GLR2021 GeM + Dense/BN/PReLU.
     expected = {"global": ("gap", "dense_swish"), "dolg": ("gem", "dense_bn_prelu")}[name]
     assert (config.pooling, config.neck) == expected
+    assert config.descriptor == "embedding"  # both recipes search with the neck's output
     # Unset backbone options resolve to what they stand for, so a resolved
     # config rebuilds the same model.
     resolved = {
