@@ -16,9 +16,8 @@ occluded. The splits follow GLDv2:
 - test: retrieval queries (photographs of index landmarks; a quarter of the
   index landmarks get none), recognition images (photographs of train
   landmarks) and non-landmark distractors.
-- nonlandmark: known non-landmark photographs (scenes of their own, none of
-  them in another split), listed in nonlandmark.csv: the reference set that
-  recognition's non-landmark penalty compares test images with.
+- nonlandmark: known non-landmark photographs of scenes of their own, listed
+  in nonlandmark.csv: the reference set of recognition's non-landmark penalty.
 
 `demo_layout` decides where the images go and what the CSV and solution files list.
 
@@ -249,7 +248,7 @@ def _check_arguments(
     problems = []
     if num_non_landmark_references < 0:
         problems.append(
-            f"num_non_landmark_references must be >= 0 (got {num_non_landmark_references})"
+            f"num_non_landmark_references must be >= 0, not {num_non_landmark_references}"
         )
     if num_landmarks < 2:
         problems.append(f"num_landmarks must be >= 2 (got {num_landmarks})")

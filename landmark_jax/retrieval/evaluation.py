@@ -3,8 +3,8 @@
 Retrieval: the test (query) embeddings are searched against the index
 embeddings (k = 100, squared L2 on unit vectors; ScaNN, or exact search on
 the accelerator), scored by GLDv2 mAP@100 per Public/Private split.
-Recognition: each test image takes the landmark voted by its nearest train
-images (cos^p scores), scored by GAP. An ensemble (config.eval.ensemble)
+Recognition (recognition_evaluation.py): each test image takes the landmark
+voted by its nearest train images (cos^p scores), scored by GAP. An ensemble (config.eval.ensemble)
 concatenates several workdirs' normalised, weighted embeddings (GLR2020).
 
 Writes `<workdir>/eval/`: metrics.json (`map@100`, `gap`, and per-split
@@ -24,19 +24,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from landmark_jax import config_lib, data_format, file_io, heads, run_config, sharding
+from landmark_jax import config_lib, file_io, run_config, sharding
 from landmark_jax.retrieval import (
     baselines,
     ensemble,
     extract,
     gallery,
     knn,
-    recognition,
+    recognition_evaluation,
     revisited,
     solutions,
     usage_metrics,
 )
-from landmark_jax.retrieval import non_landmarks as non_landmarks_lib
 
 # The folder of a workdir that evaluation (and revisited.py) writes to.
 EVAL_DIR = "eval"
@@ -62,7 +61,7 @@ def embed_split(
     """
     parts = []
     for i, (member, model) in enumerate(zip(members, models, strict=True)):
-        options = _extraction_options(config, model, member.image_size)
+        options = extract.extraction_options(config, model, member.image_size)
         settings = {
             "workdir": file_io.absolute(member.workdir),
             "step": model.step,
@@ -87,95 +86,6 @@ def embed_split(
     ids, aligned = ensemble.align_by_ids([(p.ids, p.embeddings) for p in parts])
     combined = ensemble.combine_embeddings(aligned, [m.weight for m in members])
     return extract.Embeddings(np.asarray(ids), combined, parts[0].labels)
-
-
-def _extraction_options(config, model: extract.TrainedModel, image_size: int | None = None):
-    """How eval.* says to extract a model's embeddings (extract.extract's options)."""
-    ec = config.eval
-    return {
-        "scales": tuple(ec.scales),
-        "flip": bool(ec.flip),
-        "image_size": image_size or ec.image_size or model.config.image_size,
-        "resize": ec.get("resize", "square"),
-        "size_multiple": int(ec.get("size_multiple", 1)),
-        "descriptor": extract.descriptor_of(model.config),
-    }
-
-
-def _first_member_embeddings(
-    combined: extract.Embeddings, members: Sequence[ensemble.EnsembleMember], dim: int
-) -> np.ndarray:
-    """The first member's own unit embeddings, out of the weighted concatenation.
-
-    combine_embeddings writes member 0's unit rows times its weight into the
-    first `dim` columns (and does not renormalise), so they divide back out.
-    """
-    return combined.embeddings[:, :dim] / members[0].weight
-
-
-def _classifier_inputs(config, test, members, first_model, mesh) -> np.ndarray:
-    """The first member's unit embeddings of the test split, which its head
-    scores: out of the (ensemble) descriptors when they are embeddings,
-    else (model.descriptor='pooled') extracted once more as embeddings."""
-    if extract.descriptor_of(first_model.config) == "embedding":
-        return _first_member_embeddings(test, members, first_model.config.model.embedding_dim)
-    options = {
-        **_extraction_options(config, first_model, members[0].image_size),
-        "descriptor": "embedding",
-    }
-    own = extract.extract(
-        first_model, config.eval.test_split, data_dir=config.data_dir, mesh=mesh, **options
-    )
-    # In the test descriptors' row order.
-    _, (_, aligned) = ensemble.align_by_ids(
-        [(test.ids, np.zeros((len(test.ids), 0))), (own.ids, own.embeddings)]
-    )
-    return aligned
-
-
-def classifier_top_m(
-    model: extract.TrainedModel,
-    embeddings: np.ndarray,
-    class_landmarks: np.ndarray,
-    m: int,
-    chunk: int = 256,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The trained head's top-m landmarks and cosines for unit embeddings.
-
-    The head module itself scores the embeddings on the devices (the cosine
-    to each class, the max over its sub-centers, padded classes at the
-    sentinel), in chunks of queries so a 203,094-class head never needs a
-    [Q, C] matrix on the host.
-
-    Args:
-      model: the restored run (its head_params and head config).
-      embeddings: [Q, D] unit embeddings.
-      class_landmarks: [C] landmark id of each contiguous label.
-      m: how many classes to keep per query.
-      chunk: queries per device call.
-
-    Returns:
-      ([Q, m] landmark ids, [Q, m] cosines), best first.
-    """
-    kernel = model.head_params[heads.KERNEL_KEY]
-    k = model.config.head.num_subcenters
-    num_classes = len(class_landmarks)
-    head = heads.CosineClassifier(
-        num_classes=num_classes, num_subcenters=k, num_classes_padded=kernel.shape[1] // k
-    )
-    params = jax.device_put({"params": model.head_params})
-    score = jax.jit(lambda p, x: head.apply(p, x)[:, :num_classes])  # drop padded classes
-    labels, scores = [], []
-    for start in range(0, len(embeddings), chunk):
-        cos = np.asarray(score(params, embeddings[start : start + chunk]))
-        top = recognition.classifier_top_m(cos, class_landmarks, m=m)
-        labels.append(top[0])
-        scores.append(top[1])
-    return np.concatenate(labels), np.concatenate(scores)
-
-
-def _merged(solution: Any) -> dict:
-    return {**solution[solutions.PUBLIC], **solution[solutions.PRIVATE]}
 
 
 def evaluate(
@@ -242,7 +152,9 @@ def evaluate(
             else None
         )
         metrics.update(
-            _recognition(config, workdir, test, train, non_landmarks, members, models[0], mesh)
+            recognition_evaluation.evaluate_recognition(
+                config, out_dir, test, train, non_landmarks, members, models[0], mesh, _writes()
+            )
         )
     if ec.revisited_data_dir:
         own = [t for m, t in zip(members, models, strict=True) if m.workdir == workdir]
@@ -325,12 +237,12 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
         by_usage = usage_metrics.retrieval_metrics_by_usage(retrieval, solution)
         metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
         metrics["retrieval"] = by_usage
-        metrics["retrieval_queries"] = len(_merged(solution))
+        metrics["retrieval_queries"] = len(solutions.merged_usages(solution))
         if _writes():
             gallery.write_gallery(
                 config.data_dir,
                 retrieval,
-                _merged(solution),
+                solutions.merged_usages(solution),
                 file_io.join(out_dir, "gallery.png"),
                 num_queries=ec.gallery_queries,
                 title=f"{workdir}: mAP@100 {metrics['map@100']:.4f}",
@@ -352,12 +264,12 @@ def _baselines(config, model: extract.TrainedModel, mesh, index_ids) -> dict[str
     for name in ec.baselines:
         if name == "chance":
             scored[name] = baselines.chance_map(
-                _merged(solution), list(index_ids), num_predictions=ec.k
+                solutions.merged_usages(solution), list(index_ids), num_predictions=ec.k
             )
             continue
         if name == "untrained":
             baseline = baselines.untrained_model(model.config, model.workdir)
-            options = _extraction_options(config, model)
+            options = extract.extraction_options(config, model)
         else:
             baseline = baselines.raw_pixel_model(model.config)
             options = {"image_size": ec.raw_pixel_size, "scales": (1.0,), "flip": False}
@@ -368,89 +280,6 @@ def _baselines(config, model: extract.TrainedModel, mesh, index_ids) -> dict[str
         by_usage = usage_metrics.retrieval_metrics_by_usage(_ranked(ec, index, test), solution)
         scored[name] = by_usage[solutions.ALL]["map@100"]
     return scored
-
-
-def _recognition(
-    config, workdir: str, test, train, non_landmarks, members, first_model, mesh
-) -> dict[str, Any]:
-    """Each test image takes the landmark its nearest train images vote for
-    (fused with the first member's head when eval.classifier_fusion), its
-    score lowered by its similarity to the non-landmark split when one is
-    named (non_landmarks.py); GAP, and the top-1 accuracy of the kNN vote and
-    of the classifier alone on the images with ground truth."""
-    ec, out_dir, metrics = config.eval, file_io.join(workdir, EVAL_DIR), {}
-    label_map = data_format.read_label_map(config.data_dir)
-    # Squared L2 -> cosine. Every (ensemble) row has squared norm
-    # sum(w_i^2), so this is the weighted mean of the members' cosines.
-    norm2 = sum(m.weight**2 for m in members)
-
-    def nearest(reference, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, neighbors = knn.search(
-            test.embeddings, reference.embeddings, min(k, len(reference.ids)), ec.knn_backend
-        )
-        return neighbors, np.where(neighbors >= 0, 1.0 - scores / (2.0 * norm2), 0.0)
-
-    neighbors, cosine = nearest(train, ec.recognition_k)
-    neighbor_landmarks = recognition.neighbor_landmarks(
-        neighbors, label_map.landmark_ids[train.labels]
-    )
-    knn_labels, knn_scores = recognition.knn_vote(
-        neighbor_landmarks, cosine, power=ec.recognition_power
-    )
-    top1 = {"knn": knn_labels}
-    if ec.classifier_fusion or ec.recognition_solution:
-        top_landmarks, top_scores = classifier_top_m(
-            first_model,
-            _classifier_inputs(config, test, members, first_model, mesh),
-            label_map.landmark_ids,
-            ec.classifier_top_m,
-        )
-        top1["classifier"] = top_landmarks[:, 0]
-    if ec.classifier_fusion:
-        labels, label_scores = recognition.fuse_with_classifier(
-            neighbor_landmarks,
-            cosine,
-            top_landmarks,
-            top_scores,
-            knn_power=ec.recognition_power,
-            classifier_power=ec.classifier_power,
-        )
-        top1["fused"] = labels
-    else:
-        labels, label_scores = knn_labels, knn_scores
-    unpenalized = recognition.recognition_predictions(list(test.ids), labels, label_scores)
-    if non_landmarks is not None:
-        _, non_landmark_cosine = nearest(non_landmarks, ec.non_landmark_k)
-        label_scores = non_landmarks_lib.penalize_non_landmarks(
-            label_scores,
-            non_landmark_cosine,
-            power=ec.recognition_power,
-            weight=ec.non_landmark_weight,
-        )
-    predictions = recognition.recognition_predictions(list(test.ids), labels, label_scores)
-    if _writes():
-        solutions.write_recognition_submission(
-            file_io.join(out_dir, "recognition_submission.csv"),
-            predictions,
-            all_ids=list(test.ids),
-        )
-    if ec.recognition_solution:
-        solution = solutions.read_recognition_solution(ec.recognition_solution)
-        by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
-        metrics["gap"] = by_usage[solutions.ALL]["gap"]
-        metrics["recognition"] = by_usage
-        if non_landmarks is not None:
-            without = usage_metrics.recognition_metrics_by_usage(unpenalized, solution)
-            metrics["gap_without_non_landmark_penalty"] = without[solutions.ALL]["gap"]
-        metrics["recognition_queries"] = sum(1 for gt in _merged(solution).values() if gt)
-        metrics["recognition_top1"] = {
-            name: usage_metrics.recognition_metrics_by_usage(
-                recognition.recognition_predictions(list(test.ids), chosen, np.zeros(len(chosen))),
-                solution,
-            )[solutions.ALL]["top1_accuracy"]
-            for name, chosen in top1.items()
-        }
-    return metrics
 
 
 def _revisited(config, model: extract.TrainedModel) -> dict[str, Any]:

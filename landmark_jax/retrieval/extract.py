@@ -304,3 +304,28 @@ def extract(
     embeddings = total[mask]
     embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
     return Embeddings(ids[mask], embeddings.astype(np.float32), labels[mask].astype(np.int64))
+
+
+def extraction_options(
+    config: ml_collections.ConfigDict, model: TrainedModel, image_size: int | None = None
+) -> dict[str, Any]:
+    """How an evaluation config's eval.* says to extract a model's descriptors.
+
+    Args:
+      config: the evaluation config (its `eval` block).
+      model: the run (its image size and model.descriptor).
+      image_size: an ensemble member's own size (None: eval.image_size, else
+        the run's).
+
+    Returns:
+      Keyword arguments of `extract`.
+    """
+    ec = config.eval
+    return {
+        "scales": tuple(ec.scales),
+        "flip": bool(ec.flip),
+        "image_size": image_size or ec.image_size or model.config.image_size,
+        "resize": ec.get("resize", "square"),
+        "size_multiple": int(ec.get("size_multiple", 1)),
+        "descriptor": descriptor_of(model.config),
+    }

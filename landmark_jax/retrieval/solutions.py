@@ -175,6 +175,18 @@ def read_recognition_solution(path: str) -> RecognitionSolution:
     return _read_solution(path, "landmarks", parse)  # type: ignore[return-value]
 
 
+def merged_usages(solution: Mapping[str, Any]) -> dict[str, Any]:
+    """A solution's Public and Private rows in one mapping (Ignored ones left out).
+
+    Args:
+      solution: a read_retrieval_solution / read_recognition_solution result.
+
+    Returns:
+      {test id: ground truth} of every scored test image.
+    """
+    return {**solution[PUBLIC], **solution[PRIVATE]}
+
+
 def _prediction_tokens(value: str) -> list[str]:
     # DELF splits on single spaces and drops one trailing empty token, so a
     # trailing space is fine but a double space yields an empty id that still

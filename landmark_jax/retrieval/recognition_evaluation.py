@@ -1,0 +1,207 @@
+"""Recognition evaluation: kNN votes, classifier fusion, the non-landmark penalty, GAP.
+
+Each test image takes the landmark its nearest train images vote for
+(retrieval/recognition.py), optionally fused with the trained head's top
+classes, its score lowered by its similarity to known non-landmark images
+when a split of them is named (retrieval/non_landmarks.py). Scored by GAP,
+with the top-1 accuracy of each labeller on the images with ground truth.
+`evaluation.evaluate` calls `evaluate_recognition` after extraction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from landmark_jax import data_format, file_io, heads
+from landmark_jax.retrieval import (
+    ensemble,
+    extract,
+    knn,
+    recognition,
+    solutions,
+    usage_metrics,
+)
+from landmark_jax.retrieval import non_landmarks as non_landmark_penalty
+
+
+def first_member_embeddings(
+    combined: extract.Embeddings, members: Sequence[ensemble.EnsembleMember], dim: int
+) -> np.ndarray:
+    """The first member's own unit embeddings, out of the weighted concatenation.
+
+    combine_embeddings writes member 0's unit rows times its weight into the
+    first `dim` columns (and does not renormalise), so they divide back out.
+    """
+    return combined.embeddings[:, :dim] / members[0].weight
+
+
+def classifier_inputs(config, test, members, first_model, mesh) -> np.ndarray:
+    """The first member's unit embeddings of the test split, which its head
+    scores: out of the (ensemble) descriptors when they are embeddings,
+    else (model.descriptor='pooled') extracted once more as embeddings."""
+    if extract.descriptor_of(first_model.config) == "embedding":
+        return first_member_embeddings(test, members, first_model.config.model.embedding_dim)
+    options = {
+        **extract.extraction_options(config, first_model, members[0].image_size),
+        "descriptor": "embedding",
+    }
+    own = extract.extract(
+        first_model, config.eval.test_split, data_dir=config.data_dir, mesh=mesh, **options
+    )
+    # In the test descriptors' row order.
+    _, (_, aligned) = ensemble.align_by_ids(
+        [(test.ids, np.zeros((len(test.ids), 0))), (own.ids, own.embeddings)]
+    )
+    return aligned
+
+
+def classifier_top_m(
+    model: extract.TrainedModel,
+    embeddings: np.ndarray,
+    class_landmarks: np.ndarray,
+    m: int,
+    chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The trained head's top-m landmarks and cosines for unit embeddings.
+
+    The head module itself scores the embeddings on the devices (the cosine
+    to each class, the max over its sub-centers, padded classes at the
+    sentinel), in chunks of queries so a 203,094-class head never needs a
+    [Q, C] matrix on the host.
+
+    Args:
+      model: the restored run (its head_params and head config).
+      embeddings: [Q, D] unit embeddings.
+      class_landmarks: [C] landmark id of each contiguous label.
+      m: how many classes to keep per query.
+      chunk: queries per device call.
+
+    Returns:
+      ([Q, m] landmark ids, [Q, m] cosines), best first.
+    """
+    kernel = model.head_params[heads.KERNEL_KEY]
+    k = model.config.head.num_subcenters
+    num_classes = len(class_landmarks)
+    head = heads.CosineClassifier(
+        num_classes=num_classes, num_subcenters=k, num_classes_padded=kernel.shape[1] // k
+    )
+    params = jax.device_put({"params": model.head_params})
+    score = jax.jit(lambda p, x: head.apply(p, x)[:, :num_classes])  # drop padded classes
+    labels, scores = [], []
+    for start in range(0, len(embeddings), chunk):
+        cos = np.asarray(score(params, embeddings[start : start + chunk]))
+        top = recognition.classifier_top_m(cos, class_landmarks, m=m)
+        labels.append(top[0])
+        scores.append(top[1])
+    return np.concatenate(labels), np.concatenate(scores)
+
+
+def evaluate_recognition(
+    config: ml_collections.ConfigDict,
+    out_dir: str,
+    test: extract.Embeddings,
+    train: extract.Embeddings,
+    non_landmarks: extract.Embeddings | None,
+    members: Sequence[ensemble.EnsembleMember],
+    first_model: extract.TrainedModel,
+    mesh: Any,
+    writes: bool,
+) -> dict[str, Any]:
+    """Labels the test images, writes the submission and scores it.
+
+    Args:
+      config: the evaluation config (data_dir, eval.*).
+      out_dir: where recognition_submission.csv goes.
+      test, train: the (ensemble) descriptors of the test and train splits.
+      non_landmarks: those of eval.non_landmark_split, or None.
+      members: the ensemble members (one for a single run).
+      first_model: the first member's restored run, whose head classifies.
+      mesh: the device mesh (the head's inputs may need an extraction).
+      writes: whether this process writes files (process 0).
+
+    Returns:
+      Metrics for metrics.json: with eval.recognition_solution, `gap`,
+      `recognition` (per usage), `recognition_queries`, `recognition_top1`
+      (kNN, classifier, and fused with eval.classifier_fusion) and, with a
+      non-landmark split, `gap_without_non_landmark_penalty`.
+    """
+    ec, metrics = config.eval, {}
+    label_map = data_format.read_label_map(config.data_dir)
+    # Squared L2 -> cosine. Every (ensemble) row has squared norm
+    # sum(w_i^2), so this is the weighted mean of the members' cosines.
+    norm2 = sum(m.weight**2 for m in members)
+
+    def nearest(reference, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, neighbors = knn.search(
+            test.embeddings, reference.embeddings, min(k, len(reference.ids)), ec.knn_backend
+        )
+        return neighbors, np.where(neighbors >= 0, 1.0 - scores / (2.0 * norm2), 0.0)
+
+    neighbors, cosine = nearest(train, ec.recognition_k)
+    neighbor_landmarks = recognition.neighbor_landmarks(
+        neighbors, label_map.landmark_ids[train.labels]
+    )
+    knn_labels, knn_scores = recognition.knn_vote(
+        neighbor_landmarks, cosine, power=ec.recognition_power
+    )
+    top1 = {"knn": knn_labels}
+    if ec.classifier_fusion or ec.recognition_solution:
+        top_landmarks, top_scores = classifier_top_m(
+            first_model,
+            classifier_inputs(config, test, members, first_model, mesh),
+            label_map.landmark_ids,
+            ec.classifier_top_m,
+        )
+        top1["classifier"] = top_landmarks[:, 0]
+    if ec.classifier_fusion:
+        labels, label_scores = recognition.fuse_with_classifier(
+            neighbor_landmarks,
+            cosine,
+            top_landmarks,
+            top_scores,
+            knn_power=ec.recognition_power,
+            classifier_power=ec.classifier_power,
+        )
+        top1["fused"] = labels
+    else:
+        labels, label_scores = knn_labels, knn_scores
+    unpenalized = recognition.recognition_predictions(list(test.ids), labels, label_scores)
+    if non_landmarks is not None:
+        _, non_landmark_cosine = nearest(non_landmarks, ec.non_landmark_k)
+        label_scores = non_landmark_penalty.penalize_non_landmarks(
+            label_scores,
+            non_landmark_cosine,
+            power=ec.recognition_power,
+            weight=ec.non_landmark_weight,
+        )
+    predictions = recognition.recognition_predictions(list(test.ids), labels, label_scores)
+    if writes:
+        solutions.write_recognition_submission(
+            file_io.join(out_dir, "recognition_submission.csv"),
+            predictions,
+            all_ids=list(test.ids),
+        )
+    if ec.recognition_solution:
+        solution = solutions.read_recognition_solution(ec.recognition_solution)
+        by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
+        metrics["gap"] = by_usage[solutions.ALL]["gap"]
+        metrics["recognition"] = by_usage
+        if non_landmarks is not None:
+            without = usage_metrics.recognition_metrics_by_usage(unpenalized, solution)
+            metrics["gap_without_non_landmark_penalty"] = without[solutions.ALL]["gap"]
+        metrics["recognition_queries"] = sum(
+            1 for gt in solutions.merged_usages(solution).values() if gt
+        )
+        metrics["recognition_top1"] = {
+            name: usage_metrics.recognition_metrics_by_usage(
+                recognition.recognition_predictions(list(test.ids), chosen, np.zeros(len(chosen))),
+                solution,
+            )[solutions.ALL]["top1_accuracy"]
+            for name, chosen in top1.items()
+        }
+    return metrics
