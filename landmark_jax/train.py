@@ -7,14 +7,21 @@ Multi-host (Cloud TPU VM pods, or any cluster): pass --coordinator_address,
 --num_processes and --process_id, or --tpu_pod on a TPU VM pod where JAX
 finds them itself (multihost.py). Without these flags it runs as a single
 process.
+
+Exit status: 0 when the run has reached config.total_steps (or had already);
+75 (preemption.PREEMPTED_EXIT_STATUS) when a preemption notice (SIGTERM)
+made it save a checkpoint and stop early: run the same command again to
+resume; 1 on an error.
 """
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from landmark_jax import entry_point_logging, multihost, tensorflow_setup
+from landmark_jax import entry_point_logging, multihost, preemption, tensorflow_setup
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py[:ARG]).")
@@ -38,7 +45,11 @@ def main(argv):
         jax.process_count(),
         jax.device_count(),
     )
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except preemption.Preempted as stopped:
+        logging.warning("%s", stopped)
+        sys.exit(preemption.PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from landmark_jax import (
     input_pipeline,
     losses,
     metric_writer,
+    preemption,
     random_streams,
     run_config,
     sharding,
@@ -347,57 +348,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     # --- Loop: step, log, evaluate, checkpoint --------------------------------
-    progress = metric_writer.Progress(config.total_steps, start_step)
-    sums, num_summed, last = None, 0, {}
-    for step in range(start_step + 1, config.total_steps + 1):
-        state, metrics = step_fn(state, next(batches), consts)
-        # Accumulated on the device: nothing here waits for the step to finish.
-        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-        num_summed += 1
-        is_last = step == config.total_steps
-        do_log = step % config.log_every_steps == 0 or is_last
-        do_eval = config.val.every_steps and (step % config.val.every_steps == 0 or is_last)
-        do_save = step % config.checkpoint_every_steps == 0 or is_last
-        preempted = manager.reached_preemption(step)
-        if not (do_log or do_eval or do_save or preempted):
-            continue
+    # SIGTERM (one process) or JAX's preemption sync point (several): save, stop.
+    with preemption.PreemptionNotice(manager) as notice:
+        progress = metric_writer.Progress(config.total_steps, start_step)
+        sums, num_summed, last = None, 0, {}
+        for step in range(start_step + 1, config.total_steps + 1):
+            state, metrics = step_fn(state, next(batches), consts)
+            # Accumulated on the device: nothing here waits for the step to finish.
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+            num_summed += 1
+            is_last = step == config.total_steps
+            do_log = step % config.log_every_steps == 0 or is_last
+            do_eval = config.val.every_steps and (step % config.val.every_steps == 0 or is_last)
+            do_save = step % config.checkpoint_every_steps == 0 or is_last
+            preempted = notice.reached(step)
+            if not (do_log or do_eval or do_save or preempted):
+                continue
 
-        nonfinite = jax.device_get(state["nonfinite"])
-        if not config.nonfinite.skip_updates and nonfinite["count"] > 0:
-            raise FloatingPointError(
-                f"non-finite loss at step {int(nonfinite['first_step']) + 1}; set "
-                "config.nonfinite.skip_updates=True to skip such steps"
-            )
-        if nonfinite["count"] > config.nonfinite.max_skipped:
-            raise FloatingPointError(
-                f"{int(nonfinite['count'])} non-finite steps (first at step "
-                f"{int(nonfinite['first_step']) + 1}) > config.nonfinite.max_skipped="
-                f"{config.nonfinite.max_skipped}"
-            )
-        if do_log:
-            last = {k: float(v) / num_summed for k, v in jax.device_get(sums).items()}
-            images_per_sec, line = progress.tick(step, config.batch_size)
-            last.update(
-                learning_rate=float(schedule(step - 1)),
-                images_per_sec=images_per_sec,
-                skipped_steps=int(nonfinite["count"]),
-            )
-            sums, num_summed = None, 0
-        if do_eval:
-            last.update(evaluate(config, mesh, state, consts, eval_fn, model))
-        if do_log or do_eval:
-            writer.write(step, last)
-            logging.info(
-                "%s | %s",
-                line if do_log else f"step {step}",
-                ", ".join(f"{k} {v:.4g}" for k, v in last.items()),
-            )
-        if do_save or preempted:
-            manager.save(step, args=checkpointing.save_args(state), force=preempted)
-        if preempted:
-            manager.wait_until_finished()
-            logging.warning("Preempted at step %d: checkpoint saved", step)
-            break
+            nonfinite = jax.device_get(state["nonfinite"])
+            if not config.nonfinite.skip_updates and nonfinite["count"] > 0:
+                raise FloatingPointError(
+                    f"non-finite loss at step {int(nonfinite['first_step']) + 1}; set "
+                    "config.nonfinite.skip_updates=True to skip such steps"
+                )
+            if nonfinite["count"] > config.nonfinite.max_skipped:
+                raise FloatingPointError(
+                    f"{int(nonfinite['count'])} non-finite steps (first at step "
+                    f"{int(nonfinite['first_step']) + 1}) > config.nonfinite.max_skipped="
+                    f"{config.nonfinite.max_skipped}"
+                )
+            if do_log:
+                last = {k: float(v) / num_summed for k, v in jax.device_get(sums).items()}
+                images_per_sec, line = progress.tick(step, config.batch_size)
+                last.update(
+                    learning_rate=float(schedule(step - 1)),
+                    images_per_sec=images_per_sec,
+                    skipped_steps=int(nonfinite["count"]),
+                )
+                sums, num_summed = None, 0
+            if do_eval:
+                last.update(evaluate(config, mesh, state, consts, eval_fn, model))
+            if do_log or do_eval:
+                writer.write(step, last)
+                logging.info(
+                    "%s | %s",
+                    line if do_log else f"step {step}",
+                    ", ".join(f"{k} {v:.4g}" for k, v in last.items()),
+                )
+            if do_save or preempted:
+                manager.save(step, args=checkpointing.save_args(state), force=preempted)
+            if preempted:
+                manager.wait_until_finished()
+                manager.close()
+                logging.warning("Preempted at step %d: checkpoint saved", step)
+                raise preemption.Preempted(step, workdir)
     manager.wait_until_finished()
     manager.close()
     return last

@@ -2,15 +2,25 @@
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from landmark_jax import checkpointing, data_format, trainer, training_summary
+from landmark_jax import (
+    checkpointing,
+    data_format,
+    input_pipeline,
+    preemption,
+    trainer,
+    training_summary,
+)
 
-from config_files import load_config, set_keys
+from config_files import REPO, load_config, set_keys
 from cpu_devices import run_processes
 
 
@@ -218,6 +228,68 @@ def test_warmup_cosine_runs_over_schedule_steps(schedule_steps):
         else:
             want = lr * 0.5 * (1 + np.cos(np.pi * (step - warmup) / (length - warmup)))
         assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
+
+
+def test_sigterm_saves_the_step_and_stops_then_the_run_resumes(demo, tmp_path, monkeypatch):
+    """SIGTERM (a preemption notice) on one process: the trainer saves the
+    step it is at, stops with Preempted, and a rerun resumes from it."""
+    assert threading.current_thread() is threading.main_thread()  # signal handlers live here
+    config = config_for(demo["full"], total_steps=6, checkpoint_every_steps=100)
+    reference = str(tmp_path / "reference")
+    trainer.train_and_evaluate(config, reference)
+
+    # The notice arrives while the loop fetches the batch of step 4.
+    fetched = []
+    real_iterator = input_pipeline.train_iterator
+
+    def notice_at_step_4(*args, **kwargs):
+        for batch in real_iterator(*args, **kwargs):
+            fetched.append(1)
+            if len(fetched) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", notice_at_step_4)
+    workdir = str(tmp_path / "run")
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(preemption.Preempted, match="preempted at step 4") as stopped:
+        trainer.train_and_evaluate(config, workdir)
+    assert stopped.value.step == 4
+    assert checkpointing.saved_steps(workdir) == [4]  # saved although 4 is no save step
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the handler is gone again
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", real_iterator)
+    trainer.train_and_evaluate(config, workdir)
+    got, want = losses_of(workdir), losses_of(reference)
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+
+
+def test_train_program_exits_75_when_preempted(tmp_path):
+    """The exit status a job runner relaunches on (the saving is tested above)."""
+    program = (
+        "import sys\n"
+        "from absl import app\n"
+        "from landmark_jax import preemption, train, trainer\n"
+        "def preempted(config, workdir):\n"
+        "    raise preemption.Preempted(7, workdir)\n"
+        "trainer.train_and_evaluate = preempted\n"
+        "app.run(train.main)\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            program,
+            f"--config={REPO}/configs/demo.py:smoke",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == preemption.PREEMPTED_EXIT_STATUS == 75, result.stderr[-2000:]
+    assert "preempted at step 7" in result.stderr and "run the same command again" in result.stderr
 
 
 def test_empty_data_folder_is_an_error(tmp_path):
