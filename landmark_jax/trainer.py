@@ -238,6 +238,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     run_config.check_resume(config, workdir)
     # Fail now on a workdir that cannot be written or checkpointed to (named).
     file_io.checkpoint_path(workdir)
+    # A finished run returns before anything is built or restored.
+    finished = checkpointing.latest_step(workdir)
+    if finished is not None and finished >= config.total_steps:
+        logging.info("%s: already trained for %d steps", workdir, finished)
+        return {}
     file_io.makedirs(workdir)
     writer = metric_writer.MetricWriter(workdir)
 

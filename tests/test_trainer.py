@@ -95,8 +95,14 @@ def test_training_lowers_the_loss(demo, tmp_path):
     summary = training_summary.summarize(str(tmp_path))
     assert f"train loss {losses[0]:.3f} (step 5) -> {losses[-1]:.3f} (step 30)" in summary
     assert summary.rstrip().endswith("30]")  # the last checkpoint is the last step
-    # A finished run returns at once.
-    assert trainer.train_and_evaluate(config, str(tmp_path)) == {}
+
+    # A finished run returns at once, before it builds or restores a model.
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished run built its model")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "create_model", no_model)
+        assert trainer.train_and_evaluate(config, str(tmp_path)) == {}
 
 
 @pytest.fixture(scope="module")
