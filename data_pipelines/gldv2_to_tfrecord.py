@@ -280,7 +280,9 @@ def build_split(
         entry = info_splits.setdefault(name, {"num_examples": 0, "num_clean": 0, "files": []})
         entry["num_examples"] += r.num_examples
         entry["num_clean"] += r.num_clean
-        entry["files"].append({"name": file_io.basename(r.path), "num_examples": r.num_examples})
+        entry["files"].append(
+            {"name": file_io.basename(r.path), "num_examples": r.num_examples, "sha256": r.sha256}
+        )
         skipped += r.skipped
         if name == "train":
             train_counts.update(r.label_counts)

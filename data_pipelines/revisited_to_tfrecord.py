@@ -231,7 +231,7 @@ def build_revisited(
         entry = info_splits.setdefault(split, {"num_examples": 0, "num_clean": 0, "files": []})
         entry["num_examples"] += r.num_examples
         entry["num_clean"] += r.num_clean
-        entry["files"].append({"name": name, "num_examples": r.num_examples})
+        entry["files"].append({"name": name, "num_examples": r.num_examples, "sha256": r.sha256})
 
     gnd_copy = file_io.join(output_dir, GND_FILE)
     gnd_bytes = file_io.read_bytes(gnd_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import io
 from collections.abc import Sequence
 
@@ -49,6 +50,9 @@ class ShardResult:
     label_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     clean_label_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    # SHA-256 of the shard's records (each length-prefixed, in order): the
+    # shard's identity, recorded in dataset_info.json.
+    sha256: str = ""
 
 
 def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
@@ -129,6 +133,7 @@ def write_shard(job: ShardJob) -> ShardResult:
     import tensorflow as tf
 
     result = ShardResult(job.path)
+    digest = hashlib.sha256()
     tmp = job.path + ".incomplete"
     with tf.io.TFRecordWriter(tmp) as writer:
         for ex in job.examples:
@@ -139,11 +144,15 @@ def write_shard(job: ShardJob) -> ShardResult:
                     raise
                 result.skipped.append((ex.image_id, ex.path, str(e).split(": ", 1)[1]))
                 continue
-            writer.write(_serialize(tf, ex, encoded))
+            record = _serialize(tf, ex, encoded)
+            writer.write(record)
+            digest.update(len(record).to_bytes(8, "little"))
+            digest.update(record)
             result.num_examples += 1
             result.num_clean += ex.is_clean
             if ex.label >= 0:
                 result.label_counts[ex.label] += 1
                 result.clean_label_counts[ex.label] += ex.is_clean
     file_io.rename(tmp, job.path)
+    result.sha256 = digest.hexdigest()
     return result

@@ -58,6 +58,23 @@ class SplitInfo:
     name: str
     files: tuple[str, ...]
     file_examples: tuple[int, ...]
+    # Each shard's record digest from the builder ("" for data folders built
+    # before digests were recorded).
+    file_digests: tuple[str, ...] = ()
+
+    @property
+    def identity(self) -> list[list]:
+        """What the split holds, as JSON: [name, examples, digest] per shard.
+
+        A rebuilt split has another identity unless its records are the
+        same, so caches keyed on it (the evaluation's embeddings) go stale
+        with the data, not with the folder's name.
+        """
+        digests = self.file_digests or ("",) * len(self.files)
+        return [
+            [file_io.basename(f), n, d]
+            for f, n, d in zip(self.files, self.file_examples, digests, strict=True)
+        ]
 
     @property
     def num_examples(self) -> int:
@@ -110,6 +127,7 @@ def read_split_info(data_dir: str, split: str) -> SplitInfo:
         split,
         tuple(file_io.join(data_dir, n) for n in names),
         tuple(int(f["num_examples"]) for f in listed),
+        tuple(str(f.get("sha256", "")) for f in listed),
     )
 
 

@@ -215,6 +215,41 @@ def test_scann_backend_matches_exact_search(demo, trained):
     np.testing.assert_allclose(d_scann, d_exact, atol=1e-5)
 
 
+def test_a_rebuilt_split_is_embedded_again(demo, trained, tmp_path):
+    """The embedding cache is keyed on the data (its shards' record digests),
+    not on the folder's path: a split rebuilt in place is not served stale."""
+    from data_pipelines import gldv2_to_tfrecord
+
+    data = str(tmp_path / "data")
+    shutil.copytree(demo["full"], data)
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("eval"))
+    config = eval_config(demo, train_split="", gallery_queries=0)
+    config.data_dir = data
+    evaluation.evaluate(config, workdir)
+    cache = os.path.join(workdir, "eval", "embeddings-test-0.npz")
+    before = extract.Embeddings.load(cache)
+    assert list(before.ids) == csv_ids(f"{demo['raw']}/test.csv")
+
+    # The test split rebuilt in the same folder from half of its images.
+    ids = csv_ids(f"{demo['raw']}/test.csv")[::2]
+    half = str(tmp_path / "test_half.csv")
+    with open(half, "w") as f:
+        f.write("id\n" + "\n".join(ids) + "\n")
+    gldv2_to_tfrecord.build_split("test", half, f"{demo['raw']}/test", data, 2, num_workers=1)
+    config.eval.retrieval_solution = ""  # the solution lists the removed ids too
+    config.eval.baselines = ()
+    config.eval.recognition_solution = ""
+    evaluation.evaluate(config, workdir)
+    after = extract.Embeddings.load(cache)
+    assert list(after.ids) == ids
+    assert after.settings["data"] != before.settings["data"]
+    submitted = solutions.read_retrieval_predictions(
+        os.path.join(workdir, "eval", "retrieval_submission.csv")
+    )
+    assert sorted(submitted) == sorted(ids)
+
+
 def test_ensemble_of_one_model_twice_ranks_like_the_model(demo, trained, tmp_path):
     single = evaluation.evaluate(eval_config(demo, train_split=""), trained)
     ensemble_dir = str(tmp_path / "ensemble")

@@ -2,6 +2,7 @@
 
 import collections
 import csv
+import hashlib
 import io
 import json
 import os
@@ -229,6 +230,17 @@ def test_index_split_keeps_csv_order_without_labels(tree, tmp_path):
     # Building index keeps the train entries and the class count.
     assert set(info["splits"]) == {"train", "val", "index"}
     assert info["num_classes"] == len(set(ids["train"].values()))
+    # Each shard's digest: SHA-256 of its records, each prefixed by its
+    # length, recomputed here from the file.
+    for entry in info["splits"]["index"]["files"]:
+        digest = hashlib.sha256()
+        for record in tf.data.TFRecordDataset(os.path.join(out, entry["name"])):
+            digest.update(len(record.numpy()).to_bytes(8, "little") + record.numpy())
+        assert entry["sha256"] == digest.hexdigest()
+    split = data_format.read_split_info(out, "index")
+    assert [d for _, _, d in split.identity] == [
+        f["sha256"] for f in info["splits"]["index"]["files"]
+    ]
 
 
 def test_missing_file_is_an_error_or_listed(tmp_path):

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from landmark_jax import config_lib, file_io, run_config, sharding
+from landmark_jax import config_lib, data_format, file_io, run_config, sharding
 from landmark_jax.retrieval import (
     baselines,
     ensemble,
@@ -66,6 +66,8 @@ def embed_split(
             "workdir": file_io.absolute(member.workdir),
             "step": model.step,
             "data_dir": config.data_dir,
+            # The data itself: a split rebuilt in the same folder is re-embedded.
+            "data": data_format.read_split_info(config.data_dir, split).identity,
             **options,
             "scales": list(options["scales"]),
         }
