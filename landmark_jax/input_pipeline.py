@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 from jax.sharding import Mesh
 
-from landmark_jax import data_format, sharding
+from landmark_jax import data_format, shard_checks, sharding
 from landmark_jax.train_augmentation import Augmentation, augment_decoded, augment_resized
 
 _MAX_EPOCHS = 2**62
@@ -277,7 +277,6 @@ def create_eval_dataset(
     """
     info = data_format.read_split_info(data_dir, split)
     files, counts = process_files(info, process_index, process_count)
-    num_local = sum(counts)
     num_steps = num_eval_steps(data_dir, split, local_batch_size, process_count)
 
     spec = eval_feature_spec(info)
@@ -300,22 +299,26 @@ def create_eval_dataset(
     }
     if info.labeled:
         padding["label"] = tf.constant(0, tf.int32)
+    # Padding to exactly num_steps batches whatever the shards hold: a shard
+    # shorter than recorded must not push real images out of the last batch
+    # (eval_iterator then reports the shard).
     ds = (
         tf.data.TFRecordDataset(list(files))
         .map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .concatenate(
-            tf.data.Dataset.from_tensors(padding).repeat(num_steps * local_batch_size - num_local)
-        )
+        .concatenate(tf.data.Dataset.from_tensors(padding).repeat())
+        .take(num_steps * local_batch_size)
         .batch(local_batch_size, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)
     )
     return ds, num_steps
 
 
-def _to_device(dataset, mesh: Mesh, prefetch: int) -> Iterator[Any]:
+def _to_device(
+    dataset, mesh: Mesh, prefetch: int, files, counts, expected_rows: int | None = None
+) -> Iterator[Any]:
     """Yields global arrays, keeping `prefetch` batches in flight to the devices."""
     queue: collections.deque = collections.deque()
-    for batch in dataset.as_numpy_iterator():
+    for batch in shard_checks.checked_batches(dataset, files, counts, expected_rows):
         host = {k: v for k, v in batch.items() if k != "id"}
         item = sharding.host_local_to_global(host, mesh)
         if "id" in batch:
@@ -364,7 +367,9 @@ def train_iterator(
         process_count=jax.process_count(),
         **kwargs,
     )
-    return _to_device(ds, mesh, prefetch)
+    info = data_format.read_split_info(data_dir, kwargs.get("split", "train"))
+    files, counts = process_files(info, jax.process_index(), jax.process_count())
+    return _to_device(ds, mesh, prefetch, files, counts)
 
 
 def eval_iterator(
@@ -391,4 +396,6 @@ def eval_iterator(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    return _to_device(ds, mesh, prefetch), num_steps
+    info = data_format.read_split_info(data_dir, split)
+    files, counts = process_files(info, jax.process_index(), jax.process_count())
+    return _to_device(ds, mesh, prefetch, files, counts, expected_rows=sum(counts)), num_steps

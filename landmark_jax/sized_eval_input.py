@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from landmark_jax import data_format, input_pipeline
+from landmark_jax import data_format, input_pipeline, shard_checks
 
 RESIZE_MODES = ("square", "longer_side", "native")
 
@@ -148,15 +148,17 @@ def read_eval_index(
         .prefetch(tf.data.AUTOTUNE)
     )
     ids, shapes, labels = [], [], []
-    for batch in ds.as_numpy_iterator():
+    for batch in shard_checks.checked_batches(ds, files, counts, None):
         ids.extend(i.decode() for i in batch["id"])
         shapes.append(batch["shape"].reshape(-1, 2))
         if info.labeled:
             labels.append(batch["label"])
     if len(ids) != sum(counts):
-        raise data_format.DataFormatError(
+        raise shard_checks.shard_error(
+            files,
+            counts,
             f"{data_dir}: process {process_index}'s shards of split {split!r} hold "
-            f"{len(ids)} examples, dataset_info.json says {sum(counts)}; rebuild the split"
+            f"{len(ids)} examples, dataset_info.json says {sum(counts)}",
         )
     shape = np.concatenate(shapes).astype(np.int64) if shapes else np.zeros((0, 2), np.int64)
     return EvalIndex(
