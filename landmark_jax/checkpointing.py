@@ -177,7 +177,7 @@ def latest_step(path: str) -> int | None:
     return steps[-1] if steps else None
 
 
-def load_stage(path: str) -> dict[str, Any]:
+def load_stage(path: str, role: str = "") -> dict[str, Any]:
     """The params and batch_stats of a run's latest checkpoint, on the host.
 
     Only the model is read (no optimizer state, which is twice the size of
@@ -186,6 +186,8 @@ def load_stage(path: str) -> dict[str, Any]:
 
     Args:
       path: a run's workdir, or its checkpoints/ folder.
+      role: what the caller reads it as (e.g. 'config.init.checkpoint'), to
+        open an error message with.
 
     Returns:
       {'params': ..., 'batch_stats': ..., 'step': int} as numpy.
@@ -201,7 +203,8 @@ def load_stage(path: str) -> dict[str, Any]:
         step = m.latest_step()
         if step is None:
             raise FileNotFoundError(
-                f"config.init.checkpoint={path!r}: no checkpoint in {directory}"
+                (f"{role}: " if role else "")
+                + f"no checkpoint in {directory}: {path!r} has not saved a training step yet"
             )
         saved = _metadata_tree(m.item_metadata(step))
         target = {

@@ -306,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = restored
         logging.info("Resumed %s at step %d", workdir, int(state["step"]))
     elif config.init.checkpoint:
-        stage = checkpointing.load_stage(config.init.checkpoint)
+        stage = checkpointing.load_stage(config.init.checkpoint, "config.init.checkpoint")
         state = checkpointing.carry_over(state, stage, config.init.carry, config.init.checkpoint)
         logging.info("Initialised from %s (carry=%s)", config.init.checkpoint, config.init.carry)
     elif backbone_variables is not None:

@@ -215,6 +215,15 @@ def test_scann_backend_matches_exact_search(demo, trained):
     np.testing.assert_allclose(d_scann, d_exact, atol=1e-5)
 
 
+def test_a_workdir_without_a_checkpoint_says_so_and_gets_nothing(demo, trained, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copy(os.path.join(trained, "config.json"), workdir)  # a run that never saved
+    with pytest.raises(FileNotFoundError, match="nothing to evaluate: no checkpoint in"):
+        evaluation.evaluate(eval_config(demo), str(workdir))
+    assert os.listdir(workdir) == ["config.json"]
+
+
 def test_a_rebuilt_split_is_embedded_again(demo, trained, tmp_path):
     """The embedding cache is keyed on the data (its shards' record digests),
     not on the folder's path: a split rebuilt in place is not served stale."""

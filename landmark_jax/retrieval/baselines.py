@@ -67,7 +67,7 @@ def untrained_model(config: ml_collections.ConfigDict, workdir: str) -> extract.
     )(keys.model)
     variables = jax.tree.map(np.asarray, variables)
     if config.init.checkpoint:
-        stage = checkpointing.load_stage(config.init.checkpoint)
+        stage = checkpointing.load_stage(config.init.checkpoint, "config.init.checkpoint")
         variables = {k: stage[k]["model"] for k in ("params", "batch_stats")}
     elif config.init.backbone:
         loaded = backbone_checkpoint.load_backbone_checkpoint(config.init.backbone)

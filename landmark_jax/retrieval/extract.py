@@ -112,7 +112,7 @@ def load_trained_model(config: ml_collections.ConfigDict, workdir: str) -> Train
     Raises:
       FileNotFoundError: the workdir has no checkpoint.
     """
-    stage = checkpointing.load_stage(workdir)
+    stage = checkpointing.load_stage(workdir, "nothing to evaluate")
     variables = {"params": stage["params"]["model"], "batch_stats": stage["batch_stats"]["model"]}
     return TrainedModel(
         config,
