@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -224,7 +225,7 @@ def test_a_workdir_without_a_checkpoint_says_so_and_gets_nothing(demo, trained, 
     assert os.listdir(workdir) == ["config.json"]
 
 
-def test_a_rebuilt_split_is_embedded_again(demo, trained, tmp_path):
+def test_a_rebuilt_split_is_embedded_again(demo, trained, tmp_path, caplog):
     """The embedding cache is keyed on the data (its shards' record digests),
     not on the folder's path: a split rebuilt in place is not served stale."""
     from data_pipelines import gldv2_to_tfrecord
@@ -246,11 +247,18 @@ def test_a_rebuilt_split_is_embedded_again(demo, trained, tmp_path):
     with open(half, "w") as f:
         f.write("id\n" + "\n".join(ids) + "\n")
     gldv2_to_tfrecord.build_split("test", half, f"{demo['raw']}/test", data, 2, num_workers=1)
-    config.eval.retrieval_solution = ""  # the solution lists the removed ids too
     config.eval.baselines = ()
-    config.eval.recognition_solution = ""
-    evaluation.evaluate(config, workdir)
+    with caplog.at_level(logging.WARNING):
+        result = evaluation.evaluate(config, workdir)
     after = extract.Embeddings.load(cache)
+    # The solution still lists the removed queries: reported, not silent.
+    solution = solutions.read_retrieval_solution(f"{demo['raw']}/retrieval_solution.csv")
+    scored = solutions.merged_usages(solution)
+    missing = sorted(set(scored) - set(ids))
+    assert result["retrieval_queries_missing"] == len(missing) > 0
+    assert f"{len(missing)} of its {len(scored)} scored test ids are not in the test split" in (
+        caplog.text
+    )
     assert list(after.ids) == ids
     assert after.settings["data"] != before.settings["data"]
     submitted = solutions.read_retrieval_predictions(

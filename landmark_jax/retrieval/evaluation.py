@@ -236,6 +236,9 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
         )
     if ec.retrieval_solution:
         solution = solutions.read_retrieval_solution(ec.retrieval_solution)
+        metrics["retrieval_queries_missing"] = solutions.ids_not_in(
+            solution, test.ids, ec.retrieval_solution
+        )
         by_usage = usage_metrics.retrieval_metrics_by_usage(retrieval, solution)
         metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
         metrics["retrieval"] = by_usage

@@ -188,6 +188,9 @@ def evaluate_recognition(
         )
     if ec.recognition_solution:
         solution = solutions.read_recognition_solution(ec.recognition_solution)
+        metrics["recognition_queries_missing"] = solutions.ids_not_in(
+            solution, test.ids, ec.recognition_solution
+        )
         by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
         metrics["gap"] = by_usage[solutions.ALL]["gap"]
         metrics["recognition"] = by_usage

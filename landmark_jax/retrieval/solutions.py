@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict
@@ -185,6 +186,35 @@ def merged_usages(solution: Mapping[str, Any]) -> dict[str, Any]:
       {test id: ground truth} of every scored test image.
     """
     return {**solution[PUBLIC], **solution[PRIVATE]}
+
+
+def ids_not_in(solution: Mapping[str, Any], present: Iterable[str], path: str) -> int:
+    """Warns when scored test ids of a solution are not among the test images.
+
+    A missing query counts as a miss (its average precision is 0), which
+    lowers the score without any error; a solution for another test set, or a
+    test split built from part of the CSV, shows up here first.
+
+    Args:
+      solution: a read_*_solution result.
+      present: the ids of the test split that was embedded.
+      path: the solution file, for the message.
+
+    Returns:
+      How many scored ids are missing (0 when all are present).
+    """
+    present = set(present)
+    missing = sorted(i for i in merged_usages(solution) if i not in present)
+    if missing:
+        logging.warning(
+            "%s: %d of its %d scored test ids are not in the test split (e.g. %s); "
+            "they count as misses",
+            path,
+            len(missing),
+            len(merged_usages(solution)),
+            ", ".join(missing[:5]),
+        )
+    return len(missing)
 
 
 def _prediction_tokens(value: str) -> list[str]:
