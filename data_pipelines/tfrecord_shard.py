@@ -14,6 +14,7 @@ import hashlib
 import io
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image
 
 from landmark_jax import data_format, file_io
@@ -55,13 +56,35 @@ class ShardResult:
     sha256: str = ""
 
 
+def _to_8_bit(image: Image.Image, path: str) -> Image.Image:
+    """High-bit-depth grayscale (16-bit PNG/TIFF: PIL modes I;16*, I) as 8-bit 'L'.
+
+    PIL's own convert('RGB') clips such values at 255, which turns a 16-bit
+    image white; here 0..65535 maps onto 0..255 (divided by 257). Values
+    outside 16 bits, and float images (mode F), have no known range: refused.
+    """
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F" or values.min() < 0 or values.max() > 65535:
+        raise BadImageError(
+            f"{path}: a {image.mode!r} image with values in [{values.min():g}, "
+            f"{values.max():g}], which has no known 8-bit scale; convert it to 8-bit first"
+        )
+    # An I;16 image is 16-bit by its format; an 'I' one only when its values
+    # need more than 8 bits.
+    if image.mode.startswith("I;16") or values.max() > 255:
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))  # mode L
+
+
 def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
     """Returns 3-channel JPEG bytes for an image file, checking it decodes.
 
     RGB JPEGs are returned byte for byte (no second lossy compression); other
     modes (grayscale, CMYK, palette, alpha) and formats (PNG, ...) are
     converted to RGB and encoded as JPEG, so the training pipeline always
-    sees 3-channel JPEGs.
+    sees 3-channel JPEGs; 16-bit grayscale is scaled to 8 bits (_to_8_bit).
 
     Args:
       path: the image file.
@@ -84,6 +107,7 @@ def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
             image.load()
             return data
         image.load()
+        image = _to_8_bit(image, path)
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
             # Composite on white rather than letting transparent pixels turn black.
             rgba = image.convert("RGBA")
@@ -93,6 +117,8 @@ def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
         # 4:4:4 chroma: the default 4:2:0 would blur colour detail a second time.
         image.convert("RGB").save(out, format="JPEG", quality=jpeg_quality, subsampling=0)
         return out.getvalue()
+    except BadImageError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"{path}: cannot decode image ({e})") from None
 

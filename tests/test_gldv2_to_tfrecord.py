@@ -195,6 +195,22 @@ def test_unusual_images_become_rgb_jpegs(tree, tmp_path):
         assert by_id[plain][data_format.IMAGE] == f.read()
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped_white(tmp_path):
+    # A 16-bit gradient: PIL's own convert('RGB') would clip it to 255.
+    values = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
+    path = str(tmp_path / "deep.png")
+    Image.fromarray(values).save(path)  # mode I;16
+    assert Image.open(path).mode.startswith("I")
+    decoded = np.asarray(Image.open(io.BytesIO(tfrecord_shard.encode_image(path))), float)
+    assert decoded.shape == (32, 48, 3)
+    np.testing.assert_allclose(decoded[..., 0], values / 257.0, atol=4.0)
+    # A float image has no known 8-bit scale: refused by name.
+    floats = str(tmp_path / "float.tif")
+    Image.fromarray(np.full((8, 8), 1234.5, np.float32)).save(floats)  # mode F
+    with pytest.raises(tfrecord_shard.BadImageError, match=rf"{floats}: a 'F' image"):
+        tfrecord_shard.encode_image(floats)
+
+
 def test_clean_only_keeps_clean_images(tree, tmp_path):
     root, ids = tree
     out = str(tmp_path)
