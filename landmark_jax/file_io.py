@@ -1,25 +1,20 @@
 """Every file the project reads or writes goes through here: local, gs://, ram://.
 
-Local paths go through Python's own file functions; URLs through
-TensorFlow's filesystems (`tf.io.gfile`), the ones tf.data reads TFRecords
-through: Cloud Storage (`gs://bucket/...`, with the VM's or `gcloud auth`
-credentials), TensorFlow's in-memory `ram://` and any filesystem a
-TensorFlow plugin registers. So a workdir or data folder in a bucket works
-like a local one, and nothing lands in a local folder named `gs:` by
-accident.
+Local paths go through Python's own file functions; URLs through TensorFlow's filesystems
+(`tf.io.gfile`), the ones tf.data reads TFRecords through: Cloud Storage (`gs://bucket/...`,
+with the VM's or `gcloud auth` credentials), TensorFlow's in-memory `ram://` and any filesystem
+a TensorFlow plugin registers. So a workdir or data folder in a bucket works like a local one,
+and nothing lands in a local folder named `gs:` by accident.
 
 Two exceptions, both by necessity:
-- Orbax writes checkpoint arrays through TensorStore, which takes local paths
-  and `gs://` only; `checkpoint_path` turns a path into what Orbax takes and
-  names the path it cannot.
-- TensorFlow's GCS client has no setting for another endpoint, so it cannot
-  reach a Cloud Storage emulator. With `STORAGE_EMULATOR_HOST` set (the
-  variable the Cloud Storage clients honour), `gs://` paths go through gcsfs,
-  which reaches the emulator; Orbax then needs `EPATH_USE_TF=0` and
-  `TENSORSTORE_GCS_HTTP_URL` set to the same address (the README's "Cloud
-  paths" section, and tests/test_cloud_paths.py, which runs on one).
-  TensorFlow's readers (tf.data) still use TensorFlow's client, so data
-  folders cannot live on an emulator.
+- Orbax writes checkpoint arrays through TensorStore, which takes local paths and `gs://` only;
+  `checkpoint_path` turns a path into what Orbax takes and names the path it cannot.
+- TensorFlow's GCS client has no setting for another endpoint, so it cannot reach a Cloud
+  Storage emulator. With `STORAGE_EMULATOR_HOST` set (the variable the Cloud Storage clients
+  honour), `gs://` paths go through gcsfs, which reaches the emulator; Orbax then needs
+  `EPATH_USE_TF=0` and `TENSORSTORE_GCS_HTTP_URL` set to the same address (the README's "Cloud
+  paths" section, and tests/test_cloud_paths.py, which runs on one). TensorFlow's readers
+  (tf.data) still use TensorFlow's client, so data folders cannot live on an emulator.
 """
 
 from __future__ import annotations
@@ -322,8 +317,15 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_text(path: str) -> str:
-    """A UTF-8 file's contents (a byte-order mark, as spreadsheets save, removed)."""
-    return read_bytes(path).decode("utf-8-sig")
+    """A UTF-8 file's contents (a BOM, as spreadsheets save, removed); a byte
+    that is not UTF-8 is a ValueError naming its line and offset."""
+    data = read_bytes(path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        at = f"byte {data[e.start]:#04x} at offset {e.start}"
+        raise ValueError(f"{path}:{line}: {at} is not UTF-8; save it as UTF-8") from None
 
 
 def _write_whole(path: str, data: bytes, named: str) -> None:

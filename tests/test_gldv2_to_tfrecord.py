@@ -313,6 +313,12 @@ def test_csv_errors_name_file_and_value(tree, tmp_path):
     with pytest.raises(gldv2_csv.GLDv2FormatError, match=r"train\.csv:2: landmark_id 'abc'"):
         gldv2_csv.read_train_csv(bad)
 
+    # A Latin-1 byte on line 3: the file, line and offset are named.
+    with open(bad, "wb") as f:
+        f.write(f"id,url,landmark_id\n{first},,1\nx\xe9,,2\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"train\.csv:3: byte 0xe9 at offset \d+ is not UTF-8"):
+        gldv2_csv.read_train_csv(bad)
+
     clean = str(tmp_path / "clean.csv")
     _rewrite(clean, ["landmark_id", "images"], [[100, "ffffffffffffffff"]])
     with pytest.raises(gldv2_csv.GLDv2FormatError, match="ffffffffffffffff"):
