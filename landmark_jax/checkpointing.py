@@ -15,6 +15,7 @@ that decides that shape.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from landmark_jax import file_io
+from landmark_jax import checkpoint_integrity, file_io
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -134,19 +135,55 @@ def check_shapes(
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
-    """The workdir's latest state, sharded like `abstract_state`, or None.
+    """The workdir's newest intact state, sharded like `abstract_state`, or None.
+
+    A damaged step (files that differ from their recorded digests, or a
+    restore that fails) is logged with the file or error at fault and
+    deleted, so that training can save that step again; the next older step
+    is tried (checkpoint_integrity.py).
 
     Raises:
       ValueError: the checkpoint's shapes differ from the model's (a config
         changed under an existing workdir).
+      RuntimeError: every saved step is damaged (each named).
     """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    source = file_io.join(str(manager.directory), str(step))
-    metadata = manager.item_metadata(step)
-    check_shapes(_metadata_tree(metadata), abstract_state, source, ("params/", "batch_stats/"))
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    directory = str(manager.directory)
+    damaged = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        source = file_io.join(directory, str(step))
+        problem = checkpoint_integrity.damage(directory, step)
+        if problem is None:
+            try:
+                tree = _metadata_tree(manager.item_metadata(step))
+            except Exception as e:  # noqa: BLE001 - any failure to read it is damage
+                problem = f"unreadable metadata ({type(e).__name__}: {e})"
+        if problem is None:
+            check_shapes(tree, abstract_state, source, ("params/", "batch_stats/"))
+            try:
+                state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            except Exception as e:  # noqa: BLE001 - Orbax's errors for missing or bad files vary
+                problem = f"restore failed ({type(e).__name__}: {str(e)[:300]})"
+        if problem is None:
+            for bad in damaged:
+                logging.warning("Deleting damaged checkpoint %s/%d", directory, bad)
+                manager.delete(bad)
+                checkpoint_integrity.forget(directory, bad)
+            return state
+        logging.warning("Checkpoint %s is damaged: %s; trying the one before", source, problem)
+        damaged.append(step)
+    if damaged:
+        raise RuntimeError(
+            f"every checkpoint in {directory} is damaged (steps {damaged}); see the warnings "
+            "above for the file at fault, or remove the folder to start over"
+        )
+    return None
+
+
+def record_digests(manager: ocp.CheckpointManager) -> None:
+    """Records the file digests of the finalized steps that lack them (process 0)."""
+    if jax.process_index() == 0:
+        directory = str(manager.directory)
+        checkpoint_integrity.record_digests(directory, saved_steps(directory))
 
 
 def save_args(state: Any) -> ocp.args.StandardSave:

@@ -302,7 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     restored = checkpointing.restore_latest(manager, abstract_sharded)
-    if restored is not None:
+    resumed = restored is not None
+    if resumed:
         state = restored
         logging.info("Resumed %s at step %d", workdir, int(state["step"]))
     elif config.init.checkpoint:
@@ -372,9 +373,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
             nonfinite = jax.device_get(state["nonfinite"])
             if not config.nonfinite.skip_updates and nonfinite["count"] > 0:
+                first = int(nonfinite["first_step"]) + 1
                 raise FloatingPointError(
-                    f"non-finite loss at step {int(nonfinite['first_step']) + 1}; set "
-                    "config.nonfinite.skip_updates=True to skip such steps"
+                    f"non-finite loss at step {first}; "
+                    + (
+                        f"the run resumed from its step-{start_step} checkpoint, which may be "
+                        "damaged: delete that step's folder to fall back to the one before"
+                        if resumed and first <= start_step + config.log_every_steps
+                        else "set config.nonfinite.skip_updates=True to skip such steps"
+                    )
                 )
             if nonfinite["count"] > config.nonfinite.max_skipped:
                 raise FloatingPointError(
@@ -402,11 +409,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
             if do_save or preempted:
                 manager.save(step, args=checkpointing.save_args(state), force=preempted)
+                # Digests of the steps finalized so far (this one once it is).
+                checkpointing.record_digests(manager)
             if preempted:
                 manager.wait_until_finished()
+                checkpointing.record_digests(manager)
                 manager.close()
                 logging.warning("Preempted at step %d: checkpoint saved", step)
                 raise preemption.Preempted(step, workdir)
     manager.wait_until_finished()
+    checkpointing.record_digests(manager)
     manager.close()
     return last

@@ -1,6 +1,7 @@
 """The trainer end to end on small demo data, on the 8-device CPU mesh."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -180,8 +181,9 @@ def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, subset_stag
         trainer.train_and_evaluate(config, str(tmp_path / "stage2"))
     message = str(e.value)
     assert "params/model/neck" in message and "model.embedding_dim" in message
-    # Resuming a workdir with a changed config names the parameter too.
-    config = config_for(demo["subset"], total_steps=2)
+    # Resuming a workdir with a changed config names the parameter too (one
+    # step more than it has: a finished run would return before any restore).
+    config = config_for(demo["subset"], total_steps=3)
     config.model.embedding_dim = 32
     with pytest.raises(
         ValueError,
@@ -298,6 +300,47 @@ def test_train_program_exits_75_when_preempted(tmp_path):
     assert "preempted at step 7" in result.stderr and "run the same command again" in result.stderr
 
 
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(demo, tmp_path, caplog):
+    def config(total_steps):
+        return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
+
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config(4), workdir)
+    assert checkpointing.saved_steps(workdir) == [2, 4]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints_digests"))) == ["2.json", "4.json"]
+    first = losses_of(workdir)
+
+    def files_of(step):
+        folder = os.path.join(workdir, "checkpoints", str(step))
+        return [os.path.join(r, f) for r, _, names in os.walk(folder) for f in names]
+
+    # 4 KB of random bytes inside step 4's largest file (parameter data).
+    target = max(files_of(4), key=os.path.getsize)
+    with open(target, "r+b") as f:
+        f.seek(os.path.getsize(target) // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+    with caplog.at_level(logging.WARNING):
+        trainer.train_and_evaluate(config(6), workdir)
+    assert f"{target}: its SHA-256 differs from the one recorded" in caplog.text
+    assert "Deleting damaged checkpoint" in caplog.text
+    assert checkpointing.saved_steps(workdir) == [2, 4, 6]  # step 4 trained and saved again
+    second = losses_of(workdir)
+    # Resumed from step 2: steps 3 and 4 again, with the same losses.
+    np.testing.assert_allclose([second[s] for s in (3, 4)], [first[s] for s in (3, 4)], rtol=1e-5)
+
+    # A deleted data file of a step without digests: the restore itself
+    # fails, and that counts as damage too.
+    os.remove(os.path.join(workdir, "checkpoints_digests", "6.json"))
+    os.remove(max(files_of(6), key=os.path.getsize))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        trainer.train_and_evaluate(config(8), workdir)
+    assert "checkpoints/6 is damaged: restore failed" in caplog.text
+    third = losses_of(workdir)
+    assert sorted(third) == list(range(1, 9))
+    np.testing.assert_allclose([third[s] for s in (5, 6)], [second[s] for s in (5, 6)], rtol=1e-5)
+
+
 def test_empty_data_folder_is_an_error(tmp_path):
     with pytest.raises(data_format.DataFormatError, match="dataset_info.json not found"):
         trainer.train_and_evaluate(config_for(str(tmp_path / "nothing")), str(tmp_path / "w"))
@@ -313,6 +356,14 @@ def test_non_finite_loss_stops_with_its_step(demo, tmp_path):
     config.nonfinite.max_skipped = 1
     with pytest.raises(FloatingPointError, match=r"non-finite steps \(first at step 2\)"):
         trainer.train_and_evaluate(config, str(tmp_path / "b"))
+    # Right after a resume, the error points at the checkpoint.
+    resumed = str(tmp_path / "c")
+    trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), resumed)
+    config = config_for(
+        demo["full"], total_steps=4, log_every_steps=2, **{"optimizer.learning_rate": 1e38}
+    )
+    with pytest.raises(FloatingPointError, match="resumed from its step-2 checkpoint"):
+        trainer.train_and_evaluate(config, resumed)
 
 
 def test_checkpoints_hold_the_class_sharded_head_on_8_devices(demo, tmp_path):
