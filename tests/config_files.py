@@ -1,6 +1,7 @@
 """Loads configs/NAME.py the way ml_collections' config_flags does (by path)."""
 
 import importlib.util
+import json
 import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,3 +24,19 @@ def set_keys(config, **overrides):
             target = target[p]
         target[leaf] = value
     return config
+
+
+def config_for(data_dir: str, **overrides):
+    """The demo smoke config on `data_dir`: a log line per step, a constant
+    learning rate (so a run's length does not change its losses), overrides."""
+    config = load_config("demo", "smoke")
+    config.data_dir = data_dir
+    config.log_every_steps = 1
+    config.optimizer.schedule = "constant"
+    return set_keys(config, **overrides)
+
+
+def losses_of(workdir: str) -> dict[int, float]:
+    """{step: loss} of a run's metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {row["step"]: row["loss"] for row in map(json.loads, f)}

@@ -105,3 +105,30 @@ def trained_demo(demo, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("trained_demo") / "run")
     trainer.train_and_evaluate(config, workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_gldv2_tfrecords(tmp_path_factory):
+    """(root, tfrecords folder, ids) of tiny_gldv2 with train/val (4 shards) and index
+    (21 images in 3 shards) built: the input pipeline tests' data."""
+    from data_pipelines import gldv2_to_tfrecord
+
+    import tiny_gldv2
+
+    root = str(tmp_path_factory.mktemp("gldv2"))
+    ids = tiny_gldv2.make_tiny_gldv2(root, num_index=21, special=True)
+    out = os.path.join(root, "tfrecords")
+    gldv2_to_tfrecord.build_split(
+        "train",
+        f"{root}/train.csv",
+        f"{root}/train",
+        out,
+        4,
+        clean_csv=f"{root}/train_clean.csv",
+        val_fraction=0.2,
+        num_workers=1,
+    )
+    gldv2_to_tfrecord.build_split(
+        "index", f"{root}/index.csv", f"{root}/index", out, 3, num_workers=1
+    )
+    return root, out, ids

@@ -3,7 +3,6 @@
 import io
 import json
 import os
-import re
 import shutil
 
 import jax
@@ -12,7 +11,6 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from data_pipelines import gldv2_to_tfrecord
 from landmark_jax import data_format, input_pipeline, sharding, sized_eval_input
 from landmark_jax.train_augmentation import Augmentation
 
@@ -21,25 +19,9 @@ import tiny_gldv2
 SIZE = 24
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("gldv2"))
-    ids = tiny_gldv2.make_tiny_gldv2(root, num_index=21, special=True)
-    out = os.path.join(root, "tfrecords")
-    gldv2_to_tfrecord.build_split(
-        "train",
-        f"{root}/train.csv",
-        f"{root}/train",
-        out,
-        4,
-        clean_csv=f"{root}/train_clean.csv",
-        val_fraction=0.2,
-        num_workers=1,
-    )
-    gldv2_to_tfrecord.build_split(
-        "index", f"{root}/index.csv", f"{root}/index", out, 3, num_workers=1
-    )
-    return root, out, ids
+@pytest.fixture
+def data(tiny_gldv2_tfrecords):
+    return tiny_gldv2_tfrecords  # conftest.py: built once per session
 
 
 def take(ds, n):
@@ -430,57 +412,3 @@ def test_sized_eval_reads_png_sizes_labels_and_checks_the_size_table(data, tmp_p
     np.testing.assert_allclose(images[0].reshape(-1, 3), [[10, 200, 30]] * 54, atol=1)
     with pytest.raises(ValueError, match=r"sizes has shape \(1, 2\).*expected \(2, 2\)"):
         sized_eval_input.create_sized_eval_dataset(copy, "val", sizes[:1])
-
-
-def _eval_ids(data_dir, split, batch):
-    it, _ = input_pipeline.eval_iterator(
-        data_dir, split, mesh=sharding.create_mesh(), global_batch_size=batch, image_size=SIZE
-    )
-    return [i for _, ids in it for i in ids if i]
-
-
-def test_a_corrupt_shard_is_named(data, tmp_path):
-    _, out, _ = data
-    copy = str(tmp_path / "data")
-    shutil.copytree(out, copy)
-    info = data_format.read_split_info(copy, "index")
-    bad = info.files[1]
-    raw = bytearray(open(bad, "rb").read())
-    middle = len(raw) // 2
-    raw[middle : middle + 64] = bytes(64)  # a damaged block inside a record
-    open(bad, "wb").write(bytes(raw))
-    with pytest.raises(data_format.DataFormatError, match=rf"{bad}: corrupt") as error:
-        _eval_ids(copy, "index", 8)
-    assert info.files[0] not in str(error.value) and info.files[2] not in str(error.value)
-    # The training stream names it too.
-    train = data_format.read_split_info(copy, "train").files[0]
-    open(train, "r+b").write(b"\0" * 16)  # the first record's length and checksum
-    it = input_pipeline.train_iterator(
-        copy, mesh=sharding.create_mesh(), global_batch_size=8, image_size=SIZE, seed=0
-    )
-    with pytest.raises(data_format.DataFormatError, match=rf"{train}: corrupt"):
-        for _ in range(20):
-            next(it)
-
-
-def test_a_short_shard_is_named_and_no_present_image_is_dropped(data, tmp_path):
-    _, out, ids = data
-    copy = str(tmp_path / "data")
-    shutil.copytree(out, copy)
-    info = data_format.read_split_info(copy, "index")
-    short = info.files[0]
-    records = [r.numpy() for r in tf.data.TFRecordDataset(short)]
-    with tf.io.TFRecordWriter(short) as writer:
-        for record in records[:-3]:
-            writer.write(record)
-    # 21 images listed, 18 present: the padded stream still yields all 18.
-    ds, num_steps = input_pipeline.create_eval_dataset(
-        copy, "index", image_size=SIZE, local_batch_size=8
-    )
-    batches = list(ds.as_numpy_iterator())
-    present = [i.decode() for b in batches for i in b["id"][b["mask"]]]
-    assert num_steps == 3 and len(present) == len(set(present)) == 18
-    assert set(present) < set(ids["index"])
-    expected = f"{short}: {len(records) - 3} records, dataset_info.json lists {len(records)}"
-    with pytest.raises(data_format.DataFormatError, match=re.escape(expected)):
-        _eval_ids(copy, "index", 8)

@@ -1,12 +1,8 @@
 """The trainer end to end on small demo data, on the 8-device CPU mesh."""
 
 import json
-import logging
 import os
-import signal
-import subprocess
 import sys
-import threading
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -15,31 +11,16 @@ import pytest
 from landmark_jax import (
     checkpointing,
     data_format,
-    input_pipeline,
-    preemption,
     trainer,
     training_summary,
 )
 
-from config_files import REPO, load_config, set_keys
+from config_files import config_for, load_config, losses_of
 from cpu_devices import run_processes
 
 
 def demo_config(arg: str):
     return load_config("demo", arg)
-
-
-def config_for(data_dir: str, **overrides):
-    config = demo_config("smoke")
-    config.data_dir = data_dir
-    config.log_every_steps = 1
-    config.optimizer.schedule = "constant"
-    return set_keys(config, **overrides)
-
-
-def losses_of(workdir: str) -> dict[int, float]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {row["step"]: row["loss"] for row in map(json.loads, f)}
 
 
 def restore_params(workdir: str) -> dict:
@@ -238,132 +219,9 @@ def test_warmup_cosine_runs_over_schedule_steps(schedule_steps):
         assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
 
 
-def test_sigterm_saves_the_step_and_stops_then_the_run_resumes(demo, tmp_path, monkeypatch):
-    """SIGTERM (a preemption notice) on one process: the trainer saves the
-    step it is at, stops with Preempted, and a rerun resumes from it."""
-    assert threading.current_thread() is threading.main_thread()  # signal handlers live here
-    config = config_for(demo["full"], total_steps=6, checkpoint_every_steps=100)
-    reference = str(tmp_path / "reference")
-    trainer.train_and_evaluate(config, reference)
-
-    # The notice arrives while the loop fetches the batch of step 4.
-    fetched = []
-    real_iterator = input_pipeline.train_iterator
-
-    def notice_at_step_4(*args, **kwargs):
-        for batch in real_iterator(*args, **kwargs):
-            fetched.append(1)
-            if len(fetched) == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
-
-    monkeypatch.setattr(input_pipeline, "train_iterator", notice_at_step_4)
-    workdir = str(tmp_path / "run")
-    handler_before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(preemption.Preempted, match="preempted at step 4") as stopped:
-        trainer.train_and_evaluate(config, workdir)
-    assert stopped.value.step == 4
-    assert checkpointing.saved_steps(workdir) == [4]  # saved although 4 is no save step
-    assert signal.getsignal(signal.SIGTERM) == handler_before  # the handler is gone again
-
-    monkeypatch.setattr(input_pipeline, "train_iterator", real_iterator)
-    trainer.train_and_evaluate(config, workdir)
-    got, want = losses_of(workdir), losses_of(reference)
-    assert sorted(got) == list(range(1, 7))
-    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
-
-
-def test_train_program_exits_75_when_preempted(tmp_path):
-    """The exit status a job runner relaunches on (the saving is tested above)."""
-    program = (
-        "import sys\n"
-        "from absl import app\n"
-        "from landmark_jax import preemption, train, trainer\n"
-        "def preempted(config, workdir):\n"
-        "    raise preemption.Preempted(7, workdir)\n"
-        "trainer.train_and_evaluate = preempted\n"
-        "app.run(train.main)\n"
-    )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            program,
-            f"--config={REPO}/configs/demo.py:smoke",
-            f"--workdir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == preemption.PREEMPTED_EXIT_STATUS == 75, result.stderr[-2000:]
-    assert "preempted at step 7" in result.stderr and "run the same command again" in result.stderr
-
-
-def test_a_damaged_checkpoint_falls_back_to_the_one_before(demo, tmp_path, caplog):
-    def config(total_steps):
-        return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
-
-    workdir = str(tmp_path / "run")
-    trainer.train_and_evaluate(config(4), workdir)
-    assert checkpointing.saved_steps(workdir) == [2, 4]
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints_digests"))) == ["2.json", "4.json"]
-    first = losses_of(workdir)
-
-    def files_of(step):
-        folder = os.path.join(workdir, "checkpoints", str(step))
-        return [os.path.join(r, f) for r, _, names in os.walk(folder) for f in names]
-
-    # 4 KB of random bytes inside step 4's largest file (parameter data).
-    target = max(files_of(4), key=os.path.getsize)
-    with open(target, "r+b") as f:
-        f.seek(os.path.getsize(target) // 2)
-        f.write(np.random.default_rng(0).bytes(4096))
-    with caplog.at_level(logging.WARNING):
-        trainer.train_and_evaluate(config(6), workdir)
-    assert f"{target}: its SHA-256 differs from the one recorded" in caplog.text
-    assert "Deleting damaged checkpoint" in caplog.text
-    assert checkpointing.saved_steps(workdir) == [2, 4, 6]  # step 4 trained and saved again
-    second = losses_of(workdir)
-    # Resumed from step 2: steps 3 and 4 again, with the same losses.
-    np.testing.assert_allclose([second[s] for s in (3, 4)], [first[s] for s in (3, 4)], rtol=1e-5)
-
-    # A deleted data file of a step without digests: the restore itself
-    # fails, and that counts as damage too.
-    os.remove(os.path.join(workdir, "checkpoints_digests", "6.json"))
-    os.remove(max(files_of(6), key=os.path.getsize))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        trainer.train_and_evaluate(config(8), workdir)
-    assert "checkpoints/6 is damaged: restore failed" in caplog.text
-    third = losses_of(workdir)
-    assert sorted(third) == list(range(1, 9))
-    np.testing.assert_allclose([third[s] for s in (5, 6)], [second[s] for s in (5, 6)], rtol=1e-5)
-
-
 def test_empty_data_folder_is_an_error(tmp_path):
     with pytest.raises(data_format.DataFormatError, match="dataset_info.json not found"):
         trainer.train_and_evaluate(config_for(str(tmp_path / "nothing")), str(tmp_path / "w"))
-
-
-def test_non_finite_loss_stops_with_its_step(demo, tmp_path):
-    # An absurd learning rate overflows the weights after the first update.
-    config = config_for(demo["full"], total_steps=4, **{"optimizer.learning_rate": 1e38})
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
-        trainer.train_and_evaluate(config, str(tmp_path / "a"))
-    # Skipping keeps the weights; past max_skipped the run stops.
-    config.nonfinite.skip_updates = True
-    config.nonfinite.max_skipped = 1
-    with pytest.raises(FloatingPointError, match=r"non-finite steps \(first at step 2\)"):
-        trainer.train_and_evaluate(config, str(tmp_path / "b"))
-    # Right after a resume, the error points at the checkpoint.
-    resumed = str(tmp_path / "c")
-    trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), resumed)
-    config = config_for(
-        demo["full"], total_steps=4, log_every_steps=2, **{"optimizer.learning_rate": 1e38}
-    )
-    with pytest.raises(FloatingPointError, match="resumed from its step-2 checkpoint"):
-        trainer.train_and_evaluate(config, resumed)
 
 
 def test_checkpoints_hold_the_class_sharded_head_on_8_devices(demo, tmp_path):
