@@ -18,11 +18,17 @@ def _eval_ids(data_dir, split, batch):
     return [i for _, ids in it for i in ids if i]
 
 
-def test_a_corrupt_shard_is_named(tiny_gldv2_tfrecords, tmp_path):
-    _, out, _ = tiny_gldv2_tfrecords
+@pytest.fixture
+def copied(tiny_gldv2_tfrecords, tmp_path):
+    """(a copy of the data folder to damage, its index split, the ids)."""
+    _, out, ids = tiny_gldv2_tfrecords
     copy = str(tmp_path / "data")
     shutil.copytree(out, copy)
-    info = data_format.read_split_info(copy, "index")
+    return copy, data_format.read_split_info(copy, "index"), ids
+
+
+def test_a_corrupt_shard_is_named(copied):
+    copy, info, _ = copied
     bad = info.files[1]
     raw = bytearray(open(bad, "rb").read())
     middle = len(raw) // 2
@@ -42,11 +48,8 @@ def test_a_corrupt_shard_is_named(tiny_gldv2_tfrecords, tmp_path):
             next(it)
 
 
-def test_a_short_shard_is_named_and_no_present_image_is_dropped(tiny_gldv2_tfrecords, tmp_path):
-    _, out, ids = tiny_gldv2_tfrecords
-    copy = str(tmp_path / "data")
-    shutil.copytree(out, copy)
-    info = data_format.read_split_info(copy, "index")
+def test_a_short_shard_is_named_and_no_present_image_is_dropped(copied):
+    copy, info, ids = copied
     short = info.files[0]
     records = [r.numpy() for r in tf.data.TFRecordDataset(short)]
     with tf.io.TFRecordWriter(short) as writer:

@@ -235,11 +235,11 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
             file_io.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
         )
     if ec.retrieval_solution:
-        solution = solutions.read_retrieval_solution(ec.retrieval_solution)
-        metrics["retrieval_queries_missing"] = solutions.ids_not_in(
-            solution, test.ids, ec.retrieval_solution
+        solution, by_usage, metrics["retrieval_queries_missing"] = (
+            usage_metrics.score_against_solution(
+                "retrieval", ec.retrieval_solution, retrieval, test.ids
+            )
         )
-        by_usage = usage_metrics.retrieval_metrics_by_usage(retrieval, solution)
         metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
         metrics["retrieval"] = by_usage
         metrics["retrieval_queries"] = len(solutions.merged_usages(solution))

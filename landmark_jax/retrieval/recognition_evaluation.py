@@ -187,11 +187,11 @@ def evaluate_recognition(
             all_ids=list(test.ids),
         )
     if ec.recognition_solution:
-        solution = solutions.read_recognition_solution(ec.recognition_solution)
-        metrics["recognition_queries_missing"] = solutions.ids_not_in(
-            solution, test.ids, ec.recognition_solution
+        solution, by_usage, metrics["recognition_queries_missing"] = (
+            usage_metrics.score_against_solution(
+                "recognition", ec.recognition_solution, predictions, test.ids
+            )
         )
-        by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
         metrics["gap"] = by_usage[solutions.ALL]["gap"]
         metrics["recognition"] = by_usage
         if non_landmarks is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from landmark_jax.retrieval import metrics
+from landmark_jax.retrieval import metrics, solutions
 from landmark_jax.retrieval.solutions import (
     ALL,
     IGNORED,
@@ -129,6 +129,30 @@ def recognition_metrics_by_usage(
             "top1_accuracy": metrics.top1_accuracy(preds, sol),
         }
     return results
+
+
+def score_against_solution(
+    task: str, solution_path: str, predictions: Mapping[str, Any], test_ids: Sequence[str]
+) -> tuple[Any, dict[str, dict[str, float]], int]:
+    """Reads a task's solution, reports its ids the test split lacks, scores per usage.
+
+    Args:
+      task: 'retrieval' or 'recognition'.
+      solution_path: the task's solution CSV.
+      predictions: test id -> prediction, as the task's *_metrics_by_usage takes.
+      test_ids: the ids of the embedded test split.
+
+    Returns:
+      (the solution, the metrics per usage, how many scored ids are missing
+      from the test split; solutions.ids_not_in warns about them).
+    """
+    read, score = {
+        "retrieval": (solutions.read_retrieval_solution, retrieval_metrics_by_usage),
+        "recognition": (solutions.read_recognition_solution, recognition_metrics_by_usage),
+    }[task]
+    solution = read(solution_path)
+    missing = solutions.ids_not_in(solution, test_ids, solution_path)
+    return solution, score(predictions, solution), missing
 
 
 def format_metrics_by_usage(results: Mapping[str, Mapping[str, float]]) -> str:
