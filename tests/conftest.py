@@ -108,6 +108,20 @@ def trained_demo(demo, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def reference_losses(demo, tmp_path_factory):
+    """{step: loss} of 8 uninterrupted steps of `config_files.config_for(demo['full'])`:
+    what a preempted, killed or resumed run of that config must reproduce
+    (a constant learning rate, so any first k steps are the same)."""
+    from landmark_jax import trainer
+
+    from config_files import config_for, losses_of
+
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    trainer.train_and_evaluate(config_for(demo["full"], total_steps=8), workdir)
+    return losses_of(workdir)
+
+
+@pytest.fixture(scope="session")
 def tiny_gldv2_tfrecords(tmp_path_factory):
     """(root, tfrecords folder, ids) of tiny_gldv2 with train/val (4 shards) and index
     (21 images in 3 shards) built: the input pipeline tests' data."""

@@ -15,13 +15,13 @@ from landmark_jax import checkpointing, input_pipeline, preemption, trainer
 from config_files import REPO, config_for, losses_of
 
 
-def test_sigterm_saves_the_step_and_stops_then_the_run_resumes(demo, tmp_path, monkeypatch):
+def test_sigterm_saves_the_step_and_stops_then_the_run_resumes(
+    demo, reference_losses, tmp_path, monkeypatch
+):
     """SIGTERM (a preemption notice) on one process: the trainer saves the
     step it is at, stops with Preempted, and a rerun resumes from it."""
     assert threading.current_thread() is threading.main_thread()  # signal handlers live here
     config = config_for(demo["full"], total_steps=6, checkpoint_every_steps=100)
-    reference = str(tmp_path / "reference")
-    trainer.train_and_evaluate(config, reference)
 
     # The notice arrives while the loop fetches the batch of step 4.
     fetched = []
@@ -45,9 +45,9 @@ def test_sigterm_saves_the_step_and_stops_then_the_run_resumes(demo, tmp_path, m
 
     monkeypatch.setattr(input_pipeline, "train_iterator", real_iterator)
     trainer.train_and_evaluate(config, workdir)
-    got, want = losses_of(workdir), losses_of(reference)
+    got = losses_of(workdir)
     assert sorted(got) == list(range(1, 7))
-    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+    np.testing.assert_allclose([got[s] for s in got], [reference_losses[s] for s in got], rtol=1e-5)
 
 
 def test_train_program_exits_75_when_preempted(tmp_path):
