@@ -15,7 +15,14 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from landmark_jax import data_format, file_io, input_pipeline, sharding, tensorflow_setup
+from landmark_jax import (
+    data_format,
+    entry_point_errors,
+    file_io,
+    input_pipeline,
+    sharding,
+    tensorflow_setup,
+)
 
 
 def describe(data_dir: str, image_size: int = 64, batch_size: int | None = None) -> str:
@@ -92,4 +99,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["data_dir"])
-    app.run(main)
+    entry_point_errors.run(main)

@@ -37,7 +37,7 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import gldv2_csv, shard_writer, tfrecord_shard
-from landmark_jax import data_format, file_io, tensorflow_setup
+from landmark_jax import data_format, entry_point_errors, file_io, tensorflow_setup
 
 # nonlandmark: known non-landmark images (an id CSV, like index and test), the
 # reference set of recognition's non-landmark penalty.
@@ -176,6 +176,87 @@ def _plan_shards(
     return plan
 
 
+def _finish_build(
+    staged: shard_writer.StagedBuild,
+    split: str,
+    label_of: dict,
+    results: list[tfrecord_shard.ShardResult],
+    skipped: list,
+    source: dict,
+) -> tuple[dict, int | None, dict]:
+    """Counts what the shards hold, writes label_map.csv and bad_images-*.csv
+    beside them and commits the build.
+
+    Returns:
+      (dataset_info.json entries of the build's splits, number of classes
+      (train) or None, the merged dataset_info.json).
+
+    Raises:
+      ValueError: a landmark lost all its training images to skipped images.
+    """
+    csv_path = source["csv"]
+    # Count what was written, not what was planned: --skip_bad_images may have
+    # dropped undecodable images inside the workers.
+    info_splits: dict[str, dict] = {}
+    train_counts: collections.Counter = collections.Counter()
+    clean_counts: collections.Counter = collections.Counter()
+    # Train + val per class: the counts over the whole CSV, as the GLR2020
+    # notebooks compute n_c (held-out fold included; see losses.py).
+    train_val_counts: collections.Counter = collections.Counter()
+    train_val_clean: collections.Counter = collections.Counter()
+    for r in results:
+        name = file_io.basename(r.path).split("-")[0]
+        entry = info_splits.setdefault(name, {"num_examples": 0, "num_clean": 0, "files": []})
+        entry["num_examples"] += r.num_examples
+        entry["num_clean"] += r.num_clean
+        entry["files"].append(
+            {"name": file_io.basename(r.path), "num_examples": r.num_examples, "sha256": r.sha256}
+        )
+        skipped += r.skipped
+        if name == "train":
+            train_counts.update(r.label_counts)
+            clean_counts.update(r.clean_label_counts)
+        if name in data_format.LABELED_SPLITS:
+            train_val_counts.update(r.label_counts)
+            train_val_clean.update(r.clean_label_counts)
+
+    num_classes = len(label_of) if split == "train" else None
+    if split == "train":
+        empty = [lm for lm, label in label_of.items() if train_counts[label] == 0]
+        if empty:
+            raise ValueError(
+                f"{len(empty)} landmark(s) lost all their training images to skipped "
+                f"images, e.g. landmark_id {empty[0]}; fix or remove those rows of {csv_path}"
+            )
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(data_format.LABEL_MAP_COLUMNS)
+        for lm, label in sorted(label_of.items(), key=lambda kv: kv[1]):
+            w.writerow(
+                [
+                    label,
+                    lm,
+                    train_counts[label],
+                    clean_counts[label],
+                    train_val_counts[label],
+                    train_val_clean[label],
+                ]
+            )
+        file_io.write_text(file_io.join(staged.path, data_format.LABEL_MAP), text.getvalue())
+
+    if skipped:
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(["id", "path", "reason"])
+        w.writerows(sorted(skipped))
+        file_io.write_text(file_io.join(staged.path, f"bad_images-{split}.csv"), text.getvalue())
+
+    source = {**source, "num_skipped": len(skipped)}
+    owned = data_format.LABELED_SPLITS if split == "train" else (split,)
+    info = staged.commit(owned, info_splits, num_classes, source, [f"bad_images-{split}.csv"])
+    return info_splits, num_classes, info
+
+
 def build_split(
     split: str,
     csv_path: str,
@@ -257,80 +338,26 @@ def build_split(
     plan = _plan_shards(split, examples, is_val, num_shards, num_val_shards, rng)
 
     file_io.makedirs(output_dir)
-    shard_writer.remove_old_shards(output_dir, [name for name, _ in plan])
     if num_workers is None:
         num_workers = shard_writer.default_num_workers(
             output_dir, min(len(plan), os.cpu_count() or 1)
         )
-    results = shard_writer.write_shards(
-        output_dir, plan, skip_bad_images, num_workers, jpeg_quality
-    )
-
-    # Count what was written, not what was planned: --skip_bad_images may have
-    # dropped undecodable images inside the workers.
-    info_splits: dict[str, dict] = {}
-    train_counts: collections.Counter = collections.Counter()
-    clean_counts: collections.Counter = collections.Counter()
-    # Train + val per class: the counts over the whole CSV, as the GLR2020
-    # notebooks compute n_c (held-out fold included; see losses.py).
-    train_val_counts: collections.Counter = collections.Counter()
-    train_val_clean: collections.Counter = collections.Counter()
-    for r in results:
-        name = file_io.basename(r.path).split("-")[0]
-        entry = info_splits.setdefault(name, {"num_examples": 0, "num_clean": 0, "files": []})
-        entry["num_examples"] += r.num_examples
-        entry["num_clean"] += r.num_clean
-        entry["files"].append(
-            {"name": file_io.basename(r.path), "num_examples": r.num_examples, "sha256": r.sha256}
+    # Written aside; the old split is replaced only once the new one is complete.
+    with shard_writer.StagedBuild(output_dir, split) as staged:
+        results = shard_writer.write_shards(
+            staged.path, plan, skip_bad_images, num_workers, jpeg_quality
         )
-        skipped += r.skipped
-        if name == "train":
-            train_counts.update(r.label_counts)
-            clean_counts.update(r.clean_label_counts)
-        if name in data_format.LABELED_SPLITS:
-            train_val_counts.update(r.label_counts)
-            train_val_clean.update(r.clean_label_counts)
+        source = {
+            "csv": shard_writer.source_path(csv_path),
+            "clean_csv": shard_writer.source_path(clean_csv) if clean_csv else None,
+            "clean_only": clean_only,
+            "val_fraction": val_fraction,
+            "seed": seed,
+        }
+        info_splits, num_classes, info = _finish_build(
+            staged, split, label_of, results, skipped, source
+        )
 
-    num_classes = len(label_of) if split == "train" else None
-    if split == "train":
-        empty = [lm for lm, label in label_of.items() if train_counts[label] == 0]
-        if empty:
-            raise ValueError(
-                f"{len(empty)} landmark(s) lost all their training images to skipped "
-                f"images, e.g. landmark_id {empty[0]}; fix or remove those rows of {csv_path}"
-            )
-        text = io.StringIO(newline="")
-        w = csv.writer(text)
-        w.writerow(data_format.LABEL_MAP_COLUMNS)
-        for lm, label in sorted(label_of.items(), key=lambda kv: kv[1]):
-            w.writerow(
-                [
-                    label,
-                    lm,
-                    train_counts[label],
-                    clean_counts[label],
-                    train_val_counts[label],
-                    train_val_clean[label],
-                ]
-            )
-        file_io.write_text(file_io.join(output_dir, data_format.LABEL_MAP), text.getvalue())
-
-    if skipped:
-        text = io.StringIO(newline="")
-        w = csv.writer(text)
-        w.writerow(["id", "path", "reason"])
-        w.writerows(sorted(skipped))
-        file_io.write_text(file_io.join(output_dir, f"bad_images-{split}.csv"), text.getvalue())
-
-    source = {
-        "csv": shard_writer.source_path(csv_path),
-        "clean_csv": shard_writer.source_path(clean_csv) if clean_csv else None,
-        "clean_only": clean_only,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "num_skipped": len(skipped),
-    }
-    info = shard_writer.update_dataset_info(output_dir, split, info_splits, num_classes, source)
     return {
         "split": split,
         "output_dir": output_dir,
@@ -418,4 +445,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["split", "csv", "images_dir", "output_dir", "num_shards"])
-    app.run(main)
+    entry_point_errors.run(main)

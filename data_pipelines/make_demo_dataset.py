@@ -39,7 +39,7 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import demo_layout, shard_writer, synthetic_photos
-from landmark_jax import file_io
+from landmark_jax import entry_point_errors, file_io
 
 # GLDv2 train landmark ids run up to 203,093; demo ids are drawn from the same
 # range, non-contiguous, so that builders must map them to labels 0..C-1.
@@ -447,4 +447,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    entry_point_errors.run(main)

@@ -40,7 +40,7 @@ from absl import app, flags
 from PIL import Image
 
 from data_pipelines import shard_writer, tfrecord_shard
-from landmark_jax import data_format, file_io, tensorflow_setup
+from landmark_jax import data_format, entry_point_errors, file_io, tensorflow_setup
 
 DB_SPLIT = "revisited_db"
 QUERY_SPLIT = "revisited_query"
@@ -215,35 +215,37 @@ def build_revisited(
 
         plan = _plan(DB_SPLIT, db_examples, num_shards)
         plan += _plan(QUERY_SPLIT, query_examples, min(num_shards, len(qimlist)))
-        shard_writer.remove_old_shards(output_dir, [name for name, _ in plan])
         if num_workers is None:
             num_workers = shard_writer.default_num_workers(
                 output_dir, min(len(plan), os.cpu_count() or 1)
             )
-        results = shard_writer.write_shards(output_dir, plan, False, num_workers, jpeg_quality)
+        # Written aside; the old splits are replaced only once the new ones are complete.
+        with shard_writer.StagedBuild(output_dir, "revisited") as staged:
+            results = shard_writer.write_shards(staged.path, plan, False, num_workers, jpeg_quality)
+            info_splits: dict[str, dict] = {}
+            for r in results:
+                name = file_io.basename(r.path)
+                split = DB_SPLIT if name.startswith(DB_SPLIT + "-") else QUERY_SPLIT
+                entry = info_splits.setdefault(
+                    split, {"num_examples": 0, "num_clean": 0, "files": []}
+                )
+                entry["num_examples"] += r.num_examples
+                entry["num_clean"] += r.num_clean
+                entry["files"].append(
+                    {"name": name, "num_examples": r.num_examples, "sha256": r.sha256}
+                )
+            gnd_copy = file_io.join(output_dir, GND_FILE)
+            # Read before the swap: gnd_path may be the copy itself.
+            file_io.write_bytes(file_io.join(staged.path, GND_FILE), file_io.read_bytes(gnd_path))
+            source = {
+                "gnd": shard_writer.source_path(gnd_path),
+                "images_dir": shard_writer.source_path(images_dir),
+                "crop_queries": crop_queries,
+            }
+            staged.commit((DB_SPLIT, QUERY_SPLIT), info_splits, None, source)
     finally:
         file_io.rmtree(scratch)
 
-    info_splits: dict[str, dict] = {}
-    for r in results:
-        name = file_io.basename(r.path)
-        split = DB_SPLIT if name.startswith(DB_SPLIT + "-") else QUERY_SPLIT
-        entry = info_splits.setdefault(split, {"num_examples": 0, "num_clean": 0, "files": []})
-        entry["num_examples"] += r.num_examples
-        entry["num_clean"] += r.num_clean
-        entry["files"].append({"name": name, "num_examples": r.num_examples, "sha256": r.sha256})
-
-    gnd_copy = file_io.join(output_dir, GND_FILE)
-    gnd_bytes = file_io.read_bytes(gnd_path)
-    # Rewritten only if different: gnd_path may be the copy itself.
-    if not (file_io.exists(gnd_copy) and file_io.read_bytes(gnd_copy) == gnd_bytes):
-        file_io.write_bytes(gnd_copy, gnd_bytes)
-    source = {
-        "gnd": shard_writer.source_path(gnd_path),
-        "images_dir": shard_writer.source_path(images_dir),
-        "crop_queries": crop_queries,
-    }
-    shard_writer.update_dataset_info(output_dir, "revisited", info_splits, None, source)
     return {
         "gnd": gnd_path,
         "output_dir": output_dir,
@@ -311,4 +313,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     define_flags()
     flags.mark_flags_as_required(["gnd", "images_dir", "output_dir"])
-    app.run(main)
+    entry_point_errors.run(main)

@@ -21,7 +21,13 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from landmark_jax import entry_point_logging, file_io, multihost, tensorflow_setup
+from landmark_jax import (
+    entry_point_errors,
+    entry_point_logging,
+    file_io,
+    multihost,
+    tensorflow_setup,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The workdir's config (configs/NAME.py[:ARG]).")
@@ -68,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    entry_point_errors.run(main)

@@ -21,7 +21,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from landmark_jax import entry_point_logging, multihost, preemption, tensorflow_setup
+from landmark_jax import (
+    entry_point_errors,
+    entry_point_logging,
+    multihost,
+    preemption,
+    tensorflow_setup,
+)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py[:ARG]).")
@@ -53,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    entry_point_errors.run(main)

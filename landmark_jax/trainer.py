@@ -11,6 +11,7 @@ re-run with the same command continues with exactly the same losses.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -24,6 +25,7 @@ from landmark_jax import (
     config_lib,
     data_format,
     file_io,
+    file_lease,
     head_sharding,
     heads,
     input_pipeline,
@@ -222,6 +224,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         or a checkpoint whose shapes do not fit (named parameter).
       FloatingPointError: a non-finite loss (with its step), or more skipped
         non-finite steps than config.nonfinite.max_skipped.
+      file_lease.LeaseHeld: another trainer is running on `workdir` (named).
+      file_lease.LeaseLost: this run's lease on a gs:// workdir lapsed and
+        another trainer took it.
     """
     # --- Setup: mesh, checks before any compile, workdir ---------------------
     mesh = sharding.create_mesh()
@@ -244,6 +249,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("%s: already trained for %d steps", workdir, finished)
         return {}
     file_io.makedirs(workdir)
+    # --- One trainer per workdir: a second launch stops here, at once ------
+    with file_lease.workdir_lease(workdir) as lease:
+        return _train_in_workdir(config, workdir, mesh, num_classes, label_map, lease)
+
+
+def _train_in_workdir(config, workdir, mesh, num_classes, label_map, lease) -> dict[str, float]:
+    """train_and_evaluate once its checks passed and it holds the workdir."""
     writer = metric_writer.MetricWriter(workdir)
 
     # --- Model, head and the per-class loss constants ------------------------
@@ -355,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --- Loop: step, log, evaluate, checkpoint --------------------------------
     # SIGTERM (one process) or JAX's preemption sync point (several): save, stop.
-    with preemption.PreemptionNotice(manager) as notice:
+    # Closing the manager on any way out lets a save in flight finish.
+    with contextlib.closing(manager), preemption.PreemptionNotice(manager) as notice:
         progress = metric_writer.Progress(config.total_steps, start_step)
         sums, num_summed, last = None, 0, {}
         for step in range(start_step + 1, config.total_steps + 1):
@@ -408,16 +421,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     ", ".join(f"{k} {v:.4g}" for k, v in last.items()),
                 )
             if do_save or preempted:
+                if lease is not None:
+                    lease.verify()  # a run whose lease lapsed must not write over another's
                 manager.save(step, args=checkpointing.save_args(state), force=preempted)
                 # Digests of the steps finalized so far (this one once it is).
                 checkpointing.record_digests(manager)
             if preempted:
                 manager.wait_until_finished()
                 checkpointing.record_digests(manager)
-                manager.close()
                 logging.warning("Preempted at step %d: checkpoint saved", step)
                 raise preemption.Preempted(step, workdir)
-    manager.wait_until_finished()
-    checkpointing.record_digests(manager)
-    manager.close()
+        manager.wait_until_finished()
+        checkpointing.record_digests(manager)
     return last

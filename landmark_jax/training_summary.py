@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from landmark_jax import checkpointing, file_io
+from landmark_jax import checkpointing, entry_point_errors, file_io
 from landmark_jax.metric_writer import METRICS_FILE
 
 
@@ -62,4 +62,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    entry_point_errors.run(main)

@@ -287,6 +287,30 @@ def test_corrupt_image_is_an_error_or_listed(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".incomplete")]
 
 
+def test_a_failed_rebuild_leaves_the_previous_split_intact(tmp_path):
+    root, out = str(tmp_path / "tree"), str(tmp_path / "out")
+    ids = tiny_gldv2.make_tiny_gldv2(root, corrupt=True)
+    build_train(root, out, skip_bad_images=True)
+
+    def files():
+        return {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+
+    before = files()
+    # Leftovers of a build that was killed are cleared by the next one.
+    os.makedirs(os.path.join(out, ".staging-train-killed00"))
+    with pytest.raises(tfrecord_shard.BadImageError, match=ids["corrupt"]):
+        build_train(root, out)  # the corrupt image stops this one
+    assert files() == {**before}  # every old file as it was, nothing new
+    # A rebuild without validation removes the old val shards.
+    build_train(root, out, skip_bad_images=True, val_fraction=0.0)
+    assert not [f for f in os.listdir(out) if f.startswith("val-")]
+    assert "val" not in json.load(open(os.path.join(out, "dataset_info.json")))["splits"]
+    # Rebuilt from a tree without bad images: the old list of them goes too.
+    tiny_gldv2.make_tiny_gldv2(root)
+    build_train(root, out)
+    assert "bad_images-train.csv" not in os.listdir(out)
+
+
 def _rewrite(path, header, rows):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -354,6 +378,7 @@ def test_command_line_end_to_end(tree, tmp_path):
     assert f"test :{len(ids['test']):>10,d} examples in 2 files" in result.stdout
     assert [r[data_format.ID].decode() for r in read_records(out, "test")] == ids["test"]
     assert sorted(os.listdir(out)) == [
+        ".dataset_info.lock",  # the builders' lock (held while a build merges its splits)
         "dataset_info.json",
         "test-00000-of-00002.tfrecord",
         "test-00001-of-00002.tfrecord",

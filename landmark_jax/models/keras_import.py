@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from landmark_jax import file_io, tensorflow_setup
+from landmark_jax import entry_point_errors, file_io, tensorflow_setup
 from landmark_jax.models import (
     backbone_checkpoint,
     backbones,
@@ -376,4 +376,4 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    entry_point_errors.run(main)

@@ -1,0 +1,136 @@
+"""Leases: one trainer per workdir, one writer of a data folder's dataset_info.json."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from data_pipelines import shard_writer
+from landmark_jax import file_io, file_lease, trainer
+
+from config_files import REPO, config_for
+
+# Seconds, not minutes: the record-based lease's timing, shrunk for tests.
+FAST = {"heartbeat_seconds": 0.05, "stale_seconds": 0.5, "settle_seconds": 0.01}
+HOLD = (
+    "import sys, time\n"
+    "from landmark_jax import file_lease\n"
+    "lease = file_lease.Lease(sys.argv[1]).acquire()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_a_local_lease_is_exclusive_and_dies_with_its_holder(tmp_path):
+    path = str(tmp_path / "trainer.lease")
+    first = file_lease.Lease(path).acquire()
+    me = rf"held by host {socket.gethostname()}, pid {os.getpid()}, started"
+    with pytest.raises(file_lease.LeaseHeld, match=me):
+        file_lease.Lease(path).acquire()
+    first.release()
+    file_lease.Lease(path).acquire().release()
+
+    # A holder killed with SIGKILL leaves its file, but not its lock.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, path], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(file_lease.LeaseHeld, match=f"pid {holder.pid},"):
+            file_lease.Lease(path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.exists(path)
+    file_lease.Lease(path).acquire().release()
+
+
+def _write_record(path, **fields):
+    record = {"host": "elsewhere", "pid": 1, "token": "theirs", "started": time.time()}
+    file_io.write_text(path, json.dumps({**record, "heartbeat": time.time(), **fields}))
+
+
+def test_a_lease_in_a_bucket_renews_lapses_and_knows_when_it_is_lost():
+    path = "ram://lease-test/run/trainer.lease"
+    first = file_lease.Lease(path, **FAST).acquire()
+    with pytest.raises(file_lease.LeaseHeld, match=f"pid {os.getpid()},"):
+        file_lease.Lease(path, **FAST).acquire()
+    beat = json.loads(file_io.read_text(path))["heartbeat"]
+    time.sleep(0.3)
+    assert json.loads(file_io.read_text(path))["heartbeat"] > beat  # the heartbeat renews it
+    first.verify()
+    first.release()
+    assert not file_io.exists(path)  # a released lease leaves nothing
+
+    # A holder on another machine: held while it beats, free once it lapses.
+    _write_record(path)
+    with pytest.raises(file_lease.LeaseHeld, match="held by host elsewhere, pid 1,"):
+        file_lease.Lease(path, **FAST).acquire()
+    time.sleep(0.6)
+    # (No heartbeat during the test: it would race the takeover below.)
+    second = file_lease.Lease(path, **{**FAST, "heartbeat_seconds": 60}).acquire()
+    # Taken over while it ran (as if its heartbeats had stopped): it must stop.
+    _write_record(path, host="other", pid=7)
+    with pytest.raises(file_lease.LeaseLost, match="the lease was taken by host other, pid 7"):
+        second.verify()
+    second.release()
+    assert file_io.exists(path)  # not ours any more: left alone
+
+    # A holder on this machine whose process is gone: no need to wait.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_text())
+    _write_record(path, host=socket.gethostname(), pid=int(gone.stdout))
+    file_lease.Lease(path, **FAST).acquire().release()
+
+
+def _text():
+    return {"capture_output": True, "text": True, "check": True}
+
+
+def test_parallel_builds_into_one_folder_lose_no_split(tmp_path, monkeypatch):
+    """Each build merges its splits into dataset_info.json under the folder's
+    lock; a slow read-modify-write would lose updates without it."""
+    read_json = file_io.read_json
+
+    def slow_read_json(path):
+        value = read_json(path)
+        time.sleep(0.05)
+        return value
+
+    monkeypatch.setattr(file_io, "read_json", slow_read_json)
+    out = str(tmp_path / "data")
+    os.makedirs(out)
+
+    def build(name):
+        with shard_writer.StagedBuild(out, name) as staged:
+            entry = {"num_examples": 0, "num_clean": 0, "files": []}
+            staged.commit((name,), {name: entry}, None, {"csv": f"{name}.csv"})
+
+    names = [f"split{i}" for i in range(6)]
+    threads = [threading.Thread(target=build, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    info = json.load(open(os.path.join(out, "dataset_info.json")))
+    assert sorted(info["splits"]) == names and sorted(info["sources"]) == names
+    assert not [f for f in os.listdir(out) if f.startswith(shard_writer.STAGING_PREFIX)]
+
+
+def test_a_second_trainer_on_a_workdir_fails_at_once(demo, tmp_path):
+    workdir = str(tmp_path / "run")
+    # What a trainer at work holds (a second process would see the same lock).
+    running = file_lease.Lease(os.path.join(workdir, file_lease.WORKDIR_LEASE)).acquire()
+    try:
+        with pytest.raises(
+            file_lease.LeaseHeld,
+            match=rf"another trainer is running on this workdir \(.*pid {os.getpid()},",
+        ):
+            trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), workdir)
+        assert os.listdir(workdir) == [file_lease.WORKDIR_LEASE]  # nothing written
+    finally:
+        running.release()
