@@ -231,6 +231,8 @@ def load_stage(path: str, role: str = "") -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: no checkpoint there.
+      ValueError: the latest step is damaged (its files differ from their
+        recorded digests, or it cannot be restored), named with the file.
     """
     directory = _checkpoint_dir(path)
     options = ocp.CheckpointManagerOptions(create=False, read_only=True)
@@ -243,16 +245,31 @@ def load_stage(path: str, role: str = "") -> dict[str, Any]:
                 (f"{role}: " if role else "")
                 + f"no checkpoint in {directory}: {path!r} has not saved a training step yet"
             )
-        saved = _metadata_tree(m.item_metadata(step))
-        target = {
-            k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved[k])
-            for k in ("params", "batch_stats", "step")
-        }
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-        restored = m.restore(
-            step,
-            args=ocp.args.PyTreeRestore(item=target, restore_args=as_numpy, partial_restore=True),
+        # Not a silent fallback to an older step, as a resume does: a caller
+        # that reads "the run's weights" must not get other ones unasked.
+        damaged = (
+            f"{role + ': ' if role else ''}checkpoint {directory}/{step} is damaged: {{}}; "
+            "delete that step's folder to use the step before it"
         )
+        problem = checkpoint_integrity.damage(directory, step)
+        if problem is not None:
+            raise ValueError(damaged.format(problem))
+        try:
+            saved = _metadata_tree(m.item_metadata(step))
+            target = {
+                k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved[k])
+                for k in ("params", "batch_stats", "step")
+            }
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+            restored = m.restore(
+                step,
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=as_numpy, partial_restore=True
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - Orbax's errors for missing or bad files vary
+            problem = f"restore failed ({type(e).__name__}: {str(e)[:300]})"
+            raise ValueError(damaged.format(problem)) from e
     host = jax.tree.map(np.asarray, {k: restored[k] for k in ("params", "batch_stats")})
     return {**host, "step": int(restored["step"])}
 

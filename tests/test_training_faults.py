@@ -96,6 +96,9 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(demo, tmp_path, caplo
     with open(target, "r+b") as f:
         f.seek(os.path.getsize(target) // 2)
         f.write(np.random.default_rng(0).bytes(4096))
+    # Evaluation and a next stage read the latest step: an error, not other weights.
+    with pytest.raises(ValueError, match=f"evaluation: checkpoint .*/4 is damaged: {target}: its"):
+        checkpointing.load_stage(workdir, "evaluation")
     with caplog.at_level(logging.WARNING):
         trainer.train_and_evaluate(config(6), workdir)
     assert f"{target}: its SHA-256 differs from the one recorded" in caplog.text
@@ -109,6 +112,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(demo, tmp_path, caplo
     # fails, and that counts as damage too.
     os.remove(os.path.join(workdir, "checkpoints_digests", "6.json"))
     os.remove(max(files_of(6), key=os.path.getsize))
+    with pytest.raises(ValueError, match=r"checkpoint .*/6 is damaged: restore failed"):
+        checkpointing.load_stage(workdir)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         trainer.train_and_evaluate(config(8), workdir)
