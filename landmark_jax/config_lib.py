@@ -83,6 +83,7 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.optimizer.name = "sgd"
     c.optimizer.learning_rate = 1e-3
     c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = False  # sgd: Nesterov momentum (the official DOLG code's)
     c.optimizer.schedule = "inverse_time"  # keras SGD(decay=...): lr / (1 + decay * t)
     c.optimizer.decay = 1e-5
     c.optimizer.warmup_steps = 0
@@ -113,7 +114,7 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.retrieval_solution = ""  # retrieval_solution.csv: scores mAP@100
     c.eval.recognition_solution = ""  # recognition_solution.csv: scores GAP
-    c.eval.index_split = "index"
+    c.eval.index_split = "index"  # "": no GLDv2 retrieval or recognition (Revisited only)
     c.eval.test_split = "test"
     c.eval.train_split = "train"  # recognition by kNN against it; "" skips recognition
     c.eval.knn_backend = "scann"  # scann | exact
@@ -334,6 +335,17 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
 
     ec = config.eval
     _check_choice(config, "eval.knn_backend", ec.knn_backend, knn.BACKENDS)
+    if not ec.index_split:
+        if not ec.revisited_data_dir:
+            raise ValueError(
+                "config.eval.index_split='' skips the GLDv2 retrieval and recognition: "
+                "set config.eval.revisited_data_dir, or there is nothing to evaluate"
+            )
+        for key in ("retrieval_solution", "recognition_solution", "baselines", "ensemble"):
+            if ec[key]:
+                raise ValueError(
+                    f"config.eval.{key} needs the GLDv2 splits, but config.eval.index_split=''"
+                )
     for key, minimum in (
         ("k", 1),
         ("recognition_k", 1),
@@ -364,9 +376,8 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         )
     for key in ("resize", "revisited_resize"):
         _check_choice(config, f"eval.{key}", ec[key], sized_eval_input.RESIZE_MODES)
-    for key in ("index_split", "test_split"):
-        if not ec[key]:
-            raise ValueError(f"config.eval.{key} is empty: name a split of the data folder")
+    if ec.index_split and not ec.test_split:
+        raise ValueError("config.eval.test_split is empty: name a split of the data folder")
     for name in ec.baselines:
         _check_choice(config, "eval.baselines", name, baselines.BASELINES)
     if ec.baselines and not ec.retrieval_solution:
@@ -376,7 +387,7 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         )
     if ec.ensemble:
         try:
-            ensemble.ensemble_members_from_config(list(ec.ensemble))
+            ensemble.ensemble_members_from_config(ec.ensemble)
         except ValueError as e:
             raise ValueError(f"config.eval.ensemble: {e}") from e
     # A path the evaluation will read must exist; recognition (and so its

@@ -59,7 +59,7 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
             0.0, lr, max(cfg.warmup_steps, 1), max(length, cfg.warmup_steps + 1)
         )
     if cfg.name == "sgd":
-        tx = optax.sgd(schedule, momentum=cfg.momentum or None)
+        tx = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
         if cfg.weight_decay:
             tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
     elif cfg.name == "adam":

@@ -122,6 +122,23 @@ def reference_losses(demo, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def revisited_data(tmp_path_factory):
+    """(tiny_revisited.make_tiny_set's dict, its revisited_to_tfrecord folder
+    with 2 shards per split)."""
+    from tiny_revisited import make_tiny_set
+
+    from data_pipelines import revisited_to_tfrecord
+
+    root = tmp_path_factory.mktemp("revisited")
+    tiny = make_tiny_set(root)
+    data_dir = str(root / "tfrecords")
+    revisited_to_tfrecord.build_revisited(
+        tiny["gnd"], tiny["images"], data_dir, num_shards=2, num_workers=1
+    )
+    return tiny, data_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_gldv2_tfrecords(tmp_path_factory):
     """(root, tfrecords folder, ids) of tiny_gldv2 with train/val (4 shards) and index
     (21 images in 3 shards) built: the input pipeline tests' data."""

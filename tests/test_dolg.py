@@ -179,6 +179,26 @@ def test_dolg_on_tiny_backbones_is_orthogonal(backbone_name):
     np.testing.assert_allclose(inter["pooled"][:, 16:], g, rtol=1e-5)
 
 
+def test_dolg_without_multi_atrous_attends_the_stride_16_map():
+    """The official code's default (MODEL.WITH_MA = False): no atrous module;
+    the attention reads the backbone's stride-16 map itself."""
+    backbone = create_backbone("resnet_tiny")
+    model = dolg.DOLG(backbone, **{**SMALL, "global_branch": "gem_fc", "dilations": ()})
+    x = _images(2)
+    variables = random_variables(model, x)
+    assert "local_atrous" not in variables["params"]
+    _, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(variables, x)
+
+    def part(name):
+        return {k: v[name] for k, v in variables.items() if name in v}
+
+    maps = backbone.apply(part("backbone"), x)
+    attended, _ = dolg.SpatialAttention(channels=16).apply(
+        part("local_attention"), maps["stride_16"]
+    )
+    np.testing.assert_allclose(state["intermediates"]["local"][0], attended, rtol=1e-5, atol=1e-6)
+
+
 def test_dolg_bf16_matches_float32():
     model32, model16 = _model("efficientnet_tiny"), _model("efficientnet_tiny", jnp.bfloat16)
     x = _images(2)

@@ -38,7 +38,7 @@ def test_combine_equals_manual_normalise_weight_concat():
 
 def test_squared_distance_is_weighted_sum_of_part_distances():
     rng = np.random.default_rng(1)
-    weights = [w for _, w in ensemble.GLR2020_RELEASED_WEIGHTS]
+    weights = [w for _, w, _, _ in ensemble.GLR2020_RELEASED]
     parts = [_random(rng, 2, 8) for _ in weights]
     combined = ensemble.combine_embeddings(parts, weights).astype(np.float64)
     normalised = [p / np.linalg.norm(p, axis=1, keepdims=True) for p in parts]
@@ -145,13 +145,23 @@ def test_members_from_config_dict():
     ml_collections = pytest.importorskip("ml_collections")
     entry = ml_collections.ConfigDict({"workdir": "w", "weight": 2, "image_size": 512})
     assert ensemble.ensemble_members_from_config([entry]) == [EnsembleMember("w", 2.0, 512)]
+    # Named members (a ConfigDict sorts its keys); an error names the member.
+    named = ml_collections.ConfigDict({"b7": entry, "b6": {"workdir": "v", "weight": 0.8}})
+    assert ensemble.ensemble_members_from_config(named) == [
+        EnsembleMember("v", 0.8, None),
+        EnsembleMember("w", 2.0, 512),
+    ]
+    named.b6.weight = 0.0
+    with pytest.raises(ValueError, match="ensemble member 'b6': .*> 0"):
+        ensemble.ensemble_members_from_config(named)
 
 
 @pytest.mark.parametrize(
     "entries, match",
     [
         ([], "at least one"),
-        ({"workdir": "w", "weight": 1.0}, "list of member dicts"),
+        # A dict is of named members: here the name 'workdir' maps to a string.
+        ({"workdir": "w", "weight": 1.0}, "ensemble member 'workdir': expected a dict"),
         ("runs/b7", "list of member dicts"),
         (["runs/b7"], "member 0: expected a dict"),
         ([{"workdir": "w", "wieght": 1.0}], r"member 0: unknown key\(s\) \['wieght'\]"),
@@ -164,7 +174,7 @@ def test_members_from_config_dict():
         ([{"workdir": "w", "weight": 1.0, "image_size": 64.0}], "image_size"),
         (
             [{"workdir": "w", "weight": 1.0}, {"workdir": "w", "weight": 0.5}],
-            "member 1: 'w' at image_size None repeats member 0",
+            "member 1: 'w' at image_size None repeats ensemble member 0",
         ),
     ],
 )
@@ -174,5 +184,6 @@ def test_members_from_config_errors(entries, match):
 
 
 def test_released_weights_table():
-    assert [w for _, w in ensemble.GLR2020_RELEASED_WEIGHTS] == [1.0, 0.8, 0.55, 0.5]
-    assert len({name for name, _ in ensemble.GLR2020_RELEASED_WEIGHTS}) == 4
+    assert [w for _, w, _, _ in ensemble.GLR2020_RELEASED] == [1.0, 0.8, 0.55, 0.5]
+    assert [size for _, _, size, _ in ensemble.GLR2020_RELEASED] == [640, 640, 640, 512]
+    assert len({name for name, _, _, _ in ensemble.GLR2020_RELEASED}) == 4

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tiny_revisited import EXPECTED_BOXES, NUM_DB, make_tiny_set
 
 from data_pipelines import revisited_to_tfrecord, tfrecord_shard
 from landmark_jax import data_format, sharding, sized_eval_input
@@ -19,63 +20,10 @@ from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revis
 
 from config_files import REPO, load_config
 
-NUM_DB = 12
-# Query boxes: one float box, one spilling over the image edge (clamped), one
-# whole-image box.
-BOXES = ([5.4, 6.6, 41.2, 30.5], [20, -7, 90, 33], [0, 0, 64, 48])
-EXPECTED_BOXES = ((5, 7, 41, 30), (20, 0, 64, 33), (0, 0, 64, 48))
-
-
-def _image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A smooth coloured image (JPEG keeps it within a few grey levels)."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = rng.uniform(30, 220, size=3)
-    slope = rng.uniform(-2, 2, size=(2, 3))
-    pixels = base + x[..., None] * slope[0] + y[..., None] * slope[1]
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def make_tiny_set(tmp_path) -> dict:
-    """12 database and 3 query JPEGs with a hand-made gnd pickle under tmp_path."""
-    rng = np.random.default_rng(0)
-    images = tmp_path / "jpg"
-    images.mkdir()
-    imlist = [f"db_{i:02d}" for i in range(NUM_DB)]
-    qimlist = ["query_a", "query_b", "query_c"]
-    for name in imlist:
-        _image(rng, 56 + int(rng.integers(0, 16)), 40).save(images / f"{name}.jpg", quality=95)
-    for name in qimlist:
-        _image(rng, 64, 48).save(images / f"{name}.jpg", quality=95)
-    gnd = {
-        "imlist": imlist,
-        "qimlist": qimlist,
-        "gnd": [
-            {"bbx": BOXES[0], "easy": [0, 1], "hard": [2], "junk": [3]},
-            {"bbx": BOXES[1], "easy": [4], "hard": [5, 6], "junk": []},
-            {"bbx": BOXES[2], "easy": [7, 8, 9], "hard": [], "junk": [10, 11]},
-        ],
-    }
-    gnd_path = tmp_path / "gnd_rtiny.pkl"
-    with open(gnd_path, "wb") as f:
-        pickle.dump(gnd, f)
-    return {"gnd": str(gnd_path), "images": str(images), "data": gnd}
-
 
 @pytest.fixture()
 def tiny_set(tmp_path):
     return make_tiny_set(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def revisited_data(tmp_path_factory):
-    """The tiny set and its revisited_to_tfrecord folder (2 shards per split)."""
-    root = tmp_path_factory.mktemp("revisited")
-    tiny = make_tiny_set(root)
-    data_dir = str(root / "tfrecords")
-    revisited_to_tfrecord.build_revisited(
-        tiny["gnd"], tiny["images"], data_dir, num_shards=2, num_workers=1
-    )
-    return tiny, data_dir
 
 
 @pytest.fixture(scope="module")

@@ -259,6 +259,7 @@ def test_two_processes_train_together(demo, tmp_path):
 RECIPE_STAGES = {
     "glr2020_retrieval": ["clean", "full", "full640", "full736", "notclean"],
     "glr2021_dolg": ["step1", "step2", "step3"],
+    "dolg_paper": ["r50", "r101"],
 }
 
 

@@ -14,7 +14,10 @@ Two published variants of the global branch are kept as data:
     conv_bn_silu_gem  1x1 conv -> BN -> SiLU (global_dim) -> pool GLR2021 1st place
 
 The local branch follows Henkel (three dilated 3x3 convs, 512 channels each, no
-per-branch activation) with the official code's image-pooling branch as a flag.
+per-branch activation) with the official code's image-pooling branch as a flag;
+with no dilations and no image pooling there is no multi-atrous module, and the
+attention reads the stride-16 map itself, as the official code does by default
+(`MODEL.WITH_MA = False`; its optional ASPP also has a 1x1 branch, not built here).
 The global branch reads 'stride_32' (for EfficientNet the last block output,
 before the top conv, as timm's features_only map that Henkel used; for ResNet
 the res5 map of the official code). The projection divides by ||f_g||^2 (the
@@ -182,7 +185,8 @@ class DOLG(nn.Module):
       embedding_dim: output size (512 in both references).
       local_dim: channels of the local branch; must equal global_dim.
       global_dim: size of the global vector.
-      dilations, branch_channels, image_pooling: see MultiAtrousModule.
+      dilations, branch_channels, image_pooling: see MultiAtrousModule; ()
+        and False: no such module (the official code's default).
       global_branch: a key of GLOBAL_BRANCHES.
       pooling: pooling of the global branch, a key of layers.POOLINGS.
       neck: a key of layers.NECKS (GLR2021: dense_bn_prelu).
@@ -242,14 +246,16 @@ class DOLG(nn.Module):
                 )
         conv = functools.partial(nn.Conv, dtype=self.dtype, param_dtype=jnp.float32)
 
-        local = MultiAtrousModule(
-            dilations=tuple(self.dilations),
-            branch_channels=self.branch_channels,
-            out_channels=self.local_dim,
-            image_pooling=self.image_pooling,
-            dtype=self.dtype,
-            name="local_atrous",
-        )(features[self.local_key])
+        local = features[self.local_key]
+        if self.dilations or self.image_pooling:
+            local = MultiAtrousModule(
+                dilations=tuple(self.dilations),
+                branch_channels=self.branch_channels,
+                out_channels=self.local_dim,
+                image_pooling=self.image_pooling,
+                dtype=self.dtype,
+                name="local_atrous",
+            )(local)
         f_local, scores = SpatialAttention(
             channels=self.local_dim,
             dtype=self.dtype,

@@ -29,15 +29,16 @@ from typing import Any
 
 import numpy as np
 
-# The released GLR2020 1st-place ensemble (export_model.ipynb), as
-# (member, weight): EfficientNet-B7 at 640 px, B6 at 640 px, a second B7 run
-# (trained at 512, fed 640) and a B7 at 512 px. The summary article's
-# "B7/B6/B5 at 1.0/0.8/0.5" is not what the code exports.
-GLR2020_RELEASED_WEIGHTS: tuple[tuple[str, float], ...] = (
-    ("b7@640", 1.0),
-    ("b6@640", 0.8),
-    ("b7@640 second run", 0.55),
-    ("b7@512", 0.5),
+# The released GLR2020 1st-place ensemble (export_model.ipynb), as (member,
+# weight, image size it is fed, the released checkpoint's name):
+# EfficientNet-B7 at 640 px, B6 at 640 px, a second B7 run (trained at 512,
+# fed 640) and a B7 at 512 px; configs/glr2020_ensemble.py evaluates it. The
+# summary article's "B7/B6/B5 at 1.0/0.8/0.5" is not what the code exports.
+GLR2020_RELEASED: tuple[tuple[str, float, int, str], ...] = (
+    ("b7_640", 1.0, 640, "eff7_640_notclean_0.5_1.1411"),
+    ("b6_640", 0.8, 640, "eff6_640_notclean_0.5_1.1931"),
+    ("b7_640_second", 0.55, 640, "eff7_512_ver2_10293_NotClean_0.5_640 (epoch 44)"),
+    ("b7_512", 0.5, 512, "eff7_512_ver1_notclean0.5_1.2580"),
 )
 
 _MEMBER_KEYS = ("workdir", "weight", "image_size")
@@ -201,7 +202,9 @@ class EnsembleMember:
 
 
 def ensemble_members_from_config(config_entries: Sequence[Any]) -> list[EnsembleMember]:
-    """Validates an ensemble config: a list of {'workdir', 'weight', 'image_size'} entries.
+    """Validates an ensemble config: {'workdir', 'weight', 'image_size'} entries,
+    as a list or as a dict of named members (a ConfigDict lists its keys
+    sorted; the order of the blocks does not change a similarity).
 
     For example, the GLR2020 release as a config:
 
@@ -214,8 +217,9 @@ def ensemble_members_from_config(config_entries: Sequence[Any]) -> list[Ensemble
     twice at the same size.
 
     Args:
-      config_entries: a sequence of mappings (dicts or ConfigDicts); 'workdir'
-        and 'weight' are required, 'image_size' is optional.
+      config_entries: a sequence of mappings (dicts or ConfigDicts), or a
+        mapping of member names to them; 'workdir' and 'weight' are
+        required, 'image_size' is optional.
 
     Returns:
       One EnsembleMember per entry, in order.
@@ -224,20 +228,26 @@ def ensemble_members_from_config(config_entries: Sequence[Any]) -> list[Ensemble
       ValueError: the list is empty or not a list, an entry is not a mapping,
         lacks a required key or has an unknown one (a typo would otherwise be
         ignored), a value is invalid, or a (workdir, image_size) repeats. The
-        message names the entry's position.
+        message names the entry's position (or name).
     """
-    if isinstance(config_entries, (str, bytes, Mapping)) or not isinstance(
-        config_entries, Sequence
-    ):
+    if hasattr(config_entries, "to_dict") and not isinstance(config_entries, Mapping):
+        config_entries = config_entries.to_dict()  # a ConfigDict of named members
+    if isinstance(config_entries, Mapping):
+        # Named members (configs/glr2020_ensemble.py): a command line sets one
+        # member's key, e.g. --config.eval.ensemble.b7_640.workdir=gs://...
+        named = [(f"ensemble member {name!r}", e) for name, e in config_entries.items()]
+    elif isinstance(config_entries, (str, bytes)) or not isinstance(config_entries, Sequence):
         raise ValueError(
-            f"an ensemble config is a list of member dicts, got {type(config_entries).__name__}"
+            "an ensemble config is a list of member dicts or a dict of named ones, got "
+            f"{type(config_entries).__name__}"
         )
-    if len(config_entries) == 0:
+    else:
+        named = [(f"ensemble member {i}", e) for i, e in enumerate(config_entries)]
+    if len(named) == 0:
         raise ValueError("an ensemble config needs at least one member")
     members: list[EnsembleMember] = []
-    first_seen: dict[tuple[str, int | None], int] = {}
-    for position, entry in enumerate(config_entries):
-        where = f"ensemble member {position}"
+    first_seen: dict[tuple[str, int | None], str] = {}
+    for where, entry in named:
         if hasattr(entry, "to_dict") and not isinstance(entry, Mapping):
             entry = entry.to_dict()  # ml_collections.ConfigDict
         if not isinstance(entry, Mapping):
@@ -260,8 +270,8 @@ def ensemble_members_from_config(config_entries: Sequence[Any]) -> list[Ensemble
         if key in first_seen:
             raise ValueError(
                 f"{where}: {member.workdir!r} at image_size {member.image_size} repeats "
-                f"member {first_seen[key]}"
+                f"{first_seen[key]}"
             )
-        first_seen[key] = position
+        first_seen[key] = where
         members.append(member)
     return members

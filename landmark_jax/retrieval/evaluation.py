@@ -120,7 +120,7 @@ def evaluate(
     out_dir = file_io.join(workdir, EVAL_DIR)
     mesh = sharding.create_mesh()
     members = (
-        ensemble.ensemble_members_from_config(list(config.eval.ensemble))
+        ensemble.ensemble_members_from_config(config.eval.ensemble)
         if config.eval.ensemble
         else [ensemble.EnsembleMember(workdir, 1.0, None)]
     )
@@ -141,12 +141,15 @@ def evaluate(
 
     # Every process takes part in extraction; process 0 writes the files.
     metrics: dict[str, Any] = {"members": [m.workdir for m in members]}
-    index = embed_split(config, workdir, ec.index_split, members, models, mesh)
-    test = embed_split(config, workdir, ec.test_split, members, models, mesh)
-    metrics.update(_retrieval(config, workdir, index, test))
-    if ec.baselines:
+    # GLDv2-style retrieval and recognition; eval.index_split="" leaves the
+    # Revisited benchmark alone (a model trained on a train-only data folder).
+    if ec.index_split:
+        index = embed_split(config, workdir, ec.index_split, members, models, mesh)
+        test = embed_split(config, workdir, ec.test_split, members, models, mesh)
+        metrics.update(_retrieval(config, workdir, index, test))
+    if ec.index_split and ec.baselines:
         metrics["baselines"] = _baselines(config, models[0], mesh, index.ids)
-    if ec.train_split:
+    if ec.index_split and ec.train_split:
         train = embed_split(config, workdir, ec.train_split, members, models, mesh)
         non_landmarks = (
             embed_split(config, workdir, ec.non_landmark_split, members, models, mesh)

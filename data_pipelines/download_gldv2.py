@@ -1,0 +1,457 @@
+r"""Downloads one Google Landmarks v2 split: verified, resumable and extracted.
+
+    python -m data_pipelines.download_gldv2 --split=train --output_dir=DIR
+    python -m data_pipelines.download_gldv2 --split=index --output_dir=DIR
+    python -m data_pipelines.download_gldv2 --split=test --output_dir=DIR
+
+then build the TFRecords from what it wrote:
+
+    python -m data_pipelines.gldv2_to_tfrecord --split=train --csv=DIR/train.csv \
+        --clean_csv=DIR/train_clean.csv --images_dir=DIR/train \
+        --output_dir=OUT --num_shards=500 --val_fraction=0.02 --seed=0
+    python -m data_pipelines.gldv2_to_tfrecord --split=index --csv=DIR/index.csv \
+        --images_dir=DIR/index --output_dir=OUT --num_shards=100
+
+On a TPU VM, download to its local disk and write the TFRecords straight to a
+bucket with `--output_dir=gs://BUCKET/gldv2` in the gldv2_to_tfrecord commands.
+--output_dir here must be a local path: tars are appended to and extracted.
+
+Sizes: train is 500 tars of about 1 GB (~500 GB, and as much again once
+extracted), index 100 tars of about 850 MB, test 20 tars of about 500 MB.
+Delete DIR/tars/<split> after a successful run to get the tar space back (a
+rerun then downloads everything again).
+
+Layout (the GLDv2 v2.1 release, relative to --base_url): `<split>/images_NNN.tar`
+with `a/b/c/<id>.jpg` members, `md5sum/<split>/md5.images_NNN.txt`, and the
+CSVs under `metadata/` and `ground_truth/`. This program writes:
+
+    DIR/<split>.csv ...                  the split's CSVs (kept if present)
+    DIR/tars/<split>/images_NNN.tar      verified tars (.tar.part while partial)
+    DIR/tars/<split>/images_NNN.done     written once a tar is fully extracted
+    DIR/<split>/a/b/c/<id>.jpg           the images
+    DIR/missing-<split>.csv              CSV ids with no image (header `id`)
+
+Rerunning is cheap and safe: a shard with a verified tar and a .done marker is
+skipped, a partial download resumes with an HTTP Range request, and a tar
+whose md5 does not match is fetched again. --shards=0-4,7 downloads a subset.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent import futures
+
+from absl import app, flags, logging
+
+from landmark_jax import entry_point_errors
+
+# Number of image tars in each split of the v2.1 release.
+SPLITS = {"train": 500, "index": 100, "test": 20}
+DEFAULT_BASE_URL = "https://s3.amazonaws.com/google-landmark"
+# The CSVs each split needs, relative to the base URL; all land in DIR/.
+CSVS = {
+    "train": ("metadata/train.csv", "metadata/train_clean.csv"),
+    "index": ("metadata/index.csv", "metadata/index_image_to_landmark.csv"),
+    "test": (
+        "metadata/test.csv",
+        "ground_truth/recognition_solution_v2.1.csv",
+        "ground_truth/retrieval_solution_v2.1.csv",
+    ),
+}
+# Seconds to wait before retrying a failed transfer; tests set it to 0.
+RETRY_DELAY_S = 2.0
+_TIMEOUT_S = 60
+_CHUNK = 1 << 20
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded or verified."""
+
+
+class _Interrupted(OSError):
+    """A transfer stopped early; the .part file is kept to resume from."""
+
+
+def parse_shards(text: str | None, num_shards: int) -> list[int]:
+    """Parses a shard selection like `0-4,7` into sorted shard numbers.
+
+    Args:
+      text: comma-separated numbers and inclusive ranges `a-b`; None or empty
+        selects every shard.
+      num_shards: the split's shard count; valid numbers are 0..num_shards-1.
+
+    Returns:
+      The selected shard numbers, sorted, without duplicates.
+
+    Raises:
+      ValueError: an item is not a number or range, a range is reversed, or a
+        number is out of range; the message names the item and the valid range.
+    """
+    if not text or not text.strip():
+        return list(range(num_shards))
+    valid = f"valid shards are 0-{num_shards - 1}"
+    selected: set[int] = set()
+    for item in text.split(","):
+        item = item.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if not match:
+            raise ValueError(f"--shards: {item!r} is not a number or a range a-b ({valid})")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise ValueError(f"--shards: range {item!r} is reversed ({valid})")
+        for value in (first, last):
+            if value >= num_shards:
+                raise ValueError(f"--shards: shard {value} (in {item!r}) is out of range; {valid}")
+        selected.update(range(first, last + 1))
+    return sorted(selected)
+
+
+def read_md5(text: str, where: str) -> str:
+    """Reads the digest from md5sum output (`<32 hex>  images_NNN.tar`).
+
+    Args:
+      text: the md5 file's contents.
+      where: the file or URL it came from, for the error message.
+
+    Returns:
+      The digest, lower case.
+
+    Raises:
+      ValueError: the first token is not 32 hex characters.
+    """
+    tokens = text.split()
+    token = tokens[0].lower() if tokens else ""
+    if not _MD5.match(token):
+        raise ValueError(f"{where}: expected an md5 digest (32 hex characters), got {token!r}")
+    return token
+
+
+def file_md5(path: str) -> str:
+    """Returns the hex md5 digest of a local file."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_tar(tar_path: str, dest_dir: str) -> int:
+    """Extracts the regular files of a tar into dest_dir.
+
+    Every member name is checked before anything is written, so a hostile
+    tar leaves nothing behind. Links and devices are skipped: the release
+    only holds JPEGs, and a link could point outside dest_dir.
+
+    Args:
+      tar_path: the tar file.
+      dest_dir: the folder to extract into (created if needed).
+
+    Returns:
+      The number of files written.
+
+    Raises:
+      ValueError: a member has an absolute path or a `..` component; the
+        message names the tar and the member.
+    """
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+        for member in members:
+            parts = member.name.replace("\\", "/").split("/")
+            if member.name.startswith(("/", "\\")) or os.path.isabs(member.name) or ".." in parts:
+                raise ValueError(f"{tar_path}: refusing unsafe member path {member.name!r}")
+        count = 0
+        for member in members:
+            if not member.isfile():
+                continue
+            dest = os.path.join(dest_dir, os.path.normpath(member.name))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            source = tar.extractfile(member)
+            assert source is not None  # isfile() members always have data
+            with source, open(dest, "wb") as out:
+                while chunk := source.read(_CHUNK):
+                    out.write(chunk)
+            count += 1
+    return count
+
+
+def _fetch(url: str, part: str) -> int:
+    """Downloads url into part, resuming from part's size; returns bytes fetched."""
+    offset = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url)
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:
+            # Nothing after `offset`: the part is complete (or too long), and
+            # the md5 check that follows tells which.
+            return 0
+        raise
+    with response:
+        mode = "ab"
+        start = response.headers.get("Content-Range", "")
+        if response.status != 206 or not start.startswith(f"bytes {offset}-"):
+            # The server sent the whole file (or another range): start over.
+            mode, offset = "wb", 0
+        expected = response.headers.get("Content-Length")
+        received = 0
+        with open(part, mode) as out:
+            try:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    received += len(chunk)
+            except Exception as e:  # Any mid-read failure leaves a resumable part.
+                raise _Interrupted(
+                    f"{url}: transfer interrupted after {received} bytes: {e}"
+                ) from e
+        # http.client returns b"" rather than raising when the connection
+        # closes early, so a short body is only visible by counting.
+        if expected is not None and received < int(expected):
+            raise _Interrupted(f"{url}: connection closed after {received} of {expected} bytes")
+    return received
+
+
+def _download(url: str, dest: str, retries: int) -> int:
+    """Fetches url to dest.part with up to `retries` attempts; returns bytes fetched.
+
+    The .part file is kept between attempts (and runs) so each retry resumes.
+    """
+    part = dest + ".part"
+    fetched = 0
+    for attempt in range(1, retries + 1):
+        try:
+            fetched += _fetch(url, part)
+            return fetched
+        except urllib.error.HTTPError as e:
+            if 400 <= e.code < 500:
+                # Retrying a missing file or a refused request cannot help.
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+            error: Exception = e
+        except OSError as e:
+            error = e
+        if attempt == retries:
+            raise DownloadError(f"{url}: failed after {retries} attempts: {error}") from error
+        logging.warning("%s: attempt %d of %d failed (%s); retrying", url, attempt, retries, error)
+        time.sleep(RETRY_DELAY_S)
+    raise AssertionError("unreachable")
+
+
+def _shard_job(split: str, shard: int, output_dir: str, base_url: str, retries: int) -> str:
+    """Downloads, verifies and extracts one shard; returns "downloaded" or "skipped"."""
+    name = f"images_{shard:03d}"
+    tar_dir = os.path.join(output_dir, "tars", split)
+    tar_path = os.path.join(tar_dir, f"{name}.tar")
+    done = os.path.join(tar_dir, f"{name}.done")
+    url = f"{base_url}/{split}/{name}.tar"
+    md5_url = f"{base_url}/md5sum/{split}/md5.{name}.txt"
+    md5_path = os.path.join(tar_dir, f"md5.{name}.txt")
+    if not os.path.exists(md5_path):
+        _download(md5_url, md5_path, retries)
+        os.replace(md5_path + ".part", md5_path)
+    with open(md5_path) as f:
+        text = f.read()
+    try:
+        expected = read_md5(text, md5_url)
+    except ValueError:
+        os.remove(md5_path)  # So that a rerun fetches it again.
+        raise
+    start = time.monotonic()
+
+    status, fetched = "skipped", 0
+    if os.path.exists(tar_path) and file_md5(tar_path) == expected:
+        if os.path.exists(done):
+            logging.info("%s/%s.tar: verified and extracted before; skipped", split, name)
+            return status
+    else:
+        if os.path.exists(tar_path):
+            logging.warning("%s: md5 does not match %s; downloading again", tar_path, expected)
+            os.remove(tar_path)
+        if os.path.exists(done):
+            os.remove(done)
+        status = "downloaded"
+        for refetch in (False, True):
+            fetched += _download(url, tar_path, retries)
+            actual = file_md5(tar_path + ".part")
+            if actual == expected:
+                os.replace(tar_path + ".part", tar_path)
+                break
+            # A bad byte anywhere spoils the file, and resuming cannot find
+            # it: fetch the whole file once more before giving up.
+            os.remove(tar_path + ".part")
+            if refetch:
+                raise DownloadError(f"{url}: md5 mismatch twice: expected {expected}, got {actual}")
+            logging.warning("%s: md5 %s, expected %s; fetching again", url, actual, expected)
+
+    count = extract_tar(tar_path, os.path.join(output_dir, split))
+    with open(done, "w") as f:
+        f.write(f"{expected}  {name}.tar\n")
+    how = f"downloaded {fetched / 1e6:.1f} MB" if status == "downloaded" else "already here"
+    seconds = time.monotonic() - start
+    logging.info(
+        "%s/%s.tar: %s, verified, %d files extracted in %.0f s", split, name, how, count, seconds
+    )
+    return status
+
+
+def _fetch_csvs(split: str, output_dir: str, base_url: str, retries: int) -> dict[str, str]:
+    """Downloads the split's CSVs into output_dir, keeping non-empty ones."""
+    statuses = {}
+    for relative in CSVS[split]:
+        dest = os.path.join(output_dir, os.path.basename(relative))
+        if os.path.exists(dest) and os.path.getsize(dest) > 0:
+            logging.info("%s: already present, kept (delete it to download again)", dest)
+            statuses[dest] = "kept"
+            continue
+        _download(f"{base_url}/{relative}", dest, retries)
+        os.replace(dest + ".part", dest)
+        statuses[dest] = "downloaded"
+    return statuses
+
+
+def missing_images(split: str, output_dir: str) -> list[str]:
+    """Returns the ids of DIR/<split>.csv that have no DIR/<split>/a/b/c/<id>.jpg."""
+    images_dir = os.path.join(output_dir, split)
+    path = os.path.join(output_dir, f"{split}.csv")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "id" not in (reader.fieldnames or ()):
+            raise ValueError(f"{path}: no `id` column (header: {reader.fieldnames})")
+        ids = [row["id"] for row in reader]
+    return [i for i in ids if not os.path.isfile(os.path.join(images_dir, *i[:3], f"{i}.jpg"))]
+
+
+def download_split(
+    split: str,
+    output_dir: str,
+    base_url: str = DEFAULT_BASE_URL,
+    num_workers: int = 8,
+    shards: str | Sequence[int] | None = None,
+    retries: int = 3,
+) -> dict:
+    """Downloads, verifies and extracts one GLDv2 split (see the module docstring).
+
+    A shard that fails does not stop the others; it is listed in the
+    summary's "failed" entry.
+
+    Args:
+      split: "train", "index" or "test".
+      output_dir: a local folder (created if needed).
+      base_url: where the release lives.
+      num_workers: shards downloaded at the same time.
+      shards: a selection like "0-4,7", or shard numbers; None for all.
+      retries: attempts per file before a transfer counts as failed.
+
+    Returns:
+      A dict: split, shards (selected), downloaded and skipped (shard
+      numbers), failed (shard number -> reason), csvs (path -> "downloaded"
+      or "kept"), missing (ids without an image) and missing_csv (its path).
+
+    Raises:
+      ValueError: unknown split, bad shard selection, or a remote output_dir.
+      DownloadError: a CSV could not be downloaded.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if "://" in output_dir:
+        raise ValueError(f"--output_dir={output_dir}: must be a local folder")
+    num_shards = SPLITS[split]
+    if shards is None or isinstance(shards, str):
+        selected = parse_shards(shards, num_shards)
+    else:
+        selected = parse_shards(",".join(str(int(s)) for s in shards), num_shards)
+    base_url = base_url.rstrip("/")
+    os.makedirs(os.path.join(output_dir, "tars", split), exist_ok=True)
+    # The CSVs first: a wrong --base_url fails here in seconds, not per shard.
+    csvs = _fetch_csvs(split, output_dir, base_url, retries)
+
+    summary: dict = {"split": split, "shards": selected, "csvs": csvs}
+    summary.update(downloaded=[], skipped=[], failed={})
+    with futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        jobs = {
+            pool.submit(_shard_job, split, s, output_dir, base_url, retries): s for s in selected
+        }
+        for done, job in enumerate(futures.as_completed(jobs), 1):
+            shard = jobs[job]
+            try:
+                summary[job.result()].append(shard)
+            except Exception as e:  # One bad shard must not stop the rest.
+                summary["failed"][shard] = str(e) or type(e).__name__
+                logging.error("%s/images_%03d.tar failed: %s", split, shard, e)
+            logging.info("%s: %d of %d shards finished", split, done, len(selected))
+    for key in ("downloaded", "skipped"):
+        summary[key].sort()
+    summary["failed"] = dict(sorted(summary["failed"].items()))
+
+    missing = missing_images(split, output_dir)
+    missing_csv = os.path.join(output_dir, f"missing-{split}.csv")
+    with open(missing_csv, "w", newline="") as f:
+        f.write("id\n")
+        f.writelines(f"{i}\n" for i in missing)
+    summary.update(missing=missing, missing_csv=missing_csv)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The report printed at the end of a run."""
+    split = summary["split"]
+    lines = [f"{path}: {status}" for path, status in summary["csvs"].items()]
+    lines.append(
+        f"{split}: {len(summary['shards'])} shards selected: "
+        f"{len(summary['downloaded'])} downloaded, {len(summary['skipped'])} skipped "
+        f"(already verified), {len(summary['failed'])} failed"
+    )
+    missing = summary["missing"]
+    lines.append(f"{len(missing)} ids of {split}.csv have no image (in {summary['missing_csv']})")
+    if missing:
+        lines.append("  e.g. " + ", ".join(missing[:10]))
+        if len(summary["shards"]) < SPLITS[split]:
+            lines.append("  (only some shards were selected, so most of these are expected)")
+    for shard, reason in summary["failed"].items():
+        lines.append(f"FAILED {split}/images_{shard:03d}.tar: {reason}")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program: absl flags are
+    global, and importing two tools into one process must not collide)."""
+    flags.DEFINE_enum("split", None, list(SPLITS), "Which GLDv2 split to download.")
+    flags.DEFINE_string("output_dir", None, "Local folder for the CSVs, tars and images.")
+    flags.DEFINE_string("base_url", DEFAULT_BASE_URL, "Where the GLDv2 release lives.")
+    flags.DEFINE_integer("num_workers", 8, "Shards downloaded at the same time.")
+    flags.DEFINE_string("shards", None, "A subset of shards, e.g. 0-4,7 (default: all).")
+    flags.DEFINE_integer("retries", 3, "Attempts per file before it counts as failed.")
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    summary = download_split(
+        FLAGS.split,
+        FLAGS.output_dir,
+        base_url=FLAGS.base_url,
+        num_workers=FLAGS.num_workers,
+        shards=FLAGS.shards,
+        retries=FLAGS.retries,
+    )
+    print(format_summary(summary))
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    flags.mark_flags_as_required(["split", "output_dir"])
+    entry_point_errors.run(main)

@@ -1,0 +1,188 @@
+"""experiments/tpu_vm/tpu_job.py: the commands of a TPU VM batch job, and its retries."""
+
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from config_files import REPO, load_config
+
+_spec = importlib.util.spec_from_file_location(
+    "tpu_job", os.path.join(REPO, "experiments", "tpu_vm", "tpu_job.py")
+)
+tpu_job = importlib.util.module_from_spec(_spec)
+sys.modules["tpu_job"] = tpu_job  # dataclasses look their module up by name
+_spec.loader.exec_module(tpu_job)
+
+ROOT = "gs://bucket/runs"
+FLAGS = [
+    "--tpu=lm",
+    "--zone=us-central2-b",
+    "--repo=https://example.org/landmark_jax.git",
+    f"--root={ROOT}",
+    "--data_clean=gs://bucket/clean",
+    "--data_full=gs://bucket/full",
+    "--data_x=gs://bucket/x",
+    "--backbone_weights=gs://bucket/weights/b7",
+]
+
+
+def _job(recipe="glr2020", accelerator_type="v4-32", **kwargs):
+    data = {"clean": "gs://bucket/clean", "full": "gs://bucket/full", "x": "gs://bucket/x"}
+    return tpu_job.Job(
+        recipe=recipe,
+        tpu="lm",
+        zone="us-central2-b",
+        accelerator_type=accelerator_type,
+        root=ROOT,
+        data=data,
+        backbone_weights="gs://bucket/weights/b7",
+        repo="https://example.org/landmark_jax.git",
+        **kwargs,
+    )
+
+
+def _flag(argv, name):
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+    return values[0] if values else None
+
+
+@pytest.mark.parametrize(
+    ("kind", "hosts"),
+    [("v3-8", 1), ("v3-32", 4), ("v4-8", 1), ("v4-32", 4), ("v5p-16", 2)]
+    + [("v5litepod-8", 1), ("v5litepod-16", 4), ("v6e-64", 16)],
+)
+def test_num_hosts(kind, hosts):
+    assert tpu_job.num_hosts(kind) == hosts
+
+
+def test_num_hosts_names_a_bad_type():
+    with pytest.raises(ValueError, match="--accelerator_type='tpu-8'"):
+        tpu_job.num_hosts("tpu-8")
+
+
+@pytest.mark.parametrize("recipe", sorted(tpu_job.RECIPES))
+def test_stages_chain_their_checkpoints_and_read_their_data(recipe):
+    job = _job(recipe)
+    stages = tpu_job.RECIPES[recipe].stages
+    previous = None
+    for i, stage in enumerate(stages):
+        argv = tpu_job.train_argv(job, i)
+        assert argv[:3] == ["python3", "-m", "landmark_jax.train"]
+        assert _flag(argv, "workdir") == f"{ROOT}/{recipe}/{stage.name}"
+        assert _flag(argv, "config.data_dir") == job.data[stage.data]
+        if previous is None:  # the first stage starts from the ImageNet weights
+            assert _flag(argv, "config.init.backbone") == job.backbone_weights
+            assert _flag(argv, "config.init.checkpoint") is None
+        else:
+            assert _flag(argv, "config.init.checkpoint") == previous
+        assert "--tpu_pod" in argv  # v4-32: 4 hosts
+        # The config arg names a real stage of a real config.
+        name, arg = _flag(argv, "config").removeprefix("configs/").split(".py:")
+        load_config(name, arg)
+        previous = _flag(argv, "workdir")
+    assert [s.data for s in stages][0] == "clean"
+    evaluate = tpu_job.evaluate_argv(job)
+    assert _flag(evaluate, "workdir") == previous  # the last stage
+    assert "--tpu_pod" not in tpu_job.train_argv(_job(recipe, "v4-8"), 0)  # one host
+
+
+def test_dry_run_prints_every_command_in_order():
+    result = subprocess.run(
+        [sys.executable, "experiments/tpu_vm/tpu_job.py", "--recipe=glr2020", "--dry_run"]
+        + ["--accelerator_type=v4-32", "--spot", *FLAGS]
+        + ["--retrieval_solution=gs://bucket/sol.csv"]
+        + [f"--member={n}={ROOT}/{n}" for n in ("b7_640", "b6_640", "b7_640_second", "b7_512")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    create, install, *stages, evaluate = lines
+    assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+    assert "--accelerator-type=v4-32" in create and "--spot" in create
+    for line in [install, *stages, evaluate]:
+        assert line[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+        assert "--worker=all" in line and line[-1].startswith("--command=")
+    assert "pip install" in install[-1] and "git clone" in install[-1]
+    names = ["clean", "full", "full640", "full736", "notclean"]
+    for name, line in zip(names, stages, strict=True):
+        script = line[-1]
+        assert f"--workdir={ROOT}/glr2020/{name}" in script
+        assert f"{ROOT}/glr2020/logs/{name}-$(hostname).log" in script  # logs in the bucket
+    script = evaluate[-1]
+    assert "landmark_jax.evaluate" in script and "configs/glr2020_ensemble.py" in script
+    assert f"--config.eval.ensemble.b7_512.workdir={ROOT}/b7_512" in script
+    assert "--config.eval.retrieval_solution=gs://bucket/sol.csv" in script
+
+
+def test_a_recipe_without_its_data_folder_is_refused():
+    flags = [f for f in FLAGS if not f.startswith("--data_full")]
+    result = subprocess.run(
+        [sys.executable, "experiments/tpu_vm/tpu_job.py", "--recipe=glr2020", "--dry_run", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "reads --data_full: set it" in result.stderr
+
+
+class FakeCloud:
+    """Answers gcloud commands: the TPU's state, and scripted failures of steps."""
+
+    def __init__(self, states, failures):
+        self.states, self.failures, self.log = list(states), dict(failures), []
+
+    def __call__(self, argv):
+        kind = argv[4] if argv[3] == "tpu-vm" else argv[3]
+        step = kind
+        if kind == "ssh":
+            script = argv[-1]
+            step = (
+                "install" if "pip install" in script else script.split("--workdir=")[1].split()[0]
+            )
+        self.log.append(step)
+        rc, out = 0, ""
+        if kind == "describe":
+            out = self.states.pop(0)
+            rc = 1 if out == "NOT_FOUND" else 0
+        elif self.failures.get(step, 0) > 0:
+            self.failures[step] -= 1
+            rc = 255
+        return subprocess.CompletedProcess(argv, rc, stdout=out)
+
+
+def test_a_preempted_tpu_is_created_again_and_the_stage_resumes():
+    job = _job("glr2021", "v4-8", solution="gs://bucket/recognition_solution.csv")
+    step2 = f"{ROOT}/glr2021/step2"
+    cloud = FakeCloud(["NOT_FOUND", "PREEMPTED"], {step2: 1})
+    tpu_job.run_job(job, run=cloud, wait_seconds=0)
+    assert cloud.log == [
+        "describe",
+        "create",
+        "install",
+        f"{ROOT}/glr2021/step1",
+        step2,  # fails: the TPU was preempted
+        "describe",
+        "delete",
+        "create",
+        "install",
+        step2,  # the same command again: the stage resumes from its checkpoint
+        f"{ROOT}/glr2021/step3",
+        f"{ROOT}/glr2021/step3",  # the evaluation reads the last stage's workdir
+    ]
+
+
+def test_a_step_that_keeps_failing_stops_the_job_naming_it():
+    job = _job("glr2021", "v4-8")
+    step1 = f"{ROOT}/glr2021/step1"
+    cloud = FakeCloud(["READY", "READY", "READY"], {step1: 5})
+    with pytest.raises(RuntimeError, match="step 'step1' failed 3 times"):
+        tpu_job.run_job(job, run=cloud, wait_seconds=0)
+    assert cloud.log.count(step1) == 3 and "create" not in cloud.log
