@@ -37,6 +37,7 @@ setuptools.setup(
         # gs:// through a Cloud Storage emulator (file_io.py): gcsfs, which
         # honours STORAGE_EMULATOR_HOST, and an emulator to run locally.
         "emulator": EMULATOR,
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", *EMULATOR],
+        # IPython: tests/test_colab_notebook.py parses the notebook's magics.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "ipython>=8.18", *EMULATOR],
     },
 )

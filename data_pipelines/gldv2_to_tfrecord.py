@@ -76,6 +76,7 @@ def _load_examples(
     clean_csv: str | None,
     clean_only: bool,
     skip_bad_images: bool,
+    clean_classes_only: bool = False,
 ) -> tuple[list[tfrecord_shard.Example], dict[int, int], list[tuple[str, str, str]]]:
     """Reads the CSVs, finds every image, and labels train examples.
 
@@ -106,6 +107,9 @@ def _load_examples(
             )
         if clean_only:
             records = [r for r in records if r.image_id in clean]
+        if clean_classes_only:  # GLDv2x: every image of the clean classes
+            classes = set(clean.values())
+            records = [r for r in records if r.landmark_id in classes]
 
     skipped: list[tuple[str, str, str]] = []
     located = []
@@ -266,6 +270,7 @@ def build_split(
     *,
     clean_csv: str | None = None,
     clean_only: bool = False,
+    clean_classes_only: bool = False,
     val_fraction: float = 0.0,
     num_val_shards: int | None = None,
     seed: int = 0,
@@ -285,6 +290,8 @@ def build_split(
       clean_csv: train_clean.csv; marks `image/is_clean` (train only). Without
         it every train image counts as clean.
       clean_only: keep only the images listed in clean_csv (GLDv2-clean).
+      clean_classes_only: keep every image (clean or not) of the classes in
+        clean_csv (GLDv2x, GLR2021's set: 81,313 classes, their noisy images too).
       val_fraction: fraction of each class's clean images held out as `val`.
       num_val_shards: shard count for val; default scales with val_fraction.
       seed: seed of the validation split and the shard shuffle.
@@ -309,12 +316,16 @@ def build_split(
     start = time.time()
     if split not in SPLITS:
         raise ValueError(f"--split={split!r}: expected one of {SPLITS}")
-    if split != "train" and (clean_csv or clean_only or val_fraction):
+    if split != "train" and (clean_csv or clean_only or clean_classes_only or val_fraction):
         raise ValueError(
-            f"--clean_csv, --clean_only and --val_fraction apply to --split=train, not {split!r}"
+            "--clean_csv, --clean_only, --clean_classes_only and --val_fraction apply to "
+            f"--split=train, not {split!r}"
         )
-    if clean_only and not clean_csv:
-        raise ValueError("--clean_only needs --clean_csv")
+    for flag, value in (("clean_only", clean_only), ("clean_classes_only", clean_classes_only)):
+        if value and not clean_csv:
+            raise ValueError(f"--{flag} needs --clean_csv")
+    if clean_only and clean_classes_only:
+        raise ValueError("--clean_only and --clean_classes_only exclude each other")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val_fraction={val_fraction}: expected a value in [0, 1)")
     if num_shards < 1:
@@ -324,7 +335,7 @@ def build_split(
         raise FileNotFoundError(f"--images_dir={images_dir}: not a directory")
 
     examples, label_of, skipped = _load_examples(
-        split, csv_path, images_dir, clean_csv, clean_only, skip_bad_images
+        split, csv_path, images_dir, clean_csv, clean_only, skip_bad_images, clean_classes_only
     )
     rng = np.random.default_rng(seed)
     is_val = _assign_val(examples, val_fraction, rng)
@@ -351,6 +362,7 @@ def build_split(
             "csv": shard_writer.source_path(csv_path),
             "clean_csv": shard_writer.source_path(clean_csv) if clean_csv else None,
             "clean_only": clean_only,
+            "clean_classes_only": clean_classes_only,
             "val_fraction": val_fraction,
             "seed": seed,
         }
@@ -403,6 +415,9 @@ def define_flags() -> None:
     flags.DEFINE_string("csv", None, "train.csv, index.csv or test.csv.")
     flags.DEFINE_string("clean_csv", None, "train_clean.csv (train only): marks image/is_clean.")
     flags.DEFINE_bool("clean_only", False, "Keep only the images of --clean_csv (GLDv2-clean).")
+    flags.DEFINE_bool(
+        "clean_classes_only", False, "Keep every image of the classes of --clean_csv (GLDv2x)."
+    )
     flags.DEFINE_string("images_dir", None, "Root of the split's a/b/c/<id>.jpg image tree.")
     flags.DEFINE_string(
         "output_dir", None, "Data folder for shards, dataset_info.json, label_map.csv."
@@ -432,6 +447,7 @@ def main(argv: Sequence[str]) -> None:
         FLAGS.num_shards,
         clean_csv=FLAGS.clean_csv,
         clean_only=FLAGS.clean_only,
+        clean_classes_only=FLAGS.clean_classes_only,
         val_fraction=FLAGS.val_fraction,
         num_val_shards=FLAGS.num_val_shards,
         seed=FLAGS.seed,

@@ -52,24 +52,7 @@ def main(argv):
     model_overrides = {k: v for k, v in overrides.items() if k.startswith("model.")}
     metrics = evaluation.evaluate(FLAGS.config, FLAGS.workdir, model_overrides)
     if jax.process_index() == 0:
-        for key in ("map@100", "gap"):
-            if key in metrics:
-                print(f"{key}: {metrics[key]:.4f}")
-        if "baselines" in metrics:
-            # What training bought, on the same queries with the same metric.
-            scored = {"learned": metrics["map@100"], **metrics["baselines"]}
-            print(
-                f"retrieval mAP@100 on {metrics['retrieval_queries']} queries: "
-                + " | ".join(f"{name.replace('_', ' ')} {v:.4f}" for name, v in scored.items())
-            )
-        if "recognition_top1" in metrics:
-            without = metrics.get("gap_without_non_landmark_penalty")
-            penalty = "" if without is None else f" (without non-landmark penalty {without:.4f})"
-            print(
-                f"recognition GAP {metrics['gap']:.4f}{penalty}"
-                + f"; top-1 on {metrics['recognition_queries']} recognition queries: "
-                + " | ".join(f"{k} {v:.4f}" for k, v in metrics["recognition_top1"].items())
-            )
+        print(evaluation.format_metrics(metrics))
         print(f"wrote {file_io.join(FLAGS.workdir, evaluation.EVAL_DIR)}/")
 
 

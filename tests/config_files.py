@@ -1,29 +1,22 @@
 """Loads configs/NAME.py the way ml_collections' config_flags does (by path)."""
 
-import importlib.util
 import json
 import os
+
+from landmark_jax import config_files as package_config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str | None = None):
     """configs/NAME.py's get_config(arg)."""
-    spec = importlib.util.spec_from_file_location(name, f"{REPO}/configs/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    path = f"{REPO}/configs/{name}.py"
+    return package_config_files.load(path if arg is None else f"{path}:{arg}")
 
 
 def set_keys(config, **overrides):
     """Sets dotted keys ('optimizer.learning_rate') on a config; returns it."""
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
+    return package_config_files.override(config, overrides)
 
 
 def config_for(data_dir: str, **overrides):

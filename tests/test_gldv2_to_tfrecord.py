@@ -220,6 +220,21 @@ def test_clean_only_keeps_clean_images(tree, tmp_path):
     assert not os.path.exists(os.path.join(out, "val-00000-of-00001.tfrecord"))
 
 
+def test_clean_classes_only_keeps_every_image_of_the_clean_classes(tree, tmp_path):
+    root, ids = tree
+    out = str(tmp_path)
+    build_train(root, out, clean_classes_only=True, val_fraction=0.0)
+    # GLDv2x: the noisy images of the clean classes too, none of the others.
+    classes = {ids["train"][i] for i in ids["clean"]}
+    expected = sorted(i for i, landmark in ids["train"].items() if landmark in classes)
+    assert len(ids["clean"]) < len(expected) < len(ids["train"])
+    train = read_records(out, "train")
+    assert sorted(r[data_format.ID].decode() for r in train) == expected
+    assert data_format.read_num_classes(out) == len(classes)
+    with pytest.raises(ValueError, match="exclude each other"):
+        build_train(root, out, clean_classes_only=True, clean_only=True)
+
+
 def test_same_seed_same_shards_with_one_or_two_workers(tree, tmp_path):
     root, _ = tree
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

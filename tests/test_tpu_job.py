@@ -71,7 +71,7 @@ def test_stages_chain_their_checkpoints_and_read_their_data(recipe):
     previous = None
     for i, stage in enumerate(stages):
         argv = tpu_job.train_argv(job, i)
-        assert argv[:3] == ["python3", "-m", "landmark_jax.train"]
+        assert argv[:3] == [".venv/bin/python", "-m", "landmark_jax.train"]
         assert _flag(argv, "workdir") == f"{ROOT}/{recipe}/{stage.name}"
         assert _flag(argv, "config.data_dir") == job.data[stage.data]
         if previous is None:  # the first stage starts from the ImageNet weights
@@ -186,3 +186,42 @@ def test_a_step_that_keeps_failing_stops_the_job_naming_it():
     with pytest.raises(RuntimeError, match="step 'step1' failed 3 times"):
         tpu_job.run_job(job, run=cloud, wait_seconds=0)
     assert cloud.log.count(step1) == 3 and "create" not in cloud.log
+
+
+def test_install_script_runs_on_a_worker_and_again(tmp_path):
+    """The worker script under bash, with git, curl and uv replaced by
+    stand-ins that record their arguments: a first run clones, installs uv
+    and makes the venv; a second updates the clone and reuses both."""
+    bin_dir, home, calls = tmp_path / "bin", tmp_path / "home", tmp_path / "calls"
+    bin_dir.mkdir()
+    home.mkdir()
+    # uv's installer (what curl fetches and sh runs) puts uv in ~/.local/bin.
+    uv = tmp_path / "uv"
+    fakes = {
+        "git": 'if [ "$1" = clone ]; then mkdir -p "${@: -1}"; fi',
+        "curl": f'echo "mkdir -p $HOME/.local/bin; cp {uv} $HOME/.local/bin/uv"',
+        uv: 'if [ "$1" = venv ]; then mkdir -p "${@: -1}/bin"; '
+        'touch "${@: -1}/bin/python"; chmod +x "${@: -1}/bin/python"; fi',
+    }
+    for name, body in fakes.items():
+        path = bin_dir / name if isinstance(name, str) else name
+        path.write_text(f'#!/bin/bash\necho {path.name} "$*" >> {calls}\n{body}\n')
+        path.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home)}
+    script = tpu_job.install_script(_job())
+    for _ in range(2):
+        subprocess.run(["bash", "-c", script], env=env, check=True, timeout=30)
+    lines = calls.read_text().splitlines()
+    src = tpu_job.SOURCE_DIR
+    assert lines[0].startswith("git clone -q --depth 1 --branch main https://example.org/")
+    assert lines[1].startswith("curl ")  # uv installed once, by its installer
+    assert lines[2] == f"uv venv -q --python 3.12 {src}/.venv"
+    assert lines[3] == f"uv pip install -q --python {src}/.venv/bin/python -e {src} " + (
+        "jax[tpu]>=0.10.0,<0.13"
+    )
+    # Second run: fetch and check out the ref; uv and the venv are kept.
+    assert lines[4:] == [
+        f"git -C {src} fetch -q --depth 1 origin main",
+        f"git -C {src} checkout -q --force FETCH_HEAD",
+        lines[3],
+    ]

@@ -89,6 +89,11 @@ ENSEMBLE_CONFIG = "configs/glr2020_ensemble.py"
 SOURCE_DIR = "landmark_jax_src"  # the clone on every worker, in the home folder
 # JAX for TPUs within the project's range (setup.py).
 JAX_TPU = "jax[tpu]>=0.10.0,<0.13"
+# The TPU VM images' Python is older than the project's (Ubuntu 22.04: 3.10),
+# so the install makes a Python 3.12 venv in the clone with uv, as `make`
+# makes .venv; the programs run with its interpreter (from the clone).
+PYTHON_VERSION = "3.12"
+PYTHON = ".venv/bin/python"
 
 
 def num_hosts(accelerator_type: str) -> int:
@@ -182,14 +187,18 @@ def on_all_workers(job: Job, script: str) -> list[str]:
 
 
 def install_script(job: Job) -> str:
-    """Clones (or updates) the project at job.ref and installs it with JAX for TPUs."""
+    """Clones (or updates) the project at job.ref and installs it with JAX for
+    TPUs into a Python PYTHON_VERSION venv made by uv (installed if missing)."""
     src, ref = SOURCE_DIR, shlex.quote(job.ref)
     return (
-        "set -euo pipefail; "
-        f"if [ -d {src} ]; then git -C {src} fetch --depth 1 origin {ref}; "
-        f"else git clone --depth 1 --branch {ref} {shlex.quote(job.repo)} {src}; fi; "
-        f"git -C {src} checkout --force FETCH_HEAD 2>/dev/null || true; "
-        f"python3 -m pip install -q -e {src} {shlex.quote(JAX_TPU)}"
+        "set -euo pipefail; cd $HOME; "
+        f"if [ -d {src} ]; then git -C {src} fetch -q --depth 1 origin {ref} && "
+        f"git -C {src} checkout -q --force FETCH_HEAD; "
+        f"else git clone -q --depth 1 --branch {ref} {shlex.quote(job.repo)} {src}; fi; "
+        'export PATH="$HOME/.local/bin:$PATH"; '
+        "command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; "
+        f"[ -x {src}/{PYTHON} ] || uv venv -q --python {PYTHON_VERSION} {src}/.venv; "
+        f"uv pip install -q --python {src}/{PYTHON} -e {src} {shlex.quote(JAX_TPU)}"
     )
 
 
@@ -209,7 +218,7 @@ def train_argv(job: Job, index: int) -> list[str]:
     """`python -m landmark_jax.train` for the recipe's stage number `index`."""
     recipe = RECIPES[job.recipe]
     stage = recipe.stages[index]
-    argv = ["python3", "-m", "landmark_jax.train", f"--config={stage.config}"]
+    argv = [PYTHON, "-m", "landmark_jax.train", f"--config={stage.config}"]
     argv += [f"--workdir={job.workdir(stage.name)}", f"--config.data_dir={job.data[stage.data]}"]
     if index == 0:
         argv.append(f"--config.init.backbone={job.backbone_weights}")
@@ -225,11 +234,11 @@ def evaluate_argv(job: Job) -> list[str]:
     recipe = RECIPES[job.recipe]
     last = recipe.stages[-1]
     if job.members:
-        argv = ["python3", "-m", "landmark_jax.evaluate", f"--config={ENSEMBLE_CONFIG}"]
+        argv = [PYTHON, "-m", "landmark_jax.evaluate", f"--config={ENSEMBLE_CONFIG}"]
         argv += [f"--workdir={job.workdir('ensemble')}"]
         argv += [f"--config.eval.ensemble.{n}.workdir={w}" for n, w in job.members.items()]
     else:
-        argv = ["python3", "-m", "landmark_jax.evaluate", f"--config={recipe.evaluation}"]
+        argv = [PYTHON, "-m", "landmark_jax.evaluate", f"--config={recipe.evaluation}"]
         argv += [f"--workdir={job.workdir(last.name)}"]
     argv.append(f"--config.data_dir={job.data[last.data]}")
     if job.solution:

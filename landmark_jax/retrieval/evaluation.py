@@ -260,6 +260,31 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
     return metrics
 
 
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The headline figures of `evaluate`'s metrics, one line each: mAP@100 next
+    to its baselines, GAP with and without the non-landmark penalty and top-1,
+    and the Revisited table; what `python -m landmark_jax.evaluate` prints."""
+    lines = [f"{key}: {metrics[key]:.4f}" for key in ("map@100", "gap") if key in metrics]
+    if "baselines" in metrics:
+        # What training bought, on the same queries with the same metric.
+        scored = {"learned": metrics["map@100"], **metrics["baselines"]}
+        lines.append(
+            f"retrieval mAP@100 on {metrics['retrieval_queries']} queries: "
+            + " | ".join(f"{name.replace('_', ' ')} {v:.4f}" for name, v in scored.items())
+        )
+    if "recognition_top1" in metrics:
+        without = metrics.get("gap_without_non_landmark_penalty")
+        penalty = "" if without is None else f" (without non-landmark penalty {without:.4f})"
+        lines.append(
+            f"recognition GAP {metrics['gap']:.4f}{penalty}"
+            + f"; top-1 on {metrics['recognition_queries']} recognition queries: "
+            + " | ".join(f"{k} {v:.4f}" for k, v in metrics["recognition_top1"].items())
+        )
+    if "revisited" in metrics:
+        lines.append(revisited.format_results(metrics["revisited"]))
+    return "\n".join(lines)
+
+
 def _baselines(config, model: extract.TrainedModel, mesh, index_ids) -> dict[str, float]:
     """mAP@100 of each of eval.baselines on the learned model's queries.
 
