@@ -222,15 +222,20 @@ def test_clean_only_keeps_clean_images(tree, tmp_path):
 
 def test_clean_classes_only_keeps_every_image_of_the_clean_classes(tree, tmp_path):
     root, ids = tree
-    out = str(tmp_path)
-    build_train(root, out, clean_classes_only=True, val_fraction=0.0)
+    # A train_clean.csv without the first class: its images are all noisy then.
+    lines = open(f"{root}/train_clean.csv").read().splitlines()
+    clean_csv = str(tmp_path / "train_clean.csv")
+    open(clean_csv, "w").write("\n".join([lines[0], *lines[2:]]) + "\n")
+    dropped = int(lines[1].split(",")[0])
+    out = str(tmp_path / "out")
+    build_train(root, out, clean_csv=clean_csv, clean_classes_only=True, val_fraction=0.0)
     # GLDv2x: the noisy images of the clean classes too, none of the others.
-    classes = {ids["train"][i] for i in ids["clean"]}
-    expected = sorted(i for i, landmark in ids["train"].items() if landmark in classes)
-    assert len(ids["clean"]) < len(expected) < len(ids["train"])
+    expected = sorted(i for i, landmark in ids["train"].items() if landmark != dropped)
+    clean = {i for i in ids["clean"] if ids["train"][i] != dropped}
+    assert len(clean) < len(expected) < len(ids["train"])
     train = read_records(out, "train")
     assert sorted(r[data_format.ID].decode() for r in train) == expected
-    assert data_format.read_num_classes(out) == len(classes)
+    assert data_format.read_num_classes(out) == len(set(ids["train"].values())) - 1
     with pytest.raises(ValueError, match="exclude each other"):
         build_train(root, out, clean_classes_only=True, clean_only=True)
 
