@@ -4,7 +4,10 @@ The XLA flag must be set before jax is first imported, which is why this sits
 at the top of conftest.py (pytest imports it before any test module).
 """
 
+import fcntl
+import json
 import os
+import shutil
 
 from cpu_devices import xla_flags
 
@@ -50,8 +53,29 @@ def _build_train(raw: str, out: str, csv: str, clean_csv: str) -> str:
     return out
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, build):
+    """`build(folder)` (its result JSON-serialisable) run once per test run.
+
+    The two xdist workers of `make test` would each build a session fixture;
+    the first to get here builds it into a folder both see, the other waits
+    on the lock and reads the recorded result. Without xdist: built here.
+    """
+    if worker_id == "master":
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # this run's, shared by its workers
+    record = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            folder = shared / name
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
+            folder.mkdir()
+            record.write_text(json.dumps(build(folder)))
+        return json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, worker_id):
     """A small demo data set built into two data folders.
 
     'full': all 10 train landmarks plus the index and test splits; 'subset':
@@ -59,9 +83,12 @@ def demo(tmp_path_factory):
     class set to another, like GLDv2-clean 81,313 -> GLDv2 203,094); 'raw':
     the GLDv2-layout CSVs and images.
     """
+    return built_once(tmp_path_factory, worker_id, "demo", _build_demo)
+
+
+def _build_demo(root) -> dict:
     from data_pipelines import gldv2_to_tfrecord, make_demo_dataset
 
-    root = tmp_path_factory.mktemp("demo")
     raw = str(root / "raw")
     make_demo_dataset.make_demo_dataset(
         raw,
@@ -89,26 +116,32 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained_demo(demo, tmp_path_factory):
+def trained_demo(demo, tmp_path_factory, worker_id):
     """A workdir of the demo smoke model trained 4 steps on demo['full'].
 
-    One training run shared by the extraction and evaluation tests; tests
-    may write to its eval/ folder but never train it further.
+    One training run shared by the extraction and evaluation tests (each
+    worker its own copy); tests may write to its eval/ folder but never
+    train it further.
     """
     from landmark_jax import trainer
 
     from config_files import load_config
 
-    config = load_config("demo", "smoke")
-    config.data_dir = demo["full"]
-    config.total_steps = 4
-    workdir = str(tmp_path_factory.mktemp("trained_demo") / "run")
-    trainer.train_and_evaluate(config, workdir)
+    def build(folder):
+        config = load_config("demo", "smoke")
+        config.data_dir = demo["full"]
+        config.total_steps = 4
+        trainer.train_and_evaluate(config, str(folder / "run"))
+        return str(folder / "run")
+
+    shared = built_once(tmp_path_factory, worker_id, "trained_demo", build)
+    workdir = str(tmp_path_factory.mktemp("trained_demo_copy") / "run")
+    shutil.copytree(shared, workdir, ignore=shutil.ignore_patterns("trainer.lease"))
     return workdir
 
 
 @pytest.fixture(scope="session")
-def reference_losses(demo, tmp_path_factory):
+def reference_losses(demo, tmp_path_factory, worker_id):
     """{step: loss} of 8 uninterrupted steps of `config_files.config_for(demo['full'])`:
     what a preempted, killed or resumed run of that config must reproduce
     (a constant learning rate, so any first k steps are the same)."""
@@ -116,9 +149,12 @@ def reference_losses(demo, tmp_path_factory):
 
     from config_files import config_for, losses_of
 
-    workdir = str(tmp_path_factory.mktemp("reference") / "run")
-    trainer.train_and_evaluate(config_for(demo["full"], total_steps=8), workdir)
-    return losses_of(workdir)
+    def build(folder):
+        trainer.train_and_evaluate(config_for(demo["full"], total_steps=8), str(folder / "run"))
+        return losses_of(str(folder / "run"))
+
+    recorded = built_once(tmp_path_factory, worker_id, "reference_losses", build)
+    return {int(step): loss for step, loss in recorded.items()}
 
 
 @pytest.fixture(scope="session")

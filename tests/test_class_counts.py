@@ -4,7 +4,7 @@ GLDv2-clean has many classes of exactly 2 images. The builder's per-class val
 split can leave such a class with 1 training image; the reference counts n_c
 over the whole CSV (train + held-out), so n_c stays 2 and w_c = S / ln n_c is
 finite. This builds such a data set and trains the clean stage on it with
-'inv_log', as the documented recipe does.
+'inv_log', as the documented recipe does, then evaluates it.
 """
 
 import json
@@ -16,12 +16,13 @@ import pytest
 
 from data_pipelines import gldv2_to_tfrecord
 from landmark_jax import checkpointing, data_format, losses, trainer
+from landmark_jax.retrieval import evaluation
 
 import tiny_gldv2
 from config_files import load_config
 
 
-def test_glr2020_clean_stage_trains_with_two_image_classes(tmp_path):
+def test_glr2020_clean_stage_trains_with_two_image_classes(demo, tmp_path):
     raw, data_dir = str(tmp_path / "raw"), str(tmp_path / "data")
     # 40 classes of 2 clean images each and nothing else, like the small end of
     # GLDv2-clean.
@@ -79,3 +80,13 @@ def test_glr2020_clean_stage_trains_with_two_image_classes(tmp_path):
     kernel = stage["params"]["head"]["kernel"]
     bound = np.sqrt(6.0 / (kernel.shape[0] + 40))
     assert bound * 0.95 < np.abs(kernel[:, 40:]).max() <= bound
+
+    # And its own evaluation (the recipe's eval settings, smoke sizes) on a
+    # data folder with index and test splits, retrieval only.
+    eval_config = load_config("glr2020_retrieval", "clean,smoke")
+    eval_config.data_dir = demo["full"]
+    eval_config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
+    eval_config.eval.train_split = ""
+    eval_config.eval.knn_backend = "exact"
+    metrics = evaluation.evaluate(eval_config, workdir)
+    assert 0.0 <= metrics["map@100"] <= 1.0 and "gap" not in metrics

@@ -307,10 +307,18 @@ def test_recipe_configs_follow_the_released_code():
     assert load_config("glr2021_dolg", "step1").optimizer.schedule_steps is None
 
 
-def test_dolg_recipe_smoke_trains(demo, tmp_path):
-    """DOLG + sub-center ArcFace + dynamic margins + Adam through the trainer."""
+def test_glr2021_recipe_smoke_trains_and_evaluates(demo, tmp_path):
+    """DOLG + sub-center ArcFace + dynamic margins + Adam through the trainer,
+    then the recipe's own evaluation: retrieval and kNN recognition (GAP)."""
+    from landmark_jax.retrieval import evaluation
+
     config = load_config("glr2021_dolg", "step1,smoke")
     config.data_dir = demo["full"]
     config.total_steps = 2
     last = trainer.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(last["loss"]) and last["scale"] == 45.0
+    config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
+    config.eval.recognition_solution = f"{demo['raw']}/recognition_solution.csv"
+    config.eval.knn_backend = "exact"
+    metrics = evaluation.evaluate(config, str(tmp_path))
+    assert 0.0 <= metrics["map@100"] <= 1.0 and 0.0 <= metrics["gap"] <= 1.0
