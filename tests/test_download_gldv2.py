@@ -222,7 +222,7 @@ def test_always_corrupted_shard_fails_and_the_others_complete(server, tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         env={**os.environ, "NO_PROXY": "127.0.0.1"},
     )
     assert result.returncode == 1, result.stderr

@@ -99,7 +99,7 @@ def test_dry_run_prints_every_command_in_order():
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = [shlex.split(line) for line in result.stdout.splitlines()]
@@ -128,7 +128,7 @@ def test_a_recipe_without_its_data_folder_is_refused():
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert result.returncode != 0 and "reads --data_full: set it" in result.stderr
 
