@@ -12,7 +12,7 @@ import threading
 import pytest
 from PIL import Image
 
-from data_pipelines import download_gldv2
+from data_pipelines import download_gldv2, verified_tars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES_PER_SHARD = 3
@@ -276,9 +276,9 @@ def test_parse_shards_and_read_md5():
     with pytest.raises(ValueError, match=r"'5-2' is reversed"):
         download_gldv2.parse_shards("5-2", 10)
     digest = "0123456789abcdef0123456789ABCDEF"
-    assert download_gldv2.read_md5(f"{digest}  images_000.tar\n", "f") == digest.lower()
+    assert verified_tars.read_md5(f"{digest}  images_000.tar\n", "f") == digest.lower()
     with pytest.raises(ValueError, match=r"md5\.images_001\.txt.*'<html>'"):
-        download_gldv2.read_md5("<html> oops", "md5.images_001.txt")
+        verified_tars.read_md5("<html> oops", "md5.images_001.txt")
     with pytest.raises(ValueError, match=r"unknown split 'val'.*train, index, test"):
         download_gldv2.download_split("val", "/tmp/unused")
 
@@ -290,5 +290,5 @@ def test_unsafe_tar_member_is_refused(tmp_path, member):
         f.write(_tar({"0/1/2/0123456789abcdef.jpg": b"ok", member: b"bad"}))
     dest = tmp_path / "out"
     with pytest.raises(ValueError, match=f"images_000.tar.*{member}"):
-        download_gldv2.extract_tar(tar_path, str(dest))
+        verified_tars.extract_tar(tar_path, str(dest))
     assert not dest.exists() and not (tmp_path / "evil.jpg").exists()
