@@ -199,3 +199,39 @@ def tiny_gldv2_tfrecords(tmp_path_factory):
         "index", f"{root}/index.csv", f"{root}/index", out, 3, num_workers=1
     )
     return root, out, ids
+
+
+# Where the suite's time goes: `LANDMARK_JAX_COMPILE_LOG=FILE make test` appends
+# one JSON line per test with the seconds this process spent tracing,
+# lowering and compiling XLA programs (cache misses only) during it.
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_seconds = {"total": 0.0, "programs": 0}
+
+
+def _on_event(event: str, duration: float, **kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds["total"] += duration
+        _compile_seconds["programs"] += event == _COMPILE_EVENTS[-1]
+
+
+if os.environ.get("LANDMARK_JAX_COMPILE_LOG"):
+    jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+    @pytest.fixture(autouse=True)
+    def _log_compile_time(request):
+        import time
+
+        before, start = dict(_compile_seconds), time.time()
+        yield
+        with open(os.environ["LANDMARK_JAX_COMPILE_LOG"], "a") as log:
+            record = {
+                "test": request.node.nodeid,
+                "wall": round(time.time() - start, 2),
+                "compile": round(_compile_seconds["total"] - before["total"], 2),
+                "programs": _compile_seconds["programs"] - before["programs"],
+            }
+            log.write(json.dumps(record) + "\n")

@@ -180,7 +180,7 @@ def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, subset_stag
     ("overrides", "error", "match"),
     [
         ({"batch_size": 12}, ValueError, "batch_size=12 must be a positive multiple of the 8"),
-        ({"image_size": 16}, ValueError, "image size 16 is too small for efficientnet_tiny"),
+        ({"image_size": 16}, ValueError, "image size 16 is too small for resnet_tiny"),
         ({"num_classes": 3}, ValueError, "config.num_classes=3 but .*dataset_info.json says"),
         ({"init.checkpoint": "/nonexistent/run"}, ValueError, "init.checkpoint.*does not exist"),
         ({"head.scale": "adacos"}, ValueError, "head.scale='adacos'; valid"),
