@@ -13,7 +13,7 @@ import math
 
 import ml_collections
 
-from landmark_jax import data_format, file_io, heads, losses, train_augmentation
+from landmark_jax import data_format, file_io, heads, losses
 from landmark_jax.models import backbones, default_model_config, resolve_model_config
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -291,6 +291,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         config, "loss.class_weights", config.loss.class_weights, losses.CLASS_WEIGHT_MODES
     )
     _check_choice(config, "init.carry", config.init.carry, INIT_CARRY)
+    # Imported here: it imports TensorFlow, which configs and the train step
+    # do not need (the GPU benchmarks run where TensorFlow is not installed).
+    from landmark_jax import train_augmentation
+
     train_augmentation.from_config(config.input)
     if config.optimizer.schedule_steps is not None:
         _check_int("optimizer.schedule_steps", config.optimizer.schedule_steps, 1)

@@ -12,13 +12,11 @@ re-run with the same command continues with exactly the same losses.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from landmark_jax import (
     checkpointing,
@@ -26,146 +24,23 @@ from landmark_jax import (
     data_format,
     file_io,
     file_lease,
-    head_sharding,
-    heads,
     input_pipeline,
-    losses,
     metric_writer,
     preemption,
-    random_streams,
     run_config,
     sharding,
     train_augmentation,
+    train_steps,
 )
-from landmark_jax.models import backbone_checkpoint, create_model
+from landmark_jax.models import backbone_checkpoint
 from landmark_jax.retrieval import evaluation, extract
 
 # ----------------------------------------------------------------------------
-# Building blocks: model, optimizer, state
+# Validation during training
 # ----------------------------------------------------------------------------
 
 
-def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
-    """(optax transformation, learning-rate schedule) from config.optimizer."""
-    lr = cfg.learning_rate
-    if cfg.schedule == "constant":
-        schedule = optax.constant_schedule(lr)
-    elif cfg.schedule == "inverse_time":
-        # Keras SGD(decay=d), as in the GLR2020 code: lr_t = lr / (1 + d * t).
-        schedule = lambda t: lr / (1.0 + cfg.decay * t)  # noqa: E731
-    else:
-        length = cfg.schedule_steps or total_steps
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(cfg.warmup_steps, 1), max(length, cfg.warmup_steps + 1)
-        )
-    if cfg.name == "sgd":
-        tx = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
-        if cfg.weight_decay:
-            tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
-    elif cfg.name == "adam":
-        tx = optax.adam(schedule)
-        if cfg.weight_decay:  # PyTorch Adam(weight_decay): L2 added to the gradient
-            tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
-    else:
-        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    if cfg.grad_clip_norm:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-    return tx, schedule
-
-
-# ----------------------------------------------------------------------------
-# The train and eval steps
-# ----------------------------------------------------------------------------
-
-
-def _logits(config, cosine, labels, consts, num_classes, valid_mask=None):
-    hc = config.head
-    scale = heads.compute_scale(
-        hc.scale,
-        num_classes=num_classes,
-        scale=hc.scale_value,
-        cosine=cosine,
-        labels=labels,
-        valid_mask=valid_mask,
-    )
-    margin = consts["margins"][labels] if hc.dynamic_margins else hc.margin
-    logits = heads.margin_logits(
-        cosine,
-        labels,
-        margin_type=hc.margin_type,
-        margin=margin,
-        scale=scale,
-        easy_margin=hc.easy_margin,
-    )
-    return logits, scale
-
-
-def train_step(state, batch, consts, *, model, head, tx, config, num_classes, base_key):
-    """One SGD step on a global batch; returns (new state, metrics)."""
-    step = state["step"]
-    key = random_streams.step_key(base_key, step)
-
-    def loss_fn(params):
-        variables = {"params": params["model"], "batch_stats": state["batch_stats"]["model"]}
-        embeddings, updates = model.apply(
-            variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": key}
-        )
-        cosine = head.apply({"params": params["head"]}, embeddings)
-        logits, scale = _logits(config, cosine, batch["label"], consts, num_classes)
-        weights = losses.sample_weights(
-            batch["label"], batch["is_clean"], consts["class_weights"], config.loss.not_clean_weight
-        )
-        loss, _ = losses.weighted_cross_entropy(logits, batch["label"], weights)
-        accuracy = losses.accuracy(cosine, batch["label"])
-        return loss, (updates["batch_stats"], scale, accuracy)
-
-    (loss, (batch_stats, scale, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"]
-    )
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    grad_norm = optax.tree_utils.tree_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = {
-        "step": step + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "batch_stats": {**state["batch_stats"], "model": batch_stats},
-        "opt_state": opt_state,
-    }
-    nonfinite = state["nonfinite"]
-    if config.nonfinite.skip_updates:
-        # Keep the old weights on a bad step; the loop stops past max_skipped.
-        kept = {k: v for k, v in state.items() if k in ("params", "batch_stats", "opt_state")}
-        new.update(
-            jax.tree.map(lambda n, o: jnp.where(finite, n, o), {k: new[k] for k in kept}, kept)
-        )
-    new["nonfinite"] = {
-        "count": nonfinite["count"] + (~finite).astype(jnp.int32),
-        "first_step": jnp.where(
-            (nonfinite["first_step"] < 0) & ~finite, step, nonfinite["first_step"]
-        ),
-    }
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "scale": scale}
-    return new, metrics
-
-
-def eval_step(state, batch, consts, *, model, head, config, num_classes):
-    """Sums of weighted loss and correct predictions over the valid rows."""
-    variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]["model"]}
-    cosine = head.apply({"params": state["params"]["head"]}, model.apply(variables, batch["image"]))
-    mask = batch["mask"]
-    logits, _ = _logits(config, cosine, batch["label"], consts, num_classes, valid_mask=mask)
-    _, per_example = losses.weighted_cross_entropy(
-        logits, batch["label"], jnp.ones_like(logits[:, 0]), valid_mask=mask
-    )
-    correct = (jnp.argmax(cosine, -1) == batch["label"]) & mask
-    return {
-        "loss_sum": jnp.sum(jnp.where(mask, per_example, 0.0)),
-        "correct": jnp.sum(correct),
-        "count": jnp.sum(mask),
-    }
-
-
-def evaluate(config, mesh, state, consts, eval_fn, model) -> dict[str, float]:
+def evaluate(config, mesh, state, program: train_steps.Program) -> dict[str, float]:
     """Validation loss and top-1 accuracy on config.val.split, and the
     retrieval mAP@100 of config.val's queries when it names a solution."""
     batch_size = config.val.batch_size or config.batch_size
@@ -178,7 +53,7 @@ def evaluate(config, mesh, state, consts, eval_fn, model) -> dict[str, float]:
     )
     totals = None
     for batch, _ in it:
-        sums = eval_fn(state, batch, consts)
+        sums = program.eval(state, batch, program.consts)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = max(int(totals["count"]), 1)
@@ -190,7 +65,7 @@ def evaluate(config, mesh, state, consts, eval_fn, model) -> dict[str, float]:
         # The current parameters, through the evaluation's own extraction and
         # scoring (no second implementation).
         variables = {k: state[k]["model"] for k in ("params", "batch_stats")}
-        current = extract.TrainedModel(config, "", int(state["step"]), model, variables, {})
+        current = extract.TrainedModel(config, "", int(state["step"]), program.model, variables, {})
         metrics["val_map@100"] = evaluation.retrieval_map(
             current,
             data_dir=config.data_dir,
@@ -235,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # settled here and recorded in config.json: later stages and evaluation
     # rebuild the model from that file.
     config = run_config.resolve_training_config(config)
-    num_classes = config_lib.resolve_num_classes(config)
+    config_lib.resolve_num_classes(config)  # config.num_classes against the data
     label_map = data_format.read_label_map(config.data_dir)
     if config.val.every_steps:
         # Fail now, not at the first evaluation hours into the run.
@@ -251,69 +126,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     file_io.makedirs(workdir)
     # --- One trainer per workdir: a second launch stops here, at once ------
     with file_lease.workdir_lease(workdir) as lease:
-        return _train_in_workdir(config, workdir, mesh, num_classes, label_map, lease)
+        return _train_in_workdir(config, workdir, mesh, label_map, lease)
 
 
-def _train_in_workdir(config, workdir, mesh, num_classes, label_map, lease) -> dict[str, float]:
+def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, float]:
     """train_and_evaluate once its checks passed and it holds the workdir."""
     writer = metric_writer.MetricWriter(workdir)
 
-    # --- Model, head and the per-class loss constants ------------------------
-    model = create_model(config.model)
+    # --- Model, head, loss constants, optimizer and the jitted steps ---------
+    program = train_steps.build_program(config, mesh, label_map)
     backbone_variables = (
         backbone_checkpoint.load_backbone_checkpoint(config.init.backbone)
         if config.init.backbone
         else None
     )
-    shard_head = config.head.shard_classes and mesh.devices.size > 1
-    head = heads.CosineClassifier(
-        num_classes=num_classes,
-        num_subcenters=config.head.num_subcenters,
-        num_classes_padded=head_sharding.portable_num_classes(num_classes),
-        mesh=mesh if shard_head else None,
-        kernel_init=config.head.init,
-    )
-    # Per-class arrays the loss indexes by label (class weights and margins
-    # from the train + val counts, see losses.py), placed on the devices once.
-    consts = jax.device_put(
-        losses.per_class_constants(
-            label_map,
-            class_weight_mode=config.loss.class_weights,
-            not_clean_weight=config.loss.not_clean_weight,
-            margin_a=config.head.margin_a,
-            margin_b=config.head.margin_b,
-        ),
-        sharding.replicated_sharding(mesh),
-    )
-    tx, schedule = build_optimizer(config.optimizer, config.total_steps)
 
     # --- State: initialise sharded, then resume / carry over / import ------
-    # Two streams: one for initialisation, one folded with the step number.
-    keys = random_streams.run_keys(config.seed)
-
-    def init_state(model_key, head_key):
-        variables = random_streams.init_model_variables(model, model_key, config.image_size)
-        embedding = jnp.zeros((1, config.model.embedding_dim), jnp.float32)
-        params = {"model": variables["params"], "head": head.init(head_key, embedding)["params"]}
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "batch_stats": {"model": variables["batch_stats"]},
-            "opt_state": tx.init(params),
-            "nonfinite": {
-                "count": jnp.zeros((), jnp.int32),
-                "first_step": -jnp.ones((), jnp.int32),
-            },
-        }
-
-    abstract = jax.eval_shape(init_state, keys.model, keys.head)
-    shardings = head_sharding.param_shardings(abstract, mesh, shard_head)
-    state = jax.jit(init_state, out_shardings=shardings)(keys.model, keys.head)
+    state = program.initial_state()
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    restored = checkpointing.restore_latest(manager, abstract_sharded)
+    restored = checkpointing.restore_latest(manager, program.abstract)
     resumed = restored is not None
     if resumed:
         state = restored
@@ -336,23 +167,7 @@ def _train_in_workdir(config, workdir, mesh, num_classes, label_map, lease) -> d
         manager.close()
         return {}
 
-    # --- Compiled steps -----------------------------------------------------
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            model=model,
-            head=head,
-            tx=tx,
-            config=config,
-            num_classes=num_classes,
-            base_key=keys.steps,
-        ),
-        donate_argnums=0,
-        out_shardings=(shardings, sharding.replicated_sharding(mesh)),
-    )
-    eval_fn = jax.jit(
-        functools.partial(eval_step, model=model, head=head, config=config, num_classes=num_classes)
-    )
+    # --- Input -----------------------------------------------------------------
     batches = input_pipeline.train_iterator(
         config.data_dir,
         mesh=mesh,
@@ -372,7 +187,7 @@ def _train_in_workdir(config, workdir, mesh, num_classes, label_map, lease) -> d
         progress = metric_writer.Progress(config.total_steps, start_step)
         sums, num_summed, last = None, 0, {}
         for step in range(start_step + 1, config.total_steps + 1):
-            state, metrics = step_fn(state, next(batches), consts)
+            state, metrics = program.step(state, next(batches), program.consts)
             # Accumulated on the device: nothing here waits for the step to finish.
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             num_summed += 1
@@ -406,13 +221,13 @@ def _train_in_workdir(config, workdir, mesh, num_classes, label_map, lease) -> d
                 last = {k: float(v) / num_summed for k, v in jax.device_get(sums).items()}
                 images_per_sec, line = progress.tick(step, config.batch_size)
                 last.update(
-                    learning_rate=float(schedule(step - 1)),
+                    learning_rate=float(program.schedule(step - 1)),
                     images_per_sec=images_per_sec,
                     skipped_steps=int(nonfinite["count"]),
                 )
                 sums, num_summed = None, 0
             if do_eval:
-                last.update(evaluate(config, mesh, state, consts, eval_fn, model))
+                last.update(evaluate(config, mesh, state, program))
             if do_log or do_eval:
                 writer.write(step, last)
                 logging.info(

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from landmark_jax import config_lib, run_config, trainer
+from landmark_jax import config_lib, run_config, train_steps, trainer
 from landmark_jax.retrieval import evaluation, extract
 
 from config_files import load_config
@@ -41,7 +41,7 @@ def test_nesterov_sgd_is_pytorch_s():
     g += wd p; v = m v + g; p -= lr (g + m v)."""
     cfg = load_config("dolg_paper", "r50").optimizer
     cfg.schedule = "constant"
-    tx, _ = trainer.build_optimizer(cfg, total_steps=10)
+    tx, _ = train_steps.build_optimizer(cfg, total_steps=10)
     p = np.array([1.0, -2.0])
     grads = [np.array([0.5, 0.25]), np.array([-1.0, 0.5]), np.array([0.25, 0.0])]
     params, state = p.copy(), tx.init(p)

@@ -406,7 +406,7 @@ def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisi
     mesh = sharding.create_mesh()
     trained_model = extract.load_trained_model(config, workdir)
     variables = jax.device_put(trained_model.variables, sharding.replicated_sharding(mesh))
-    embed = extract._embed_views(
+    embed = extract.embed_views(
         trained_model.module, False, extract.descriptor_of(trained_model.config)
     )
     shares = [

@@ -11,6 +11,7 @@ import pytest
 from landmark_jax import (
     checkpointing,
     data_format,
+    train_steps,
     trainer,
     training_summary,
 )
@@ -83,7 +84,7 @@ def test_training_lowers_the_loss(demo, tmp_path):
         raise AssertionError("a finished run built its model")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "create_model", no_model)
+        patch.setattr(train_steps, "create_model", no_model)
         assert trainer.train_and_evaluate(config, str(tmp_path)) == {}
 
 
@@ -208,7 +209,7 @@ def test_bad_configs_fail_before_compiling(demo, tmp_path, overrides, error, mat
 def test_warmup_cosine_runs_over_schedule_steps(schedule_steps):
     config = load_config("demo")
     config.optimizer.schedule_steps = schedule_steps
-    _, schedule = trainer.build_optimizer(config.optimizer, 1000)
+    _, schedule = train_steps.build_optimizer(config.optimizer, 1000)
     lr, warmup = config.optimizer.learning_rate, config.optimizer.warmup_steps
     length = schedule_steps or 1000
     for step in (0, 10, warmup, 400, 999, 1000):

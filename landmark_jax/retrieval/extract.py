@@ -151,7 +151,7 @@ def descriptor_of(config: ml_collections.ConfigDict) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _embed_views(model, flip: bool, descriptor: str = "embedding"):
+def embed_views(model, flip: bool, descriptor: str = "embedding"):
     """jit(variables, images uint8 [B,H,W,3]) -> [B, D] sum of unit view descriptors.
 
     descriptor 'embedding' is the model's output; 'pooled' the pooled
@@ -260,7 +260,7 @@ def extract(
     run_mesh = mesh if resize == "square" else shape_buckets.process_mesh(mesh)
     local_rows = sharding.local_batch_size(batch_size, mesh)
     variables = jax.device_put(model.variables, sharding.replicated_sharding(run_mesh))
-    embed = _embed_views(model.module, flip, descriptor or descriptor_of(config))
+    embed = embed_views(model.module, flip, descriptor or descriptor_of(config))
     if resize != "square":
         return _extract_by_shape(
             embed,

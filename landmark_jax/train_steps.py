@@ -1,0 +1,289 @@
+"""A run's compiled program, built from its config: model, head, optimizer,
+initial state and the jitted train and eval steps.
+
+`build_program(config, mesh, label_map)` is what the trainer runs and what
+the benchmarks (experiments/benchmarks/) time, so a benchmark measures the
+real step: its model, its cosine head over the data's classes, its loss
+weights and margins, its sharding. The train step is `jax.jit` over one
+device mesh with the state donated and the global batch split on the 'data'
+axis (BatchNorm statistics are global-batch statistics); the head's class
+dimension can be split over the same devices (`config.head.shard_classes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from landmark_jax import (
+    data_format,
+    head_sharding,
+    heads,
+    losses,
+    random_streams,
+    sharding,
+)
+from landmark_jax.models import create_model
+
+# ----------------------------------------------------------------------------
+# Building blocks: model, optimizer, state
+# ----------------------------------------------------------------------------
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
+    """(optax transformation, learning-rate schedule) from config.optimizer."""
+    lr = cfg.learning_rate
+    if cfg.schedule == "constant":
+        schedule = optax.constant_schedule(lr)
+    elif cfg.schedule == "inverse_time":
+        # Keras SGD(decay=d), as in the GLR2020 code: lr_t = lr / (1 + d * t).
+        schedule = lambda t: lr / (1.0 + cfg.decay * t)  # noqa: E731
+    else:
+        length = cfg.schedule_steps or total_steps
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(cfg.warmup_steps, 1), max(length, cfg.warmup_steps + 1)
+        )
+    if cfg.name == "sgd":
+        tx = optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov)
+        if cfg.weight_decay:
+            tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+    elif cfg.name == "adam":
+        tx = optax.adam(schedule)
+        if cfg.weight_decay:  # PyTorch Adam(weight_decay): L2 added to the gradient
+            tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
+    else:
+        tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    if cfg.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------
+# The train and eval steps
+# ----------------------------------------------------------------------------
+
+
+def _logits(config, cosine, labels, consts, num_classes, valid_mask=None):
+    hc = config.head
+    scale = heads.compute_scale(
+        hc.scale,
+        num_classes=num_classes,
+        scale=hc.scale_value,
+        cosine=cosine,
+        labels=labels,
+        valid_mask=valid_mask,
+    )
+    margin = consts["margins"][labels] if hc.dynamic_margins else hc.margin
+    logits = heads.margin_logits(
+        cosine,
+        labels,
+        margin_type=hc.margin_type,
+        margin=margin,
+        scale=scale,
+        easy_margin=hc.easy_margin,
+    )
+    return logits, scale
+
+
+def train_step(state, batch, consts, *, model, head, tx, config, num_classes, base_key):
+    """One SGD step on a global batch; returns (new state, metrics)."""
+    step = state["step"]
+    key = random_streams.step_key(base_key, step)
+
+    def loss_fn(params):
+        variables = {"params": params["model"], "batch_stats": state["batch_stats"]["model"]}
+        embeddings, updates = model.apply(
+            variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": key}
+        )
+        cosine = head.apply({"params": params["head"]}, embeddings)
+        logits, scale = _logits(config, cosine, batch["label"], consts, num_classes)
+        weights = losses.sample_weights(
+            batch["label"], batch["is_clean"], consts["class_weights"], config.loss.not_clean_weight
+        )
+        loss, _ = losses.weighted_cross_entropy(logits, batch["label"], weights)
+        accuracy = losses.accuracy(cosine, batch["label"])
+        return loss, (updates["batch_stats"], scale, accuracy)
+
+    (loss, (batch_stats, scale, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"]
+    )
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    grad_norm = optax.tree_utils.tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = {
+        "step": step + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "batch_stats": {**state["batch_stats"], "model": batch_stats},
+        "opt_state": opt_state,
+    }
+    nonfinite = state["nonfinite"]
+    if config.nonfinite.skip_updates:
+        # Keep the old weights on a bad step; the loop stops past max_skipped.
+        kept = {k: v for k, v in state.items() if k in ("params", "batch_stats", "opt_state")}
+        new.update(
+            jax.tree.map(lambda n, o: jnp.where(finite, n, o), {k: new[k] for k in kept}, kept)
+        )
+    new["nonfinite"] = {
+        "count": nonfinite["count"] + (~finite).astype(jnp.int32),
+        "first_step": jnp.where(
+            (nonfinite["first_step"] < 0) & ~finite, step, nonfinite["first_step"]
+        ),
+    }
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "scale": scale}
+    return new, metrics
+
+
+def eval_step(state, batch, consts, *, model, head, config, num_classes):
+    """Sums of weighted loss and correct predictions over the valid rows."""
+    variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]["model"]}
+    cosine = head.apply({"params": state["params"]["head"]}, model.apply(variables, batch["image"]))
+    mask = batch["mask"]
+    logits, _ = _logits(config, cosine, batch["label"], consts, num_classes, valid_mask=mask)
+    _, per_example = losses.weighted_cross_entropy(
+        logits, batch["label"], jnp.ones_like(logits[:, 0]), valid_mask=mask
+    )
+    correct = (jnp.argmax(cosine, -1) == batch["label"]) & mask
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, per_example, 0.0)),
+        "correct": jnp.sum(correct),
+        "count": jnp.sum(mask),
+    }
+
+
+# ----------------------------------------------------------------------------
+# The program: everything the loop compiles, in one place
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """A run's model and compiled steps.
+
+    Attributes:
+      model: the retrieval model (models.create_model).
+      head: the cosine classifier over the data's classes.
+      consts: the per-class loss constants, replicated on the mesh.
+      schedule: the learning rate as a function of the step (0-based).
+      keys: the run's random streams.
+      shardings: the state's shardings (a pytree like the state).
+      abstract: the state's shapes, dtypes and shardings, for restores.
+      init: jitted `init(model_key, head_key) -> state`, sharded.
+      step: jitted `step(state, batch, consts) -> (state, metrics)`, state donated.
+      eval: jitted `eval(state, batch, consts) -> sums` over a masked batch.
+    """
+
+    model: Any
+    head: heads.CosineClassifier
+    consts: dict[str, jax.Array]
+    schedule: Callable[[Any], Any]
+    keys: random_streams.RunKeys
+    shardings: Any
+    abstract: Any
+    init: Callable[..., Any]
+    step: Callable[..., Any]
+    eval: Callable[..., Any]
+
+    def initial_state(self) -> dict[str, Any]:
+        """The step-0 state of the run's seed, sharded on the mesh."""
+        return self.init(self.keys.model, self.keys.head)
+
+
+def build_program(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    label_map: data_format.LabelMap,
+) -> Program:
+    """Builds the model, head, optimizer and jitted steps of `config`.
+
+    Nothing is compiled or initialised here: `program.initial_state()` and
+    the first `program.step` call do that.
+
+    Args:
+      config: a resolved training config (run_config.resolve_training_config).
+      mesh: the device mesh ('data' axis over every device).
+      label_map: the data's classes and their counts (data_format.read_label_map).
+
+    Returns:
+      The program.
+    """
+    num_classes = label_map.num_classes
+    model = create_model(config.model)
+    shard_head = config.head.shard_classes and mesh.devices.size > 1
+    head = heads.CosineClassifier(
+        num_classes=num_classes,
+        num_subcenters=config.head.num_subcenters,
+        num_classes_padded=head_sharding.portable_num_classes(num_classes),
+        mesh=mesh if shard_head else None,
+        kernel_init=config.head.init,
+    )
+    # Per-class arrays the loss indexes by label (class weights and margins
+    # from the train + val counts, see losses.py), placed on the devices once.
+    consts = jax.device_put(
+        losses.per_class_constants(
+            label_map,
+            class_weight_mode=config.loss.class_weights,
+            not_clean_weight=config.loss.not_clean_weight,
+            margin_a=config.head.margin_a,
+            margin_b=config.head.margin_b,
+        ),
+        sharding.replicated_sharding(mesh),
+    )
+    tx, schedule = build_optimizer(config.optimizer, config.total_steps)
+    # Two streams: one for initialisation, one folded with the step number.
+    keys = random_streams.run_keys(config.seed)
+
+    def init_state(model_key, head_key):
+        variables = random_streams.init_model_variables(model, model_key, config.image_size)
+        embedding = jnp.zeros((1, config.model.embedding_dim), jnp.float32)
+        params = {"model": variables["params"], "head": head.init(head_key, embedding)["params"]}
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "batch_stats": {"model": variables["batch_stats"]},
+            "opt_state": tx.init(params),
+            "nonfinite": {
+                "count": jnp.zeros((), jnp.int32),
+                "first_step": -jnp.ones((), jnp.int32),
+            },
+        }
+
+    abstract = jax.eval_shape(init_state, keys.model, keys.head)
+    shardings = head_sharding.param_shardings(abstract, mesh, shard_head)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            model=model,
+            head=head,
+            tx=tx,
+            config=config,
+            num_classes=num_classes,
+            base_key=keys.steps,
+        ),
+        donate_argnums=0,
+        out_shardings=(shardings, sharding.replicated_sharding(mesh)),
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, model=model, head=head, config=config, num_classes=num_classes)
+    )
+    return Program(
+        model=model,
+        head=head,
+        consts=consts,
+        schedule=schedule,
+        keys=keys,
+        shardings=shardings,
+        abstract=abstract,
+        init=jax.jit(init_state, out_shardings=shardings),
+        step=step,
+        eval=evaluate,
+    )

@@ -1,0 +1,140 @@
+"""Every benchmark script runs in its small mode and writes its table; its
+numbers are checked against what the shapes and the definitions imply."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from config_files import REPO
+
+sys.path.insert(0, os.path.join(REPO, "experiments", "benchmarks"))
+
+import bench_report  # noqa: E402
+
+
+def _written(tmp_path, name: str) -> dict:
+    payload = json.load(open(tmp_path / f"{name}.json"))
+    assert payload["machine"]["device_count"] == 8
+    assert payload["benchmark"] == name
+    return payload
+
+
+def test_format_table_aligns_columns_and_marks_missing_cells():
+    table = bench_report.format_table([{"a": 1.23456, "b": "x"}, {"a": 10, "b": None}], ["a", "b"])
+    assert table.splitlines() == ["a      b", "-----  -", "1.235  x", "10     -"]
+
+
+def test_train_step_small(tmp_path):
+    import train_step
+
+    payload = train_step.main(
+        [
+            "--mode=small",
+            "--rows=resnet_tiny_32",
+            "--iterations=1",
+            "--repeats=1",
+            f"--output_dir={tmp_path}",
+        ]
+    )
+    assert _written(tmp_path, "train_step")["rows"] == payload["rows"]
+    (row,) = payload["rows"]
+    assert row["project_img_s"] > 0 and row["bare_img_s"] > 0
+    assert row["project_vs_bare"] == pytest.approx(row["project_img_s"] / row["bare_img_s"])
+    assert row["tflop_s_per_device"] > 0  # XLA's cost analysis of the real step
+    with pytest.raises(SystemExit):
+        train_step.main(["--mode=small", "--rows=b7_512"])  # a full-mode row
+
+
+def test_step_memory_small_head_split_saves_what_the_shapes_say(tmp_path):
+    import step_memory
+
+    payload = step_memory.main(["--mode=small", "--tables=head", f"--output_dir={tmp_path}"])
+    _written(tmp_path, "step_memory")
+    split, whole = payload["head_rows"]
+    assert split["head_split"] and not whole["head_split"]
+    # The head's kernel (203,094 classes padded to a multiple of 8 x 3
+    # sub-centers x 64 dims, float32) and the optimizer's momentum: split
+    # over 8 devices, 7/8 of them leave each device's arguments.
+    classes = -(-203_094 // 8) * 8
+    head_bytes = classes * 3 * 64 * 4 * 2  # kernel + SGD momentum
+    saved = (whole["argument_gib"] - split["argument_gib"]) * (1 << 30)
+    assert saved == pytest.approx(head_bytes * 7 / 8, rel=0.02)
+
+
+def test_largest_batch_search_against_hand_computed_memory():
+    import step_memory
+
+    # 100 MB fixed + 10 MB per image up to 20 images, 15 MB per image beyond.
+    def peak(b):
+        calls.append(b)
+        return 100 + 10 * min(b, 20) + 15 * max(b - 20, 0)
+
+    calls = []
+    # The line through 2 and 4 (120, 140 MB) predicts 30 for 400 MB, but
+    # peak(30) = 450; the line through 4 and 30 (slope 310/26) predicts
+    # 4 + floor(260 / 11.92) = 25 (375 MB), which fits. The largest is 26.
+    assert step_memory.largest_batch_within(peak, 400)[0] == 25
+    assert calls == [2, 4, 30, 25]
+    calls = []
+    assert step_memory.largest_batch_within(peak, 250)[0] == 15  # on the first line
+    assert step_memory.largest_batch_within(peak, 50)[0] is None  # not even one image
+    assert step_memory.largest_batch_within(lambda b: 100, 400)[0] is None  # no slope
+
+
+def test_knn_small_numpy_exact_agrees_with_the_project_search(tmp_path):
+    import knn_search
+
+    payload = knn_search.main(["--mode=small", f"--output_dir={tmp_path}"])
+    _written(tmp_path, "knn_search")
+    rows = {(r["data"], r["engine"].split(" leaves")[0]): r for r in payload["rows"]}
+    for data in ("random", "clustered"):
+        # Two exact implementations: the same neighbours (ties aside).
+        assert rows[(data, "exact (numpy)")]["recall100"] >= 0.999
+        scann = rows[(data, "scann default")]
+        assert 0 < scann["recall10"] <= 1 and scann["build_s"] > 0
+        assert rows[(data, "exact (numpy)")]["qps_vs_numpy"] == 1.0
+    # On clustered data the approximate neighbours are the right cluster's.
+    exact = rows[("clustered", "exact (jax, project)")]["cluster_p100"]
+    assert rows[("clustered", "scann default")]["cluster_p100"] >= 0.95 * exact
+
+
+def test_knn_data_sets_are_unit_rows_with_the_asked_structure():
+    import knn_search
+
+    index, queries, index_labels, query_labels = knn_search.clustered_set(3000, 50, 16, clusters=30)
+    np.testing.assert_allclose(np.linalg.norm(index, axis=1), 1.0, rtol=1e-5)
+    assert queries.shape == (50, 16) and index_labels.shape == (3000,)
+    # Exact search finds mostly the query's own cluster; a random ranking does not.
+    nearest = np.argsort(-(queries @ index.T), axis=1)[:, :10]
+    assert knn_search.same_cluster_precision(nearest, index_labels, query_labels) > 0.9
+    shuffled = np.random.default_rng(0).integers(0, 3000, (50, 10))
+    assert knn_search.same_cluster_precision(shuffled, index_labels, query_labels) < 0.5
+    # Each query's nearest point is far closer than in structureless data.
+    rindex, rqueries = knn_search.random_set(3000, 50, 16)
+    assert np.max(queries @ index.T, axis=1).mean() > np.max(rqueries @ rindex.T, axis=1).mean()
+
+
+def test_extraction_small(tmp_path):
+    import extraction
+
+    payload = extraction.main(["--mode=small", f"--output_dir={tmp_path}"])
+    _written(tmp_path, "extraction")
+    rate = {(r["size"], r["flip"], r["scales"]): r["img_s"] for r in payload["rows"]}
+    assert all(v > 0 for v in rate.values())
+    # Three passes (one of them larger) cost more than the single one.
+    assert rate[(32, True, "1/sqrt2,1,sqrt2")] < rate[(32, True, "1")]
+
+
+def test_input_pipeline_small(tmp_path):
+    import input_throughput
+
+    payload = input_throughput.main(
+        ["--mode=small", "--needed_img_s=1000", f"--output_dir={tmp_path}"]
+    )
+    _written(tmp_path, "input_throughput")
+    one = payload["rows"][0]
+    assert one["threads"] == 1 and one["img_s"] > 0
+    assert one["cores_for_needed"] == pytest.approx(1000 / one["img_s_per_core"])
