@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
 
 EMULATOR = ["gcsfs>=2024.2", "gcp-storage-emulator>=2024.8"]
 
+BENCH = ["faiss-cpu>=1.8"]
+
 setuptools.setup(
     name="landmark_jax",
     version="0.1.0",
@@ -37,7 +39,16 @@ setuptools.setup(
         # gs:// through a Cloud Storage emulator (file_io.py): gcsfs, which
         # honours STORAGE_EMULATOR_HOST, and an emulator to run locally.
         "emulator": EMULATOR,
+        # The kNN benchmark's third engine (experiments/benchmarks/knn_search.py).
+        "bench": BENCH,
         # IPython: tests/test_colab_notebook.py parses the notebook's magics.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "ipython>=8.18", *EMULATOR],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "ipython>=8.18",
+            *EMULATOR,
+            *BENCH,
+        ],
     },
 )

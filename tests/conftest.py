@@ -29,33 +29,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
-# The modules whose tests train, compile big programs or start processes run
-# first: with 2 xdist workers, a long test started last leaves one core idle
-# while it finishes. Within a module the order is kept (module fixtures).
-_LONG_MODULES = (
-    "test_trainer.py",
-    "test_cloud_paths.py",
-    "test_training_faults.py",
-    "test_run_config.py",
-    "test_paper_configs.py",
-    "test_evaluate.py",
-    "test_revisited.py",
-    "test_class_counts.py",
-    "test_keras_import.py",
-    "test_benchmarks.py",
-    "test_create_model.py",
-    "test_colab_notebook.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = item.path.name
-        return _LONG_MODULES.index(name) if name in _LONG_MODULES else len(_LONG_MODULES)
-
-    items.sort(key=rank)  # stable: each module's own order is kept
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _check_eight_devices():
     assert jax.device_count() == 8, (

@@ -25,6 +25,9 @@ def _written(tmp_path, name: str) -> dict:
 def test_format_table_aligns_columns_and_marks_missing_cells():
     table = bench_report.format_table([{"a": 1.23456, "b": "x"}, {"a": 10, "b": None}], ["a", "b"])
     assert table.splitlines() == ["a      b", "-----  -", "1.235  x", "10     -"]
+    assert bench_report.format_table([], ["ab"]).splitlines() == ["ab", "--"]
+    markdown = bench_report.markdown_table([{"a": 12345.6, "b": 0.98765}], ["a", "b", "c"])
+    assert markdown.splitlines() == ["| a | b | c |", "|---|---|---|", "| 12,346 | 0.988 | - |"]
 
 
 def test_train_step_small(tmp_path):

@@ -4,7 +4,10 @@ rates, and the table + JSON each script writes.
 A benchmark script compares rows measured in the same run on the same
 machine; `report` prints them as a table and writes them, with the machine
 and the command line, to JSON, so docs/benchmarks.md can quote ratios with
-their provenance.
+their provenance. Run as a script, it prints written JSON files as the
+Markdown tables of docs/benchmarks.md:
+
+    python experiments/benchmarks/bench_report.py OUT/*.json
 """
 
 from __future__ import annotations
@@ -90,10 +93,25 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
         return str(value)
 
     cells = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """The rows as a GitHub Markdown table (missing cells print as '-')."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -118,8 +136,26 @@ def report(
     }
     print(f"== {name} on {payload['machine']['device_kind']} x{jax.device_count()}")
     print(format_table(rows, columns))
+    payload["columns"] = list(columns)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, f"{name}.json"), "w") as f:
             json.dump(payload, f, indent=1)
     return payload
+
+
+def main(paths: Sequence[str]) -> None:
+    for path in paths:
+        with open(path) as f:
+            payload = json.load(f)
+        m = payload["machine"]
+        print(f"### {payload['benchmark']}: {m['device_kind']} x{m['device_count']}")
+        print(f"\n`{payload['command']}`\n")
+        print(markdown_table(payload["rows"], payload["columns"]) + "\n")
+        for key, rows in payload.items():  # extra tables, e.g. step_memory's head_rows
+            if key.endswith("_rows") and rows:
+                print(f"{key}:\n\n" + markdown_table(rows, list(rows[0])) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
