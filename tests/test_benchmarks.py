@@ -37,6 +37,10 @@ def test_train_step_small(tmp_path):
         [
             "--mode=small",
             "--rows=resnet_tiny_32",
+            # The demo data's 10 classes in float32: the program of the
+            # trained_demo fixture's run (conftest.py), compiled once for both.
+            "--num_classes=10",
+            "--dtype=float32",
             "--iterations=1",
             "--repeats=1",
             f"--output_dir={tmp_path}",
@@ -96,6 +100,8 @@ def test_knn_small_numpy_exact_agrees_with_the_project_search(tmp_path):
     for data in ("random", "clustered"):
         # Two exact implementations: the same neighbours (ties aside).
         assert rows[(data, "exact (numpy)")]["recall100"] >= 0.999
+        # approx_max_k is computed exactly off TPUs.
+        assert rows[(data, "approx_max_k (jax, recall target 0.95)")]["recall100"] >= 0.999
         scann = rows[(data, "scann default")]
         assert 0 < scann["recall10"] <= 1 and scann["build_s"] > 0
         assert rows[(data, "exact (numpy)")]["qps_vs_numpy"] == 1.0

@@ -51,7 +51,11 @@ def test_default_eval_config_is_valid():
 @pytest.mark.parametrize(
     ("key", "value", "match"),
     [
-        ("knn_backend", "faiss", r"config\.eval\.knn_backend='faiss'; valid: \['scann', 'exact'\]"),
+        (
+            "knn_backend",
+            "faiss",
+            r"config\.eval\.knn_backend='faiss'; valid: \['scann', 'exact', 'approx_max_k'\]",
+        ),
         ("k", 0, r"config\.eval\.k=0: expected an integer >= 1"),
         ("recognition_k", 0, r"config\.eval\.recognition_k=0"),
         ("recall_queries", -1, r"config\.eval\.recall_queries=-1"),

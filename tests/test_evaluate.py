@@ -31,7 +31,6 @@ from cpu_devices import run_processes, subprocess_env
 def eval_config(demo, **eval_overrides):
     config = load_config("demo", "smoke")
     config.data_dir = demo["full"]
-    config.total_steps = 4
     config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
     config.eval.recognition_solution = f"{demo['raw']}/recognition_solution.csv"
     config.eval.knn_backend = "exact"

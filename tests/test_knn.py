@@ -54,6 +54,27 @@ def test_exact_search_matches_numpy(num_points, index_chunk, query_chunk):
     np.testing.assert_allclose(distances, ref_d, rtol=1e-5, atol=1e-5)
 
 
+def test_approx_max_k_backend_on_cpu_is_exact_and_validated():
+    # lax.approx_max_k is TPU's approximate top-k; XLA computes it exactly on
+    # CPU, so here the backend must give the reference neighbours, across
+    # chunk borders and with chunks smaller than k.
+    rng = np.random.default_rng(3)
+    index = _unit(rng.standard_normal((500, 16)))
+    queries = _unit(rng.standard_normal((9, 16)))
+    ref_d, ref_i = _reference(queries, index, 20)
+    for chunk in (500, 130, 12):
+        distances, indices = exact_search.exact_search(
+            queries, index, 20, index_chunk=chunk, recall_target=0.9
+        )
+        np.testing.assert_array_equal(indices, ref_i)
+        np.testing.assert_allclose(distances, ref_d, atol=1e-5)
+    _, indices = knn.search(queries, index, 20, backend="approx_max_k")
+    np.testing.assert_array_equal(indices, ref_i)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"recall_target must be in \(0, 1\)"):
+            exact_search.exact_search(queries, index, 20, recall_target=bad)
+
+
 def test_exact_search_unit_vectors_and_ties():
     # Small integers: every dot product is exact in float32, so duplicated rows
     # tie exactly and must come back lower index first, across chunk borders.

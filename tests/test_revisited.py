@@ -261,7 +261,7 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     assert report["per_query_ap"]["queries"] == gnd["qimlist"]
     np.testing.assert_allclose(report["per_query_ap"]["hard"][:2], expected["hard"]["aps"][:2])
     assert report["per_query_ap"]["hard"][2] is None  # query_c has no hard positives
-    assert report["settings"]["step"] == 4  # the trained_demo run (conftest.py)
+    assert report["settings"]["step"] == 6  # the trained_demo run (conftest.py)
     assert "medium" in revisited.format_results(results)
 
     # python -m landmark_jax.evaluate runs it when config.eval.revisited_data_dir is set.

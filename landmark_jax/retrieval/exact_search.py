@@ -69,23 +69,33 @@ def check_k(k: int, num_points: int) -> None:
 # --------------------------------------------------------------- exact search
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _merge_chunk(best_scores, best_ids, queries, chunk, offset, num_valid, *, k):
+@functools.partial(jax.jit, static_argnames=("k", "recall_target"))
+def _merge_chunk(
+    best_scores, best_ids, queries, chunk, offset, num_valid, *, k, recall_target=None
+):
     """Folds one index chunk into the running top-k of a query chunk.
 
     Scores are 2 q.x - ||x||^2 = ||q||^2 - ||q - x||^2: the same ranking as the
-    distance, with the per-query constant added back on the host.
+    distance, with the per-query constant added back on the host. With a
+    recall_target, the chunk's candidates come from `lax.approx_max_k`.
     """
     dots = jnp.matmul(queries, chunk.T, precision=jax.lax.Precision.HIGHEST)
     scores = 2.0 * dots - jnp.sum(chunk * chunk, axis=1)[None, :]
     columns = jnp.arange(chunk.shape[0], dtype=jnp.int32)
     # The padded tail of the last chunk can never enter the top-k.
     scores = jnp.where(columns[None, :] < num_valid, scores, -jnp.inf)
+    if recall_target is not None and scores.shape[1] > k:
+        # TPU's partial reduction: the chunk's k best with the expected recall
+        # (a chunk of at most k rows is all candidates anyway).
+        scores, chunk_pos = jax.lax.approx_max_k(scores, k, recall_target=recall_target)
+    else:
+        chunk_pos = jnp.broadcast_to(columns, scores.shape)
     # Running results go first: top_k puts the lower position first on ties, and
     # every running index is lower than every index of this chunk.
     top, pos = jax.lax.top_k(jnp.concatenate([best_scores, scores], axis=1), k)
     from_best = jnp.take_along_axis(best_ids, jnp.minimum(pos, k - 1), axis=1)
-    return top, jnp.where(pos < k, from_best, offset + pos - k)
+    from_chunk = jnp.take_along_axis(chunk_pos, jnp.maximum(pos - k, 0), axis=1)
+    return top, jnp.where(pos < k, from_best, offset + from_chunk)
 
 
 def exact_search(
@@ -96,6 +106,7 @@ def exact_search(
     index_chunk: int = 65536,
     query_chunk: int = 1024,
     devices: Sequence[jax.Device] | None = None,
+    recall_target: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by squared L2, on the accelerator.
 
@@ -126,15 +137,20 @@ def exact_search(
         count.
       devices: devices to split query chunks over; default this process's
         local devices.
+      recall_target: None for exact search; a value in (0, 1) takes each
+        chunk's candidates with `jax.lax.approx_max_k` at that expected
+        recall (TPU's fast top-k; on CPU and GPU XLA computes it exactly).
 
     Returns:
       (distances [Q, k] float32 ascending, indices [Q, k] int64).
 
     Raises:
       ValueError: empty inputs, NaN/inf rows, mismatched dimensions, k < 1 or
-        k > N, non-positive chunk sizes.
+        k > N, non-positive chunk sizes, a recall_target outside (0, 1).
     """
     queries, index = check_pair(queries, index, k)
+    if recall_target is not None and not 0.0 < recall_target < 1.0:
+        raise ValueError(f"recall_target must be in (0, 1) or None, got {recall_target!r}")
     if index_chunk < 1 or query_chunk < 1:
         raise ValueError(
             f"index_chunk and query_chunk must be positive, got {index_chunk}, {query_chunk}"
@@ -170,7 +186,9 @@ def exact_search(
         # compute.
         jax.block_until_ready(best)
         for i, q in enumerate(q_dev):
-            best[i] = _merge_chunk(*best[i], q, chunk_dev, offset, chunk.shape[0], k=k)
+            best[i] = _merge_chunk(
+                *best[i], q, chunk_dev, offset, chunk.shape[0], k=k, recall_target=recall_target
+            )
 
     scores = np.concatenate([np.asarray(s) for s, _ in best])[:num_queries]
     ids = np.concatenate([np.asarray(i) for _, i in best])[:num_queries]

@@ -5,7 +5,9 @@ L2-normalised embeddings (k=100). Two engines answer the same question:
 
 - `exact_search.exact_search` (its own module): matmul + `jax.lax.top_k` on
   the local devices, streamed over index chunks with a running top-k. It is the oracle
-  for ScaNN's recall and the fallback when ScaNN cannot be imported.
+  for ScaNN's recall and the fallback when ScaNN cannot be imported. Backend
+  'approx_max_k' runs it with `jax.lax.approx_max_k` per chunk: on a TPU the
+  fast path (its recall is reported by experiments/benchmarks/knn_search.py).
 - `ScannSearcher`: ScaNN's tree + asymmetric hashing + exact reordering,
   parameters scaled to the index size, serialisable to a directory.
 
@@ -39,7 +41,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("scann", "exact")
+BACKENDS = ("scann", "exact", "approx_max_k")
+# approx_max_k: the expected recall of each index chunk's candidates.
+APPROX_RECALL_TARGET = 0.95
 _SCANN_PIN = "tensorflow-cpu~=2.20.0 and scann==1.4.2"
 # Below this many points a partition tree and AH codebooks are mostly noise
 # (k-means on a few dozen points per leaf); brute force is exact and fast.
@@ -303,7 +307,9 @@ def search(
       queries: [Q, D] query embeddings.
       index: [N, D] database embeddings.
       k: neighbours per query.
-      backend: 'scann' (approximate) or 'exact'.
+      backend: 'scann' (approximate, on the host), 'exact' (matmul + top_k on
+        the devices) or 'approx_max_k' (the same with TPU's approximate top-k,
+        expected recall APPROX_RECALL_TARGET per index chunk).
 
     Returns:
       (distances [Q, k] float32 ascending, indices [Q, k] int64).
@@ -319,6 +325,8 @@ def search(
         backend = "exact"
     if backend == "exact":
         return exact_search.exact_search(queries, index, k)
+    if backend == "approx_max_k":
+        return exact_search.exact_search(queries, index, k, recall_target=APPROX_RECALL_TARGET)
     queries, index = exact_search.check_pair(queries, index, k)
     return ScannSearcher.build(index, num_neighbors=k).search(queries, k)
 
