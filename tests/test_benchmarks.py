@@ -55,10 +55,10 @@ def test_train_step_small(tmp_path):
         train_step.main(["--mode=small", "--rows=b7_512"])  # a full-mode row
 
 
-def test_step_memory_small_head_split_saves_what_the_shapes_say(tmp_path):
+def test_step_memory_small_head_split_and_largest_batch(tmp_path):
     import step_memory
 
-    payload = step_memory.main(["--mode=small", "--tables=head", f"--output_dir={tmp_path}"])
+    payload = step_memory.main(["--mode=small", f"--output_dir={tmp_path}"])
     _written(tmp_path, "step_memory")
     split, whole = payload["head_rows"]
     assert split["head_split"] and not whole["head_split"]
@@ -69,6 +69,10 @@ def test_step_memory_small_head_split_saves_what_the_shapes_say(tmp_path):
     head_bytes = classes * 3 * 64 * 4 * 2  # kernel + SGD momentum
     saved = (whole["argument_gib"] - split["argument_gib"]) * (1 << 30)
     assert saved == pytest.approx(head_bytes * 7 / 8, rel=0.02)
+    # The largest batch found fits its budget, with memory growing per image.
+    (row,) = payload["rows"]
+    assert row["per_image_mib"] > 0 and row["max_batch_per_device"] > 4
+    assert row["peak_at_max_gib"] <= row["budget_gib"]
 
 
 def test_largest_batch_search_against_hand_computed_memory():
