@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu~=2.20.0",
     "tensorboard>=2.16",  # its event protos and record writer (metric_writer.py)
     "tensorflow-datasets>=4.9,<5",
+    # TFDS imports it to locate a builder's code, without declaring it.
+    "importlib_resources>=6",
     "keras>=3.10,<4",
     "h5py>=3.10",
     "scann==1.4.2",

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import demo_layout, shard_writer, synthetic_photos
+from data_pipelines import demo_layout, synthetic_photos, worker_processes
 from landmark_jax import entry_point_errors, file_io
 
 # GLDv2 train landmark ids run up to 203,093; demo ids are drawn from the same
@@ -324,7 +324,7 @@ def make_demo_dataset(
         num_workers,
     )
     # The images are written by worker processes: not into in-process ram://.
-    shard_writer.check_num_workers(output_dir, num_workers)
+    worker_processes.check_num_workers(output_dir, num_workers)
     start = time.perf_counter()
     demo_layout.prepare_output_dir(output_dir, overwrite)
     rng = np.random.default_rng((seed, _PLAN_STREAM))
@@ -337,7 +337,7 @@ def make_demo_dataset(
         rng,
     )
     if num_workers is None:
-        num_workers = shard_writer.default_num_workers(output_dir, min(4, os.cpu_count() or 1))
+        num_workers = worker_processes.default_num_workers(output_dir, min(4, os.cpu_count() or 1))
     written = _render(_jobs(photos, output_dir, seed, image_size), num_workers)
     # The CSVs come last, so a data set with CSVs is a complete one.
     demo_layout.write_csvs(output_dir, photos)

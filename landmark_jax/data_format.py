@@ -1,19 +1,24 @@
-"""The on-disk data format shared by the builder and the input pipeline.
+"""The data sets the project reads: TensorFlow Datasets builds, and what they hold.
 
-A data folder (`config.data_dir`, local or gs://) holds TFRecord shards named
-`<split>-00000-of-000NN.tfrecord`, `dataset_info.json` (examples per split and
-per file, number of classes) and `label_map.csv` (label, landmark_id, count,
-num_clean, train_val_count, train_val_clean). Readers here check that the three
-agree, so a stale shard, a truncated label map or a class count that does not
-match fails loudly before training.
+`config.data_dir` is a TFDS build (a folder with dataset_info.json and
+features.json, e.g. `<tfds data dir>/gldv2/clean/1.0.0`), local or gs://,
+written by the builders in data_pipelines (gldv2_builder, demo_builder,
+revisited_builder) or by any TFDS builder with the same features. A folder
+above exactly one such build (e.g. the TFDS data dir `demo_data/tfds`) is
+accepted too. Everything about the files comes from TFDS's metadata: the
+shard files and their lengths per split (`SplitInfo`), the class count (the
+`label` ClassLabel), the landmark ids (its names) and the per-class counts
+the losses need (the builder's metadata.json, `read_label_map`). Readers here
+check that these agree, so a stale or truncated build fails loudly before
+training.
 
-The Revisited Oxford/Paris ground truth (the published gnd pickles, copied to
-`gnd.pkl` by `data_pipelines.revisited_to_tfrecord`) is read here too.
+The Revisited Oxford/Paris ground truth is read here too: from the published
+gnd pickles (`read_revisited_gnd`, which the Revisited builder uses) and from
+a Revisited build's metadata (`read_revisited_build_gnd`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import math
@@ -25,30 +30,85 @@ import numpy as np
 
 from landmark_jax import file_io
 
-# TFRecord feature keys.
-IMAGE = "image/encoded"
-ID = "image/id"
-LABEL = "image/class/label"
-LANDMARK_ID = "image/class/landmark_id"
-IS_CLEAN = "image/is_clean"
+# Feature names of the landmark data sets (gldv2_builder.landmark_features).
+IMAGE = "image"
+ID = "id"
+LABEL = "label"
+LANDMARK_ID = "landmark_id"
+IS_CLEAN = "is_clean"
+# Keys of the builders' metadata.json.
+CLASS_COUNTS = "class_counts"
+SKIPPED_IMAGES = "skipped_images"
+BUILD_ID = "build_id"
+REVISITED_GND = "gnd"
 
-DATASET_INFO = "dataset_info.json"
-LABEL_MAP = "label_map.csv"
 LABELED_SPLITS = ("train", "val")
+# The files TFDS writes into every build.
+_BUILD_FILES = ("dataset_info.json", "features.json")
 
 
 class DataFormatError(ValueError):
-    """The data folder is missing a file or its files disagree."""
+    """The data folder is not a TFDS build, lacks a split, or its files disagree."""
 
 
-def shard_name(split: str, index: int, num_shards: int) -> str:
-    """`<split>-00000-of-000NN.tfrecord`: the name the builders give a shard."""
-    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+def _is_build(path: str) -> bool:
+    return all(file_io.exists(file_io.join(path, name)) for name in _BUILD_FILES)
 
 
-def shard_pattern(split: str) -> str:
-    """The glob that matches every `shard_name(split, ...)`, as readers list a split."""
-    return f"{split}-*-of-*.tfrecord"
+def find_build(data_dir: str) -> str:
+    """The TFDS build a data_dir names: itself, or the one build below it.
+
+    Args:
+      data_dir: a build folder (dataset_info.json + features.json), or a
+        folder holding exactly one build up to three levels down
+        (`<name>/<config>/<version>/`, as in a TFDS data dir).
+
+    Returns:
+      The build folder.
+
+    Raises:
+      DataFormatError: no build there (naming what was found), or several
+        (naming them).
+    """
+    if _is_build(data_dir):
+        return data_dir
+    if not file_io.isdir(data_dir):
+        raise DataFormatError(f"data_dir={data_dir!r}: no such folder")
+    builds = []
+    for depth in (1, 2, 3):
+        pattern = file_io.join(data_dir, *["*"] * depth, "features.json")
+        builds += [file_io.dirname(p) for p in file_io.glob(pattern)]
+    builds = sorted(b for b in set(builds) if _is_build(b))
+    if len(builds) == 1:
+        return builds[0]
+    if builds:
+        raise DataFormatError(
+            f"data_dir={data_dir!r} holds {len(builds)} TFDS builds: {builds[:6]}; "
+            "point data_dir at one of them"
+        )
+    found = sorted(file_io.listdir(data_dir))[:10]
+    hint = (
+        " (dataset_info.json without features.json: a folder of the former "
+        "gldv2_to_tfrecord builder; rebuild it with data_pipelines.build_dataset)"
+        if "dataset_info.json" in found
+        else ""
+    )
+    raise DataFormatError(
+        f"data_dir={data_dir!r} is not a TensorFlow Datasets build: no dataset_info.json "
+        f"and features.json in it or below it; it holds {found}{hint}. Build one with "
+        "python -m data_pipelines.build_dataset"
+    )
+
+
+def open_build(data_dir: str):
+    """The TFDS builder of a build folder (tfds.builder_from_directory).
+
+    Raises:
+      DataFormatError: data_dir is not a TFDS build (see find_build).
+    """
+    import tensorflow_datasets as tfds
+
+    return tfds.builder_from_directory(find_build(data_dir))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,23 +118,23 @@ class SplitInfo:
     name: str
     files: tuple[str, ...]
     file_examples: tuple[int, ...]
-    # Each shard's record digest from the builder ("" for data folders built
-    # before digests were recorded).
-    file_digests: tuple[str, ...] = ()
+    # The split's bytes and the build's id (from the builders' metadata):
+    # what tells two builds with the same file names apart.
+    num_bytes: int = 0
+    build_id: str = ""
 
     @property
-    def identity(self) -> list[list]:
-        """What the split holds, as JSON: [name, examples, digest] per shard.
+    def identity(self) -> list:
+        """What the split holds, as JSON: shard names and lengths, bytes, build id.
 
-        A rebuilt split has another identity unless its records are the
-        same, so caches keyed on it (the evaluation's embeddings) go stale
-        with the data, not with the folder's name.
+        A rebuilt split has another identity, so caches keyed on it (the
+        evaluation's embeddings) go stale with the data, not with the
+        folder's name.
         """
-        digests = self.file_digests or ("",) * len(self.files)
-        return [
-            [file_io.basename(f), n, d]
-            for f, n, d in zip(self.files, self.file_examples, digests, strict=True)
+        shards = [
+            [file_io.basename(f), n] for f, n in zip(self.files, self.file_examples, strict=True)
         ]
+        return [shards, self.num_bytes, self.build_id]
 
     @property
     def num_examples(self) -> int:
@@ -86,79 +146,58 @@ class SplitInfo:
 
 
 def read_split_info(data_dir: str, split: str) -> SplitInfo:
-    """Reads a split's files and counts from dataset_info.json and checks them.
+    """A split's files and shard lengths, from the build's TFDS metadata.
 
     Args:
-      data_dir: the data folder.
-      split: 'train', 'val', 'index' or 'test'.
+      data_dir: the build (see find_build).
+      split: e.g. 'train', 'val', 'index', 'test'.
 
     Returns:
       The split's files in order with their example counts.
 
     Raises:
-      DataFormatError: no dataset_info.json, the split is not in it, or the
-        shard files on disk differ from the ones it lists (missing, stale or
-        extra shards; an empty glob).
+      DataFormatError: not a TFDS build, no such split (naming the ones
+        there), or shard files listed in the metadata missing on disk.
     """
-    info_path = file_io.join(data_dir, DATASET_INFO)
-    if not file_io.exists(info_path):
-        raise DataFormatError(
-            f"{info_path} not found: is data_dir={data_dir!r} the output folder of "
-            "data_pipelines.gldv2_to_tfrecord?"
-        )
-    info = file_io.read_json(info_path)
-    splits = info.get("splits", {})
+    builder = open_build(data_dir)
+    build = str(builder.data_dir)
+    splits = builder.info.splits
     if split not in splits:
-        raise DataFormatError(f"{info_path}: no split {split!r}; it has {sorted(splits)}")
-    listed = splits[split]["files"]
-    pattern = file_io.join(data_dir, shard_pattern(split))
-    on_disk = sorted(file_io.basename(p) for p in file_io.glob(pattern))
-    names = [f["name"] for f in listed]
-    if not on_disk:
-        raise DataFormatError(f"no files match {pattern} (listed in {info_path}: {names[:3]}...)")
-    if sorted(names) != on_disk:
-        missing = sorted(set(names) - set(on_disk))
-        extra = sorted(set(on_disk) - set(names))
+        raise DataFormatError(f"{build}: no split {split!r}; the build has {sorted(splits.keys())}")
+    info = splits[split]
+    files = tuple(file_io.join(build, name) for name in info.filenames)
+    missing = [f for f in files if not file_io.exists(f)]
+    if missing:
         raise DataFormatError(
-            f"{data_dir}: the {split!r} shards on disk differ from {info_path}: "
-            f"missing {missing[:5]}, not listed {extra[:5]}; rebuild the split"
+            f"{build}: {len(missing)} shard file(s) of split {split!r} listed in "
+            f"dataset_info.json are missing, e.g. {missing[:3]}; rebuild the data set"
         )
+    metadata = builder.info.metadata or {}
     return SplitInfo(
         split,
-        tuple(file_io.join(data_dir, n) for n in names),
-        tuple(int(f["num_examples"]) for f in listed),
-        tuple(str(f.get("sha256", "")) for f in listed),
+        files,
+        tuple(int(n) for n in info.shard_lengths),
+        int(info.num_bytes),
+        str(metadata.get(BUILD_ID, "")),
     )
 
 
 def read_num_classes(data_dir: str) -> int:
-    """The number of classes recorded in dataset_info.json.
+    """The number of classes: the `label` ClassLabel's, from features.json.
 
     Raises:
-      DataFormatError: the file is missing or records no train split.
+      DataFormatError: not a TFDS build, or no ClassLabel `label` feature.
     """
-    info_path = file_io.join(data_dir, DATASET_INFO)
-    if not file_io.exists(info_path):
-        raise DataFormatError(f"{info_path} not found")
-    num_classes = file_io.read_json(info_path).get("num_classes")
+    builder = open_build(data_dir)
+    features = builder.info.features
+    label = features[LABEL] if LABEL in features.keys() else None  # noqa: SIM118 (not a dict)
+    num_classes = getattr(label, "num_classes", None)
     if not num_classes:
-        raise DataFormatError(f"{info_path}: no num_classes (was the train split built?)")
+        raise DataFormatError(
+            f"{builder.data_dir}: no ClassLabel feature {LABEL!r} with a class count "
+            f"(features: {sorted(features.keys())})"
+        )
     return int(num_classes)
-
-
-# label_map.csv columns. `count` / `num_clean` describe the train split (what
-# an epoch holds); `train_val_count` / `train_val_clean` the class's images in
-# train + val, i.e. every row of the CSV the builder read, which is what the
-# GLR2020 class weights and the GLR2021 margins count (see losses.py).
-LABEL_MAP_COLUMNS = (
-    "label",
-    "landmark_id",
-    "count",
-    "num_clean",
-    "train_val_count",
-    "train_val_clean",
-)
-_TRAIN_VAL_COLUMNS = ("train_val_count", "train_val_clean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,114 +215,85 @@ class LabelMap:
         return len(self.counts)
 
 
-def _int_column(path: str, rows: list[dict], column: str) -> np.ndarray:
-    """One integer column of label_map.csv; a bad cell names its line."""
-    values = []
-    for line, row in enumerate(rows, start=2):
-        try:
-            values.append(int(row[column]))
-        except (TypeError, ValueError):
-            raise DataFormatError(
-                f"{path}:{line}: {column} {row[column]!r} is not an integer"
-            ) from None
-    return np.array(values, np.int64)
-
-
 def read_label_map(data_dir: str) -> LabelMap:
-    """Reads label_map.csv: per-class landmark ids and example counts.
+    """Per-class landmark ids and example counts, from the build's metadata.
 
-    Columns: label, landmark_id, count (training examples), optionally
-    num_clean (how many of them are in train_clean.csv; absent: all), and
-    train_val_count / train_val_clean (the class's examples in train + val and
-    how many are clean). A label map written before the train_val columns
-    existed is read only when the folder has no `val` split (then train + val
-    is train); with a val split the train-only counts would be the wrong n_c
-    for the class weights, so it is an error, never a silent fallback.
+    The landmark ids are the `label` ClassLabel's names (label order); the
+    counts are metadata.json's `class_counts`: count (training examples),
+    num_clean (of them in train_clean.csv), train_val_count /
+    train_val_clean (the class's examples in train + val, and how many are
+    clean: the n_c of the GLR2020 class weights and the GLR2021 margins, see
+    losses.py).
 
-    The counts feed the class weights (w_c ~ 1/ln n_c) and the dynamic
-    margins, which index them by label, so the labels must be exactly
-    0..C-1 in order and C must match dataset_info.json.
+    They feed the class weights (w_c ~ 1/ln n_c) and the dynamic margins,
+    which index them by label, so each must have exactly one entry per class
+    and agree with the split lengths.
 
     Args:
-      data_dir: the data folder.
+      data_dir: the build.
 
     Returns:
       The label map.
 
     Raises:
-      DataFormatError: missing file or column (only one of the train_val
-        columns, or neither with a `val` split), a non-integer cell, labels
-        not 0..C-1, a count below 1, train_val counts below the train counts
-        or a clean count outside [0, count], or totals that disagree with
-        dataset_info.json (class count, train + val examples).
+      DataFormatError: no class_counts in the metadata, a missing or short
+        column, landmark ids that are not integers, a count below 1,
+        train_val counts below the train counts, a clean count outside
+        [0, count], or totals that disagree with the train and val splits.
     """
-    path = file_io.join(data_dir, LABEL_MAP)
-    if not file_io.exists(path):
-        raise DataFormatError(f"{path} not found (written by gldv2_to_tfrecord --split=train)")
-    rows = list(csv.DictReader(io.StringIO(file_io.read_text(path))))
-    if not rows or {"label", "landmark_id", "count"} - set(rows[0]):
-        raise DataFormatError(f"{path}: expected columns label,landmark_id,count")
-    labels = _int_column(path, rows, "label")
-    if not np.array_equal(labels, np.arange(len(rows))):
-        raise DataFormatError(f"{path}: labels are not 0..{len(rows) - 1} in order")
-    counts = _int_column(path, rows, "count")
+    builder = open_build(data_dir)
+    where = f"{builder.data_dir}/metadata.json"
+    num_classes = read_num_classes(data_dir)
+    counts_of = (builder.info.metadata or {}).get(CLASS_COUNTS)
+    if not isinstance(counts_of, Mapping):
+        raise DataFormatError(
+            f"{where}: no {CLASS_COUNTS!r} (per-class example counts); build the data set "
+            "with data_pipelines.build_dataset"
+        )
+    columns = {}
+    for column in ("count", "num_clean", "train_val_count", "train_val_clean"):
+        values = counts_of.get(column)
+        if values is None or len(values) != num_classes:
+            raise DataFormatError(
+                f"{where}: {CLASS_COUNTS}.{column} has "
+                f"{'no entries' if values is None else f'{len(values)} entries'} for "
+                f"{num_classes} classes; rebuild the data set"
+            )
+        columns[column] = np.asarray(values, np.int64)
+    counts = columns["count"]
     if counts.min() < 1:
         bad = int(np.argmin(counts))
         raise DataFormatError(
-            f"{path}: label {bad} has count {counts[bad]}; every class needs >= 1"
+            f"{where}: label {bad} has count {counts[bad]}; every class needs >= 1"
         )
-    num_classes = read_num_classes(data_dir)
-    if num_classes != len(rows):
+    _check_clean(where, "num_clean", columns["num_clean"], counts)
+    train_val = columns["train_val_count"]
+    below = np.flatnonzero(train_val < counts)
+    if below.size:
+        bad = int(below[0])
         raise DataFormatError(
-            f"{path} has {len(rows)} classes but {DATASET_INFO} says {num_classes}; "
-            "rebuild the train split"
+            f"{where}: label {bad} has train_val_count {train_val[bad]} < count "
+            f"{counts[bad]}; rebuild the data set"
         )
-    # num_clean is optional (label maps written by other tools): then every
-    # example counts as clean, as the builder does without train_clean.csv.
-    clean = _int_column(path, rows, "num_clean") if "num_clean" in rows[0] else counts.copy()
-    _check_clean(path, "num_clean", clean, counts)
-
-    splits = file_io.read_json(file_io.join(data_dir, DATASET_INFO)).get("splits", {})
-    present = [c for c in _TRAIN_VAL_COLUMNS if c in rows[0]]
-    if len(present) == 1:
+    _check_clean(where, "train_val_clean", columns["train_val_clean"], train_val)
+    splits = builder.info.splits
+    listed = {s: splits[s].num_examples for s in LABELED_SPLITS if s in splits}
+    if int(counts.sum()) != listed.get("train", 0) or int(train_val.sum()) != sum(listed.values()):
         raise DataFormatError(
-            f"{path}: has {present[0]} but not "
-            f"{next(c for c in _TRAIN_VAL_COLUMNS if c not in present)}; "
-            "rebuild the train split"
+            f"{where}: the counts sum to {int(counts.sum())} (train) and "
+            f"{int(train_val.sum())} (train + val) but the splits hold {listed}; "
+            "rebuild the data set"
         )
-    if present:
-        train_val = _int_column(path, rows, "train_val_count")
-        train_val_clean = _int_column(path, rows, "train_val_clean")
-        below = np.flatnonzero(train_val < counts)
-        if below.size:
-            bad = int(below[0])
-            raise DataFormatError(
-                f"{path}: label {bad} has train_val_count {train_val[bad]} < count "
-                f"{counts[bad]}; rebuild the train split"
-            )
-        _check_clean(path, "train_val_clean", train_val_clean, train_val)
-    elif "val" in splits:
-        # Without the columns only the train counts are known; using them as
-        # n_c would change the class weights and could leave a class at
-        # n_c = 1 (ln 1 = 0) that has more images in val.
+    names = builder.info.features[LABEL].names
+    try:
+        landmark_ids = np.array([int(n) for n in names], np.int64)
+    except ValueError:
         raise DataFormatError(
-            f"{path}: no train_val_count,train_val_clean columns, and {DATASET_INFO} "
-            "lists a 'val' split, so the per-class counts over train + val that the "
-            "class weights and margins use are unknown; rebuild the train split with "
-            "data_pipelines.gldv2_to_tfrecord --split=train"
-        )
-    else:
-        # No val split: train + val is the train split.
-        train_val, train_val_clean = counts.copy(), clean.copy()
-
-    listed = sum(int(splits[s]["num_examples"]) for s in LABELED_SPLITS if s in splits)
-    if int(train_val.sum()) != listed:
-        raise DataFormatError(
-            f"{path}: the train_val counts sum to {int(train_val.sum())} but "
-            f"{DATASET_INFO} lists {listed} train + val examples; rebuild the train split"
-        )
-    landmark_ids = _int_column(path, rows, "landmark_id")
-    return LabelMap(landmark_ids, counts, clean, train_val, train_val_clean)
+            f"{builder.data_dir}: the {LABEL!r} class names are not landmark ids (e.g. {names[:3]})"
+        ) from None
+    return LabelMap(
+        landmark_ids, counts, columns["num_clean"], train_val, columns["train_val_clean"]
+    )
 
 
 def _check_clean(path: str, column: str, clean: np.ndarray, counts: np.ndarray) -> None:
