@@ -129,6 +129,7 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
             train_images="clean_classes",
         ),
     ]
+    HOMEPAGE = "https://github.com/cvdfoundation/google-landmark"
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
     Download and extract GLDv2 (python -m data_pipelines.download_gldv2) and
     pass its folder as the manual dir: train.csv, train_clean.csv, index.csv,
@@ -163,7 +164,7 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             features=landmark_features(),
             supervised_keys=(data_format.IMAGE, data_format.LABEL),
-            homepage="https://github.com/cvdfoundation/google-landmark",
+            homepage=self.HOMEPAGE,
             metadata=tfds.core.MetadataDict(),
         )
 

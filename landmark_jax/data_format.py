@@ -12,9 +12,8 @@ the losses need (the builder's metadata.json, `read_label_map`). Readers here
 check that these agree, so a stale or truncated build fails loudly before
 training.
 
-The Revisited Oxford/Paris ground truth is read here too: from the published
-gnd pickles (`read_revisited_gnd`, which the Revisited builder uses) and from
-a Revisited build's metadata (`read_revisited_build_gnd`).
+The Revisited Oxford/Paris ground truth pickles (gnd_roxford5k.pkl, ...)
+are read and checked here too (`read_revisited_gnd`).
 """
 
 from __future__ import annotations
