@@ -324,13 +324,11 @@ def read_revisited_gnd(path: str) -> dict[str, Any]:
         x2, y2] and 'easy', 'hard', 'junk' lists of 0-based imlist indices).
 
     Returns:
-      {'imlist': [str], 'qimlist': [str], 'gnd': [{'bbx': [4 floats],
-      'easy'|'hard'|'junk': [int]}]}, ready for metrics.revisited_map.
+      The ground truth as parse_revisited_gnd returns it.
 
     Raises:
-      DataFormatError: the file is missing or not such a pickle, a key is
-        missing, the lengths disagree, an index is outside imlist, or a bbx is
-        not 4 finite numbers.
+      DataFormatError: the file is missing or not such a pickle, or its
+        content fails parse_revisited_gnd's checks (the message names the file).
     """
     if not file_io.exists(path):
         raise DataFormatError(f"{path}: file not found")
@@ -338,31 +336,60 @@ def read_revisited_gnd(path: str) -> dict[str, Any]:
         data = _GndUnpickler(io.BytesIO(file_io.read_bytes(path))).load()
     except Exception as e:  # pickle raises many kinds on a bad file
         raise DataFormatError(f"{path}: not a readable gnd pickle: {e}") from e
+    return parse_revisited_gnd(data, path)
+
+
+def parse_revisited_gnd(data: Any, where: str) -> dict[str, Any]:
+    """Checks a Revisited ground truth (the gnd pickle's content, or a build's copy).
+
+    Args:
+      data: {'imlist': [str], 'qimlist': [str], 'gnd': [per query {'bbx',
+        'easy', 'hard', 'junk'}]}, as in the published pickles; other keys
+        are dropped.
+      where: names the source in errors (the pickle, a build's metadata.json).
+
+    Returns:
+      {'imlist': [str], 'qimlist': [str], 'gnd': [{'bbx': [4 floats],
+      'easy'|'hard'|'junk': [int]}]}, ready for metrics.revisited_map.
+
+    Raises:
+      DataFormatError: not a dict, a key is missing, the lengths disagree, an
+        index is outside imlist, or a bbx is not 4 finite numbers.
+    """
     if not isinstance(data, Mapping):
-        raise DataFormatError(f"{path}: expected a dict, got {type(data).__name__}")
+        raise DataFormatError(f"{where}: expected a dict, got {type(data).__name__}")
     missing = [k for k in ("imlist", "qimlist", "gnd") if k not in data]
     if missing:
-        raise DataFormatError(f"{path}: missing key(s) {missing}; has {sorted(data)}")
-    imlist, qimlist, gnd = list(data["imlist"]), list(data["qimlist"]), list(data["gnd"])
+        raise DataFormatError(f"{where}: missing key(s) {missing}; has {sorted(data)}")
+    imlist, qimlist, gnd = (
+        _as_list(data[k], f"{where}: {k}") for k in ("imlist", "qimlist", "gnd")
+    )
+    for key, names in (("imlist", imlist), ("qimlist", qimlist)):
+        bad_names = [n for n in names if not isinstance(n, str)]
+        if bad_names:
+            raise DataFormatError(f"{where}: {key} holds {bad_names[:3]}, not image names")
     if len(gnd) != len(qimlist):
         raise DataFormatError(
-            f"{path}: {len(gnd)} gnd entries for {len(qimlist)} queries in qimlist"
+            f"{where}: {len(gnd)} gnd entries for {len(qimlist)} queries in qimlist"
         )
     num_db = len(imlist)
     out = []
     for q, entry in enumerate(gnd):
-        name = f"{path}: gnd[{q}] (query {qimlist[q]!r})"
+        name = f"{where}: gnd[{q}] (query {qimlist[q]!r})"
         if not isinstance(entry, Mapping):
             raise DataFormatError(f"{name}: expected a dict, got {type(entry).__name__}")
         lacking = [k for k in ("bbx", "easy", "hard", "junk") if k not in entry]
         if lacking:
             raise DataFormatError(f"{name}: missing key(s) {lacking}")
-        bbx = list(entry["bbx"])
-        if len(bbx) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbx):
+        bbx = _as_list(entry["bbx"], f"{name}: bbx")
+        if len(bbx) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in bbx
+        ):
             raise DataFormatError(f"{name}: bbx must be 4 finite numbers, got {bbx}")
         parsed: dict[str, Any] = {"bbx": [float(v) for v in bbx]}
         for key in ("easy", "hard", "junk"):
-            indices = list(entry[key])
+            indices = _as_list(entry[key], f"{name}: {key!r}")
             bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int)]
             bad += [i for i in indices if i not in bad and not 0 <= i < num_db]
             if bad:
@@ -373,3 +400,10 @@ def read_revisited_gnd(path: str) -> dict[str, Any]:
             parsed[key] = indices
         out.append(parsed)
     return {"imlist": imlist, "qimlist": qimlist, "gnd": out}
+
+
+def _as_list(value: Any, what: str) -> list:
+    # A str or dict would iterate without complaint into nonsense entries.
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
+        raise DataFormatError(f"{what}: expected a list, got {type(value).__name__}")
+    return list(value)

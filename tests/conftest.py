@@ -37,20 +37,28 @@ def _check_eight_devices():
     )
 
 
-def _build_train(raw: str, out: str, csv: str, clean_csv: str) -> str:
-    from data_pipelines import gldv2_to_tfrecord
+def build_tfds(
+    manual_dir: str, data_dir: str, *, name: str = "default", num_shards: int = 2, **config
+) -> str:
+    """Builds a GLDv2-layout tree with the TFDS builders, in this process.
 
-    gldv2_to_tfrecord.build_split(
-        "train",
-        f"{raw}/{csv}",
-        f"{raw}/train",
-        out,
-        2,
-        clean_csv=f"{raw}/{clean_csv}",
-        val_fraction=0.1,
-        num_workers=1,
+    name 'default' is the demo builder (data_pipelines.demo_builder); any
+    other name a GLDv2 build with a custom config of that name (config:
+    Gldv2Config fields). Returns the build folder.
+    """
+    import tensorflow_datasets as tfds
+
+    from data_pipelines import demo_builder, gldv2_builder
+
+    if name == "default":
+        builder = demo_builder.LandmarkDemo(data_dir=data_dir, num_workers=1)
+    else:
+        cfg = gldv2_builder.Gldv2Config(name=name, **config)
+        builder = gldv2_builder.Gldv2(config=cfg, data_dir=data_dir, num_workers=1)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, num_shards=num_shards)
     )
-    return out
+    return str(builder.data_dir)
 
 
 def built_once(tmp_path_factory, worker_id: str, name: str, build):
@@ -87,7 +95,7 @@ def demo(tmp_path_factory, worker_id):
 
 
 def _build_demo(root) -> dict:
-    from data_pipelines import gldv2_to_tfrecord, make_demo_dataset
+    from data_pipelines import make_demo_dataset
 
     raw = str(root / "raw")
     make_demo_dataset.make_demo_dataset(
@@ -99,19 +107,26 @@ def _build_demo(root) -> dict:
         num_non_landmark_references=12,
         num_workers=1,
     )
-    full = _build_train(raw, str(root / "full"), "train.csv", "train_clean.csv")
-    for split in ("index", "test", "nonlandmark"):
-        gldv2_to_tfrecord.build_split(
-            split, f"{raw}/{split}.csv", f"{raw}/{split}", full, 2, num_workers=1
-        )
+    full = build_tfds(raw, str(root / "tfds"))
+    # The same images of 6 landmarks, train and val only: a GLDv2-layout
+    # tree of its own whose images are the full set's.
+    subset_raw = root / "raw_subset"
+    subset_raw.mkdir()
+    os.symlink(f"{raw}/train", subset_raw / "train")
     lines = open(f"{raw}/train.csv").read().splitlines()
     landmarks = sorted({line.split(",")[-1] for line in lines[1:]})[:6]
     keep = [lines[0]] + [line for line in lines[1:] if line.split(",")[-1] in landmarks]
-    open(f"{raw}/train_subset.csv", "w").write("\n".join(keep) + "\n")
+    (subset_raw / "train.csv").write_text("\n".join(keep) + "\n")
     clean = open(f"{raw}/train_clean.csv").read().splitlines()
     clean_keep = [clean[0]] + [line for line in clean[1:] if line.split(",")[0] in landmarks]
-    open(f"{raw}/train_clean_subset.csv", "w").write("\n".join(clean_keep) + "\n")
-    subset = _build_train(raw, str(root / "subset"), "train_subset.csv", "train_clean_subset.csv")
+    (subset_raw / "train_clean.csv").write_text("\n".join(clean_keep) + "\n")
+    subset = build_tfds(
+        str(subset_raw),
+        str(root / "tfds"),
+        name="subset",
+        val_fraction=0.1,
+        retrieval_splits=False,
+    )
     return {"full": full, "subset": subset, "raw": raw}
 
 
@@ -160,45 +175,33 @@ def reference_losses(demo, tmp_path_factory, worker_id):
 
 @pytest.fixture(scope="session")
 def revisited_data(tmp_path_factory):
-    """(tiny_revisited.make_tiny_set's dict, its revisited_to_tfrecord folder
-    with 2 shards per split)."""
+    """(tiny_revisited.make_tiny_set's dict, its revisited_oxford_paris/roxford5k
+    build folder, 2 shards per split, queries cropped)."""
+    import tensorflow_datasets as tfds
     from tiny_revisited import make_tiny_set
 
-    from data_pipelines import revisited_to_tfrecord
+    from data_pipelines import revisited_builder
 
     root = tmp_path_factory.mktemp("revisited")
-    tiny = make_tiny_set(root)
-    data_dir = str(root / "tfrecords")
-    revisited_to_tfrecord.build_revisited(
-        tiny["gnd"], tiny["images"], data_dir, num_shards=2, num_workers=1
+    tiny = make_tiny_set(root / "raw")
+    builder = revisited_builder.RevisitedOxfordParis(
+        config="roxford5k", data_dir=str(root / "tfds"), num_workers=1
     )
-    return tiny, data_dir
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=tiny["manual_dir"], num_shards=2)
+    )
+    return tiny, str(builder.data_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_gldv2_tfrecords(tmp_path_factory):
-    """(root, tfrecords folder, ids) of tiny_gldv2 with train/val (4 shards) and index
-    (21 images in 3 shards) built: the input pipeline tests' data."""
-    from data_pipelines import gldv2_to_tfrecord
-
+    """(root, build folder, ids) of tiny_gldv2 with train/val/index/test built in
+    4 shards per split (index: 21 images): the input pipeline tests' data."""
     import tiny_gldv2
 
     root = str(tmp_path_factory.mktemp("gldv2"))
     ids = tiny_gldv2.make_tiny_gldv2(root, num_index=21, special=True)
-    out = os.path.join(root, "tfrecords")
-    gldv2_to_tfrecord.build_split(
-        "train",
-        f"{root}/train.csv",
-        f"{root}/train",
-        out,
-        4,
-        clean_csv=f"{root}/train_clean.csv",
-        val_fraction=0.2,
-        num_workers=1,
-    )
-    gldv2_to_tfrecord.build_split(
-        "index", f"{root}/index.csv", f"{root}/index", out, 3, num_workers=1
-    )
+    out = build_tfds(root, os.path.join(root, "tfds"), name="tiny", num_shards=4, val_fraction=0.2)
     return root, out, ids
 
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from landmark_jax import data_format, input_pipeline, sharding, sized_eval_input
@@ -140,6 +141,14 @@ def test_eval_images_match_an_independent_decode_and_resize(data):
         assert np.abs(np.asarray(expected) - image.astype(np.float32)).mean() < 2.0
 
 
+def tfds_order(build: str, split: str) -> list[str]:
+    """A split's ids in file order, read by TFDS's own reader."""
+    ds = tfds.builder_from_directory(build).as_dataset(
+        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    return [i.decode() for i in ds.map(lambda ex: ex["id"]).as_numpy_iterator()]
+
+
 def test_eval_covers_every_id_once_in_order_on_8_devices(data):
     _, out, ids = data
     mesh = sharding.create_mesh()
@@ -155,7 +164,8 @@ def test_eval_covers_every_id_once_in_order_on_8_devices(data):
         seen += list(batch_ids[mask])
         masks.append(mask)
     assert len(masks) == num_steps == 3  # 21 images in batches of 8
-    assert seen == ids["index"]
+    assert seen == tfds_order(out, "index")
+    assert sorted(seen) == sorted(ids["index"])
     assert np.concatenate(masks).sum() == 21
 
 
@@ -185,19 +195,20 @@ def test_val_split_carries_labels(data):
 
 
 def _write_split(out, split, examples):
-    """Writes a one-file split by hand (bypassing the builder's checks)."""
-    name = f"{split}-00000-of-00001.tfrecord"
+    """Replaces a split of a TFDS build by one hand-written shard, recorded in
+    its dataset_info.json (bypassing the builder's checks)."""
     for f in os.listdir(out):
-        if f.startswith(f"{split}-"):
+        if f.startswith(f"gldv2-{split}."):
             os.remove(os.path.join(out, f))
-    with tf.io.TFRecordWriter(os.path.join(out, name)) as w:
+    with tf.io.TFRecordWriter(os.path.join(out, f"gldv2-{split}.tfrecord-00000-of-00001")) as w:
         for feature in examples:
             w.write(
                 tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
             )
     info_path = os.path.join(out, "dataset_info.json")
     info = json.load(open(info_path))
-    info["splits"][split] = {"files": [{"name": name, "num_examples": len(examples)}]}
+    (entry,) = [s for s in info["splits"] if s["name"] == split]
+    entry["shardLengths"] = [str(len(examples))]
     json.dump(info, open(info_path, "w"))
 
 
@@ -218,7 +229,7 @@ def test_missing_label_is_an_error_not_class_0(data, tmp_path):
     _write_split(
         copy, "train", [{data_format.IMAGE: _jpeg("RGB"), data_format.IS_CLEAN: _int(1)}] * 4
     )
-    with pytest.raises(tf.errors.InvalidArgumentError, match="image/class/label"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Feature: label"):
         take(train_ds(copy, augmentation=Augmentation(flip=False)), 1)
     _write_split(
         copy,
@@ -251,32 +262,40 @@ def test_grayscale_jpeg_decodes_to_three_channels(data, tmp_path):
     np.testing.assert_allclose(batch["image"], 128, atol=2)
 
 
-def test_shards_on_disk_must_match_dataset_info(data, tmp_path):
+def test_shards_listed_by_tfds_must_be_on_disk(data, tmp_path):
     _, out, _ = data
     copy = str(tmp_path / "data")
     shutil.copytree(out, copy)
-    shutil.copy(
-        os.path.join(copy, "train-00000-of-00004.tfrecord"),
-        os.path.join(copy, "train-00000-of-00009.tfrecord"),
-    )
-    with pytest.raises(data_format.DataFormatError, match="not listed.*train-00000-of-00009"):
+    os.remove(os.path.join(copy, "gldv2-train.tfrecord-00002-of-00004"))
+    with pytest.raises(data_format.DataFormatError, match="missing.*train.tfrecord-00002-of"):
         train_ds(copy)
-    for f in os.listdir(copy):
-        if f.startswith("train-"):
-            os.remove(os.path.join(copy, f))
-    with pytest.raises(data_format.DataFormatError, match="no files match"):
-        train_ds(copy)
-    with pytest.raises(data_format.DataFormatError, match="dataset_info.json not found"):
+    # A folder above the build finds it; one without a build says what it holds.
+    with pytest.raises(data_format.DataFormatError, match="missing"):
         train_ds(str(tmp_path))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "train.csv").write_text("id\n")
+    with pytest.raises(
+        data_format.DataFormatError, match="not a TensorFlow Datasets build.*train.csv"
+    ):
+        train_ds(str(tmp_path / "other"))
 
 
-def test_label_map_must_agree_with_dataset_info(data, tmp_path):
+def test_class_counts_must_agree_with_the_class_count_and_splits(data, tmp_path):
     _, out, _ = data
     copy = str(tmp_path / "data")
     shutil.copytree(out, copy)
-    lines = open(os.path.join(copy, "label_map.csv")).read().splitlines()
-    open(os.path.join(copy, "label_map.csv"), "w").write("\n".join(lines[:-1]) + "\n")
-    with pytest.raises(data_format.DataFormatError, match="classes but dataset_info.json says"):
+    path = os.path.join(copy, "metadata.json")
+    metadata = json.load(open(path))
+    metadata["class_counts"]["count"] = metadata["class_counts"]["count"][:-1]
+    json.dump(metadata, open(path, "w"))
+    with pytest.raises(data_format.DataFormatError, match="count has 5 entries for 6 classes"):
+        data_format.read_label_map(copy)
+    counts = metadata["class_counts"]
+    counts["count"] += [counts["train_val_count"][-1]]
+    counts["count"][0] += 1
+    counts["train_val_count"][0] += 1
+    json.dump(metadata, open(path, "w"))
+    with pytest.raises(data_format.DataFormatError, match="the splits hold"):
         data_format.read_label_map(copy)
 
 

@@ -1,4 +1,5 @@
-"""A tiny Revisited Oxford/Paris-style set: 12 database and 3 query JPEGs and a gnd pickle."""
+"""A tiny Revisited Oxford/Paris-style set: 12 database and 3 query JPEGs and a gnd pickle,
+laid out as the revisited_oxford_paris builder's manual dir (cirtorch's data/test/roxford5k/)."""
 
 import pickle
 
@@ -21,11 +22,16 @@ def _image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def make_tiny_set(tmp_path) -> dict:
-    """12 database and 3 query JPEGs with a hand-made gnd pickle under tmp_path."""
+def make_tiny_set(tmp_path, gnd_file: str = "gnd_roxford5k.pkl") -> dict:
+    """12 database and 3 query JPEGs in tmp_path/jpg with a hand-made gnd pickle beside them.
+
+    Returns:
+      {'manual_dir': tmp_path, 'gnd': the pickle, 'images': the jpg folder,
+      'data': the pickled ground truth}.
+    """
     rng = np.random.default_rng(0)
     images = tmp_path / "jpg"
-    images.mkdir()
+    images.mkdir(parents=True)
     imlist = [f"db_{i:02d}" for i in range(NUM_DB)]
     qimlist = ["query_a", "query_b", "query_c"]
     for name in imlist:
@@ -41,7 +47,7 @@ def make_tiny_set(tmp_path) -> dict:
             {"bbx": BOXES[2], "easy": [7, 8, 9], "hard": [], "junk": [10, 11]},
         ],
     }
-    gnd_path = tmp_path / "gnd_rtiny.pkl"
+    gnd_path = tmp_path / gnd_file
     with open(gnd_path, "wb") as f:
         pickle.dump(gnd, f)
-    return {"gnd": str(gnd_path), "images": str(images), "data": gnd}
+    return {"manual_dir": str(tmp_path), "gnd": str(gnd_path), "images": str(images), "data": gnd}

@@ -1,11 +1,12 @@
 """Revisited Oxford/Paris evaluation of a trained workdir (ROxford5k, RParis6k).
 
 `evaluate_revisited(model, data_dir)` embeds the `revisited_db` and
-`revisited_query` splits that `data_pipelines.revisited_to_tfrecord` wrote to
-`data_dir` (queries already cropped to their bbx), ranks the whole database
-for every query by exact search (squared L2 on unit vectors, i.e. cosine), and
-scores the ranking with `metrics.revisited_map` against `data_dir/gnd.pkl`
-under the easy, medium and hard protocols.
+`revisited_query` splits of a TFDS build of data_pipelines.revisited_builder
+(`revisited_oxford_paris/roxford5k`, ...; queries already cropped to their
+bbx), ranks the whole database for every query by exact search (squared L2
+on unit vectors, i.e. cosine), and scores the ranking with
+`metrics.revisited_map` against the ground truth the build carries in its
+metadata (`read_gnd`) under the easy, medium and hard protocols.
 
 Images keep their aspect ratio. The default, resize='native', is the papers'
 protocol: each database image and each cropped query is scaled by every
@@ -40,9 +41,9 @@ from landmark_jax import data_format, file_io, sharding
 # evaluation imports this module too; EVAL_DIR is read only at call time.
 from landmark_jax.retrieval import evaluation, exact_search, extract, metrics
 
+# data_pipelines.revisited_builder's splits (a split name of a TFDS build).
 DB_SPLIT = "revisited_db"
 QUERY_SPLIT = "revisited_query"
-GND_FILE = "gnd.pkl"
 RESULTS_FILE = "revisited.json"
 RANKS_FILE = "revisited_ranks.npy"
 PROTOCOLS = ("easy", "medium", "hard")
@@ -53,13 +54,43 @@ def embeddings_path(workdir: str, split: str) -> str:
     return file_io.join(workdir, evaluation.EVAL_DIR, f"embeddings-{split}.npz")
 
 
+def read_gnd(data_dir: str) -> dict[str, Any]:
+    """The ground truth a Revisited build carries in its metadata, checked.
+
+    Args:
+      data_dir: a TFDS build of data_pipelines.revisited_builder, or a
+        folder with exactly one build below it (data_format.find_build).
+
+    Returns:
+      The ground truth as data_format.parse_revisited_gnd returns it
+      (imlist, qimlist, and per query bbx, easy, hard, junk).
+
+    Raises:
+      data_format.DataFormatError: not a TFDS build, a build without the
+        ground truth (not a revisited_oxford_paris build), or a ground truth
+        failing parse_revisited_gnd's checks (naming the metadata file).
+    """
+    builder = data_format.open_build(data_dir)
+    where = file_io.join(str(builder.data_dir), "metadata.json")
+    gnd = (builder.info.metadata or {}).get(data_format.REVISITED_GND)
+    if gnd is None:
+        raise data_format.DataFormatError(
+            f"{where}: no {data_format.REVISITED_GND!r} (the Revisited ground truth): "
+            f"{builder.info.full_name} is not a Revisited Oxford/Paris build; build one with "
+            "python -m data_pipelines.build_dataset --dataset=revisited_oxford_paris/roxford5k"
+        )
+    return data_format.parse_revisited_gnd(gnd, f"{where}: {data_format.REVISITED_GND}")
+
+
 def in_gnd_order(
     emb: extract.Embeddings, names: Sequence[str], split: str, data_dir: str
 ) -> extract.Embeddings:
     """The embeddings reordered to the gnd list, checking every name is there once.
 
-    One process reads the shards in gnd order already; several processes
-    each read every n-th shard, so the gathered rows come interleaved.
+    A revisited_builder build holds its splits in gnd order, so one process
+    reading them in order needs nothing; several processes each read every
+    n-th shard, so the gathered rows come interleaved, and a build written
+    by another builder may hold any order (TFDS shuffles by default).
 
     Args:
       emb: the extracted split.
@@ -86,9 +117,9 @@ def in_gnd_order(
     extra = sorted(set(row_of) - set(names))
     if missing or extra:
         raise ValueError(
-            f"{data_dir}: split {split!r} does not match {GND_FILE}: {len(missing)} gnd "
-            f"image(s) missing (e.g. {missing[:3]}), {len(extra)} not in the gnd "
-            f"(e.g. {extra[:3]}); rebuild it with data_pipelines.revisited_to_tfrecord"
+            f"{data_dir}: split {split!r} does not match the build's ground truth: "
+            f"{len(missing)} gnd image(s) missing (e.g. {missing[:3]}), {len(extra)} not in "
+            f"the gnd (e.g. {extra[:3]}); rebuild it with data_pipelines.build_dataset"
         )
     order = np.array([row_of[n] for n in names], np.int64)
     return extract.Embeddings(
@@ -130,8 +161,9 @@ def evaluate_revisited(
     Args:
       model: the run (extract.load_trained_model), restored once by the
         caller; results go to `<model.workdir>/eval/`.
-      data_dir: a revisited_to_tfrecord output folder: the `revisited_db`
-        and `revisited_query` splits and gnd.pkl.
+      data_dir: a TFDS build of data_pipelines.revisited_builder (its
+        `revisited_db` and `revisited_query` splits and the ground truth in
+        its metadata), or a folder with exactly one build below it.
       scales: image-size multipliers averaged by extraction.
       flip: also average the left-right flipped view.
       resize: 'native' (each image scaled by s, aspect kept: the papers'
@@ -149,12 +181,13 @@ def evaluate_revisited(
       The per-query APs are in revisited.json.
 
     Raises:
-      data_format.DataFormatError: data_dir has no readable gnd.pkl, or a
-        split is missing or its shards disagree with dataset_info.json.
+      data_format.DataFormatError: data_dir is not a Revisited build (see
+        read_gnd), or a split is missing or its shards disagree with
+        dataset_info.json.
       ValueError: the extracted ids do not match the gnd's image lists, or
         a bad resize mode, scale or size_multiple.
     """
-    gnd = data_format.read_revisited_gnd(file_io.join(data_dir, GND_FILE))
+    gnd = read_gnd(data_dir)
     workdir = model.workdir
     mesh = sharding.create_mesh()
     options = dict(
