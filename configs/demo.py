@@ -60,7 +60,7 @@ def get_config(arg: str | None = None):
     """The demo config; arg 'smoke' gives the seconds-long variant."""
     _, smoke = config_lib.parse_config_arg(arg, (), None, "configs/demo.py")
     config = config_lib.base_config("global")
-    config.data_dir = "demo_data/tfrecords"
+    config.data_dir = "demo_data/tfds"
     config.model.backbone = "resnet_small"
     config.model.embedding_dim = 512
     # Search with the pooled backbone features, not the 512-d neck output

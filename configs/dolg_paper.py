@@ -7,10 +7,15 @@ r"""DOLG (Yang et al., ICCV 2021): DOLG-ResNet50/101 on GLDv2-clean, scored on R
     python -m landmark_jax.train --config=configs/dolg_paper.py:r101 \
         --workdir=runs/dolg_r101 --config.data_dir=DATA_CLEAN --config.init.backbone=weights/r101
     # Revisited Oxford and Paris (medium / hard), cropped queries, 3 scales:
-    python -m data_pipelines.revisited_to_tfrecord --gnd=gnd_roxford5k.pkl \
-        --images_dir=roxford5k/jpg --output_dir=ROXFORD
+    # (data/test/roxford5k: cirtorch's layout, gnd_roxford5k.pkl and jpg/)
+    python -m data_pipelines.build_dataset --dataset=revisited_oxford_paris/roxford5k \
+        --manual_dir=data/test/roxford5k --data_dir=TFDS
+    # or: tfds build revisited_oxford_paris/roxford5k \
+    #     --imports=data_pipelines.revisited_builder \
+    #     --manual_dir=data/test/roxford5k --data_dir=TFDS
     python -m landmark_jax.evaluate --config=configs/dolg_paper.py:r101 \
-        --workdir=runs/dolg_r101 --config.eval.revisited_data_dir=ROXFORD
+        --workdir=runs/dolg_r101 \
+        --config.eval.revisited_data_dir=TFDS/revisited_oxford_paris/roxford5k/1.0.0
 
 `:r50` for DOLG-ResNet50. DATA_CLEAN is `gldv2_to_tfrecord --split=train
 --clean_only --clean_csv=train_clean.csv --val_fraction=0.02` output. The
@@ -42,8 +47,8 @@ configs/resnet101_delg_8gpu.yaml, evaler/infer.py) builds it:
   momentum 0.9, weight decay 1e-4 (added to the gradient, PyTorch's), batch
   64, 100 epochs of a cosine schedule after 5 epochs of warm-up.
 - Evaluation at native resolution x each scale, averaging the L2-normalised
-  descriptors; queries cropped to their boxes (revisited_to_tfrecord's
-  default).
+  descriptors; queries cropped to their boxes (the revisited_oxford_paris
+  builder's `roxford5k` / `rparis6k` configs).
 
 Where it differs, and why:
 - 512 px training, the paper's setting (the released yaml trains at 224 and

@@ -81,7 +81,7 @@ def get_config(arg: str = "released"):
         }
     )
     if smoke:
-        config.data_dir = "demo_data/tfrecords"
+        config.data_dir = "demo_data/tfds"
         config.eval.knn_backend = "exact"
         config.eval.gallery_queries = 2
     return config

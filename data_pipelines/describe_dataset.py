@@ -1,11 +1,15 @@
-r"""Prints a summary of a built data folder, read back through the input pipeline.
+r"""Prints a summary of a TensorFlow Datasets build, read back as training reads it.
 
-    python -m data_pipelines.describe_dataset --data_dir=demo_data/tfrecords
+    python -m data_pipelines.describe_dataset --data_dir=demo_data/tfds
 
-Reports each split's examples and files, the classes and their size
-distribution, and one training batch as the trainer would receive it (global
-arrays on the device mesh), so a broken folder shows up here rather than at
-the first training step.
+`--data_dir` is a build folder (`<data dir>/gldv2/clean/1.0.0`) or a folder
+above exactly one build (landmark_jax.data_format.find_build). Reports each
+split's examples and shard files, the classes and their size distribution,
+the clean examples and the images the build skipped (from the builders'
+metadata), and one training batch as the trainer would receive it (global
+arrays on the device mesh), so a broken build shows up here rather than at
+the first training step. `summarize` (without the batch) is also what
+data_pipelines.build_dataset prints after a build.
 """
 
 from __future__ import annotations
@@ -15,21 +19,91 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from landmark_jax import (
-    data_format,
-    entry_point_errors,
-    file_io,
-    input_pipeline,
-    sharding,
-    tensorflow_setup,
-)
+from landmark_jax import data_format, entry_point_errors, tensorflow_setup
+
+# Splits in the order a summary lists them; any other split follows, sorted.
+_SPLIT_ORDER = ("train", "val", "index", "test", "nonlandmark")
+# Skipped images named in a summary (the metadata lists them all).
+_SKIPPED_SHOWN = 5
+
+
+def _split_names(names) -> list[str]:
+    known = [n for n in _SPLIT_ORDER if n in names]
+    return known + sorted(n for n in names if n not in _SPLIT_ORDER)
+
+
+def _spread(values: np.ndarray) -> str:
+    return f"min {values.min():,d}, median {int(np.median(values)):,d}, max {values.max():,d}"
+
+
+def summarize(data_dir: str) -> str:
+    """A human-readable summary of a build, from its TFDS metadata alone.
+
+    Args:
+      data_dir: the build, or a folder above exactly one build.
+
+    Returns:
+      The summary text: the build folder and dataset, per split its examples
+      and shard files (train and val: how many are clean), the classes and
+      images per class, the skipped images, and for a Revisited build its
+      queries.
+
+    Raises:
+      DataFormatError: not one TFDS build, shard files missing, or metadata
+        that disagrees with the splits (data_format's checks).
+    """
+    build = data_format.find_build(data_dir)
+    builder = data_format.open_build(build)
+    metadata = builder.info.metadata or {}
+    label_map = data_format.read_label_map(build) if data_format.CLASS_COUNTS in metadata else None
+    clean = {}
+    if label_map is not None:
+        clean["train"] = int(label_map.clean_counts.sum())
+        clean["val"] = int(label_map.train_val_clean_counts.sum()) - clean["train"]
+    lines = [f"build: {build} ({builder.info.full_name})"]
+    for name in _split_names(builder.info.splits.keys()):
+        split = data_format.read_split_info(build, name)
+        extra = f", {clean[name]:,d} clean" if name in clean else ""
+        lines.append(
+            f"  {name:11s}: {split.num_examples:>11,d} examples in "
+            f"{len(split.files):,d} shard file{'s' if len(split.files) != 1 else ''}{extra}"
+        )
+    if data_format.LABEL in builder.info.features.keys():  # noqa: SIM118 (not a dict)
+        line = f"  classes: {data_format.read_num_classes(build):,d}"
+        if label_map is not None:
+            # The class weights and margins use the train + val counts
+            # (losses.per_class_constants).
+            line += (
+                f" (train images per class: {_spread(label_map.counts)}; "
+                f"train + val: {_spread(label_map.train_val_counts)})"
+            )
+        lines.append(line)
+    skipped = metadata.get(data_format.SKIPPED_IMAGES)
+    if skipped is not None:
+        line = f"  skipped images: {len(skipped):,d}"
+        if skipped:
+            shown = "; ".join(f"{i} ({path}: {why})" for i, path, why in skipped[:_SKIPPED_SHOWN])
+            more = (
+                f"; and {len(skipped) - _SKIPPED_SHOWN:,d} more"
+                if len(skipped) > _SKIPPED_SHOWN
+                else ""
+            )
+            line += f" (all in metadata.json '{data_format.SKIPPED_IMAGES}'): {shown}{more}"
+        lines.append(line)
+    gnd = metadata.get(data_format.REVISITED_GND)
+    if isinstance(gnd, dict) and "qimlist" in gnd:
+        lines.append(
+            f"  ground truth: {len(gnd['qimlist']):,d} queries over "
+            f"{len(gnd.get('imlist', [])):,d} database images"
+        )
+    return "\n".join(lines)
 
 
 def describe(data_dir: str, image_size: int = 64, batch_size: int | None = None) -> str:
-    """A human-readable summary of a data folder.
+    """`summarize`, plus one training batch read through the input pipeline.
 
     Args:
-      data_dir: the builder's output folder.
+      data_dir: the build, or a folder above exactly one build.
       image_size: image side for the sample batch.
       batch_size: global batch of the sample (default: one per device).
 
@@ -37,47 +111,31 @@ def describe(data_dir: str, image_size: int = 64, batch_size: int | None = None)
       The summary text.
 
     Raises:
-      DataFormatError: the folder is incomplete or inconsistent.
+      DataFormatError: the build is incomplete or inconsistent.
     """
+    # Imported here: summarize (what build_dataset prints) needs neither JAX
+    # nor the input pipeline.
     import jax
 
-    info = file_io.read_json(file_io.join(data_dir, data_format.DATASET_INFO))
-    lines = [f"data_dir: {data_dir}"]
-    for name in ("train", "val", "index", "test"):
-        if name not in info["splits"]:
-            continue
-        split = data_format.read_split_info(data_dir, name)
-        clean = info["splits"][name].get("num_clean")
-        extra = f", {clean:,d} clean" if split.labeled and clean is not None else ""
-        lines.append(
-            f"  {name:5s}: {split.num_examples:>9,d} examples in {len(split.files)} files{extra}"
+    from landmark_jax import input_pipeline, sharding
+
+    text = summarize(data_dir)
+    build = data_format.find_build(data_dir)
+    if "train" not in data_format.open_build(build).info.splits:
+        return text
+    mesh = sharding.create_mesh()
+    batch_size = batch_size or mesh.devices.size
+    batch = next(
+        input_pipeline.train_iterator(
+            build, mesh=mesh, global_batch_size=batch_size, image_size=image_size, seed=0
         )
-    if "train" in info["splits"]:
-        label_map = data_format.read_label_map(data_dir)
-        counts, train_val = label_map.counts, label_map.train_val_counts
-        lines.append(
-            f"  classes: {label_map.num_classes:,d} (train images per class: min {counts.min()}, "
-            f"median {int(np.median(counts))}, max {counts.max()})"
-        )
-        # The class weights and margins use these (losses.per_class_constants).
-        lines.append(
-            f"  train + val images per class: min {train_val.min()}, "
-            f"median {int(np.median(train_val))}, max {train_val.max()}"
-        )
-        mesh = sharding.create_mesh()
-        batch_size = batch_size or mesh.devices.size
-        batch = next(
-            input_pipeline.train_iterator(
-                data_dir, mesh=mesh, global_batch_size=batch_size, image_size=image_size, seed=0
-            )
-        )
-        image, labels = batch["image"], np.asarray(batch["label"]).tolist()
-        lines.append(
-            f"  train batch on {mesh.devices.size} {jax.devices()[0].platform} device(s): "
-            f"image {image.dtype}{list(image.shape)}, labels {labels}, "
-            f"is_clean {np.asarray(batch['is_clean']).tolist()}"
-        )
-    return "\n".join(lines)
+    )
+    image, labels = batch["image"], np.asarray(batch["label"]).tolist()
+    return (
+        f"{text}\n  train batch on {mesh.devices.size} {jax.devices()[0].platform} device(s): "
+        f"image {image.dtype}{list(image.shape)}, labels {labels}, "
+        f"is_clean {np.asarray(batch['is_clean']).tolist()}"
+    )
 
 
 FLAGS = flags.FLAGS
@@ -85,7 +143,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a program)."""
-    flags.DEFINE_string("data_dir", None, "Output folder of data_pipelines.gldv2_to_tfrecord.")
+    flags.DEFINE_string(
+        "data_dir", None, "A TFDS build (data_pipelines.build_dataset), or a folder above one."
+    )
     flags.DEFINE_integer("image_size", 64, "Image side of the sample batch.")
 
 

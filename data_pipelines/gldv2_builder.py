@@ -150,6 +150,7 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
         self._skip_bad_images = skip_bad_images
         self._num_workers = num_workers
         self._use_beam = False
+        self._num_shards: int | None = None
         self._planned: dict[str, list[Example]] = {}
         self._skipped: list[tuple[str, str, str]] = []
         self._raw_dir = ""
@@ -171,8 +172,17 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
     # ------------------------------------------------------------- planning
 
     def raw_dir(self, dl_manager: tfds.download.DownloadManager) -> str:
-        """The GLDv2-layout folder the build reads (the manual dir)."""
-        return os.fspath(dl_manager.manual_dir)
+        """The GLDv2-layout folder the build reads (the manual dir).
+
+        Raises:
+          FileNotFoundError: no manual dir given, or an empty one.
+        """
+        try:
+            return os.fspath(dl_manager.manual_dir)
+        except AssertionError as e:
+            # TFDS reports a missing or empty manual dir as an AssertionError,
+            # which reads as a bug; it is the user's input.
+            raise FileNotFoundError(f"{e} (--manual_dir)") from None
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         raw = self._raw_dir = self.raw_dir(dl_manager)
@@ -216,6 +226,7 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
         # TFDS cannot write a split without examples (val with val_fraction 0,
         # an empty nonlandmark.csv).
         self._planned = {k: v for k, v in planned.items() if v}
+        _check_num_shards(self._planned, self._num_shards)
         landmark_ids = sorted(plan.label_of, key=plan.label_of.get)
         _set_class_names(self.info.features[data_format.LABEL], [str(i) for i in landmark_ids])
         self._landmark_ids = landmark_ids
@@ -283,6 +294,7 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
         self._use_beam = (
             download_config.beam_runner is not None or download_config.beam_options is not None
         )
+        self._num_shards = download_config.num_shards
         if self._use_beam and self._skip_bad_images:
             raise ValueError(
                 "skip_bad_images is not available with Beam (its workers cannot report "
@@ -340,6 +352,29 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
                     "jpeg_quality": cfg.jpeg_quality,
                 },
             }
+        )
+
+
+def _check_num_shards(planned: dict[str, Sequence[Example]], num_shards: int | None) -> None:
+    """Refuses a fixed shard count larger than a split, before any image is encoded.
+
+    TFDS applies DownloadConfig.num_shards to every split and fails only after
+    encoding a split smaller than that, with an AssertionError naming neither.
+
+    Raises:
+      ValueError: a split with fewer examples than num_shards, naming it.
+    """
+    if not num_shards:
+        return
+    small = {
+        split: len(examples) for split, examples in planned.items() if len(examples) < num_shards
+    }
+    if small:
+        listed = ", ".join(f"split {split!r} has {n:,d}" for split, n in small.items())
+        raise ValueError(
+            f"num_shards={num_shards}: more shards than examples ({listed}); TFDS writes "
+            "every split in num_shards files: pass a smaller --num_shards, or none to let "
+            "TFDS size the shards"
         )
 
 

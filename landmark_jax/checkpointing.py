@@ -43,13 +43,12 @@ ocp.type_handlers.register_type_handler(
 
 # Which config keys (of config_lib.base_config(); tested) set a parameter's
 # shape, by where it lives, and a note. num_classes left None is the data's
-# dataset_info.json count.
+# class count (its features.json).
 _SHAPE_HINTS = (
     (
         "params/head/",
         ("num_classes", "head.num_subcenters", "model.embedding_dim"),
-        "num_classes None: the data's dataset_info.json; "
-        "to start a new head use init.carry='model'",
+        "num_classes None: the data set's class count; to start a new head use init.carry='model'",
     ),
     ("params/model/backbone/", ("model.backbone",), ""),
     ("batch_stats/model/backbone/", ("model.backbone",), ""),

@@ -33,7 +33,9 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data_dir = ""  # the builder's output folder (local or gs://)
-    c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: dataset_info.json
+    c.num_classes = ml_collections.FieldReference(
+        None, field_type=int
+    )  # None: the data set's class count
     c.image_size = 512
     c.batch_size = 64  # global, over all devices of all processes
     c.total_steps = 10_000
@@ -144,7 +146,8 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     # any of 'untrained', 'raw_pixels', 'chance'; needs eval.retrieval_solution.
     c.eval.baselines = ()
     c.eval.raw_pixel_size = 64  # raw_pixels: images resized to this side, squared
-    # A revisited_to_tfrecord output folder (ROxford5k / RParis6k): when set,
+    # A TFDS build of revisited_oxford_paris (ROxford5k / RParis6k; the build
+    # folder, or a folder with exactly one build below it): when set,
     # evaluation also reports the easy / medium / hard mAP and mP@k.
     c.eval.revisited_data_dir = ""
     # GLR2020 ensemble: [{'workdir': ..., 'weight': 1.0, 'image_size': 640}, ...];
@@ -205,7 +208,7 @@ def apply_smoke(
     Returns:
       The same config.
     """
-    config.data_dir = "demo_data/tfrecords"
+    config.data_dir = "demo_data/tfds"
     config.model.backbone = "efficientnet_tiny"
     config.model.embedding_dim = 64
     config.image_size = image_size
@@ -226,17 +229,18 @@ def _check_choice(config, key: str, value, choices) -> None:
 
 
 def resolve_num_classes(config: ml_collections.ConfigDict) -> int:
-    """The class count: dataset_info.json's, checked against config.num_classes.
+    """The class count: the data set's `label` feature's, checked against config.num_classes.
 
     Raises:
       ValueError: config.num_classes is set and differs from the data.
-      DataFormatError: the data folder has no dataset_info.json.
+      DataFormatError: config.data_dir is not a TFDS build with a `label` ClassLabel.
     """
     from_data = data_format.read_num_classes(config.data_dir)
     if config.num_classes is not None and config.num_classes != from_data:
         raise ValueError(
-            f"config.num_classes={config.num_classes} but {config.data_dir}/"
-            f"{data_format.DATASET_INFO} says {from_data}; fix config.num_classes "
+            f"config.num_classes={config.num_classes} but the data set in "
+            f"{config.data_dir} has {from_data} classes (its features.json); fix "
+            "config.num_classes "
             "or point config.data_dir at the right data"
         )
     return from_data

@@ -1,8 +1,6 @@
 """Exclusive leases on files, local or in a bucket, that survive their holder's crash.
 
-Two uses: one trainer per workdir (`workdir_lease`), and one writer at a time
-of a data folder's dataset_info.json (the builders of different splits may
-run in parallel into one folder).
+One use: one trainer per workdir (`workdir_lease`).
 
 - Local paths: `fcntl.flock` on the lease file. The kernel drops the lock
   when its holder dies, however it dies, so a crashed holder never blocks

@@ -117,7 +117,7 @@ def create_train_dataset(
     """The host-local training stream: infinite batches of numpy-ready tensors.
 
     Args:
-      data_dir: the data folder (shards + dataset_info.json).
+      data_dir: the data set (a TFDS build; data_format.find_build).
       image_size: side of the square the images are resized to.
       local_batch_size: this process's examples per step.
       seed: the stream's seed (shard order, shuffles, flips).

@@ -2,7 +2,7 @@
 
 Per-class quantities (`class_weights`, `weight_normalizer`, `dynamic_margins`,
 gathered by `per_class_constants`) are computed once in numpy from the
-per-class counts of `label_map.csv` (indexed by contiguous label, so they
+per-class counts of the data set's `class_counts` metadata (data_format.read_label_map; indexed by contiguous label, so they
 cannot be misaligned) and passed into the jitted step as arrays. Per-batch
 quantities (`sample_weights`, `weighted_cross_entropy`, `accuracy`) are jnp and
 run under jit, also when the class axis of the logits is sharded across
@@ -31,7 +31,7 @@ only the `*_tfrecord_train` shards and validation the `*_tfrecord_valid` ones.
 `isClean` of every row in the mean (NOT_CLEAN_WEIGHT * 1/np.log(counts+1)).
 So both n_c and the mean of S run over every image of the data set, train and
 held-out alike. Henkel's GLR2021 margins likewise use `value_counts()` of the
-whole train dataframe. Here that is `label_map.csv`'s train_val_count and
+whole train dataframe. Here that is the class_counts metadata's train_val_count and
 train_val_clean (train + val split = every image the builder wrote); its
 `count` (train split only) is not used for the loss: with a per-class val
 split a 2-image GLDv2-clean class can keep one training image, and ln 1 = 0.
@@ -237,7 +237,7 @@ def per_class_constants(
 
     Raises:
       ValueError: as `class_weights`, `weight_normalizer` and
-        `dynamic_margins`; the message says the counts are label_map.csv's
+        `dynamic_margins`; the message says the counts are the class_counts metadata's
         train_val_count (so a class of one image in the whole data set is
         named as such).
     """
@@ -250,7 +250,7 @@ def per_class_constants(
         margins = dynamic_margins(counts, margin_a, margin_b)
     except ValueError as e:
         raise ValueError(
-            f"per-class constants from label_map.csv's train_val_count "
+            f"per-class constants from the data set's class_counts train_val_count "
             f"(the class's images over train + val): {e}"
         ) from e
     return {

@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from tfds_builds import build_tfds  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,30 +36,6 @@ def _check_eight_devices():
         f"tests expect 8 emulated CPU devices, got {jax.device_count()}; "
         "was jax imported before tests/conftest.py set XLA_FLAGS?"
     )
-
-
-def build_tfds(
-    manual_dir: str, data_dir: str, *, name: str = "default", num_shards: int = 2, **config
-) -> str:
-    """Builds a GLDv2-layout tree with the TFDS builders, in this process.
-
-    name 'default' is the demo builder (data_pipelines.demo_builder); any
-    other name a GLDv2 build with a custom config of that name (config:
-    Gldv2Config fields). Returns the build folder.
-    """
-    import tensorflow_datasets as tfds
-
-    from data_pipelines import demo_builder, gldv2_builder
-
-    if name == "default":
-        builder = demo_builder.LandmarkDemo(data_dir=data_dir, num_workers=1)
-    else:
-        cfg = gldv2_builder.Gldv2Config(name=name, **config)
-        builder = gldv2_builder.Gldv2(config=cfg, data_dir=data_dir, num_workers=1)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, num_shards=num_shards)
-    )
-    return str(builder.data_dir)
 
 
 def built_once(tmp_path_factory, worker_id: str, name: str, build):

@@ -51,7 +51,7 @@ entry_point_errors.run(main)
 def test_project_errors_are_one_line_and_others_keep_their_traceback():
     result = _run("-c", PROGRAM, "project")
     assert result.returncode == 1
-    assert result.stderr.startswith("error: /no/such/data/dataset_info.json not found\n")
+    assert result.stderr.startswith("error: data_dir='/no/such/data': no such folder\n")
     assert "Traceback" not in result.stderr
     result = _run("-c", PROGRAM, "project", "--traceback")
     assert result.returncode == 1 and "Traceback" in result.stderr

@@ -1,16 +1,14 @@
-"""Leases: one trainer per workdir, one writer of a data folder's dataset_info.json."""
+"""Leases: one trainer per workdir."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from data_pipelines import shard_writer
 from landmark_jax import file_io, file_lease, trainer
 
 from config_files import REPO, config_for
@@ -89,36 +87,6 @@ def test_a_lease_in_a_bucket_renews_lapses_and_knows_when_it_is_lost():
 
 def _text():
     return {"capture_output": True, "text": True, "check": True}
-
-
-def test_parallel_builds_into_one_folder_lose_no_split(tmp_path, monkeypatch):
-    """Each build merges its splits into dataset_info.json under the folder's
-    lock; a slow read-modify-write would lose updates without it."""
-    read_json = file_io.read_json
-
-    def slow_read_json(path):
-        value = read_json(path)
-        time.sleep(0.05)
-        return value
-
-    monkeypatch.setattr(file_io, "read_json", slow_read_json)
-    out = str(tmp_path / "data")
-    os.makedirs(out)
-
-    def build(name):
-        with shard_writer.StagedBuild(out, name) as staged:
-            entry = {"num_examples": 0, "num_clean": 0, "files": []}
-            staged.commit((name,), {name: entry}, None, {"csv": f"{name}.csv"})
-
-    names = [f"split{i}" for i in range(6)]
-    threads = [threading.Thread(target=build, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    info = json.load(open(os.path.join(out, "dataset_info.json")))
-    assert sorted(info["splits"]) == names and sorted(info["sources"]) == names
-    assert not [f for f in os.listdir(out) if f.startswith(shard_writer.STAGING_PREFIX)]
 
 
 def test_a_second_trainer_on_a_workdir_fails_at_once(demo, tmp_path):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from landmark_jax import data_format
@@ -48,32 +48,29 @@ def _example(image_id: str, encoded: bytes) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
-def _write_split(root: str, split: str, shards: list[list[tuple[str, bytes]]]) -> dict:
-    files = []
+def _write_split(root: str, split: str, shards: list[list[tuple[str, bytes]]]) -> None:
+    """Shards named as TFDS names them, written by hand (the ids and images chosen)."""
     for n, records in enumerate(shards):
-        name = f"{split}-{n:05d}-of-{len(shards):05d}.tfrecord"
+        name = f"gallery-{split}.tfrecord-{n:05d}-of-{len(shards):05d}"
         with tf.io.TFRecordWriter(os.path.join(root, name)) as writer:
             for image_id, encoded in records:
                 writer.write(_example(image_id, encoded))
-        files.append({"name": name, "num_examples": len(records)})
-    return {"files": files}
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("gallery_data"))
+    root = str(tmp_path_factory.mktemp("gallery_data") / "gallery" / "1.0.0")
+    os.makedirs(root)
     index = [(i, _jpeg(c, s)) for i, (c, s) in INDEX.items()]
     test = [(i, _jpeg(c, s)) for i, (c, s) in TEST.items()]
     test.append(("q_gray_l", _jpeg((90, 90, 90), (20, 20), mode="L")))  # 1-channel JPEG
-    info = {
-        "num_classes": 3,
-        "splits": {
-            "index": _write_split(root, "index", [index[:3], index[3:]]),
-            "test": _write_split(root, "test", [test]),
-        },
-    }
-    with open(os.path.join(root, data_format.DATASET_INFO), "w") as f:
-        json.dump(info, f)
+    _write_split(root, "index", [index[:3], index[3:]])
+    _write_split(root, "test", [test])
+    # TFDS's metadata for the files (split names and shard lengths read from them).
+    features = tfds.features.FeaturesDict(
+        {data_format.IMAGE: tfds.features.Image(), data_format.ID: tfds.features.Text()}
+    )
+    tfds.folder_dataset.write_metadata(data_dir=root, features=features)
     return root
 
 

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 from PIL import Image
+from tfds_builds import tfds_order
 
 from landmark_jax import data_format, input_pipeline, sharding, sized_eval_input
 from landmark_jax.train_augmentation import Augmentation
@@ -139,14 +139,6 @@ def test_eval_images_match_an_independent_decode_and_resize(data):
         # jax's half-pixel bilinear resize is an implementation independent of tf.image.
         expected = jax.image.resize(original, (SIZE, SIZE, 3), "linear", antialias=False)
         assert np.abs(np.asarray(expected) - image.astype(np.float32)).mean() < 2.0
-
-
-def tfds_order(build: str, split: str) -> list[str]:
-    """A split's ids in file order, read by TFDS's own reader."""
-    ds = tfds.builder_from_directory(build).as_dataset(
-        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
-    )
-    return [i.decode() for i in ds.map(lambda ex: ex["id"]).as_numpy_iterator()]
 
 
 def test_eval_covers_every_id_once_in_order_on_8_devices(data):

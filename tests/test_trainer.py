@@ -182,7 +182,11 @@ def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, subset_stag
     [
         ({"batch_size": 12}, ValueError, "batch_size=12 must be a positive multiple of the 8"),
         ({"image_size": 16}, ValueError, "image size 16 is too small for resnet_tiny"),
-        ({"num_classes": 3}, ValueError, "config.num_classes=3 but .*dataset_info.json says"),
+        (
+            {"num_classes": 3},
+            ValueError,
+            "config.num_classes=3 but the data set in .* has 10 classes",
+        ),
         ({"init.checkpoint": "/nonexistent/run"}, ValueError, "init.checkpoint.*does not exist"),
         ({"head.scale": "adacos"}, ValueError, "head.scale='adacos'; valid"),
         (
@@ -221,7 +225,7 @@ def test_warmup_cosine_runs_over_schedule_steps(schedule_steps):
 
 
 def test_empty_data_folder_is_an_error(tmp_path):
-    with pytest.raises(data_format.DataFormatError, match="dataset_info.json not found"):
+    with pytest.raises(data_format.DataFormatError, match="no such folder"):
         trainer.train_and_evaluate(config_for(str(tmp_path / "nothing")), str(tmp_path / "w"))
 
 

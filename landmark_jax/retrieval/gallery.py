@@ -127,7 +127,7 @@ def read_images_by_id(
     which on GLDv2 is tens of GB, so ask for all the ids at once.
 
     Args:
-      data_dir: the data folder (TFRecords and dataset_info.json).
+      data_dir: the data set (a TFDS build).
       split: the split holding the images, e.g. 'index' or 'test'.
       ids: image ids to read; duplicates are read once.
       max_side: the longer side of the returned thumbnails (never upscaled).

@@ -237,7 +237,7 @@ def classifier_top_m(
     Args:
       logits: [Q, C] classifier scores over the contiguous classes 0..C-1
         (cosine logits before the softmax scale in the reference).
-      class_landmarks: [C] landmark id of each class (label_map.csv).
+      class_landmarks: [C] landmark id of each class (data_format.read_label_map).
       m: how many to keep (5 in the reference); at most C.
 
     Returns:
