@@ -4,7 +4,7 @@ Reads TFRecords through the trainer's own `input_pipeline.create_train_dataset`
 (interleave, shuffle, JPEG decode, resize, flip, batch) with tf.data's thread
 pool limited to 1 core and to every core, so the per-core rate and the
 scaling are both measured. Without `--data_dir` it first builds a synthetic
-GLDv2-like set with `gldv2_to_tfrecord` (JPEGs of GLDv2's typical 800 x 600
+GLDv2-like set with the GLDv2 TFDS builder (JPEGs of GLDv2's typical 800 x 600
 size in full mode). `--needed_img_s` (e.g. the train-step benchmark's rate
 for a whole host) turns the per-core rate into the host cores it takes.
 
@@ -26,7 +26,7 @@ import bench_report
 import numpy as np
 from PIL import Image
 
-from data_pipelines import gldv2_to_tfrecord
+from data_pipelines import gldv2_builder
 from landmark_jax import input_pipeline, tensorflow_setup
 
 
@@ -47,9 +47,14 @@ def synthetic_gldv2(root: str, num_images: int, width: int, height: int) -> str:
     csv = os.path.join(root, "train.csv")
     with open(csv, "w") as f:
         f.write("\n".join(rows) + "\n")
-    data_dir = os.path.join(root, "tfrecords")
-    gldv2_to_tfrecord.build_split("train", csv, images_dir, data_dir, num_shards=8)
-    return data_dir
+    import tensorflow_datasets as tfds
+
+    config = gldv2_builder.Gldv2Config(name="throughput", val_fraction=0.0, retrieval_splits=False)
+    builder = gldv2_builder.Gldv2(config=config, data_dir=os.path.join(root, "tfds"))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=root, num_shards=8)
+    )
+    return str(builder.data_dir)
 
 
 def images_per_second(data_dir: str, image_size: int, threads: int, num_images: int) -> float:
