@@ -26,14 +26,8 @@ lint: install
 
 demo: install
 	$(PY) -m data_pipelines.make_demo_dataset --output_dir=$(DEMO_DIR)/raw --overwrite
-	for split in train index test nonlandmark; do \
-	  $(PY) -m data_pipelines.gldv2_to_tfrecord --split=$$split \
-	    --csv=$(DEMO_DIR)/raw/$$split.csv \
-	    $$( [ $$split = train ] && echo --clean_csv=$(DEMO_DIR)/raw/train_clean.csv --val_fraction=0.1 ) \
-	    --images_dir=$(DEMO_DIR)/raw/$$split --output_dir=$(DEMO_DIR)/tfrecords \
-	    --num_shards=4 || exit 1; \
-	done
-	$(PY) -m data_pipelines.describe_dataset --data_dir=$(DEMO_DIR)/tfrecords
+	$(PY) -m data_pipelines.build_dataset --dataset=landmark_demo \
+	  --manual_dir=$(DEMO_DIR)/raw --data_dir=$(DEMO_DIR)/tfds --num_shards=4 --overwrite
 	rm -rf $(DEMO_DIR)/workdir
 	$(PY) -m landmark_jax.train --config=configs/demo.py --workdir=$(DEMO_DIR)/workdir
 	$(PY) -m landmark_jax.training_summary --workdir=$(DEMO_DIR)/workdir

@@ -17,8 +17,9 @@ r"""DOLG (Yang et al., ICCV 2021): DOLG-ResNet50/101 on GLDv2-clean, scored on R
         --workdir=runs/dolg_r101 \
         --config.eval.revisited_data_dir=TFDS/revisited_oxford_paris/roxford5k/1.0.0
 
-`:r50` for DOLG-ResNet50. DATA_CLEAN is `gldv2_to_tfrecord --split=train
---clean_only --clean_csv=train_clean.csv --val_fraction=0.02` output. The
+`:r50` for DOLG-ResNet50. DATA_CLEAN is the `gldv2/clean` TFDS build (`python -m
+data_pipelines.build_dataset --dataset=gldv2/clean --manual_dir=GLDV2
+--data_dir=TFDS`; 2% of each class's clean images held out as val). The
 evaluation is Revisited only (`eval.index_split=''`); set the GLDv2 keys back
 to score GLDv2 retrieval too.
 

@@ -53,8 +53,10 @@ released `.h5`); every later stage inherits it from the previous stage's
 config.json, and evaluation rebuilds each stage's model from its own
 config.json, so no flag is repeated.
 
-DATA_CLEAN is `gldv2_to_tfrecord --split=train --clean_only` output, DATA_FULL
-the same without --clean_only (both with --clean_csv so is_clean is set).
+DATA_CLEAN is the `gldv2/clean` TFDS build (`python -m
+data_pipelines.build_dataset --dataset=gldv2/clean --manual_dir=GLDV2
+--data_dir=TFDS`, then TFDS/gldv2/clean), DATA_FULL the `gldv2/full` build
+(every train.csv image, is_clean from train_clean.csv; index and test).
 Expected (the published result of the 4-model ensemble of such runs):
 private mAP@100 0.38677. The original trained each stage "until the
 validation loss converges"; total_steps below are starting points, watch

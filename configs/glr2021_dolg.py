@@ -42,8 +42,9 @@ single DOLG-EffNet-B5 at 768 px scored recognition private GAP 0.476 and
 retrieval private mAP@100 0.478, but it trained from NoisyStudent weights
 (timm `tf_efficientnet_b5_ns`; here Keras's ImageNet AutoAugment weights,
 converted with keras_import). Its GLDv2x (all images of the 81,313 clean
-classes, about 3.2M images) was not released as a CSV; gldv2_to_tfrecord
---clean_classes_only builds that set from train.csv and train_clean.csv.
+classes, about 3.2M images) was not released as a CSV; the `gldv2/gldv2x`
+TFDS build (DATA_X; data_pipelines.gldv2_builder) makes that set from
+train.csv and train_clean.csv, and DATA_CLEAN is the `gldv2/clean` build.
 Step 2 stops 29/40 of the way down its cosine schedule, as the released one
 did (`optimizer.schedule_steps`). Expect this config to land below 0.476 /
 0.478 until the weights differ no more; the figures are the target, not a

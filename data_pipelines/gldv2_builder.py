@@ -253,7 +253,15 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
         workers = self._num_workers
         if workers is None:
             workers = worker_processes.default_num_workers(data_dir, os.cpu_count() or 1)
+            # The workers read the images: a ram:// manual dir is as out of
+            # their reach as a ram:// data dir.
+            workers = worker_processes.default_num_workers(self._raw_dir, workers)
         worker_processes.check_num_workers(data_dir, workers, flag="data_dir")
+        if workers > 1 and worker_processes.default_num_workers(self._raw_dir, workers) == 1:
+            raise ValueError(
+                f"--manual_dir={self._raw_dir}: TensorFlow's in-process memory, which worker "
+                f"processes cannot read (num_workers={workers}); use num_workers=1"
+            )
         workers = min(workers, len(examples))
         if workers <= 1:
             results: Iterator = map(encode, examples)

@@ -2,8 +2,8 @@ r"""A recipe's whole chain of stages as one Cloud TPU VM batch job, safe to re-r
 
     python experiments/tpu_vm/tpu_job.py --recipe=glr2020 --tpu=lm-b7 --zone=us-central2-b \
         --accelerator_type=v4-32 --spot --repo=https://github.com/OWNER/landmark_jax.git \
-        --root=gs://BUCKET/runs --data_clean=gs://BUCKET/gldv2_clean \
-        --data_full=gs://BUCKET/gldv2_full --backbone_weights=gs://BUCKET/weights/b7 \
+        --root=gs://BUCKET/runs --data_clean=gs://BUCKET/tfds/gldv2/clean \
+        --data_full=gs://BUCKET/tfds/gldv2/full --backbone_weights=gs://BUCKET/weights/b7 \
         --retrieval_solution=gs://BUCKET/gldv2/retrieval_solution_v2.1.csv [--dry_run]
 
 What it runs, in order (each a `gcloud` command; `--dry_run` prints them all
