@@ -30,6 +30,10 @@ EMULATOR = ["gcsfs>=2024.2", "gcp-storage-emulator>=2024.8"]
 
 BENCH = ["faiss-cpu>=1.8"]
 
+# TFDS's Beam builds (tfds build ... --beam_pipeline_options=...); not in the
+# test extra: it pins protobuf < 7 and its own pyarrow.
+BEAM = ["apache-beam>=2.60"]
+
 setuptools.setup(
     name="landmark_jax",
     version="0.1.0",
@@ -43,6 +47,7 @@ setuptools.setup(
         "emulator": EMULATOR,
         # The kNN benchmark's third engine (experiments/benchmarks/knn_search.py).
         "bench": BENCH,
+        "beam": BEAM,
         # IPython: tests/test_colab_notebook.py parses the notebook's magics.
         "test": [
             "pytest>=8",

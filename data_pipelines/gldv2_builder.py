@@ -270,7 +270,13 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
         # spawn, not fork: TensorFlow's runtime does not survive a fork.
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             results = pool.imap(encode, examples, chunksize=16)
-            yield from self._kept(examples, results)
+            try:
+                yield from self._kept(examples, results)
+            except (image_encoding.BadImageError, OSError) as e:
+                # A worker's error, raised again from here: re-raised by the
+                # pool, its innermost frame is multiprocessing's, and the
+                # command line (entry_point_errors) would print it as a bug.
+                raise type(e)(str(e)) from e
 
     def _kept(self, examples, results) -> Iterator[tuple[str, dict]]:
         for example, (image_id, features, reason) in zip(examples, results, strict=True):

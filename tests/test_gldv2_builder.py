@@ -1,0 +1,541 @@
+"""The GLDv2 TFDS builder and its command line, on tiny generated GLDv2 trees.
+
+What the builds hold is checked against references of their own: the CSVs
+(read here with the csv module), the image files, and the shard files parsed
+with protobuf from the file names and lengths in dataset_info.json (read as
+JSON), not through TFDS or the project's readers. Builds are shared by the
+tests of a module (each one costs a fraction of a second once TensorFlow is
+warm, the first about five seconds).
+"""
+
+import collections
+import csv
+import glob
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from data_pipelines import (
+    build_dataset,
+    describe_dataset,
+    gldv2_builder,
+    gldv2_csv,
+    image_encoding,
+    landmark_examples,
+)
+from landmark_jax import data_format, entry_point_errors
+
+import tiny_gldv2
+
+VAL_FRACTION = 0.3
+NUM_NONLANDMARK = 3
+
+
+# ------------------------------------------------------------------ readers
+
+
+def read_records(build: str, split: str) -> list[dict]:
+    """Every example of a split, parsed with protobuf from its shard files."""
+    info = json.load(open(os.path.join(build, "dataset_info.json")))
+    entry = next(s for s in info["splits"] if s["name"] == split)
+    lengths = [int(n) for n in entry["shardLengths"]]
+    files = sorted(glob.glob(os.path.join(build, f"*-{split}.tfrecord-*")))
+    assert len(files) == len(lengths), (files, lengths)
+    rows = []
+    for path, length in zip(files, lengths, strict=True):
+        n = 0
+        for raw in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            feats = tf.train.Example.FromString(raw).features.feature
+            row = {k: (v.bytes_list.value or v.int64_list.value)[0] for k, v in feats.items()}
+            row["id"] = row["id"].decode()
+            rows.append(row)
+            n += 1
+        assert n == length, path
+    return rows
+
+
+def split_names(build: str) -> set[str]:
+    info = json.load(open(os.path.join(build, "dataset_info.json")))
+    return {s["name"] for s in info["splits"]}
+
+
+def metadata(build: str) -> dict:
+    return json.load(open(os.path.join(build, "metadata.json")))
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def csv_train(root: str) -> dict[str, int]:
+    """train.csv: id -> landmark_id."""
+    return {r["id"]: int(r["landmark_id"]) for r in read_csv(f"{root}/train.csv")}
+
+
+def csv_clean(root: str) -> dict[str, int]:
+    """train_clean.csv: id -> landmark_id."""
+    return {
+        i: int(r["landmark_id"])
+        for r in read_csv(f"{root}/train_clean.csv")
+        for i in r["images"].split()
+    }
+
+
+def build(dataset: str, data_dir: str, manual_dir: str, **kwargs) -> str:
+    """Builds through the command line's function; returns the build folder."""
+    kwargs = {"num_workers": 1, **kwargs}
+    builder, _ = build_dataset.build(dataset, data_dir, manual_dir=manual_dir, **kwargs)
+    return os.fspath(builder.data_dir)
+
+
+# ----------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """(root, ids, the landmark with no clean image) of a tiny GLDv2 tree.
+
+    The grayscale, PNG and CMYK images are there; the first landmark's row
+    is removed from train_clean.csv, so its images are all noisy and the
+    three configs select three different sets; nonlandmark.csv and its
+    images are added.
+    """
+    root = str(tmp_path_factory.mktemp("gldv2_raw"))
+    ids = tiny_gldv2.make_tiny_gldv2(root, special=True)
+    lines = open(f"{root}/train_clean.csv").read().splitlines()
+    dropped = int(lines[1].split(",")[0])
+    open(f"{root}/train_clean.csv", "w").write("\n".join([lines[0], *lines[2:]]) + "\n")
+    ids["clean"] = {i for i in ids["clean"] if ids["train"][i] != dropped}
+    nonlandmark = [f"{n:016x}" for n in range(0xABC000, 0xABC000 + NUM_NONLANDMARK)]
+    for i, source in zip(nonlandmark, ids["test"], strict=False):
+        path = tiny_gldv2.image_path(root, "nonlandmark", i)
+        os.makedirs(os.path.dirname(path))
+        shutil.copy(tiny_gldv2.image_path(root, "test", source), path)
+    open(f"{root}/nonlandmark.csv", "w").write("id\n" + "\n".join(nonlandmark) + "\n")
+    ids["nonlandmark"] = nonlandmark
+    return root, ids, dropped
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def full(tree, data_dir):
+    """gldv2/full with a larger val split, in 2 shards per split."""
+    root, _, _ = tree
+    return build("gldv2/full", data_dir, root, num_shards=2, val_fraction=VAL_FRACTION)
+
+
+@pytest.fixture(scope="module")
+def named(tree, data_dir):
+    """The clean and gldv2x configs as they are named, in 1 shard per split."""
+    root, _, _ = tree
+    return {c: build(f"gldv2/{c}", data_dir, root, num_shards=1) for c in ("clean", "gldv2x")}
+
+
+@pytest.fixture(scope="module")
+def bad_tree(tmp_path_factory):
+    """A tiny tree with a missing and a truncated train image."""
+    root = str(tmp_path_factory.mktemp("gldv2_bad"))
+    return root, tiny_gldv2.make_tiny_gldv2(root, missing=True, corrupt=True)
+
+
+# -------------------------------------------------------------- the images
+
+
+def test_rgb_jpegs_are_stored_byte_for_byte_and_others_as_rgb_jpegs(full, tree):
+    root, ids, _ = tree
+    assert full.endswith(os.path.join("gldv2", f"full_val{VAL_FRACTION:g}", "1.0.0"))
+    by_split = {s: read_records(full, s) for s in ("train", "val", "index", "test")}
+    by_id = {r["id"]: r for r in by_split["train"] + by_split["val"]}
+    for kind, image_id in ids["special"].items():
+        image = Image.open(io.BytesIO(by_id[image_id]["image"]))
+        assert (image.format, image.mode) == ("JPEG", "RGB"), kind
+        ext = ".png" if kind == "png" else ".jpg"
+        source = Image.open(tiny_gldv2.image_path(root, "train", image_id, ext)).convert("RGB")
+        diff = np.abs(np.asarray(image, float) - np.asarray(source, float))
+        assert diff.mean() < 4.0, (kind, diff.mean())
+    # Every ordinary RGB JPEG, in every split, is the file itself: no second
+    # lossy encoding.
+    special = set(ids["special"].values())
+    for split, rows in by_split.items():
+        folder = "train" if split == "val" else split
+        for r in rows:
+            if r["id"] not in special:
+                with open(tiny_gldv2.image_path(root, folder, r["id"]), "rb") as f:
+                    assert r["image"] == f.read(), (split, r["id"])
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped_white(tmp_path):
+    # A 16-bit gradient: PIL's own convert('RGB') would clip it to 255.
+    values = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
+    path = str(tmp_path / "deep.png")
+    Image.fromarray(values).save(path)  # mode I;16
+    assert Image.open(path).mode.startswith("I")
+    decoded = np.asarray(Image.open(io.BytesIO(image_encoding.encode_image(path))), float)
+    assert decoded.shape == (32, 48, 3)
+    np.testing.assert_allclose(decoded[..., 0], values / 257.0, atol=4.0)
+    # A float image has no known 8-bit scale: refused by name.
+    floats = str(tmp_path / "float.tif")
+    Image.fromarray(np.full((8, 8), 1234.5, np.float32)).save(floats)  # mode F
+    with pytest.raises(image_encoding.BadImageError, match=rf"{floats}: a 'F' image"):
+        image_encoding.encode_image(floats)
+
+
+# ------------------------------------------------------ labels and splits
+
+
+def test_labels_follow_the_csvs_in_landmark_id_order(full, tree):
+    root, _, _ = tree
+    train_csv, clean_csv = csv_train(root), csv_clean(root)
+    train, val = read_records(full, "train"), read_records(full, "val")
+    # Every row of train.csv once, in train or val.
+    assert sorted(r["id"] for r in train + val) == sorted(train_csv)
+    landmarks = sorted(set(train_csv.values()))
+    for r in train + val:
+        landmark = train_csv[r["id"]]
+        assert r["landmark_id"] == landmark
+        assert r["label"] == landmarks.index(landmark)
+        assert r["is_clean"] == int(r["id"] in clean_csv)
+    # The ClassLabel's names are the landmark ids in label order.
+    names = open(os.path.join(full, "label.labels.txt")).read().split()
+    assert names == [str(lm) for lm in landmarks]
+    # The id-only splits: every id of their CSV, unlabelled.
+    for split in ("index", "test", "nonlandmark"):
+        rows = read_records(full, split)
+        expected = [r["id"] for r in read_csv(f"{root}/{split}.csv")]
+        assert sorted(r["id"] for r in rows) == sorted(expected), split
+        assert {(r["label"], r["landmark_id"], r["is_clean"]) for r in rows} == {(-1, -1, 0)}
+
+
+def test_val_takes_clean_images_per_class_never_the_last(full, tree):
+    root, _, dropped = tree
+    train_csv, clean_csv = csv_train(root), csv_clean(root)
+    train, val = read_records(full, "train"), read_records(full, "val")
+    assert val and all(r["id"] in clean_csv for r in val)
+    clean_of = collections.Counter(clean_csv.values())
+    val_of = collections.Counter(train_csv[r["id"]] for r in val)
+    train_clean_of = collections.Counter(train_csv[r["id"]] for r in train if r["is_clean"])
+    # A class without clean images gives none; the others floor(f n + u) of
+    # their n clean images (u in [0, 1)), keeping at least one for training.
+    assert dropped not in val_of and dropped not in clean_of
+    for landmark, n in clean_of.items():
+        low = int(np.floor(VAL_FRACTION * n))
+        assert low <= val_of[landmark] <= min(low + 1, n - 1), landmark
+        assert train_clean_of[landmark] == n - val_of[landmark] >= 1
+
+
+def test_same_seed_same_shards_with_one_or_two_workers(full, tree, tmp_path):
+    root, _, _ = tree
+    again = build(
+        "gldv2/full", str(tmp_path / "a"), root, num_shards=2, val_fraction=VAL_FRACTION,
+        num_workers=2,
+    )  # fmt: skip
+    shards = sorted(os.path.basename(p) for p in glob.glob(os.path.join(full, "*.tfrecord-*")))
+    assert len(shards) == 2 * 5
+    for name in shards:
+        with open(os.path.join(full, name), "rb") as a, open(os.path.join(again, name), "rb") as b:
+            assert a.read() == b.read(), name
+    other = build(
+        "gldv2/full", str(tmp_path / "b"), root, num_shards=2, val_fraction=VAL_FRACTION, seed=1
+    )
+    assert other.endswith(f"full_val{VAL_FRACTION:g}_seed1/1.0.0")
+    assert {r["id"] for r in read_records(full, "val")} != {
+        r["id"] for r in read_records(other, "val")
+    }
+
+
+def test_assign_val_never_takes_a_class_last_clean_image():
+    # Classes of 1 and 2 clean images, and a noisy image each.
+    examples = [
+        landmark_examples.Example(f"{label}-{j}", "", label, label, int(j < 1 + label % 2))
+        for label in range(400)
+        for j in range(3 if label % 2 else 2)
+    ]
+    for seed in range(3):
+        is_val = landmark_examples.assign_val(examples, 0.99, np.random.default_rng(seed))
+        kept = collections.Counter(e.label for e, v in zip(examples, is_val) if e.is_clean and not v)
+        assert len(kept) == 400 and min(kept.values()) >= 1
+        assert not any(v and not e.is_clean for e, v in zip(examples, is_val))
+    # The expected fraction holds for small classes: 2 clean images at f=0.25
+    # give floor(0.5 + u) = 1 with probability 1/2.
+    is_val = landmark_examples.assign_val(examples, 0.25, np.random.default_rng(0))
+    twos = [v for e, v in zip(examples, is_val) if e.label % 2]
+    assert 0.2 < sum(twos) / len(twos) < 0.3
+    again = landmark_examples.assign_val(examples, 0.25, np.random.default_rng(0))
+    np.testing.assert_array_equal(is_val, again)
+
+
+def test_configs_select_their_rows(full, named, tree):
+    root, _, dropped = tree
+    train_csv, clean_csv = csv_train(root), csv_clean(root)
+    clean_classes = set(clean_csv.values())
+    expected = {
+        "full": (full, set(train_csv)),
+        "clean": (named["clean"], set(clean_csv)),
+        "gldv2x": (named["gldv2x"], {i for i, lm in train_csv.items() if lm in clean_classes}),
+    }
+    assert len(expected["clean"][1]) < len(expected["gldv2x"][1]) < len(train_csv)
+    for config, (path, ids) in expected.items():
+        written = [r["id"] for s in ("train", "val") if s in split_names(path) for r in read_records(path, s)]
+        assert sorted(written) == sorted(ids), config
+        names = open(os.path.join(path, "label.labels.txt")).read().split()
+        landmarks = sorted({train_csv[i] for i in ids})
+        assert names == [str(lm) for lm in landmarks], config
+        assert (str(dropped) in names) == (config == "full")
+    # index and test with full and gldv2x, not clean; nonlandmark whenever
+    # its CSV is there.
+    assert split_names(full) - {"val"} == {"train", "index", "test", "nonlandmark"}
+    assert split_names(named["gldv2x"]) - {"val"} == {"train", "index", "test", "nonlandmark"}
+    assert split_names(named["clean"]) - {"val"} == {"train", "nonlandmark"}
+
+
+def test_class_counts_are_the_counts_of_the_records(full, named, tree):
+    root, _, _ = tree
+    train_csv = csv_train(root)
+    for path in (full, *named.values()):
+        counts = metadata(path)[data_format.CLASS_COUNTS]
+        train = read_records(path, "train")
+        both = train + (read_records(path, "val") if "val" in split_names(path) else [])
+        num_classes = len(open(os.path.join(path, "label.labels.txt")).read().split())
+
+        def per_label(rows, clean_only=False, n=num_classes):
+            labels = [r["label"] for r in rows if r["is_clean"] or not clean_only]
+            return np.bincount(labels, minlength=n).tolist()
+
+        assert counts == {
+            "count": per_label(train),
+            "num_clean": per_label(train, True),
+            "train_val_count": per_label(both),
+            "train_val_clean": per_label(both, True),
+        }, path
+        # Nothing was skipped: train + val per class is the CSV's rows.
+        landmarks = [int(n) for n in open(os.path.join(path, "label.labels.txt")).read().split()]
+        in_build = collections.Counter(train_csv[r["id"]] for r in both)
+        assert counts["train_val_count"] == [in_build[lm] for lm in landmarks]
+        # And the project's reader agrees.
+        label_map = data_format.read_label_map(path)
+        np.testing.assert_array_equal(label_map.landmark_ids, landmarks)
+        np.testing.assert_array_equal(label_map.train_val_counts, counts["train_val_count"])
+    source = metadata(full)["source"]
+    assert source == {
+        "manual_dir": os.path.abspath(root),
+        "train_images": "all",
+        "val_fraction": VAL_FRACTION,
+        "seed": 0,
+        "jpeg_quality": 95,
+    }
+    assert metadata(full)[data_format.SKIPPED_IMAGES] == []
+
+
+# ------------------------------------------------------------- bad input
+
+
+def test_missing_image_names_the_csv_and_expected_path(bad_tree, tmp_path):
+    root, ids = bad_tree
+    expected = tiny_gldv2.image_path(root, "train", ids["missing"])
+    with pytest.raises(FileNotFoundError) as error:
+        build("gldv2/full", str(tmp_path), root)
+    assert f"{root}/train.csv" in str(error.value) and expected in str(error.value)
+    assert "--skip_bad_images" in str(error.value)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_undecodable_image_names_its_path_and_leaves_no_build(num_workers, tmp_path):
+    root = str(tmp_path / "raw")
+    ids = tiny_gldv2.make_tiny_gldv2(root, corrupt=True)
+    path = tiny_gldv2.image_path(root, "train", ids["corrupt"])
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(image_encoding.BadImageError, match=path) as error:
+        build("gldv2/clean", str(data_dir), root, num_workers=num_workers)
+    # Raised from the builder, also when a worker process found it: the
+    # command line prints it as a message, not as a bug's traceback.
+    assert entry_point_errors.is_user_error(error.value)
+    assert os.listdir(data_dir / "gldv2" / "clean") == []
+
+
+def test_skip_bad_images_lists_them_and_leaves_them_out(bad_tree, tmp_path):
+    root, ids = bad_tree
+    path = build("gldv2/full", str(tmp_path), root, skip_bad_images=True, val_fraction=0.2)
+    missing = tiny_gldv2.image_path(root, "train", ids["missing"])
+    corrupt = tiny_gldv2.image_path(root, "train", ids["corrupt"])
+    skipped = metadata(path)[data_format.SKIPPED_IMAGES]
+    assert sorted(s[:2] for s in skipped) == sorted(
+        [[ids["missing"], missing], [ids["corrupt"], corrupt]]
+    )
+    assert dict((s[0], s[2]) for s in skipped)[ids["missing"]] == "missing file"
+    assert "Truncated" in dict((s[0], s[2]) for s in skipped)[ids["corrupt"]]
+    written = [r["id"] for s in ("train", "val") for r in read_records(path, s)]
+    assert sorted(written) == sorted(set(ids["train"]) - {ids["missing"], ids["corrupt"]})
+    # The class counts are of the images written.
+    assert sum(metadata(path)[data_format.CLASS_COUNTS]["train_val_count"]) == len(written)
+    summary = describe_dataset.summarize(path)
+    assert f"skipped images: 2 (all in metadata.json 'skipped_images'): " in summary
+    assert ids["missing"] in summary and corrupt in summary
+
+
+def _rewrite(path, header, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_csv_errors_name_file_and_value(tree, tmp_path):
+    root, ids, _ = tree
+    first = next(iter(ids["train"]))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    os.symlink(f"{root}/train", raw / "train")
+    train_csv = str(raw / "train.csv")
+
+    # A repeated id stops the build (train_clean.csv is optional for full).
+    _rewrite(train_csv, ["id", "url", "landmark_id"], [[first, "", 1], [first, "", 2]])
+    with pytest.raises(gldv2_csv.GLDv2FormatError, match=f"{train_csv}.*duplicate.*{first}"):
+        build("gldv2/full", str(tmp_path / "tfds"), str(raw))
+
+    _rewrite(train_csv, ["id", "url"], [[first, ""]])
+    with pytest.raises(gldv2_csv.GLDv2FormatError, match=r"train\.csv.*missing column.*landmark_id"):
+        gldv2_csv.read_train_csv(train_csv)
+    _rewrite(train_csv, ["id", "url", "landmark_id"], [[first, "", "abc"]])
+    with pytest.raises(gldv2_csv.GLDv2FormatError, match=r"train\.csv:2: landmark_id 'abc'"):
+        gldv2_csv.read_train_csv(train_csv)
+    # A Latin-1 byte on line 3: the file, line and offset are named.
+    with open(train_csv, "wb") as f:
+        f.write(f"id,url,landmark_id\n{first},,1\nx\xe9,,2\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"train\.csv:3: byte 0xe9 at offset \d+ is not UTF-8"):
+        gldv2_csv.read_train_csv(train_csv)
+
+    # train_clean.csv naming an id that train.csv lacks.
+    shutil.copy(f"{root}/train.csv", train_csv)
+    _rewrite(str(raw / "train_clean.csv"), ["landmark_id", "images"], [[100, "ffffffffffffffff"]])
+    with pytest.raises(gldv2_csv.GLDv2FormatError, match="ffffffffffffffff"):
+        build("gldv2/clean", str(tmp_path / "tfds"), str(raw))
+    # A config that needs a CSV the manual dir lacks.
+    os.remove(raw / "train_clean.csv")
+    with pytest.raises(FileNotFoundError, match=r"train_clean\.csv not found"):
+        build("gldv2/gldv2x", str(tmp_path / "tfds"), str(raw))
+
+
+def test_more_shards_than_examples_is_refused_before_encoding(tree, tmp_path):
+    root, ids, _ = tree
+    with pytest.raises(ValueError, match=r"num_shards=4: .*split 'nonlandmark' has 3") as error:
+        build("gldv2/full", str(tmp_path), root, num_shards=4, val_fraction=VAL_FRACTION)
+    assert "'train'" not in str(error.value)
+    assert os.listdir(tmp_path / "gldv2" / f"full_val{VAL_FRACTION:g}") == []
+
+
+def test_beam_options_need_apache_beam(tree, tmp_path):
+    try:
+        import apache_beam  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install apache-beam"):
+            build_dataset.beam_options("runner=DirectRunner")
+    else:
+        options = build_dataset.beam_options("runner=DirectRunner,direct_num_workers=2")
+        assert options.get_all_options()["direct_num_workers"] == 2
+    # skip_bad_images cannot run on Beam: refused before anything is read.
+    builder = build_dataset.make_builder("gldv2/clean", str(tmp_path), skip_bad_images=True)
+    with pytest.raises(ValueError, match="skip_bad_images is not available with Beam"):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=tree[0], beam_options=object())
+        )
+
+
+# ------------------------------------------------- the command line's parts
+
+
+def test_dataset_names_configs_and_overrides(tmp_path):
+    names = build_dataset.dataset_names()
+    assert {"gldv2/full", "gldv2/clean", "gldv2/gldv2x", "landmark_demo"} <= set(names)
+    with pytest.raises(ValueError, match=r"unknown data set; expected one of \[.*'gldv2/clean'"):
+        build_dataset.make_builder("mnist", str(tmp_path))
+    with pytest.raises(ValueError, match=r"gldv2 has no config 'cleen'; .*'gldv2/gldv2x'"):
+        build_dataset.make_builder("gldv2/cleen", str(tmp_path))
+    builder = build_dataset.make_builder("gldv2/clean", str(tmp_path), val_fraction=0.05, seed=1)
+    config = builder.builder_config
+    assert (config.name, config.val_fraction, config.seed) == ("clean_val0.05_seed1", 0.05, 1)
+    assert (config.train_images, config.retrieval_splits) == ("clean", False)
+    # Only what changes is named; nothing changed, the named config itself.
+    assert build_dataset.make_builder("gldv2/full", str(tmp_path), seed=2).builder_config.name == (
+        "full_seed2"
+    )
+    same = build_dataset.make_builder("gldv2/clean", str(tmp_path), val_fraction=0.02, seed=0)
+    assert same.builder_config is gldv2_builder.Gldv2.builder_configs["clean"]
+    assert build_dataset.make_builder("landmark_demo", str(tmp_path), seed=3).builder_config.name == (
+        "default_seed3"
+    )
+    with pytest.raises(ValueError, match=r"--val_fraction=1.5: must be in \[0, 1\]"):
+        build_dataset.make_builder("gldv2/clean", str(tmp_path), val_fraction=1.5)
+    # A builder without a validation split, or without the option.
+    revisited = "revisited_oxford_paris/roxford5k"
+    with pytest.raises(ValueError, match="config 'roxford5k' has no seed"):
+        build_dataset.make_builder(revisited, str(tmp_path), seed=1)
+    with pytest.raises(ValueError, match="--skip_bad_images: revisited_oxford_paris has no such"):
+        build_dataset.make_builder(revisited, str(tmp_path), skip_bad_images=True)
+
+
+def test_an_existing_build_is_reused_unless_overwrite(tree, tmp_path):
+    root, _, _ = tree
+    kwargs = dict(manual_dir=root, num_shards=1, num_workers=1)
+    first, reused = build_dataset.build("gldv2/clean", str(tmp_path), **kwargs)
+    build_id = metadata(first.data_dir)[data_format.BUILD_ID]
+    assert not reused
+    again, reused = build_dataset.build("gldv2/clean", str(tmp_path), **kwargs)
+    assert reused and metadata(again.data_dir)[data_format.BUILD_ID] == build_id
+    rebuilt, reused = build_dataset.build("gldv2/clean", str(tmp_path), overwrite=True, **kwargs)
+    assert not reused and rebuilt.data_dir == first.data_dir
+    assert metadata(rebuilt.data_dir)[data_format.BUILD_ID] != build_id
+    assert data_format.read_label_map(str(rebuilt.data_dir)).num_classes == 5
+
+
+def test_find_build_refuses_other_folders_and_several_builds(full, named, data_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a build")
+    with pytest.raises(data_format.DataFormatError, match="not a TensorFlow Datasets build"):
+        data_format.find_build(str(tmp_path))
+    with pytest.raises(data_format.DataFormatError, match=r"holds \d+ TFDS builds") as error:
+        data_format.find_build(data_dir)
+    assert full in str(error.value) and named["clean"] in str(error.value)
+    # A folder above exactly one build names it.
+    assert data_format.find_build(os.path.dirname(os.path.dirname(full))) == full
+
+
+def test_command_line_end_to_end(tree, tmp_path):
+    root, _, _ = tree
+    out = str(tmp_path / "tfds")
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipelines.build_dataset",
+        "--dataset=gldv2/clean",
+        f"--manual_dir={root}",
+        f"--data_dir={out}",
+        "--val_fraction=0.3",
+        "--seed=1",
+        "--num_shards=2",
+        "--num_workers=1",
+        "--skip_bad_images",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = os.path.join(out, "gldv2", "clean_val0.3_seed1", "1.0.0")
+    train, val = read_records(path, "train"), read_records(path, "val")
+    assert sorted(r["id"] for r in train + val) == sorted(csv_clean(root))
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"build: {path} (gldv2/clean_val0.3_seed1/1.0.0)"
+    assert f"  train      : {len(train):>11,d} examples in 2 shard files, {len(train)} clean" in lines
+    assert f"  val        : {len(val):>11,d} examples in 2 shard files, {len(val)} clean" in lines
+    assert any(line.startswith("  classes: 5 (train images per class: min ") for line in lines)
+    assert "  skipped images: 0" in lines
