@@ -188,7 +188,7 @@ def beam_options(spec: str):
     except ImportError as e:
         raise RuntimeError(
             f"--beam_pipeline_options needs Apache Beam ({e}): pip install apache-beam "
-            "(apache-beam[gcp] for Dataflow)"
+            "(the project's extra: pip install -e '.[beam]'; for Dataflow apache-beam[gcp])"
         ) from None
     return pipeline_options.PipelineOptions(
         flags=[f"--{option.strip()}" for option in spec.split(",") if option.strip()]

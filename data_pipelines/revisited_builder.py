@@ -45,7 +45,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from data_pipelines import landmark_examples, revisited_images, worker_processes
+from data_pipelines import image_encoding, landmark_examples, revisited_images, worker_processes
 from data_pipelines.revisited_images import Task
 from landmark_jax import data_format, file_io
 
@@ -121,6 +121,7 @@ class RevisitedOxfordParis(tfds.core.GeneratorBasedBuilder):
         self._num_workers = num_workers
         self._gnd: dict[str, Any] = {}
         self._raw_dir = ""
+        self._num_shards: int | None = None
         self._boxes: dict[str, list[int]] = {}
 
     @property
@@ -146,7 +147,12 @@ class RevisitedOxfordParis(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        raw = self._raw_dir = os.fspath(dl_manager.manual_dir)
+        try:
+            raw = self._raw_dir = os.fspath(dl_manager.manual_dir)
+        except AssertionError as e:
+            # TFDS reports a missing or empty manual dir as an AssertionError,
+            # which reads as a bug; it is the user's input.
+            raise FileNotFoundError(f"{e} (--manual_dir)") from None
         cfg = self.settings
         gnd_path = file_io.join(raw, cfg.gnd_file)
         if not file_io.exists(gnd_path):
@@ -160,6 +166,15 @@ class RevisitedOxfordParis(tfds.core.GeneratorBasedBuilder):
         if not imlist or not qimlist:
             raise ValueError(
                 f"{gnd_path}: {len(imlist)} database and {len(qimlist)} query images; need both"
+            )
+        # TFDS writes every split in num_shards files and finds a split too
+        # small only after encoding it, with an AssertionError naming neither.
+        if self._num_shards and len(qimlist) < self._num_shards:
+            raise ValueError(
+                f"num_shards={self._num_shards}: more shards than examples (split "
+                f"{QUERY_SPLIT!r} has {len(qimlist)}, {DB_SPLIT!r} {len(imlist)}); TFDS "
+                "writes every split in num_shards files: pass a smaller --num_shards, or "
+                "none to let TFDS size the shards"
             )
         images = file_io.join(raw, IMAGES_DIR)
         # Checked before any image is encoded: a 5,000-image build should not
@@ -184,14 +199,28 @@ class RevisitedOxfordParis(tfds.core.GeneratorBasedBuilder):
         workers = self._num_workers
         if workers is None:
             workers = worker_processes.default_num_workers(data_dir, os.cpu_count() or 1)
+            # The workers read the images: a ram:// manual dir is as out of
+            # their reach as a ram:// data dir.
+            workers = worker_processes.default_num_workers(self._raw_dir, workers)
         worker_processes.check_num_workers(data_dir, workers, flag="data_dir")
+        if workers > 1 and worker_processes.default_num_workers(self._raw_dir, workers) == 1:
+            raise ValueError(
+                f"--manual_dir={self._raw_dir}: TensorFlow's in-process memory, which worker "
+                f"processes cannot read (num_workers={workers}); use num_workers=1"
+            )
         workers = min(workers, len(tasks))
         if workers <= 1:
             yield from self._examples(map(encode, tasks))
             return
         # spawn, not fork: TensorFlow's runtime does not survive a fork.
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            yield from self._examples(pool.imap(encode, tasks, chunksize=16))
+            try:
+                yield from self._examples(pool.imap(encode, tasks, chunksize=16))
+            except (image_encoding.BadImageError, OSError, ValueError) as e:
+                # A worker's error, raised again from here: re-raised by the
+                # pool, its innermost frame is multiprocessing's, and the
+                # command line (entry_point_errors) would print it as a bug.
+                raise type(e)(str(e)) from e
 
     def _examples(self, results) -> Iterator[tuple[str, dict]]:
         for name, jpeg, box in results:
@@ -200,6 +229,7 @@ class RevisitedOxfordParis(tfds.core.GeneratorBasedBuilder):
             yield name, {data_format.IMAGE: jpeg, data_format.ID: name}
 
     def _download_and_prepare(self, dl_manager, download_config):  # noqa: D102 (TFDS's hook)
+        self._num_shards = download_config.num_shards
         super()._download_and_prepare(dl_manager, download_config)
         gnd, cfg = self._gnd, self.settings
         for split, names in ((DB_SPLIT, gnd["imlist"]), (QUERY_SPLIT, gnd["qimlist"])):

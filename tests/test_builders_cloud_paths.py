@@ -1,23 +1,27 @@
-"""The offline builders on URL paths, through TensorFlow's in-memory ram:// filesystem.
+"""The builders on URL paths, through TensorFlow's in-memory ram:// filesystem.
 
 ram:// goes through the same tf.io.gfile code as gs://, so a builder that
 writes and reads a ram:// folder exactly as it does a local one works on a
 bucket too. Each build here is compared with the same build into a local
-folder: the same files, the same bytes, the same dataset_info.json.
+folder: the same files, the same bytes.
 
-Two quirks of TensorFlow's ram:// (2.20) that gs:// does not have, which
-file_io works around: listing a folder also lists the siblings that share its
-name as a prefix, and rewriting a file appends to it (the second split built
-into one folder checks that).
+TFDS opens its paths with etils.epath, which has no ram://: tfds_ram
+registers it with the tf.io.gfile backend that epath uses for gs://, adding
+what TensorFlow's ram:// lacks and a bucket has (recursive delete, folder
+rename, replacing a file on write). So TFDS's own file handling (the
+`incomplete.*` folder renamed at the end, its shard writer and
+dataset_info.json) runs here through tf.io.gfile as on gs://; what it cannot
+show is TensorFlow's Cloud Storage client itself (README, "Cloud paths").
 """
 
+import json
 import os
 import uuid
 
 import pytest
-from test_revisited import make_tiny_set
+import tfds_ram
 
-from data_pipelines import gldv2_to_tfrecord, make_demo_dataset, revisited_to_tfrecord
+from data_pipelines import build_dataset, make_demo_dataset
 from landmark_jax import data_format, file_io
 
 TINY_DEMO = dict(
@@ -28,6 +32,13 @@ TINY_DEMO = dict(
     num_non_landmark_references=3,
     num_workers=1,
 )
+# A derived config of gldv2/full: every split, a val split of a few images.
+DATASET, CONFIG = "gldv2/full", "full_val0.25"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ram_for_tfds():
+    tfds_ram.register()
 
 
 @pytest.fixture()
@@ -57,6 +68,19 @@ def demo_raw(tmp_path_factory):
     return raw
 
 
+@pytest.fixture(scope="module")
+def local_build(demo_raw, tmp_path_factory):
+    """The GLDv2 build of the demo tree into a local folder."""
+    return _build(str(tmp_path_factory.mktemp("local")), demo_raw)
+
+
+def _build(data_dir: str, manual_dir: str, **kwargs) -> str:
+    builder, _ = build_dataset.build(
+        DATASET, data_dir, manual_dir=manual_dir, num_shards=2, val_fraction=0.25, **kwargs
+    )
+    return os.fspath(builder.data_dir)
+
+
 def _files(root: str) -> dict[str, bytes]:
     """Every file under root (local or URL), by path relative to root."""
     found = {}
@@ -71,30 +95,30 @@ def _files(root: str) -> dict[str, bytes]:
     return found
 
 
-def _assert_same_data_folder(local: str, remote: str, splits) -> dict:
-    """The two folders hold the same files, byte for byte, but for the sources
-    that dataset_info.json records; the splits read back the same."""
+def _assert_same_build(local: str, remote: str, manual_dirs: tuple[str, str]) -> None:
+    """The same files, byte for byte, but for what the metadata records of the
+    build itself (its id, and the manual dir it read); the project's readers
+    read the same splits and counts back."""
     local_files, remote_files = _files(local), _files(remote)
     assert sorted(remote_files) == sorted(local_files)
+    assert any(".tfrecord-" in name for name in local_files)
     for name, data in local_files.items():
-        if name != data_format.DATASET_INFO:
+        if name != "metadata.json":
             assert remote_files[name] == data, name
-    info = file_io.read_json(file_io.join(remote, data_format.DATASET_INFO))
-    local_info = file_io.read_json(file_io.join(local, data_format.DATASET_INFO))
-    assert {k: v for k, v in info.items() if k != "sources"} == {
-        k: v for k, v in local_info.items() if k != "sources"
-    }
-    assert set(info["sources"]) == set(local_info["sources"])
-    for split in splits:
+    meta = {k: json.loads(v["metadata.json"]) for k, v in (("l", local_files), ("r", remote_files))}
+    for key, manual_dir in zip("lr", manual_dirs, strict=True):
+        assert meta[key].pop(data_format.BUILD_ID)
+        assert meta[key]["source"].pop("manual_dir") == manual_dir
+    assert meta["l"] == meta["r"]
+    for split in ("train", "val", "index", "test", "nonlandmark"):
         remote_split = data_format.read_split_info(remote, split)
         local_split = data_format.read_split_info(local, split)
         assert remote_split.num_examples == local_split.num_examples > 0
         assert remote_split.file_examples == local_split.file_examples
-        assert [file_io.basename(f) for f in remote_split.files] == [
-            os.path.basename(f) for f in local_split.files
-        ]
         assert all(f.startswith(remote + "/") for f in remote_split.files)
-    return info
+    remote_map, local_map = data_format.read_label_map(remote), data_format.read_label_map(local)
+    assert remote_map.num_classes == local_map.num_classes == TINY_DEMO["num_landmarks"]
+    assert (remote_map.train_val_counts == local_map.train_val_counts).all()
 
 
 def test_demo_data_set_in_ram_equals_the_local_one(demo_raw, ram, cwd):
@@ -105,92 +129,43 @@ def test_demo_data_set_in_ram_equals_the_local_one(demo_raw, ram, cwd):
     assert any(name.endswith(".jpg") for name in remote)
 
 
-def _build_train(raw: str, out: str) -> None:
-    gldv2_to_tfrecord.build_split(
-        "train",
-        f"{raw}/train.csv",
-        f"{raw}/train",
-        out,
-        2,
-        clean_csv=f"{raw}/train_clean.csv",
-        val_fraction=0.25,
-        num_workers=1,
-    )
+def test_gldv2_build_into_ram_equals_a_local_build(demo_raw, local_build, ram, cwd):
+    # The default worker count for a ram:// data dir is one process.
+    remote = _build(f"{ram}/tfds", demo_raw)
+    assert remote == f"{ram}/tfds/gldv2/{CONFIG}/1.0.0"
+    _assert_same_build(local_build, remote, (demo_raw, demo_raw))
+    # The folder above the build finds it, as a config's data_dir may name it.
+    assert data_format.find_build(f"{ram}/tfds/gldv2") == remote
+    # Reused as it is, then rebuilt in place (TFDS deletes the old build).
+    builder, reused = build_dataset.build(DATASET, f"{ram}/tfds", val_fraction=0.25)
+    assert reused
+    build_id = data_format.open_build(remote).info.metadata[data_format.BUILD_ID]
+    again = _build(f"{ram}/tfds", demo_raw, overwrite=True)
+    assert again == remote
+    assert data_format.open_build(remote).info.metadata[data_format.BUILD_ID] != build_id
+    assert not [p for p in file_io.glob(f"{ram}/tfds/gldv2/*") if "incomplete" in p]
 
 
-def _build_index(raw: str, out: str, num_workers: int | None = 1) -> None:
-    gldv2_to_tfrecord.build_split(
-        "index", f"{raw}/index.csv", f"{raw}/index", out, 2, num_workers=num_workers
-    )
-
-
-def test_gldv2_to_tfrecord_into_ram_equals_a_local_build(demo_raw, ram, cwd, tmp_path):
-    local, remote = str(tmp_path / "local"), f"{ram}/data"
-    for out in (local, remote):
-        _build_train(demo_raw, out)
-    info = _assert_same_data_folder(local, remote, ("train", "val"))
-    assert info["sources"] == file_io.read_json(f"{local}/{data_format.DATASET_INFO}")["sources"]
-    assert info["sources"]["train"]["csv"] == os.path.abspath(f"{demo_raw}/train.csv")
-    remote_map, local_map = data_format.read_label_map(remote), data_format.read_label_map(local)
-    assert remote_map.num_classes == local_map.num_classes == TINY_DEMO["num_landmarks"]
-    assert (remote_map.counts == local_map.counts).all()
-    assert (remote_map.train_val_counts == local_map.train_val_counts).all()
-
-
-def test_gldv2_to_tfrecord_reads_its_inputs_from_ram(demo_raw, ram, cwd, tmp_path):
-    # Inputs on the URL filesystem too: CSVs and the image tree.
+def test_gldv2_build_reads_its_inputs_from_ram(demo_raw, local_build, ram, cwd, tmp_path):
     for name, data in _files(demo_raw).items():
         file_io.write_bytes(f"{ram}/raw/{name}", data)
-    local, remote = str(tmp_path / "local"), f"{ram}/data"
-    for raw, out in ((demo_raw, local), (f"{ram}/raw", remote)):
-        _build_index(raw, out)
-    info = _assert_same_data_folder(local, remote, ("index",))
+    # A local data dir, default worker count: one process, which alone sees
+    # the ram:// images.
+    local = _build(str(tmp_path / "tfds"), f"{ram}/raw")
     # A URL is recorded as is, not made absolute as a local path would be.
-    assert info["sources"]["index"]["csv"] == f"{ram}/raw/index.csv"
+    _assert_same_build(local_build, local, (demo_raw, f"{ram}/raw"))
 
 
-def test_second_split_into_the_same_ram_folder(demo_raw, ram, cwd):
-    remote = f"{ram}/data"
-    _build_train(demo_raw, remote)
-    _build_index(demo_raw, remote)
-    assert data_format.read_split_info(remote, "index").num_examples > 0
-    assert data_format.read_split_info(remote, "train").num_examples > 0
-
-
-def test_revisited_to_tfrecord_into_ram_equals_a_local_build(ram, cwd, tmp_path):
-    tiny_dir = tmp_path / "tiny"
-    tiny_dir.mkdir()
-    tiny = make_tiny_set(tiny_dir)
-    local, remote = str(tmp_path / "local"), f"{ram}/data"
-    for out in (local, remote):
-        revisited_to_tfrecord.build_revisited(
-            tiny["gnd"], tiny["images"], out, num_shards=2, num_workers=1
-        )
-    info = _assert_same_data_folder(
-        local, remote, (revisited_to_tfrecord.DB_SPLIT, revisited_to_tfrecord.QUERY_SPLIT)
-    )
-    assert info["sources"]["revisited"]["gnd"] == os.path.abspath(tiny["gnd"])
-    gnd = data_format.read_revisited_gnd(f"{remote}/{revisited_to_tfrecord.GND_FILE}")
-    assert gnd["qimlist"] == tiny["data"]["qimlist"]
-    # The query crops' scratch folder is gone.
-    assert not [n for n in file_io.listdir(remote) if n.startswith(".revisited-crops-")]
-
-
-def test_ram_output_with_worker_processes_is_refused(demo_raw, ram, cwd, tmp_path):
-    out = f"{ram}/data"
-    with pytest.raises(ValueError, match=f"{out}.*num_workers=1"):
-        gldv2_to_tfrecord.build_split(
-            "index", f"{demo_raw}/index.csv", f"{demo_raw}/index", out, 2, num_workers=2
-        )
-    # The default for a ram:// folder is one process.
-    _build_index(demo_raw, f"{ram}/default", num_workers=None)
-    assert data_format.read_split_info(f"{ram}/default", "index").num_examples > 0
-    tiny_dir = tmp_path / "tiny"
-    tiny_dir.mkdir()
-    tiny = make_tiny_set(tiny_dir)
-    with pytest.raises(ValueError, match=f"{out}.*num_workers=1"):
-        revisited_to_tfrecord.build_revisited(tiny["gnd"], tiny["images"], out, num_workers=2)
-    with pytest.raises(ValueError, match=f"{out}.*num_workers=1"):
-        make_demo_dataset.make_demo_dataset(out, **{**TINY_DEMO, "num_workers": 2})
-    # Refused before any work: nothing was written.
-    assert not file_io.exists(out)
+def test_worker_processes_on_ram_are_refused(demo_raw, ram, cwd, tmp_path):
+    with pytest.raises(ValueError, match=rf"--data_dir={ram}/tfds.*num_workers=1"):
+        _build(f"{ram}/tfds", demo_raw, num_workers=2)
+    for name, data in _files(demo_raw).items():
+        file_io.write_bytes(f"{ram}/raw/{name}", data)
+    with pytest.raises(ValueError, match=rf"--manual_dir={ram}/raw.*num_workers=1"):
+        _build(str(tmp_path / "tfds"), f"{ram}/raw", num_workers=2)
+    with pytest.raises(ValueError, match=f"{ram}/demo.*num_workers=1"):
+        make_demo_dataset.make_demo_dataset(f"{ram}/demo", **{**TINY_DEMO, "num_workers": 2})
+    # Refused before any image: no build, no demo folder.
+    assert not file_io.glob(f"{ram}/tfds/gldv2/{CONFIG}/*")
+    assert not os.listdir(tmp_path / "tfds" / "gldv2" / CONFIG)
+    assert not file_io.exists(f"{ram}/demo")

@@ -14,7 +14,7 @@ import flax
 import numpy as np
 import pytest
 
-from data_pipelines import gldv2_to_tfrecord
+from data_pipelines import build_dataset
 from landmark_jax import checkpointing, data_format, losses, trainer
 from landmark_jax.retrieval import evaluation
 
@@ -23,7 +23,7 @@ from config_files import load_config
 
 
 def test_glr2020_clean_stage_trains_with_two_image_classes(demo, tmp_path):
-    raw, data_dir = str(tmp_path / "raw"), str(tmp_path / "data")
+    raw = str(tmp_path / "raw")
     # 40 classes of 2 clean images each and nothing else, like the small end of
     # GLDv2-clean.
     tiny_gldv2.make_tiny_gldv2(
@@ -31,17 +31,15 @@ def test_glr2020_clean_stage_trains_with_two_image_classes(demo, tmp_path):
     )
     # f = 0.3: a 2-image class gives floor(0.6 + u) = 1 image to val with
     # probability 0.6, leaving it 1 training image.
-    gldv2_to_tfrecord.build_split(
-        "train",
-        f"{raw}/train.csv",
-        f"{raw}/train",
-        data_dir,
-        2,
-        clean_csv=f"{raw}/train_clean.csv",
-        clean_only=True,
+    builder, _ = build_dataset.build(
+        "gldv2/clean",
+        str(tmp_path / "tfds"),
+        manual_dir=raw,
+        num_shards=2,
         val_fraction=0.3,
         num_workers=1,
     )
+    data_dir = str(builder.data_dir)
     label_map = data_format.read_label_map(data_dir)
     singles = int(np.sum(label_map.counts == 1))
     assert singles >= 10, f"only {singles} class(es) left with 1 training image"

@@ -119,7 +119,7 @@ def tree(tmp_path_factory):
     nonlandmark = [f"{n:016x}" for n in range(0xABC000, 0xABC000 + NUM_NONLANDMARK)]
     for i, source in zip(nonlandmark, ids["test"], strict=False):
         path = tiny_gldv2.image_path(root, "nonlandmark", i)
-        os.makedirs(os.path.dirname(path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.copy(tiny_gldv2.image_path(root, "test", source), path)
     open(f"{root}/nonlandmark.csv", "w").write("id\n" + "\n".join(nonlandmark) + "\n")
     ids["nonlandmark"] = nonlandmark
@@ -266,14 +266,16 @@ def test_assign_val_never_takes_a_class_last_clean_image():
     ]
     for seed in range(3):
         is_val = landmark_examples.assign_val(examples, 0.99, np.random.default_rng(seed))
-        kept = collections.Counter(e.label for e, v in zip(examples, is_val) if e.is_clean and not v)
+        kept = collections.Counter(
+            e.label for e, v in zip(examples, is_val, strict=True) if e.is_clean and not v
+        )
         assert len(kept) == 400 and min(kept.values()) >= 1
-        assert not any(v and not e.is_clean for e, v in zip(examples, is_val))
+        assert not any(v and not e.is_clean for e, v in zip(examples, is_val, strict=True))
     # The expected fraction holds for small classes: 2 clean images at f=0.25
-    # give floor(0.5 + u) = 1 with probability 1/2.
+    # give floor(0.5 + u) = 1 with probability 1/2 (200 such classes here).
     is_val = landmark_examples.assign_val(examples, 0.25, np.random.default_rng(0))
-    twos = [v for e, v in zip(examples, is_val) if e.label % 2]
-    assert 0.2 < sum(twos) / len(twos) < 0.3
+    twos = sum(v for e, v in zip(examples, is_val, strict=True) if e.label % 2)
+    assert 80 < twos < 120
     again = landmark_examples.assign_val(examples, 0.25, np.random.default_rng(0))
     np.testing.assert_array_equal(is_val, again)
 
@@ -289,7 +291,12 @@ def test_configs_select_their_rows(full, named, tree):
     }
     assert len(expected["clean"][1]) < len(expected["gldv2x"][1]) < len(train_csv)
     for config, (path, ids) in expected.items():
-        written = [r["id"] for s in ("train", "val") if s in split_names(path) for r in read_records(path, s)]
+        written = [
+            r["id"]
+            for s in ("train", "val")
+            if s in split_names(path)
+            for r in read_records(path, s)
+        ]
         assert sorted(written) == sorted(ids), config
         names = open(os.path.join(path, "label.labels.txt")).read().split()
         landmarks = sorted({train_csv[i] for i in ids})
@@ -340,6 +347,32 @@ def test_class_counts_are_the_counts_of_the_records(full, named, tree):
     assert metadata(full)[data_format.SKIPPED_IMAGES] == []
 
 
+def test_label_map_refuses_class_counts_that_disagree_with_the_build(full, tmp_path):
+    def damaged(change) -> str:
+        copy = str(tmp_path / f"copy{len(os.listdir(tmp_path))}")
+        shutil.copytree(full, copy)
+        meta = metadata(copy)
+        change(meta[data_format.CLASS_COUNTS])
+        open(os.path.join(copy, "metadata.json"), "w").write(json.dumps(meta))
+        return copy
+
+    def more(counts):
+        counts["train_val_count"][0] += 1
+
+    def below(counts):
+        counts["train_val_count"][0] = counts["count"][0] - 1
+
+    cases = {
+        "has no entries for 6 classes": lambda c: c.pop("train_val_clean"),
+        "train_val_count has 5 entries for 6 classes": lambda c: c["train_val_count"].pop(),
+        r"the counts sum to \d+ \(train\) and \d+ \(train \+ val\) but the splits hold": more,
+        "label 0 has train_val_count .* < count": below,
+    }
+    for message, change in cases.items():
+        with pytest.raises(data_format.DataFormatError, match=message):
+            data_format.read_label_map(damaged(change))
+
+
 # ------------------------------------------------------------- bad input
 
 
@@ -382,7 +415,7 @@ def test_skip_bad_images_lists_them_and_leaves_them_out(bad_tree, tmp_path):
     # The class counts are of the images written.
     assert sum(metadata(path)[data_format.CLASS_COUNTS]["train_val_count"]) == len(written)
     summary = describe_dataset.summarize(path)
-    assert f"skipped images: 2 (all in metadata.json 'skipped_images'): " in summary
+    assert "skipped images: 2 (all in metadata.json 'skipped_images'): " in summary
     assert ids["missing"] in summary and corrupt in summary
 
 
@@ -407,7 +440,9 @@ def test_csv_errors_name_file_and_value(tree, tmp_path):
         build("gldv2/full", str(tmp_path / "tfds"), str(raw))
 
     _rewrite(train_csv, ["id", "url"], [[first, ""]])
-    with pytest.raises(gldv2_csv.GLDv2FormatError, match=r"train\.csv.*missing column.*landmark_id"):
+    with pytest.raises(
+        gldv2_csv.GLDv2FormatError, match=r"train\.csv.*missing column.*landmark_id"
+    ):
         gldv2_csv.read_train_csv(train_csv)
     _rewrite(train_csv, ["id", "url", "landmark_id"], [[first, "", "abc"]])
     with pytest.raises(gldv2_csv.GLDv2FormatError, match=r"train\.csv:2: landmark_id 'abc'"):
@@ -474,9 +509,9 @@ def test_dataset_names_configs_and_overrides(tmp_path):
     )
     same = build_dataset.make_builder("gldv2/clean", str(tmp_path), val_fraction=0.02, seed=0)
     assert same.builder_config is gldv2_builder.Gldv2.builder_configs["clean"]
-    assert build_dataset.make_builder("landmark_demo", str(tmp_path), seed=3).builder_config.name == (
-        "default_seed3"
-    )
+    assert build_dataset.make_builder(
+        "landmark_demo", str(tmp_path), seed=3
+    ).builder_config.name == ("default_seed3")
     with pytest.raises(ValueError, match=r"--val_fraction=1.5: must be in \[0, 1\]"):
         build_dataset.make_builder("gldv2/clean", str(tmp_path), val_fraction=1.5)
     # A builder without a validation split, or without the option.
@@ -509,7 +544,7 @@ def test_find_build_refuses_other_folders_and_several_builds(full, named, data_d
         data_format.find_build(data_dir)
     assert full in str(error.value) and named["clean"] in str(error.value)
     # A folder above exactly one build names it.
-    assert data_format.find_build(os.path.dirname(os.path.dirname(full))) == full
+    assert data_format.find_build(os.path.dirname(full)) == full
 
 
 def test_command_line_end_to_end(tree, tmp_path):
@@ -533,9 +568,21 @@ def test_command_line_end_to_end(tree, tmp_path):
     path = os.path.join(out, "gldv2", "clean_val0.3_seed1", "1.0.0")
     train, val = read_records(path, "train"), read_records(path, "val")
     assert sorted(r["id"] for r in train + val) == sorted(csv_clean(root))
+    # The summary ends the output (TFDS prints its progress before it).
     lines = result.stdout.splitlines()
-    assert lines[0] == f"build: {path} (gldv2/clean_val0.3_seed1/1.0.0)"
-    assert f"  train      : {len(train):>11,d} examples in 2 shard files, {len(train)} clean" in lines
+    lines = lines[lines.index(f"build: {path} (gldv2/clean_val0.3_seed1/1.0.0)") :]
+    assert (
+        f"  train      : {len(train):>11,d} examples in 2 shard files, {len(train)} clean" in lines
+    )
     assert f"  val        : {len(val):>11,d} examples in 2 shard files, {len(val)} clean" in lines
     assert any(line.startswith("  classes: 5 (train images per class: min ") for line in lines)
     assert "  skipped images: 0" in lines
+
+
+def test_describe_reads_a_training_batch(full):
+    # The folder above the build: what a config's data_dir may name.
+    text = describe_dataset.describe(os.path.dirname(full), image_size=24)
+    lines = text.splitlines()
+    assert lines[0] == f"build: {full} (gldv2/full_val{VAL_FRACTION:g}/1.0.0)"
+    assert f"  nonlandmark: {NUM_NONLANDMARK:>11,d} examples in 2 shard files" in lines
+    assert lines[-1].startswith("  train batch on 8 cpu device(s): image uint8[8, 24, 24, 3]")

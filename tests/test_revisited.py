@@ -1,29 +1,40 @@
-"""Revisited Oxford/Paris: the TFRecord builder and the evaluation, on a tiny synthetic set."""
+"""Revisited Oxford/Paris: the TFDS builder and the evaluation, on a tiny synthetic set.
+
+The builds are checked against references of their own: the image files,
+PIL's crops of them, the gnd pickle, and the shard files parsed with protobuf
+(and TFDS's own reader for the decoded images).
+"""
 
 import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import uuid
 
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
-from tiny_revisited import EXPECTED_BOXES, NUM_DB, make_tiny_set
+from tfds_builds import tfds_order
+from tiny_revisited import BOXES, EXPECTED_BOXES, NUM_DB, make_tiny_set
 
-from data_pipelines import revisited_to_tfrecord, tfrecord_shard
-from landmark_jax import data_format, sharding, sized_eval_input
+from data_pipelines import build_dataset, image_encoding, revisited_builder
+from landmark_jax import data_format, entry_point_errors, file_io, sharding, sized_eval_input
 from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited, shape_buckets
 
 from config_files import REPO, load_config
 
+DATASET = "revisited_oxford_paris"
+
 
 @pytest.fixture()
 def tiny_set(tmp_path):
-    return make_tiny_set(tmp_path)
+    return make_tiny_set(tmp_path / "raw")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +43,13 @@ def trained(demo, trained_demo):
     config = load_config("demo", "smoke")
     config.data_dir = demo["full"]
     return config, trained_demo
+
+
+def build(dataset: str, data_dir: str, manual_dir: str, **kwargs) -> str:
+    """Builds through the command line's function; returns the build folder."""
+    kwargs = {"num_workers": 1, "num_shards": 2, **kwargs}
+    builder, _ = build_dataset.build(dataset, data_dir, manual_dir=manual_dir, **kwargs)
+    return os.fspath(builder.data_dir)
 
 
 def read_split(out_dir: str, split: str) -> list[tuple[str, bytes]]:
@@ -54,128 +72,245 @@ def read_split(out_dir: str, split: str) -> list[tuple[str, bytes]]:
     return rows
 
 
+def metadata(build_dir: str) -> dict:
+    return json.load(open(os.path.join(build_dir, "metadata.json")))
+
+
+def shard_bytes(build_dir: str) -> dict[str, bytes]:
+    return {
+        name: file_io.read_bytes(file_io.join(build_dir, name))
+        for name in sorted(file_io.listdir(build_dir))
+        if ".tfrecord-" in name
+    }
+
+
 def decode(jpeg: bytes) -> np.ndarray:
     image = Image.open(io.BytesIO(jpeg))
     assert image.format == "JPEG" and image.mode == "RGB"
     return np.asarray(image, np.float32)
 
 
-def test_builder_writes_both_splits_in_gnd_order_with_cropped_queries(tiny_set, tmp_path):
-    out = str(tmp_path / "out")
-    os.makedirs(out)
-    # Another data set's splits in the same folder must survive the merge.
-    with open(os.path.join(out, "dataset_info.json"), "w") as f:
-        json.dump({"num_classes": 7, "splits": {"index": {"files": []}}, "sources": {}}, f)
+def original(tiny: dict, name: str) -> Image.Image:
+    return Image.open(os.path.join(tiny["images"], f"{name}.jpg"))
 
-    summary = revisited_to_tfrecord.build_revisited(
-        tiny_set["gnd"], tiny_set["images"], out, num_shards=4, num_workers=1
-    )
 
-    gnd = tiny_set["data"]
-    db, queries = read_split(out, "revisited_db"), read_split(out, "revisited_query")
+# ---------------------------------------------------------------- the build
+
+
+def test_build_holds_the_database_and_cropped_queries_in_gnd_order(revisited_data):
+    tiny, build_dir = revisited_data
+    gnd = tiny["data"]
+    db, queries = read_split(build_dir, "revisited_db"), read_split(build_dir, "revisited_query")
+    # Unshuffled: file order is gnd order, so the easy/hard/junk indices are row numbers.
     assert [i for i, _ in db] == gnd["imlist"]
     assert [i for i, _ in queries] == gnd["qimlist"]
-    assert summary["splits"] == {
-        "revisited_db": {"num_examples": 12, "num_files": 4},
-        "revisited_query": {"num_examples": 3, "num_files": 3},
-    }
-    assert sorted(f for f in os.listdir(out) if f.startswith("revisited_db")) == [
-        f"revisited_db-0000{i}-of-00004.tfrecord" for i in range(4)
-    ]
-    info = json.load(open(os.path.join(out, "dataset_info.json")))
-    assert info["num_classes"] == 7 and "index" in info["splits"]
-    assert info["sources"]["revisited"]["crop_queries"] is True
-    with open(os.path.join(out, "gnd.pkl"), "rb") as f, open(tiny_set["gnd"], "rb") as g:
-        assert f.read() == g.read()
-    # The crops' scratch folder is gone.
-    assert not [f for f in os.listdir(out) if f.startswith(".revisited-crops")]
+    assert tfds_order(build_dir, "revisited_db") == gnd["imlist"]
+    for split in ("revisited_db", "revisited_query"):
+        assert len(data_format.read_split_info(build_dir, split).files) == 2
+    # No side files: the ground truth is in metadata.json.
+    assert not [n for n in os.listdir(build_dir) if n.endswith(".pkl")]
 
     # Database images (RGB JPEGs) are stored byte for byte.
     for name, jpeg in db:
-        assert jpeg == open(os.path.join(tiny_set["images"], f"{name}.jpg"), "rb").read()
-    # Queries are exactly their clamped, rounded box of the original.
-    for (name, jpeg), box in zip(queries, EXPECTED_BOXES, strict=True):
-        original = np.asarray(Image.open(os.path.join(tiny_set["images"], f"{name}.jpg")))
-        x1, y1, x2, y2 = box
-        expected = original[y1:y2, x1:x2].astype(np.float32)
-        got = decode(jpeg)
+        assert jpeg == open(os.path.join(tiny["images"], f"{name}.jpg"), "rb").read()
+    # Each query is its bbx rounded as PIL's crop rounds it, clamped to the
+    # image, encoded once as a 4:4:4 JPEG.
+    assert metadata(build_dir)["query_boxes"] == [list(b) for b in EXPECTED_BOXES]
+    for (name, jpeg), bbx, box in zip(queries, BOXES, EXPECTED_BOXES, strict=True):
+        image = original(tiny, name)
+        crop = image.crop(box)
+        if bbx[1] >= 0 and bbx[2] <= image.width:  # inside: PIL's own float crop is the same
+            np.testing.assert_array_equal(np.asarray(image.crop(bbx)), np.asarray(crop))
+        out = io.BytesIO()
+        crop.save(out, format="JPEG", quality=95, subsampling=0)
+        assert jpeg == out.getvalue(), name
+        got, expected = decode(jpeg), np.asarray(crop, np.float32)
         assert got.shape == expected.shape, name
-        assert np.abs(got - expected).mean() < 2.0, name
-        assert np.abs(got - expected).max() < 24, name
+        assert np.abs(got - expected).mean() < 2.0 and np.abs(got - expected).max() < 24, name
+    # TFDS's own reader decodes the crops at their sizes.
+    ds = tfds.builder_from_directory(build_dir).as_dataset(
+        split="revisited_query", shuffle_files=False
+    )
+    shapes = [tuple(ex["image"].shape) for ex in ds.as_numpy_iterator()]
+    assert shapes == [(23, 36, 3), (33, 44, 3), (48, 64, 3)]
 
 
-def test_no_crop_keeps_full_queries_and_rebuild_replaces_shards(tiny_set, tmp_path):
-    out = str(tmp_path / "out")
-    revisited_to_tfrecord.build_revisited(
-        tiny_set["gnd"], tiny_set["images"], out, num_shards=4, num_workers=1
+def test_ground_truth_travels_in_the_metadata(revisited_data, tmp_path):
+    tiny, build_dir = revisited_data
+    expected = data_format.read_revisited_gnd(tiny["gnd"])
+    assert revisited.read_gnd(build_dir) == expected
+    # The TFDS data dir above the one build names it too.
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(build_dir)))
+    assert revisited.read_gnd(data_dir) == expected
+    meta = metadata(build_dir)
+    assert meta[data_format.REVISITED_GND] == expected
+    assert meta["source"] == {
+        "manual_dir": os.path.abspath(tiny["manual_dir"]),
+        "gnd_file": "gnd_roxford5k.pkl",
+        "crop_queries": True,
+        "jpeg_quality": 95,
+    }
+    assert len(meta[data_format.BUILD_ID]) == 32
+
+    # A copy whose metadata lacks the ground truth, or holds a broken one.
+    copy = str(tmp_path / "copy")
+    shutil.copytree(build_dir, copy)
+    where = os.path.join(copy, "metadata.json")
+    broken = json.loads(json.dumps(meta))
+    broken[data_format.REVISITED_GND]["gnd"][0]["easy"] = [0, 99]
+    json.dump(broken, open(where, "w"))
+    with pytest.raises(
+        data_format.DataFormatError,
+        match=r"metadata.json: gnd: gnd\[0\] \(query 'query_a'\): 'easy' holds \[99\]",
+    ):
+        revisited.read_gnd(copy)
+    del broken[data_format.REVISITED_GND]
+    json.dump(broken, open(where, "w"))
+    with pytest.raises(
+        data_format.DataFormatError, match="metadata.json: no 'gnd'.*not a Revisited"
+    ):
+        revisited.read_gnd(copy)
+
+
+def test_full_queries_config_keeps_the_query_images(tiny_set, tmp_path):
+    path = build(
+        f"{DATASET}/roxford5k_full_queries", str(tmp_path / "tfds"), tiny_set["manual_dir"]
     )
-    revisited_to_tfrecord.build_revisited(
-        tiny_set["gnd"], tiny_set["images"], out, num_shards=2, crop_queries=False, num_workers=1
-    )
-    # The 4-shard files of the first build are gone (a glob would read them).
-    assert data_format.read_split_info(out, "revisited_db").files[-1].endswith("-of-00002.tfrecord")
-    assert len(read_split(out, "revisited_db")) == NUM_DB
-    for name, jpeg in read_split(out, "revisited_query"):
+    assert path.endswith(os.path.join("roxford5k_full_queries", "1.0.0"))
+    queries = read_split(path, "revisited_query")
+    assert [i for i, _ in queries] == tiny_set["data"]["qimlist"]
+    for name, jpeg in queries:
         assert jpeg == open(os.path.join(tiny_set["images"], f"{name}.jpg"), "rb").read()
+    meta = metadata(path)
+    assert meta["source"]["crop_queries"] is False and meta["query_boxes"] == []
+    assert revisited.read_gnd(path) == data_format.read_revisited_gnd(tiny_set["gnd"])
+
+
+def test_rparis6k_reads_its_own_pickle_and_worker_processes_build_the_same(
+    revisited_data, tmp_path
+):
+    tiny, cropped = revisited_data
+    paris = make_tiny_set(tmp_path / "rparis6k", gnd_file="gnd_rparis6k.pkl")
+    path = build(f"{DATASET}/rparis6k", str(tmp_path / "tfds"), paris["manual_dir"], num_workers=2)
+    assert metadata(path)["source"]["gnd_file"] == "gnd_rparis6k.pkl"
+    # The same images (make_tiny_set is seeded): the same shards, byte for
+    # byte, as the one-process roxford5k build.
+    assert shard_bytes(path) == shard_bytes(cropped)
+    with pytest.raises(FileNotFoundError, match=r"gnd_roxford5k\.pkl not found.*gnd_rparis6k"):
+        build(f"{DATASET}/roxford5k", str(tmp_path / "tfds"), paris["manual_dir"])
+
+
+def test_into_ram_equals_a_local_build_and_refuses_worker_processes(revisited_data, tmp_path):
+    import tfds_ram
+
+    tfds_ram.register()
+    tiny, local = revisited_data
+    remote = f"ram://{uuid.uuid4().hex}/tfds"
+    try:
+        with pytest.raises(ValueError, match=f"--data_dir={remote}.*num_workers=1"):
+            build(f"{DATASET}/roxford5k", remote, tiny["manual_dir"], num_workers=2)
+        # The default for a ram:// data dir is one process.
+        path = build(f"{DATASET}/roxford5k", remote, tiny["manual_dir"], num_workers=None)
+        assert path.startswith("ram://")
+        assert shard_bytes(path) == shard_bytes(local)
+        assert revisited.read_gnd(remote) == revisited.read_gnd(local)
+    finally:
+        file_io.rmtree(remote)
+
+
+def _pickled(tiny: dict, **changes) -> None:
+    data = {**tiny["data"], **changes}
+    with open(tiny["gnd"], "wb") as f:
+        pickle.dump(data, f)
 
 
 def test_builder_errors_name_the_file(tiny_set, tmp_path):
-    build = revisited_to_tfrecord.build_revisited
     images, gnd_path, data = tiny_set["images"], tiny_set["gnd"], tiny_set["data"]
+    data_dir = tmp_path / "tfds"
+
+    def fails(error, match, **kwargs):
+        with pytest.raises(error, match=match) as raised:
+            build(f"{DATASET}/roxford5k", str(data_dir), tiny_set["manual_dir"], **kwargs)
+        # Nothing half-built is left where the build would go.
+        assert os.listdir(data_dir / DATASET / "roxford5k") == []
+        return raised.value
 
     missing = os.path.join(images, "db_05.jpg")
     os.rename(missing, missing + ".bak")
-    with pytest.raises(FileNotFoundError, match="db_05.jpg"):
-        build(gnd_path, images, str(tmp_path / "a"), num_workers=1)
+    fails(FileNotFoundError, r"1 image\(s\) of imlist in .*gnd_roxford5k.pkl .*db_05\.jpg")
     os.rename(missing + ".bak", missing)
 
-    corrupt = os.path.join(images, "db_03.jpg")
-    with open(corrupt, "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(tfrecord_shard.BadImageError, match="db_03.jpg"):
-        build(gnd_path, images, str(tmp_path / "b"), num_workers=1)
+    fails(ValueError, r"num_shards=4: .*'revisited_query' has 3", num_shards=4)
+
+    good = open(gnd_path, "rb").read()
+    _pickled(tiny_set, imlist=[*data["imlist"][:-1], "db_00"])
+    fails(ValueError, r"gnd_roxford5k\.pkl: imlist lists 'db_00' twice")
+    _pickled(tiny_set, gnd=[{**data["gnd"][0], "easy": [0, 99]}, *data["gnd"][1:]])
+    fails(
+        data_format.DataFormatError,
+        r"gnd_roxford5k\.pkl: gnd\[0\] \(query 'query_a'\): 'easy' holds \[99\]",
+    )
+    open(gnd_path, "wb").write(b"not a pickle")
+    fails(data_format.DataFormatError, r"gnd_roxford5k\.pkl: not a readable gnd pickle")
+    for bbx in ([70, 10, 90, 20], [10, 10, 10.2, 30], [30, 10, 20, 30]):
+        _pickled(tiny_set, gnd=[{**data["gnd"][0], "bbx": bbx}, *data["gnd"][1:]])
+        fails(ValueError, r"query 0 \('query_a', .*query_a\.jpg\): bbx .* is empty inside")
+    open(gnd_path, "wb").write(good)
 
     corrupt_query = os.path.join(images, "query_b.jpg")
-    with open(corrupt_query, "wb") as f:
-        f.write(b"not an image")
-    with pytest.raises(tfrecord_shard.BadImageError, match="query_b.jpg"):
-        build(gnd_path, images, str(tmp_path / "c"), num_workers=1)
+    shutil.copy(corrupt_query, corrupt_query + ".bak")
+    open(corrupt_query, "wb").write(b"not an image")
+    fails(image_encoding.BadImageError, r"query_b\.jpg: cannot decode image")
+    shutil.move(corrupt_query + ".bak", corrupt_query)
 
-    for bbx in ([70, 10, 90, 20], [10, 10, 10.2, 30], [30, 10, 20, 30]):
-        bad = dict(data, gnd=[dict(g) for g in data["gnd"]])
-        bad["gnd"][0]["bbx"] = bbx
-        bad_path = str(tmp_path / "bad.pkl")
-        with open(bad_path, "wb") as f:
-            pickle.dump(bad, f)
-        with pytest.raises(ValueError, match=r"query 0 \('query_a'.*query_a.jpg.*bbx.*empty"):
-            build(bad_path, images, str(tmp_path / "d"), num_workers=1)
+    with open(os.path.join(images, "db_03.jpg"), "r+b") as f:
+        f.truncate(100)
+    for num_workers in (1, 2):
+        error = fails(image_encoding.BadImageError, r"db_03\.jpg", num_workers=num_workers)
+        # Raised from the builder, also when a worker process found it: the
+        # command line prints it as a message, not as a bug's traceback.
+        assert entry_point_errors.is_user_error(error)
 
-    with pytest.raises(ValueError, match="num_shards=13 is more than the 12"):
-        build(gnd_path, images, str(tmp_path / "e"), num_shards=13)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="--manual_dir"):
+        build(f"{DATASET}/roxford5k", str(data_dir), str(empty))
 
 
-def test_command_line(tiny_set, tmp_path):
-    out = str(tmp_path / "out")
+def test_the_registry_and_the_command_line(tiny_set, tmp_path):
+    names = build_dataset.dataset_names()
+    assert {f"{DATASET}/{c}" for c in ("roxford5k", "rparis6k")} <= set(names)
+    assert {f"{DATASET}/{c}_full_queries" for c in ("roxford5k", "rparis6k")} <= set(names)
+    # What `tfds build --imports=data_pipelines.revisited_builder` resolves.
+    builder = tfds.builder(f"{DATASET}/rparis6k", data_dir=str(tmp_path))
+    assert isinstance(builder, revisited_builder.RevisitedOxfordParis)
+    assert builder.builder_config.gnd_file == "gnd_rparis6k.pkl"
+
+    out = str(tmp_path / "tfds")
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "data_pipelines.revisited_to_tfrecord",
-            f"--gnd={tiny_set['gnd']}",
-            f"--images_dir={tiny_set['images']}",
-            f"--output_dir={out}",
-            "--num_shards=3",
-            "--no_crop_queries",
+            "data_pipelines.build_dataset",
+            f"--dataset={DATASET}/roxford5k",
+            f"--manual_dir={tiny_set['manual_dir']}",
+            f"--data_dir={out}",
+            "--num_shards=1",
             "--num_workers=1",
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
+        timeout=300,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "NOT cropped" in result.stdout
-    assert [i for i, _ in read_split(out, "revisited_query")] == tiny_set["data"]["qimlist"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ground truth: 3 queries over 12 database images" in result.stdout
+    path = os.path.join(out, DATASET, "roxford5k", "1.0.0")
+    assert [i for i, _ in read_split(path, "revisited_query")] == tiny_set["data"]["qimlist"]
+
+
+# ----------------------------------------------------------- the evaluation
 
 
 def test_in_gnd_order_reorders_and_rejects_mismatches():

@@ -1,4 +1,5 @@
-"""The Revisited Oxford/Paris ground-truth reader (data_format.read_revisited_gnd)."""
+"""The Revisited Oxford/Paris ground-truth checks (data_format.read_revisited_gnd and
+parse_revisited_gnd)."""
 
 import datetime
 import pickle
@@ -55,6 +56,10 @@ def _bad_query(**fields):
         ({"imlist": [], "gnd": []}, r"missing key\(s\) \['qimlist'\]"),
         (_gnd(qimlist=["qa"]), "2 gnd entries for 1 queries"),
         ([1, 2], "expected a dict"),
+        (_gnd(imlist="db0"), "imlist: expected a list, got str"),
+        (_gnd(qimlist=["qa", 7]), r"qimlist holds \[7\], not image names"),
+        (_bad_query(bbx=[0, 0, True, 1]), "bbx must be 4 finite numbers"),
+        (_bad_query(junk=3), r"gnd\[0\] \(query 'qa'\): 'junk': expected a list, got int"),
     ],
 )
 def test_read_revisited_gnd_errors_name_the_file(tmp_path, data, match):
@@ -71,3 +76,12 @@ def test_read_revisited_gnd_refuses_pickled_objects(tmp_path):
     path.write_bytes(b"not a pickle")
     with pytest.raises(data_format.DataFormatError, match="garbage.pkl: not a readable gnd pickle"):
         data_format.read_revisited_gnd(str(path))
+
+
+def test_parse_revisited_gnd_names_its_source():
+    # A build's metadata.json carries the parsed form: parsing it again is the identity.
+    parsed = data_format.parse_revisited_gnd(_gnd(extra="kept out"), "meta.json: gnd")
+    assert set(parsed) == {"imlist", "qimlist", "gnd"}
+    assert data_format.parse_revisited_gnd(parsed, "x") == parsed
+    with pytest.raises(data_format.DataFormatError, match=r"^meta.json: gnd: 2 gnd entries"):
+        data_format.parse_revisited_gnd(_gnd(qimlist=["qa"]), "meta.json: gnd")
