@@ -61,11 +61,13 @@ def summarize(data_dir: str) -> str:
         clean["train"] = int(label_map.clean_counts.sum())
         clean["val"] = int(label_map.train_val_clean_counts.sum()) - clean["train"]
     lines = [f"build: {build} ({builder.info.full_name})"]
-    for name in _split_names(builder.info.splits.keys()):
+    names = _split_names(builder.info.splits.keys())
+    width = max([11, *map(len, names)])  # 11: 'nonlandmark'
+    for name in names:
         split = data_format.read_split_info(build, name)
         extra = f", {clean[name]:,d} clean" if name in clean else ""
         lines.append(
-            f"  {name:11s}: {split.num_examples:>11,d} examples in "
+            f"  {name:{width}s}: {split.num_examples:>11,d} examples in "
             f"{len(split.files):,d} shard file{'s' if len(split.files) != 1 else ''}{extra}"
         )
     if data_format.LABEL in builder.info.features.keys():  # noqa: SIM118 (not a dict)

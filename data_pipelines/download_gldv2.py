@@ -4,16 +4,15 @@ r"""Downloads one Google Landmarks v2 split: verified, resumable and extracted.
     python -m data_pipelines.download_gldv2 --split=index --output_dir=DIR
     python -m data_pipelines.download_gldv2 --split=test --output_dir=DIR
 
-then build the TFRecords from what it wrote:
+then build the TFDS data sets from what it wrote (DIR is the manual dir):
 
-    python -m data_pipelines.gldv2_to_tfrecord --split=train --csv=DIR/train.csv \
-        --clean_csv=DIR/train_clean.csv --images_dir=DIR/train \
-        --output_dir=OUT --num_shards=500 --val_fraction=0.02 --seed=0
-    python -m data_pipelines.gldv2_to_tfrecord --split=index --csv=DIR/index.csv \
-        --images_dir=DIR/index --output_dir=OUT --num_shards=100
+    python -m data_pipelines.build_dataset --dataset=gldv2/clean \
+        --manual_dir=DIR --data_dir=OUT
+    python -m data_pipelines.build_dataset --dataset=gldv2/full \
+        --manual_dir=DIR --data_dir=OUT
 
-On a TPU VM, download to its local disk and write the TFRecords straight to a
-bucket with `--output_dir=gs://BUCKET/gldv2` in the gldv2_to_tfrecord commands.
+On a TPU VM, download to its local disk and write the builds straight to a
+bucket with `--data_dir=gs://BUCKET/tfds` in the build_dataset commands.
 --output_dir here must be a local path: tars are appended to and extracted.
 
 Sizes: train is 500 tars of about 1 GB (~500 GB, and as much again once

@@ -180,9 +180,24 @@ def image_path_candidates(images_dir: str, image_id: str) -> list[str]:
     return [file_io.join(folder, f"{image_id}{ext}") for ext in (".jpg", ".jpeg", ".png")]
 
 
-def find_image(images_dir: str, image_id: str) -> str | None:
-    """Returns the path of an image in the GLDv2 tree, or None if absent."""
+def list_images(images_dir: str) -> set[str]:
+    """Every file of a GLDv2 tree `a/b/c/<file>`, listed once.
+
+    One listing instead of a check per image: in a bucket that is a few
+    thousand list requests for GLDv2's 4.1M train images, not millions.
+    """
+    return set(file_io.glob(file_io.join(images_dir, "*", "*", "*", "*")))
+
+
+def find_image(images_dir: str, image_id: str, listed: set[str] | None = None) -> str | None:
+    """Returns the path of an image in the GLDv2 tree, or None if absent.
+
+    Args:
+      images_dir: the tree's root.
+      image_id: the image's id.
+      listed: the tree's files (list_images); None checks the file system.
+    """
     for candidate in image_path_candidates(images_dir, image_id):
-        if file_io.isfile(candidate):
+        if candidate in listed if listed is not None else file_io.isfile(candidate):
             return candidate
     return None

@@ -109,8 +109,9 @@ def plan_split(
             records = [r for r in records if r.landmark_id in classes]
 
     located, missing = [], []
+    listed = gldv2_csv.list_images(images_dir)
     for r in records:
-        path = gldv2_csv.find_image(images_dir, r.image_id)
+        path = gldv2_csv.find_image(images_dir, r.image_id, listed)
         if path is None:
             expected = gldv2_csv.image_path_candidates(images_dir, r.image_id)[0]
             missing.append((r.image_id, expected, "missing file"))
