@@ -4,9 +4,10 @@ The workdir is `gs://` on a Cloud Storage emulator (gcp-storage-emulator,
 served on loopback): Orbax writes the checkpoints there through TensorStore's
 GCS driver and epath, and the project's own files (config.json,
 metrics.jsonl, TensorBoard events, evaluation outputs) through file_io.
-TensorFlow's GCS client cannot be pointed at an emulator, so the data folder
-lives in TensorFlow's in-memory `ram://` filesystem instead, read by tf.data
-and file_io through tf.io.gfile, the code that reads gs:// data folders. The
+TensorFlow's GCS client cannot be pointed at an emulator, so the data set (a
+TFDS build) lives in TensorFlow's in-memory `ram://` filesystem instead, read
+by tf.data, file_io and TFDS (through etils.epath, taught ram:// by
+tfds_ram.py) through tf.io.gfile, the code that reads gs:// data sets. The
 run (the train program) is killed with SIGKILL after a checkpoint, resumed
 in the test's process, evaluated, and checked
 file by file; nothing may appear on the local disk.
@@ -146,8 +147,11 @@ def test_gs_workdir_and_ram_data_train_resume_and_evaluate(
     # Run it again, here, from the same empty folder: it resumes. The data
     # folder is copied into this process's ram://, under the name the
     # killed run recorded in config.json.
+    import tfds_ram
+
     from cloud_train import copy_folder
 
+    tfds_ram.register()
     copy_folder(demo["full"], RAM_DATA)
     monkeypatch.chdir(cwd)
     config = set_keys(

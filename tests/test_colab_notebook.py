@@ -53,7 +53,9 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
     assert os.getcwd() == REPO
     # It built the demo data, trained the smoke config to its end, drew the
     # curves and evaluated with the baselines beside the learned figure.
-    assert os.path.exists(tmp_path / "tfrecords" / "dataset_info.json")
+    assert os.path.exists(
+        tmp_path / "tfds" / "landmark_demo" / "default" / "1.0.0" / "features.json"
+    )
     assert namespace["config"].total_steps == 6 and np.isfinite(namespace["last"]["loss"])
     with open(tmp_path / "workdir" / "metrics.jsonl") as f:
         assert json.loads(f.readlines()[-1])["step"] == 6
