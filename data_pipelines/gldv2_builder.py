@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import multiprocessing
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -249,34 +248,14 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
             jpeg_quality=self.settings.jpeg_quality,
             skip_bad_images=self._skip_bad_images,
         )
-        data_dir = os.fspath(self.data_dir)
-        workers = self._num_workers
-        if workers is None:
-            workers = worker_processes.default_num_workers(data_dir, os.cpu_count() or 1)
-            # The workers read the images: a ram:// manual dir is as out of
-            # their reach as a ram:// data dir.
-            workers = worker_processes.default_num_workers(self._raw_dir, workers)
-        worker_processes.check_num_workers(data_dir, workers, flag="data_dir")
-        if workers > 1 and worker_processes.default_num_workers(self._raw_dir, workers) == 1:
-            raise ValueError(
-                f"--manual_dir={self._raw_dir}: TensorFlow's in-process memory, which worker "
-                f"processes cannot read (num_workers={workers}); use num_workers=1"
-            )
-        workers = min(workers, len(examples))
-        if workers <= 1:
-            results: Iterator = map(encode, examples)
-            yield from self._kept(examples, results)
-            return
-        # spawn, not fork: TensorFlow's runtime does not survive a fork.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            results = pool.imap(encode, examples, chunksize=16)
-            try:
-                yield from self._kept(examples, results)
-            except (image_encoding.BadImageError, OSError) as e:
-                # A worker's error, raised again from here: re-raised by the
-                # pool, its innermost frame is multiprocessing's, and the
-                # command line (entry_point_errors) would print it as a bug.
-                raise type(e)(str(e)) from e
+        results = worker_processes.map_in_order(
+            encode,
+            examples,
+            num_workers=self._num_workers,
+            data_dir=os.fspath(self.data_dir),
+            manual_dir=self._raw_dir,
+        )
+        yield from self._kept(examples, results)
 
     def _kept(self, examples, results) -> Iterator[tuple[str, dict]]:
         for example, (image_id, features, reason) in zip(examples, results, strict=True):

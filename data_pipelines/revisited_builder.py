@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import multiprocessing
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -45,7 +44,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from data_pipelines import image_encoding, landmark_examples, revisited_images, worker_processes
+from data_pipelines import landmark_examples, revisited_images, worker_processes
 from data_pipelines.revisited_images import Task
 from landmark_jax import data_format, file_io
 
@@ -195,32 +194,15 @@ class RevisitedOxfordParis(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, tasks: Sequence[Task]) -> Iterator[tuple[str, dict]]:
         """Encodes the images in worker processes, yielding them in gnd order."""
         encode = functools.partial(revisited_images.encode, jpeg_quality=self.settings.jpeg_quality)
-        data_dir = os.fspath(self.data_dir)
-        workers = self._num_workers
-        if workers is None:
-            workers = worker_processes.default_num_workers(data_dir, os.cpu_count() or 1)
-            # The workers read the images: a ram:// manual dir is as out of
-            # their reach as a ram:// data dir.
-            workers = worker_processes.default_num_workers(self._raw_dir, workers)
-        worker_processes.check_num_workers(data_dir, workers, flag="data_dir")
-        if workers > 1 and worker_processes.default_num_workers(self._raw_dir, workers) == 1:
-            raise ValueError(
-                f"--manual_dir={self._raw_dir}: TensorFlow's in-process memory, which worker "
-                f"processes cannot read (num_workers={workers}); use num_workers=1"
+        yield from self._examples(
+            worker_processes.map_in_order(
+                encode,
+                tasks,
+                num_workers=self._num_workers,
+                data_dir=os.fspath(self.data_dir),
+                manual_dir=self._raw_dir,
             )
-        workers = min(workers, len(tasks))
-        if workers <= 1:
-            yield from self._examples(map(encode, tasks))
-            return
-        # spawn, not fork: TensorFlow's runtime does not survive a fork.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            try:
-                yield from self._examples(pool.imap(encode, tasks, chunksize=16))
-            except (image_encoding.BadImageError, OSError, ValueError) as e:
-                # A worker's error, raised again from here: re-raised by the
-                # pool, its innermost frame is multiprocessing's, and the
-                # command line (entry_point_errors) would print it as a bug.
-                raise type(e)(str(e)) from e
+        )
 
     def _examples(self, results) -> Iterator[tuple[str, dict]]:
         for name, jpeg, box in results:

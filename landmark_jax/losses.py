@@ -2,8 +2,9 @@
 
 Per-class quantities (`class_weights`, `weight_normalizer`, `dynamic_margins`,
 gathered by `per_class_constants`) are computed once in numpy from the
-per-class counts of the data set's `class_counts` metadata (data_format.read_label_map; indexed by contiguous label, so they
-cannot be misaligned) and passed into the jitted step as arrays. Per-batch
+per-class counts of the data set's `class_counts` metadata
+(data_format.read_label_map; indexed by contiguous label, so they cannot be
+misaligned) and passed into the jitted step as arrays. Per-batch
 quantities (`sample_weights`, `weighted_cross_entropy`, `accuracy`) are jnp and
 run under jit, also when the class axis of the logits is sharded across
 devices.
