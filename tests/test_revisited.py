@@ -10,8 +10,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import uuid
 
 import jax
@@ -23,11 +21,11 @@ from PIL import Image
 from tfds_builds import tfds_order
 from tiny_revisited import BOXES, EXPECTED_BOXES, NUM_DB, make_tiny_set
 
-from data_pipelines import build_dataset, image_encoding, revisited_builder
+from data_pipelines import build_dataset, describe_dataset, image_encoding, revisited_builder
 from landmark_jax import data_format, entry_point_errors, file_io, sharding, sized_eval_input
 from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited, shape_buckets
 
-from config_files import REPO, load_config
+from config_files import load_config
 
 DATASET = "revisited_oxford_paris"
 
@@ -277,7 +275,7 @@ def test_builder_errors_name_the_file(tiny_set, tmp_path):
         build(f"{DATASET}/roxford5k", str(data_dir), str(empty))
 
 
-def test_the_registry_and_the_command_line(tiny_set, tmp_path):
+def test_the_registry_and_the_build_command(tiny_set, tmp_path):
     names = build_dataset.dataset_names()
     assert {f"{DATASET}/{c}" for c in ("roxford5k", "rparis6k")} <= set(names)
     assert {f"{DATASET}/{c}_full_queries" for c in ("roxford5k", "rparis6k")} <= set(names)
@@ -286,27 +284,22 @@ def test_the_registry_and_the_command_line(tiny_set, tmp_path):
     assert isinstance(builder, revisited_builder.RevisitedOxfordParis)
     assert builder.builder_config.gnd_file == "gnd_rparis6k.pkl"
 
+    # What the command runs (its process is tested once, on GLDv2, in
+    # test_gldv2_builder.py): the build, then the summary it prints.
     out = str(tmp_path / "tfds")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "data_pipelines.build_dataset",
-            f"--dataset={DATASET}/roxford5k",
-            f"--manual_dir={tiny_set['manual_dir']}",
-            f"--data_dir={out}",
-            "--num_shards=1",
-            "--num_workers=1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    built, reused = build_dataset.build(
+        f"{DATASET}/roxford5k",
+        out,
+        manual_dir=tiny_set["manual_dir"],
+        num_shards=1,
+        num_workers=1,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ground truth: 3 queries over 12 database images" in result.stdout
+    assert not reused
+    assert "ground truth: 3 queries over 12 database images" in describe_dataset.summarize(
+        str(built.data_dir)
+    )
     path = os.path.join(out, DATASET, "roxford5k", "1.0.0")
+    assert str(built.data_dir) == path
     assert [i for i, _ in read_split(path, "revisited_query")] == tiny_set["data"]["qimlist"]
 
 
