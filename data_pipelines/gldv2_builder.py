@@ -211,7 +211,7 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
             "val": [ex for ex, v in zip(plan.examples, is_val, strict=True) if v],
         }
         id_splits = list(RETRIEVAL_SPLITS) if cfg.retrieval_splits else []
-        if file_io.exists(file_io.join(raw, f"{NON_LANDMARK_SPLIT}.csv")):
+        if _has_rows(file_io.join(raw, f"{NON_LANDMARK_SPLIT}.csv")):
             id_splits.append(NON_LANDMARK_SPLIT)
         for split in id_splits:
             split_plan = landmark_examples.plan_split(
@@ -369,6 +369,14 @@ def _check_num_shards(planned: dict[str, Sequence[Example]], num_shards: int | N
             "every split in num_shards files: pass a smaller --num_shards, or none to let "
             "TFDS size the shards"
         )
+
+
+def _has_rows(path: str) -> bool:
+    """True if the CSV exists and has a row below its header (make_demo_dataset
+    writes a header-only nonlandmark.csv when asked for no such images)."""
+    if not file_io.exists(path):
+        return False
+    return any(line.strip() for line in file_io.read_text(path).splitlines()[1:])
 
 
 def _required(raw: str, name: str) -> str:

@@ -309,6 +309,19 @@ def test_configs_select_their_rows(full, named, tree):
     assert split_names(named["clean"]) - {"val"} == {"train", "nonlandmark"}
 
 
+def test_a_header_only_nonlandmark_csv_builds_no_such_split(tree, tmp_path):
+    """make_demo_dataset --num_non_landmark_references=0 writes nonlandmark.csv
+    with its header alone: no split, rather than an empty-CSV error."""
+    root, _, _ = tree
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("train.csv", "train_clean.csv", "train"):
+        os.symlink(os.path.join(root, name), raw / name)
+    (raw / "nonlandmark.csv").write_text("id\n")
+    path = build("gldv2/clean", str(tmp_path / "tfds"), str(raw))
+    assert split_names(path) - {"val"} == {"train"}
+
+
 def test_class_counts_are_the_counts_of_the_records(full, named, tree):
     root, _, _ = tree
     train_csv = csv_train(root)
