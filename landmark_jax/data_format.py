@@ -19,6 +19,7 @@ are read and checked here too (`read_revisited_gnd`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import pickle
@@ -102,12 +103,28 @@ def find_build(data_dir: str) -> str:
 def open_build(data_dir: str):
     """The TFDS builder of a build folder (tfds.builder_from_directory).
 
+    Opened once per process for as long as the build's dataset_info.json and
+    metadata.json stay the same (a run asks for it dozens of times).
+
     Raises:
       DataFormatError: data_dir is not a TFDS build (see find_build).
     """
+    build = find_build(data_dir)
+    texts = tuple(
+        file_io.read_text(path) if file_io.exists(path) else ""
+        for path in (file_io.join(build, name) for name in ("dataset_info.json", "metadata.json"))
+    )
+    return _open_build(build, texts)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_build(build: str, texts: tuple[str, str]):
+    # `texts` keys the cache on the files' contents: a rebuild in place
+    # (another build id, other shard lengths) opens the new build.
     import tensorflow_datasets as tfds
 
-    return tfds.builder_from_directory(find_build(data_dir))
+    del texts
+    return tfds.builder_from_directory(build)
 
 
 @dataclasses.dataclass(frozen=True)
