@@ -58,6 +58,7 @@ def test_default_eval_config_is_valid():
         ),
         ("k", 0, r"config\.eval\.k=0: expected an integer >= 1"),
         ("recognition_k", 0, r"config\.eval\.recognition_k=0"),
+        ("non_landmark_k", 0, r"config\.eval\.non_landmark_k=0"),
         ("recall_queries", -1, r"config\.eval\.recall_queries=-1"),
         ("size_multiple", 0, r"config\.eval\.size_multiple=0"),
         ("classifier_top_m", 0, r"config\.eval\.classifier_top_m=0"),

@@ -26,6 +26,7 @@ TOP_KEYS = {
     "padding",
     "drop_connect_rate",
     "batch_norm",
+    "conv_lowering",
 }
 DOLG_KEYS = {
     "dilations",
@@ -56,6 +57,7 @@ def test_default_config_has_every_key(name):
     expected = {"global": ("gap", "dense_swish"), "dolg": ("gem", "dense_bn_prelu")}[name]
     assert (config.pooling, config.neck) == expected
     assert config.descriptor == "embedding"  # both recipes search with the neck's output
+    assert config.conv_lowering == "auto"  # decided when the model is traced, per backend
     # Unset backbone options resolve to what they stand for, so a resolved
     # config rebuilds the same model.
     resolved = {

@@ -142,9 +142,15 @@ def test_evaluate_writes_metrics_submissions_and_gallery(demo, trained):
 
 
 def test_recognition_fused_with_the_classifier_head_and_non_landmark_penalty(demo, trained):
+    # non_landmark_k unset: the non-landmark vote takes recognition_k = 20 neighbours.
     config = eval_config(
-        demo, classifier_fusion=True, non_landmark_split="nonlandmark", non_landmark_weight=0.7
+        demo,
+        classifier_fusion=True,
+        non_landmark_split="nonlandmark",
+        non_landmark_weight=0.7,
+        recognition_k=20,
     )
+    assert config.eval.non_landmark_k is None
     result = evaluation.evaluate(config, trained)
     out = os.path.join(trained, "eval")
     written = solutions.read_recognition_predictions(

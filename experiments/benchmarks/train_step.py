@@ -17,6 +17,10 @@ FLOP rate XLA's cost analysis implies as a share of the device's peak.
 
     python experiments/benchmarks/train_step.py --mode=full --output_dir=OUT
     python experiments/benchmarks/train_step.py --mode=small   # CPU, seconds
+
+`--conv_lowering=xla|im2col` times both JAX steps with the backbone's
+convolutions lowered one way (default auto: im2col + matmul on a CPU, XLA's
+convolution elsewhere; models/conv_lowering.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 import optax
 
 from landmark_jax import config_files, data_format, run_config, sharding, train_steps
-from landmark_jax.models import backbones
+from landmark_jax.models import backbones, conv_lowering
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,6 +65,8 @@ FULL_ROWS = {
 # Seconds on a CPU: the same code paths at toy sizes (framework overhead).
 SMALL_ROWS = {
     "resnet_tiny_32": Row("demo.py:smoke", "resnet_tiny", 32, 16, None),
+    # The demo's own step (make demo trains it on 2 CPU cores).
+    "demo_resnet_small_64": Row("demo.py", "resnet_small", 64, 32, None),
     "dolg_efficientnet_tiny_32": Row(
         "glr2021_dolg.py:step1,smoke", "efficientnet_tiny", 32, 16, None
     ),
@@ -91,11 +97,13 @@ def synthetic_batch(mesh, batch_size: int, image_size: int, num_classes: int) ->
     return jax.device_put(batch, sharding.batch_sharding(mesh))
 
 
-def project_config(row: Row, num_classes: int, dtype: str):
-    """The recipe's config with the row's backbone, size, batch and dtype."""
+def project_config(row: Row, num_classes: int, dtype: str, conv_lowering: str = "auto"):
+    """The recipe's config with the row's backbone, size, batch, dtype and
+    convolution lowering."""
     config = config_files.load(f"{REPO}/configs/{row.config}")
     config.model.backbone = row.backbone
     config.model.dtype = dtype
+    config.model.conv_lowering = conv_lowering
     config.image_size = row.image_size
     config.batch_size = row.batch_size
     config.num_classes = num_classes
@@ -113,10 +121,16 @@ def _flops(compiled) -> float | None:
 
 
 def time_project(
-    row: Row, mesh, num_classes: int, dtype: str, iterations: int, repeats: int
+    row: Row,
+    mesh,
+    num_classes: int,
+    dtype: str,
+    iterations: int,
+    repeats: int,
+    conv_lowering: str = "auto",
 ) -> dict:
     """images/s and per-device FLOPs of the project's own train step."""
-    config = project_config(row, num_classes, dtype)
+    config = project_config(row, num_classes, dtype, conv_lowering)
     program = train_steps.build_program(config, mesh, synthetic_label_map(num_classes))
     batch = synthetic_batch(mesh, row.batch_size, row.image_size, num_classes)
     state = program.initial_state()
@@ -131,16 +145,19 @@ def time_project(
     return {"seconds": seconds, "flops": _flops(compiled)}
 
 
-def time_bare(row: Row, mesh, dtype: str, iterations: int, repeats: int) -> dict:
+def time_bare(
+    row: Row, mesh, dtype: str, iterations: int, repeats: int, conv_lowering: str = "auto"
+) -> dict:
     """images/s of a plain jit step: backbone, mean pool, 1000-way softmax, SGD."""
     import flax.linen as nn
 
     class Classifier(nn.Module):
         @nn.compact
         def __call__(self, x, train: bool):
-            features = backbones.create_backbone(row.backbone, dtype=jnp.dtype(dtype))(
-                x, train=train
-            )["final"]
+            backbone = backbones.create_backbone(
+                row.backbone, dtype=jnp.dtype(dtype), conv_lowering=conv_lowering
+            )
+            features = backbone(x, train=train)["final"]
             pooled = jnp.mean(features.astype(jnp.float32), axis=(1, 2))
             return nn.Dense(1000)(pooled)
 
@@ -220,14 +237,15 @@ def run(
     repeats: int = 3,
     with_timm: bool = True,
     output_dir: str | None = None,
+    conv_lowering: str = "auto",
 ) -> dict[str, Any]:
     """Times every row; returns the report's JSON payload."""
     mesh = sharding.create_mesh()
     peak = bench_report.peak_rates()
     results = []
     for name, row in rows.items():
-        project = time_project(row, mesh, num_classes, dtype, iterations, repeats)
-        bare = time_bare(row, mesh, dtype, iterations, repeats)
+        project = time_project(row, mesh, num_classes, dtype, iterations, repeats, conv_lowering)
+        bare = time_bare(row, mesh, dtype, iterations, repeats, conv_lowering)
         timm_result = time_timm(row, iterations, repeats) if with_timm else None
         result = {
             "row": name,
@@ -267,6 +285,7 @@ def run(
         num_classes=num_classes,
         dtype=dtype,
         iterations=iterations,
+        conv_lowering=conv_lowering,
     )
 
 
@@ -279,6 +298,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="timings; the median is kept")
     parser.add_argument("--no_timm", action="store_true")
+    parser.add_argument(
+        "--conv_lowering",
+        default="auto",
+        choices=conv_lowering.CONV_LOWERINGS,
+        help="model.conv_lowering of both JAX steps (auto: im2col on a CPU)",
+    )
     parser.add_argument("--output_dir", default=os.environ.get("OUT"))
     args = parser.parse_args(argv)
     table = FULL_ROWS if args.mode == "full" else SMALL_ROWS
@@ -294,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         repeats=args.repeats,
         with_timm=not args.no_timm,
         output_dir=args.output_dir,
+        conv_lowering=args.conv_lowering,
     )
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from landmark_jax.models import input_normalization, layers
+from landmark_jax.models.conv_lowering import conv_general_dilated_for
 
 PADDINGS = ("same", "keras_dynamic")
 STRIDE_KEYS = ("stride_2", "stride_4", "stride_8", "stride_16", "stride_32")
@@ -189,6 +190,8 @@ class EfficientNet(nn.Module):
       bn_epsilon: BatchNorm epsilon (Keras's 1e-3).
       batch_norm: a key of `layers.BATCH_NORM_MODES`: batch statistics in
         training, or the moving statistics ('frozen').
+      conv_lowering: a key of `conv_lowering.CONV_LOWERINGS`: XLA's
+        convolution or im2col + matmul ('auto': im2col on a CPU).
       input_scale: per-channel factor of the first op, `x * scale + offset`.
       input_offset: per-channel offset of that op.
       dtype: computation dtype.
@@ -208,6 +211,7 @@ class EfficientNet(nn.Module):
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
     batch_norm: str = "batch"
+    conv_lowering: str = "auto"
     input_scale: tuple[float, float, float] = input_normalization.IMAGENET_SCALE
     input_offset: tuple[float, float, float] = input_normalization.IMAGENET_OFFSET
     dtype: Any = jnp.float32
@@ -269,6 +273,7 @@ class EfficientNet(nn.Module):
         """
         conv = functools.partial(
             nn.Conv,
+            conv_general_dilated=conv_general_dilated_for(self.conv_lowering),
             use_bias=False,
             padding="SAME",
             kernel_init=_CONV_INIT,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from landmark_jax.models import input_normalization, layers
+from landmark_jax.models.conv_lowering import conv_general_dilated_for
 
 RESNET_STAGE_SIZES: dict[str, tuple[int, ...]] = {
     "resnet50": (3, 4, 6, 3),
@@ -69,6 +70,8 @@ class ResNet(nn.Module):
       bn_epsilon: BatchNorm epsilon (Keras's 1.001e-5).
       batch_norm: a key of `layers.BATCH_NORM_MODES`: batch statistics in
         training, or the moving statistics ('frozen').
+      conv_lowering: a key of `conv_lowering.CONV_LOWERINGS`: XLA's
+        convolution or im2col + matmul ('auto': im2col on a CPU).
       input_scale: per-channel factor of the first op, `x * scale + offset`.
       input_offset: per-channel offset of that op.
       dtype: computation dtype.
@@ -82,6 +85,7 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.99
     bn_epsilon: float = 1.001e-5
     batch_norm: str = "batch"
+    conv_lowering: str = "auto"
     input_scale: tuple[float, float, float] = input_normalization.IMAGENET_SCALE
     input_offset: tuple[float, float, float] = input_normalization.IMAGENET_OFFSET
     dtype: Any = jnp.float32
@@ -110,6 +114,7 @@ class ResNet(nn.Module):
         """
         conv = functools.partial(
             nn.Conv,
+            conv_general_dilated=conv_general_dilated_for(self.conv_lowering),
             use_bias=True,
             padding="VALID",
             kernel_init=_CONV_INIT,

@@ -172,7 +172,9 @@ def evaluate_recognition(
         labels, label_scores = knn_labels, knn_scores
     unpenalized = recognition.recognition_predictions(list(test.ids), labels, label_scores)
     if non_landmarks is not None:
-        _, non_landmark_cosine = nearest(non_landmarks, ec.non_landmark_k)
+        # Unset: as many neighbours as the landmark vote, on the same scale.
+        non_landmark_k = ec.non_landmark_k or ec.recognition_k
+        _, non_landmark_cosine = nearest(non_landmarks, non_landmark_k)
         label_scores = non_landmark_penalty.penalize_non_landmarks(
             label_scores,
             non_landmark_cosine,

@@ -1,0 +1,152 @@
+"""How a model's convolutions are lowered: XLA's convolution, or im2col + matmul.
+
+The same convolution (same kernel, same result up to float summation order)
+can reach the compiler two ways:
+
+    xla     `lax.conv_general_dilated`, XLA's own convolution: what TPUs and
+            GPUs are built for (MXU / cuDNN).
+    im2col  the k x k shifted (strided) views of the padded input concatenated
+            along channels, times the kernel reshaped to [k*k*C_in, C_out]: one
+            `dot_general`. XLA's CPU backend runs its convolutions, and above
+            all their gradients, far below its matmul rate at the demo's small
+            maps; as a matmul the same step runs 2.2x faster there (measured on
+            2 CPU cores, `resnet_small` at 64 px, batch 32: 73 -> 163 images/s,
+            see docs/benchmarks.md). A 3x3 convolution of 256 channels on a
+            2x2 map took 43 ms forward as a convolution, 2.9 ms as a matmul.
+    auto    im2col on a CPU backend, xla on any other (the default).
+
+im2col reads the input k*k times into a buffer k*k times its size, which is
+why accelerators keep XLA's convolution. Grouped (depthwise) and dilated
+convolutions always use XLA's: neither has a plain matmul form.
+
+A model's parameters do not depend on the lowering: a run trained with one
+evaluates with the other (`model.conv_lowering` is not part of the weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_LOWERINGS = ("auto", "xla", "im2col")
+
+# lax's dimension numbers of an NHWC input, HWIO kernel and NHWC output: the
+# only layout im2col handles (every model here uses it).
+_NHWC = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+
+
+def check_conv_lowering(name: str) -> str:
+    """Returns `name` if it is a key of CONV_LOWERINGS.
+
+    Raises:
+      ValueError: any other value, listing the valid ones.
+    """
+    if name not in CONV_LOWERINGS:
+        raise ValueError(f"unknown conv_lowering {name!r}; valid: {CONV_LOWERINGS}")
+    return name
+
+
+def conv_general_dilated_for(lowering: str) -> Callable[..., jax.Array] | None:
+    """The `conv_general_dilated` a flax `nn.Conv` should use for a lowering.
+
+    Args:
+      lowering: a key of CONV_LOWERINGS.
+
+    Returns:
+      `im2col_conv_general_dilated` for 'im2col', and for 'auto' on a CPU
+      backend; None (flax's default, XLA's convolution) otherwise.
+
+    Raises:
+      ValueError: an unknown lowering.
+    """
+    check_conv_lowering(lowering)
+    if lowering == "im2col" or (lowering == "auto" and jax.default_backend() == "cpu"):
+        return im2col_conv_general_dilated
+    return None
+
+
+def _pads(
+    padding: str | Sequence[tuple[int, int]],
+    spatial: Sequence[int],
+    window: Sequence[int],
+    strides: Sequence[int],
+) -> list[tuple[int, int]]:
+    if isinstance(padding, str):
+        return list(lax.padtype_to_pads(tuple(spatial), tuple(window), tuple(strides), padding))
+    return [tuple(p) for p in padding]
+
+
+def im2col_conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """`lax.conv_general_dilated` of a 2-D NHWC/HWIO convolution as one matmul.
+
+    Takes lax's signature, so `nn.Conv(conv_general_dilated=...)` can use it.
+    Anything other than an undilated, ungrouped 2-D convolution in the NHWC
+    layout goes to `lax.conv_general_dilated` unchanged.
+
+    Returns:
+      [N, H_out, W_out, C_out], as lax would return it.
+    """
+    plain = (
+        lhs.ndim == 4
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
+    )
+    if not plain:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    kh, kw, c_in, c_out = rhs.shape
+    (top, bottom), (left, right) = _pads(padding, lhs.shape[1:3], (kh, kw), window_strides)
+    x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    sh, sw = window_strides
+    out_h = (x.shape[1] - kh) // sh + 1
+    out_w = (x.shape[2] - kw) // sw + 1
+    # Row i, column j of the kernel sees x[y*sh + i, x*sw + j] at output (y, x);
+    # concatenated in the kernel's (i, j, c_in) order, its reshape matches.
+    views = [
+        lax.slice(
+            x,
+            (0, i, j, 0),
+            (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, c_in),
+            (1, sh, sw, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    columns = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    return lax.dot_general(
+        columns,
+        rhs.reshape(kh * kw * c_in, c_out),
+        (((3,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )

@@ -1,0 +1,124 @@
+"""im2col + matmul against XLA's convolution: values, gradients, fallbacks, models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from landmark_jax import models
+from landmark_jax.models import conv_lowering
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _lax_conv(x, w, strides, padding):
+    return lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=_NHWC, precision=lax.Precision.HIGHEST
+    )
+
+
+def _im2col_conv(x, w, strides, padding):
+    return conv_lowering.im2col_conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=_NHWC, precision=lax.Precision.HIGHEST
+    )
+
+
+@pytest.mark.parametrize(
+    "size,kernel,strides,padding",
+    [
+        ((9, 9), (1, 1), (1, 1), "VALID"),
+        ((9, 7), (1, 1), (2, 2), "VALID"),  # ResNet's strided 1x1 (odd sizes)
+        ((8, 8), (3, 3), (1, 1), ((1, 1), (1, 1))),
+        ((7, 10), (3, 3), (2, 2), "SAME"),  # EfficientNet's stride-2 SAME (asymmetric)
+        ((11, 11), (7, 7), (2, 2), ((3, 3), (3, 3))),  # ResNet's stem
+        ((6, 5), (3, 2), (1, 3), ((0, 2), (1, 0))),  # non-square everything
+        ((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1))),  # a 2x2 map, as at stride 32
+    ],
+)
+def test_im2col_equals_xla_convolution_and_its_gradients(size, kernel, strides, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, *size, 5)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel, 5, 4)), jnp.float32)
+    want = _lax_conv(x, w, strides, padding)
+    got = _im2col_conv(x, w, strides, padding)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    grads_want = jax.grad(
+        lambda a, b: jnp.sum(_lax_conv(a, b, strides, padding) * cotangent), (0, 1)
+    )
+    grads_got = jax.grad(
+        lambda a, b: jnp.sum(_im2col_conv(a, b, strides, padding) * cotangent), (0, 1)
+    )
+    for g, h in zip(grads_got(x, w), grads_want(x, w), strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
+
+
+def test_hand_computed_strided_convolution():
+    # 1 image, 3x3 input 0..8, one 2x2 kernel of ones, stride 2 with one row and
+    # column of zero padding after: windows {0,1,3,4}, {2,5}, {6,7}, {8}.
+    x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+    w = jnp.ones((2, 2, 1, 1))
+    got = _im2col_conv(x, w, (2, 2), ((0, 1), (0, 1)))
+    np.testing.assert_array_equal(np.asarray(got)[0, :, :, 0], [[8.0, 7.0], [13.0, 8.0]])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"feature_group_count": 4},  # depthwise
+        {"rhs_dilation": (2, 2)},  # DOLG's atrous branches
+    ],
+)
+def test_grouped_and_dilated_convolutions_use_xla(kwargs):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 9, 9, 4)), jnp.float32)
+    groups = kwargs.get("feature_group_count", 1)
+    w = jnp.asarray(rng.normal(size=(3, 3, 4 // groups, 4)), jnp.float32)
+    args = (x, w, (1, 1), "SAME")
+    want = lax.conv_general_dilated(*args, dimension_numbers=_NHWC, **kwargs)
+    got = conv_lowering.im2col_conv_general_dilated(*args, dimension_numbers=_NHWC, **kwargs)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_lowering_choice_and_unknown_name():
+    assert conv_lowering.conv_general_dilated_for("xla") is None
+    assert (
+        conv_lowering.conv_general_dilated_for("im2col")
+        is conv_lowering.im2col_conv_general_dilated
+    )
+    auto = conv_lowering.conv_general_dilated_for("auto")
+    assert (auto is not None) == (jax.default_backend() == "cpu")
+    with pytest.raises(ValueError, match="unknown conv_lowering 'fft'.*'auto', 'xla', 'im2col'"):
+        conv_lowering.conv_general_dilated_for("fft")
+    with pytest.raises(ValueError, match="model.conv_lowering='fft'"):
+        models.create_model({"name": "global", "backbone": "resnet_tiny", "conv_lowering": "fft"})
+
+
+def test_a_model_gives_the_same_embedding_and_gradients_either_way():
+    """The same variables in both lowerings (the parameters do not depend on
+    it), the same embedding and the same parameter gradients.
+
+    BatchNorm uses its moving statistics here: in training mode it would
+    normalise the 1x1 stride-32 map over 2 images, which turns rounding
+    differences into visible ones whatever computes the convolutions."""
+    config = {"name": "global", "backbone": "resnet_tiny", "embedding_dim": 16}
+    xla = models.create_model({**config, "conv_lowering": "xla"})
+    im2col = models.create_model({**config, "conv_lowering": "im2col"})
+    images = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)), jnp.float32)
+    variables = xla.init(jax.random.PRNGKey(0), images)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        im2col.init(jax.random.PRNGKey(0), images)
+    )
+
+    def loss(params, model):
+        out = model.apply({**variables, "params": params}, images)
+        return jnp.sum(out**2), out
+
+    (_, want), grads_want = jax.value_and_grad(loss, has_aux=True)(variables["params"], xla)
+    (_, got), grads_got = jax.value_and_grad(loss, has_aux=True)(variables["params"], im2col)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, h in zip(jax.tree.leaves(grads_got), jax.tree.leaves(grads_want), strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5 * float(jnp.abs(h).max()))
