@@ -168,6 +168,8 @@ def test_scann_brute_force_for_tiny_index_is_exact():
     np.testing.assert_allclose(distances, ref_d, atol=1e-5)
     with pytest.raises(ValueError, match=r"k=301 .*N=300"):
         searcher.search(queries, k=301)
+    # The demo's index size (about 1,100) and up to 10,000 points: brute force.
+    assert knn.ScannSearcher.build(_unit(rng.standard_normal((9_999, 16)))).brute_force
     with pytest.raises(ValueError, match="queries have 8 dims, the index has 16"):
         searcher.search(queries[:, :8])
 
