@@ -66,17 +66,49 @@ def test_hand_computed_strided_convolution():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "size,kernel,strides,padding",
     [
-        {"feature_group_count": 4},  # depthwise
-        {"rhs_dilation": (2, 2)},  # DOLG's atrous branches
+        ((8, 8), (3, 3), (1, 1), "SAME"),  # EfficientNet's 3x3 depthwise
+        ((9, 7), (5, 5), (2, 2), "SAME"),  # its strided 5x5 (asymmetric padding)
     ],
 )
-def test_grouped_and_dilated_convolutions_use_xla(kwargs):
+def test_depthwise_as_weighted_views_equals_xla_and_its_gradients(size, kernel, strides, padding):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, *size, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel, 1, 6)), jnp.float32)
+
+    def conv(fn, a, b):
+        return fn(a, b, strides, padding, dimension_numbers=_NHWC, feature_group_count=6)
+
+    want = conv(lax.conv_general_dilated, x, w)
+    np.testing.assert_allclose(
+        conv(conv_lowering.im2col_conv_general_dilated, x, w), want, rtol=1e-5, atol=1e-5
+    )
+    cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for g, h in zip(
+        jax.grad(
+            lambda a, b: jnp.sum(conv(conv_lowering.im2col_conv_general_dilated, a, b) * cotangent),
+            (0, 1),
+        )(x, w),
+        jax.grad(lambda a, b: jnp.sum(conv(lax.conv_general_dilated, a, b) * cotangent), (0, 1))(
+            x, w
+        ),
+        strict=True,
+    ):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,kernel_in",
+    [
+        ({"feature_group_count": 2}, 2),  # grouped, not depthwise
+        ({"rhs_dilation": (2, 2)}, 4),  # DOLG's atrous branches
+    ],
+)
+def test_other_grouped_and_dilated_convolutions_use_xla(kwargs, kernel_in):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 9, 9, 4)), jnp.float32)
-    groups = kwargs.get("feature_group_count", 1)
-    w = jnp.asarray(rng.normal(size=(3, 3, 4 // groups, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, kernel_in, 4)), jnp.float32)
     args = (x, w, (1, 1), "SAME")
     want = lax.conv_general_dilated(*args, dimension_numbers=_NHWC, **kwargs)
     got = conv_lowering.im2col_conv_general_dilated(*args, dimension_numbers=_NHWC, **kwargs)
@@ -97,14 +129,15 @@ def test_lowering_choice_and_unknown_name():
         models.create_model({"name": "global", "backbone": "resnet_tiny", "conv_lowering": "fft"})
 
 
-def test_a_model_gives_the_same_embedding_and_gradients_either_way():
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "efficientnet_tiny"])
+def test_a_model_gives_the_same_embedding_and_gradients_either_way(backbone):
     """The same variables in both lowerings (the parameters do not depend on
     it), the same embedding and the same parameter gradients.
 
     BatchNorm uses its moving statistics here: in training mode it would
     normalise the 1x1 stride-32 map over 2 images, which turns rounding
     differences into visible ones whatever computes the convolutions."""
-    config = {"name": "global", "backbone": "resnet_tiny", "embedding_dim": 16}
+    config = {"name": "global", "backbone": backbone, "embedding_dim": 16}
     xla = models.create_model({**config, "conv_lowering": "xla"})
     im2col = models.create_model({**config, "conv_lowering": "im2col"})
     images = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)), jnp.float32)

@@ -67,6 +67,8 @@ SMALL_ROWS = {
     "resnet_tiny_32": Row("demo.py:smoke", "resnet_tiny", 32, 16, None),
     # The demo's own step (make demo trains it on 2 CPU cores).
     "demo_resnet_small_64": Row("demo.py", "resnet_small", 64, 32, None),
+    # A real EfficientNet on a CPU (depthwise convolutions): minutes with XLA's.
+    "efficientnet_b0_128": Row("glr2020_retrieval.py:clean", "efficientnet_b0", 128, 16, None),
     "dolg_efficientnet_tiny_32": Row(
         "glr2021_dolg.py:step1,smoke", "efficientnet_tiny", 32, 16, None
     ),
@@ -177,6 +179,8 @@ def time_bare(
                 batch["image"],
                 train=True,
                 mutable=["batch_stats"],
+                # EfficientNet's stochastic depth (B0-B7: 0.2) draws from it.
+                rngs={"dropout": jax.random.key(1)},
             )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
             return loss.mean(), updates

@@ -15,9 +15,14 @@ can reach the compiler two ways:
             2x2 map took 43 ms forward as a convolution, 2.9 ms as a matmul.
     auto    im2col on a CPU backend, xla on any other (the default).
 
+A depthwise convolution (one filter per channel, EfficientNet's) has no
+matmul form; im2col lowers it as the same shifted views weighted channel by
+channel and summed, which XLA's CPU backend runs 7-20x faster than its
+grouped convolution (forward + backward, EfficientNet-sized maps).
+
 im2col reads the input k*k times into a buffer k*k times its size, which is
-why accelerators keep XLA's convolution. Grouped (depthwise) and dilated
-convolutions always use XLA's: neither has a plain matmul form.
+why accelerators keep XLA's convolution. Dilated convolutions, other grouped
+ones and other layouts always use XLA's.
 
 A model's parameters do not depend on the lowering: a run trained with one
 evaluates with the other (`model.conv_lowering` is not part of the weights).
@@ -96,21 +101,26 @@ def im2col_conv_general_dilated(
     """`lax.conv_general_dilated` of a 2-D NHWC/HWIO convolution as one matmul.
 
     Takes lax's signature, so `nn.Conv(conv_general_dilated=...)` can use it.
-    Anything other than an undilated, ungrouped 2-D convolution in the NHWC
-    layout goes to `lax.conv_general_dilated` unchanged.
+    A depthwise convolution (groups = input channels = output channels) is
+    the weighted sum of the same shifted views instead. Anything else (other
+    groupings, dilation, other layouts) goes to `lax.conv_general_dilated`
+    unchanged.
 
     Returns:
       [N, H_out, W_out, C_out], as lax would return it.
     """
-    plain = (
+    kh, kw, c_in, c_out = rhs.shape if rhs.ndim == 4 else (0, 0, 0, 0)
+    lowerable = (
         lhs.ndim == 4
-        and feature_group_count == 1
         and batch_group_count == 1
         and all(d == 1 for d in (lhs_dilation or (1, 1)))
         and all(d == 1 for d in (rhs_dilation or (1, 1)))
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
     )
-    if not plain:
+    depthwise = (
+        feature_group_count > 1 and feature_group_count == lhs.shape[-1] == c_out and c_in == 1
+    )
+    if not (lowerable and (feature_group_count == 1 or depthwise)):
         return lax.conv_general_dilated(
             lhs,
             rhs,
@@ -124,24 +134,30 @@ def im2col_conv_general_dilated(
             precision=precision,
             preferred_element_type=preferred_element_type,
         )
-    kh, kw, c_in, c_out = rhs.shape
     (top, bottom), (left, right) = _pads(padding, lhs.shape[1:3], (kh, kw), window_strides)
     x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
     sh, sw = window_strides
     out_h = (x.shape[1] - kh) // sh + 1
     out_w = (x.shape[2] - kw) // sw + 1
-    # Row i, column j of the kernel sees x[y*sh + i, x*sw + j] at output (y, x);
-    # concatenated in the kernel's (i, j, c_in) order, its reshape matches.
+    # Row i, column j of the kernel sees x[y*sh + i, x*sw + j] at output (y, x).
     views = [
         lax.slice(
             x,
             (0, i, j, 0),
-            (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, c_in),
+            (x.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, x.shape[3]),
             (1, sh, sw, 1),
         )
         for i in range(kh)
         for j in range(kw)
     ]
+    if depthwise:
+        # One filter per channel: the views weighted channel by channel, summed.
+        weights = rhs.reshape(kh * kw, c_out)
+        out = views[0] * weights[0]
+        for view, weight in zip(views[1:], weights[1:], strict=True):
+            out = out + view * weight
+        return out if preferred_element_type is None else out.astype(preferred_element_type)
+    # Concatenated in the kernel's (i, j, c_in) order, its reshape matches.
     columns = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
     return lax.dot_general(
         columns,
