@@ -45,9 +45,10 @@ The input convention of the weights, and how the model trains:
     conv_lowering  'auto' | 'xla' | 'im2col': how the backbone's convolutions
                    reach the compiler (conv_lowering.py); the same weights
                    and results either way. 'auto': im2col + matmul on a CPU
-                   (2.3x the demo's training rate there, 2-6x an
-                   EfficientNet's), XLA's convolution
-                   on TPUs and GPUs
+                   (2.3x the demo's training rate there; depthwise
+                   convolutions stay XLA's, 'im2col' lowers them too: 2-6x
+                   an EfficientNet's rate), XLA's convolution on TPUs and
+                   GPUs
 
 `resolve_model_config` replaces each None by the value it stands for, so a
 resolved config (what a run writes to its config.json, see run_config.py)

@@ -13,12 +13,17 @@ can reach the compiler two ways:
             2 CPU cores, `resnet_small` at 64 px, batch 32: 73 -> 163 images/s,
             see docs/benchmarks.md). A 3x3 convolution of 256 channels on a
             2x2 map took 43 ms forward as a convolution, 2.9 ms as a matmul.
-    auto    im2col on a CPU backend, xla on any other (the default).
+    auto    im2col on a CPU backend, except depthwise convolutions; xla on any
+            other backend (the default).
 
 A depthwise convolution (one filter per channel, EfficientNet's) has no
-matmul form; im2col lowers it as the same shifted views weighted channel by
-channel and summed, which XLA's CPU backend runs 7-20x faster than its
-grouped convolution (forward + backward, EfficientNet-sized maps).
+matmul form; 'im2col' lowers it as the same shifted views weighted channel
+by channel and summed, which XLA's CPU backend runs 7-20x faster than its
+grouped convolution (forward + backward, EfficientNet-sized maps; an
+EfficientNet-B0 step 5.9x). 'auto' leaves depthwise convolutions to XLA: the
+weighted views compile about 30% slower, which the test suite's many short
+EfficientNet runs pay for and do not win back; a long CPU run of an
+EfficientNet should set 'im2col'.
 
 im2col reads the input k*k times into a buffer k*k times its size, which is
 why accelerators keep XLA's convolution. Dilated convolutions, other grouped
@@ -30,6 +35,7 @@ evaluates with the other (`model.conv_lowering` is not part of the weights).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,15 +68,18 @@ def conv_general_dilated_for(lowering: str) -> Callable[..., jax.Array] | None:
       lowering: a key of CONV_LOWERINGS.
 
     Returns:
-      `im2col_conv_general_dilated` for 'im2col', and for 'auto' on a CPU
-      backend; None (flax's default, XLA's convolution) otherwise.
+      `im2col_conv_general_dilated` for 'im2col'; for 'auto' on a CPU backend
+      the same without the depthwise lowering; None (flax's default, XLA's
+      convolution) otherwise.
 
     Raises:
       ValueError: an unknown lowering.
     """
     check_conv_lowering(lowering)
-    if lowering == "im2col" or (lowering == "auto" and jax.default_backend() == "cpu"):
+    if lowering == "im2col":
         return im2col_conv_general_dilated
+    if lowering == "auto" and jax.default_backend() == "cpu":
+        return functools.partial(im2col_conv_general_dilated, lower_depthwise=False)
     return None
 
 
@@ -97,14 +106,15 @@ def im2col_conv_general_dilated(
     batch_group_count: int = 1,
     precision: Any = None,
     preferred_element_type: Any = None,
+    lower_depthwise: bool = True,
 ) -> jax.Array:
     """`lax.conv_general_dilated` of a 2-D NHWC/HWIO convolution as one matmul.
 
     Takes lax's signature, so `nn.Conv(conv_general_dilated=...)` can use it.
     A depthwise convolution (groups = input channels = output channels) is
     the weighted sum of the same shifted views instead. Anything else (other
-    groupings, dilation, other layouts) goes to `lax.conv_general_dilated`
-    unchanged.
+    groupings, dilation, other layouts; depthwise with lower_depthwise=False)
+    goes to `lax.conv_general_dilated` unchanged.
 
     Returns:
       [N, H_out, W_out, C_out], as lax would return it.
@@ -118,7 +128,10 @@ def im2col_conv_general_dilated(
         and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC
     )
     depthwise = (
-        feature_group_count > 1 and feature_group_count == lhs.shape[-1] == c_out and c_in == 1
+        lower_depthwise
+        and feature_group_count > 1
+        and feature_group_count == lhs.shape[-1] == c_out
+        and c_in == 1
     )
     if not (lowerable and (feature_group_count == 1 or depthwise)):
         return lax.conv_general_dilated(
