@@ -30,6 +30,27 @@ def test_format_table_aligns_columns_and_marks_missing_cells():
     assert markdown.splitlines() == ["| a | b | c |", "|---|---|---|", "| 12,346 | 0.988 | - |"]
 
 
+def test_report_prints_every_table_with_every_column(tmp_path, capsys):
+    payload = {
+        "benchmark": "b",
+        "command": "python b.py",
+        "machine": {"device_kind": "cpu", "device_count": 1},
+        "rows": [{"x": 1, "y": 2}],
+        "columns": ["x"],
+        # A column only later rows have, and a table with its own column list.
+        "stage_rows": [{"stage": "a"}, {"stage": "b", "diff": 0.5}],
+        "head_rows": [{"p": 1, "q": 2}],
+        "head_columns": ["q"],
+    }
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(payload))
+    bench_report.main([str(path)])
+    out = capsys.readouterr().out
+    assert "| x |\n|---|\n| 1 |" in out
+    assert "| stage | diff |\n|---|---|\n| a | - |\n| b | 0.5 |" in out
+    assert "| q |\n|---|\n| 2 |" in out
+
+
 def test_train_step_small(tmp_path):
     import train_step
 
@@ -151,3 +172,18 @@ def test_input_pipeline_small(tmp_path):
     one = payload["rows"][0]
     assert one["threads"] == 1 and one["img_s"] > 0
     assert one["cores_for_needed"] == pytest.approx(1000 / one["img_s_per_core"])
+    # The stage table: the trainer's path, its parts, and the 1/2-scale DCT
+    # decode (160 x 128 JPEGs, 64 px: 1/4 would undershoot, so no such row).
+    stages = {row["stage"]: row for row in payload["stage_rows"]}
+    assert list(stages) == [
+        "decode",
+        "decode + resize",
+        "decode + resize + flip + uint8 (trainer)",
+        "decode at 1/2 (DCT)",
+        "decode at 1/2 + resize + flip + uint8",
+    ]
+    assert stages["decode + resize + flip + uint8 (trainer)"]["vs_trainer"] == 1.0
+    for row in stages.values():
+        assert row["ms_per_image"] == pytest.approx(1000 / row["img_s_per_core"])
+    # Smooth photos: the DCT-scaled decode moves pixels by a grey level or so.
+    assert 0 < stages["decode at 1/2 + resize + flip + uint8"]["mean_abs_diff"] < 8

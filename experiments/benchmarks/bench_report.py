@@ -154,7 +154,10 @@ def main(paths: Sequence[str]) -> None:
         print(markdown_table(payload["rows"], payload["columns"]) + "\n")
         for key, rows in payload.items():  # extra tables, e.g. step_memory's head_rows
             if key.endswith("_rows") and rows:
-                print(f"{key}:\n\n" + markdown_table(rows, list(rows[0])) + "\n")
+                # Its own column list where the script wrote one, else every key.
+                columns = payload.get(key.removesuffix("_rows") + "_columns")
+                columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+                print(f"{key}:\n\n" + markdown_table(rows, columns) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@ GLDv2-like set with the GLDv2 TFDS builder (JPEGs of GLDv2's typical 800 x 600
 size in full mode). `--needed_img_s` (e.g. the train-step benchmark's rate
 for a whole host) turns the per-core rate into the host cores it takes.
 
+A second table (`stage_rows`, synthetic set only) splits one core's work on an
+image into the stages of the trainer's path (JPEG decode, bilinear resize,
+flip, rounding to uint8) and measures the DCT-domain downscaled decode
+(`tf.image.decode_jpeg(ratio=2|4|8)`, where the JPEG stays at least the target
+size on both sides) end to end, with its mean pixel difference from the
+trainer's output: what decoding less would buy, and what it would change.
+
     python experiments/benchmarks/input_throughput.py --mode=full --output_dir=OUT
     python experiments/benchmarks/input_throughput.py --data_dir=gs://BUCKET/gldv2 --image_size=512
     python experiments/benchmarks/input_throughput.py --mode=small   # seconds
@@ -16,6 +23,7 @@ for a whole host) turns the per-core rate into the host cores it takes.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import tempfile
@@ -77,6 +85,95 @@ def images_per_second(data_dir: str, image_size: int, threads: int, num_images: 
     return steps * batch / (time.perf_counter() - start)
 
 
+def _jpegs(root: str) -> list[bytes]:
+    paths = sorted(glob.glob(os.path.join(root, "train", "*", "*", "*", "*.jpg")))
+    return [open(p, "rb").read() for p in paths]
+
+
+def _per_core_rate(jpegs: list[bytes], fn, repeats: int) -> float:
+    """images/s of `fn` mapped over the JPEGs with tf.data on one core."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat(repeats).map(fn).batch(32)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    ds = ds.with_options(options)
+    for _ in ds.take(1):  # warm up: trace and allocate
+        pass
+    count, start = 0, time.perf_counter()
+    for batch in ds:
+        count += int(batch.shape[0])
+    return count / (time.perf_counter() - start)
+
+
+def stage_rows(jpegs: list[bytes], image_size: int, repeats: int) -> list[dict[str, Any]]:
+    """One core's images/s for each stage of the train stream's image path,
+    and for the DCT-scaled decode in its place.
+
+    Args:
+      jpegs: encoded JPEGs, all of one size.
+      image_size: the square output size.
+      repeats: passes over `jpegs` per measurement.
+
+    Returns:
+      Rows of `stage`, `img_s_per_core`, `ms_per_image`, `vs_trainer` (rate
+      over the trainer path's) and, for the DCT-scaled paths, `mean_abs_diff`:
+      mean |difference| from the trainer's uint8 output, in grey levels.
+    """
+    import tensorflow as tf
+
+    size = [image_size, image_size]
+    height, width = (int(v) for v in tf.image.extract_jpeg_shape(jpegs[0])[:2])
+
+    def trainer_path(decoded):
+        # input_pipeline's train parse without augmentation, every image flipped.
+        return input_pipeline.to_uint8(tf.reverse(input_pipeline.resize_image(decoded, size), [1]))
+
+    def scaled_decode(ratio):
+        return lambda e: tf.image.decode_jpeg(e, channels=3, ratio=ratio)
+
+    # A one-pixel slice keeps the batch from copying the stage's output.
+    stages = [
+        ("decode", lambda e: input_pipeline.decode_image(e)[:1, :1]),
+        (
+            "decode + resize",
+            lambda e: input_pipeline.resize_image(input_pipeline.decode_image(e), size)[:1, :1],
+        ),
+        (
+            "decode + resize + flip + uint8 (trainer)",
+            lambda e: trainer_path(input_pipeline.decode_image(e)),
+        ),
+    ]
+    ratios = [r for r in (2, 4, 8) if min(height, width) // r >= image_size]
+    for r in ratios:
+        stages.append((f"decode at 1/{r} (DCT)", lambda e, r=r: scaled_decode(r)(e)[:1, :1]))
+        stages.append(
+            (
+                f"decode at 1/{r} + resize + flip + uint8",
+                lambda e, r=r: trainer_path(scaled_decode(r)(e)),
+            )
+        )
+    rows = [
+        dict(stage=name, img_s_per_core=_per_core_rate(jpegs, fn, repeats)) for name, fn in stages
+    ]
+    trainer = rows[2]["img_s_per_core"]
+    sample = jpegs[:16]
+    reference = [
+        trainer_path(input_pipeline.decode_image(e)).numpy().astype(np.int32) for e in sample
+    ]
+    for row in rows:
+        row["ms_per_image"] = 1000 / row["img_s_per_core"]
+        row["vs_trainer"] = row["img_s_per_core"] / trainer
+    for r in ratios:
+        scaled = [trainer_path(scaled_decode(r)(e)).numpy().astype(np.int32) for e in sample]
+        diff = np.mean([np.abs(a - b).mean() for a, b in zip(scaled, reference, strict=True)])
+        next(x for x in rows if x["stage"] == f"decode at 1/{r} + resize + flip + uint8")[
+            "mean_abs_diff"
+        ] = float(diff)
+    return rows
+
+
 def run(
     data_dir: str | None,
     image_size: int,
@@ -85,11 +182,14 @@ def run(
     height: int,
     needed_img_s: float | None,
     output_dir: str | None,
+    stage_repeats: int = 1,
 ) -> dict[str, Any]:
     tensorflow_setup.hide_accelerators()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         source = data_dir or synthetic_gldv2(tmp, num_images, width, height)
+        # The stages need the JPEG files, which only the synthetic set has here.
+        stages = [] if data_dir else stage_rows(_jpegs(tmp), image_size, stage_repeats)
         rows = []
         for threads in sorted({1, cores}):
             rate = images_per_second(source, image_size, threads, num_images)
@@ -106,6 +206,9 @@ def run(
         for row in rows:
             row["cores_for_needed"] = needed_img_s / per_core
     columns = ["image_size", "threads", "img_s", "img_s_per_core", "cores_for_needed"]
+    stage_columns = ["stage", "img_s_per_core", "ms_per_image", "vs_trainer", "mean_abs_diff"]
+    if stages:
+        print(bench_report.format_table(stages, stage_columns))
     return bench_report.report(
         "input_throughput",
         rows,
@@ -113,6 +216,8 @@ def run(
         output_dir,
         data=data_dir or f"synthetic {num_images} JPEGs {width}x{height}",
         needed_img_s=needed_img_s,
+        stage_rows=stages,
+        stage_columns=stage_columns,
     )
 
 
@@ -130,9 +235,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.image_size or (512 if full else 64),
         num_images=2048 if full else 96,
         width=800 if full else 160,
-        height=600 if full else 120,
+        # 128 rows: the 1/2-scale decode (64) still covers the small mode's 64 px.
+        height=600 if full else 128,
         needed_img_s=args.needed_img_s,
         output_dir=args.output_dir,
+        stage_repeats=4 if full else 1,
     )
 
 

@@ -48,7 +48,9 @@ def compiled_bytes(row: Row, mesh, num_classes: int, dtype: str, **head: Any) ->
       argument, output, alias and temp bytes, and `peak` = argument + output
       - alias + temp: what one device holds while the step runs.
     """
-    config = project_config(row, num_classes, dtype)
+    # XLA's own convolutions, as on an accelerator: the CPU default (im2col)
+    # would count its k x k patch buffers, which a TPU or GPU never holds.
+    config = project_config(row, num_classes, dtype, conv_lowering="xla")
     for key, value in head.items():
         config.head[key] = value
     program = train_steps.build_program(config, mesh, synthetic_label_map(num_classes))
