@@ -13,9 +13,11 @@ occluded. The splits follow GLDv2:
   non-landmark images, all carrying some train landmark's id.
 - index: photographs of the index landmarks, which are disjoint from the train
   landmarks, plus non-landmark images.
-- test: retrieval queries (photographs of index landmarks; a quarter of the
-  index landmarks get none), recognition images (photographs of train
-  landmarks) and non-landmark distractors.
+- test: retrieval queries (1 to 3 photographs of each of three quarters of the
+  index landmarks), recognition images (photographs of train landmarks, 3 for
+  every 4 train landmarks, each of a landmark drawn in proportion to its
+  clean train images: the train set's long tail) and non-landmark
+  distractors.
 - nonlandmark: known non-landmark photographs of scenes of their own, listed
   in nonlandmark.csv: the reference set of recognition's non-landmark penalty.
 
@@ -50,7 +52,7 @@ _NOISE_MIX = {"correct": 0.5, "mislabelled": 0.3, "distractor": 0.2}
 _HARD_DIFFICULTY = 1.8
 _QUERIED_INDEX_FRACTION = 0.75
 _INDEX_DISTRACTOR_FRACTION = 0.2
-_RECOGNISED_TRAIN_FRACTION = 0.5
+_RECOGNITION_IMAGES_PER_TRAIN_LANDMARK = 0.75
 _TEST_DISTRACTOR_FRACTION = 0.5
 _PUBLIC_FRACTION = 0.3
 # Random-stream namespaces, so no two generators share entropy.
@@ -172,16 +174,20 @@ def _plan(
     photos.extend(distractor("index") for _ in range(num_index_distractors))
 
     queried = rng.permutation(index_lms)[: max(1, round(_QUERIED_INDEX_FRACTION * len(index_lms)))]
-    recognised = rng.permutation(num_landmarks)[
-        : max(1, round(_RECOGNISED_TRAIN_FRACTION * num_landmarks))
-    ]
     test: dict[str, list[_Photo]] = collections.defaultdict(list)
-    for role, lms, most in (("query", queried, 3), ("recognition", recognised, 2)):
-        for lm in sorted(int(x) for x in lms):
-            for _ in range(int(rng.integers(1, most + 1))):
-                test[role].append(
-                    _Photo("test", ("landmark", lm), test_role=role, truth=int(landmark_ids[lm]))
-                )
+
+    def test_photo(role: str, lm: int) -> _Photo:
+        return _Photo("test", ("landmark", lm), test_role=role, truth=int(landmark_ids[lm]))
+
+    for lm in sorted(int(x) for x in queried):
+        test["query"].extend(test_photo("query", lm) for _ in range(int(rng.integers(1, 4))))
+    # A train landmark is photographed again as often as it was before: the
+    # recognition images follow the train set's long tail (drawn in
+    # proportion to each landmark's clean train images), not one or two per
+    # landmark whatever its size.
+    num_recognition = max(1, round(_RECOGNITION_IMAGES_PER_TRAIN_LANDMARK * num_landmarks))
+    drawn = rng.choice(num_landmarks, size=num_recognition, p=clean_counts / clean_counts.sum())
+    test["recognition"] = [test_photo("recognition", lm) for lm in sorted(drawn.tolist())]
     num_test_distractors = max(
         1, round(_TEST_DISTRACTOR_FRACTION * (len(test["query"]) + len(test["recognition"])))
     )
