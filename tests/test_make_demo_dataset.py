@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import demo_layout
+from data_pipelines import demo_layout, demo_plan
 from data_pipelines import make_demo_dataset as demo
 
 TINY = dict(
@@ -245,7 +245,7 @@ def test_output_dir_that_is_a_file(tmp_path):
 
 
 def test_class_sizes_are_long_tailed():
-    counts = demo.long_tailed_counts(80, 80, np.random.default_rng(0))
+    counts = demo_plan.long_tailed_counts(80, 80, np.random.default_rng(0))
     assert counts.min() == 2 and counts.max() == 80
     assert np.median(counts) < counts.mean() < 0.4 * counts.max()  # skewed to small classes
     assert (counts <= 3).sum() >= 8
