@@ -1,5 +1,6 @@
 """experiments/tpu_vm/tpu_job.py: the commands of a TPU VM batch job, and its retries."""
 
+import dataclasses
 import importlib.util
 import os
 import shlex
@@ -114,7 +115,8 @@ def test_dry_run_prints_every_command_in_order():
     for name, line in zip(names, stages, strict=True):
         script = line[-1]
         assert f"--workdir={ROOT}/glr2020/{name}" in script
-        assert f"{ROOT}/glr2020/logs/{name}-$(hostname).log" in script  # logs in the bucket
+        # Logs in the bucket; only the worker's host name is left to the shell.
+        assert f'{ROOT}/glr2020/logs/{name}-"$(hostname).log"' in script
     script = evaluate[-1]
     assert "landmark_jax.evaluate" in script and "configs/glr2020_ensemble.py" in script
     assert f"--config.eval.ensemble.b7_512.workdir={ROOT}/b7_512" in script
@@ -225,3 +227,42 @@ def test_install_script_runs_on_a_worker_and_again(tmp_path):
         f"git -C {src} checkout -q --force FETCH_HEAD",
         lines[3],
     ]
+
+
+def test_user_values_cannot_inject_commands_into_the_worker_script(tmp_path):
+    """A stage's worker script under bash, with python, gsutil and hostname
+    replaced by stand-ins that record their arguments: a --root holding
+    `"; touch x; echo "` (and a quote) reaches them as one plain argument
+    each, and the injected command does not run."""
+    root = "gs://b/runs\"; touch x; echo \"'; touch y; '"
+    job = dataclasses.replace(_job("glr2020", "v4-8"), root=root)
+    home, bin_dir, calls = tmp_path / "home", tmp_path / "bin", tmp_path / "calls"
+    venv_bin = home / tpu_job.SOURCE_DIR / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    bin_dir.mkdir()
+    fakes = {
+        venv_bin / "python": "exit 3",  # the stage fails: its rc is the script's
+        bin_dir / "gsutil": "",
+        bin_dir / "hostname": "echo worker-0",
+    }
+    for path, body in fakes.items():
+        # One argument per line, so an argument's spaces and quotes stay visible.
+        path.write_text(
+            f'#!/bin/bash\n[ {path.name} = hostname ] || printf "%s\\n" {path.name} "$@" -- '
+            f">> {calls}\n{body}\n"
+        )
+        path.chmod(0o755)
+    script = tpu_job._logged(job, "clean", tpu_job.train_argv(job, 0))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home)}
+    result = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, timeout=30)
+    assert result.returncode == 3
+    python, gsutil, _ = calls.read_text().split("--\n")
+    assert f"--workdir={root}/glr2020/clean" in python.splitlines()
+    assert gsutil.splitlines() == [
+        "gsutil",
+        "-q",
+        "cp",
+        f"{home}/glr2020-clean.log",
+        f"{root}/glr2020/logs/clean-worker-0.log",
+    ]
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("x", "y")]

@@ -204,12 +204,16 @@ def install_script(job: Job) -> str:
 
 def _logged(job: Job, name: str, argv: Sequence[str]) -> str:
     """argv run in the clone, its output kept in a log copied to the bucket."""
+    # Every user value (root, recipe, stage name) is shell-quoted: the script
+    # runs under bash on every worker, and only $HOME and $(hostname) are the
+    # worker's to expand.
     logs = f"{job.root.rstrip('/')}/{job.recipe}/logs"
-    log = f"$HOME/{job.recipe}-{name}.log"
+    log = "$HOME/" + shlex.quote(f"{job.recipe}-{name}.log")
+    target = shlex.quote(f"{logs}/{name}-") + '"$(hostname).log"'
     return (
-        f"set -o pipefail; cd $HOME/{SOURCE_DIR}; "
+        f"set -o pipefail; cd $HOME/{shlex.quote(SOURCE_DIR)}; "
         + " ".join(shlex.quote(a) for a in argv)
-        + f' 2>&1 | tee -a {log}; rc=$?; gsutil -q cp {log} "{logs}/{name}-$(hostname).log"; '
+        + f" 2>&1 | tee -a {log}; rc=$?; gsutil -q cp {log} {target}; "
         "exit $rc"
     )
 
