@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from tfds_builds import build_tfds, tfds_order
 
-from landmark_jax import checkpointing, data_format, input_pipeline
+from landmark_jax import checkpointing, data_format, input_pipeline, sharding
 from landmark_jax.retrieval import (
     baselines,
     ensemble,
@@ -401,3 +401,33 @@ def test_evaluate_on_another_device_count_and_refuses_a_contradicting_model_flag
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "--config.model.input_normalization='caffe' but" in result.stderr
+
+
+def test_an_unreadable_embedding_cache_is_named_and_extracted_again(
+    demo, trained, tmp_path, caplog
+):
+    """A cache cut short (a killed write) or holding pickled objects (planted)
+    is logged with its path and the problem, never unpickled, and the split
+    is embedded again into the same file."""
+    config = eval_config(demo)
+    members = [ensemble.EnsembleMember(str(tmp_path), 1.0, None)]
+    models = [extract.load_trained_model(config, trained)]
+    mesh = sharding.create_mesh()
+    first = evaluation.embed_split(config, str(tmp_path), "test", members, models, mesh)
+    cache = tmp_path / "eval" / "embeddings-test-0.npz"
+    good = cache.read_bytes()
+    planted = tmp_path / "planted.npz"
+    np.savez(planted, ids=np.array([os.system], dtype=object), embeddings=np.zeros((1, 2)))
+    for bad, problem in [
+        (good[: len(good) // 2], "BadZipFile"),
+        (planted.read_bytes(), "Object arrays cannot be loaded"),
+    ]:
+        cache.write_bytes(bad)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            again = evaluation.embed_split(config, str(tmp_path), "test", members, models, mesh)
+        assert f"unreadable embedding cache {cache}: " in caplog.text and problem in caplog.text
+        assert list(again.ids) == list(first.ids)
+        np.testing.assert_allclose(again.embeddings, first.embeddings, atol=1e-6)
+        reread = extract.Embeddings.load(str(cache))  # overwritten with a good cache
+        assert list(reread.ids) == list(first.ids)

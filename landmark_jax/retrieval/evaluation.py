@@ -76,8 +76,8 @@ def embed_split(
         # and only by a single process: processes that disagreed on whether
         # the cache is there would not all join the extraction's collectives.
         if jax.process_count() == 1 and file_io.exists(cache):
-            cached = extract.Embeddings.load(cache)
-            if cached.settings == settings:
+            cached = extract.load_cache(cache)  # None when unreadable: extracted again
+            if cached is not None and cached.settings == settings:
                 parts.append(cached)
                 continue
         emb = extract.extract(model, split, data_dir=config.data_dir, mesh=mesh, **options)

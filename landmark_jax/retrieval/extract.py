@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,8 +72,51 @@ class Embeddings:
 
     @classmethod
     def load(cls, path: str) -> Embeddings:
-        f = file_io.load_npz(path)
-        return cls(f["ids"], f["embeddings"], f["labels"], json.loads(str(f["settings"])))
+        """The embeddings `save` wrote to `path`.
+
+        Raises:
+          CacheUnreadable: the file is not such an npz (cut short, another
+            format, pickled objects, keys or shapes missing), named.
+        """
+        # np.load never unpickles here (allow_pickle stays False), so a planted
+        # object array is refused, not run.
+        try:
+            f = file_io.load_npz(path)
+            emb = cls(f["ids"], f["embeddings"], f["labels"], json.loads(str(f["settings"])))
+        except (zipfile.BadZipFile, ValueError, KeyError, EOFError) as e:
+            raise CacheUnreadable(f"{path}: {type(e).__name__}: {e}") from e
+        n = len(emb.ids)
+        if emb.embeddings.ndim != 2 or len(emb.embeddings) != n or len(emb.labels) != n:
+            raise CacheUnreadable(
+                f"{path}: ids {emb.ids.shape}, embeddings {emb.embeddings.shape} and labels "
+                f"{emb.labels.shape} do not describe the same images"
+            )
+        return emb
+
+
+class CacheUnreadable(ValueError):
+    """An embeddings file that cannot be read back (named in the message)."""
+
+
+def load_cache(path: str) -> Embeddings | None:
+    """A cache of embeddings written by `Embeddings.save`, or None when unusable.
+
+    The cache is the program's own file, re-made from the model and the data
+    at will: a file that cannot be read is logged with its path and the
+    problem, and the caller extracts again and overwrites it (nothing of the
+    user's is lost). Read errors of the storage itself propagate.
+
+    Args:
+      path: the cache file (it exists).
+
+    Returns:
+      The cached embeddings, or None when the file is unreadable.
+    """
+    try:
+        return Embeddings.load(path)
+    except CacheUnreadable as e:
+        logging.warning("unreadable embedding cache %s; extracting again and overwriting it", e)
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
