@@ -422,6 +422,32 @@ def rename(source: str, target: str) -> None:
     _backend(source).rename(source, target)
 
 
+def move_folder(source: str, target: str) -> None:
+    """Moves a folder and everything in it to `target`, which must not exist.
+
+    Local: one rename. In a bucket (no folders to rename): every object is
+    copied, and `source` is removed only once all of them are in place, so a
+    move cut short leaves the source whole.
+
+    Raises:
+      FileExistsError: `target` exists (nothing is moved).
+      OSError: a copy failed, naming the file (the source is left as it was).
+    """
+    if exists(target):
+        raise FileExistsError(f"{target}: exists; not moving {source} over it")
+    if scheme(source) is None and scheme(target) is None:
+        os.rename(source, target)
+        return
+    for name in listdir(source):
+        name = name.rstrip("/")
+        child = join(source, name)
+        if isdir(child):
+            move_folder(child, join(target, name))
+        else:
+            write_bytes(join(target, name), read_bytes(child))
+    rmtree(source)
+
+
 def rmtree(path: str) -> None:
     """Deletes a folder and everything in it; a no-op if it does not exist."""
     if exists(path):
