@@ -46,7 +46,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import image_encoding, landmark_examples, worker_processes
+from data_pipelines import gldv2_csv, image_encoding, landmark_examples, worker_processes
 from data_pipelines.landmark_examples import Example
 from landmark_jax import data_format, file_io
 
@@ -187,11 +187,9 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
         raw = self._raw_dir = self.raw_dir(dl_manager)
         cfg = self.settings
         train_csv = _required(raw, "train.csv")
-        clean_csv = file_io.join(raw, "train_clean.csv")
-        if not file_io.exists(clean_csv):
-            if cfg.train_images != "all":
-                _required(raw, "train_clean.csv")
-            clean_csv = None
+        # Required by every config: without it `full` would call every image
+        # clean, and GLR2020's not-clean loss weight would silently do nothing.
+        clean_csv = _required(raw, "train_clean.csv")
         plan = landmark_examples.plan_split(
             "train",
             train_csv,
@@ -213,15 +211,16 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
         id_splits = list(RETRIEVAL_SPLITS) if cfg.retrieval_splits else []
         if _has_rows(file_io.join(raw, f"{NON_LANDMARK_SPLIT}.csv")):
             id_splits.append(NON_LANDMARK_SPLIT)
+        listed = {train_csv: plan.listed}
         for split in id_splits:
+            split_csv = _required(raw, f"{split}.csv")
             split_plan = landmark_examples.plan_split(
-                split,
-                _required(raw, f"{split}.csv"),
-                file_io.join(raw, split),
-                skip_missing=self._skip_bad_images,
+                split, split_csv, file_io.join(raw, split), skip_missing=self._skip_bad_images
             )
             self._skipped += split_plan.missing
             planned[split] = split_plan.examples
+            listed[split_csv] = split_plan.listed
+        gldv2_csv.check_disjoint(listed)
         # TFDS cannot write a split without examples (val with val_fraction 0,
         # an empty nonlandmark.csv).
         self._planned = {k: v for k, v in planned.items() if v}

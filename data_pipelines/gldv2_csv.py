@@ -15,11 +15,14 @@ import csv
 import dataclasses
 import io
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from landmark_jax import file_io
 
 _ID_PATTERN = re.compile(r"^[0-9a-zA-Z_-]+$")
+# The builds store landmark ids as int64 (TFDS's tf.int64 feature): a larger
+# id would fail deep in TFDS's encoder, naming neither the file nor the line.
+LANDMARK_ID_RANGE = (-(2**63), 2**63 - 1)
 
 
 class GLDv2FormatError(ValueError):
@@ -32,6 +35,7 @@ class ImageRecord:
 
     image_id: str
     landmark_id: int | None = None
+    line: int = 0  # the CSV line it came from (1 is the header), for messages
 
 
 def _rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -70,21 +74,58 @@ def _check_id(path: str, line: int, image_id: str) -> str:
 def _parse_landmark_id(path: str, line: int, value: str | None) -> int:
     value = (value or "").strip()
     try:
-        return int(value)
+        landmark_id = int(value)
     except ValueError:
         raise GLDv2FormatError(f"{path}:{line}: landmark_id {value!r} is not an integer") from None
+    low, high = LANDMARK_ID_RANGE
+    if not low <= landmark_id <= high:
+        raise GLDv2FormatError(
+            f"{path}:{line}: landmark_id {value} is out of range: the build stores landmark "
+            f"ids as 64-bit integers ({low} to {high})"
+        )
+    return landmark_id
 
 
 def _check_unique(path: str, records: Sequence[ImageRecord]) -> None:
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     duplicates: list[str] = []
     for r in records:
         if r.image_id in seen:
-            duplicates.append(r.image_id)
-        seen.add(r.image_id)
+            duplicates.append(f"{r.image_id} (lines {seen[r.image_id]} and {r.line})")
+        seen.setdefault(r.image_id, r.line)
     if duplicates:
         raise GLDv2FormatError(
             f"{path}: {len(duplicates)} duplicate image id(s), e.g. {duplicates[:5]}"
+        )
+
+
+def check_disjoint(listed: Mapping[str, Sequence[ImageRecord]]) -> None:
+    """Refuses an image id that two split CSVs list (train, index, test...).
+
+    An image in two splits is a test image seen in training, or a query that
+    retrieves itself from the index: scores that look better than they are.
+
+    Args:
+      listed: each CSV's path -> its records (with their lines).
+
+    Raises:
+      GLDv2FormatError: an id in two CSVs, naming both files and lines, with
+        the count of shared ids.
+    """
+    first: dict[str, tuple[str, int]] = {}
+    shared: list[str] = []
+    for path, records in listed.items():
+        for r in records:
+            if r.image_id in first:
+                other, other_line = first[r.image_id]
+                shared.append(f"{r.image_id} at {other}:{other_line} and {path}:{r.line}")
+            else:
+                first[r.image_id] = (path, r.line)
+    if shared:
+        raise GLDv2FormatError(
+            f"{len(shared)} image id(s) listed in two splits, e.g. {'; '.join(shared[:3])}: "
+            "an image belongs to one split (train, index, test or nonlandmark); remove it "
+            "from all but one of those CSVs"
         )
 
 
@@ -105,6 +146,7 @@ def read_train_csv(path: str) -> list[ImageRecord]:
         ImageRecord(
             _check_id(path, line, row["id"]),
             _parse_landmark_id(path, line, row["landmark_id"]),
+            line,
         )
         for line, row in _rows(path, ("id", "landmark_id"))
     ]
@@ -127,7 +169,10 @@ def read_id_csv(path: str) -> list[ImageRecord]:
       GLDv2FormatError: missing file or `id` column, an invalid or duplicate
         id, or an empty file.
     """
-    records = [ImageRecord(_check_id(path, line, row["id"])) for line, row in _rows(path, ("id",))]
+    records = [
+        ImageRecord(_check_id(path, line, row["id"]), line=line)
+        for line, row in _rows(path, ("id",))
+    ]
     if not records:
         raise GLDv2FormatError(f"{path}: no rows")
     _check_unique(path, records)

@@ -40,11 +40,14 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class SplitPlan:
-    """A split's examples and the images that could not be found."""
+    """A split's examples, the images that could not be found, and what its CSV lists."""
 
     examples: list[Example]
     label_of: dict[int, int]  # landmark_id -> label (train only)
     missing: list[tuple[str, str, str]]  # (id, expected path, reason)
+    # Every row of the split's CSV, selected or not, with its line: what
+    # gldv2_csv.check_disjoint compares across splits.
+    listed: list[gldv2_csv.ImageRecord] = dataclasses.field(default_factory=list)
 
 
 def plan_split(
@@ -62,8 +65,9 @@ def plan_split(
       split: 'train', or an id-only split ('index', 'test', 'nonlandmark').
       csv_path: train.csv (id,url,landmark_id) or an id CSV.
       images_dir: the root of the split's `a/b/c/<id>.jpg` tree.
-      clean_csv: train_clean.csv (train only): marks `is_clean`; without it
-        every train image counts as clean.
+      clean_csv: train_clean.csv, required for train: marks `is_clean` (a
+        build without it would call every image clean, and the not-clean
+        loss weight would do nothing).
       train_images: one of TRAIN_SELECTIONS (train only).
       skip_missing: leave out (and list) images with no file instead of
         raising.
@@ -74,20 +78,23 @@ def plan_split(
     Raises:
       GLDv2FormatError: a malformed CSV, or train_clean.csv listing an id
         that train.csv lacks or under another landmark.
-      ValueError: a selection other than 'all' without clean_csv, or an
-        unknown one.
+      ValueError: train without clean_csv, or an unknown selection.
       FileNotFoundError: images with no file (unless skip_missing); names
         the CSV, the count and the first expected path.
     """
     if train_images not in TRAIN_SELECTIONS:
         raise ValueError(f"train_images={train_images!r}: expected one of {TRAIN_SELECTIONS}")
-    if train_images != "all" and not clean_csv:
-        raise ValueError(f"train_images={train_images!r} needs train_clean.csv")
+    if split == "train" and not clean_csv:
+        raise ValueError(
+            f"{csv_path}: train needs train_clean.csv to mark its clean images "
+            f"(train_images={train_images!r})"
+        )
     records = (
         gldv2_csv.read_train_csv(csv_path) if split == "train" else gldv2_csv.read_id_csv(csv_path)
     )
+    csv_records = records
     clean: dict[str, int] = {}
-    if clean_csv:
+    if split == "train" and clean_csv:
         clean = gldv2_csv.read_train_clean_csv(clean_csv)
         by_id = {r.image_id: r.landmark_id for r in records}
         unknown = [i for i in clean if i not in by_id]
@@ -134,11 +141,11 @@ def plan_split(
             path=path,
             label=label_of[r.landmark_id] if split == "train" else -1,
             landmark_id=r.landmark_id if split == "train" else -1,
-            is_clean=int(r.image_id in clean) if clean_csv else int(split == "train"),
+            is_clean=int(r.image_id in clean),
         )
         for r, path in located
     ]
-    return SplitPlan(examples, label_of, missing)
+    return SplitPlan(examples, label_of, missing, csv_records)
 
 
 def assign_val(

@@ -447,9 +447,12 @@ def test_csv_errors_name_file_and_value(tree, tmp_path):
     os.symlink(f"{root}/train", raw / "train")
     train_csv = str(raw / "train.csv")
 
-    # A repeated id stops the build (train_clean.csv is optional for full).
+    # A repeated id stops the build, naming both lines.
+    shutil.copy(f"{root}/train_clean.csv", raw / "train_clean.csv")
     _rewrite(train_csv, ["id", "url", "landmark_id"], [[first, "", 1], [first, "", 2]])
-    with pytest.raises(gldv2_csv.GLDv2FormatError, match=f"{train_csv}.*duplicate.*{first}"):
+    with pytest.raises(
+        gldv2_csv.GLDv2FormatError, match=rf"{train_csv}: 1 duplicate.*{first} \(lines 2 and 3\)"
+    ):
         build("gldv2/full", str(tmp_path / "tfds"), str(raw))
 
     _rewrite(train_csv, ["id", "url"], [[first, ""]])
@@ -475,6 +478,87 @@ def test_csv_errors_name_file_and_value(tree, tmp_path):
     os.remove(raw / "train_clean.csv")
     with pytest.raises(FileNotFoundError, match=r"train_clean\.csv not found"):
         build("gldv2/gldv2x", str(tmp_path / "tfds"), str(raw))
+
+
+def _raw_copy(root: str, raw, copied: tuple[str, ...] = ()) -> None:
+    """A manual dir at `raw` with root's CSVs copied (editable) and its image
+    trees linked, but for the trees named in `copied`, which are copied."""
+    os.makedirs(raw)
+    for name in ("train.csv", "train_clean.csv", "index.csv", "test.csv"):
+        shutil.copy(f"{root}/{name}", f"{raw}/{name}")
+    for split in ("train", "index", "test"):
+        if split in copied:
+            shutil.copytree(f"{root}/{split}", f"{raw}/{split}")
+        else:
+            os.symlink(f"{root}/{split}", f"{raw}/{split}")
+
+
+@pytest.mark.parametrize("config", ["full", "gldv2x"])
+def test_a_build_without_train_clean_csv_is_refused(config, tree, tmp_path):
+    # Without it every image of `full` was marked clean (S7).
+    root, _, _ = tree
+    raw = tmp_path / "raw"
+    _raw_copy(root, raw)
+    os.remove(raw / "train_clean.csv")
+    with pytest.raises(FileNotFoundError, match=rf"^{raw}/train_clean\.csv not found") as error:
+        build(f"gldv2/{config}", str(tmp_path / "tfds"), str(raw))
+    assert entry_point_errors.is_user_error(error.value)
+    assert not glob.glob(str(tmp_path / "tfds" / "gldv2" / config / "*"))
+
+
+def test_a_landmark_id_beyond_int64_names_file_and_line(tree, tmp_path):
+    # TFDS failed on it after encoding, with 61 lines of image bytes (S19).
+    root, ids, _ = tree
+    raw = tmp_path / "raw"
+    _raw_copy(root, raw)
+    rows = read_csv(f"{raw}/train.csv")
+    rows[3]["landmark_id"] = str(2**63)  # int64's largest value is 2**63 - 1
+    _rewrite(f"{raw}/train.csv", ["id", "url", "landmark_id"], [r.values() for r in rows])
+    with pytest.raises(
+        gldv2_csv.GLDv2FormatError,
+        match=rf"^{raw}/train\.csv:5: landmark_id 9223372036854775808 is out of range",
+    ) as error:
+        build("gldv2/full", str(tmp_path / "tfds"), str(raw))
+    assert entry_point_errors.is_user_error(error.value)
+    assert len(str(error.value).splitlines()) == 1
+    # The extremes of int64 are ids like any other; the CSV's negative end too.
+    rows[3]["landmark_id"] = str(2**63 - 1)
+    _rewrite(f"{raw}/train.csv", ["id", "url", "landmark_id"], [r.values() for r in rows])
+    assert gldv2_csv.read_train_csv(f"{raw}/train.csv")[3].landmark_id == 2**63 - 1
+    _rewrite(f"{raw}/train_clean.csv", ["landmark_id", "images"], [[-(2**63) - 1, ids["index"][0]]])
+    with pytest.raises(gldv2_csv.GLDv2FormatError, match=r"train_clean\.csv:2: .*out of range"):
+        gldv2_csv.read_train_clean_csv(f"{raw}/train_clean.csv")
+
+
+def test_an_image_in_two_splits_names_both_files_and_lines(tree, tmp_path):
+    # Such a test image was built twice, silently (S20).
+    root, ids, _ = tree
+    raw = tmp_path / "raw"
+    _raw_copy(root, raw, copied=("test",))
+    train_id, index_id = list(ids["train"])[6], ids["index"][3]
+    for split, image_id in (("train", train_id), ("index", index_id)):
+        target = tiny_gldv2.image_path(str(raw), "test", image_id)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(tiny_gldv2.image_path(root, split, image_id), target)
+    test_csv = f"{raw}/test.csv"
+    test_ids = [r["id"] for r in read_csv(test_csv)]  # lines 2..8
+    # An index image also in test.csv, on line 9.
+    _rewrite(test_csv, ["id"], [[i] for i in [*test_ids, index_id]])
+    with pytest.raises(gldv2_csv.GLDv2FormatError) as error:
+        build("gldv2/full", str(tmp_path / "tfds"), str(raw))
+    assert str(error.value).startswith(
+        f"1 image id(s) listed in two splits, e.g. {index_id} at {raw}/index.csv:5 and "
+        f"{test_csv}:9: an image belongs to one split"
+    )
+    assert entry_point_errors.is_user_error(error.value)
+    # A train image in test.csv, on line 2: two shared ids now.
+    _rewrite(test_csv, ["id"], [[i] for i in [train_id, *test_ids, index_id]])
+    with pytest.raises(
+        gldv2_csv.GLDv2FormatError,
+        match=rf"^2 image id\(s\) .* e\.g\. {train_id} at {raw}/train\.csv:8 and {test_csv}:2;",
+    ):
+        build("gldv2/full", str(tmp_path / "tfds"), str(raw))
+    assert not glob.glob(str(tmp_path / "tfds" / "gldv2" / "full" / "*"))
 
 
 def test_more_shards_than_examples_is_refused_before_encoding(tree, tmp_path):
