@@ -85,6 +85,26 @@ def test_read_recognition_solution_non_integer_landmark(tmp_path):
         solutions.read_recognition_solution(path)
 
 
+def test_ids_the_test_and_index_splits_lack_are_counted_and_warned(tmp_path, caplog):
+    path = _write(tmp_path, "retrieval_solution.csv", _RETRIEVAL_CSV)
+    solution = solutions.read_retrieval_solution(path)
+    # Scored queries q1 q2 q5 q6 list index ids a b c d e; Ignored rows count for neither.
+    with caplog.at_level("WARNING"):
+        assert solutions.ids_not_in(solution, ["q1", "q2", "q3", "q5", "q6"], path) == 0
+        assert solutions.index_ids_not_in(solution, ["a", "b", "c", "d", "e", "z"], path) == 0
+    assert caplog.text == ""
+    with caplog.at_level("WARNING"):
+        assert solutions.ids_not_in(solution, ["q1", "q6"], path) == 2
+        assert solutions.index_ids_not_in(solution, ["b", "d", "z"], path) == 3
+    assert f"{path}: 2 of its 4 scored test ids are not in the test split (e.g. q2, q5)" in (
+        caplog.text
+    )
+    assert (
+        f"{path}: 3 of the 5 index ids its scored queries list are not in the index split "
+        "(e.g. a, c, e); they can never be retrieved"
+    ) in caplog.text
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(SolutionFormatError, match="nope.csv: file not found"):
         solutions.read_retrieval_solution(str(tmp_path / "nope.csv"))

@@ -243,6 +243,10 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
                 "retrieval", ec.retrieval_solution, retrieval, test.ids
             )
         )
+        # Index ids the solution lists but the index lacks: never retrievable.
+        metrics["retrieval_index_ids_missing"] = solutions.index_ids_not_in(
+            solution, index.ids, ec.retrieval_solution
+        )
         metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
         metrics["retrieval"] = by_usage
         metrics["retrieval_queries"] = len(solutions.merged_usages(solution))

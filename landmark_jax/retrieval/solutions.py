@@ -217,6 +217,37 @@ def ids_not_in(solution: Mapping[str, Any], present: Iterable[str], path: str) -
     return len(missing)
 
 
+def index_ids_not_in(solution: Mapping[str, Any], present: Iterable[str], path: str) -> int:
+    """Warns when a retrieval solution's scored rows list index ids the index lacks.
+
+    Such an id can never be retrieved, yet it still counts among its query's
+    relevant images, so that query's average precision cannot reach 1: a
+    solution for another index, or an index split built from part of
+    index.csv, lowers mAP@100 without any error (as ids_not_in, for queries).
+
+    Args:
+      solution: a read_retrieval_solution result.
+      present: the ids of the index split that was embedded.
+      path: the solution file, for the message.
+
+    Returns:
+      How many distinct listed index ids are missing (0 when all are present).
+    """
+    present = set(present)
+    listed = {i for images in merged_usages(solution).values() for i in images}
+    missing = sorted(listed - present)
+    if missing:
+        logging.warning(
+            "%s: %d of the %d index ids its scored queries list are not in the index split "
+            "(e.g. %s); they can never be retrieved",
+            path,
+            len(missing),
+            len(listed),
+            ", ".join(missing[:5]),
+        )
+    return len(missing)
+
+
 def _prediction_tokens(value: str) -> list[str]:
     # DELF splits on single spaces and drops one trailing empty token, so a
     # trailing space is fine but a double space yields an empty id that still
