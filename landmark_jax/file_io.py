@@ -363,6 +363,31 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def can_append(path: str) -> bool:
+    """True where `append_bytes` works: local files (object stores cannot append)."""
+    return not is_url(path)
+
+
+def append_bytes(path: str, data: bytes) -> None:
+    """Appends to a local file (creating it and its folder), flushed to the OS.
+
+    A crash can leave the last append cut short; readers of such a file
+    must expect a partial last line.
+
+    Raises:
+      ValueError: `path` is a URL (see can_append).
+      OSError: it cannot be written, with the path.
+    """
+    if not can_append(path):
+        raise ValueError(f"{path}: object stores cannot append; write whole objects")
+    makedirs(dirname(path))
+    try:
+        with open(path, "ab") as f:
+            f.write(data)
+    except Exception as e:
+        raise _named(e, path, "append to it") from e
+
+
 def read_json(path: str) -> Any:
     """A JSON file's contents.
 

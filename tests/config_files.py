@@ -1,9 +1,9 @@
 """Loads configs/NAME.py the way ml_collections' config_flags does (by path)."""
 
-import json
 import os
 
 from landmark_jax import config_files as package_config_files
+from landmark_jax import metric_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +30,5 @@ def config_for(data_dir: str, **overrides):
 
 
 def losses_of(workdir: str) -> dict[int, float]:
-    """{step: loss} of a run's metrics.jsonl."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {row["step"]: row["loss"] for row in map(json.loads, f)}
+    """{step: loss} of a run's metrics (metrics.jsonl and any pieces)."""
+    return {row["step"]: row["loss"] for row in metric_writer.read_rows(workdir)}
