@@ -6,13 +6,22 @@ One use: one trainer per workdir (`workdir_lease`).
   when its holder dies, however it dies, so a crashed holder never blocks
   the next run; the file's text names the holder for the error message.
 - URLs (gs://; ram:// in tests): object stores have no locks. The holder
-  writes a record (host, pid, a random token, a heartbeat time), waits a
+  writes a record (host, pid, a random token, a heartbeat count), waits a
   settle time, and holds the lease if its token is still the one stored;
-  a background thread renews the heartbeat. A record whose heartbeat is
-  older than `stale_seconds` (a holder that was killed, or whose machine
-  was lost) may be taken over. The holder checks its token again before
-  each checkpoint (`verify`), so a run that lost its lease stops before it
+  a background thread rewrites the record with the next count every
+  `heartbeat_seconds`. The holder checks its token again before each
+  checkpoint (`verify`), so a run that lost its lease stops before it
   writes over another's.
+
+Whether a holder is alive is judged on one clock, the reader's own: the
+clocks of two machines may disagree by minutes, so a time one of them wrote
+is never compared with the other's. A record of another machine is watched
+(read again and again) for up to `stale_seconds` of the reader's monotonic
+clock: if it changes, its holder is alive and the lease is refused; if it
+stays the same that long (a holder that was killed, or whose machine was
+lost), it is taken over. A record of this machine needs no watching: a holder
+whose process is gone is taken over at once, and its wall-clock heartbeat is
+on the reader's own clock.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ WORKDIR_LEASE = "trainer.lease"
 HEARTBEAT_SECONDS = 30.0
 # Four missed heartbeats: a holder that long silent is taken to be gone.
 STALE_SECONDS = 120.0
+# How often a watched record is read again (at most), in seconds.
+WATCH_SECONDS = 1.0
 
 
 class LeaseHeld(RuntimeError):
@@ -43,14 +54,18 @@ class LeaseLost(RuntimeError):
     """A holder's lease was taken over (its heartbeat lapsed)."""
 
 
+def _clock(seconds) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(seconds or 0)))
+
+
 def _describe(record: dict | None) -> str:
+    """Names a record's holder; its times are by the holder's own clock."""
     if not record:
         return "a holder that has not written its record yet"
-    age = time.time() - float(record.get("heartbeat", 0.0))
     return (
-        f"host {record.get('host')}, pid {record.get('pid')}, "
-        f"started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.get('started', 0)))}"
-        f", last heartbeat {age:.0f} s ago"
+        f"host {record.get('host')}, pid {record.get('pid')}, started "
+        f"{_clock(record.get('started'))}, last heartbeat {_clock(record.get('heartbeat'))} "
+        "by its clock"
     )
 
 
@@ -75,6 +90,7 @@ class Lease:
             "token": uuid.uuid4().hex,
             "started": time.time(),
         }
+        self._beats = 0  # the record's heartbeat count: readers watch it change
         self._local_file = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,17 +101,21 @@ class Lease:
     def acquire(self, wait_seconds: float = 0.0) -> Lease:
         """Takes the lease, waiting up to `wait_seconds` for a live holder.
 
+        At once when the lease is free, locally, or held by a process of this
+        machine; a record of another machine is first watched (up to
+        `stale_seconds`, see the module docstring).
+
         Raises:
           LeaseHeld: another live holder still has it, named in the message.
         """
-        deadline = time.time() + wait_seconds
+        deadline = time.monotonic() + wait_seconds
         while True:
             try:
                 if file_io.is_url(self.path) or not self._acquire_local():
                     self._acquire_record()
                 return self
             except LeaseHeld:
-                if time.time() >= deadline:
+                if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5 if file_io.is_url(self.path) else 0.05)
 
@@ -132,21 +152,61 @@ class Lease:
         except FileNotFoundError:
             return None
 
-    def _is_stale(self, record: dict) -> bool:
-        if time.time() - float(record.get("heartbeat", 0.0)) > self.stale_seconds:
-            return True
-        # A holder on this machine whose process is gone needs no waiting.
-        return record.get("host") == self._record["host"] and not _pid_alive(record.get("pid"))
+    def _lapsed(self, record: dict) -> str:
+        """Why another holder's `record` may be taken over.
+
+        Returns:
+          The reason, for the log.
+
+        Raises:
+          LeaseHeld: its holder is alive: a live process of this machine, or
+            a record that changed while it was watched.
+        """
+        if record.get("host") == self._record["host"]:
+            # This machine: its process table and its clock are ours.
+            if not _pid_alive(record.get("pid")):
+                return "its process is gone"
+            age = time.time() - float(record.get("heartbeat", 0.0))
+            if age > self.stale_seconds:
+                return f"no heartbeat for {age:.0f} s"
+            raise LeaseHeld(f"{self.path}: held by {_describe(record)}")
+        # Another machine: watch the record on our own monotonic clock.
+        logging.info(
+            "%s: held by %s; watching its record for up to %.0f s to see whether it is alive",
+            self.path,
+            _describe(record),
+            self.stale_seconds,
+        )
+        start = time.monotonic()
+        pause = min(WATCH_SECONDS, self.stale_seconds / 10)
+        while (waited := time.monotonic() - start) < self.stale_seconds:
+            time.sleep(min(pause, self.stale_seconds - waited))
+            now = self._read_record()
+            if now is None:
+                # Gone twice in a row: released (not a rewrite read mid-way,
+                # which filesystems that replace by delete-and-write allow).
+                time.sleep(pause)
+                now = self._read_record()
+                if now is None:
+                    return "it was released"
+            if now != record:
+                raise LeaseHeld(
+                    f"{self.path}: held by {_describe(now)} (its record changed while watched)"
+                )
+        return f"its record did not change in {self.stale_seconds:g} s"
 
     def _write_record(self) -> None:
-        file_io.write_text(self.path, json.dumps({**self._record, "heartbeat": time.time()}))
+        self._beats += 1
+        record = {**self._record, "beat": self._beats, "heartbeat": time.time()}
+        file_io.write_text(self.path, json.dumps(record))
 
     def _acquire_record(self) -> None:
         current = self._read_record()
         if current is not None and current.get("token") != self._record["token"]:
-            if not self._is_stale(current):
-                raise LeaseHeld(f"{self.path}: held by {_describe(current)}")
-            logging.warning("%s: taking over a lapsed lease (%s)", self.path, _describe(current))
+            why = self._lapsed(current)
+            logging.warning(
+                "%s: taking over the lease of %s: %s", self.path, _describe(current), why
+            )
         self._write_record()
         # Two takers may both have found it free: the later write wins, and
         # the other sees the winner's token after the settle time.
@@ -267,8 +327,8 @@ def workdir_lease(workdir: str) -> Iterator[Lease | None]:
     if refusal is not None:
         raise LeaseHeld(
             f"another trainer is running on this workdir ({refusal}); stop it first. "
-            f"If it is gone (its machine was lost), its lease lapses {STALE_SECONDS:.0f} s after "
-            "its last heartbeat on gs://, at once on a local disk"
+            "If it is gone (its machine was lost), its lease lapses once its record in the "
+            f"bucket has not changed for {STALE_SECONDS:.0f} s, at once on a local disk"
         )
     try:
         yield lease

@@ -1,10 +1,13 @@
 """Leases: one trainer per workdir."""
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -53,23 +56,45 @@ def _write_record(path, **fields):
     file_io.write_text(path, json.dumps({**record, "heartbeat": time.time(), **fields}))
 
 
+@contextlib.contextmanager
+def _beating(path, clock_offset=0.0, **fields):
+    """A live holder on another machine whose clock is `clock_offset` s off
+    ours: it rewrites its record with the next count every 0.05 s."""
+    stop = threading.Event()
+
+    def beat():
+        count = 0
+        while not stop.is_set():
+            count += 1
+            _write_record(path, beat=count, heartbeat=time.time() + clock_offset, **fields)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    while not file_io.exists(path):  # its first record is written
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_a_lease_in_a_bucket_renews_lapses_and_knows_when_it_is_lost():
     path = "ram://lease-test/run/trainer.lease"
     first = file_lease.Lease(path, **FAST).acquire()
     with pytest.raises(file_lease.LeaseHeld, match=f"pid {os.getpid()},"):
         file_lease.Lease(path, **FAST).acquire()
-    beat = json.loads(file_io.read_text(path))["heartbeat"]
+    beat = json.loads(file_io.read_text(path))["beat"]
     time.sleep(0.3)
-    assert json.loads(file_io.read_text(path))["heartbeat"] > beat  # the heartbeat renews it
+    assert json.loads(file_io.read_text(path))["beat"] > beat  # the heartbeat renews it
     first.verify()
     first.release()
     assert not file_io.exists(path)  # a released lease leaves nothing
 
-    # A holder on another machine: held while it beats, free once it lapses.
-    _write_record(path)
-    with pytest.raises(file_lease.LeaseHeld, match="held by host elsewhere, pid 1,"):
+    # A holder on another machine: held while it beats, free once it stops.
+    with _beating(path), pytest.raises(file_lease.LeaseHeld, match="held by host elsewhere,"):
         file_lease.Lease(path, **FAST).acquire()
-    time.sleep(0.6)
     # (No heartbeat during the test: it would race the takeover below.)
     second = file_lease.Lease(path, **{**FAST, "heartbeat_seconds": 60}).acquire()
     # Taken over while it ran (as if its heartbeats had stopped): it must stop.
@@ -82,7 +107,31 @@ def test_a_lease_in_a_bucket_renews_lapses_and_knows_when_it_is_lost():
     # A holder on this machine whose process is gone: no need to wait.
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_text())
     _write_record(path, host=socket.gethostname(), pid=int(gone.stdout))
-    file_lease.Lease(path, **FAST).acquire().release()
+    started = time.monotonic()
+    file_lease.Lease(path, **{**FAST, "stale_seconds": 60}).acquire().release()
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("offset", [-180.0, 3600.0, -3600.0])
+def test_a_bucket_lease_judges_its_holder_on_the_readers_clock_alone(offset, caplog):
+    """The holder's clock is `offset` s off the reader's (the review's S8):
+    a live holder keeps its lease and a dead one lapses after stale_seconds
+    of the reader's own time, whatever the holder's clock says (was: a live
+    holder 3 min slow taken over at once; a dead one 1 h fast held for 1 h)."""
+    path = f"ram://lease-skew/{offset:+.0f}/trainer.lease"
+    live = pytest.raises(file_lease.LeaseHeld, match="record changed while watched")
+    with _beating(path, clock_offset=offset), live:
+        file_lease.Lease(path, **FAST).acquire()
+    # It stops beating (killed): taken over once its record has not changed
+    # for stale_seconds (0.5 s) as the reader measures.
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        taker = file_lease.Lease(path, **FAST).acquire()
+    assert 0.5 <= time.monotonic() - started < 5
+    assert "taking over the lease of host elsewhere" in caplog.text
+    assert "its record did not change in 0.5 s" in caplog.text
+    assert json.loads(file_io.read_text(path))["token"] != "theirs"
+    taker.release()
 
 
 def _text():
