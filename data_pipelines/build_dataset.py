@@ -18,19 +18,37 @@ names (or `data_dir` itself, when it holds that one build).
 `--val_fraction` / `--seed` derive a config from the named one
 (`gldv2/clean` with `--val_fraction=0.05 --seed=1` is built as config
 `clean_val0.05_seed1`), so builds with other validation splits sit side by
-side. An existing build is reused as it is (TFDS's default) unless
-`--overwrite`, which deletes it first, as `tfds build --overwrite` does: a
-rebuild that then fails leaves no build. With `--beam_pipeline_options` the
-images are encoded on Apache Beam (e.g. Dataflow) instead of local worker
-processes. The program ends with the build's summary
-(data_pipelines.describe_dataset.summarize).
+side. With `--beam_pipeline_options` the images are encoded on Apache Beam
+(e.g. Dataflow) instead of local worker processes. The program ends with the
+build's summary (data_pipelines.describe_dataset.summarize).
+
+Faults lose nothing:
+- An existing build is reused as it is (TFDS's default) unless `--overwrite`.
+  A rebuild is built beside it, in a temporary `incomplete.rebuild_*` folder
+  of the config's folder; only once it is complete is the previous build
+  moved aside (`<version>.previous_*`), the new one moved into its place and
+  the previous one deleted. A rebuild that fails (a bad image, a full disk)
+  or is killed leaves the previous build exactly as it was. (`tfds build
+  --overwrite` deletes the previous build first.) A local move is one
+  rename; in a bucket, which has no folders to rename, every object of both
+  builds is copied and deleted once more, the metadata files last.
+- One build of a config at a time: a build holds a lease
+  (landmark_jax.file_lease; `<name>/<config>.build.lease` beside the config's
+  folder) while it runs, and a second one fails at once naming the holder.
+- Holding it, a build first deletes the `incomplete.*` folders of that
+  config, which only a build that did not finish leaves (killed, or its
+  machine lost): TFDS's temporaries, never a finished build. (A concurrent
+  `tfds build` of the same config, which takes no lease, would lose its
+  temporary folder: do not mix the two commands on one data dir.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
+import uuid
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
@@ -38,11 +56,19 @@ from absl import app, flags
 
 # The builder modules: importing them registers their datasets with TFDS.
 from data_pipelines import demo_builder, describe_dataset, gldv2_builder, revisited_builder
-from landmark_jax import entry_point_errors, file_io, tensorflow_setup
+from landmark_jax import data_format, entry_point_errors, file_io, file_lease, tensorflow_setup
 
 _BUILDER_MODULES = (gldv2_builder, demo_builder, revisited_builder)
 # The config fields --val_fraction and --seed override.
 _OVERRIDABLE = ("val_fraction", "seed")
+# What a staged rebuild and a replaced build are called in the config's folder.
+_REBUILD_PREFIX = f"{data_format.TEMPORARY_PREFIX}rebuild_"
+_PREVIOUS_INFIX = ".previous_"
+# The files that make a folder a TFDS build (data_format.find_build): moved
+# last, so that a build moved file by file reads as one only once complete.
+_BUILD_MARKERS = ("dataset_info.json", "features.json")
+# file_lease's wait for a second taker of a lease in a bucket (tests shorten it).
+LEASE_SETTLE_SECONDS = 2.0
 
 
 def project_builders() -> dict[str, type[tfds.core.DatasetBuilder]]:
@@ -205,14 +231,15 @@ def build(
     beam_pipeline_options: str | None = None,
     **builder_options,
 ) -> tuple[tfds.core.DatasetBuilder, bool]:
-    """Builds a data set, or reuses its existing build.
+    """Builds a data set, or reuses its existing build (see the module docstring).
 
     Args:
       dataset: the TFDS name (make_builder).
       data_dir: the TFDS data dir.
       manual_dir: the raw data the builder reads (TFDS's manual dir).
       num_shards: shard files per split (default: TFDS sizes them).
-      overwrite: delete an existing build and build again.
+      overwrite: build again and replace an existing build once the new one
+        is complete.
       beam_pipeline_options: build on Apache Beam with these options.
       **builder_options: make_builder's val_fraction, seed,
         skip_bad_images, num_workers.
@@ -225,7 +252,9 @@ def build(
       ValueError: make_builder's errors, num_shards < 1, a split with fewer
         examples than num_shards, a manual_dir that is not a folder, and the
         builders' own errors (bad input files, named).
-      RuntimeError: Beam options without Apache Beam.
+      RuntimeError: Beam options without Apache Beam; another build of the
+        same config running (file_lease.LeaseHeld, naming it) or finishing
+        first into the same folder.
     """
     if num_shards is not None and num_shards < 1:
         raise ValueError(f"--num_shards={num_shards}: must be >= 1")
@@ -233,31 +262,162 @@ def build(
         raise ValueError(f"--manual_dir={manual_dir}: no such folder")
     options = beam_options(beam_pipeline_options) if beam_pipeline_options else None
     builder = make_builder(dataset, data_dir, **builder_options)
-    if builder.is_prepared():
-        if not overwrite:
-            return builder, True
-        # As `tfds build --overwrite`: delete it, then a builder that holds no
-        # state of the old build (a builder opened over a build reads its
-        # split infos, class names and metadata).
-        file_io.rmtree(os.fspath(builder.data_dir))
-        builder = make_builder(dataset, data_dir, **builder_options)
+    if builder.is_prepared() and not overwrite:
+        return builder, True
+    final = os.fspath(builder.data_dir)
     config = tfds.download.DownloadConfig(
         manual_dir=manual_dir,
         num_shards=num_shards,
         beam_options=options,
-        download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-        if overwrite
-        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+        # TFDS never deletes a build here: a rebuild goes beside it.
+        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
     )
+    with _build_lease(dataset, final):
+        # A builder opened now: another build may have finished meanwhile
+        # (and one opened over a build holds that build's state).
+        builder = make_builder(dataset, data_dir, **builder_options)
+        if builder.is_prepared() and not overwrite:
+            return builder, True
+        _remove_unfinished(file_io.dirname(final))
+        if not builder.is_prepared():
+            _prepare(builder, config, data_dir, num_shards)
+            return builder, False
+        _rebuild_beside(dataset, data_dir, final, config, num_shards, builder_options)
+        return make_builder(dataset, data_dir, **builder_options), False
+
+
+def lease_path(final: str) -> str:
+    """`<data_dir>/<name>/<config>.build.lease` for the build `<...>/<config>/<version>`:
+    beside the config's folder, which then holds builds and their temporaries only."""
+    config_dir = file_io.dirname(final)
+    return file_io.join(file_io.dirname(config_dir), f"{file_io.basename(config_dir)}.build.lease")
+
+
+def _build_lease(dataset: str, final: str) -> file_lease.Lease:
+    """The held lease of a build of one config (a context manager releasing it).
+
+    Raises:
+      file_lease.LeaseHeld: another build of it is running, naming it.
+    """
+    lease = file_lease.Lease(lease_path(final), settle_seconds=LEASE_SETTLE_SECONDS)
     try:
-        builder.download_and_prepare(download_config=config)
+        return lease.acquire()
+    except file_lease.LeaseHeld as e:
+        raise file_lease.LeaseHeld(
+            f"another build of {dataset} into {file_io.dirname(final)} is running ({e}); "
+            "wait for it to finish, then rerun (an existing build is reused, or rebuilt "
+            "with --overwrite)"
+        ) from None
+
+
+def _remove_unfinished(config_dir: str) -> None:
+    """Deletes the `incomplete.*` folders of a config: with its build lease held,
+    they are what a build that did not finish left (TFDS's temporaries, and
+    our staged rebuilds). A previous build left aside by a rebuild that was
+    killed while swapping is the user's data: named, never deleted."""
+    for name in file_io.listdir(config_dir):
+        path = file_io.join(config_dir, name)
+        if data_format.is_temporary(path) and file_io.isdir(path):
+            logging.warning(
+                "%s: deleting the temporary folder of a build that did not finish "
+                "(killed, or its machine lost; no other build of this config holds the lease)",
+                path,
+            )
+            file_io.rmtree(path)
+        elif _PREVIOUS_INFIX in name:
+            logging.warning(
+                "%s: a previous build that a killed rebuild moved aside; kept. Move it back "
+                "to %s if that folder is missing, else delete it",
+                path,
+                name.split(_PREVIOUS_INFIX)[0],
+            )
+
+
+def _prepare(
+    builder: tfds.core.DatasetBuilder,
+    config: tfds.download.DownloadConfig,
+    data_dir: str,
+    num_shards: int | None,
+) -> None:
+    """builder.download_and_prepare, with TFDS's errors about our input made ours."""
+    try:
+        # The download dir of the data dir, also for a staged rebuild: the
+        # demo builder keeps the raw tree it generates there.
+        builder.download_and_prepare(
+            download_dir=file_io.join(data_dir, "downloads"), download_config=config
+        )
     except AssertionError as e:
         # TFDS's own check, for builders that do not check num_shards before
         # encoding (gldv2_builder does): "num_examples (3) < number_of_shards (4)".
         if num_shards and "number_of_shards" in str(e):
             raise ValueError(f"--num_shards={num_shards}: a split is smaller ({e})") from None
         raise
-    return builder, False
+    except FileExistsError as e:
+        # TFDS renames its temporary folder into place at the end; another
+        # build that takes no lease (`tfds build`) got there first.
+        raise RuntimeError(
+            f"{builder.data_dir}: another build finished there while this one ran (two "
+            f"builds into one data dir at once); that build is kept, this one discarded ({e})"
+        ) from None
+
+
+def _rebuild_beside(
+    dataset: str,
+    data_dir: str,
+    final: str,
+    config: tfds.download.DownloadConfig,
+    num_shards: int | None,
+    builder_options: dict,
+) -> None:
+    """Builds again into a temporary folder beside `final`, then swaps it in.
+
+    The previous build stays untouched until the new one is complete; if
+    building fails, the temporary folder is deleted and nothing else changed.
+    """
+    config_dir, version = file_io.dirname(final), file_io.basename(final)
+    token = uuid.uuid4().hex[:8]
+    staging = file_io.join(config_dir, f"{_REBUILD_PREFIX}{token}")
+    try:
+        staged = make_builder(dataset, staging, **builder_options)
+        _prepare(staged, config, data_dir, num_shards)
+        previous = file_io.join(config_dir, f"{version}{_PREVIOUS_INFIX}{token}")
+        _move_build(final, previous)
+        try:
+            _move_build(os.fspath(staged.data_dir), final)
+        except BaseException:
+            # `final` holds only files of the new build: the previous one goes back.
+            file_io.rmtree(final)
+            _move_build(previous, final)
+            raise
+        file_io.rmtree(previous)
+        logging.info(
+            "%s: rebuilt; the previous build was deleted once this one was in place", final
+        )
+    finally:
+        file_io.rmtree(staging)
+
+
+def _move_build(source: str, target: str) -> None:
+    """Moves a build folder to `target`, which must not exist.
+
+    Locally one rename. A bucket has no folders to rename: each object is
+    moved (copied, then deleted), as tf.io.gfile's own rename of a prefix
+    does, the metadata files last, so that `target` reads as a build only
+    once it is complete.
+    """
+    if not file_io.is_url(source):
+        file_io.rename(source, target)
+        return
+    file_io.makedirs(target)
+    paths = file_io.glob(file_io.join(source, "*"))
+    paths.sort(key=lambda path: file_io.basename(path) in _BUILD_MARKERS)
+    for path in paths:
+        moved = file_io.join(target, file_io.basename(path))
+        if file_io.isdir(path):
+            _move_build(path, moved)
+        else:
+            file_io.rename(path, moved)
+    file_io.rmtree(source)
 
 
 FLAGS = flags.FLAGS
@@ -273,7 +433,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_shards", None, "Shard files per split (default: TFDS's sizing).")
     flags.DEFINE_float("val_fraction", None, "Override the config's validation fraction.")
     flags.DEFINE_integer("seed", None, "Override the config's validation seed.")
-    flags.DEFINE_bool("overwrite", False, "Delete an existing build and build again.")
+    flags.DEFINE_bool(
+        "overwrite", False, "Build again; the new build replaces the existing one once complete."
+    )
     flags.DEFINE_string(
         "beam_pipeline_options", None, "Build on Apache Beam: comma-separated k=v options."
     )

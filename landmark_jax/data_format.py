@@ -45,6 +45,14 @@ REVISITED_GND = "gnd"
 LABELED_SPLITS = ("train", "val")
 # The files TFDS writes into every build.
 _BUILD_FILES = ("dataset_info.json", "features.json")
+# features.json names each feature's class here; TFDS imports its module.
+_CLASS_KEY = "pythonClassName"
+_TFDS_PACKAGE = "tensorflow_datasets."
+# The prefix of the folders TFDS builds into before renaming them into place
+# (`<config>/incomplete.XXXXXX_<version>`; TFDS's constants.INCOMPLETE_PREFIX),
+# which data_pipelines.build_dataset also gives its staged rebuilds: never a
+# finished build, even when a killed build left metadata files in one.
+TEMPORARY_PREFIX = "incomplete."
 
 
 class DataFormatError(ValueError):
@@ -55,13 +63,20 @@ def _is_build(path: str) -> bool:
     return all(file_io.exists(file_io.join(path, name)) for name in _BUILD_FILES)
 
 
+def is_temporary(path: str) -> bool:
+    """True for a TFDS build's temporary folder (`incomplete.*`, see TEMPORARY_PREFIX)."""
+    return file_io.basename(path).startswith(TEMPORARY_PREFIX)
+
+
 def find_build(data_dir: str) -> str:
     """The TFDS build a data_dir names: itself, or the one build below it.
 
     Args:
       data_dir: a build folder (dataset_info.json + features.json), or a
         folder holding exactly one build up to three levels down
-        (`<name>/<config>/<version>/`, as in a TFDS data dir).
+        (`<name>/<config>/<version>/`, as in a TFDS data dir). Builds inside
+        `incomplete.*` folders (unfinished, see TEMPORARY_PREFIX) are not
+        counted.
 
     Returns:
       The build folder.
@@ -74,11 +89,12 @@ def find_build(data_dir: str) -> str:
         return data_dir
     if not file_io.isdir(data_dir):
         raise DataFormatError(f"data_dir={data_dir!r}: no such folder")
-    builds = []
+    found_below = []
     for depth in (1, 2, 3):
         pattern = file_io.join(data_dir, *["*"] * depth, "features.json")
-        builds += [file_io.dirname(p) for p in file_io.glob(pattern)]
-    builds = sorted(b for b in set(builds) if _is_build(b))
+        found_below += [file_io.dirname(p) for p in file_io.glob(pattern)]
+    unfinished = sorted(b for b in set(found_below) if _below_temporary(data_dir, b))
+    builds = sorted(b for b in set(found_below) if b not in unfinished and _is_build(b))
     if len(builds) == 1:
         return builds[0]
     if builds:
@@ -93,11 +109,25 @@ def find_build(data_dir: str) -> str:
         if "dataset_info.json" in found
         else ""
     )
+    if unfinished:
+        hint += f" (only unfinished builds, in TFDS's temporary folders: {unfinished[:3]})"
     raise DataFormatError(
         f"data_dir={data_dir!r} is not a TensorFlow Datasets build: no dataset_info.json "
         f"and features.json in it or below it; it holds {found}{hint}. Build one with "
         "python -m data_pipelines.build_dataset"
     )
+
+
+def _below_temporary(data_dir: str, path: str) -> bool:
+    """True if a folder between data_dir (exclusive) and path (inclusive) is temporary."""
+    while len(path) > len(data_dir.rstrip("/")):
+        if is_temporary(path):
+            return True
+        parent = file_io.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return False
 
 
 def open_build(data_dir: str):
@@ -107,20 +137,64 @@ def open_build(data_dir: str):
     metadata.json stay the same (a run asks for it dozens of times).
 
     Raises:
-      DataFormatError: data_dir is not a TFDS build (see find_build).
+      DataFormatError: data_dir is not a TFDS build (see find_build), or its
+        features.json names a class TFDS would import from outside TFDS
+        (check_feature_classes).
     """
     build = find_build(data_dir)
+    check_feature_classes(build)
     texts = tuple(
         file_io.read_text(path) if file_io.exists(path) else ""
-        for path in (file_io.join(build, name) for name in ("dataset_info.json", "metadata.json"))
+        for path in (
+            file_io.join(build, name)
+            for name in ("dataset_info.json", "metadata.json", "features.json")
+        )
     )
     return _open_build(build, texts)
 
 
+def check_feature_classes(build: str) -> None:
+    """Refuses a features.json naming a class outside TensorFlow Datasets.
+
+    TFDS imports the module of every `pythonClassName` in features.json to
+    find its feature class, so whoever can write a shared data folder could
+    make every trainer and evaluator import any installed module (its import
+    side effects run). The builds here use TFDS's own feature classes only.
+
+    Args:
+      build: a build folder (see find_build).
+
+    Raises:
+      DataFormatError: features.json is not JSON, or names a class whose
+        name does not start with `tensorflow_datasets.` (naming the file and
+        the class).
+    """
+    path = file_io.join(build, "features.json")
+    try:
+        features = file_io.read_json(path)
+    except ValueError as e:
+        raise DataFormatError(str(e)) from None
+    pending = [features]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            name = value.get(_CLASS_KEY)
+            if name is not None and not str(name).startswith(_TFDS_PACKAGE):
+                raise DataFormatError(
+                    f"{path}: {_CLASS_KEY} {name!r} is not a TensorFlow Datasets feature "
+                    f"class (expected {_TFDS_PACKAGE}...): TFDS would import its module to "
+                    "read the build; refusing. Rebuild the data set, or restore features.json "
+                    "from a good copy"
+                )
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+
+
 @functools.lru_cache(maxsize=8)
-def _open_build(build: str, texts: tuple[str, str]):
+def _open_build(build: str, texts: tuple[str, ...]):
     # `texts` keys the cache on the files' contents: a rebuild in place
-    # (another build id, other shard lengths) opens the new build.
+    # (another build id, other shard lengths, other features) opens the new build.
     import tensorflow_datasets as tfds
 
     del texts

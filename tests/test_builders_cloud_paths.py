@@ -41,6 +41,12 @@ def _ram_for_tfds():
     tfds_ram.register()
 
 
+@pytest.fixture(autouse=True)
+def _short_lease_settle(monkeypatch):
+    # A build's lease on a URL waits for a second taker; one process here.
+    monkeypatch.setattr(build_dataset, "LEASE_SETTLE_SECONDS", 0.05)
+
+
 @pytest.fixture()
 def ram():
     """A fresh ram:// folder, deleted afterwards."""
@@ -129,21 +135,31 @@ def test_demo_data_set_in_ram_equals_the_local_one(demo_raw, ram, cwd):
     assert any(name.endswith(".jpg") for name in remote)
 
 
-def test_gldv2_build_into_ram_equals_a_local_build(demo_raw, local_build, ram, cwd):
+def test_gldv2_build_into_ram_equals_a_local_build(demo_raw, local_build, ram, cwd, tmp_path):
     # The default worker count for a ram:// data dir is one process.
     remote = _build(f"{ram}/tfds", demo_raw)
     assert remote == f"{ram}/tfds/gldv2/{CONFIG}/1.0.0"
     _assert_same_build(local_build, remote, (demo_raw, demo_raw))
     # The folder above the build finds it, as a config's data_dir may name it.
     assert data_format.find_build(f"{ram}/tfds/gldv2") == remote
-    # Reused as it is, then rebuilt in place (TFDS deletes the old build).
+    # Reused as it is, then rebuilt beside it and moved into its place.
     builder, reused = build_dataset.build(DATASET, f"{ram}/tfds", val_fraction=0.25)
     assert reused
     build_id = data_format.open_build(remote).info.metadata[data_format.BUILD_ID]
     again = _build(f"{ram}/tfds", demo_raw, overwrite=True)
     assert again == remote
     assert data_format.open_build(remote).info.metadata[data_format.BUILD_ID] != build_id
-    assert not [p for p in file_io.glob(f"{ram}/tfds/gldv2/*") if "incomplete" in p]
+    config_dir = f"{ram}/tfds/gldv2/{CONFIG}"
+    assert file_io.glob(f"{config_dir}/*") == [remote]
+    # A rebuild that fails leaves it exactly as it was.
+    before = _files(remote)
+    for name in os.listdir(demo_raw):
+        if name != "train_clean.csv":
+            os.symlink(os.path.join(demo_raw, name), tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="train_clean.csv not found"):
+        _build(f"{ram}/tfds", str(tmp_path), overwrite=True)
+    assert _files(remote) == before
+    assert file_io.glob(f"{config_dir}/*") == [remote]
 
 
 def test_gldv2_build_reads_its_inputs_from_ram(demo_raw, local_build, ram, cwd, tmp_path):
