@@ -35,7 +35,8 @@ Faults lose nothing:
 - One build of a config at a time: a build holds a lease
   (landmark_jax.file_lease; `<name>/<config>.build.lease` beside the config's
   folder) while it runs, and a second one fails at once naming the holder.
-- Holding it, a build first deletes the `incomplete.*` folders of that
+- Holding it, a build (or a run that reuses a build, when no build of
+  that config is running) first deletes the `incomplete.*` folders of that
   config, which only a build that did not finish leaves (killed, or its
   machine lost): TFDS's temporaries, never a finished build. (A concurrent
   `tfds build` of the same config, which takes no lease, would lose its
@@ -262,9 +263,10 @@ def build(
         raise ValueError(f"--manual_dir={manual_dir}: no such folder")
     options = beam_options(beam_pipeline_options) if beam_pipeline_options else None
     builder = make_builder(dataset, data_dir, **builder_options)
-    if builder.is_prepared() and not overwrite:
-        return builder, True
     final = os.fspath(builder.data_dir)
+    if builder.is_prepared() and not overwrite:
+        _tidy_when_idle(dataset, final)
+        return builder, True
     config = tfds.download.DownloadConfig(
         manual_dir=manual_dir,
         num_shards=num_shards,
@@ -276,9 +278,9 @@ def build(
         # A builder opened now: another build may have finished meanwhile
         # (and one opened over a build holds that build's state).
         builder = make_builder(dataset, data_dir, **builder_options)
+        _remove_unfinished(file_io.dirname(final))
         if builder.is_prepared() and not overwrite:
             return builder, True
-        _remove_unfinished(file_io.dirname(final))
         if not builder.is_prepared():
             _prepare(builder, config, data_dir, num_shards)
             return builder, False
@@ -308,6 +310,16 @@ def _build_lease(dataset: str, final: str) -> file_lease.Lease:
             "wait for it to finish, then rerun (an existing build is reused, or rebuilt "
             "with --overwrite)"
         ) from None
+
+
+def _tidy_when_idle(dataset: str, final: str) -> None:
+    """_remove_unfinished, for a run that reuses a build, unless a build of
+    that config is running (then its temporaries are in use)."""
+    try:
+        with _build_lease(dataset, final):
+            _remove_unfinished(file_io.dirname(final))
+    except file_lease.LeaseHeld:
+        pass
 
 
 def _remove_unfinished(config_dir: str) -> None:

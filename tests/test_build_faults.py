@@ -99,14 +99,19 @@ def test_a_killed_builds_temporary_folders_are_ignored_then_removed(copy, caplog
         data_format.find_build(data_dir)
     shutil.move(moved, final)
 
-    # A rerun that builds removes them, naming each.
+    # A rerun removes them, naming each: one that reuses the build...
     with caplog.at_level("WARNING"):
-        _rebuild(raw, data_dir)
-    assert os.listdir(config_dir) == ["1.0.0"]
+        _, reused = build_dataset.build(DATASET, data_dir, manual_dir=raw, **OPTIONS)
+    assert reused and os.listdir(config_dir) == ["1.0.0"]
     assert f"{tfds_temporary}: deleting the temporary folder of a build that did not" in (
         caplog.text
     )
     assert "incomplete.rebuild_0123abcd: deleting" in caplog.text
+    assert _files(final) == before
+    # ... and one that builds.
+    shutil.copytree(final, tfds_temporary)
+    _rebuild(raw, data_dir)
+    assert os.listdir(config_dir) == ["1.0.0"]
     assert sorted(_files(final)) == sorted(before)
 
 
