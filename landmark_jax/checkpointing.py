@@ -15,8 +15,9 @@ that decides that shape.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableSet, Sequence
 from typing import Any
 
 import jax
@@ -94,7 +95,11 @@ def _hint(path: str) -> str:
 
 
 def check_shapes(
-    saved: Mapping[str, Any], expected: Mapping[str, Any], source: str, prefixes: tuple[str, ...]
+    saved: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    source: str,
+    prefixes: tuple[str, ...],
+    changes: Sequence[str] = (),
 ) -> None:
     """Compares parameter shapes of a checkpoint with the model's.
 
@@ -104,6 +109,8 @@ def check_shapes(
       expected: the abstract (or real) state of the current model.
       source: the checkpoint path, for the message.
       prefixes: the flattened paths to compare, e.g. ('params/model/',).
+      changes: 'key: old -> new' lines of the config keys that changed since
+        the checkpoint was written, named in the message.
 
     Raises:
       ValueError: naming each differing or missing parameter, both shapes
@@ -130,59 +137,186 @@ def check_shapes(
         raise ValueError(
             f"checkpoint {source} does not fit the model ({len(problems)} parameter(s)):\n"
             + "\n".join(problems[:20])
+            + _changes_text(changes)
         )
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
-    """The workdir's newest intact state, sharded like `abstract_state`, or None.
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A restored train state and what its integrity check found."""
 
-    A damaged step (files that differ from their recorded digests, or a
-    restore that fails) is logged with the file or error at fault and
-    deleted, so that training can save that step again; the next older step
-    is tried (checkpoint_integrity.py).
+    state: Any
+    step: int
+    verdict: checkpoint_integrity.Verdict
+
+
+def _path_of(keys: tuple) -> str:
+    parts = []
+    for key in keys:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
+def _leaf_paths(tree: Any) -> set[str]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_of(keys) for keys, _ in leaves}
+
+
+def check_structure(saved: Any, expected: Any, source: str, changes: Sequence[str] = ()) -> None:
+    """Compares the arrays a checkpoint holds with those the state needs.
+
+    Orbax's own error ("tree structures do not match") names neither the
+    config key nor what changed; another optimizer (adam's mu/nu for sgd's
+    trace), gradient clipping or weight decay changes the optimizer state's
+    arrays without changing any parameter shape.
+
+    Args:
+      saved: the checkpoint's metadata tree.
+      expected: the abstract state of the current config.
+      source: the checkpoint path, for the message.
+      changes: 'key: old -> new' lines of the config keys that changed since
+        the checkpoint was written (run_config.changes_since_checkpoint).
 
     Raises:
-      ValueError: the checkpoint's shapes differ from the model's (a config
-        changed under an existing workdir).
-      RuntimeError: every saved step is damaged (each named).
+      ValueError: naming the arrays only one side has, and the changed keys.
+    """
+    got, want = _leaf_paths(saved), _leaf_paths(expected)
+    if got == want:
+        return
+    lines = [f"  {p}: in the checkpoint, not in this config's state" for p in sorted(got - want)]
+    lines += [f"  {p}: in this config's state, not in the checkpoint" for p in sorted(want - got)]
+    raise ValueError(
+        f"checkpoint {source} does not fit this config (a config error, not damage: the "
+        "checkpoint is left as it is):\n"
+        + "\n".join(lines[:12])
+        + (f"\n  ... and {len(lines) - 12} more" if len(lines) > 12 else "")
+        + _changes_text(changes)
+    )
+
+
+def _changes_text(changes: Sequence[str]) -> str:
+    if not changes:
+        return ""
+    return (
+        "\nconfig keys changed since the checkpoint was written (its workdir's config.json "
+        "-> this config):\n  "
+        + "\n  ".join(changes)
+        + "\nresume with the recorded values, or train this config in a new workdir"
+    )
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any, changes: Sequence[str] = ()
+) -> Restored | None:
+    """The workdir's newest intact state, sharded like `abstract_state`, or None.
+
+    Each step, newest first, is checked against its integrity record
+    (checkpoint_integrity.py). A step whose recorded files are missing or
+    differ, or an unverified one (no record) whose data Orbax cannot read, is
+    damaged. Once an older step restores, the damaged newer ones are moved
+    aside (never deleted) so that training saves those steps again.
+    A step that verified is never declared damaged: a read that fails on it
+    is retried, then fails the run.
+
+    Args:
+      manager: the workdir's checkpoint manager.
+      abstract_state: the state of the current config (shapes, shardings).
+      changes: config keys changed since the checkpoint ('key: old -> new'),
+        named in a mismatch error.
+
+    Returns:
+      The restored state with its step and verdict, or None (no checkpoint).
+
+    Raises:
+      ValueError: the checkpoint does not fit the config (named parameter or
+        array, and the changed config keys); nothing is moved.
+      OSError: a read of a verified step still failed after the retries
+        (named); nothing is moved.
+      RuntimeError: every saved step is damaged (each named, left in place).
     """
     directory = str(manager.directory)
-    damaged = []
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = sorted(manager.all_steps(), reverse=True)
+    damaged: list[tuple[int, str]] = []
+    for step in steps:
         source = file_io.join(directory, str(step))
-        problem = checkpoint_integrity.damage(directory, step)
-        if problem is None:
-            try:
-                tree = _metadata_tree(manager.item_metadata(step))
-            except Exception as e:  # noqa: BLE001 - any failure to read it is damage
-                problem = f"unreadable metadata ({type(e).__name__}: {e})"
-        if problem is None:
-            check_shapes(tree, abstract_state, source, ("params/", "batch_stats/"))
-            try:
-                state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-            except Exception as e:  # noqa: BLE001 - Orbax's errors for missing or bad files vary
-                problem = f"restore failed ({type(e).__name__}: {str(e)[:300]})"
-        if problem is None:
-            for bad in damaged:
-                logging.warning("Deleting damaged checkpoint %s/%d", directory, bad)
-                manager.delete(bad)
-                checkpoint_integrity.forget(directory, bad)
-            return state
-        logging.warning("Checkpoint %s is damaged: %s; trying the one before", source, problem)
-        damaged.append(step)
+        verdict = checkpoint_integrity.check(directory, step)
+        logging.info("Checkpoint %s: %s (%s)", source, verdict.status, verdict.evidence)
+        if verdict.status == checkpoint_integrity.DAMAGED:
+            damaged.append((step, verdict.evidence))
+            continue
+        try:
+            tree = checkpoint_integrity.with_retries(
+                lambda step=step: _metadata_tree(manager.item_metadata(step)),
+                f"{source} (its metadata)",
+            )
+        except Exception as e:  # noqa: BLE001 - Orbax's errors for bad data vary
+            damaged.append((step, _unreadable(source, verdict, e)))
+            continue
+        # A config that does not fit is the config's error, raised as it is.
+        check_shapes(tree, abstract_state, source, ("params/", "batch_stats/"), changes)
+        check_structure(tree, abstract_state, source, changes)
+        try:
+            state = checkpoint_integrity.with_retries(
+                lambda step=step: manager.restore(
+                    step, args=ocp.args.StandardRestore(abstract_state)
+                ),
+                source,
+            )
+        except Exception as e:  # noqa: BLE001 - Orbax's errors for bad data vary
+            damaged.append((step, _unreadable(source, verdict, e)))
+            continue
+        for bad, evidence in damaged:
+            checkpoint_integrity.move_aside(directory, bad, evidence)
+        if damaged:
+            manager.reload()
+        return Restored(state, step, verdict)
     if damaged:
         raise RuntimeError(
-            f"every checkpoint in {directory} is damaged (steps {damaged}); see the warnings "
-            "above for the file at fault, or remove the folder to start over"
+            f"every checkpoint in {directory} is damaged:\n"
+            + "\n".join(f"  step {step}: {why}" for step, why in damaged)
+            + "\nnothing was moved or deleted. To start over at step 0, move the folder "
+            f"aside (mv {directory} {directory}-damaged) and run the same command again"
         )
     return None
 
 
-def record_digests(manager: ocp.CheckpointManager) -> None:
-    """Records the file digests of the finalized steps that lack them (process 0)."""
+def _unreadable(source: str, verdict: checkpoint_integrity.Verdict, error: Exception) -> str:
+    """The evidence of an unverified step Orbax cannot read; raises for a verified one."""
+    what = f"{type(error).__name__}: {str(error)[:300]}"
+    if verdict.status == checkpoint_integrity.VERIFIED:
+        # Its bytes are the ones saved: whatever failed is not the checkpoint.
+        raise OSError(
+            f"checkpoint {source} matches the digests recorded when it was saved, yet it "
+            f"cannot be restored ({what}); it is left as it is"
+        ) from error
+    return f"{verdict.evidence}, and Orbax cannot read it ({what})"
+
+
+def record_integrity(manager: ocp.CheckpointManager, pending: MutableSet[int]) -> None:
+    """Writes the integrity record of each step of `pending` that Orbax has finalized.
+
+    Only steps this run saved are recorded (`pending`: the trainer adds each
+    step it saves): recording a step found on disk would vouch for bytes
+    nobody checked. Steps recorded, or gone (max_to_keep), leave `pending`.
+
+    Args:
+      manager: the workdir's checkpoint manager.
+      pending: steps saved by this run and not yet recorded; updated.
+    """
+    directory = str(manager.directory)
+    finalized = set(saved_steps(directory))
+    ready = sorted(step for step in pending if step in finalized)
     if jax.process_index() == 0:
-        directory = str(manager.directory)
-        checkpoint_integrity.record_digests(directory, saved_steps(directory))
+        checkpoint_integrity.write_records(directory, ready)
+    # Orbax finishes a save before it starts the next: only the newest step
+    # can still be in flight; an older one not on disk was removed.
+    newest = max(pending, default=None)
+    pending.clear()
+    if newest is not None and newest not in finalized:
+        pending.add(newest)
 
 
 def save_args(state: Any) -> ocp.args.StandardSave:
@@ -231,7 +365,10 @@ def load_stage(path: str, role: str = "") -> dict[str, Any]:
     Raises:
       FileNotFoundError: no checkpoint there.
       ValueError: the latest step is damaged (its files differ from their
-        recorded digests, or it cannot be restored), named with the file.
+        recorded digests, or it is unverified and cannot be restored), named
+        with the file.
+      OSError: a read failed after its retries, or a verified step cannot be
+        restored (named; not damage).
     """
     directory = _checkpoint_dir(path)
     options = ocp.CheckpointManagerOptions(create=False, read_only=True)
@@ -246,29 +383,34 @@ def load_stage(path: str, role: str = "") -> dict[str, Any]:
             )
         # Not a silent fallback to an older step, as a resume does: a caller
         # that reads "the run's weights" must not get other ones unasked.
+        source = f"{directory}/{step}"
         damaged = (
-            f"{role + ': ' if role else ''}checkpoint {directory}/{step} is damaged: {{}}; "
-            "delete that step's folder to use the step before it"
+            f"{role + ': ' if role else ''}checkpoint {source} is damaged: {{}}; to use the "
+            f"step before it, move that step's folder aside (mv {source} "
+            f"{directory}/{checkpoint_integrity.DAMAGED_PREFIX}{step}), which keeps it"
         )
-        problem = checkpoint_integrity.damage(directory, step)
-        if problem is not None:
-            raise ValueError(damaged.format(problem))
-        try:
+        verdict = checkpoint_integrity.check(directory, step)
+        if verdict.status == checkpoint_integrity.DAMAGED:
+            raise ValueError(damaged.format(verdict.evidence))
+
+        def read():
             saved = _metadata_tree(m.item_metadata(step))
             target = {
                 k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved[k])
                 for k in ("params", "batch_stats", "step")
             }
             as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-            restored = m.restore(
+            return m.restore(
                 step,
                 args=ocp.args.PyTreeRestore(
                     item=target, restore_args=as_numpy, partial_restore=True
                 ),
             )
+
+        try:
+            restored = checkpoint_integrity.with_retries(read, source)
         except Exception as e:  # noqa: BLE001 - Orbax's errors for missing or bad files vary
-            problem = f"restore failed ({type(e).__name__}: {str(e)[:300]})"
-            raise ValueError(damaged.format(problem)) from e
+            raise ValueError(damaged.format(_unreadable(source, verdict, e))) from e
     host = jax.tree.map(np.asarray, {k: restored[k] for k in ("params", "batch_stats")})
     return {**host, "step": int(restored["step"])}
 

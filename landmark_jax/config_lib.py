@@ -36,6 +36,10 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.num_classes = ml_collections.FieldReference(
         None, field_type=int
     )  # None: the data set's class count
+    # Written by the trainer into config.json (never set by hand): the SHA-256
+    # of the build's landmark ids in label order, so that a resume or a
+    # carry='all' onto another class set of the same padded size is refused.
+    c.classes_sha256 = ml_collections.FieldReference(None, field_type=str)
     c.image_size = 512
     c.batch_size = 64  # global, over all devices of all processes
     c.total_steps = 10_000

@@ -39,6 +39,10 @@ class Preempted(Exception):
         self.workdir = workdir
 
 
+class Abandoned(Exception):
+    """A validation pass stopped part-way by a preemption notice."""
+
+
 class PreemptionNotice:
     """Whether a preemption notice has arrived, checked once per step.
 
@@ -71,6 +75,13 @@ class PreemptionNotice:
     def _on_sigterm(self, signum, frame) -> None:
         del signum, frame  # only the fact matters; the loop acts on it
         self._received.set()
+
+    def received(self) -> bool:
+        """True once SIGTERM arrived on a single process: checked inside a
+        validation pass, which must not outlast the notice. Across processes
+        it stays False: they may stop only at a step they agree on, so a
+        validation pass runs to its end there."""
+        return self._own_handler and self._received.is_set()
 
     def reached(self, step: int) -> bool:
         """True once a notice has arrived: stop after saving `step`."""

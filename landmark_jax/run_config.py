@@ -22,8 +22,9 @@ model: a later stage inherits the convention from it, and evaluation
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -179,16 +180,23 @@ def resolve_training_config(config: ml_collections.ConfigDict) -> ml_collections
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuses to resume a workdir's checkpoints with another input convention.
+    """Refuses to resume a workdir's checkpoints with another input convention or class set.
+
+    Args:
+      config: the resolved config, after record_classes.
+      workdir: the workdir to resume.
 
     Raises:
       ValueError: the workdir's checkpoints were trained with another
-        model.input_normalization or model.padding (both named).
+        model.input_normalization or model.padding, or on another class set
+        (both named).
     """
     path = file_io.join(workdir, CONFIG_FILE)
     if not file_io.isfile(path) or checkpointing.latest_step(workdir) is None:
         return
-    saved = read_run_config(workdir).model
+    recorded = read_run_config(workdir)
+    check_classes(recorded, config, f"the workdir {workdir} ({path})")
+    saved = recorded.model
     for key in CONVENTION_KEYS:
         if key in saved and not _same_convention(key, saved[key], config.model[key]):
             raise ValueError(
@@ -196,6 +204,89 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
                 f"this config resolves to {config.model[key]!r}; resume with the "
                 "workdir's convention or start a new workdir"
             )
+
+
+# Keys whose change since a checkpoint does not bear on its state or its loss.
+_BOOKKEEPING_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+_BOOKKEEPING_BLOCKS = ("val", "eval", "input")
+
+
+def classes_sha256(landmark_ids: Sequence[int]) -> str:
+    """The identity of a class set: SHA-256 of its landmark ids in label order."""
+    return hashlib.sha256(",".join(str(int(i)) for i in landmark_ids).encode()).hexdigest()
+
+
+def record_classes(config: ml_collections.ConfigDict, landmark_ids: Sequence[int]) -> None:
+    """Sets config.num_classes and config.classes_sha256 to the data's (then recorded)."""
+    config.num_classes = len(landmark_ids)
+    config.classes_sha256 = classes_sha256(landmark_ids)
+
+
+def check_classes(
+    recorded: Mapping[str, Any], config: ml_collections.ConfigDict, what: str
+) -> None:
+    """Refuses weights of one class set for another (the head is padded, so shapes agree).
+
+    Args:
+      recorded: the config.json of the run the weights come from.
+      config: this run's config, after record_classes.
+      what: the weights' role and path, for the message.
+
+    Raises:
+      ValueError: another class count, or the same count of other landmark
+        ids, naming both and both data sets.
+    """
+    count, digest = recorded.get("num_classes"), recorded.get("classes_sha256")
+    if count is not None and count != config.num_classes:
+        raise ValueError(
+            f"{what} was trained on {count} classes (data_dir={recorded.get('data_dir')!r}) but "
+            f"config.data_dir={config.data_dir!r} has {config.num_classes}; its head's rows "
+            "would mean other landmarks: point config.data_dir at the run's data, or start a "
+            "new head with init.carry='model' in a new workdir"
+        )
+    if digest is not None and digest != config.classes_sha256:
+        raise ValueError(
+            f"{what} was trained on {count} classes (data_dir={recorded.get('data_dir')!r}) and "
+            f"config.data_dir={config.data_dir!r} has as many, but other landmark ids (their "
+            "SHA-256 differ); its head's rows would mean other landmarks: point "
+            "config.data_dir at the run's data, or start a new head with "
+            "init.carry='model' in a new workdir"
+        )
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = _normalised(value)
+    return flat
+
+
+def changes_since_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """The config keys that differ from the workdir's config.json, 'key: old -> new'.
+
+    config.json is rewritten at each start, so it holds the config that wrote
+    the latest checkpoint. Keys that only say how often to log, save or
+    validate are left out, as are data_dir (a moved copy of the same data is
+    no change; the class check guards what matters) and total_steps.
+
+    Returns:
+      The changed keys, sorted; empty when there is no config.json.
+    """
+    if not file_io.isfile(file_io.join(workdir, CONFIG_FILE)):
+        return []
+    old = _flat(read_run_config(workdir).to_dict())
+    new = _flat(config.to_dict())
+    skipped = (*_BOOKKEEPING_KEYS, "data_dir", "total_steps", "num_classes", "classes_sha256")
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key in skipped or key.split(".")[0] in _BOOKKEEPING_BLOCKS:
+            continue
+        if old.get(key, "(unset)") != new.get(key, "(unset)"):
+            changes.append(f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}")
+    return changes
 
 
 def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> None:

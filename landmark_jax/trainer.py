@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from landmark_jax import (
+    checkpoint_integrity,
     checkpointing,
     config_lib,
     data_format,
@@ -40,9 +41,17 @@ from landmark_jax.retrieval import evaluation, extract
 # ----------------------------------------------------------------------------
 
 
-def evaluate(config, mesh, state, program: train_steps.Program) -> dict[str, float]:
+def evaluate(
+    config, mesh, state, program: train_steps.Program, stop_requested=lambda: False
+) -> dict[str, float]:
     """Validation loss and top-1 accuracy on config.val.split, and the
-    retrieval mAP@100 of config.val's queries when it names a solution."""
+    retrieval mAP@100 of config.val's queries when it names a solution.
+
+    Raises:
+      preemption.Abandoned: `stop_requested()` turned true during the pass
+        (checked at each batch): a preemption notice leaves seconds, not the
+        minutes a GLDv2 validation pass takes.
+    """
     batch_size = config.val.batch_size or config.batch_size
     it, num_steps = input_pipeline.eval_iterator(
         config.data_dir,
@@ -53,6 +62,8 @@ def evaluate(config, mesh, state, program: train_steps.Program) -> dict[str, flo
     )
     totals = None
     for batch, _ in it:
+        if stop_requested():
+            raise preemption.Abandoned()
         sums = program.eval(state, batch, program.consts)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -61,7 +72,7 @@ def evaluate(config, mesh, state, program: train_steps.Program) -> dict[str, flo
         f"{config.val.split}_loss": float(totals["loss_sum"]) / count,
         f"{config.val.split}_accuracy": float(totals["correct"]) / count,
     }
-    if config.val.retrieval_solution:
+    if config.val.retrieval_solution and not stop_requested():
         # The current parameters, through the evaluation's own extraction and
         # scoring (no second implementation).
         variables = {k: state[k]["model"] for k in ("params", "batch_stats")}
@@ -112,9 +123,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = run_config.resolve_training_config(config)
     config_lib.resolve_num_classes(config)  # config.num_classes against the data
     label_map = data_format.read_label_map(config.data_dir)
-    if config.val.every_steps:
-        # Fail now, not at the first evaluation hours into the run.
-        data_format.read_split_info(config.data_dir, config.val.split)
+    # The class set is recorded: a head padded to 1,024 rows fits another.
+    run_config.record_classes(config, label_map.landmark_ids)
+    _check_splits(config)
     run_config.check_resume(config, workdir)
     # Fail now on a workdir that cannot be written or checkpointed to (named).
     file_io.checkpoint_path(workdir)
@@ -127,6 +138,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- One trainer per workdir: a second launch stops here, at once ------
     with file_lease.workdir_lease(workdir) as lease:
         return _train_in_workdir(config, workdir, mesh, label_map, lease)
+
+
+def _check_splits(config) -> None:
+    """Every split the run will read exists and has a shard for each process.
+
+    Now, not at the first validation hours into the run.
+
+    Raises:
+      DataFormatError: a split is missing (named, with the build's splits).
+      ValueError: fewer shards than processes (named).
+    """
+    splits = ["train"]
+    if config.val.every_steps:
+        splits.append(config.val.split)
+        if config.val.retrieval_solution:
+            splits += [config.val.query_split, config.val.index_split]
+    for split in dict.fromkeys(splits):
+        info = data_format.read_split_info(config.data_dir, split)
+        input_pipeline.process_files(info, jax.process_index(), jax.process_count())
+
+
+def _nonfinite_message(first: int, resumed, start_step: int, changes, config) -> str:
+    """What a non-finite loss at step `first` most likely comes from, and what to do."""
+    advice = (
+        "set config.nonfinite.skip_updates=True to skip such steps, or lower "
+        f"config.optimizer.learning_rate (now {config.optimizer.learning_rate!r})"
+    )
+    if resumed is None or first > start_step + config.log_every_steps:
+        return f"non-finite loss at step {first}; {advice}"
+    # Right after a resume: the checkpoint, or what changed since it was saved.
+    verdict = resumed.verdict
+    if verdict.status == checkpoint_integrity.VERIFIED:
+        checkpoint = f"its files match the digests recorded when it was saved ({verdict.evidence})"
+    else:
+        checkpoint = f"it was not verified ({verdict.evidence})"
+    if changes:
+        cause = (
+            "the config changed since that checkpoint was written, the likely cause:\n  "
+            + "\n  ".join(changes)
+        )
+    else:
+        cause = "the config is the one that wrote it"
+    return (
+        f"non-finite loss at step {first}, {first - start_step} step(s) after resuming from "
+        f"the step-{start_step} checkpoint; {checkpoint}; {cause}\n{advice}"
+    )
 
 
 def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, float]:
@@ -144,12 +201,20 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
     # --- State: initialise sharded, then resume / carry over / import ------
     state = program.initial_state()
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
-    restored = checkpointing.restore_latest(manager, program.abstract)
-    resumed = restored is not None
-    if resumed:
-        state = restored
-        logging.info("Resumed %s at step %d", workdir, int(state["step"]))
+    # What changed since the checkpoint: named if it no longer fits, or if
+    # the loss turns non-finite right after the resume.
+    changes = run_config.changes_since_checkpoint(config, workdir)
+    resumed = checkpointing.restore_latest(manager, program.abstract, changes)
+    if resumed is not None:
+        state = resumed.state
+        logging.info("Resumed %s at step %d", workdir, resumed.step)
     elif config.init.checkpoint:
+        if config.init.carry == "all":
+            run_config.check_classes(
+                run_config.read_run_config(config.init.checkpoint),
+                config,
+                f"config.init.checkpoint={config.init.checkpoint!r} (init.carry='all')",
+            )
         stage = checkpointing.load_stage(config.init.checkpoint, "config.init.checkpoint")
         state = checkpointing.carry_over(state, stage, config.init.carry, config.init.checkpoint)
         logging.info("Initialised from %s (carry=%s)", config.init.checkpoint, config.init.carry)
@@ -186,6 +251,16 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
     with contextlib.closing(manager), preemption.PreemptionNotice(manager) as notice:
         progress = metric_writer.Progress(config.total_steps, start_step)
         sums, num_summed, last = None, 0, {}
+        pending: set[int] = set()  # saved by this run, integrity not yet recorded
+
+        def save(step: int, force: bool) -> None:
+            if lease is not None:
+                lease.verify()  # a run whose lease lapsed must not write over another's
+            manager.save(step, args=checkpointing.save_args(state), force=force)
+            pending.add(step)
+            # The records of the steps finalized so far (this one once it is).
+            checkpointing.record_integrity(manager, pending)
+
         for step in range(start_step + 1, config.total_steps + 1):
             state, metrics = program.step(state, next(batches), program.consts)
             # Accumulated on the device: nothing here waits for the step to finish.
@@ -203,13 +278,7 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
             if not config.nonfinite.skip_updates and nonfinite["count"] > 0:
                 first = int(nonfinite["first_step"]) + 1
                 raise FloatingPointError(
-                    f"non-finite loss at step {first}; "
-                    + (
-                        f"the run resumed from its step-{start_step} checkpoint, which may be "
-                        "damaged: delete that step's folder to fall back to the one before"
-                        if resumed and first <= start_step + config.log_every_steps
-                        else "set config.nonfinite.skip_updates=True to skip such steps"
-                    )
+                    _nonfinite_message(first, resumed, start_step, changes, config)
                 )
             if nonfinite["count"] > config.nonfinite.max_skipped:
                 raise FloatingPointError(
@@ -226,8 +295,24 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
                     skipped_steps=int(nonfinite["count"]),
                 )
                 sums, num_summed = None, 0
-            if do_eval:
-                last.update(evaluate(config, mesh, state, program))
+            # Saved before the validation pass, so that a pass that fails or
+            # is cut short by a preemption notice loses no training.
+            if do_save or preempted:
+                save(step, preempted)
+            if do_eval and not preempted:
+                try:
+                    last.update(evaluate(config, mesh, state, program, notice.received))
+                except preemption.Abandoned:
+                    logging.warning("Preemption notice during validation at step %d", step)
+                    preempted = True
+                except Exception:
+                    if not do_save:
+                        save(step, True)
+                    manager.wait_until_finished()
+                    checkpointing.record_integrity(manager, pending)
+                    raise
+                if preempted and not do_save:
+                    save(step, True)
             if do_log or do_eval:
                 writer.write(step, last)
                 logging.info(
@@ -235,17 +320,11 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
                     line if do_log else f"step {step}",
                     ", ".join(f"{k} {v:.4g}" for k, v in last.items()),
                 )
-            if do_save or preempted:
-                if lease is not None:
-                    lease.verify()  # a run whose lease lapsed must not write over another's
-                manager.save(step, args=checkpointing.save_args(state), force=preempted)
-                # Digests of the steps finalized so far (this one once it is).
-                checkpointing.record_digests(manager)
             if preempted:
                 manager.wait_until_finished()
-                checkpointing.record_digests(manager)
+                checkpointing.record_integrity(manager, pending)
                 logging.warning("Preempted at step %d: checkpoint saved", step)
                 raise preemption.Preempted(step, workdir)
         manager.wait_until_finished()
-        checkpointing.record_digests(manager)
+        checkpointing.record_integrity(manager, pending)
     return last

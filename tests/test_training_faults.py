@@ -1,17 +1,20 @@
 """Faults during training: preemption, damaged checkpoints, non-finite losses."""
 
+import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from landmark_jax import checkpointing, input_pipeline, preemption, trainer
+from landmark_jax import checkpoint_integrity, checkpointing, input_pipeline, preemption, trainer
 
 from config_files import REPO, config_for, losses_of
 
@@ -78,55 +81,214 @@ def test_train_program_exits_75_when_preempted(tmp_path):
     assert "preempted at step 7" in result.stderr and "run the same command again" in result.stderr
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_one_before(demo, tmp_path, caplog):
+@pytest.fixture
+def no_retry_wait(monkeypatch):
+    """Retries of a failed read without the waits between them."""
+    monkeypatch.setattr(checkpoint_integrity, "RETRY_DELAYS", (0.0, 0.0, 0.0))
+
+
+def _files_of(workdir, step):
+    folder = os.path.join(workdir, "checkpoints", str(step))
+    return [os.path.join(r, f) for r, _, names in os.walk(folder) for f in names]
+
+
+def _damage(path):
+    """4 KB of random bytes into the middle of a file."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(np.random.default_rng(0).bytes(4096))
+
+
+def _moved_aside(workdir):
+    return sorted(
+        name
+        for name in os.listdir(os.path.join(workdir, "checkpoints"))
+        if name.startswith(checkpoint_integrity.DAMAGED_PREFIX)
+    )
+
+
+def test_a_damaged_checkpoint_is_moved_aside_and_the_run_falls_back(
+    demo, tmp_path, caplog, no_retry_wait
+):
     def config(total_steps):
         return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
 
     workdir = str(tmp_path / "run")
     trainer.train_and_evaluate(config(4), workdir)
     assert checkpointing.saved_steps(workdir) == [2, 4]
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints_digests"))) == ["2.json", "4.json"]
+    # Each step carries its own record, inside its folder.
+    for step in (2, 4):
+        assert os.path.isfile(os.path.join(workdir, "checkpoints", str(step), "integrity.json"))
     first = losses_of(workdir)
 
-    def files_of(step):
-        folder = os.path.join(workdir, "checkpoints", str(step))
-        return [os.path.join(r, f) for r, _, names in os.walk(folder) for f in names]
-
-    # 4 KB of random bytes inside step 4's largest file (parameter data).
-    target = max(files_of(4), key=os.path.getsize)
-    with open(target, "r+b") as f:
-        f.seek(os.path.getsize(target) // 2)
-        f.write(np.random.default_rng(0).bytes(4096))
-    # Evaluation and a next stage read the latest step: an error, not other weights.
+    target = max(_files_of(workdir, 4), key=os.path.getsize)  # parameter data
+    _damage(target)
+    # Evaluation and a next stage read the latest step: an error, not other weights,
+    # with advice that keeps the step.
     with pytest.raises(ValueError, match=f"evaluation: checkpoint .*/4 is damaged: {target}: its"):
         checkpointing.load_stage(workdir, "evaluation")
     with caplog.at_level(logging.WARNING):
         trainer.train_and_evaluate(config(6), workdir)
     assert f"{target}: its SHA-256 differs from the one recorded" in caplog.text
-    assert "Deleting damaged checkpoint" in caplog.text
-    assert checkpointing.saved_steps(workdir) == [2, 4, 6]  # step 4 trained and saved again
+    # Moved aside with every byte, not deleted; step 4 trained and saved again.
+    (aside,) = _moved_aside(workdir)
+    assert aside.startswith("damaged-4-") and aside in caplog.text
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", aside))) == sorted(
+        os.listdir(os.path.join(workdir, "checkpoints", "2"))
+    )
+    assert checkpointing.saved_steps(workdir) == [2, 4, 6]
     second = losses_of(workdir)
-    # Resumed from step 2: steps 3 and 4 again, with the same losses.
     np.testing.assert_allclose([second[s] for s in (3, 4)], [first[s] for s in (3, 4)], rtol=1e-5)
 
-    # Deleted data files of a step without digests: the restore itself fails,
-    # and that counts as damage too. All of them: which file holds the
-    # parameters (all that evaluation reads) is up to Orbax's OCDBT layout.
-    os.remove(os.path.join(workdir, "checkpoints_digests", "6.json"))
-    data_files = [f for f in files_of(6) if f"{os.sep}d{os.sep}" in f]
-    assert data_files
-    for f in data_files:
+    # A step without its record (a run stopped between the commit and the
+    # record) is unverified, not damaged; Orbax cannot read it without its
+    # data files, so it is damaged, moved aside, and the run falls back.
+    os.remove(os.path.join(workdir, "checkpoints", "6", "integrity.json"))
+    for f in [f for f in _files_of(workdir, 6) if f"{os.sep}d{os.sep}" in f]:
         os.remove(f)
-    with pytest.raises(ValueError, match=r"checkpoint .*/6 is damaged: restore failed"):
+    with pytest.raises(ValueError, match=r"checkpoint .*/6 is damaged: .*no integrity record, and"):
         checkpointing.load_stage(workdir)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         trainer.train_and_evaluate(config(8), workdir)
-    # Named by whichever read failed first: the arrays' metadata or the restore.
-    assert re.search(r"checkpoints/6 is damaged: (restore failed|unreadable metadata)", caplog.text)
+    assert re.search(r"checkpoints/6 is damaged \(.*no integrity record, and Orbax", caplog.text)
     third = losses_of(workdir)
     assert sorted(third) == list(range(1, 9))
     np.testing.assert_allclose([third[s] for s in (5, 6)], [second[s] for s in (5, 6)], rtol=1e-5)
+    assert len(_moved_aside(workdir)) == 2
+
+
+def test_advice_to_move_checkpoints_aside_is_followed_and_the_run_resumes(
+    demo, tmp_path, no_retry_wait
+):
+    """Every message that tells a user to move a checkpoint: follow it, then resume.
+
+    Before the records lived in their steps, following such advice left
+    stale digests that condemned every later step of that number."""
+
+    def config(total_steps):
+        return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
+
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config(4), workdir)
+    # load_stage's advice for a damaged latest step.
+    _damage(max(_files_of(workdir, 4), key=os.path.getsize))
+    with pytest.raises(ValueError, match=r"move that step's folder aside \(mv (\S+) (\S+)\)") as e:
+        checkpointing.load_stage(workdir, "evaluation")
+    source, target = re.search(r"\(mv (\S+) (\S+)\)", str(e.value)).groups()
+    os.rename(source, target)
+    assert checkpointing.load_stage(workdir)["step"] == 2
+    trainer.train_and_evaluate(config(6), workdir)  # 4 saved again, verified
+    assert checkpointing.saved_steps(workdir) == [2, 4, 6]
+    assert checkpointing.load_stage(workdir)["step"] == 6
+    trainer.train_and_evaluate(config(8), workdir)
+    assert checkpointing.saved_steps(workdir) == [4, 6, 8]  # keep_checkpoints=3
+
+    # Every step damaged: nothing moved; follow the advice.
+    for step in (4, 6, 8):
+        _damage(max(_files_of(workdir, step), key=os.path.getsize))
+    with pytest.raises(RuntimeError, match="every checkpoint in") as e:
+        trainer.train_and_evaluate(config(10), workdir)
+    assert checkpointing.saved_steps(workdir) == [4, 6, 8]
+    assert _moved_aside(workdir) == ["damaged-4"]  # the one the user moved above
+    source, target = re.search(r"\(mv (\S+) (\S+)\)", str(e.value)).groups()
+    os.rename(source, target)
+    trainer.train_and_evaluate(config(2), workdir)  # from step 0, as the message says
+    assert checkpointing.saved_steps(workdir) == [2]
+    trainer.train_and_evaluate(config(4), workdir)  # and it resumes
+    assert checkpointing.saved_steps(workdir) == [2, 4]
+    assert checkpointing.load_stage(workdir)["step"] == 4
+
+
+def test_an_integrity_record_is_the_steps_own(demo, tmp_path, no_retry_wait):
+    """A step removed by hand and saved again, or the whole folder removed,
+    gets a new record; a record that is not JSON leaves the step unverified."""
+
+    def config(total_steps):
+        return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
+
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config(4), workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    trainer.train_and_evaluate(config(4), workdir)  # resumes at 2, saves 4 again
+    assert checkpointing.load_stage(workdir)["step"] == 4
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))
+    trainer.train_and_evaluate(config(2), workdir)
+    trainer.train_and_evaluate(config(4), workdir)
+    assert checkpointing.saved_steps(workdir) == [2, 4] and not _moved_aside(workdir)
+    # A record cut short: the step is unverified, and restored.
+    record = os.path.join(workdir, "checkpoints", "4", "integrity.json")
+    with open(record, "r+b") as f:
+        f.truncate(20)
+    verdict = checkpoint_integrity.check(os.path.join(workdir, "checkpoints"), 4)
+    assert (
+        verdict.status == checkpoint_integrity.UNVERIFIED and "not a readable" in verdict.evidence
+    )
+    assert checkpointing.load_stage(workdir)["step"] == 4
+    trainer.train_and_evaluate(config(6), workdir)
+    assert checkpointing.saved_steps(workdir) == [2, 4, 6] and not _moved_aside(workdir)
+
+
+def test_a_read_error_on_a_verified_step_is_retried_never_damage(
+    demo, tmp_path, monkeypatch, no_retry_wait
+):
+    def config(total_steps):
+        return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
+
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config(4), workdir)
+    real = ocp.CheckpointManager.restore
+    failures = []
+
+    def flaky(self, step, *args, **kwargs):
+        if len(failures) < failing:
+            failures.append(step)
+            raise ConnectionError(f"simulated network error reading step {step}")
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+    # One transient error: retried, resumed from the intact latest step.
+    failing = 1
+    trainer.train_and_evaluate(config(6), workdir)
+    assert failures == [4] and checkpointing.saved_steps(workdir) == [2, 4, 6]
+    # It persists: the run fails naming the step, and nothing is moved.
+    failures.clear()
+    failing = 100
+    with pytest.raises(OSError, match=r"checkpoints/6 matches the digests .*ConnectionError"):
+        trainer.train_and_evaluate(config(8), workdir)
+    assert checkpointing.saved_steps(workdir) == [2, 4, 6] and not _moved_aside(workdir)
+
+
+def test_a_config_that_does_not_fit_is_a_config_error(demo, tmp_path):
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), workdir)
+    adam = config_for(demo["full"], total_steps=4, **{"optimizer.name": "adam"})
+    with pytest.raises(ValueError, match="does not fit this config") as e:
+        trainer.train_and_evaluate(adam, workdir)
+    assert "optimizer.name: 'sgd' -> 'adam'" in str(e.value)
+    assert "damaged" not in str(e.value)
+    assert checkpointing.saved_steps(workdir) == [2] and not _moved_aside(workdir)
+
+
+def test_another_class_set_is_refused_on_resume_and_with_carry_all(demo, tmp_path):
+    """10 and 6 classes both pad the head to 1,024 rows: the shapes agree."""
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), workdir)
+    with pytest.raises(ValueError, match=r"trained on 10 classes .* has 6"):
+        trainer.train_and_evaluate(config_for(demo["subset"], total_steps=4), workdir)
+    carried = config_for(
+        demo["subset"], total_steps=2, **{"init.checkpoint": workdir, "init.carry": "all"}
+    )
+    with pytest.raises(ValueError, match=r"init.carry='all'\) was trained on 10 classes"):
+        trainer.train_and_evaluate(carried, str(tmp_path / "next"))
+    # The same count of other landmark ids: named as such.
+    with open(os.path.join(workdir, "config.json")) as f:
+        recorded = json.load(f)
+    recorded["classes_sha256"] = "0" * 64
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(recorded, f)
+    with pytest.raises(ValueError, match="as many, but other landmark ids"):
+        trainer.train_and_evaluate(config_for(demo["full"], total_steps=4), workdir)
 
 
 def test_non_finite_loss_stops_with_its_step(demo, tmp_path):
@@ -139,11 +301,16 @@ def test_non_finite_loss_stops_with_its_step(demo, tmp_path):
     config.nonfinite.max_skipped = 1
     with pytest.raises(FloatingPointError, match=r"non-finite steps \(first at step 2\)"):
         trainer.train_and_evaluate(config, str(tmp_path / "b"))
-    # Right after a resume, the error points at the checkpoint.
+    # Right after a resume: the error names what changed since the checkpoint,
+    # which verified, and advises nothing about deleting it.
     resumed = str(tmp_path / "c")
     trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), resumed)
     config = config_for(
         demo["full"], total_steps=4, log_every_steps=2, **{"optimizer.learning_rate": 1e38}
     )
-    with pytest.raises(FloatingPointError, match="resumed from its step-2 checkpoint"):
+    with pytest.raises(FloatingPointError, match="resuming from the step-2 checkpoint") as e:
         trainer.train_and_evaluate(config, resumed)
+    message = str(e.value)
+    assert "optimizer.learning_rate: 0.1 -> 1e+38" in message, message
+    assert "match the digests" in message
+    assert "delete" not in message and "remove" not in message
