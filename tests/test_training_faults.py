@@ -314,3 +314,70 @@ def test_non_finite_loss_stops_with_its_step(demo, tmp_path):
     assert "optimizer.learning_rate: 0.1 -> 1e+38" in message, message
     assert "match the digests" in message
     assert "delete" not in message and "remove" not in message
+
+
+def test_a_split_with_fewer_shards_than_processes_is_refused_at_start_up(
+    demo, tmp_path, monkeypatch
+):
+    """Not at the first validation, 10,000 steps into a recipe."""
+    import dataclasses
+
+    from landmark_jax import data_format
+
+    real = data_format.read_split_info
+
+    def one_val_shard(data_dir, split):
+        info = real(data_dir, split)
+        if split != "val":
+            return info
+        return dataclasses.replace(info, files=info.files[:1], file_examples=info.file_examples[:1])
+
+    assert len(real(demo["full"], "train").files) >= 2
+    monkeypatch.setattr(data_format, "read_split_info", one_val_shard)
+    monkeypatch.setattr(trainer.jax, "process_count", lambda: 2)
+    config = config_for(demo["full"], total_steps=4, **{"val.every_steps": 2})
+    fewer = r"split 'val' has 1 shard file\(s\), fewer than the 2 processes"
+    with pytest.raises(ValueError, match=fewer):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_failed_or_preempted_validation_keeps_its_step(demo, tmp_path, monkeypatch):
+    """The step is saved before the validation pass: a pass that fails, or that
+    a preemption notice cuts short, loses no training."""
+    config = config_for(
+        demo["full"], total_steps=6, checkpoint_every_steps=100, **{"val.every_steps": 2}
+    )
+    real_evaluate = trainer.evaluate
+
+    def failing(*args, **kwargs):
+        raise OSError("simulated: the validation data went away")
+
+    monkeypatch.setattr(trainer, "evaluate", failing)
+    failed = str(tmp_path / "failed")
+    with pytest.raises(OSError, match="went away"):
+        trainer.train_and_evaluate(config, failed)
+    assert checkpointing.saved_steps(failed) == [2]
+    assert checkpoint_integrity.check(os.path.join(failed, "checkpoints"), 2).status == "verified"
+
+    # SIGTERM arrives during the pass (at its first batch): the pass is
+    # abandoned, the step saved, and the run stops as preempted.
+    real_iterator = input_pipeline.eval_iterator
+
+    def notice_during_validation(*args, **kwargs):
+        it, num_steps = real_iterator(*args, **kwargs)
+
+        def batches():
+            for i, batch in enumerate(it):
+                if i == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+        return batches(), num_steps
+
+    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    monkeypatch.setattr(input_pipeline, "eval_iterator", notice_during_validation)
+    preempted = str(tmp_path / "preempted")
+    with pytest.raises(preemption.Preempted, match="preempted at step 2"):
+        trainer.train_and_evaluate(config, preempted)
+    assert checkpointing.saved_steps(preempted) == [2]
