@@ -105,6 +105,10 @@ class _LocalFiles:
     def rename(self, source, target):
         os.replace(source, target)
 
+    def fingerprint(self, path):
+        stat = os.stat(path)
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
 
 class _TensorFlowFiles:
     """tf.io.gfile: gs://, ram:// and TensorFlow's plugins."""
@@ -169,6 +173,10 @@ class _TensorFlowFiles:
     def rename(self, source, target):
         self.gfile.rename(source, target, overwrite=True)
 
+    def fingerprint(self, path):
+        stat = self.gfile.stat(path)
+        return f"{stat.length}:{stat.mtime_nsec}"
+
 
 class _EmulatedCloudStorage:
     """gcsfs against the Cloud Storage emulator at $STORAGE_EMULATOR_HOST."""
@@ -209,6 +217,10 @@ class _EmulatedCloudStorage:
 
     def rename(self, source, target):
         self.fs.mv(source, target)
+
+    def fingerprint(self, path):
+        info = self.fs.info(path)
+        return f"{info['size']}:{info.get('generation') or info.get('updated')}"
 
 
 _BACKENDS = {
@@ -255,6 +267,19 @@ def listdir(path: str) -> list[str]:
     if not exists(path):
         return []
     return _backend(path).listdir(path)
+
+
+def fingerprint(path: str) -> str:
+    """What changes when a file is rewritten: its size and modification time
+    (a bucket object's generation or update time), as one string.
+
+    Raises:
+      OSError: it cannot be looked at (no such file, no permission), with the path.
+    """
+    try:
+        return _backend(path).fingerprint(path)
+    except Exception as e:
+        raise _named(e, path, "look at it") from e
 
 
 def glob(pattern: str) -> list[str]:

@@ -136,7 +136,10 @@ def create_train_dataset(
       is_clean int32 [B].
 
     Raises:
-      DataFormatError: the data folder is incomplete or inconsistent.
+      DataFormatError: the data folder is incomplete or inconsistent, or a
+        shard this process reads holds another number of records than
+        dataset_info.json lists or is cut inside a record (named, with both
+        counts; shard_checks.verify_counts).
       ValueError: fewer shards than processes, or an unlabeled split.
     """
     info = data_format.read_split_info(data_dir, split)
@@ -146,6 +149,10 @@ def create_train_dataset(
         )
     num_classes = data_format.read_num_classes(data_dir)
     files, counts = process_files(info, process_index, process_count)
+    # The resume arithmetic below trusts these counts, and the endless
+    # stream cannot count what it reads: a shard that holds other numbers is
+    # refused now, by name (each process checks the shards it reads).
+    shard_checks.verify_counts(files, counts, f"split {split!r} of {data_dir}")
     counts = np.asarray(counts, np.int64)
     epoch_len = int(counts.sum())
     if epoch_len == 0:
@@ -356,6 +363,11 @@ def train_iterator(
 
     Returns:
       An infinite iterator of {'image', 'label', 'is_clean'} global arrays.
+
+    Raises:
+      DataFormatError: as create_train_dataset (a shard with another number
+        of records is refused here, before training), or later, while
+        iterating, a corrupt record, naming its shard.
     """
     ds = create_train_dataset(
         data_dir,

@@ -1,12 +1,13 @@
 """A corrupt record or a short shard names the shard (landmark_jax/shard_checks.py)."""
 
+import os
 import re
 import shutil
 
 import pytest
 import tensorflow as tf
 
-from landmark_jax import data_format, input_pipeline, sharding
+from landmark_jax import data_format, input_pipeline, shard_checks, sharding
 
 SIZE = 24
 
@@ -37,15 +38,14 @@ def test_a_corrupt_shard_is_named(copied):
     with pytest.raises(data_format.DataFormatError, match=rf"{bad}: corrupt") as error:
         _eval_ids(copy, "index", 8)
     assert info.files[0] not in str(error.value) and info.files[2] not in str(error.value)
-    # The training stream names it too.
+    # The training stream names it too, before training (its headers are checked).
     train = data_format.read_split_info(copy, "train").files[0]
     open(train, "r+b").write(b"\0" * 16)  # the first record's length and checksum
-    it = input_pipeline.train_iterator(
-        copy, mesh=sharding.create_mesh(), global_batch_size=8, image_size=SIZE, seed=0
-    )
-    with pytest.raises(data_format.DataFormatError, match=rf"{train}: corrupt"):
-        for _ in range(20):
-            next(it)
+    header = "the length header of record 1 at byte 0 fails its checksum"
+    with pytest.raises(data_format.DataFormatError, match=rf"{train}: corrupt \({header}\)"):
+        input_pipeline.train_iterator(
+            copy, mesh=sharding.create_mesh(), global_batch_size=8, image_size=SIZE, seed=0
+        )
 
 
 def test_a_short_shard_is_named_and_no_present_image_is_dropped(copied):
@@ -66,3 +66,69 @@ def test_a_short_shard_is_named_and_no_present_image_is_dropped(copied):
     expected = f"{short}: {len(records) - 3} records, dataset_info.json lists {len(records)}"
     with pytest.raises(data_format.DataFormatError, match=re.escape(expected)):
         _eval_ids(copy, "index", 8)
+
+
+def _cut(path, keep):
+    """Keeps the first `keep` records of a shard: cut at a record boundary."""
+    records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records[:keep]:
+            writer.write(record)
+    return len(records)
+
+
+def _train(data_dir):
+    return input_pipeline.create_train_dataset(
+        data_dir, image_size=SIZE, local_batch_size=4, seed=0, files_per_chunk=2
+    )
+
+
+def test_a_train_shard_cut_at_a_record_boundary_is_refused_naming_it(copied, tmp_path, monkeypatch):
+    """Its records are counted from their headers when the train stream is
+    created (was: trained on silently, and exact resume broke), once per
+    state of the shards: a second stream, in this process or another, reads
+    nothing; a shard rewritten since is counted again."""
+    copy, _, _ = copied
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(shard_checks.CACHE_ENV, str(cache))
+    monkeypatch.setattr(shard_checks, "_verified", set())
+    walked = []
+    walk = shard_checks._walk_headers
+    monkeypatch.setattr(shard_checks, "_walk_headers", lambda p: walked.append(p) or walk(p))
+    info = data_format.read_split_info(copy, "train")
+    before = os.listdir(os.path.dirname(info.files[0]))
+
+    _train(copy)  # sound: every shard counted once
+    assert sorted(walked) == sorted(info.files)
+    assert len(os.listdir(cache / "shard_counts")) == 1
+    assert os.listdir(os.path.dirname(info.files[0])) == before  # nothing in the data folder
+    walked.clear()
+    _train(copy)
+    shard_checks._verified.clear()  # another process: the cache file on this machine
+    _train(copy)
+    assert walked == []
+
+    shard = info.files[1]
+    listed = info.file_examples[1]
+    assert _cut(shard, listed // 2) == listed
+    expected = (
+        f"split 'train' of {copy}: 1 of its {len(info.files)} shard(s) disagree: "
+        f"{shard}: {listed // 2} records, dataset_info.json lists {listed}; rebuild the split"
+    )
+    with pytest.raises(data_format.DataFormatError, match=re.escape(expected)):
+        _train(copy)
+    assert len(walked) == len(info.files)  # a new state: counted again
+
+
+def test_a_train_shard_cut_inside_a_record_is_named_with_the_record(copied, monkeypatch, tmp_path):
+    copy, _, _ = copied
+    monkeypatch.setenv(shard_checks.CACHE_ENV, str(tmp_path / "cache"))
+    shard = data_format.read_split_info(copy, "train").files[0]
+    first = 12 + len(next(iter(tf.data.TFRecordDataset(shard))).numpy()) + 4
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[: first + 100])  # the second record's header and 88 bytes
+    with pytest.raises(
+        data_format.DataFormatError,
+        match=re.escape(f"{shard}: corrupt (the file ends inside record 2 at byte {first} ("),
+    ):
+        _train(copy)
