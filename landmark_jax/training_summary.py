@@ -10,14 +10,13 @@ against the step) to a PNG, the picture the Colab notebook shows inline.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
 
 from absl import app, flags
 from PIL import Image, ImageDraw, ImageFont
 
-from landmark_jax import checkpointing, entry_point_errors, file_io
+from landmark_jax import checkpointing, entry_point_errors, file_io, metric_writer
 from landmark_jax.metric_writer import METRICS_FILE
 
 # (panel title, the metrics.jsonl keys it plots); panels without data are left out.
@@ -45,7 +44,7 @@ def read_metrics(workdir: str) -> list[dict]:
     path = file_io.join(workdir, METRICS_FILE)
     if not file_io.exists(path):
         raise FileNotFoundError(f"{path} not found: has a run been started in {workdir}?")
-    rows = [json.loads(line) for line in file_io.read_text(path).splitlines() if line.strip()]
+    rows = metric_writer.read_rows(workdir)
     if not rows:
         raise ValueError(f"{path} is empty")
     return rows

@@ -23,6 +23,12 @@ os.environ.setdefault(
     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "jax_compilation"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+# The verified shard counts (shard_checks.py) of the tests' builds stay in the
+# repository's own cache, not in the user's ~/.cache.
+os.environ.setdefault(
+    "LANDMARK_JAX_CACHE_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "landmark_jax"),
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402

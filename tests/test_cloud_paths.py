@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from landmark_jax import file_io, trainer
+from landmark_jax import file_io, metric_writer, trainer
 from landmark_jax.retrieval import evaluation
 
 from config_files import REPO, load_config, set_keys
@@ -106,8 +106,7 @@ def _objects(prefix: str) -> list[str]:
 
 
 def _losses(workdir: str) -> dict[int, float]:
-    rows = file_io.read_text(file_io.join(workdir, "metrics.jsonl")).splitlines()
-    return {row["step"]: row["loss"] for row in map(json.loads, rows)}
+    return {row["step"]: row["loss"] for row in metric_writer.read_rows(workdir)}
 
 
 def test_gs_workdir_and_ram_data_train_resume_and_evaluate(

@@ -156,7 +156,7 @@ def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, subset_stag
     stage1 = subset_stage1
     recorded = open(os.path.join(stage1, "config.json")).read()
     config = config_for(
-        demo["full"], total_steps=1, **{"init.checkpoint": stage1, "init.carry": "all"}
+        demo["subset"], total_steps=1, **{"init.checkpoint": stage1, "init.carry": "all"}
     )
     config.model.embedding_dim = 32
     with pytest.raises(ValueError) as e:
