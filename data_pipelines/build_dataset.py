@@ -339,7 +339,7 @@ def _remove_unfinished(config_dir: str) -> None:
         elif _PREVIOUS_INFIX in name:
             logging.warning(
                 "%s: a previous build that a killed rebuild moved aside; kept. Move it back "
-                "to %s if that folder is missing, else delete it",
+                "to %s if that folder is missing",
                 path,
                 name.split(_PREVIOUS_INFIX)[0],
             )
@@ -410,26 +410,9 @@ def _rebuild_beside(
 
 
 def _move_build(source: str, target: str) -> None:
-    """Moves a build folder to `target`, which must not exist.
-
-    Locally one rename. A bucket has no folders to rename: each object is
-    moved (copied, then deleted), as tf.io.gfile's own rename of a prefix
-    does, the metadata files last, so that `target` reads as a build only
-    once it is complete.
-    """
-    if not file_io.is_url(source):
-        file_io.rename(source, target)
-        return
-    file_io.makedirs(target)
-    paths = file_io.glob(file_io.join(source, "*"))
-    paths.sort(key=lambda path: file_io.basename(path) in _BUILD_MARKERS)
-    for path in paths:
-        moved = file_io.join(target, file_io.basename(path))
-        if file_io.isdir(path):
-            _move_build(path, moved)
-        else:
-            file_io.rename(path, moved)
-    file_io.rmtree(source)
+    """Moves a build folder to `target`; in a bucket its metadata files go
+    last, so that `target` reads as a build only once it is complete."""
+    file_io.move_folder(source, target, last=_BUILD_MARKERS)
 
 
 FLAGS = flags.FLAGS

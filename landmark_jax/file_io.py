@@ -27,7 +27,7 @@ import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -472,12 +472,13 @@ def rename(source: str, target: str) -> None:
     _backend(source).rename(source, target)
 
 
-def move_folder(source: str, target: str) -> None:
+def move_folder(source: str, target: str, last: Collection[str] = ()) -> None:
     """Moves a folder and everything in it to `target`, which must not exist.
 
     Local: one rename. In a bucket (no folders to rename): every object is
-    copied, and `source` is removed only once all of them are in place, so a
-    move cut short leaves the source whole.
+    copied, the files named in `last` after the others (e.g. the metadata
+    that makes a folder read as complete), and `source` is removed only once
+    all of them are in place, so a move cut short leaves the source whole.
 
     Raises:
       FileExistsError: `target` exists (nothing is moved).
@@ -488,11 +489,11 @@ def move_folder(source: str, target: str) -> None:
     if scheme(source) is None and scheme(target) is None:
         os.rename(source, target)
         return
-    for name in listdir(source):
-        name = name.rstrip("/")
+    names = sorted((name.rstrip("/") for name in listdir(source)), key=lambda n: n in last)
+    for name in names:
         child = join(source, name)
         if isdir(child):
-            move_folder(child, join(target, name))
+            move_folder(child, join(target, name), last)
         else:
             write_bytes(join(target, name), read_bytes(child))
     rmtree(source)
