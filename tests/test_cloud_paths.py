@@ -183,7 +183,7 @@ def test_gs_workdir_and_ram_data_train_resume_and_evaluate(
         "metrics.jsonl",
         "checkpoints/6/commit_success.txt",
         "checkpoints/8/commit_success.txt",
-        "checkpoints_digests/8.json",  # the file digests, in the bucket too
+        "checkpoints/8/integrity.json",  # the step's file digests, in the bucket too
         "eval/metrics.json",
         "eval/retrieval_submission.csv",
         "eval/recognition_submission.csv",

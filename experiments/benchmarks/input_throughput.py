@@ -43,6 +43,7 @@ def synthetic_gldv2(root: str, num_images: int, width: int, height: int) -> str:
     rng = np.random.default_rng(0)
     images_dir = os.path.join(root, "train")
     rows = ["id,url,landmark_id"]
+    by_landmark: dict[int, list[str]] = {}
     for i in range(num_images):
         image_id = f"{i:016x}"
         # Upsampled noise: JPEG sizes like a photo's, unlike raw noise.
@@ -52,9 +53,14 @@ def synthetic_gldv2(root: str, num_images: int, width: int, height: int) -> str:
         os.makedirs(folder, exist_ok=True)
         photo.save(os.path.join(folder, f"{image_id}.jpg"), quality=90)
         rows.append(f"{image_id},,{i % 50}")
+        by_landmark.setdefault(i % 50, []).append(image_id)
     csv = os.path.join(root, "train.csv")
     with open(csv, "w") as f:
         f.write("\n".join(rows) + "\n")
+    # Every image clean (the builder requires the file; cleanliness costs nothing here).
+    with open(os.path.join(root, "train_clean.csv"), "w") as f:
+        f.write("landmark_id,images\n")
+        f.writelines(f"{k},{' '.join(v)}\n" for k, v in sorted(by_landmark.items()))
     import tensorflow_datasets as tfds
 
     config = gldv2_builder.Gldv2Config(name="throughput", val_fraction=0.0, retrieval_splits=False)
