@@ -13,6 +13,7 @@ are not ours to summarise.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -109,6 +110,13 @@ def run(main: Callable[[list[str]], int | None]) -> None:
         except Exception as e:
             if _TRACEBACK.value or not is_user_error(e):
                 raise
+            if getattr(e, "errno", None) == errno.ENOSPC:
+                # A full disk leaves Orbax's writer threads with failed writes
+                # that print hundreds of lines as the interpreter shuts down:
+                # the message is the last word, and nothing runs after it.
+                sys.stderr.write(f"error: {e}\n")
+                sys.stderr.flush()
+                os._exit(1)
             _exit(f"{e}\n(rerun with --traceback to see where it was raised)")
 
     app.run(main_reporting_errors, flags_parser=_parse_flags)

@@ -19,12 +19,14 @@ Two exceptions, both by necessity:
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob as glob_lib
 import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from collections.abc import Collection, Iterator
@@ -503,6 +505,45 @@ def rmtree(path: str) -> None:
     """Deletes a folder and everything in it; a no-op if it does not exist."""
     if exists(path):
         _backend(path).rmtree(path)
+
+
+# --- Disk space ---------------------------------------------------------------
+
+_NO_SPACE = re.compile(r"No space left on device|os_error_code='28'|ENOSPC")
+
+
+def free_bytes(path: str) -> int | None:
+    """Bytes free on the local filesystem that holds (or will hold) `path`;
+    None for a URL (a bucket has no such limit)."""
+    if is_url(path):
+        return None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
+
+
+def no_space_left(error: BaseException) -> str | None:
+    """What a disk-full error says (the file and bytes it failed on), or None.
+
+    Looks through the chain of causes: TensorStore reports ENOSPC as a
+    ValueError('RESOURCE_EXHAUSTED: ... Failed to write N bytes to file ...:
+    No space left on device'), wrapped in Orbax's own errors.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) == errno.ENOSPC or _NO_SPACE.search(str(error)):
+            text = str(error)
+            written = re.search(r'Failed writing: "([^"]+)"', text)
+            size = re.search(r"Failed to write (\d+) bytes", text)
+            file = getattr(error, "filename", None) or (written.group(1) if written else None)
+            parts = [f"writing {file}" if file else "writing"]
+            if size:
+                parts.append(f"{int(size.group(1)):,} bytes did not fit")
+            return ": ".join(parts)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 # --- Orbax --------------------------------------------------------------------

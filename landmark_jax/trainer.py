@@ -256,7 +256,7 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
         def save(step: int, force: bool) -> None:
             if lease is not None:
                 lease.verify()  # a run whose lease lapsed must not write over another's
-            manager.save(step, args=checkpointing.save_args(state), force=force)
+            checkpointing.save(manager, step, state, force)
             pending.add(step)
             # The records of the steps finalized so far (this one once it is).
             checkpointing.record_integrity(manager, pending)
@@ -308,7 +308,7 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
                 except Exception:
                     if not do_save:
                         save(step, True)
-                    manager.wait_until_finished()
+                    checkpointing.wait_until_finished(manager)
                     checkpointing.record_integrity(manager, pending)
                     raise
                 if preempted and not do_save:
@@ -321,10 +321,10 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
                     ", ".join(f"{k} {v:.4g}" for k, v in last.items()),
                 )
             if preempted:
-                manager.wait_until_finished()
+                checkpointing.wait_until_finished(manager)
                 checkpointing.record_integrity(manager, pending)
                 logging.warning("Preempted at step %d: checkpoint saved", step)
                 raise preemption.Preempted(step, workdir)
-        manager.wait_until_finished()
+        checkpointing.wait_until_finished(manager)
         checkpointing.record_integrity(manager, pending)
     return last

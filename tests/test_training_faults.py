@@ -1,5 +1,6 @@
 """Faults during training: preemption, damaged checkpoints, non-finite losses."""
 
+import errno
 import json
 import logging
 import os
@@ -381,3 +382,77 @@ def test_a_failed_or_preempted_validation_keeps_its_step(demo, tmp_path, monkeyp
     with pytest.raises(preemption.Preempted, match="preempted at step 2"):
         trainer.train_and_evaluate(config, preempted)
     assert checkpointing.saved_steps(preempted) == [2]
+
+
+def test_a_full_disk_stops_the_run_before_the_checkpoint_is_written(demo, tmp_path, monkeypatch):
+    """A checkpoint that cannot fit is refused before Orbax's writers start (they
+    would fail in their threads, leaving a half-written folder and hundreds of
+    lines); following the message's advice (free space, run again) resumes."""
+    from landmark_jax import file_io
+
+    config = config_for(demo["full"], total_steps=4, checkpoint_every_steps=2)
+    workdir = str(tmp_path / "run")
+    monkeypatch.setattr(file_io, "free_bytes", lambda path: 1000)
+    with pytest.raises(
+        OSError, match=r"the step-2 checkpoint needs about [\d,]+ bytes; 1,000 bytes"
+    ) as e:
+        trainer.train_and_evaluate(config, workdir)
+    assert e.value.errno == errno.ENOSPC
+    assert f"{workdir}/checkpoints" in str(e.value) and "starts at step 0" in str(e.value)
+    assert checkpointing.saved_steps(workdir) == []
+    monkeypatch.undo()  # space freed
+    trainer.train_and_evaluate(config, workdir)
+    assert checkpointing.saved_steps(workdir) == [2, 4]
+
+
+def test_a_disk_full_error_inside_orbax_is_named():
+    """TensorStore's ENOSPC, as Orbax re-raises it from its writer thread."""
+    from landmark_jax import file_io
+
+    inner = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database at local file '
+        '"/w/checkpoints/5.orbax-checkpoint-tmp/default/": Failed writing: '
+        '"/w/checkpoints/5.orbax-checkpoint-tmp/default/d/10318ea1": Failed to write 465797 '
+        "bytes to file 5: No space left on device [os_error_code='28']"
+    )
+    try:
+        try:
+            raise inner
+        except ValueError as e:
+            raise RuntimeError("Save Finalize thread (save_finalize) failed.") from e
+    except RuntimeError as outer:
+        described = file_io.no_space_left(outer)
+    assert described == (
+        "writing /w/checkpoints/5.orbax-checkpoint-tmp/default/d/10318ea1: "
+        "465,797 bytes did not fit"
+    )
+    assert file_io.no_space_left(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
+
+
+def test_train_program_prints_one_line_when_the_disk_is_full(tmp_path):
+    program = (
+        "from landmark_jax import checkpointing, entry_point_errors, file_io, train, trainer\n"
+        "class Manager:\n"
+        "    directory = '/w/checkpoints'\n"
+        "def full(config, workdir):\n"
+        "    file_io.free_bytes = lambda path: 10\n"
+        "    checkpointing.save(Manager(), 5, {'x': __import__('numpy').zeros(4)})\n"
+        "trainer.train_and_evaluate = full\n"
+        "entry_point_errors.run(train.main)\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            program,
+            f"--config={REPO}/configs/demo.py:smoke",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on the disk of /w/checkpoints: the step-5")
+    assert "Traceback" not in result.stderr
