@@ -486,7 +486,10 @@ def move_folder(source: str, target: str, last: Collection[str] = ()) -> None:
       FileExistsError: `target` exists (nothing is moved).
       OSError: a copy failed, naming the file (the source is left as it was).
     """
-    if exists(target):
+    # By listing the parent: TF's ram:// says a path exists when a sibling
+    # merely starts with its name (1.0.0 beside 1.0.0.previous_x).
+    parent = dirname(target.rstrip("/"))
+    if isdir(parent) and basename(target.rstrip("/")) in listdir(parent):
         raise FileExistsError(f"{target}: exists; not moving {source} over it")
     if scheme(source) is None and scheme(target) is None:
         os.rename(source, target)
