@@ -88,6 +88,28 @@ def no_retry_wait(monkeypatch):
     monkeypatch.setattr(checkpoint_integrity, "RETRY_DELAYS", (0.0, 0.0, 0.0))
 
 
+def _config(demo, total_steps, **overrides):
+    """The checkpoint tests' config: a checkpoint every 2 steps."""
+    return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2, **overrides)
+
+
+@pytest.fixture(scope="module")
+def four_steps(demo, tmp_path_factory):
+    """(workdir, losses) of 4 steps of _config, checkpoints 2 and 4: each test
+    works on its own copy (`run`) rather than training it again."""
+    workdir = str(tmp_path_factory.mktemp("four_steps") / "run")
+    trainer.train_and_evaluate(_config(demo, 4), workdir)
+    return workdir, losses_of(workdir)
+
+
+@pytest.fixture
+def run(four_steps, tmp_path):
+    """A copy of the four_steps workdir."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(four_steps[0], workdir)
+    return workdir
+
+
 def _files_of(workdir, step):
     folder = os.path.join(workdir, "checkpoints", str(step))
     return [os.path.join(r, f) for r, _, names in os.walk(folder) for f in names]
@@ -100,6 +122,13 @@ def _damage(path):
         f.write(np.random.default_rng(0).bytes(4096))
 
 
+def _damage_step(workdir, step):
+    """Damages a step's largest file (parameter data); returns its path."""
+    target = max(_files_of(workdir, step), key=os.path.getsize)
+    _damage(target)
+    return target
+
+
 def _moved_aside(workdir):
     return sorted(
         name
@@ -109,27 +138,21 @@ def _moved_aside(workdir):
 
 
 def test_a_damaged_checkpoint_is_moved_aside_and_the_run_falls_back(
-    demo, tmp_path, caplog, no_retry_wait
+    demo, four_steps, run, caplog, no_retry_wait
 ):
-    def config(total_steps):
-        return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
-
-    workdir = str(tmp_path / "run")
-    trainer.train_and_evaluate(config(4), workdir)
+    workdir, first = run, four_steps[1]
     assert checkpointing.saved_steps(workdir) == [2, 4]
     # Each step carries its own record, inside its folder.
     for step in (2, 4):
         assert os.path.isfile(os.path.join(workdir, "checkpoints", str(step), "integrity.json"))
-    first = losses_of(workdir)
 
-    target = max(_files_of(workdir, 4), key=os.path.getsize)  # parameter data
-    _damage(target)
+    target = _damage_step(workdir, 4)
     # Evaluation and a next stage read the latest step: an error, not other weights,
     # with advice that keeps the step.
     with pytest.raises(ValueError, match=f"evaluation: checkpoint .*/4 is damaged: {target}: its"):
         checkpointing.load_stage(workdir, "evaluation")
     with caplog.at_level(logging.WARNING):
-        trainer.train_and_evaluate(config(6), workdir)
+        trainer.train_and_evaluate(_config(demo, 6), workdir)
     assert f"{target}: its SHA-256 differs from the one recorded" in caplog.text
     # Moved aside with every byte, not deleted; step 4 trained and saved again.
     (aside,) = _moved_aside(workdir)
@@ -151,7 +174,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_run_falls_back(
         checkpointing.load_stage(workdir)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        trainer.train_and_evaluate(config(8), workdir)
+        trainer.train_and_evaluate(_config(demo, 8), workdir)
     assert re.search(r"checkpoints/6 is damaged \(.*no integrity record, and Orbax", caplog.text)
     third = losses_of(workdir)
     assert sorted(third) == list(range(1, 9))
@@ -159,85 +182,63 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_run_falls_back(
     assert len(_moved_aside(workdir)) == 2
 
 
-def test_advice_to_move_checkpoints_aside_is_followed_and_the_run_resumes(
-    demo, tmp_path, no_retry_wait
-):
+def test_advice_to_move_checkpoints_aside_is_followed_and_the_run_resumes(demo, run, no_retry_wait):
     """Every message that tells a user to move a checkpoint: follow it, then resume.
 
     Before the records lived in their steps, following such advice left
     stale digests that condemned every later step of that number."""
-
-    def config(total_steps):
-        return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
-
-    workdir = str(tmp_path / "run")
-    trainer.train_and_evaluate(config(4), workdir)
+    workdir = run
     # load_stage's advice for a damaged latest step.
-    _damage(max(_files_of(workdir, 4), key=os.path.getsize))
-    with pytest.raises(ValueError, match=r"move that step's folder aside \(mv (\S+) (\S+)\)") as e:
+    _damage_step(workdir, 4)
+    with pytest.raises(ValueError, match=r"move that step's folder aside \(mv \S+ \S+\)") as e:
         checkpointing.load_stage(workdir, "evaluation")
     source, target = re.search(r"\(mv (\S+) (\S+)\)", str(e.value)).groups()
     os.rename(source, target)
     assert checkpointing.load_stage(workdir)["step"] == 2
-    trainer.train_and_evaluate(config(6), workdir)  # 4 saved again, verified
+    trainer.train_and_evaluate(_config(demo, 6), workdir)  # 4 saved again, with its record
     assert checkpointing.saved_steps(workdir) == [2, 4, 6]
     assert checkpointing.load_stage(workdir)["step"] == 6
-    trainer.train_and_evaluate(config(8), workdir)
-    assert checkpointing.saved_steps(workdir) == [4, 6, 8]  # keep_checkpoints=3
 
     # Every step damaged: nothing moved; follow the advice.
-    for step in (4, 6, 8):
-        _damage(max(_files_of(workdir, step), key=os.path.getsize))
+    for step in (2, 4, 6):
+        _damage_step(workdir, step)
     with pytest.raises(RuntimeError, match="every checkpoint in") as e:
-        trainer.train_and_evaluate(config(10), workdir)
-    assert checkpointing.saved_steps(workdir) == [4, 6, 8]
+        trainer.train_and_evaluate(_config(demo, 8), workdir)
+    assert checkpointing.saved_steps(workdir) == [2, 4, 6]
     assert _moved_aside(workdir) == ["damaged-4"]  # the one the user moved above
     source, target = re.search(r"\(mv (\S+) (\S+)\)", str(e.value)).groups()
     os.rename(source, target)
-    trainer.train_and_evaluate(config(2), workdir)  # from step 0, as the message says
+    trainer.train_and_evaluate(_config(demo, 2), workdir)  # from step 0, as the message says
     assert checkpointing.saved_steps(workdir) == [2]
-    trainer.train_and_evaluate(config(4), workdir)  # and it resumes
-    assert checkpointing.saved_steps(workdir) == [2, 4]
-    assert checkpointing.load_stage(workdir)["step"] == 4
+    assert checkpointing.load_stage(workdir)["step"] == 2
 
 
-def test_an_integrity_record_is_the_steps_own(demo, tmp_path, no_retry_wait):
+def test_an_integrity_record_is_the_steps_own(demo, run, no_retry_wait):
     """A step removed by hand and saved again, or the whole folder removed,
     gets a new record; a record that is not JSON leaves the step unverified."""
-
-    def config(total_steps):
-        return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
-
-    workdir = str(tmp_path / "run")
-    trainer.train_and_evaluate(config(4), workdir)
+    workdir = run
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
-    trainer.train_and_evaluate(config(4), workdir)  # resumes at 2, saves 4 again
+    trainer.train_and_evaluate(_config(demo, 4), workdir)  # resumes at 2, saves 4 again
     assert checkpointing.load_stage(workdir)["step"] == 4
     shutil.rmtree(os.path.join(workdir, "checkpoints"))
-    trainer.train_and_evaluate(config(2), workdir)
-    trainer.train_and_evaluate(config(4), workdir)
-    assert checkpointing.saved_steps(workdir) == [2, 4] and not _moved_aside(workdir)
+    trainer.train_and_evaluate(_config(demo, 2), workdir)
+    assert checkpointing.saved_steps(workdir) == [2] and not _moved_aside(workdir)
     # A record cut short: the step is unverified, and restored.
-    record = os.path.join(workdir, "checkpoints", "4", "integrity.json")
+    record = os.path.join(workdir, "checkpoints", "2", "integrity.json")
     with open(record, "r+b") as f:
         f.truncate(20)
-    verdict = checkpoint_integrity.check(os.path.join(workdir, "checkpoints"), 4)
-    assert (
-        verdict.status == checkpoint_integrity.UNVERIFIED and "not a readable" in verdict.evidence
-    )
-    assert checkpointing.load_stage(workdir)["step"] == 4
-    trainer.train_and_evaluate(config(6), workdir)
-    assert checkpointing.saved_steps(workdir) == [2, 4, 6] and not _moved_aside(workdir)
+    verdict = checkpoint_integrity.check(os.path.join(workdir, "checkpoints"), 2)
+    assert verdict.status == checkpoint_integrity.UNVERIFIED
+    assert "not a readable" in verdict.evidence
+    assert checkpointing.load_stage(workdir)["step"] == 2
+    trainer.train_and_evaluate(_config(demo, 4), workdir)
+    assert checkpointing.saved_steps(workdir) == [2, 4] and not _moved_aside(workdir)
 
 
 def test_a_read_error_on_a_verified_step_is_retried_never_damage(
-    demo, tmp_path, monkeypatch, no_retry_wait
+    demo, run, monkeypatch, no_retry_wait
 ):
-    def config(total_steps):
-        return config_for(demo["full"], total_steps=total_steps, checkpoint_every_steps=2)
-
-    workdir = str(tmp_path / "run")
-    trainer.train_and_evaluate(config(4), workdir)
+    workdir = run
     real = ocp.CheckpointManager.restore
     failures = []
 
@@ -248,51 +249,46 @@ def test_a_read_error_on_a_verified_step_is_retried_never_damage(
         return real(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
-    # One transient error: retried, resumed from the intact latest step.
-    failing = 1
-    trainer.train_and_evaluate(config(6), workdir)
-    assert failures == [4] and checkpointing.saved_steps(workdir) == [2, 4, 6]
     # It persists: the run fails naming the step, and nothing is moved.
-    failures.clear()
     failing = 100
-    with pytest.raises(OSError, match=r"checkpoints/6 matches the digests .*ConnectionError"):
-        trainer.train_and_evaluate(config(8), workdir)
-    assert checkpointing.saved_steps(workdir) == [2, 4, 6] and not _moved_aside(workdir)
+    with pytest.raises(OSError, match=r"checkpoints/4 matches the digests .*ConnectionError"):
+        trainer.train_and_evaluate(_config(demo, 6), workdir)
+    assert checkpointing.saved_steps(workdir) == [2, 4] and not _moved_aside(workdir)
+    # One transient error: retried, resumed from the intact latest step.
+    failures.clear()
+    failing = 1
+    trainer.train_and_evaluate(_config(demo, 6), workdir)
+    assert failures == [4] and checkpointing.saved_steps(workdir) == [2, 4, 6]
 
 
-def test_a_config_that_does_not_fit_is_a_config_error(demo, tmp_path):
-    workdir = str(tmp_path / "run")
-    trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), workdir)
-    adam = config_for(demo["full"], total_steps=4, **{"optimizer.name": "adam"})
+def test_a_config_that_does_not_fit_is_a_config_error(demo, run):
+    adam = _config(demo, 6, **{"optimizer.name": "adam"})
     with pytest.raises(ValueError, match="does not fit this config") as e:
-        trainer.train_and_evaluate(adam, workdir)
+        trainer.train_and_evaluate(adam, run)
     assert "optimizer.name: 'sgd' -> 'adam'" in str(e.value)
     assert "damaged" not in str(e.value)
-    assert checkpointing.saved_steps(workdir) == [2] and not _moved_aside(workdir)
+    assert checkpointing.saved_steps(run) == [2, 4] and not _moved_aside(run)
 
 
-def test_another_class_set_is_refused_on_resume_and_with_carry_all(demo, tmp_path):
+def test_another_class_set_is_refused_on_resume_and_with_carry_all(demo, run, tmp_path):
     """10 and 6 classes both pad the head to 1,024 rows: the shapes agree."""
-    workdir = str(tmp_path / "run")
-    trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), workdir)
+    subset = dict(demo, full=demo["subset"])
     with pytest.raises(ValueError, match=r"trained on 10 classes .* has 6"):
-        trainer.train_and_evaluate(config_for(demo["subset"], total_steps=4), workdir)
-    carried = config_for(
-        demo["subset"], total_steps=2, **{"init.checkpoint": workdir, "init.carry": "all"}
-    )
+        trainer.train_and_evaluate(_config(subset, 6), run)
+    carried = _config(subset, 2, **{"init.checkpoint": run, "init.carry": "all"})
     with pytest.raises(ValueError, match=r"init.carry='all'\) was trained on 10 classes"):
         trainer.train_and_evaluate(carried, str(tmp_path / "next"))
     # The same count of other landmark ids: named as such.
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(run, "config.json")) as f:
         recorded = json.load(f)
     recorded["classes_sha256"] = "0" * 64
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(os.path.join(run, "config.json"), "w") as f:
         json.dump(recorded, f)
     with pytest.raises(ValueError, match="as many, but other landmark ids"):
-        trainer.train_and_evaluate(config_for(demo["full"], total_steps=4), workdir)
+        trainer.train_and_evaluate(_config(demo, 6), run)
 
 
-def test_non_finite_loss_stops_with_its_step(demo, tmp_path):
+def test_non_finite_loss_stops_with_its_step(demo, run, tmp_path):
     # An absurd learning rate overflows the weights after the first update.
     config = config_for(demo["full"], total_steps=4, **{"optimizer.learning_rate": 1e38})
     with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):
@@ -304,13 +300,9 @@ def test_non_finite_loss_stops_with_its_step(demo, tmp_path):
         trainer.train_and_evaluate(config, str(tmp_path / "b"))
     # Right after a resume: the error names what changed since the checkpoint,
     # which verified, and advises nothing about deleting it.
-    resumed = str(tmp_path / "c")
-    trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), resumed)
-    config = config_for(
-        demo["full"], total_steps=4, log_every_steps=2, **{"optimizer.learning_rate": 1e38}
-    )
-    with pytest.raises(FloatingPointError, match="resuming from the step-2 checkpoint") as e:
-        trainer.train_and_evaluate(config, resumed)
+    config = _config(demo, 6, log_every_steps=2, **{"optimizer.learning_rate": 1e38})
+    with pytest.raises(FloatingPointError, match="resuming from the step-4 checkpoint") as e:
+        trainer.train_and_evaluate(config, run)
     message = str(e.value)
     assert "optimizer.learning_rate: 0.1 -> 1e+38" in message, message
     assert "match the digests" in message
