@@ -26,18 +26,25 @@ CSVs under `metadata/` and `ground_truth/`. This program writes:
 
     DIR/<split>.csv ...                  the split's CSVs (kept if present)
     DIR/tars/<split>/images_NNN.tar      verified tars (.tar.part while partial)
-    DIR/tars/<split>/images_NNN.done     written once a tar is fully extracted
+    DIR/tars/<split>/images_NNN.done     written once a tar is fully extracted:
+                                         its md5, size and mtime (JSON)
     DIR/<split>/a/b/c/<id>.jpg           the images
     DIR/missing-<split>.csv              CSV ids with no image (header `id`)
 
-Rerunning is cheap and safe: a shard with a verified tar and a .done marker is
-skipped, a partial download resumes with an HTTP Range request, and a tar
-whose md5 does not match is fetched again. --shards=0-4,7 downloads a subset.
+Rerunning is cheap and safe: a shard whose .done marker records the md5 of
+its md5 file and the size and mtime its tar still has is skipped after one
+stat, without reading the tar (train's 500 GB are not hashed again). A tar
+that changed, or a missing, unreadable or older marker, is hashed again (and
+re-extracted unless the marker names these bytes), with a log line saying
+why; --verify hashes every tar, to find a change that kept size and mtime. A
+partial download resumes with an HTTP Range request, and a tar whose md5
+does not match is fetched again. --shards=0-4,7 downloads a subset.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import time
@@ -176,8 +183,134 @@ def _download(url: str, dest: str, retries: int) -> int:
     raise AssertionError("unreachable")
 
 
-def _shard_job(split: str, shard: int, output_dir: str, base_url: str, retries: int) -> str:
-    """Downloads, verifies and extracts one shard; returns "downloaded" or "skipped"."""
+# The marker's format; a marker without it was written before markers recorded
+# the tar's size and mtime (a bare `<md5>  images_NNN.tar` line).
+_MARKER_FORMAT = 2
+
+
+def _write_marker(done: str, tar_name: str, md5: str, stat: os.stat_result) -> None:
+    """Records a verified, extracted tar: its md5, and its size and mtime when hashed.
+
+    Written to a temporary file and renamed, so a crash leaves the old marker
+    or the new one, never half of one.
+
+    Args:
+      done: the marker's path (DIR/tars/<split>/images_NNN.done).
+      tar_name: the tar's file name, for a reader of the marker.
+      md5: the digest the tar was found to have.
+      stat: the tar's os.stat taken before it was hashed, so that a change
+        during hashing shows as an mtime the marker does not record.
+    """
+    record = {
+        "format": _MARKER_FORMAT,
+        "tar": tar_name,
+        "md5": md5,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
+    with open(done + ".tmp", "w") as f:
+        json.dump(record, f)
+        f.write("\n")
+    os.replace(done + ".tmp", done)
+
+
+def _read_marker(done: str) -> dict:
+    """Reads a shard's marker.
+
+    Args:
+      done: the marker's path.
+
+    Returns:
+      A dict with "md5" and, for a marker written since markers record
+      them, "size" and "mtime_ns" (ints); an older marker's dict has "md5" only.
+
+    Raises:
+      ValueError: the marker is neither format (empty, truncated, edited);
+        the message says what is wrong.
+    """
+    with open(done) as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError("empty")
+    if not text.lstrip().startswith("{"):
+        # An older version's marker: md5sum output for the tar.
+        return {"md5": read_md5(text, "neither JSON nor md5sum output")}
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e})") from e
+    fields = {"md5": str, "size": int, "mtime_ns": int}
+    if not isinstance(record, dict) or any(
+        not isinstance(record.get(key), kind) for key, kind in fields.items()
+    ):
+        raise ValueError(f"expected md5, size and mtime_ns, got {text.strip()[:200]!r}")
+    return record
+
+
+def _why_untrusted(done: str, tar_path: str, expected: str, md5_path: str) -> str | None:
+    """Why a finished shard's marker does not vouch for its tar as it is now.
+
+    Trusting a marker costs one stat: the tar must still have the size and
+    mtime it had when it was hashed, and the marker must record the md5 the
+    md5 file asks for. A change that keeps both size and mtime (bit rot, a
+    copy that sets mtimes) is for --verify to find.
+
+    Args:
+      done: the shard's marker, which exists.
+      tar_path: the shard's tar, which exists.
+      expected: the md5 that md5_path gives.
+      md5_path: the shard's md5 file, for the message.
+
+    Returns:
+      None if the marker can be trusted, else a log line naming the file at
+      fault and what differs.
+    """
+    try:
+        record = _read_marker(done)
+    except (OSError, ValueError) as e:
+        return f"{done}: unreadable marker ({e})"
+    if "size" not in record:
+        return f"{done}: written by an older version, which recorded no size or mtime"
+    if record["md5"] != expected:
+        return f"{done}: records md5 {record['md5']}, but {md5_path} says {expected}"
+    stat = os.stat(tar_path)
+    if stat.st_size != record["size"]:
+        return f"{tar_path}: {stat.st_size} bytes, but {record['size']} when it was verified"
+    if stat.st_mtime_ns != record["mtime_ns"]:
+        return f"{tar_path}: modified since it was verified (mtime differs from {done})"
+    return None
+
+
+def _stat_and_md5(path: str) -> tuple[os.stat_result, str]:
+    """Returns a file's os.stat, taken first, and its md5 digest."""
+    stat = os.stat(path)
+    return stat, file_md5(path)
+
+
+def _shard_job(
+    split: str, shard: int, output_dir: str, base_url: str, retries: int, verify: bool = False
+) -> str:
+    """Downloads, verifies and extracts one shard.
+
+    A shard whose tar and marker are here is skipped after a stat when the
+    marker still matches the tar (see _why_untrusted); otherwise, or with
+    `verify`, the tar is hashed again, and fetched again if its md5 is wrong.
+
+    Args:
+      split: the split's name.
+      shard: the shard's number.
+      output_dir: the local folder of the download (module docstring).
+      base_url: where the release lives, without a trailing slash.
+      retries: attempts per file.
+      verify: hash the tar even when its marker matches.
+
+    Returns:
+      "downloaded" if the tar was fetched this run, else "skipped".
+
+    Raises:
+      DownloadError: a file could not be fetched, or its md5 was wrong twice.
+      ValueError: the md5 file holds no digest, or the tar has unsafe members.
+    """
     name = f"images_{shard:03d}"
     tar_dir = os.path.join(output_dir, "tars", split)
     tar_path = os.path.join(tar_dir, f"{name}.tar")
@@ -198,21 +331,52 @@ def _shard_job(split: str, shard: int, output_dir: str, base_url: str, retries: 
     start = time.monotonic()
 
     status, fetched = "skipped", 0
-    if os.path.exists(tar_path) and file_md5(tar_path) == expected:
-        if os.path.exists(done):
-            logging.info("%s/%s.tar: verified and extracted before; skipped", split, name)
-            return status
-    else:
-        if os.path.exists(tar_path):
-            logging.warning("%s: md5 does not match %s; downloading again", tar_path, expected)
+    stat = None  # The tar's stat when it was hashed, once it matches.
+    if os.path.exists(tar_path):
+        if verify:
+            logging.info("%s: --verify: hashing it again", tar_path)
+        elif not os.path.exists(done):
+            logging.info("%s: no marker (not fully extracted); hashing %s", done, tar_path)
+        else:
+            why = _why_untrusted(done, tar_path, expected, md5_path)
+            if why is None:
+                logging.info("%s/%s.tar: verified and extracted before; skipped", split, name)
+                return status
+            logging.warning("%s; hashing the tar again", why)
+        found, actual = _stat_and_md5(tar_path)
+        if actual == expected:
+            stat = found
+        else:
+            logging.warning(
+                "%s: md5 %s, expected %s; downloading again", tar_path, actual, expected
+            )
             os.remove(tar_path)
-        if os.path.exists(done):
-            os.remove(done)
+    elif os.path.exists(done):
+        logging.warning("%s: missing (%s is here); downloading it again", tar_path, done)
+    if stat is not None and os.path.exists(done):
+        # The tar is right, and was extracted before if its marker (written
+        # only after extraction) names these bytes: an older version's marker
+        # does. An unreadable one, or one for other bytes, says nothing of
+        # what was extracted: extract again (it rewrites the same files).
+        try:
+            extracted = _read_marker(done)["md5"] == expected
+        except (OSError, ValueError):
+            extracted = False
+        if extracted:
+            _write_marker(done, f"{name}.tar", expected, stat)
+            logging.info(
+                "%s: md5 matches, extracted before; %s rewritten", tar_path, os.path.basename(done)
+            )
+            return status
+    if os.path.exists(done):
+        os.remove(done)  # Until the extraction below has finished.
+    if stat is None:
         status = "downloaded"
         for refetch in (False, True):
             fetched += _download(url, tar_path, retries)
-            actual = file_md5(tar_path + ".part")
+            stat, actual = _stat_and_md5(tar_path + ".part")
             if actual == expected:
+                # A rename keeps the size and mtime the marker records.
                 os.replace(tar_path + ".part", tar_path)
                 break
             # A bad byte anywhere spoils the file, and resuming cannot find
@@ -223,8 +387,7 @@ def _shard_job(split: str, shard: int, output_dir: str, base_url: str, retries: 
             logging.warning("%s: md5 %s, expected %s; fetching again", url, actual, expected)
 
     count = extract_tar(tar_path, os.path.join(output_dir, split))
-    with open(done, "w") as f:
-        f.write(f"{expected}  {name}.tar\n")
+    _write_marker(done, f"{name}.tar", expected, stat)
     how = f"downloaded {fetched / 1e6:.1f} MB" if status == "downloaded" else "already here"
     seconds = time.monotonic() - start
     logging.info(
@@ -267,6 +430,7 @@ def download_split(
     num_workers: int = 8,
     shards: str | Sequence[int] | None = None,
     retries: int = 3,
+    verify: bool = False,
 ) -> dict:
     """Downloads, verifies and extracts one GLDv2 split (see the module docstring).
 
@@ -280,6 +444,8 @@ def download_split(
       num_workers: shards downloaded at the same time.
       shards: a selection like "0-4,7", or shard numbers; None for all.
       retries: attempts per file before a transfer counts as failed.
+      verify: hash every tar, even one whose marker still matches its size
+        and mtime (a rerun otherwise only stats a finished shard's tar).
 
     Returns:
       A dict: split, shards (selected), downloaded and skipped (shard
@@ -308,7 +474,8 @@ def download_split(
     summary.update(downloaded=[], skipped=[], failed={})
     with futures.ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         jobs = {
-            pool.submit(_shard_job, split, s, output_dir, base_url, retries): s for s in selected
+            pool.submit(_shard_job, split, s, output_dir, base_url, retries, verify): s
+            for s in selected
         }
         for done, job in enumerate(futures.as_completed(jobs), 1):
             shard = jobs[job]
@@ -363,6 +530,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_workers", 8, "Shards downloaded at the same time.")
     flags.DEFINE_string("shards", None, "A subset of shards, e.g. 0-4,7 (default: all).")
     flags.DEFINE_integer("retries", 3, "Attempts per file before it counts as failed.")
+    flags.DEFINE_bool(
+        "verify",
+        False,
+        "Hash every tar again (a rerun otherwise trusts a finished shard whose tar "
+        "still has the size and mtime its marker recorded).",
+    )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -375,6 +548,7 @@ def main(argv: Sequence[str]) -> int:
         num_workers=FLAGS.num_workers,
         shards=FLAGS.shards,
         retries=FLAGS.retries,
+        verify=FLAGS.verify,
     )
     print(format_summary(summary))
     return 1 if summary["failed"] else 0

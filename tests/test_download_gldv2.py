@@ -232,7 +232,7 @@ def test_always_corrupted_shard_fails_and_the_others_complete(server, tmp_path):
     assert "3 downloaded, 0 skipped (already verified), 1 failed" in result.stdout
 
 
-def test_rerun_downloads_nothing_and_a_lost_marker_reextracts(server, tmp_path):
+def test_rerun_downloads_nothing_and_a_lost_marker_reextracts(server, tmp_path, caplog):
     server.tree, images = make_release("test", 2)
     server.tree["ground_truth/recognition_solution_v2.1.csv"] = b"id,landmarks,Usage\n"
     server.tree["ground_truth/retrieval_solution_v2.1.csv"] = b"id,images,Usage\n"
@@ -250,8 +250,10 @@ def test_rerun_downloads_nothing_and_a_lost_marker_reextracts(server, tmp_path):
     os.remove(os.path.join(tar_dir, "images_000.done"))
     lost = next(iter(images))
     os.remove(os.path.join(out, "test", lost[0], lost[1], lost[2], f"{lost}.jpg"))
+    caplog.set_level("INFO")
     third = download_gldv2.download_split("test", out, server.url)
     assert third["skipped"] == [0, 1] and tar_requests(server, "test") == []
+    assert f"{os.path.join(tar_dir, 'images_000.done')}: no marker" in caplog.text
     assert os.path.exists(os.path.join(tar_dir, "images_000.done"))
     check_images(out, "test", images)
 
@@ -292,3 +294,166 @@ def test_unsafe_tar_member_is_refused(tmp_path, member):
     with pytest.raises(ValueError, match=f"images_000.tar.*{member}"):
         verified_tars.extract_tar(tar_path, str(dest))
     assert not dest.exists() and not (tmp_path / "evil.jpg").exists()
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Records the tars each run hashes and extracts (the work a rerun must skip)."""
+    calls: dict[str, list[str]] = {"hashed": [], "extracted": []}
+    real_md5, real_extract = download_gldv2.file_md5, download_gldv2.extract_tar
+
+    def file_md5(path):
+        calls["hashed"].append(os.path.basename(path))
+        return real_md5(path)
+
+    def extract_tar(path, dest):
+        calls["extracted"].append(os.path.basename(path))
+        return real_extract(path, dest)
+
+    monkeypatch.setattr(download_gldv2, "file_md5", file_md5)
+    monkeypatch.setattr(download_gldv2, "extract_tar", extract_tar)
+
+    def take():
+        taken = {k: sorted(v) for k, v in calls.items()}
+        for v in calls.values():
+            v.clear()
+        return taken
+
+    return take
+
+
+def _finished(server, tmp_path, counted, split="train", num_shards=4):
+    """A first run over a fresh release; returns (out, tar_dir, images)."""
+    server.tree, images = make_release(split, num_shards)
+    out = str(tmp_path)
+    first = download_gldv2.download_split(split, out, server.url, num_workers=2)
+    assert first["downloaded"] == list(range(num_shards))
+    assert len(counted()["hashed"]) == num_shards
+    server.requests.clear()
+    return out, os.path.join(out, "tars", split), images
+
+
+def test_rerun_over_finished_shards_neither_downloads_nor_hashes(server, tmp_path, counted):
+    out, _, images = _finished(server, tmp_path, counted)
+    second = download_gldv2.download_split("train", out, server.url, num_workers=2)
+    assert second["skipped"] == [0, 1, 2, 3] and second["downloaded"] == []
+    assert server.requests == []
+    assert counted() == {"hashed": [], "extracted": []}
+    check_images(out, "train", images)
+
+
+def test_a_tar_changed_since_verification_is_verified_again(server, tmp_path, counted, caplog):
+    out, tar_dir, images = _finished(server, tmp_path, counted)
+    # Shard 1 grew; shard 2 was rewritten in place (same size, later mtime);
+    # shard 3 was touched only (same bytes, later mtime).
+    grown = os.path.join(tar_dir, "images_001.tar")
+    with open(grown, "ab") as f:
+        f.write(b"\0" * 512)
+    rewritten = os.path.join(tar_dir, "images_002.tar")
+    with open(rewritten, "r+b") as f:
+        body = f.read()
+        f.seek(0)
+        f.write(_corrupt(body))
+    touched = os.path.join(tar_dir, "images_003.tar")
+    for path in (rewritten, touched):
+        stat = os.stat(path)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+    with caplog.at_level("INFO"):
+        second = download_gldv2.download_split("train", out, server.url, num_workers=2)
+    assert second["downloaded"] == [1, 2] and second["skipped"] == [0, 3]
+    assert sorted(r[0] for r in tar_requests(server)) == [
+        "train/images_001.tar",
+        "train/images_002.tar",
+    ]
+    # Each changed tar hashed once as found, and once more as downloaded.
+    assert counted() == {
+        "hashed": ["images_001.tar", "images_001.tar.part", "images_002.tar"]
+        + ["images_002.tar.part", "images_003.tar"],
+        "extracted": ["images_001.tar", "images_002.tar"],
+    }
+    log = caplog.text
+    assert f"{grown}: {len(server.tree['train/images_001.tar']) + 512} bytes" in log
+    assert f"{rewritten}: modified since it was verified" in log
+    assert f"{touched}: modified since it was verified" in log
+    check_images(out, "train", images)
+    # The touched shard's marker now records its new mtime: trusted again.
+    third = download_gldv2.download_split("train", out, server.url, num_workers=2)
+    assert third["skipped"] == [0, 1, 2, 3] and counted()["hashed"] == []
+
+
+def test_verify_rehashes_every_tar_and_finds_a_silent_change(server, tmp_path, counted):
+    out, tar_dir, images = _finished(server, tmp_path, counted)
+    # A change that keeps size and mtime (bit rot, a copy tool that sets
+    # mtimes): only --verify can see it.
+    path = os.path.join(tar_dir, "images_002.tar")
+    stat = os.stat(path)
+    with open(path, "r+b") as f:
+        body = f.read()
+        f.seek(0)
+        f.write(_corrupt(body))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    trusted = download_gldv2.download_split("train", out, server.url, num_workers=2)
+    assert trusted["skipped"] == [0, 1, 2, 3] and counted()["hashed"] == []
+
+    verified = download_gldv2.download_split("train", out, server.url, num_workers=2, verify=True)
+    assert verified["skipped"] == [0, 1, 3] and verified["downloaded"] == [2]
+    assert [r[0] for r in tar_requests(server)] == ["train/images_002.tar"]
+    assert counted() == {
+        "hashed": sorted([f"images_00{i}.tar" for i in range(4)] + ["images_002.tar.part"]),
+        "extracted": ["images_002.tar"],
+    }
+    check_images(out, "train", images)
+
+    # The command line's --verify: every tar hashed, none fetched.
+    server.requests.clear()
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.download_gldv2", "--split=train", "--verify"]
+        + [f"--output_dir={out}", f"--base_url={server.url}", "--shards=0-3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_PROXY": "127.0.0.1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "0 downloaded, 4 skipped (already verified), 0 failed" in result.stdout
+    assert result.stderr.count("--verify: hashing") == 4 and tar_requests(server) == []
+
+
+def test_an_unreadable_or_old_marker_is_verified_again(server, tmp_path, counted, caplog):
+    out, tar_dir, images = _finished(server, tmp_path, counted)
+    markers = [os.path.join(tar_dir, f"images_00{i}.done") for i in range(4)]
+    md5 = hashlib.md5(server.tree["train/images_001.tar"]).hexdigest()
+    with open(markers[0], "w") as f:
+        f.write("{not json")
+    with open(markers[1], "w") as f:  # What versions before --verify wrote.
+        f.write(f"{md5}  images_001.tar\n")
+    with open(markers[2], "w") as f:
+        f.write("")
+    # Shard 3's marker is whole but records another md5 than md5.images_003.txt.
+    with open(markers[3]) as f:
+        text = f.read()
+    with open(markers[3], "w") as f:
+        f.write(
+            text.replace(hashlib.md5(server.tree["train/images_003.tar"]).hexdigest(), "0" * 32)
+        )
+    lost = next(iter(images))  # An image of shard 0: re-extracted.
+    os.remove(os.path.join(out, "train", lost[0], lost[1], lost[2], f"{lost}.jpg"))
+
+    with caplog.at_level("INFO"):
+        second = download_gldv2.download_split("train", out, server.url, num_workers=2)
+    assert second["skipped"] == [0, 1, 2, 3] and tar_requests(server) == []
+    assert counted() == {
+        "hashed": [f"images_00{i}.tar" for i in range(4)],
+        # An unreadable marker says nothing of what was extracted, nor does
+        # one for other bytes; an old marker for these bytes does.
+        "extracted": ["images_000.tar", "images_002.tar", "images_003.tar"],
+    }
+    log = caplog.text
+    assert f"{markers[0]}: unreadable marker" in log and f"{markers[2]}: unreadable marker" in log
+    assert f"{markers[1]}: written by an older version" in log
+    assert f"{markers[3]}: records md5 {'0' * 32}" in log
+    check_images(out, "train", images)
+    third = download_gldv2.download_split("train", out, server.url, num_workers=2)
+    assert third["skipped"] == [0, 1, 2, 3] and counted() == {"hashed": [], "extracted": []}
