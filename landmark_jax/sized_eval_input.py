@@ -39,6 +39,7 @@ def eval_image_sizes(
     image_size: int,
     scale: float,
     multiple: int = 1,
+    min_side: int = 1,
 ) -> np.ndarray:
     """The (height, width) every image is resized to at one extraction scale.
 
@@ -56,14 +57,22 @@ def eval_image_sizes(
       multiple: aspect-kept modes only: each side goes to the nearest multiple
         of it (at least `multiple`) rather than to the nearest integer, so that
         fewer distinct shapes, i.e. compiled programs, arise; 1 is exact.
+      min_side: the smallest side the model takes
+        (retrieval.extract.min_image_side): a side that comes out below it
+        is raised to it (with a multiple, to the first multiple at or above
+        it), the other side kept as computed. DOLG and cirtorch never
+        upscale, their ResNets taking any side, and 1 (the default) keeps
+        that; only a model with a minimum of its own (an EfficientNet with
+        Keras's dynamic padding: 32 px) gets such images stretched to it
+        rather than no descriptor.
 
     Returns:
       int64 [N, 2] sizes: round(side * factor) (half to even, as Python's and
-      DOLG's round), at least 1.
+      DOLG's round), at least min_side.
 
     Raises:
-      ValueError: an unknown mode, a non-positive scale, image size or
-        multiple, or an image with an empty side.
+      ValueError: an unknown mode, a non-positive scale, image size,
+        multiple or min_side, or an image with an empty side.
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize={resize!r}: expected one of {RESIZE_MODES}")
@@ -71,6 +80,8 @@ def eval_image_sizes(
         raise ValueError(f"scale={scale!r}: must be positive")
     if not multiple >= 1 or int(multiple) != multiple:
         raise ValueError(f"size multiple={multiple!r}: must be a positive integer")
+    if not min_side >= 1 or int(min_side) != min_side:
+        raise ValueError(f"min_side={min_side!r}: must be a positive integer")
     if resize != "native" and not (image_size and image_size > 0):
         raise ValueError(f"image_size={image_size!r}: must be positive for resize={resize!r}")
     dims = np.stack([np.asarray(heights, np.int64), np.asarray(widths, np.int64)], axis=1)
@@ -78,7 +89,7 @@ def eval_image_sizes(
         row = int(np.argwhere(dims < 1)[0, 0])
         raise ValueError(f"image {row} has size {tuple(map(int, dims[row]))}: an empty side")
     if resize == "square":
-        side = max(int(round(image_size * scale)), 1)
+        side = max(int(round(image_size * scale)), int(min_side))
         return np.full((len(dims), 2), side, np.int64)
     if resize == "native":
         exact = dims * float(scale)
@@ -88,8 +99,9 @@ def eval_image_sizes(
         # The longer side is the target itself, not a division away from it.
         exact = np.where(dims == longer, target, dims * (target / longer))
     if multiple == 1:
-        return np.maximum(np.rint(exact), 1).astype(np.int64)
-    return (np.maximum(np.rint(exact / multiple), 1) * multiple).astype(np.int64)
+        return np.maximum(np.rint(exact), int(min_side)).astype(np.int64)
+    least = -(-int(min_side) // multiple)  # multiples: at least one, at least min_side
+    return (np.maximum(np.rint(exact / multiple), least) * multiple).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,3 +60,61 @@ def test_file_order_interleaves_process_shares_by_shard():
     np.testing.assert_array_equal(merged["x"], [0, 1, 70, 2, 3, 4, 5, 6])
     with pytest.raises(AssertionError, match="do not add up"):
         shape_buckets.file_order(shares, [2, 1, 3, 0, 1])
+
+
+def test_eval_image_sizes_raise_a_side_below_the_model_minimum_to_it():
+    """min_side raises only the sides below it (the other side as computed);
+    with a multiple, to the first multiple at or above it."""
+    from landmark_jax import sized_eval_input
+
+    heights, widths = np.array([24, 300, 20]), np.array([200, 40, 20])
+    sizes = sized_eval_input.eval_image_sizes
+    native = sizes(heights, widths, resize="native", image_size=None, scale=1.0, min_side=32)
+    np.testing.assert_array_equal(native, [[32, 200], [300, 40], [32, 32]])
+    # Longer side 100: 24x200 -> 12x100, 300x40 -> 100x13, 20x20 -> 100x100.
+    longer = sizes(heights, widths, resize="longer_side", image_size=100, scale=1.0, min_side=32)
+    np.testing.assert_array_equal(longer, [[32, 100], [100, 32], [100, 100]])
+    longer = sizes(
+        heights, widths, resize="longer_side", image_size=100, scale=1.0, min_side=33, multiple=16
+    )
+    np.testing.assert_array_equal(longer, [[48, 96], [96, 48], [96, 96]])
+    square = sizes(heights, widths, resize="square", image_size=64, scale=0.3535, min_side=32)
+    np.testing.assert_array_equal(square, [[32, 32]] * 3)  # round(22.6) -> 32
+    with pytest.raises(ValueError, match="min_side=0"):
+        sizes(heights, widths, resize="native", image_size=None, scale=1.0, min_side=0)
+
+
+@pytest.mark.parametrize("lowering", ["xla", "im2col"])
+def test_min_image_side_is_where_a_keras_dynamic_efficientnet_stops_giving_descriptors(lowering):
+    """Keras's dynamic padding halves a side n to floor(n/2) at each of the 5
+    stride-2 convolutions, so below 32 px the stride-32 map is empty (XLA:
+    NaN descriptors; im2col: an error); TF SAME padding (ceil(n/2)) and the
+    ResNets take any side. Checked against the models themselves."""
+    import jax
+    import jax.numpy as jnp
+
+    from landmark_jax import models
+    from landmark_jax.retrieval import extract
+
+    config = {"name": "global", "backbone": "efficientnet_tiny", "embedding_dim": 8}
+    config["conv_lowering"] = lowering
+    dynamic = models.create_model({**config, "padding": "keras_dynamic"})
+    same = models.create_model({**config, "padding": "same"})
+    resnet = models.create_model({**config, "backbone": "resnet_tiny"})
+    assert extract.min_image_side(dynamic) == 32
+    assert extract.min_image_side(same) == extract.min_image_side(resnet) == 1
+
+    variables = jax.jit(dynamic.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+    def descriptor(model, height):
+        image = jnp.full((1, height, 40, 3), 128.0)
+        return np.asarray(jax.jit(model.apply)(variables, image))
+
+    assert np.isfinite(descriptor(dynamic, 32)).all()
+    try:
+        below = descriptor(dynamic, 31)
+    except TypeError:  # im2col: a negative slice of the empty map
+        below = np.full(1, np.nan)
+    assert not np.isfinite(below).all()
+    # The same weights with TF SAME padding give a descriptor at 24 px.
+    assert np.isfinite(descriptor(same, 24)).all()

@@ -574,3 +574,44 @@ def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisi
     full = np.asarray(embed(variables, jax.device_put(images[:8], sharding.batch_sharding(mesh))))
     single = np.asarray(embed(variables, jax.device_put(alone, sharding.batch_sharding(mesh))))
     np.testing.assert_allclose(single[0], full[0], atol=1e-6)
+
+
+def test_a_side_below_a_keras_dynamic_model_minimum_is_raised_to_it(revisited_data):
+    """The 23x36 query (scale 1, native) under an EfficientNet with Keras's
+    dynamic padding, which takes no side under 32 px (a NaN descriptor with
+    XLA's convolution before the minimum; im2col raised a TypeError, and
+    test_extract_buckets checks the rule at both lowerings): extracted at
+    32x36, the query as resized there alone through the model."""
+    import ml_collections
+
+    from landmark_jax import models
+
+    _, data_dir = revisited_data
+    model_config = models.resolve_model_config(
+        {
+            "name": "global",
+            "backbone": "efficientnet_tiny",
+            "embedding_dim": 8,
+            "padding": "keras_dynamic",
+            "conv_lowering": "xla",
+        }
+    )
+    module = models.create_model(model_config)
+    variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+    config = ml_collections.ConfigDict(
+        {"data_dir": data_dir, "image_size": 32, "batch_size": 8, "model": model_config}
+    )
+    trained_model = extract.TrainedModel(config, "", 0, module, variables, {})
+    emb = extract.extract(trained_model, "revisited_query", resize="native")
+    assert np.isfinite(emb.embeddings).all()
+
+    apply = jax.jit(module.apply)
+    expected = {}
+    for image_id, jpeg in read_split(data_dir, "revisited_query"):
+        decoded = tf.io.decode_image(jpeg, channels=3, expand_animations=False)
+        size = [max(side, 32) for side in decoded.shape[:2]]  # (23, 36) -> (32, 36)
+        image = tf.image.resize(decoded, size, method="bilinear").numpy()
+        image = np.clip(np.round(image), 0, 255).astype(np.uint8)[None]
+        e = np.asarray(apply(variables, image), np.float64)[0]
+        expected[image_id] = e / np.linalg.norm(e)
+    assert_matches(emb, expected, atol=1e-5)

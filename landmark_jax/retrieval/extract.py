@@ -17,7 +17,9 @@ be re-run without the model.
 and runs one program over all devices. `'longer_side'` and `'native'` keep
 the aspect ratio (sized_eval_input.eval_image_sizes): images then differ in
 shape and are batched by shape, each process on its own devices, with one
-gather of the embeddings at the end (shape_buckets.py).
+gather of the embeddings at the end (shape_buckets.py). In every mode a side
+below the model's minimum (`min_image_side`: 32 px for an EfficientNet with
+Keras's dynamic padding, none otherwise) is raised to it.
 """
 
 from __future__ import annotations
@@ -223,6 +225,36 @@ def embed_views(model, flip: bool, descriptor: str = "embedding"):
     return embed
 
 
+def min_image_side(module: Any) -> int:
+    """The smallest image side a model gives a descriptor for.
+
+    Keras's EfficientNet built without a fixed input shape, which is what
+    converted Keras weights record (`padding='keras_dynamic'`), pads
+    (k//2 - 1, k//2) = k - 2 before each stride-2 k x k convolution, so each
+    takes a side n to floor(n / 2): the stride-32 map of a side under
+    2**(stride-2 convolutions) = 32 px is empty, and its pooled descriptor
+    NaN (XLA's convolution) or an error (im2col), as in Keras itself. TF SAME
+    padding and the ResNets' explicit padding take n to ceil(n / 2), so
+    every side of at least 1 px gives a descriptor, as in the PyTorch
+    ResNets DOLG's evaler/infer.py and cirtorch's extract_ms evaluate with
+    (neither has a minimum nor upscales: DOLG scales by s from the native
+    size, cirtorch only shrinks to imsize).
+
+    Args:
+      module: a model of models.create_model (its `backbone` attribute).
+
+    Returns:
+      2**(stride-2 convolutions) (32, or 16 with stem_stride 1) for an
+      EfficientNet with 'keras_dynamic' padding; 1 for any other model.
+    """
+    backbone = getattr(module, "backbone", None)
+    if getattr(backbone, "padding", None) != "keras_dynamic":
+        return 1
+    halvings = int(backbone.stem_stride == 2)
+    halvings += sum(spec.strides == 2 for spec in backbone.block_specs())
+    return 2**halvings
+
+
 def _extract_by_shape(embed, variables, data_dir: str, split: str, **kwargs) -> Embeddings:
     """The aspect-kept extraction: each process embeds its share, then one gather."""
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -282,6 +314,11 @@ def extract(
       descriptor: 'embedding' or 'pooled' (models.DESCRIPTORS); None: the
         run's model.descriptor.
 
+    A side that any mode sizes below the model's minimum (`min_image_side`:
+    32 px for an EfficientNet with Keras's dynamic padding, 1 for every
+    other model) is raised to it, logged; the reference code has no such
+    minimum because its ResNets need none (see min_image_side).
+
     Returns:
       Embeddings in the split's file order, L2-normalised.
 
@@ -306,6 +343,9 @@ def extract(
     local_rows = sharding.local_batch_size(batch_size, mesh)
     variables = jax.device_put(model.variables, sharding.replicated_sharding(run_mesh))
     embed = embed_views(model.module, flip, descriptor or descriptor_of(config))
+    # Every path sizes images to at least the model's minimum side, whatever
+    # the lowering (eval_image_sizes' min_side).
+    min_side = min_image_side(model.module)
     if resize != "square":
         return _extract_by_shape(
             embed,
@@ -318,11 +358,20 @@ def extract(
             size_multiple=int(size_multiple),
             local_rows=local_rows,
             local_mesh=run_mesh,
+            min_side=min_side,
         )
 
     total, ids, labels, mask = None, None, None, None
     for scale in scales:
-        size = max(int(round(image_size * scale)), 1)
+        size = max(int(round(image_size * scale)), min_side)
+        if size == min_side > int(round(image_size * scale)):
+            logging.warning(
+                "%s @ scale %g: %d px is under the model's minimum; embedding at %d px",
+                split,
+                scale,
+                int(round(image_size * scale)),
+                min_side,
+            )
         batches, num_steps = input_pipeline.eval_iterator(
             data_dir, split, mesh=mesh, global_batch_size=batch_size, image_size=size
         )

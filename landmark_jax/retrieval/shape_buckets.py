@@ -128,6 +128,7 @@ def share_embeddings(
     local_mesh,
     process_index: int,
     process_count: int,
+    min_side: int = 1,
 ) -> dict[str, np.ndarray]:
     """One process's share of a split, embedded on its devices (aspect kept).
 
@@ -145,6 +146,9 @@ def share_embeddings(
       local_mesh: this process's devices (process_mesh).
       process_index: this process.
       process_count: all processes.
+      min_side: the smallest side the model takes (extract.min_image_side):
+        a resized side below it is raised to it, and logged with the first
+        such image's id.
 
     Returns:
       {'ids': str [n], 'embeddings': float32 [n, D] unit rows,
@@ -165,14 +169,13 @@ def share_embeddings(
         progress.update(len(indices))
 
     for scale in scales:
+        size_rule = dict(resize=resize, image_size=image_size, scale=scale, multiple=size_multiple)
         sizes = sized_eval_input.eval_image_sizes(
-            index.heights,
-            index.widths,
-            resize=resize,
-            image_size=image_size,
-            scale=scale,
-            multiple=size_multiple,
+            index.heights, index.widths, min_side=min_side, **size_rule
         )
+        if min_side > 1:
+            unraised = sized_eval_input.eval_image_sizes(index.heights, index.widths, **size_rule)
+            _log_raised_sides(index, sizes, unraised, split, scale, min_side)
         rows = bucket_rows(sizes, local_rows, local_mesh.devices.size)
         counts = collections.Counter((int(h), int(w)) for h, w in sizes)
         logging.info(
@@ -204,6 +207,33 @@ def share_embeddings(
     total /= np.maximum(np.linalg.norm(total, axis=-1, keepdims=True), 1e-12)
     labels = index.labels if index.labels is not None else np.full(n, -1, np.int64)
     return {"ids": index.ids, "embeddings": total, "labels": labels}
+
+
+def _log_raised_sides(
+    index: sized_eval_input.EvalIndex,
+    sizes: np.ndarray,
+    unraised: np.ndarray,
+    split: str,
+    scale: float,
+    min_side: int,
+) -> None:
+    """Names the images whose side eval_image_sizes raised to the model's minimum."""
+    raised = np.flatnonzero((sizes != unraised).any(axis=1))
+    if len(raised):
+        i = int(raised[0])
+        logging.warning(
+            "%s @ scale %g: %d image(s) with a side under the model's minimum of %d px "
+            "were stretched to it, e.g. image %r (%dx%d decoded, resized to %dx%d)",
+            split,
+            scale,
+            len(raised),
+            min_side,
+            str(index.ids[i]),
+            int(index.heights[i]),
+            int(index.widths[i]),
+            int(sizes[i, 0]),
+            int(sizes[i, 1]),
+        )
 
 
 def file_order(
