@@ -57,8 +57,30 @@ DATA_CLEAN is the `gldv2/clean` TFDS build (`python -m
 data_pipelines.build_dataset --dataset=gldv2/clean --manual_dir=GLDV2
 --data_dir=TFDS`, then TFDS/gldv2/clean), DATA_FULL the `gldv2/full` build
 (every train.csv image, is_clean from train_clean.csv; index and test).
+Evaluation (`python -m landmark_jax.evaluate --config=configs/glr2020_retrieval.py:notclean
+--workdir=runs/notclean --config.eval.retrieval_solution=...`) is retrieval:
+it embeds the index and test splits only (`eval.recognition_submission=False`;
+the train split only if a `--config.eval.recognition_solution` is given).
 Expected (the published result of the 4-model ensemble of such runs):
-private mAP@100 0.38677. The original trained each stage "until the
+private mAP@100 0.38677. The ensemble's members (configs/glr2020_ensemble.py)
+stopped this chain at different sizes; what their released checkpoint
+folders (export_model.ipynb) say, read by the pattern of the others
+(`eff<B>_<size>_..._notclean_0.5_<val loss>`):
+
+    eff7_640_notclean_0.5_1.1411          B7, not-clean stage at 640, fed 640
+    eff6_640_notclean_0.5_1.1931          B6, not-clean stage at 640, fed 640
+    eff7_512_ver2_10293_NotClean_0.5_640  a second B7 chain ("ver2") at 512
+                                          whose not-clean stage ran at 640
+                                          (the `_640` suffix; epoch 44), fed 640
+    eff7_512_ver1_notclean0.5_1.2580      B7, not-clean stage at 512, fed 512
+
+The third is therefore not "trained at 512, fed 640": its last stage ran at
+the size it is fed. Not known: what `10293` stands for (in the others the
+last number is the validation loss), and whether that chain went through
+the 640 px full stage before its not-clean one; the training notebooks of
+these runs were not released. To make such a member, run `:notclean` with
+`--config.image_size=640` (or 512) after the stage of that size instead of
+after 736. The original trained each stage "until the
 validation loss converges"; total_steps below are starting points, watch
 val_loss in metrics.jsonl. Append `,smoke` to any stage (e.g.
 `:full640,smoke`) for a seconds-long run on the demo data.
@@ -107,6 +129,9 @@ def get_config(arg: str = "clean"):
     config.optimizer.decay = 1e-5
     if carry:
         config.init.carry = carry
+    # Retrieval: the index and test splits. Recognition (embedding the 4.1M
+    # train images) only when --config.eval.recognition_solution scores it.
+    config.eval.recognition_submission = False
 
     if smoke:
         config_lib.apply_smoke(config, image_size=32 if image_size == 512 else 48)

@@ -50,6 +50,11 @@ did (`optimizer.schedule_steps`). Expect this config to land below 0.476 /
 0.478 until the weights differ no more; the figures are the target, not a
 prediction.
 
+Evaluation (`python -m landmark_jax.evaluate --config=configs/glr2021_dolg.py:step3
+--workdir=runs/dolg3 --config.eval.recognition_solution=...`) is recognition
+and retrieval: `eval.recognition_submission=True` embeds the data folder's
+train split and writes recognition_submission.csv even without a solution.
+
 Append `,smoke` to a step for a seconds-long run on the demo data.
 """
 
@@ -111,6 +116,10 @@ def get_config(arg: str = "step1"):
     config.input.cutout.size = 0.4
     if carry:
         config.init.carry = carry
+    # The recognition competition: evaluation labels the test images by their
+    # nearest train images and writes recognition_submission.csv, with or
+    # without a recognition solution to score it (and retrieval, as always).
+    config.eval.recognition_submission = True
 
     if smoke:
         config_lib.apply_smoke(config, image_size=32 if step == "step1" else 48)

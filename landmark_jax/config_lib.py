@@ -123,6 +123,10 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval.index_split = "index"  # "": no GLDv2 retrieval or recognition (Revisited only)
     c.eval.test_split = "test"
     c.eval.train_split = "train"  # recognition by kNN against it; "" skips recognition
+    # Recognition (every train_split image embedded: 4.1M for GLDv2) runs only
+    # when something reads it: recognition_solution scores it, or this asks
+    # for recognition_submission.csv without a solution (GLR2021's output).
+    c.eval.recognition_submission = False
     c.eval.knn_backend = "scann"  # scann | exact | approx_max_k (TPU)
     c.eval.k = 100
     c.eval.recall_queries = 1000  # queries sampled to report ScaNN's recall vs exact
@@ -356,7 +360,13 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
                 "config.eval.index_split='' skips the GLDv2 retrieval and recognition: "
                 "set config.eval.revisited_data_dir, or there is nothing to evaluate"
             )
-        for key in ("retrieval_solution", "recognition_solution", "baselines", "ensemble"):
+        for key in (
+            "retrieval_solution",
+            "recognition_solution",
+            "recognition_submission",
+            "baselines",
+            "ensemble",
+        ):
             if ec[key]:
                 raise ValueError(
                     f"config.eval.{key} needs the GLDv2 splits, but config.eval.index_split=''"
@@ -392,6 +402,16 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         )
     for key in ("resize", "revisited_resize"):
         _check_choice(config, f"eval.{key}", ec[key], sized_eval_input.RESIZE_MODES)
+    if not isinstance(ec.recognition_submission, bool):
+        raise ValueError(
+            f"config.eval.recognition_submission={ec.recognition_submission!r}: expected True "
+            "or False"
+        )
+    if ec.recognition_submission and not ec.train_split:
+        raise ValueError(
+            "config.eval.recognition_submission=True labels the test images by their nearest "
+            "config.eval.train_split images, but config.eval.train_split=''"
+        )
     if ec.index_split and not ec.test_split:
         raise ValueError("config.eval.test_split is empty: name a split of the data folder")
     for name in ec.baselines:

@@ -431,3 +431,59 @@ def test_an_unreadable_embedding_cache_is_named_and_extracted_again(
         np.testing.assert_allclose(again.embeddings, first.embeddings, atol=1e-6)
         reread = extract.Embeddings.load(str(cache))  # overwritten with a good cache
         assert list(reread.ids) == list(first.ids)
+
+
+def test_the_train_split_is_embedded_only_for_recognition_that_is_scored_or_written(
+    demo, trained, tmp_path, monkeypatch, caplog
+):
+    """GLR2020-style (a retrieval solution, no recognition solution): only the
+    index and test splits are extracted and no recognition file is written
+    (before, the train split was embedded for nothing: GLDv2's 4.1M images).
+    eval.recognition_submission=True: the train split (and the non-landmark
+    one) too, and the submission labels each test image with its kNN vote."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("eval"))
+    out = os.path.join(workdir, "eval")
+    requested = []
+    real_extract = extract.extract
+
+    def recording_extract(model, split, **kwargs):
+        requested.append(split)
+        return real_extract(model, split, **kwargs)
+
+    monkeypatch.setattr(extract, "extract", recording_extract)
+    config = eval_config(demo, recognition_solution="", baselines=(), gallery_queries=0)
+    assert config.eval.train_split == "train" and config.eval.recognition_submission is False
+    with caplog.at_level(logging.INFO):
+        metrics = evaluation.evaluate(config, workdir)
+    assert requested == ["index", "test"]
+    assert "map@100" in metrics and "gap" not in metrics
+    assert sorted(os.listdir(out)) == [
+        "embeddings-index-0.npz",
+        "embeddings-test-0.npz",
+        "metrics.json",
+        "retrieval_submission.csv",
+    ]
+    assert "Recognition skipped: no config.eval.recognition_solution" in caplog.text
+
+    requested.clear()
+    config.eval.recognition_submission = True
+    metrics = evaluation.evaluate(config, workdir)
+    assert requested == ["train", "nonlandmark"]  # index and test: the cache of the first run
+    assert "gap" not in metrics  # nothing to score it with
+    written = solutions.read_recognition_predictions(
+        os.path.join(out, "recognition_submission.csv")
+    )
+    # By hand: each test image's 5 nearest train images vote max(cos, 0)^9
+    # for their landmark (the non-landmark penalty lowers scores, not labels).
+    test = extract.Embeddings.load(os.path.join(out, "embeddings-test-0.npz"))
+    train = extract.Embeddings.load(os.path.join(out, "embeddings-train-0.npz"))
+    landmarks = data_format.read_label_map(demo["full"]).landmark_ids[train.labels]
+    cosine = test.embeddings.astype(np.float64) @ train.embeddings.astype(np.float64).T
+    assert sorted(written) == sorted(test.ids)
+    for row, image_id in enumerate(test.ids):
+        votes = {}
+        for j in np.argsort(-cosine[row])[: config.eval.recognition_k]:
+            votes[landmarks[j]] = votes.get(landmarks[j], 0.0) + max(cosine[row, j], 0.0) ** 9
+        best = max(sorted(votes), key=lambda landmark: votes[landmark])
+        assert written[image_id][0] == best, image_id

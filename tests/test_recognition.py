@@ -236,3 +236,51 @@ def test_recognition_predictions_rejects_bad_input():
         recognition.recognition_predictions(["a", "a"], np.array([1, -1]), np.array([0.1, 0.0]))
     with pytest.raises(ValueError, match="not finite"):
         recognition.recognition_predictions(["a"], np.array([1]), np.array([np.inf]))
+
+
+@pytest.mark.parametrize(
+    ("train_split", "solution", "submission", "runs"),
+    [
+        ("train", "", False, False),  # GLR2020's evaluation: nothing reads recognition
+        ("train", "recognition_solution.csv", False, True),  # scored
+        ("train", "", True, True),  # its submission asked for (GLR2021)
+        ("", "recognition_solution.csv", False, False),  # recognition off altogether
+    ],
+)
+def test_recognition_runs_only_when_scored_or_its_submission_is_asked_for(
+    train_split, solution, submission, runs
+):
+    from landmark_jax import config_lib
+    from landmark_jax.retrieval import recognition_evaluation
+
+    config = config_lib.base_config()
+    config.eval.train_split = train_split
+    config.eval.recognition_solution = solution
+    config.eval.recognition_submission = submission
+    assert recognition_evaluation.recognition_requested(config) is runs
+
+
+def test_recognition_submission_without_a_train_split_is_refused_and_recipes_say_which():
+    from landmark_jax import config_lib
+    from landmark_jax.retrieval import recognition_evaluation
+
+    from config_files import load_config
+
+    config = config_lib.base_config()
+    config.eval.recognition_submission = True
+    config_lib.validate_eval_config(config)
+    config.eval.train_split = ""
+    with pytest.raises(
+        ValueError, match=r"recognition_submission=True .*, but config.eval.train_split=''"
+    ):
+        config_lib.validate_eval_config(config)
+    config.eval.index_split = ""
+    config.eval.revisited_data_dir = "anything"  # the GLDv2 splits are off: named first
+    with pytest.raises(ValueError, match=r"eval.recognition_submission needs the GLDv2 splits"):
+        config_lib.validate_eval_config(config)
+    # GLR2020 (retrieval) embeds no train image unless a solution scores
+    # recognition; GLR2021 (recognition) writes its submission.
+    assert not recognition_evaluation.recognition_requested(
+        load_config("glr2020_retrieval", "notclean")
+    )
+    assert recognition_evaluation.recognition_requested(load_config("glr2021_dolg", "step3"))

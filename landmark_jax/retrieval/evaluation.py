@@ -4,7 +4,9 @@ Retrieval: the test (query) embeddings are searched against the index
 embeddings (k = 100, squared L2 on unit vectors; ScaNN, or exact search on
 the accelerator), scored by GLDv2 mAP@100 per Public/Private split.
 Recognition (recognition_evaluation.py): each test image takes the landmark
-voted by its nearest train images (cos^p scores), scored by GAP. An ensemble (config.eval.ensemble)
+voted by its nearest train images (cos^p scores), scored by GAP; it runs (and
+the train split is embedded) only when eval.recognition_solution scores it or
+eval.recognition_submission asks for its submission. An ensemble (config.eval.ensemble)
 concatenates several workdirs' normalised, weighted embeddings (GLR2020).
 
 Writes `<workdir>/eval/`: metrics.json (`map@100`, `gap`, and per-split
@@ -149,7 +151,7 @@ def evaluate(
         metrics.update(_retrieval(config, workdir, index, test))
     if ec.index_split and ec.baselines:
         metrics["baselines"] = _baselines(config, models[0], mesh, index.ids)
-    if ec.index_split and ec.train_split:
+    if recognition_evaluation.recognition_requested(config):
         train = embed_split(config, workdir, ec.train_split, members, models, mesh)
         non_landmarks = (
             embed_split(config, workdir, ec.non_landmark_split, members, models, mesh)
@@ -160,6 +162,13 @@ def evaluate(
             recognition_evaluation.evaluate_recognition(
                 config, out_dir, test, train, non_landmarks, members, models[0], mesh, _writes()
             )
+        )
+    elif ec.index_split and ec.train_split:
+        # Said, not silently skipped: the train split is not embedded.
+        logging.info(
+            "Recognition skipped: no config.eval.recognition_solution to score it and "
+            "config.eval.recognition_submission=False (the %r split is not embedded)",
+            ec.train_split,
         )
     if ec.revisited_data_dir:
         own = [t for m, t in zip(members, models, strict=True) if m.workdir == workdir]

@@ -5,7 +5,8 @@ Each test image takes the landmark its nearest train images vote for
 classes, its score lowered by its similarity to known non-landmark images
 when a split of them is named (retrieval/non_landmarks.py). Scored by GAP,
 with the top-1 accuracy of each labeller on the images with ground truth.
-`evaluation.evaluate` calls `evaluate_recognition` after extraction.
+`evaluation.evaluate` calls `evaluate_recognition` after extraction, when
+`recognition_requested` (a solution scores it, or its submission is asked for).
 """
 
 from __future__ import annotations
@@ -27,6 +28,26 @@ from landmark_jax.retrieval import (
     usage_metrics,
 )
 from landmark_jax.retrieval import non_landmarks as non_landmark_penalty
+
+
+def recognition_requested(config: ml_collections.ConfigDict) -> bool:
+    """Whether the evaluation labels the test images (embedding eval.train_split).
+
+    Only when something reads the labels: eval.recognition_solution scores
+    them, or eval.recognition_submission asks for recognition_submission.csv
+    without a solution. Otherwise the train split (GLDv2's 4.1M images) is
+    never embedded; eval.train_split='' turns recognition off altogether.
+
+    Args:
+      config: the evaluation config (its `eval` block).
+
+    Returns:
+      True when evaluate_recognition runs.
+    """
+    ec = config.eval
+    return bool(
+        ec.index_split and ec.train_split and (ec.recognition_solution or ec.recognition_submission)
+    )
 
 
 def first_member_embeddings(
