@@ -125,3 +125,31 @@ def test_glr2020_ensemble_article_variant():
     assert all(m.image_size is None for m in members.values())
     with pytest.raises(ValueError, match="valid: one of"):
         load_config("glr2020_ensemble", "b5")
+
+
+def test_dolg_paper_evaluates_at_the_released_five_scales_three_on_request():
+    """Default: evaler/infer.py's SCALE_LIST, which the released cropped
+    feature files (*_crop_test5) come from; the docstring's flag gives three."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from config_files import REPO
+
+    for arg in ("r50", "r101"):
+        config = load_config("dolg_paper", arg)
+        assert tuple(config.eval.scales) == (0.3535, 0.5, 0.7071, 1.0, 1.4142)
+        assert config.eval.revisited_resize == "native" and config.eval.flip is False
+    # The option, as the module docstring spells it on a command line.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dolg_paper", f"{REPO}/configs/dolg_paper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    option = '--config.eval.scales="(0.7071, 1.0, 1.4142)"'
+    assert option in module.__doc__ and "three" in module.SCALES
+    # What a shell passes on: the quotes removed.
+    argv = ["prog", f"--config={REPO}/configs/dolg_paper.py:r101", option.replace('"', "")]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+    values(argv)
+    assert tuple(values.config.eval.scales) == module.SCALES["three"] == (0.7071, 1.0, 1.4142)
