@@ -2,10 +2,12 @@
 
 import dataclasses
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
@@ -29,6 +31,8 @@ FLAGS = [
     "--data_x=gs://bucket/x",
     "--backbone_weights=gs://bucket/weights/b7",
 ]
+# configs/glr2020_ensemble.py:article's members.
+ARTICLE = {n: f"{ROOT}/{n}/notclean" for n in ("b7", "b6", "b5_a", "b5_b")}
 
 
 def _job(recipe="glr2020", accelerator_type="v4-32", **kwargs):
@@ -92,11 +96,15 @@ def test_stages_chain_their_checkpoints_and_read_their_data(recipe):
 
 
 def test_dry_run_prints_every_command_in_order():
+    """With the :article members (b7, b6, b5_a, b5_b) the evaluation reads
+    configs/glr2020_ensemble.py:article; every command was checked by its
+    program's own flag parser first (before, the default variant's evaluate
+    failed on 'b7' after every stage had trained)."""
     result = subprocess.run(
         [sys.executable, "experiments/tpu_vm/tpu_job.py", "--recipe=glr2020", "--dry_run"]
         + ["--accelerator_type=v4-32", "--spot", *FLAGS]
         + ["--retrieval_solution=gs://bucket/sol.csv"]
-        + [f"--member={n}={ROOT}/{n}" for n in ("b7_640", "b6_640", "b7_640_second", "b7_512")],
+        + [f"--member={n}={w}" for n, w in ARTICLE.items()],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -118,9 +126,13 @@ def test_dry_run_prints_every_command_in_order():
         # Logs in the bucket; only the worker's host name is left to the shell.
         assert f'{ROOT}/glr2020/logs/{name}-"$(hostname).log"' in script
     script = evaluate[-1]
-    assert "landmark_jax.evaluate" in script and "configs/glr2020_ensemble.py" in script
-    assert f"--config.eval.ensemble.b7_512.workdir={ROOT}/b7_512" in script
-    assert "--config.eval.retrieval_solution=gs://bucket/sol.csv" in script
+    argv = shlex.split(script.split(f"cd $HOME/{tpu_job.SOURCE_DIR}; ")[1].split(" 2>&1")[0])
+    assert argv[:3] == [".venv/bin/python", "-m", "landmark_jax.evaluate"]
+    assert _flag(argv, "config") == "configs/glr2020_ensemble.py:article"
+    for name, workdir in ARTICLE.items():
+        assert _flag(argv, f"config.eval.ensemble.{name}.workdir") == workdir
+    assert _flag(argv, "config.eval.retrieval_solution") == "gs://bucket/sol.csv"
+    assert _flag(argv, "config.eval.recognition_submission") == "False"
 
 
 def test_a_recipe_without_its_data_folder_is_refused():
@@ -161,7 +173,7 @@ class FakeCloud:
 
 
 def test_a_preempted_tpu_is_created_again_and_the_stage_resumes():
-    job = _job("glr2021", "v4-8", solution="gs://bucket/recognition_solution.csv")
+    job = _job("glr2021", "v4-8", recognition_solution="gs://bucket/recognition_solution.csv")
     step2 = f"{ROOT}/glr2021/step2"
     cloud = FakeCloud(["NOT_FOUND", "PREEMPTED"], {step2: 1})
     tpu_job.run_job(job, run=cloud, wait_seconds=0)
@@ -266,3 +278,409 @@ def test_user_values_cannot_inject_commands_into_the_worker_script(tmp_path):
         f"{root}/glr2020/logs/clean-worker-0.log",
     ]
     assert not [p for p in tmp_path.rglob("*") if p.name in ("x", "y")]
+
+
+# --- Queued resources, under a fake `gcloud` on PATH ------------------------------
+
+# A stand-in for `gcloud compute tpus ...`, driven by a JSON state file: the
+# queued resource's states to come (one per `describe`, the last one kept),
+# what each `create` queues, and the stage whose ssh a preemption ends. It
+# answers as gcloud does: `describe --format=json` prints the QueuedResource
+# (its state in state.state, a failure's reason in state.failedData.error),
+# a missing one is a NOT_FOUND error, a second `create` an ALREADY_EXISTS one,
+# and ssh reaches the node only once the request has been seen ACTIVE.
+FAKE_GCLOUD = r"""#!{python} -S
+import json, sys
+
+STATE, args = {state!r}, sys.argv[1:]
+with open(STATE) as f:
+    s = json.load(f)
+group, verb = args[2], args[3]
+name, zone = args[4], [a for a in args if a.startswith("--zone=")][0][7:]
+path = f"projects/my-project/locations/{{zone}}/queuedResources/{{name}}"
+rc, label = 0, verb
+
+
+def error(code, message):
+    sys.stderr.write(f"ERROR: (gcloud.compute.tpus.{{group}}.{{verb}}) {{code}}: {{message}}\n")
+    return 1
+
+
+resource = s["resource"]
+if group == "queued-resources" and verb == "describe":
+    if resource is not None and resource["states"][0] == "GONE":  # a DELETING one ended
+        resource = s["resource"] = None
+    if resource is None:
+        rc, label = error("NOT_FOUND", f"Resource '{{path}}' was not found"), "describe:NOT_FOUND"
+    else:
+        state = resource["states"].pop(0) if len(resource["states"]) > 1 else resource["states"][0]
+        resource["seen"] = state
+        data = {{"state": state, "stateInitiator": "SERVICE" if state == "SUSPENDED" else "USER"}}
+        if state == "FAILED":
+            data["failedData"] = {{"error": {{"code": 8, "message": s["failure"]}}}}
+        print(json.dumps({{
+            "createTime": "2025-05-07T10:00:00.000000Z",
+            "name": path,
+            "spot": {{}},
+            "state": data,
+            "tpu": {{"nodeSpec": [{{
+                "node": {{"acceleratorType": "v4-8", "runtimeVersion": "tpu-ubuntu2204-base",
+                         "networkConfig": {{"enableExternalIps": True}},
+                         "queuedResource": path, "useTpuVm": True}},
+                "nodeId": name,
+                "parent": f"projects/my-project/locations/{{zone}}",
+            }}]}},
+        }}, indent=2))
+        label = f"describe:{{state}}"
+elif group == "queued-resources" and verb == "create":
+    if resource is None and s["appears"]:  # another run's request, made meanwhile
+        resource = s["resource"] = {{"states": s["appears"].pop(0), "seen": None}}
+    if resource is not None:
+        rc, label = error("ALREADY_EXISTS", f"Resource '{{path}}' already exists"), "create:EXISTS"
+    else:
+        s["resource"] = {{"states": s["queue"].pop(0), "seen": None}}
+elif group == "queued-resources" and verb == "delete":
+    s["resource"] = None
+elif group == "tpu-vm" and verb == "ssh":
+    script = args[-1]
+    if "pip install" in script:
+        label = "install"
+    elif "landmark_jax.evaluate" in script:
+        label = "evaluate"
+    else:
+        label = script.split("--workdir=")[1].split()[0].rsplit("/", 1)[1]
+    if resource is None or resource["seen"] != "ACTIVE":
+        rc, label = error("NOT_FOUND", f"node {{name}} not found"), "ssh-refused:" + label
+    elif s["preempt"] == label:  # the spot slice is taken back mid-stage
+        s["preempt"], resource["states"], resource["seen"] = None, ["SUSPENDING", "SUSPENDED"], None
+        rc = 255
+else:
+    rc = error("INVALID_ARGUMENT", "the fake does not know " + " ".join(args))
+s["calls"].append(label)
+with open(STATE, "w") as f:
+    json.dump(s, f)
+sys.exit(rc)
+"""
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+    """Installs the fake gcloud; returns play(job, resource=..., queue=...)
+    that runs the job through it with a fake clock and returns the calls,
+    the sleeps and the log."""
+    bin_dir, state = tmp_path / "bin", tmp_path / "gcloud_state.json"
+    bin_dir.mkdir()
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(FAKE_GCLOUD.format(python=sys.executable, state=str(state)))
+    gcloud.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    def play(
+        job,
+        *,
+        resource=None,
+        queue=(),
+        appears=(),
+        preempt=None,
+        failure="",
+        timeout_s=86400.0,
+        poll_s=60.0,
+    ):
+        state.write_text(
+            json.dumps(
+                {
+                    "resource": None if resource is None else {"states": resource, "seen": None},
+                    "queue": list(queue),
+                    "appears": list(appears),
+                    "preempt": preempt,
+                    "failure": failure,
+                    "calls": [],
+                }
+            )
+        )
+        now, sleeps, lines = [0.0], [], []
+
+        def sleep(seconds):
+            sleeps.append(seconds)
+            now[0] += seconds
+
+        def info(msg, *args):
+            lines.append(msg % args)
+
+        with (
+            mock.patch.object(tpu_job.logging, "info", info),
+            mock.patch.object(tpu_job.logging, "warning", info),
+        ):
+            try:
+                tpu_job.run_job(
+                    job,
+                    wait_seconds=5.0,
+                    queued_timeout_s=timeout_s,
+                    poll_seconds=poll_s,
+                    clock=lambda: now[0],
+                    sleep=sleep,
+                )
+                error = None
+            except RuntimeError as e:
+                error = str(e)
+        return json.loads(state.read_text())["calls"], sleeps, lines, error
+
+    return play
+
+
+def _queued_job():
+    return dataclasses.replace(_job("glr2021", "v4-8"), queued=True, spot=True)
+
+
+STAGES = ["install", "step1", "step2", "step3", "evaluate"]
+WHERE = "queued resource lm in us-central2-b"
+
+
+def _progress(lines):
+    return [line for line in lines if line.startswith(WHERE)]
+
+
+def test_a_new_queued_resource_is_waited_on_until_active(fake_gcloud):
+    """Created, then polled through the states in the real order (not SSHed
+    into at once, the bug): the stages run once it is ACTIVE."""
+    calls, sleeps, lines, error = fake_gcloud(
+        _queued_job(),
+        queue=[
+            ["CREATING", "WAITING_FOR_RESOURCES", "WAITING_FOR_RESOURCES", "PROVISIONING"]
+            + ["ACTIVE"]
+        ],
+    )
+    assert error is None
+    assert calls == [
+        "describe:NOT_FOUND",
+        "create",
+        "describe:CREATING",
+        "describe:WAITING_FOR_RESOURCES",
+        "describe:WAITING_FOR_RESOURCES",
+        "describe:PROVISIONING",
+        "describe:ACTIVE",
+        *STAGES,
+    ]
+    assert sleeps == [60.0] * 5  # after the creation and after each state short of ACTIVE
+    # One line per change of state, with the time waited (60 s a poll).
+    assert _progress(lines) == [
+        f"{WHERE} requested",
+        f"{WHERE} is CREATING (waited 0h01m)",
+        f"{WHERE} is WAITING_FOR_RESOURCES (waited 0h02m)",
+        f"{WHERE} is PROVISIONING (waited 0h04m)",
+        f"{WHERE} is ACTIVE (waited 0h05m)",
+    ]
+
+
+def test_rerunning_the_job_waits_on_the_queued_request_instead_of_creating_another(
+    fake_gcloud,
+):
+    calls, _, _, error = fake_gcloud(
+        _queued_job(), resource=["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"]
+    )
+    assert error is None
+    assert calls == [
+        "describe:WAITING_FOR_RESOURCES",
+        "describe:PROVISIONING",
+        "describe:ACTIVE",
+        *STAGES,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("before", "failure"),
+    [(["SUSPENDED"], ""), (["FAILED"], "There is no more capacity in the zone")]
+    + [(["SUSPENDING", "SUSPENDED"], ""), (["DELETING", "GONE"], "")],
+)
+def test_a_suspended_failed_or_ending_request_is_queued_again(fake_gcloud, before, failure):
+    """SUSPENDED (a preempted spot slice) and FAILED: deleted and queued
+    again; SUSPENDING and DELETING are waited out first."""
+    calls, _, lines, error = fake_gcloud(
+        _queued_job(), resource=before, queue=[["WAITING_FOR_RESOURCES", "ACTIVE"]], failure=failure
+    )
+    assert error is None
+    ending = [f"describe:{before[0]}"] if len(before) > 1 else []
+    if before[-1] == "GONE":  # DELETING ends with no request: created, nothing to delete
+        gone = ["describe:NOT_FOUND", "create"]
+    else:
+        gone = [f"describe:{before[-1]}", "delete", "create"]
+    assert calls == [
+        *ending,
+        *gone,
+        "describe:WAITING_FOR_RESOURCES",
+        "describe:ACTIVE",
+        *STAGES,
+    ]
+    if failure:  # the reason gcloud gives is shown
+        assert f"{WHERE} is FAILED ({failure}): deleting it and queueing it again" in lines
+
+
+def test_a_request_made_meanwhile_by_another_run_is_waited_on(fake_gcloud):
+    """`create` answering ALREADY_EXISTS (another run queued the same name
+    between our describe and create): waited on, not an error."""
+    calls, _, _, error = fake_gcloud(_queued_job(), appears=[["PROVISIONING", "ACTIVE"]])
+    assert error is None
+    assert calls == [
+        "describe:NOT_FOUND",
+        "create:EXISTS",
+        "describe:PROVISIONING",
+        "describe:ACTIVE",
+        *STAGES,
+    ]
+
+
+def test_a_spot_request_preempted_mid_stage_is_queued_again_and_the_stage_resumes(
+    fake_gcloud,
+):
+    calls, _, _, error = fake_gcloud(
+        _queued_job(),
+        queue=[["CREATING", "ACTIVE"], ["WAITING_FOR_RESOURCES", "ACTIVE"]],
+        preempt="step2",
+    )
+    assert error is None
+    assert calls == [
+        "describe:NOT_FOUND",
+        "create",
+        "describe:CREATING",
+        "describe:ACTIVE",
+        "install",
+        "step1",
+        "step2",  # preempted: exit 255
+        "describe:SUSPENDING",
+        "describe:SUSPENDED",
+        "delete",
+        "create",
+        "describe:WAITING_FOR_RESOURCES",
+        "describe:ACTIVE",
+        "install",  # a new node: set up again
+        "step2",  # resumes from its checkpoint
+        "step3",
+        "evaluate",
+    ]
+
+
+def test_the_wait_for_a_queued_resource_is_bounded_and_keeps_the_request(fake_gcloud):
+    calls, sleeps, lines, error = fake_gcloud(
+        _queued_job(), resource=["WAITING_FOR_RESOURCES"], timeout_s=3600.0, poll_s=300.0
+    )
+    # Polled at 0, 300, ..., 3600 s; at 3600 s the timeout stops the job.
+    assert calls == ["describe:WAITING_FOR_RESOURCES"] * 13
+    assert sleeps == [300.0] * 12
+    assert error == (
+        f"{WHERE} is still WAITING_FOR_RESOURCES after 1h00m (--queued_timeout_hours): it "
+        "stays queued, and running the job again waits on it; `gcloud compute tpus "
+        "queued-resources delete lm --zone=us-central2-b --force` gives it up"
+    )
+    # A progress line at the first state, then every 10 minutes.
+    assert [line.rsplit("(", 1)[1] for line in _progress(lines)] == [
+        f"waited 0h{m:02d}m)" for m in (0, 10, 20, 30, 40, 50)
+    ]
+
+
+def test_a_request_this_run_queued_that_fails_stops_the_job_with_its_reason(fake_gcloud):
+    calls, _, _, error = fake_gcloud(
+        _queued_job(),
+        queue=[["CREATING", "FAILED"]],
+        failure="Invalid accelerator type v4-8 in zone us-central2-b",
+    )
+    assert calls == ["describe:NOT_FOUND", "create", "describe:CREATING", "describe:FAILED"]
+    assert error == f"{WHERE} FAILED: Invalid accelerator type v4-8 in zone us-central2-b"
+
+
+# --- Every command checked before anything runs --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        # The issue's command: one :article member, which the dry run passed.
+        (["--member=b7=gs://b/b7"], "glr2020_ensemble.py:article also has member(s)"),
+        (
+            [f"--member={n}=gs://b/{n}" for n in ARTICLE] + ["--recognition_solution=gs://b/r"],
+            "--recognition_solution with --member: configs/glr2020_ensemble.py evaluates "
+            "retrieval only",
+        ),
+    ],
+)
+def test_the_dry_run_refuses_members_or_solutions_the_evaluation_cannot_take(extra, message):
+    result = subprocess.run(
+        [sys.executable, "experiments/tpu_vm/tpu_job.py", "--recipe=glr2020", "--dry_run"]
+        + [*FLAGS, *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not result.stdout  # nothing printed as if it would run
+
+
+def test_member_names_select_one_ensemble_variant_or_are_refused():
+    released = ("b7_640", "b6_640", "b7_640_second", "b7_512")
+    assert tpu_job.ensemble_variant({n: "w" for n in released}) == "released"
+    assert tpu_job.ensemble_variant(ARTICLE) == "article"
+    with pytest.raises(
+        ValueError,
+        match=r"glr2020_ensemble.py:article also has member\(s\) "
+        r"\['b5_a', 'b5_b', 'b6'\]",
+    ):
+        tpu_job.ensemble_variant({"b7": "w"})  # the issue's --member=b7=...
+    with pytest.raises(
+        ValueError,
+        match=r"\['b7', 'b7_640'\] are not the members of one variant"
+        r".*:released has b6_640, b7_512, b7_640, b7_640_second; :article has "
+        r"b5_a, b5_b, b6, b7",
+    ):
+        tpu_job.ensemble_variant({"b7": "w", "b7_640": "w"})
+
+
+def test_check_command_runs_the_programs_parser_and_config_checks():
+    job = _job("glr2020", "v4-32")
+    tpu_job.check_commands(job)  # every stage and the evaluation, as built
+    tpu_job.check_commands(_job("glr2021", "v4-32", recognition_solution="gs://b/sol.csv"))
+    # The issue's failure: a member of another variant, caught before any training.
+    evaluate = [".venv/bin/python", "-m", "landmark_jax.evaluate"]
+    evaluate += ["--config=configs/glr2020_ensemble.py", "--workdir=gs://b/e"]
+    with pytest.raises(
+        ValueError,
+        match=r"^step 'evaluate' would fail on the workers: .* its config has no key 'b7' "
+        r"\(among --config.eval.ensemble.b7.workdir\)$",
+    ):
+        tpu_job.check_command(job, "evaluate", evaluate + ["--config.eval.ensemble.b7.workdir=w"])
+    # A typo, and a value the config checks refuse, each named.
+    train = tpu_job.train_argv(job, 1)
+    with pytest.raises(
+        ValueError, match=r"step 'full' .*no key 'lr' \(among .*--config.optimizer.lr\)"
+    ):
+        tpu_job.check_command(job, "full", train + ["--config.optimizer.lr=0.1"])
+    with pytest.raises(ValueError, match=r"step 'full' .*config.head.margin_type='arc'"):
+        tpu_job.check_command(job, "full", train + ["--config.head.margin_type=arc"])
+    # Batch 64 on a v4-256 (128 devices) would stop the stage at its start.
+    big = dataclasses.replace(job, accelerator_type="v4-256")
+    with pytest.raises(
+        ValueError,
+        match=r"config.batch_size=64 must be a positive multiple "
+        r"of the 128 devices",
+    ):
+        tpu_job.check_command(big, "clean", tpu_job.train_argv(big, 0))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "members", "recognition"),
+    [("glr2020", {}, False), ("glr2021", {}, True), ("glr2020", ARTICLE, False)],
+)
+def test_the_evaluate_command_says_whether_it_embeds_the_train_split(recipe, members, recognition):
+    """GLR2020 (retrieval) embeds only the index and test splits without a
+    recognition solution; GLR2021 (recognition) writes its submission, so
+    embeds the train split. The config the workers read says the same."""
+    from landmark_jax.retrieval import recognition_evaluation
+
+    variant = "article" if members else "released"
+    job = _job(recipe, "v4-8", members=dict(members), ensemble_variant=variant)
+    argv = tpu_job.evaluate_argv(job)
+    assert _flag(argv, "config.eval.recognition_submission") == str(recognition)
+    config = tpu_job.parse_program_flags(argv).config
+    assert recognition_evaluation.recognition_requested(config) is recognition
+    if not members:  # the recipe's own config, without the job's flag
+        name, arg = _flag(argv, "config").removeprefix("configs/").split(".py:")
+        assert load_config(name, arg).eval.recognition_submission is recognition
