@@ -335,7 +335,9 @@ if group == "queued-resources" and verb == "describe":
 elif group == "queued-resources" and verb == "create":
     if resource is None and s["appears"]:  # another run's request, made meanwhile
         resource = s["resource"] = {{"states": s["appears"].pop(0), "seen": None}}
-    if resource is not None:
+    if s["create_error"]:
+        rc, label = error("PERMISSION_DENIED", s["create_error"]), "create:DENIED"
+    elif resource is not None:
         rc, label = error("ALREADY_EXISTS", f"Resource '{{path}}' already exists"), "create:EXISTS"
     else:
         s["resource"] = {{"states": s["queue"].pop(0), "seen": None}}
@@ -383,6 +385,7 @@ def fake_gcloud(tmp_path, monkeypatch):
         appears=(),
         preempt=None,
         failure="",
+        create_error="",
         timeout_s=86400.0,
         poll_s=60.0,
     ):
@@ -394,6 +397,7 @@ def fake_gcloud(tmp_path, monkeypatch):
                     "appears": list(appears),
                     "preempt": preempt,
                     "failure": failure,
+                    "create_error": create_error,
                     "calls": [],
                 }
             )
@@ -684,3 +688,14 @@ def test_the_evaluate_command_says_whether_it_embeds_the_train_split(recipe, mem
     if not members:  # the recipe's own config, without the job's flag
         name, arg = _flag(argv, "config").removeprefix("configs/").split(".py:")
         assert load_config(name, arg).eval.recognition_submission is recognition
+
+
+def test_a_refused_queued_request_stops_the_job_with_gcloud_s_error(fake_gcloud):
+    calls, _, _, error = fake_gcloud(
+        _queued_job(), create_error="Permission 'tpu.queuedResources.create' denied"
+    )
+    assert calls == ["describe:NOT_FOUND", "create:DENIED"]
+    assert error == (
+        f"could not create {WHERE}: ERROR: (gcloud.compute.tpus.queued-resources.create) "
+        "PERMISSION_DENIED: Permission 'tpu.queuedResources.create' denied"
+    )

@@ -530,9 +530,15 @@ def _ensure_tpu(job: Job, run: Runner) -> bool:
     if current != "NOT_FOUND":
         logging.warning("TPU %s is %s: deleting it and creating it again", job.tpu, current)
         run(delete_command(job))
-    if run(create_command(job)).returncode != 0:
-        raise RuntimeError(f"could not create TPU {job.tpu} in {job.zone}")
+    result = run(create_command(job))
+    if result.returncode != 0:
+        raise RuntimeError(f"could not create TPU {job.tpu} in {job.zone}: {_said(result)}")
     return True
+
+
+def _said(result: subprocess.CompletedProcess) -> str:
+    """What a failed gcloud command said (_run captures it), for an error message."""
+    return (result.stderr or "").strip() or "see gcloud's output above"
 
 
 def queued_state(job: Job, run: Runner) -> tuple[str, str]:
@@ -609,8 +615,9 @@ def _ensure_queued(
                 state,
                 f" ({reason})" if reason else "",
             )
-            if run(delete_command(job)).returncode != 0:
-                raise RuntimeError(f"could not delete {where}; see gcloud's output above")
+            result = run(delete_command(job))
+            if result.returncode != 0:
+                raise RuntimeError(f"could not delete {where}: {_said(result)}")
             state = NOT_FOUND
         if state == NOT_FOUND:
             result = run(create_command(job))
@@ -622,9 +629,7 @@ def _ensure_queued(
                 # run of the job): it is waited on like ours.
                 logging.warning("%s exists already: waiting on it", where)
             else:
-                raise RuntimeError(
-                    f"could not create {where}: {(result.stderr or '').strip() or 'see above'}"
-                )
+                raise RuntimeError(f"could not create {where}: {_said(result)}")
         elif state not in QUEUED_WAITING + QUEUED_ENDING:
             logging.warning("%s is in an unknown state %s: waiting", where, state)
         if now - start >= timeout_s:
