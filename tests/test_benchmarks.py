@@ -94,6 +94,10 @@ def test_step_memory_small_head_split_and_largest_batch(tmp_path):
     (row,) = payload["rows"]
     assert row["per_image_mib"] > 0 and row["max_batch_per_device"] > 4
     assert row["peak_at_max_gib"] <= row["budget_gib"]
+    # The same step with and without model.remat='blocks', the saving its row's.
+    plain, remat = payload["remat_rows"]
+    assert (plain["remat"], remat["remat"]) == ("none", "blocks")
+    assert remat["saved_fraction"] == pytest.approx(1 - remat["peak_gib"] / plain["peak_gib"])
 
 
 def test_largest_batch_search_against_hand_computed_memory():

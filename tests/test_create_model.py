@@ -231,3 +231,55 @@ def test_drop_connect_rate_zero_makes_training_deterministic():
 
     assert np.abs(run(on, 0) - run(on, 1)).max() > 1e-4
     np.testing.assert_array_equal(run(off, 0), run(off, 1))
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_tiny", "resnet_tiny"])
+def test_remat_blocks_gives_the_same_training_step_with_blocks_recomputed(backbone):
+    """model.remat='blocks': the same variables, embedding, batch statistics and
+    gradients in training mode (drop-connect included: its masks come from
+    the same keys), and each backbone block is a jax.checkpoint (remat) in
+    the traced step, which is what lets XLA free its insides."""
+    from landmark_jax.models import layers
+
+    config = {"name": "global", "backbone": backbone, "embedding_dim": 16, "conv_lowering": "xla"}
+    plain = models.create_model({**config, "remat": "none"})
+    remat = models.create_model({**config, "remat": "blocks"})
+    images = jnp.asarray(np.random.default_rng(4).uniform(0, 255, (4, 32, 32, 3)), jnp.float32)
+    variables = plain.init(jax.random.PRNGKey(0), images)
+    shapes = jax.eval_shape(remat.init, jax.random.PRNGKey(0), images)
+    assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
+
+    def loss(params, model):
+        out, updates = model.apply(
+            {**variables, "params": params},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(1)},
+        )
+        return jnp.sum(out**2), (out, updates)
+
+    step = jax.value_and_grad(loss, has_aux=True)
+    (_, (want, stats_want)), grads_want = jax.jit(step, static_argnums=1)(
+        variables["params"], plain
+    )
+    (_, (got, stats_got)), grads_got = jax.jit(step, static_argnums=1)(variables["params"], remat)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(stats_got), jax.tree.leaves(stats_want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for g, h in zip(jax.tree.leaves(grads_got), jax.tree.leaves(grads_want), strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5 * float(jnp.abs(h).max()))
+    blocks = len(variables["params"]["backbone"]) - sum(
+        not name.startswith(("block", "conv2", "conv3", "conv4", "conv5"))
+        for name in variables["params"]["backbone"]
+    )
+
+    def rematerialised(model):
+        forward = jax.make_jaxpr(lambda p: loss(p, model))(variables["params"])
+        return sum("remat" in e.primitive.name for e in forward.jaxpr.eqns)
+
+    assert rematerialised(remat) == blocks > 0
+    assert rematerialised(plain) == 0
+    with pytest.raises(ValueError, match=r"model.remat='all'; valid: \('none', 'blocks'\)"):
+        models.create_model({**config, "remat": "all"})
+    assert layers.REMAT_MODES == ("none", "blocks")

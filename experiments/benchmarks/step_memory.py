@@ -10,6 +10,12 @@ bytes of its arguments, outputs and temporaries on one device. Two tables:
    a 16 GiB (TPU v3 core) and a 32 GiB (TPU v4 chip) device: memory is
    affine in the batch, so two compiles give the line and a third checks
    the prediction.
+3. The steps of GLR2020's S1 (B7, 512 px, 8 per device), its last stage
+   (B7, 736 px) and GLR2021's step 3 (DOLG-B5, 768 px) with and without
+   `model.remat='blocks'`. XLA's CPU backend barely shows remat's saving
+   (EfficientNet-B0 at 224 px, 8 images, bf16: temp 1,071 -> 1,055 MiB),
+   while a GPU or TPU compile schedules the recomputation late: take this
+   table from the accelerator.
 
     python experiments/benchmarks/step_memory.py --mode=full --output_dir=OUT
     python experiments/benchmarks/step_memory.py --mode=small   # CPU, seconds
@@ -34,7 +40,9 @@ from landmark_jax import sharding, train_steps
 GIB = 1 << 30
 
 
-def compiled_bytes(row: Row, mesh, num_classes: int, dtype: str, **head: Any) -> dict[str, int]:
+def compiled_bytes(
+    row: Row, mesh, num_classes: int, dtype: str, remat: str = "none", **head: Any
+) -> dict[str, int]:
     """Per-device bytes of the compiled train step of `row` (nothing allocated).
 
     Args:
@@ -42,6 +50,7 @@ def compiled_bytes(row: Row, mesh, num_classes: int, dtype: str, **head: Any) ->
       mesh: the device mesh.
       num_classes: classes of the head.
       dtype: the model's compute dtype.
+      remat: model.remat ('none' or 'blocks').
       **head: config.head overrides (num_subcenters, shard_classes).
 
     Returns:
@@ -51,6 +60,7 @@ def compiled_bytes(row: Row, mesh, num_classes: int, dtype: str, **head: Any) ->
     # XLA's own convolutions, as on an accelerator: the CPU default (im2col)
     # would count its k x k patch buffers, which a TPU or GPU never holds.
     config = project_config(row, num_classes, dtype, conv_lowering="xla")
+    config.model.remat = remat
     for key, value in head.items():
         config.head[key] = value
     program = train_steps.build_program(config, mesh, synthetic_label_map(num_classes))
@@ -91,6 +101,30 @@ def head_rows(row: Row, mesh, num_classes: int, subcenters: int, dtype: str) -> 
             }
         )
     return rows
+
+
+def remat_rows(rows: list[tuple[Row, int]], mesh, dtype: str) -> list[dict]:
+    """Each row's step with and without model.remat='blocks' (num_classes each)."""
+    out = []
+    for row, num_classes in rows:
+        peaks = {}
+        for remat in ("none", "blocks"):
+            got = compiled_bytes(row, mesh, num_classes, dtype, remat=remat)
+            peaks[remat] = got["peak"]
+            out.append(
+                {
+                    "table": "remat",
+                    "config": row.config,
+                    "backbone": row.backbone,
+                    "image_size": row.image_size,
+                    "batch_per_device": row.batch_size // mesh.devices.size,
+                    "remat": remat,
+                    "temp_gib": got["temp"] / GIB,
+                    "peak_gib": got["peak"] / GIB,
+                }
+            )
+        out[-1]["saved_fraction"] = 1 - peaks["blocks"] / peaks["none"]
+    return out
 
 
 def max_batch_rows(row: Row, mesh, num_classes: int, dtype: str, budgets_gib) -> list[dict]:
@@ -170,30 +204,55 @@ def run(mode: str, output_dir: str | None = None, tables=("head", "max_batch")) 
         b7 = Row("glr2020_retrieval.py:clean", "efficientnet_b7", 512, devices, None)
         head = lambda: head_rows(head_row, mesh, 203_094, 3, dtype)  # noqa: E731
         max_batch = lambda: max_batch_rows(b7, mesh, 81_313, dtype, (16, 32))  # noqa: E731
+        # GLR2020's S1 batch (8 per core) at its first and last sizes, and
+        # GLR2021's step 3 (768 px).
+        remat = lambda: remat_rows(  # noqa: E731
+            [
+                (
+                    Row("glr2020_retrieval.py:clean", "efficientnet_b7", 512, 8 * devices, None),
+                    81_313,
+                ),
+                (
+                    Row("glr2020_retrieval.py:full736", "efficientnet_b7", 736, 4 * devices, None),
+                    203_094,
+                ),
+                (Row("glr2021_dolg.py:step3", "efficientnet_b5", 768, 4 * devices, None), 81_313),
+            ],
+            mesh,
+            dtype,
+        )
     else:
         # The GLR2021 head on the demo's small backbone: the head's share shows.
         head_row = Row("demo.py:smoke", "resnet_tiny", 32, 2 * devices, None)
         head = lambda: head_rows(head_row, mesh, 203_094, 3, dtype)  # noqa: E731
         max_batch = lambda: max_batch_rows(head_row, mesh, 1000, dtype, (0.0625,))  # noqa: E731
+        remat = lambda: remat_rows([(head_row, 1000)], mesh, dtype)  # noqa: E731
     rows = (head() if "head" in tables else []) + (max_batch() if "max_batch" in tables else [])
+    rows += remat() if "remat" in tables else []
     head_columns = ["backbone", "classes", "head_split", "global_batch", "argument_gib"]
     head_columns += ["temp_gib", "peak_gib"]
     batch_columns = ["backbone", "image_size", "budget_gib", "fixed_gib", "per_image_mib"]
     batch_columns += ["max_batch_per_device", "peak_at_max_gib", "compiles"]
+    remat_columns = ["config", "backbone", "image_size", "batch_per_device", "remat"]
+    remat_columns += ["temp_gib", "peak_gib", "saved_fraction"]
     print(bench_report.format_table([r for r in rows if r["table"] == "head"], head_columns))
+    print(bench_report.format_table([r for r in rows if r["table"] == "remat"], remat_columns))
     return bench_report.report(
         "step_memory",
         [r for r in rows if r["table"] == "max_batch"],
         batch_columns,
         output_dir,
         head_rows=[r for r in rows if r["table"] == "head"],
+        remat_rows=[r for r in rows if r["table"] == "remat"],
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("small", "full"), default="small")
-    parser.add_argument("--tables", default="head,max_batch", help="head, max_batch or both")
+    parser.add_argument(
+        "--tables", default="head,max_batch,remat", help="any of head, max_batch, remat"
+    )
     parser.add_argument("--output_dir", default=os.environ.get("OUT"))
     args = parser.parse_args(argv)
     return run(args.mode, args.output_dir, tuple(args.tables.split(",")))

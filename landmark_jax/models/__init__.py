@@ -49,6 +49,10 @@ The input convention of the weights, and how the model trains:
                    convolutions stay XLA's, 'im2col' lowers them too: 2-6x
                    an EfficientNet's rate), XLA's convolution on TPUs and
                    GPUs
+    remat          'none' | 'blocks': each backbone block recomputed in the
+                   backward pass, keeping only its input (layers.REMAT_MODES);
+                   the same weights and gradients, less activation memory
+                   for about one more forward pass of compute
 
 `resolve_model_config` replaces each None by the value it stands for, so a
 resolved config (what a run writes to its config.json, see run_config.py)
@@ -86,6 +90,7 @@ _BACKBONE_OPTIONS: dict[str, tuple[Any, type]] = {
     "drop_connect_rate": (None, float),
     "batch_norm": ("batch", str),
     "conv_lowering": ("auto", str),
+    "remat": ("none", str),
 }
 
 # Defaults follow the published recipes: GLR2020 1st place (EfficientNet-B7,
@@ -275,6 +280,8 @@ def _resolve_backbone_options(cfg: dict[str, Any]) -> None:
         raise ValueError(
             f"model.batch_norm={cfg['batch_norm']!r}; valid: {layers.BATCH_NORM_MODES}"
         )
+    if cfg["remat"] not in layers.REMAT_MODES:
+        raise ValueError(f"model.remat={cfg['remat']!r}; valid: {layers.REMAT_MODES}")
 
 
 def create_model(model_config: Any) -> nn.Module:
@@ -302,6 +309,7 @@ def create_model(model_config: Any) -> nn.Module:
         "dtype": dtype,
         "batch_norm": cfg["batch_norm"],
         "conv_lowering": cfg["conv_lowering"],
+        "remat": cfg["remat"],
     }
     if cfg["padding"] is not None:
         options["padding"] = cfg["padding"]

@@ -192,6 +192,8 @@ class EfficientNet(nn.Module):
         training, or the moving statistics ('frozen').
       conv_lowering: a key of `conv_lowering.CONV_LOWERINGS`: XLA's
         convolution or im2col + matmul ('auto': im2col on a CPU).
+      remat: a key of `layers.REMAT_MODES`: 'blocks' recomputes each MBConv
+        block in the backward pass instead of keeping its activations.
       input_scale: per-channel factor of the first op, `x * scale + offset`.
       input_offset: per-channel offset of that op.
       dtype: computation dtype.
@@ -212,6 +214,7 @@ class EfficientNet(nn.Module):
     bn_epsilon: float = 1e-3
     batch_norm: str = "batch"
     conv_lowering: str = "auto"
+    remat: str = "none"
     input_scale: tuple[float, float, float] = input_normalization.IMAGENET_SCALE
     input_offset: tuple[float, float, float] = input_normalization.IMAGENET_OFFSET
     dtype: Any = jnp.float32
@@ -300,10 +303,11 @@ class EfficientNet(nn.Module):
 
         stride_after = {i: s for s, i in self._stage_strides()}
         features = {}
+        block = layers.rematerialised(MBConvBlock, self.remat, static_argnums=(2,))
         for index, spec in enumerate(self.block_specs()):
-            x = MBConvBlock(
+            x = block(
                 spec, conv=conv, norm=norm, act=self.act, padding=self.padding, name=spec.name
-            )(x, train=train)
+            )(x, train)
             if index in stride_after:  # a later stage at the same stride overwrites
                 features[f"stride_{stride_after[index]}"] = x
         x = conv(self._filters(self.top_filters), (1, 1), name="top_conv")(x)

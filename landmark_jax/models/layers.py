@@ -60,6 +60,37 @@ def use_running_average(train: bool, batch_norm: str) -> bool:
     return not train or batch_norm == "frozen"
 
 
+# Rematerialisation of the backbone's blocks (model.remat): 'none' keeps every
+# activation for the backward pass; 'blocks' keeps only each block's input and
+# recomputes the block's insides in the backward pass (jax.checkpoint with the
+# nothing_saveable policy), trading about one more forward pass for memory.
+REMAT_MODES = ("none", "blocks")
+
+
+def rematerialised(block: type[nn.Module], remat: str, static_argnums: tuple[int, ...] = ()):
+    """`block`, or `nn.remat(block)` saving nothing inside it, by mode.
+
+    Args:
+      block: a block module class.
+      remat: a key of REMAT_MODES.
+      static_argnums: the positions of `__call__`'s Python arguments (self
+        is 0), e.g. (2,) for `__call__(self, x, train)`.
+
+    Returns:
+      The class to instantiate; the same parameter names either way.
+
+    Raises:
+      ValueError: an unknown mode, listing the valid ones.
+    """
+    if remat not in REMAT_MODES:
+        raise ValueError(f"unknown remat mode {remat!r}; valid: {REMAT_MODES}")
+    if remat == "none":
+        return block
+    return nn.remat(
+        block, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=static_argnums
+    )
+
+
 # Floor on the norm in l2_normalize, as torch.nn.functional.normalize (eps=1e-12).
 NORM_EPS = 1e-12
 

@@ -72,6 +72,9 @@ class ResNet(nn.Module):
         training, or the moving statistics ('frozen').
       conv_lowering: a key of `conv_lowering.CONV_LOWERINGS`: XLA's
         convolution or im2col + matmul ('auto': im2col on a CPU).
+      remat: a key of `layers.REMAT_MODES`: 'blocks' recomputes each
+        bottleneck block in the backward pass instead of keeping its
+        activations.
       input_scale: per-channel factor of the first op, `x * scale + offset`.
       input_offset: per-channel offset of that op.
       dtype: computation dtype.
@@ -86,6 +89,7 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1.001e-5
     batch_norm: str = "batch"
     conv_lowering: str = "auto"
+    remat: str = "none"
     input_scale: tuple[float, float, float] = input_normalization.IMAGENET_SCALE
     input_offset: tuple[float, float, float] = input_normalization.IMAGENET_OFFSET
     dtype: Any = jnp.float32
@@ -142,9 +146,10 @@ class ResNet(nn.Module):
         # Zero padding equals -inf padding here: the input is post-ReLU.
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        block = layers.rematerialised(BottleneckBlock, self.remat)
         for i, num_blocks in enumerate(self.stage_sizes):
             for j in range(num_blocks):
-                x = BottleneckBlock(
+                x = block(
                     filters=self.width * 2**i,
                     strides=2 if i > 0 and j == 0 else 1,
                     conv_shortcut=j == 0,
