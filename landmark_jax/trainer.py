@@ -192,6 +192,8 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
 
     # --- Model, head, loss constants, optimizer and the jitted steps ---------
     program = train_steps.build_program(config, mesh, label_map)
+    # A step the devices cannot hold stops here, naming the keys to change.
+    train_steps.check_step_fits(program, config, mesh)
     backbone_variables = (
         backbone_checkpoint.load_backbone_checkpoint(config.init.backbone)
         if config.init.backbone

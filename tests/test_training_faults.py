@@ -448,3 +448,23 @@ def test_train_program_prints_one_line_when_the_disk_is_full(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no space left on the disk of /w/checkpoints: the step-5")
     assert "Traceback" not in result.stderr
+
+
+def test_a_step_the_device_cannot_hold_stops_before_training(demo, tmp_path, monkeypatch):
+    """Where a device reports its memory (TPU, GPU): the compiled step's peak
+    against it, before any step runs; the advice's keys make it fit."""
+    from landmark_jax import train_steps
+
+    workdir = str(tmp_path / "run")
+    monkeypatch.setattr(train_steps, "device_memory_limit", lambda: 1 << 20)  # 1 MiB
+    config = config_for(demo["full"], total_steps=2)
+    with pytest.raises(
+        ValueError, match=r"needs about [\d.]+ GiB per device .* holds 0.00 GiB"
+    ) as e:
+        trainer.train_and_evaluate(config, workdir)
+    assert "config.batch_size (now 16, 2 per device)" in str(e.value)
+    assert "model.remat='blocks'" in str(e.value)
+    assert checkpointing.saved_steps(workdir) == []
+    monkeypatch.setattr(train_steps, "device_memory_limit", lambda: 64 << 30)
+    trainer.train_and_evaluate(config, workdir)
+    assert checkpointing.saved_steps(workdir) == [2]
