@@ -27,6 +27,17 @@ count, num_clean, train_val_count, train_val_clean; see
 landmark_jax.data_format.read_label_map), the images skipped with
 `skip_bad_images`, and what the build read.
 
+EXIF orientation (`exif_orientation`, off by default): TF's JPEG decoder, the
+input pipeline's and GLR2020's notebooks', ignores the EXIF Orientation tag;
+`cv2.imread`, the reader of GLR2021 (Henkel's data/ch_ds_1.py) and of the
+official DOLG code (training and evaluation), applies it. A build made with
+`gldv2/clean/exif_orientation=True` (TFDS's name keywords; the build folder
+is then `clean_exif`) stores every tagged image upright, once, as cv2 would
+have shown it (image_encoding.encode_image), so training and evaluation see
+what those recipes saw. Default off: the stored pixels, as GLR2020's TF
+decoding saw them, every RGB JPEG byte for byte. How many GLDv2 files carry
+a tag other than 1 is not known here.
+
 Nothing is dropped silently: a missing or undecodable image stops the build
 with its path, unless `skip_bad_images`, which lists every skipped image in
 the metadata. Images are encoded by `num_workers` processes (one per core by
@@ -42,6 +53,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -70,6 +82,9 @@ class Gldv2Config(tfds.core.BuilderConfig):
       val_fraction: fraction of each class's clean images held out as `val`.
       seed: seed of the validation split.
       jpeg_quality: quality of re-encoded (not RGB JPEG) images.
+      exif_orientation: store EXIF-oriented images upright (as cv2.imread
+        reads them: GLR2021's and DOLG's readers); False: as stored (TF's
+        decoding: GLR2020's). See the module docstring.
     """
 
     train_images: str = "all"
@@ -77,6 +92,7 @@ class Gldv2Config(tfds.core.BuilderConfig):
     val_fraction: float = 0.02
     seed: int = 0
     jpeg_quality: int = 95
+    exif_orientation: bool = False
 
 
 def landmark_features() -> tfds.features.FeaturesDict:
@@ -101,12 +117,36 @@ def _set_class_names(label: tfds.features.ClassLabel, names: list[str]) -> None:
     label.names = names
 
 
-def _beam_encode_chunk(path: str, jpeg_quality: int) -> Iterator[tuple[str, dict]]:
+def _beam_encode_chunk(
+    path: str, jpeg_quality: int, exif_orientation: bool = False
+) -> Iterator[tuple[str, dict]]:
     """A Beam worker: reads one plan file and encodes its images."""
     for line in file_io.read_text(path).splitlines():
         example = Example(**json.loads(line))
-        image_id, features, _ = image_encoding.example_features(example, jpeg_quality, False)
+        image_id, features, _ = image_encoding.example_features(
+            example, jpeg_quality, False, exif_orientation
+        )
         yield image_id, features
+
+
+def _exif_config(config: Any, configs: dict, default: tfds.core.BuilderConfig) -> Gldv2Config:
+    """The config (a name, a Gldv2Config or None: the default) with EXIF
+    orientation applied, named `<name>_exif` so that its build has a folder of
+    its own."""
+    if config is None:
+        config = default
+    elif isinstance(config, str):
+        if config not in configs:
+            raise ValueError(f"gldv2: no config {config!r}; expected one of {sorted(configs)}")
+        config = configs[config]
+    if config.exif_orientation:
+        return config
+    return dataclasses.replace(
+        config,
+        name=f"{config.name}_exif",
+        description=f"{config.description} (EXIF orientation applied)",
+        exif_orientation=True,
+    )
 
 
 class Gldv2(tfds.core.GeneratorBasedBuilder):
@@ -135,16 +175,32 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
     test.csv and the train/, index/, test/ trees of a/b/c/<id>.jpg.
     """
 
-    def __init__(self, *, skip_bad_images: bool = False, num_workers: int | None = None, **kwargs):
-        """As tfds.core.GeneratorBasedBuilder, plus two build options.
+    def __init__(
+        self,
+        *,
+        skip_bad_images: bool = False,
+        num_workers: int | None = None,
+        exif_orientation: bool = False,
+        **kwargs,
+    ):
+        """As tfds.core.GeneratorBasedBuilder, plus three build options.
 
         Args:
           skip_bad_images: leave out missing and undecodable images, listed in
             the metadata's `skipped_images`, instead of stopping the build.
           num_workers: processes encoding images (default: one per core; 1
             for an in-memory ram:// data dir).
+          exif_orientation: build the config's `_exif` variant, its
+            EXIF-oriented images stored upright (see the module docstring).
           **kwargs: tfds.core.GeneratorBasedBuilder's (data_dir, config, ...).
+
+        Raises:
+          ValueError: exif_orientation with an unknown config name.
         """
+        if exif_orientation:
+            kwargs["config"] = _exif_config(
+                kwargs.get("config"), self.builder_configs, self.default_builder_config
+            )
         super().__init__(**kwargs)
         self._skip_bad_images = skip_bad_images
         self._num_workers = num_workers
@@ -246,6 +302,7 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
             image_encoding.example_features,
             jpeg_quality=self.settings.jpeg_quality,
             skip_bad_images=self._skip_bad_images,
+            exif_orientation=self.settings.exif_orientation,
         )
         results = worker_processes.map_in_order(
             encode,
@@ -277,7 +334,11 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
         return (
             beam.Create(paths)
             | beam.Reshuffle()
-            | beam.FlatMap(_beam_encode_chunk, jpeg_quality=self.settings.jpeg_quality)
+            | beam.FlatMap(
+                _beam_encode_chunk,
+                jpeg_quality=self.settings.jpeg_quality,
+                exif_orientation=self.settings.exif_orientation,
+            )
         )
 
     # ----------------------------------------------------------- the build
@@ -342,6 +403,9 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
                     "val_fraction": cfg.val_fraction,
                     "seed": cfg.seed,
                     "jpeg_quality": cfg.jpeg_quality,
+                    # Recorded when on; absent: the pixels as stored (as
+                    # every build before the option).
+                    **({"exif_orientation": True} if cfg.exif_orientation else {}),
                 },
             }
         )

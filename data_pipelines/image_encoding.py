@@ -4,6 +4,16 @@ processes and Beam workers).
 Kept apart from the builders so that workers import only this module, PIL
 and the file layer. Paths may be local or URLs (gs://): images are read
 through `landmark_jax.file_io`.
+
+EXIF orientation: a camera may store its pixels as the sensor read them and
+record in the EXIF `Orientation` tag (values 1-8) how to turn them upright.
+TF's JPEG decoding, which the input pipeline uses (and GLR2020's notebooks
+used), ignores the tag; `cv2.imread`, which GLR2021's (Henkel's
+data/ch_ds_1.py) and DOLG's readers use (datasets/commondataset.py,
+evaler/infer.py), applies it; PIL's `Image.open(...).convert('RGB')`,
+cirtorch's reader, does not. `encode_image(..., exif_orientation=True)`
+applies it once, at build time, so that every later decoding sees the image
+upright, as cv2 would have shown it.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data_pipelines.landmark_examples import Example
 from landmark_jax import file_io
@@ -43,7 +53,18 @@ def _to_8_bit(image: Image.Image, path: str) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))  # mode L
 
 
-def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
+# The EXIF tag that says how to turn the stored pixels upright (1: as stored).
+_ORIENTATION_TAG = 0x0112
+_ROTATED_ORIENTATIONS = range(2, 9)
+
+
+def exif_orientation_of(image: Image.Image) -> int:
+    """An opened image's EXIF orientation, 1 (as stored) when absent or invalid."""
+    value = image.getexif().get(_ORIENTATION_TAG, 1)
+    return value if value in _ROTATED_ORIENTATIONS else 1
+
+
+def encode_image(path: str, jpeg_quality: int = 95, exif_orientation: bool = False) -> bytes:
     """Returns 3-channel JPEG bytes for an image file, checking it decodes.
 
     RGB JPEGs are returned byte for byte (no second lossy compression); other
@@ -54,6 +75,11 @@ def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
     Args:
       path: the image file.
       jpeg_quality: quality for re-encoded images.
+      exif_orientation: turn an image whose EXIF orientation is 2-8 upright
+        (flipped and/or rotated as the tag says, as cv2.imread does) and
+        re-encode it (one more JPEG generation, at jpeg_quality, 4:4:4);
+        an image without the tag, or with 1, is stored as without the
+        option. False: the pixels as stored, what TF's decoder shows.
 
     Returns:
       JPEG bytes.
@@ -65,13 +91,16 @@ def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
     data = file_io.read_bytes(path)
     try:
         image = Image.open(io.BytesIO(data))
-        if image.format == "JPEG" and image.mode == "RGB":
+        orientation = exif_orientation_of(image) if exif_orientation else 1
+        if image.format == "JPEG" and image.mode == "RGB" and orientation == 1:
             # Decoding at 1/8 scale still entropy-decodes the whole file, so a
             # truncated or corrupt JPEG fails here, at a fraction of the cost.
             image.draft("RGB", (image.width // 8 + 1, image.height // 8 + 1))
             image.load()
             return data
         image.load()
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
         image = _to_8_bit(image, path)
         if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
             # Composite on white rather than letting transparent pixels turn black.
@@ -88,7 +117,9 @@ def encode_image(path: str, jpeg_quality: int = 95) -> bytes:
         raise BadImageError(f"{path}: cannot decode image ({e})") from None
 
 
-def example_features(example: Example, jpeg_quality: int, skip_bad_images: bool):
+def example_features(
+    example: Example, jpeg_quality: int, skip_bad_images: bool, exif_orientation: bool = False
+):
     """One example's TFDS features, or why it was skipped.
 
     Args:
@@ -96,6 +127,7 @@ def example_features(example: Example, jpeg_quality: int, skip_bad_images: bool)
       jpeg_quality: quality of re-encoded images.
       skip_bad_images: return the reason for an undecodable image instead of
         raising.
+      exif_orientation: turn EXIF-oriented images upright (encode_image).
 
     Returns:
       (image_id, features dict or None, reason or None).
@@ -104,7 +136,7 @@ def example_features(example: Example, jpeg_quality: int, skip_bad_images: bool)
       BadImageError: an undecodable image, unless skip_bad_images.
     """
     try:
-        encoded = encode_image(example.path, jpeg_quality)
+        encoded = encode_image(example.path, jpeg_quality, exif_orientation)
     except BadImageError as e:
         if not skip_bad_images:
             raise

@@ -687,3 +687,121 @@ def test_describe_reads_a_training_batch(full):
     assert lines[0] == f"build: {full} (gldv2/full_val{VAL_FRACTION:g}/1.0.0)"
     assert f"  nonlandmark: {NUM_NONLANDMARK:>11,d} examples in 2 shard files" in lines
     assert lines[-1].startswith("  train batch on 8 cpu device(s): image uint8[8, 24, 24, 3]")
+
+
+# ------------------------------------------------------- EXIF orientation
+
+# What each EXIF orientation asks of the stored pixels to show them upright
+# (the TIFF/EXIF definitions, written out with numpy): (stored -> upright).
+_UPRIGHT = {
+    1: lambda s: s,
+    2: lambda s: s[:, ::-1],  # mirrored left-right
+    3: lambda s: s[::-1, ::-1],  # rotated 180
+    4: lambda s: s[::-1],  # mirrored top-bottom
+    5: lambda s: s.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda s: np.rot90(s, -1),  # turned 90 degrees clockwise
+    7: lambda s: s[::-1, ::-1].transpose(1, 0, 2),  # along the anti-diagonal
+    8: lambda s: np.rot90(s, 1),  # turned 90 degrees counter-clockwise
+}
+# Its inverse: the pixels a camera stores for an upright picture.
+_STORED = {
+    1: lambda u: u,
+    2: lambda u: u[:, ::-1],
+    3: lambda u: u[::-1, ::-1],
+    4: lambda u: u[::-1],
+    5: lambda u: u.transpose(1, 0, 2),
+    6: lambda u: np.rot90(u, 1),
+    7: lambda u: u[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda u: np.rot90(u, -1),
+}
+
+
+def _upright_picture() -> np.ndarray:
+    """32x48 RGB, four flat quadrants of different colours: any flip or turn
+    moves a colour to another corner, by ~150 grey levels. Their edges lie on
+    JPEG's 8x8 blocks in every orientation, so the codec adds little."""
+    picture = np.zeros((32, 48, 3), np.uint8)
+    picture[:16, :24] = (200, 30, 30)
+    picture[:16, 24:] = (30, 200, 30)
+    picture[16:, :24] = (30, 30, 200)
+    picture[16:, 24:] = (220, 220, 40)
+    return picture
+
+
+def _oriented_jpeg(path, stored: np.ndarray, orientation: int | None) -> None:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(
+        path, format="JPEG", quality=100, subsampling=0, exif=exif.tobytes()
+    )
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    # TF's decoder, the pipeline's: it never applies EXIF orientation itself.
+    return tf.io.decode_jpeg(data, channels=3).numpy().astype(float)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_the_stored_pixels_upright(orientation, tmp_path):
+    upright = _upright_picture()
+    assert np.array_equal(_UPRIGHT[orientation](_STORED[orientation](upright)), upright)
+    stored = _STORED[orientation](upright)
+    path = str(tmp_path / f"o{orientation}.jpg")
+    _oriented_jpeg(path, stored, orientation)
+
+    turned = _decoded(image_encoding.encode_image(path, exif_orientation=True))
+    assert turned.shape == upright.shape  # 32x48 again for 5-8 (stored 48x32)
+    assert np.abs(turned - upright).max() <= 4, np.abs(turned - upright).max()
+    # Without the option the file is stored as it is: TF shows the stored pixels.
+    raw = image_encoding.encode_image(path)
+    assert raw == open(path, "rb").read()
+    np.testing.assert_array_equal(_decoded(raw), _decoded(open(path, "rb").read()))
+    if orientation != 1:
+        assert np.abs(_decoded(raw) - _UPRIGHT[1](stored)).max() < 12
+        assert turned.shape != stored.shape or np.abs(turned - stored).max() > 100
+    else:  # orientation 1 (as stored) keeps the file byte for byte
+        assert image_encoding.encode_image(path, exif_orientation=True) == raw
+
+
+def test_exif_orientation_leaves_untagged_and_other_images_as_they_are(tmp_path):
+    upright = _upright_picture()
+    plain = str(tmp_path / "plain.jpg")
+    _oriented_jpeg(plain, upright, None)
+    assert image_encoding.encode_image(plain, exif_orientation=True) == open(plain, "rb").read()
+    # A grayscale JPEG turned 90 degrees: converted to RGB and turned upright.
+    gray = str(tmp_path / "gray.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(_STORED[6](upright)[..., 0])).save(
+        gray, format="JPEG", quality=100, exif=exif.tobytes()
+    )
+    turned = _decoded(image_encoding.encode_image(gray, exif_orientation=True))
+    assert np.abs(turned[..., 0] - upright[..., 0]).max() < 12
+
+
+def test_a_build_with_exif_orientation_stores_tagged_images_upright(tmp_path):
+    """`gldv2/clean/exif_orientation=True` (the --dataset value): its own
+    folder, the tagged image upright, every other RGB JPEG byte for byte."""
+    root = str(tmp_path / "raw")
+    ids = tiny_gldv2.make_tiny_gldv2(root, num_landmarks=2, num_index=1, num_test=1)
+    turned_id = sorted(ids["clean"])[0]
+    path = tiny_gldv2.image_path(root, "train", turned_id)
+    upright = np.asarray(Image.open(path).convert("RGB"))
+    _oriented_jpeg(path, _STORED[6](upright), 6)  # as a camera held sideways stores it
+
+    out = build(
+        "gldv2/clean/exif_orientation=True", str(tmp_path / "tfds"), root, val_fraction=0.0
+    )
+    # val_fraction 0 names the folder clean_val0 (build_dataset), and EXIF adds _exif.
+    assert out.endswith(os.path.join("gldv2", "clean_val0_exif", "1.0.0"))
+    assert metadata(out)["source"]["exif_orientation"] is True
+    rows = {r["id"]: r["image"] for r in read_records(out, "train")}
+    assert sorted(rows) == sorted(ids["clean"])
+    turned = _decoded(rows[turned_id])
+    assert turned.shape == upright.shape  # stored sideways, now upright
+    # The source JPEG's own codec error, plus one re-encoding at quality 95.
+    assert np.abs(turned - upright).mean() < 3, np.abs(turned - upright).mean()
+    for image_id, data in rows.items():
+        if image_id != turned_id:
+            assert data == open(tiny_gldv2.image_path(root, "train", image_id), "rb").read()
