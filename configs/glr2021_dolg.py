@@ -84,6 +84,10 @@ def get_config(arg: str = "step1"):
     config.model.drop_connect_rate = 0.0  # timm features_only, no drop_path_rate
     config.model.batch_norm = "batch"
     config.image_size = image_size
+    # 64 = the reference's 8 GPUs x 8. On other hardware the trainer compiles
+    # the step before training and, if a device cannot hold it, stops naming
+    # batch_size and model.remat ('blocks' recomputes each backbone block;
+    # experiments/benchmarks/step_memory.py's remat table, run on the device).
     config.batch_size = 64
     config.total_steps = 250_000
     config.log_every_steps = 100
