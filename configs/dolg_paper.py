@@ -71,6 +71,10 @@ Where it differs, and why:
   official random-resized crop (area 0.08-1) + flip + PCA lighting noise.
 - ImageNet weights from Keras's ResNet (caffe-style BGR input), not the
   pycls R-101-1x64d checkpoint the authors started from.
+- Images decoded by TF, which ignores EXIF orientation; the official code
+  reads with cv2.imread, which applies it. For its training images, build
+  `gldv2/clean/exif_orientation=True` (gldv2_builder) and point data_dir at
+  that build; the Revisited builds keep the stored pixels.
 Expect the figures above as the target, not a prediction, until these are
 closed. Append `,smoke` (`:r50,smoke`) for a seconds-long run on the demo data.
 """

@@ -53,6 +53,10 @@ released `.h5`); every later stage inherits it from the previous stage's
 config.json, and evaluation rebuilds each stage's model from its own
 config.json, so no flag is repeated.
 
+Images are decoded as stored: TF's decode_jpeg, the notebooks' as this
+pipeline's, ignores EXIF orientation, so the builds are made without
+`exif_orientation` (gldv2_builder; GLR2021's cv2 reader applies it).
+
 DATA_CLEAN is the `gldv2/clean` TFDS build (`python -m
 data_pipelines.build_dataset --dataset=gldv2/clean --manual_dir=GLDV2
 --data_dir=TFDS`, then TFDS/gldv2/clean), DATA_FULL the `gldv2/full` build
