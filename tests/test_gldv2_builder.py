@@ -790,9 +790,7 @@ def test_a_build_with_exif_orientation_stores_tagged_images_upright(tmp_path):
     upright = np.asarray(Image.open(path).convert("RGB"))
     _oriented_jpeg(path, _STORED[6](upright), 6)  # as a camera held sideways stores it
 
-    out = build(
-        "gldv2/clean/exif_orientation=True", str(tmp_path / "tfds"), root, val_fraction=0.0
-    )
+    out = build("gldv2/clean/exif_orientation=True", str(tmp_path / "tfds"), root, val_fraction=0.0)
     # val_fraction 0 names the folder clean_val0 (build_dataset), and EXIF adds _exif.
     assert out.endswith(os.path.join("gldv2", "clean_val0_exif", "1.0.0"))
     assert metadata(out)["source"]["exif_orientation"] is True
