@@ -6,10 +6,12 @@ r"""Evaluates a trained workdir: a thin entry point around retrieval.evaluation.
 The model is rebuilt from DIR/config.json (its input convention included);
 the command line contributes `data_dir` and `eval.*`, and a
 `--config.model.*` flag that disagrees with DIR/config.json is an error.
-Embeds the `index` and `test` splits of config.data_dir (and `train` for
-recognition), searches k=100 neighbours, and writes DIR/eval/metrics.json
-(`map@100`, `gap`), retrieval_submission.csv, recognition_submission.csv and
-gallery.png. An ensemble is configured in config.eval.ensemble.
+Embeds the `index` and `test` splits of config.data_dir (and `train` only
+when recognition is scored or written: eval.recognition_solution or
+eval.recognition_submission), searches k=100 neighbours, and writes
+DIR/eval/metrics.json (`map@100`, and `gap` with a recognition solution),
+retrieval_submission.csv, recognition_submission.csv (when recognition runs)
+and gallery.png. An ensemble is configured in config.eval.ensemble.
 
 Multi-host: the same flags as train.py (--coordinator_address,
 --num_processes, --process_id, or --tpu_pod); every process takes part in
