@@ -57,6 +57,7 @@ class PreemptionNotice:
         self._manager = manager
         self._received = threading.Event()
         self._previous: Any = None
+        self._checks = 0  # ids reported to JAX's preemption sync point
         # signal.signal works only in the main thread; elsewhere (a test
         # runner's worker thread) SIGTERM keeps its default meaning.
         self._own_handler = (
@@ -76,15 +77,29 @@ class PreemptionNotice:
         del signum, frame  # only the fact matters; the loop acts on it
         self._received.set()
 
+    def _agreed(self) -> bool:
+        """JAX's preemption sync point, counted in checks rather than steps.
+
+        Its protocol takes the largest id any process has reported, plus
+        one, as the point where all of them stop; so every process must ask
+        at every id in the same order. Training steps and validation batches
+        are asked about in the same sequence on every process (they are
+        collective computations), so one counter over both serves.
+        """
+        self._checks += 1
+        return bool(self._manager.reached_preemption(self._checks))
+
     def received(self) -> bool:
-        """True once SIGTERM arrived on a single process: checked inside a
-        validation pass, which must not outlast the notice. Across processes
-        it stays False: they may stop only at a step they agree on, so a
-        validation pass runs to its end there."""
+        """True once a notice has arrived, checked at each batch of a
+        validation pass, which must not outlast the notice (a GLDv2 pass
+        takes minutes; a spot VM gives 30 s)."""
+        if jax.process_count() > 1:
+            return self._agreed()
         return self._own_handler and self._received.is_set()
 
     def reached(self, step: int) -> bool:
         """True once a notice has arrived: stop after saving `step`."""
+        del step  # across processes the checks are counted (see _agreed)
         if jax.process_count() > 1:
-            return bool(self._manager.reached_preemption(step))
+            return self._agreed()
         return self._received.is_set()

@@ -468,3 +468,29 @@ def test_a_step_the_device_cannot_hold_stops_before_training(demo, tmp_path, mon
     monkeypatch.setattr(train_steps, "device_memory_limit", lambda: 64 << 30)
     trainer.train_and_evaluate(config, workdir)
     assert checkpointing.saved_steps(workdir) == [2]
+
+
+def test_processes_check_the_preemption_sync_point_at_every_step_and_validation_batch(
+    monkeypatch,
+):
+    """JAX's sync point is the largest id any process reported, plus one: every
+    process must report consecutive ids in the same order. Steps and
+    validation batches share one counter, so a notice during a validation
+    pass is acted on at its next batch on every process alike."""
+    from landmark_jax import preemption
+
+    class Manager:  # JAX's answer: the sync point is the 4th check
+        def __init__(self):
+            self.ids = []
+
+        def reached_preemption(self, check_id):
+            self.ids.append(check_id)
+            return check_id == 4
+
+    monkeypatch.setattr(preemption.jax, "process_count", lambda: 2)
+    manager = Manager()
+    notice = preemption.PreemptionNotice(manager)
+    answers = [notice.reached(7), notice.received(), notice.received(), notice.received()]
+    assert answers == [False, False, False, True]  # stops inside the validation pass
+    assert notice.reached(8) is False
+    assert manager.ids == [1, 2, 3, 4, 5]
