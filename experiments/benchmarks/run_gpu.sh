@@ -34,7 +34,10 @@ bench() {  # name, seconds, arguments...
 
 # The cheap rows first, so a slow compile late in the run loses the least.
 bench train_step 170 --mode=full --rows=b0_224,dolg_r101_512 --iterations=10
-bench step_memory 120 --mode=full
+bench step_memory 120 --mode=full --tables=head,max_batch
+timeout 150 python3 experiments/benchmarks/step_memory.py --mode=full --tables=remat \
+  --output_dir="$OUT/remat" > "$OUT/step_memory_remat.log" 2>&1
+echo "step_memory (remat rows): exit $? after $SECONDS s"; tail -n 12 "$OUT/step_memory_remat.log"
 timeout 170 python3 experiments/benchmarks/train_step.py --mode=full \
   --rows=b5_456,b7_512,dolg_b5_512 --iterations=5 --output_dir="$OUT/big" \
   > "$OUT/train_step_big.log" 2>&1
