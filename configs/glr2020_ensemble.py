@@ -5,7 +5,7 @@ r"""GLR2020 retrieval, 1st place: the ensemble, evaluated on GLDv2 index/test.
         --config.eval.retrieval_solution=retrieval_solution.csv \
         --config.eval.ensemble.b7_640.workdir=runs/b7/notclean640 \
         --config.eval.ensemble.b6_640.workdir=runs/b6/notclean640 \
-        --config.eval.ensemble.b7_640_second.workdir=runs/b7_v2/notclean512 \
+        --config.eval.ensemble.b7_640_second.workdir=runs/b7_v2/notclean640 \
         --config.eval.ensemble.b7_512.workdir=runs/b7_v1/notclean512
 
 writes runs/ensemble/eval/ (metrics.json with mAP@100, retrieval_submission.csv,
@@ -28,8 +28,11 @@ changes no similarity), then a k=100 nearest-neighbour search:
 
 Every member is fed the square resize at its size (`tf.image.resize`, aspect
 not kept), without flip: the export's preprocessing. The names say what each
-was trained as: the not-clean-at-half-weight stage at 640 px (B7, B6) or at
-512 px (the two B7 runs; the second is fed 640 nonetheless). The recipe in
+was trained as: the not-clean-at-half-weight stage at 640 px (B7, B6), or at
+512 px (b7_512). The second B7 (`eff7_512_ver2_10293_NotClean_0.5_640`) reads
+as a second B7 run at 512 px whose not-clean stage ran at 640, the size it is
+fed; what 10293 means, and whether that run went through the 640 px full
+stage, is not known (its training notebooks were not released). The recipe in
 configs/glr2020_retrieval.py runs that stage after 736 px instead: for these
 members run `:notclean` with `--config.image_size=640` (or 512) after the
 stage of that size.

@@ -35,7 +35,10 @@ weight decay (the reference's B5 step-3 config has it commented out).
 The released augmentations of every step: flip, JPEG re-encode (q 99-100,
 albumentations' default p 0.5), ShiftScaleRotate(0.2, 0.2, 10 deg, p 0.7) and
 Cutout(0.4, p 0.5) (`config.input`, train_augmentation.py; the flip comes
-after the resize here, which leaves the distribution unchanged).
+after the resize here, which leaves the distribution unchanged). Henkel's
+reader (cv2.imread) turns images by their EXIF orientation, TF's decoder does
+not: build DATA_CLEAN and DATA_X with `--dataset=gldv2/clean/exif_orientation=True`
+(and `gldv2/gldv2x/...`; gldv2_builder) to read them as the reference did.
 
 What differs, and what it means for the expected number. The reference's
 single DOLG-EffNet-B5 at 768 px scored recognition private GAP 0.476 and

@@ -31,8 +31,8 @@ import numpy as np
 
 # The released GLR2020 1st-place ensemble (export_model.ipynb), as (member,
 # weight, image size it is fed, the released checkpoint's name):
-# EfficientNet-B7 at 640 px, B6 at 640 px, a second B7 run (trained at 512,
-# fed 640) and a B7 at 512 px; configs/glr2020_ensemble.py evaluates it. The
+# EfficientNet-B7 at 640 px, B6 at 640 px, a second B7 run (512 px, its
+# not-clean stage at 640, fed 640) and a B7 at 512 px; configs/glr2020_ensemble.py evaluates it. The
 # summary article's "B7/B6/B5 at 1.0/0.8/0.5" is not what the code exports.
 GLR2020_RELEASED: tuple[tuple[str, float, int, str], ...] = (
     ("b7_640", 1.0, 640, "eff7_640_notclean_0.5_1.1411"),
