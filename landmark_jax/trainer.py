@@ -29,6 +29,7 @@ from landmark_jax import (
     metric_writer,
     preemption,
     run_config,
+    shard_checks,
     sharding,
     train_augmentation,
     train_steps,
@@ -141,12 +142,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _check_splits(config) -> None:
-    """Every split the run will read exists and has a shard for each process.
+    """Every split the run will read exists, has a shard for each process, and
+    holds in each shard this process reads the records dataset_info.json lists.
 
-    Now, not at the first validation hours into the run.
+    Now, not at the first validation hours into the run (the train split's
+    counts are checked when its stream is created).
 
     Raises:
-      DataFormatError: a split is missing (named, with the build's splits).
+      DataFormatError: a split is missing (named, with the build's splits), or
+        a shard holds another number of records (named, with both counts).
       ValueError: fewer shards than processes (named).
     """
     splits = ["train"]
@@ -156,7 +160,9 @@ def _check_splits(config) -> None:
             splits += [config.val.query_split, config.val.index_split]
     for split in dict.fromkeys(splits):
         info = data_format.read_split_info(config.data_dir, split)
-        input_pipeline.process_files(info, jax.process_index(), jax.process_count())
+        files, counts = input_pipeline.process_files(info, jax.process_index(), jax.process_count())
+        if split != "train":
+            shard_checks.verify_counts(files, counts, f"split {split!r} of {config.data_dir}")
 
 
 def _nonfinite_message(first: int, resumed, start_step: int, changes, config) -> str:

@@ -494,3 +494,28 @@ def test_processes_check_the_preemption_sync_point_at_every_step_and_validation_
     assert answers == [False, False, False, True]  # stops inside the validation pass
     assert notice.reached(8) is False
     assert manager.ids == [1, 2, 3, 4, 5]
+
+
+def test_a_short_validation_shard_is_refused_at_start_up(demo, tmp_path):
+    """A val shard cut at a record boundary: named before training, not at the
+    first validation (or, padded, never)."""
+    import struct
+
+    from landmark_jax import data_format
+
+    build = os.path.dirname(data_format.read_split_info(demo["full"], "val").files[0])
+    copy = str(tmp_path / "build")
+    shutil.copytree(build, copy)
+    info = data_format.read_split_info(copy, "val")
+    shard, listed = info.files[0], info.file_examples[0]
+    data, end = open(shard, "rb").read(), 0
+    for _ in range(listed - 1):  # keep all records but the last
+        end += 8 + 4 + struct.unpack("<Q", data[end : end + 8])[0] + 4
+    open(shard, "wb").write(data[:end])
+    config = config_for(copy, total_steps=4, **{"val.every_steps": 2})
+    with pytest.raises(
+        data_format.DataFormatError,
+        match=re.escape(f"{shard}: {listed - 1} records, dataset_info.json lists {listed}"),
+    ):
+        trainer.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
