@@ -55,6 +55,23 @@ def test_sigterm_saves_the_step_and_stops_then_the_run_resumes(
     np.testing.assert_allclose([got[s] for s in got], [reference_losses[s] for s in got], rtol=1e-5)
 
 
+def _train_program(program: str, workdir) -> subprocess.CompletedProcess:
+    """Runs `program` (Python that patches the trainer, then runs train.main)
+    as `python -m landmark_jax.train` would be run on the demo smoke config."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            program,
+            f"--config={REPO}/configs/demo.py:smoke",
+            f"--workdir={workdir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_train_program_exits_75_when_preempted(tmp_path):
     """The exit status a job runner relaunches on (the saving is tested above)."""
     program = (
@@ -66,18 +83,7 @@ def test_train_program_exits_75_when_preempted(tmp_path):
         "trainer.train_and_evaluate = preempted\n"
         "app.run(train.main)\n"
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            program,
-            f"--config={REPO}/configs/demo.py:smoke",
-            f"--workdir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _train_program(program, tmp_path)
     assert result.returncode == preemption.PREEMPTED_EXIT_STATUS == 75, result.stderr[-2000:]
     assert "preempted at step 7" in result.stderr and "run the same command again" in result.stderr
 
@@ -432,18 +438,7 @@ def test_train_program_prints_one_line_when_the_disk_is_full(tmp_path):
         "trainer.train_and_evaluate = full\n"
         "entry_point_errors.run(train.main)\n"
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            program,
-            f"--config={REPO}/configs/demo.py:smoke",
-            f"--workdir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _train_program(program, tmp_path)
     assert result.returncode == 1, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no space left on the disk of /w/checkpoints: the step-5")
