@@ -7,7 +7,7 @@ DEMO_DIR ?= demo_data
 # Use both cores of a small machine; override with `make test PYTEST_WORKERS=0`.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test demo lint clean-demo
+.PHONY: install test test-fast demo lint clean-demo
 
 $(VENV)/.installed: setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,16 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+# The edit-test loop: the unit tests alone, every test marked neither `e2e`
+# (a whole program or pipeline end to end: training, evaluation, a data set
+# build, a program in a subprocess, the notebook, a benchmark script, or a
+# fixture that trains) nor `multiprocess` (several JAX processes); the markers
+# are registered in pyproject.toml. Session data fixtures the unit tests share
+# (conftest.py's demo data set, the tiny GLDv2 and Revisited builds) are still
+# built. `make test` (and .ci/run) runs everything.
+test-fast: install
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not e2e and not multiprocess" tests
 
 lint: install
 	$(PY) -m ruff check .

@@ -51,6 +51,7 @@ def test_report_prints_every_table_with_every_column(tmp_path, capsys):
     assert "| q |\n|---|\n| 2 |" in out
 
 
+@pytest.mark.e2e
 def test_train_step_small(tmp_path):
     import train_step
 
@@ -76,6 +77,7 @@ def test_train_step_small(tmp_path):
         train_step.main(["--mode=small", "--rows=b7_512"])  # a full-mode row
 
 
+@pytest.mark.e2e
 def test_step_memory_small_head_split_and_largest_batch(tmp_path):
     import step_memory
 
@@ -120,6 +122,7 @@ def test_largest_batch_search_against_hand_computed_memory():
     assert step_memory.largest_batch_within(lambda b: 100, 400)[0] is None  # no slope
 
 
+@pytest.mark.e2e
 def test_knn_small_numpy_exact_agrees_with_the_project_search(tmp_path):
     import knn_search
 
@@ -155,6 +158,7 @@ def test_knn_data_sets_are_unit_rows_with_the_asked_structure():
     assert np.max(queries @ index.T, axis=1).mean() > np.max(rqueries @ rindex.T, axis=1).mean()
 
 
+@pytest.mark.e2e
 def test_extraction_small(tmp_path):
     import extraction
 
@@ -166,6 +170,7 @@ def test_extraction_small(tmp_path):
     assert rate[(32, True, "1/sqrt2,1,sqrt2")] < rate[(32, True, "1")]
 
 
+@pytest.mark.e2e
 def test_input_pipeline_small(tmp_path):
     import input_throughput
 

@@ -18,6 +18,8 @@ from landmark_jax import data_format, entry_point_errors, file_lease
 
 import tiny_gldv2
 
+pytestmark = pytest.mark.e2e
+
 DATASET = "gldv2/clean"
 OPTIONS = dict(num_shards=1, num_workers=1)
 

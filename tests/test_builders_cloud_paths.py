@@ -135,6 +135,7 @@ def test_demo_data_set_in_ram_equals_the_local_one(demo_raw, ram, cwd):
     assert any(name.endswith(".jpg") for name in remote)
 
 
+@pytest.mark.e2e
 def test_gldv2_build_into_ram_equals_a_local_build(demo_raw, local_build, ram, cwd, tmp_path):
     # The default worker count for a ram:// data dir is one process.
     remote = _build(f"{ram}/tfds", demo_raw)
@@ -162,6 +163,7 @@ def test_gldv2_build_into_ram_equals_a_local_build(demo_raw, local_build, ram, c
     assert file_io.glob(f"{config_dir}/*") == [remote]
 
 
+@pytest.mark.e2e
 def test_gldv2_build_reads_its_inputs_from_ram(demo_raw, local_build, ram, cwd, tmp_path):
     for name, data in _files(demo_raw).items():
         file_io.write_bytes(f"{ram}/raw/{name}", data)
@@ -172,6 +174,7 @@ def test_gldv2_build_reads_its_inputs_from_ram(demo_raw, local_build, ram, cwd, 
     _assert_same_build(local_build, local, (demo_raw, f"{ram}/raw"))
 
 
+@pytest.mark.e2e
 def test_worker_processes_on_ram_are_refused(demo_raw, ram, cwd, tmp_path):
     with pytest.raises(ValueError, match=rf"--data_dir={ram}/tfds.*num_workers=1"):
         _build(f"{ram}/tfds", demo_raw, num_workers=2)

@@ -21,6 +21,8 @@ from landmark_jax.retrieval import evaluation
 import tiny_gldv2
 from config_files import load_config
 
+pytestmark = pytest.mark.e2e
+
 
 def test_glr2020_clean_stage_trains_with_two_image_classes(demo, tmp_path):
     raw = str(tmp_path / "raw")

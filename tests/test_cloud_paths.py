@@ -109,6 +109,7 @@ def _losses(workdir: str) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metric_writer.read_rows(workdir)}
 
 
+@pytest.mark.e2e
 def test_gs_workdir_and_ram_data_train_resume_and_evaluate(
     demo, reference_losses, emulator, tmp_path, monkeypatch, caplog
 ):
@@ -202,6 +203,7 @@ def test_gs_workdir_and_ram_data_train_resume_and_evaluate(
     assert not any(os.path.exists(os.path.join(REPO, d)) for d in ("gs:", "ram:"))
 
 
+@pytest.mark.e2e
 def test_a_workdir_orbax_cannot_write_is_named(demo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = set_keys(load_config("demo", "smoke"), data_dir=demo["full"], total_steps=1)

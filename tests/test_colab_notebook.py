@@ -6,6 +6,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 from IPython.core.inputtransformer2 import TransformerManager
 from PIL import Image
 
@@ -39,6 +40,7 @@ def test_colab_cells_parse_and_the_rest_is_plain_python():
             compile(source, "cell", "exec")
 
 
+@pytest.mark.e2e
 def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("LANDMARK_JAX_NOTEBOOK", "smoke")
     monkeypatch.setenv("LANDMARK_JAX_REPO", REPO)

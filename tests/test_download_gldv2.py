@@ -200,6 +200,7 @@ def test_part_file_from_an_earlier_run_is_resumed(server, tmp_path):
     check_images(str(tmp_path), "index", {k: images[k] for k in list(images)[:IMAGES_PER_SHARD]})
 
 
+@pytest.mark.e2e
 def test_always_corrupted_shard_fails_and_the_others_complete(server, tmp_path):
     server.tree, images = make_release("train", 4)
     server.always_corrupt.add("train/images_002.tar")
@@ -382,6 +383,7 @@ def test_a_tar_changed_since_verification_is_verified_again(server, tmp_path, co
     assert third["skipped"] == [0, 1, 2, 3] and counted()["hashed"] == []
 
 
+@pytest.mark.e2e
 def test_verify_rehashes_every_tar_and_finds_a_silent_change(server, tmp_path, counted):
     out, tar_dir, images = _finished(server, tmp_path, counted)
     # A change that keeps size and mtime (bit rot, a copy tool that sets

@@ -17,6 +17,7 @@ def _run(*args):
     )
 
 
+@pytest.mark.e2e
 def test_an_unknown_config_key_is_one_line_with_the_suggestion(tmp_path):
     train = ["-m", "landmark_jax.train", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}"]
     result = _run(*train, "--config.optimizer.learnin_rate=0.1")

@@ -28,6 +28,8 @@ from landmark_jax.retrieval import (
 from config_files import REPO, load_config
 from cpu_devices import run_processes, subprocess_env
 
+pytestmark = pytest.mark.e2e
+
 
 def eval_config(demo, **eval_overrides):
     config = load_config("demo", "smoke")
@@ -323,6 +325,7 @@ def _recognition_rows(path):
         return {row["id"]: row["landmarks"].split() for row in csv.DictReader(f)}
 
 
+@pytest.mark.multiprocess
 def test_two_process_evaluation_equals_one_process(demo, trained, tmp_path):
     """2 processes x 4 CPU devices, the 1-process run's 8 devices: every
     process extracts its share, process 0 writes the same files.

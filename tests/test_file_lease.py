@@ -138,6 +138,7 @@ def _text():
     return {"capture_output": True, "text": True, "check": True}
 
 
+@pytest.mark.e2e
 def test_a_second_trainer_on_a_workdir_fails_at_once(demo, tmp_path):
     workdir = str(tmp_path / "run")
     # What a trainer at work holds (a second process would see the same lock).

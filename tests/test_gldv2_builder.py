@@ -155,6 +155,7 @@ def bad_tree(tmp_path_factory):
 # -------------------------------------------------------------- the images
 
 
+@pytest.mark.e2e
 def test_rgb_jpegs_are_stored_byte_for_byte_and_others_as_rgb_jpegs(full, tree):
     root, ids, _ = tree
     assert full.endswith(os.path.join("gldv2", f"full_val{VAL_FRACTION:g}", "1.0.0"))
@@ -197,6 +198,7 @@ def test_16_bit_grayscale_is_scaled_not_clipped_white(tmp_path):
 # ------------------------------------------------------ labels and splits
 
 
+@pytest.mark.e2e
 def test_labels_follow_the_csvs_in_landmark_id_order(full, tree):
     root, _, _ = tree
     train_csv, clean_csv = csv_train(root), csv_clean(root)
@@ -220,6 +222,7 @@ def test_labels_follow_the_csvs_in_landmark_id_order(full, tree):
         assert {(r["label"], r["landmark_id"], r["is_clean"]) for r in rows} == {(-1, -1, 0)}
 
 
+@pytest.mark.e2e
 def test_val_takes_clean_images_per_class_never_the_last(full, tree):
     root, _, dropped = tree
     train_csv, clean_csv = csv_train(root), csv_clean(root)
@@ -237,6 +240,7 @@ def test_val_takes_clean_images_per_class_never_the_last(full, tree):
         assert train_clean_of[landmark] == n - val_of[landmark] >= 1
 
 
+@pytest.mark.e2e
 def test_same_seed_same_shards_with_one_or_two_workers(full, tree, tmp_path):
     root, _, _ = tree
     again = build(
@@ -280,6 +284,7 @@ def test_assign_val_never_takes_a_class_last_clean_image():
     np.testing.assert_array_equal(is_val, again)
 
 
+@pytest.mark.e2e
 def test_configs_select_their_rows(full, named, tree):
     root, _, dropped = tree
     train_csv, clean_csv = csv_train(root), csv_clean(root)
@@ -309,6 +314,7 @@ def test_configs_select_their_rows(full, named, tree):
     assert split_names(named["clean"]) - {"val"} == {"train", "nonlandmark"}
 
 
+@pytest.mark.e2e
 def test_a_header_only_nonlandmark_csv_builds_no_such_split(tree, tmp_path):
     """make_demo_dataset --num_non_landmark_references=0 writes nonlandmark.csv
     with its header alone: no split, rather than an empty-CSV error."""
@@ -322,6 +328,7 @@ def test_a_header_only_nonlandmark_csv_builds_no_such_split(tree, tmp_path):
     assert split_names(path) - {"val"} == {"train"}
 
 
+@pytest.mark.e2e
 def test_class_counts_are_the_counts_of_the_records(full, named, tree):
     root, _, _ = tree
     train_csv = csv_train(root)
@@ -360,6 +367,7 @@ def test_class_counts_are_the_counts_of_the_records(full, named, tree):
     assert metadata(full)[data_format.SKIPPED_IMAGES] == []
 
 
+@pytest.mark.e2e
 def test_label_map_refuses_class_counts_that_disagree_with_the_build(full, tmp_path):
     def damaged(change) -> str:
         copy = str(tmp_path / f"copy{len(os.listdir(tmp_path))}")
@@ -389,6 +397,7 @@ def test_label_map_refuses_class_counts_that_disagree_with_the_build(full, tmp_p
 # ------------------------------------------------------------- bad input
 
 
+@pytest.mark.e2e
 def test_missing_image_names_the_csv_and_expected_path(bad_tree, tmp_path):
     root, ids = bad_tree
     expected = tiny_gldv2.image_path(root, "train", ids["missing"])
@@ -398,6 +407,7 @@ def test_missing_image_names_the_csv_and_expected_path(bad_tree, tmp_path):
     assert "--skip_bad_images" in str(error.value)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_undecodable_image_names_its_path_and_leaves_no_build(num_workers, tmp_path):
     root = str(tmp_path / "raw")
@@ -412,6 +422,7 @@ def test_undecodable_image_names_its_path_and_leaves_no_build(num_workers, tmp_p
     assert os.listdir(data_dir / "gldv2" / "clean") == []
 
 
+@pytest.mark.e2e
 def test_skip_bad_images_lists_them_and_leaves_them_out(bad_tree, tmp_path):
     root, ids = bad_tree
     path = build("gldv2/full", str(tmp_path), root, skip_bad_images=True, val_fraction=0.2)
@@ -439,6 +450,7 @@ def _rewrite(path, header, rows):
         w.writerows(rows)
 
 
+@pytest.mark.e2e
 def test_csv_errors_name_file_and_value(tree, tmp_path):
     root, ids, _ = tree
     first = next(iter(ids["train"]))
@@ -493,6 +505,7 @@ def _raw_copy(root: str, raw, copied: tuple[str, ...] = ()) -> None:
             os.symlink(f"{root}/{split}", f"{raw}/{split}")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("config", ["full", "gldv2x"])
 def test_a_build_without_train_clean_csv_is_refused(config, tree, tmp_path):
     # Without it every image of `full` was marked clean (S7).
@@ -506,6 +519,7 @@ def test_a_build_without_train_clean_csv_is_refused(config, tree, tmp_path):
     assert not glob.glob(str(tmp_path / "tfds" / "gldv2" / config / "*"))
 
 
+@pytest.mark.e2e
 def test_a_landmark_id_beyond_int64_names_file_and_line(tree, tmp_path):
     # TFDS failed on it after encoding, with 61 lines of image bytes (S19).
     root, ids, _ = tree
@@ -530,6 +544,7 @@ def test_a_landmark_id_beyond_int64_names_file_and_line(tree, tmp_path):
         gldv2_csv.read_train_clean_csv(f"{raw}/train_clean.csv")
 
 
+@pytest.mark.e2e
 def test_an_image_in_two_splits_names_both_files_and_lines(tree, tmp_path):
     # Such a test image was built twice, silently (S20).
     root, ids, _ = tree
@@ -565,6 +580,7 @@ def test_an_image_in_two_splits_names_both_files_and_lines(tree, tmp_path):
     assert glob.glob(str(tmp_path / "tfds" / "gldv2" / "full" / "*" / "dataset_info.json"))
 
 
+@pytest.mark.e2e
 def test_more_shards_than_examples_is_refused_before_encoding(tree, tmp_path):
     root, ids, _ = tree
     with pytest.raises(ValueError, match=r"num_shards=4: .*split 'nonlandmark' has 3") as error:
@@ -573,6 +589,7 @@ def test_more_shards_than_examples_is_refused_before_encoding(tree, tmp_path):
     assert os.listdir(tmp_path / "gldv2" / f"full_val{VAL_FRACTION:g}") == []
 
 
+@pytest.mark.e2e
 def test_beam_options_need_apache_beam(tree, tmp_path):
     try:
         import apache_beam  # noqa: F401
@@ -623,6 +640,7 @@ def test_dataset_names_configs_and_overrides(tmp_path):
         build_dataset.make_builder(revisited, str(tmp_path), skip_bad_images=True)
 
 
+@pytest.mark.e2e
 def test_an_existing_build_is_reused_unless_overwrite(tree, tmp_path):
     root, _, _ = tree
     kwargs = dict(manual_dir=root, num_shards=1, num_workers=1)
@@ -637,6 +655,7 @@ def test_an_existing_build_is_reused_unless_overwrite(tree, tmp_path):
     assert data_format.read_label_map(str(rebuilt.data_dir)).num_classes == 5
 
 
+@pytest.mark.e2e
 def test_find_build_refuses_other_folders_and_several_builds(full, named, data_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("not a build")
     with pytest.raises(data_format.DataFormatError, match="not a TensorFlow Datasets build"):
@@ -648,6 +667,7 @@ def test_find_build_refuses_other_folders_and_several_builds(full, named, data_d
     assert data_format.find_build(os.path.dirname(full)) == full
 
 
+@pytest.mark.e2e
 def test_command_line_end_to_end(tree, tmp_path):
     root, _, _ = tree
     out = str(tmp_path / "tfds")
@@ -680,6 +700,7 @@ def test_command_line_end_to_end(tree, tmp_path):
     assert "  skipped images: 0" in lines
 
 
+@pytest.mark.e2e
 def test_describe_reads_a_training_batch(full):
     # The folder above the build: what a config's data_dir may name.
     text = describe_dataset.describe(os.path.dirname(full), image_size=24)
@@ -780,6 +801,7 @@ def test_exif_orientation_leaves_untagged_and_other_images_as_they_are(tmp_path)
     assert np.abs(turned[..., 0] - upright[..., 0]).max() < 12
 
 
+@pytest.mark.e2e
 def test_a_build_with_exif_orientation_stores_tagged_images_upright(tmp_path):
     """`gldv2/clean/exif_orientation=True` (the --dataset value): its own
     folder, the tagged image upright, every other RGB JPEG byte for byte."""

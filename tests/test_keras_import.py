@@ -201,6 +201,7 @@ def released_b0(keras_b0, tmp_path_factory):
     return path, model
 
 
+@pytest.mark.e2e
 def test_released_h5_records_imagenet_and_reproduces_it(released_b0, tmp_path):
     weights, keras_model = released_b0
     output = tmp_path / "converted"
@@ -242,6 +243,7 @@ def test_released_h5_records_imagenet_and_reproduces_it(released_b0, tmp_path):
         backbone_checkpoint.load_backbone_checkpoint(str(output))
 
 
+@pytest.mark.e2e
 def test_released_h5_as_path_equals_weights_imagenet(released_b0, tmp_path, monkeypatch):
     """--weights=PATH gives exactly what --weights=imagenet gives for that file."""
     weights, _ = released_b0
@@ -269,6 +271,7 @@ def test_released_h5_as_path_equals_weights_imagenet(released_b0, tmp_path, monk
     _assert_parity(keras_imagenet(x), jax.jit(module.apply)(variables, x)["final"])
 
 
+@pytest.mark.e2e
 def test_unrecognised_affine_needs_the_flag(keras_b0, tmp_path):
     # keras_b0's Normalization holds random statistics: no known convention.
     weights = tmp_path / "b0.h5"
@@ -300,6 +303,7 @@ def test_unrecognised_affine_needs_the_flag(keras_b0, tmp_path):
     )
 
 
+@pytest.mark.e2e
 def test_contradicting_flag_is_an_error(released_b0, keras_r50, tmp_path):
     weights, _ = released_b0
     with pytest.raises(
@@ -333,6 +337,7 @@ def test_save_checks_the_recorded_preset(keras_b0, tmp_path):
         )
 
 
+@pytest.mark.e2e
 def test_cli_resnet_and_weights_of_another_architecture(keras_r50, tmp_path):
     weights = tmp_path / "r50.weights.h5"  # the Keras 3 weights format
     keras_r50.save_weights(weights)

@@ -251,6 +251,7 @@ def test_class_sizes_are_long_tailed():
     assert (counts <= 3).sum() >= 8
 
 
+@pytest.mark.e2e
 def test_command_line(tmp_path):
     root = tmp_path / "raw"
     args = ["--num_landmarks=2", "--num_index_landmarks=2", "--max_images_per_landmark=3"]

@@ -13,6 +13,7 @@ from landmark_jax.retrieval import evaluation, extract
 from config_files import load_config
 
 
+@pytest.mark.e2e
 def test_dolg_paper_smoke_trains_and_scores_revisited_only(demo, revisited_data, tmp_path):
     workdir = str(tmp_path / "run")
     config = load_config("dolg_paper", "r50,smoke")
@@ -59,6 +60,7 @@ def test_nesterov_sgd_is_pytorch_s():
 MEMBERS = ("b6_640", "b7_512", "b7_640", "b7_640_second")
 
 
+@pytest.mark.e2e
 def test_glr2020_ensemble_smoke_concatenates_the_weighted_members(demo, trained_demo, tmp_path):
     config = load_config("glr2020_ensemble", "released,smoke")
     config.data_dir = demo["full"]

@@ -170,6 +170,7 @@ def test_ground_truth_travels_in_the_metadata(revisited_data, tmp_path):
         revisited.read_gnd(copy)
 
 
+@pytest.mark.e2e
 def test_full_queries_config_keeps_the_query_images(tiny_set, tmp_path):
     path = build(
         f"{DATASET}/roxford5k_full_queries", str(tmp_path / "tfds"), tiny_set["manual_dir"]
@@ -184,6 +185,7 @@ def test_full_queries_config_keeps_the_query_images(tiny_set, tmp_path):
     assert revisited.read_gnd(path) == data_format.read_revisited_gnd(tiny_set["gnd"])
 
 
+@pytest.mark.e2e
 def test_rparis6k_reads_its_own_pickle_and_worker_processes_build_the_same(
     revisited_data, tmp_path
 ):
@@ -198,6 +200,7 @@ def test_rparis6k_reads_its_own_pickle_and_worker_processes_build_the_same(
         build(f"{DATASET}/roxford5k", str(tmp_path / "tfds"), paris["manual_dir"])
 
 
+@pytest.mark.e2e
 def test_into_ram_equals_a_local_build_and_refuses_worker_processes(revisited_data, tmp_path):
     import tfds_ram
 
@@ -222,6 +225,7 @@ def _pickled(tiny: dict, **changes) -> None:
         pickle.dump(data, f)
 
 
+@pytest.mark.e2e
 def test_builder_errors_name_the_file(tiny_set, tmp_path):
     images, gnd_path, data = tiny_set["images"], tiny_set["gnd"], tiny_set["data"]
     data_dir = tmp_path / "tfds"
@@ -275,6 +279,7 @@ def test_builder_errors_name_the_file(tiny_set, tmp_path):
         build(f"{DATASET}/roxford5k", str(data_dir), str(empty))
 
 
+@pytest.mark.e2e
 def test_the_registry_and_the_build_command(tiny_set, tmp_path):
     names = build_dataset.dataset_names()
     assert {f"{DATASET}/{c}" for c in ("roxford5k", "rparis6k")} <= set(names)
@@ -337,6 +342,7 @@ def test_rank_database_matches_numpy_and_feeds_revisited_map(tiny_set):
         assert got[protocol]["map"] == expected[protocol]["map"]
 
 
+@pytest.mark.e2e
 def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained):
     tiny_set, data_dir = revisited_data
     trained_config, workdir = trained
@@ -473,6 +479,7 @@ def assert_matches(emb: extract.Embeddings, expected: dict, atol=2e-6):
     np.testing.assert_array_equal(emb.labels, -1)
 
 
+@pytest.mark.e2e
 def test_native_extraction_equals_one_image_at_a_time(revisited_data, trained):
     tiny_set, data_dir = revisited_data
     config, workdir = trained
@@ -502,6 +509,7 @@ def test_native_extraction_equals_one_image_at_a_time(revisited_data, trained):
     assert list(zip(index.heights, index.widths, strict=True)) == [(23, 36), (33, 44), (48, 64)]
 
 
+@pytest.mark.e2e
 def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisited_data, trained):
     _, data_dir = revisited_data
     config, workdir = trained

@@ -17,6 +17,8 @@ from landmark_jax.retrieval import baselines, extract
 from backbone_variables import random_variables
 from config_files import load_config, set_keys
 
+pytestmark = pytest.mark.e2e
+
 
 def _config(data_dir: str, **overrides):
     config = load_config("demo", "smoke")

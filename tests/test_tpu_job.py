@@ -95,6 +95,7 @@ def test_stages_chain_their_checkpoints_and_read_their_data(recipe):
     assert "--tpu_pod" not in tpu_job.train_argv(_job(recipe, "v4-8"), 0)  # one host
 
 
+@pytest.mark.e2e
 def test_dry_run_prints_every_command_in_order():
     """With the :article members (b7, b6, b5_a, b5_b) the evaluation reads
     configs/glr2020_ensemble.py:article; every command was checked by its
@@ -135,6 +136,7 @@ def test_dry_run_prints_every_command_in_order():
     assert _flag(argv, "config.eval.recognition_submission") == "False"
 
 
+@pytest.mark.e2e
 def test_a_recipe_without_its_data_folder_is_refused():
     flags = [f for f in FLAGS if not f.startswith("--data_full")]
     result = subprocess.run(
@@ -594,6 +596,7 @@ def test_a_request_this_run_queued_that_fails_stops_the_job_with_its_reason(fake
 # --- Every command checked before anything runs --------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

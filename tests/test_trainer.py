@@ -28,6 +28,7 @@ def restore_params(workdir: str) -> dict:
     return checkpointing.load_stage(workdir)
 
 
+@pytest.mark.e2e
 def test_training_lowers_the_loss(demo, tmp_path):
     # A fixed scale of 16 lets 10 classes' logits spread quickly (AdaCos
     # picks about 3 for so few classes).
@@ -96,6 +97,7 @@ def subset_stage1(demo, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.e2e
 def test_stages_carry_weights_into_a_new_head_and_a_new_resolution(demo, subset_stage1, tmp_path):
     stage1 = subset_stage1
     stage2, stage3 = (str(tmp_path / f"stage{i}") for i in (2, 3))
@@ -152,6 +154,7 @@ def _leaves(tree):
     return jax.tree.leaves(tree)
 
 
+@pytest.mark.e2e
 def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, subset_stage1, tmp_path):
     stage1 = subset_stage1
     recorded = open(os.path.join(stage1, "config.json")).read()
@@ -177,6 +180,7 @@ def test_shape_mismatch_names_the_parameter_and_the_config_key(demo, subset_stag
     assert open(os.path.join(stage1, "config.json")).read() == recorded
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
@@ -224,11 +228,13 @@ def test_warmup_cosine_runs_over_schedule_steps(schedule_steps):
         assert float(schedule(step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
 
 
+@pytest.mark.e2e
 def test_empty_data_folder_is_an_error(tmp_path):
     with pytest.raises(data_format.DataFormatError, match="no such folder"):
         trainer.train_and_evaluate(config_for(str(tmp_path / "nothing")), str(tmp_path / "w"))
 
 
+@pytest.mark.e2e
 def test_checkpoints_hold_the_class_sharded_head_on_8_devices(demo, tmp_path):
     trainer.train_and_evaluate(config_for(demo["full"], total_steps=1), str(tmp_path))
     directory = os.path.join(tmp_path, "checkpoints")
@@ -239,6 +245,8 @@ def test_checkpoints_hold_the_class_sharded_head_on_8_devices(demo, tmp_path):
     assert "data" in str(kernel.sharding)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.e2e
 def test_two_processes_train_together(demo, tmp_path):
     """2 processes x 4 CPU devices: one mesh, each process reads its shards."""
     workdir = str(tmp_path / "run")
@@ -312,6 +320,7 @@ def test_recipe_configs_follow_the_released_code():
     assert load_config("glr2021_dolg", "step1").optimizer.schedule_steps is None
 
 
+@pytest.mark.e2e
 def test_glr2021_recipe_smoke_trains_and_evaluates(demo, tmp_path):
     """DOLG + sub-center ArcFace + dynamic margins + Adam through the trainer,
     then the recipe's own evaluation: retrieval and kNN recognition (GAP)."""

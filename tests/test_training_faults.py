@@ -20,6 +20,7 @@ from landmark_jax import checkpoint_integrity, checkpointing, input_pipeline, pr
 from config_files import REPO, config_for, losses_of
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_the_step_and_stops_then_the_run_resumes(
     demo, reference_losses, tmp_path, monkeypatch
 ):
@@ -72,6 +73,7 @@ def _train_program(program: str, workdir) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_train_program_exits_75_when_preempted(tmp_path):
     """The exit status a job runner relaunches on (the saving is tested above)."""
     program = (
@@ -143,6 +145,7 @@ def _moved_aside(workdir):
     )
 
 
+@pytest.mark.e2e
 def test_a_damaged_checkpoint_is_moved_aside_and_the_run_falls_back(
     demo, four_steps, run, caplog, no_retry_wait
 ):
@@ -188,6 +191,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_run_falls_back(
     assert len(_moved_aside(workdir)) == 2
 
 
+@pytest.mark.e2e
 def test_advice_to_move_checkpoints_aside_is_followed_and_the_run_resumes(demo, run, no_retry_wait):
     """Every message that tells a user to move a checkpoint: follow it, then resume.
 
@@ -219,6 +223,7 @@ def test_advice_to_move_checkpoints_aside_is_followed_and_the_run_resumes(demo, 
     assert checkpointing.load_stage(workdir)["step"] == 2
 
 
+@pytest.mark.e2e
 def test_an_integrity_record_is_the_steps_own(demo, run, no_retry_wait):
     """A step removed by hand and saved again, or the whole folder removed,
     gets a new record; a record that is not JSON leaves the step unverified."""
@@ -241,6 +246,7 @@ def test_an_integrity_record_is_the_steps_own(demo, run, no_retry_wait):
     assert checkpointing.saved_steps(workdir) == [2, 4] and not _moved_aside(workdir)
 
 
+@pytest.mark.e2e
 def test_a_read_error_on_a_verified_step_is_retried_never_damage(
     demo, run, monkeypatch, no_retry_wait
 ):
@@ -267,6 +273,7 @@ def test_a_read_error_on_a_verified_step_is_retried_never_damage(
     assert failures == [4] and checkpointing.saved_steps(workdir) == [2, 4, 6]
 
 
+@pytest.mark.e2e
 def test_a_config_that_does_not_fit_is_a_config_error(demo, run):
     adam = _config(demo, 6, **{"optimizer.name": "adam"})
     with pytest.raises(ValueError, match="does not fit this config") as e:
@@ -276,6 +283,7 @@ def test_a_config_that_does_not_fit_is_a_config_error(demo, run):
     assert checkpointing.saved_steps(run) == [2, 4] and not _moved_aside(run)
 
 
+@pytest.mark.e2e
 def test_another_class_set_is_refused_on_resume_and_with_carry_all(demo, run, tmp_path):
     """10 and 6 classes both pad the head to 1,024 rows: the shapes agree."""
     subset = dict(demo, full=demo["subset"])
@@ -294,6 +302,7 @@ def test_another_class_set_is_refused_on_resume_and_with_carry_all(demo, run, tm
         trainer.train_and_evaluate(_config(demo, 6), run)
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_stops_with_its_step(demo, run, tmp_path):
     # An absurd learning rate overflows the weights after the first update.
     config = config_for(demo["full"], total_steps=4, **{"optimizer.learning_rate": 1e38})
@@ -315,6 +324,7 @@ def test_non_finite_loss_stops_with_its_step(demo, run, tmp_path):
     assert "delete" not in message and "remove" not in message
 
 
+@pytest.mark.e2e
 def test_a_split_with_fewer_shards_than_processes_is_refused_at_start_up(
     demo, tmp_path, monkeypatch
 ):
@@ -341,6 +351,7 @@ def test_a_split_with_fewer_shards_than_processes_is_refused_at_start_up(
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.e2e
 def test_a_failed_or_preempted_validation_keeps_its_step(demo, tmp_path, monkeypatch):
     """The step is saved before the validation pass: a pass that fails, or that
     a preemption notice cuts short, loses no training."""
@@ -382,6 +393,7 @@ def test_a_failed_or_preempted_validation_keeps_its_step(demo, tmp_path, monkeyp
     assert checkpointing.saved_steps(preempted) == [2]
 
 
+@pytest.mark.e2e
 def test_a_full_disk_stops_the_run_before_the_checkpoint_is_written(demo, tmp_path, monkeypatch):
     """A checkpoint that cannot fit is refused before Orbax's writers start (they
     would fail in their threads, leaving a half-written folder and hundreds of
@@ -427,6 +439,7 @@ def test_a_disk_full_error_inside_orbax_is_named():
     assert file_io.no_space_left(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
 
 
+@pytest.mark.e2e
 def test_train_program_prints_one_line_when_the_disk_is_full(tmp_path):
     program = (
         "from landmark_jax import checkpointing, entry_point_errors, file_io, train, trainer\n"
@@ -445,6 +458,7 @@ def test_train_program_prints_one_line_when_the_disk_is_full(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_a_step_the_device_cannot_hold_stops_before_training(demo, tmp_path, monkeypatch):
     """Where a device reports its memory (TPU, GPU): the compiled step's peak
     against it, before any step runs; the advice's keys make it fit."""
