@@ -301,7 +301,7 @@ def device_memory_limit() -> int | None:
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def check_step_fits(program: Program, config: ml_collections.ConfigDict, mesh) -> None:
+def check_step_fits(program: Program, config: ml_collections.ConfigDict, mesh) -> int | None:
     """Compiles the train step ahead of time and refuses one a device cannot hold.
 
     An XLA out-of-memory error comes deep in the first step, after minutes
@@ -311,13 +311,16 @@ def check_step_fits(program: Program, config: ml_collections.ConfigDict, mesh) -
     temporaries), is compared with the device's `bytes_limit`. Devices that
     report no limit (CPUs) are not checked.
 
+    Returns:
+      The step's per-device peak in bytes; None where nothing was checked.
+
     Raises:
       ValueError: the step needs more than the device has, with both figures
         and the keys that change it.
     """
     limit = device_memory_limit()
     if limit is None:
-        return
+        return None
     batch_sharding = sharding.batch_sharding(mesh)
     size = config.image_size
     batch = {
@@ -329,7 +332,7 @@ def check_step_fits(program: Program, config: ml_collections.ConfigDict, mesh) -
     }
     stats = program.step.lower(program.abstract, batch, program.consts).compile().memory_analysis()
     if stats is None:
-        return
+        return None
     peak = (
         stats.argument_size_in_bytes
         + stats.output_size_in_bytes
@@ -352,3 +355,4 @@ def check_step_fits(program: Program, config: ml_collections.ConfigDict, mesh) -
             )
         )
     logging.info("train step: %.2f of %.2f GiB per device", peak / (1 << 30), limit / (1 << 30))
+    return peak

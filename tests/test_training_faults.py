@@ -461,21 +461,36 @@ def test_train_program_prints_one_line_when_the_disk_is_full(tmp_path):
 @pytest.mark.e2e
 def test_a_step_the_device_cannot_hold_stops_before_training(demo, tmp_path, monkeypatch):
     """Where a device reports its memory (TPU, GPU): the compiled step's peak
-    against it, before any step runs; the advice's keys make it fit."""
+    against it, before any step runs; following the advice (a smaller
+    batch) the run goes on."""
     from landmark_jax import train_steps
 
+    class Measured(Exception):
+        pass
+
+    peaks = []
+    real_check = train_steps.check_step_fits
+
+    def measure(*args):
+        peaks.append(real_check(*args))
+        raise Measured
+
+    # The peak of the 8-image step (1 per device), measured; nothing trained.
+    smaller = config_for(demo["full"], total_steps=2, batch_size=8)
+    monkeypatch.setattr(train_steps, "device_memory_limit", lambda: 64 << 30)
+    monkeypatch.setattr(train_steps, "check_step_fits", measure)
+    with pytest.raises(Measured):
+        trainer.train_and_evaluate(smaller, str(tmp_path / "probe"))
+    monkeypatch.setattr(train_steps, "check_step_fits", real_check)
+    # A device that holds exactly that: the 16-image step is refused.
+    monkeypatch.setattr(train_steps, "device_memory_limit", lambda: peaks[0])
     workdir = str(tmp_path / "run")
-    monkeypatch.setattr(train_steps, "device_memory_limit", lambda: 1 << 20)  # 1 MiB
-    config = config_for(demo["full"], total_steps=2)
-    with pytest.raises(
-        ValueError, match=r"needs about [\d.]+ GiB per device .* holds 0.00 GiB"
-    ) as e:
-        trainer.train_and_evaluate(config, workdir)
+    with pytest.raises(ValueError, match=r"needs about [\d.]+ GiB per device .* holds") as e:
+        trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), workdir)
     assert "config.batch_size (now 16, 2 per device)" in str(e.value)
     assert "model.remat='blocks'" in str(e.value)
     assert checkpointing.saved_steps(workdir) == []
-    monkeypatch.setattr(train_steps, "device_memory_limit", lambda: 64 << 30)
-    trainer.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(smaller, workdir)  # the advice followed
     assert checkpointing.saved_steps(workdir) == [2]
 
 
