@@ -520,6 +520,7 @@ def test_processes_check_the_preemption_sync_point_at_every_step_and_validation_
     assert manager.ids == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.e2e
 def test_a_short_validation_shard_is_refused_at_start_up(demo, tmp_path):
     """A val shard cut at a record boundary: named before training, not at the
     first validation (or, padded, never)."""
