@@ -27,6 +27,7 @@ TOP_KEYS = {
     "drop_connect_rate",
     "batch_norm",
     "conv_lowering",
+    "remat",
 }
 DOLG_KEYS = {
     "dilations",
@@ -58,6 +59,7 @@ def test_default_config_has_every_key(name):
     assert (config.pooling, config.neck) == expected
     assert config.descriptor == "embedding"  # both recipes search with the neck's output
     assert config.conv_lowering == "auto"  # decided when the model is traced, per backend
+    assert config.remat == "none"  # off where memory is not the limit
     # Unset backbone options resolve to what they stand for, so a resolved
     # config rebuilds the same model.
     resolved = {

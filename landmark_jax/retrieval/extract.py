@@ -361,7 +361,17 @@ def extract(
             min_side=min_side,
         )
 
-    total, ids, labels, mask = None, None, None, None
+    # Where each of this process's rows stands in the split's file order: it
+    # reads files q, q + P, ... front to back (input_pipeline.process_files),
+    # and the gathered global batches interleave the processes' rows.
+    info = data_format.read_split_info(data_dir, split)
+    q, count = jax.process_index(), jax.process_count()
+    starts = np.cumsum([0, *info.file_examples])
+    reading_order = np.concatenate(
+        [np.arange(starts[f], starts[f + 1]) for f in range(q, len(info.files), count)]
+        or [np.zeros(0, np.int64)]
+    )
+    total, ids, labels, mask, positions = None, None, None, None, None
     for scale in scales:
         size = max(int(round(image_size * scale)), min_side)
         if size == min_side > int(round(image_size * scale)):
@@ -375,7 +385,8 @@ def extract(
         batches, num_steps = input_pipeline.eval_iterator(
             data_dir, split, mesh=mesh, global_batch_size=batch_size, image_size=size
         )
-        parts, id_parts, label_parts, mask_parts = [], [], [], []
+        parts, id_parts, label_parts, mask_parts, position_parts = [], [], [], [], []
+        read = 0
         progress = tqdm.tqdm(
             batches,
             total=num_steps,
@@ -387,6 +398,11 @@ def extract(
             parts.append(_gather(embed(variables, batch["image"])))
             mask_parts.append(_gather(batch["mask"]))
             id_parts.append(_gather(sharding.host_local_to_global(_encode_ids(batch_ids), mesh)))
+            local = np.full(len(batch_ids), -1, np.int32)  # -1 on padding rows ('' ids)
+            real = np.asarray([len(i) > 0 for i in batch_ids], bool)
+            local[real] = reading_order[read : read + int(real.sum())]
+            read += int(real.sum())
+            position_parts.append(_gather(sharding.host_local_to_global(local, mesh)))
             if "label" in batch:
                 label_parts.append(_gather(batch["label"]))
         scale_total = np.concatenate(parts)
@@ -394,10 +410,14 @@ def extract(
         mask = np.concatenate(mask_parts)
         ids = _decode_ids(np.concatenate(id_parts))
         labels = np.concatenate(label_parts) if label_parts else np.full(len(mask), -1)
+        positions = np.concatenate(position_parts)
 
-    embeddings = total[mask]
+    order = np.argsort(positions[mask], kind="stable")  # file order, whatever the processes
+    embeddings = total[mask][order]
     embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
-    return Embeddings(ids[mask], embeddings.astype(np.float32), labels[mask].astype(np.int64))
+    return Embeddings(
+        ids[mask][order], embeddings.astype(np.float32), labels[mask][order].astype(np.int64)
+    )
 
 
 def extraction_options(
