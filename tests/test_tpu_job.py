@@ -13,12 +13,26 @@ import pytest
 
 from config_files import REPO, load_config
 
-_spec = importlib.util.spec_from_file_location(
-    "tpu_job", os.path.join(REPO, "experiments", "tpu_vm", "tpu_job.py")
-)
-tpu_job = importlib.util.module_from_spec(_spec)
-sys.modules["tpu_job"] = tpu_job  # dataclasses look their module up by name
-_spec.loader.exec_module(tpu_job)
+
+def _load(name):
+    """experiments/tpu_vm/NAME.py as module NAME: tpu_job.py and its sibling
+    modules import one another by name (as when the script runs)."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO, "experiments", "tpu_vm", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+# In import order: each module's siblings before it.
+recipes = _load("recipes")
+gcloud_commands = _load("gcloud_commands")
+worker_commands = _load("worker_commands")
+program_checks = _load("program_checks")
+queued_resources = _load("queued_resources")
+tpu_job = _load("tpu_job")
 
 ROOT = "gs://bucket/runs"
 FLAGS = [
@@ -37,7 +51,7 @@ ARTICLE = {n: f"{ROOT}/{n}/notclean" for n in ("b7", "b6", "b5_a", "b5_b")}
 
 def _job(recipe="glr2020", accelerator_type="v4-32", **kwargs):
     data = {"clean": "gs://bucket/clean", "full": "gs://bucket/full", "x": "gs://bucket/x"}
-    return tpu_job.Job(
+    return recipes.Job(
         recipe=recipe,
         tpu="lm",
         zone="us-central2-b",
@@ -61,21 +75,21 @@ def _flag(argv, name):
     + [("v5litepod-8", 1), ("v5litepod-16", 4), ("v6e-64", 16)],
 )
 def test_num_hosts(kind, hosts):
-    assert tpu_job.num_hosts(kind) == hosts
+    assert recipes.num_hosts(kind) == hosts
 
 
 def test_num_hosts_names_a_bad_type():
     with pytest.raises(ValueError, match="--accelerator_type='tpu-8'"):
-        tpu_job.num_hosts("tpu-8")
+        recipes.num_hosts("tpu-8")
 
 
-@pytest.mark.parametrize("recipe", sorted(tpu_job.RECIPES))
+@pytest.mark.parametrize("recipe", sorted(recipes.RECIPES))
 def test_stages_chain_their_checkpoints_and_read_their_data(recipe):
     job = _job(recipe)
-    stages = tpu_job.RECIPES[recipe].stages
+    stages = recipes.RECIPES[recipe].stages
     previous = None
     for i, stage in enumerate(stages):
-        argv = tpu_job.train_argv(job, i)
+        argv = worker_commands.train_argv(job, i)
         assert argv[:3] == [".venv/bin/python", "-m", "landmark_jax.train"]
         assert _flag(argv, "workdir") == f"{ROOT}/{recipe}/{stage.name}"
         assert _flag(argv, "config.data_dir") == job.data[stage.data]
@@ -90,9 +104,9 @@ def test_stages_chain_their_checkpoints_and_read_their_data(recipe):
         load_config(name, arg)
         previous = _flag(argv, "workdir")
     assert [s.data for s in stages][0] == "clean"
-    evaluate = tpu_job.evaluate_argv(job)
+    evaluate = worker_commands.evaluate_argv(job)
     assert _flag(evaluate, "workdir") == previous  # the last stage
-    assert "--tpu_pod" not in tpu_job.train_argv(_job(recipe, "v4-8"), 0)  # one host
+    assert "--tpu_pod" not in worker_commands.train_argv(_job(recipe, "v4-8"), 0)  # one host
 
 
 @pytest.mark.e2e
@@ -127,7 +141,9 @@ def test_dry_run_prints_every_command_in_order():
         # Logs in the bucket; only the worker's host name is left to the shell.
         assert f'{ROOT}/glr2020/logs/{name}-"$(hostname).log"' in script
     script = evaluate[-1]
-    argv = shlex.split(script.split(f"cd $HOME/{tpu_job.SOURCE_DIR}; ")[1].split(" 2>&1")[0])
+    argv = shlex.split(
+        script.split(f"cd $HOME/{worker_commands.SOURCE_DIR}; ")[1].split(" 2>&1")[0]
+    )
     assert argv[:3] == [".venv/bin/python", "-m", "landmark_jax.evaluate"]
     assert _flag(argv, "config") == "configs/glr2020_ensemble.py:article"
     for name, workdir in ARTICLE.items():
@@ -224,11 +240,11 @@ def test_install_script_runs_on_a_worker_and_again(tmp_path):
         path.write_text(f'#!/bin/bash\necho {path.name} "$*" >> {calls}\n{body}\n')
         path.chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home)}
-    script = tpu_job.install_script(_job())
+    script = worker_commands.install_script(_job())
     for _ in range(2):
         subprocess.run(["bash", "-c", script], env=env, check=True, timeout=30)
     lines = calls.read_text().splitlines()
-    src = tpu_job.SOURCE_DIR
+    src = worker_commands.SOURCE_DIR
     assert lines[0].startswith("git clone -q --depth 1 --branch main https://example.org/")
     assert lines[1].startswith("curl ")  # uv installed once, by its installer
     assert lines[2] == f"uv venv -q --python 3.12 {src}/.venv"
@@ -251,7 +267,7 @@ def test_user_values_cannot_inject_commands_into_the_worker_script(tmp_path):
     root = "gs://b/runs\"; touch x; echo \"'; touch y; '"
     job = dataclasses.replace(_job("glr2020", "v4-8"), root=root)
     home, bin_dir, calls = tmp_path / "home", tmp_path / "bin", tmp_path / "calls"
-    venv_bin = home / tpu_job.SOURCE_DIR / ".venv" / "bin"
+    venv_bin = home / worker_commands.SOURCE_DIR / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     bin_dir.mkdir()
     fakes = {
@@ -266,7 +282,7 @@ def test_user_values_cannot_inject_commands_into_the_worker_script(tmp_path):
             f">> {calls}\n{body}\n"
         )
         path.chmod(0o755)
-    script = tpu_job._logged(job, "clean", tpu_job.train_argv(job, 0))
+    script = worker_commands._logged(job, "clean", worker_commands.train_argv(job, 0))
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home)}
     result = subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, timeout=30)
     assert result.returncode == 3
@@ -624,27 +640,27 @@ def test_the_dry_run_refuses_members_or_solutions_the_evaluation_cannot_take(ext
 
 def test_member_names_select_one_ensemble_variant_or_are_refused():
     released = ("b7_640", "b6_640", "b7_640_second", "b7_512")
-    assert tpu_job.ensemble_variant({n: "w" for n in released}) == "released"
-    assert tpu_job.ensemble_variant(ARTICLE) == "article"
+    assert program_checks.ensemble_variant({n: "w" for n in released}) == "released"
+    assert program_checks.ensemble_variant(ARTICLE) == "article"
     with pytest.raises(
         ValueError,
         match=r"glr2020_ensemble.py:article also has member\(s\) "
         r"\['b5_a', 'b5_b', 'b6'\]",
     ):
-        tpu_job.ensemble_variant({"b7": "w"})  # the issue's --member=b7=...
+        program_checks.ensemble_variant({"b7": "w"})  # the issue's --member=b7=...
     with pytest.raises(
         ValueError,
         match=r"\['b7', 'b7_640'\] are not the members of one variant"
         r".*:released has b6_640, b7_512, b7_640, b7_640_second; :article has "
         r"b5_a, b5_b, b6, b7",
     ):
-        tpu_job.ensemble_variant({"b7": "w", "b7_640": "w"})
+        program_checks.ensemble_variant({"b7": "w", "b7_640": "w"})
 
 
 def test_check_command_runs_the_programs_parser_and_config_checks():
     job = _job("glr2020", "v4-32")
-    tpu_job.check_commands(job)  # every stage and the evaluation, as built
-    tpu_job.check_commands(_job("glr2021", "v4-32", recognition_solution="gs://b/sol.csv"))
+    program_checks.check_commands(job)  # every stage and the evaluation, as built
+    program_checks.check_commands(_job("glr2021", "v4-32", recognition_solution="gs://b/sol.csv"))
     # The issue's failure: a member of another variant, caught before any training.
     evaluate = [".venv/bin/python", "-m", "landmark_jax.evaluate"]
     evaluate += ["--config=configs/glr2020_ensemble.py", "--workdir=gs://b/e"]
@@ -653,15 +669,17 @@ def test_check_command_runs_the_programs_parser_and_config_checks():
         match=r"^step 'evaluate' would fail on the workers: .* its config has no key 'b7' "
         r"\(among --config.eval.ensemble.b7.workdir\)$",
     ):
-        tpu_job.check_command(job, "evaluate", evaluate + ["--config.eval.ensemble.b7.workdir=w"])
+        program_checks.check_command(
+            job, "evaluate", evaluate + ["--config.eval.ensemble.b7.workdir=w"]
+        )
     # A typo, and a value the config checks refuse, each named.
-    train = tpu_job.train_argv(job, 1)
+    train = worker_commands.train_argv(job, 1)
     with pytest.raises(
         ValueError, match=r"step 'full' .*no key 'lr' \(among .*--config.optimizer.lr\)"
     ):
-        tpu_job.check_command(job, "full", train + ["--config.optimizer.lr=0.1"])
+        program_checks.check_command(job, "full", train + ["--config.optimizer.lr=0.1"])
     with pytest.raises(ValueError, match=r"step 'full' .*config.head.margin_type='arc'"):
-        tpu_job.check_command(job, "full", train + ["--config.head.margin_type=arc"])
+        program_checks.check_command(job, "full", train + ["--config.head.margin_type=arc"])
     # Batch 64 on a v4-256 (128 devices) would stop the stage at its start.
     big = dataclasses.replace(job, accelerator_type="v4-256")
     with pytest.raises(
@@ -669,7 +687,7 @@ def test_check_command_runs_the_programs_parser_and_config_checks():
         match=r"config.batch_size=64 must be a positive multiple "
         r"of the 128 devices",
     ):
-        tpu_job.check_command(big, "clean", tpu_job.train_argv(big, 0))
+        program_checks.check_command(big, "clean", worker_commands.train_argv(big, 0))
 
 
 @pytest.mark.parametrize(
@@ -684,9 +702,9 @@ def test_the_evaluate_command_says_whether_it_embeds_the_train_split(recipe, mem
 
     variant = "article" if members else "released"
     job = _job(recipe, "v4-8", members=dict(members), ensemble_variant=variant)
-    argv = tpu_job.evaluate_argv(job)
+    argv = worker_commands.evaluate_argv(job)
     assert _flag(argv, "config.eval.recognition_submission") == str(recognition)
-    config = tpu_job.parse_program_flags(argv).config
+    config = program_checks.parse_program_flags(argv).config
     assert recognition_evaluation.recognition_requested(config) is recognition
     if not members:  # the recipe's own config, without the job's flag
         name, arg = _flag(argv, "config").removeprefix("configs/").split(".py:")
