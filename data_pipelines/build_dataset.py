@@ -47,29 +47,25 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 import os
-import uuid
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 from absl import app, flags
 
 # The builder modules: importing them registers their datasets with TFDS.
-from data_pipelines import demo_builder, describe_dataset, gldv2_builder, revisited_builder
-from landmark_jax import data_format, entry_point_errors, file_io, file_lease, tensorflow_setup
+from data_pipelines import (
+    build_swap,
+    demo_builder,
+    describe_dataset,
+    gldv2_builder,
+    revisited_builder,
+)
+from landmark_jax import entry_point_errors, file_io, tensorflow_setup
 
 _BUILDER_MODULES = (gldv2_builder, demo_builder, revisited_builder)
 # The config fields --val_fraction and --seed override.
 _OVERRIDABLE = ("val_fraction", "seed")
-# What a staged rebuild and a replaced build are called in the config's folder.
-_REBUILD_PREFIX = f"{data_format.TEMPORARY_PREFIX}rebuild_"
-_PREVIOUS_INFIX = ".previous_"
-# The files that make a folder a TFDS build (data_format.find_build): moved
-# last, so that a build moved file by file reads as one only once complete.
-_BUILD_MARKERS = ("dataset_info.json", "features.json")
-# file_lease's wait for a second taker of a lease in a bucket (tests shorten it).
-LEASE_SETTLE_SECONDS = 2.0
 
 
 def project_builders() -> dict[str, type[tfds.core.DatasetBuilder]]:
@@ -265,7 +261,7 @@ def build(
     builder = make_builder(dataset, data_dir, **builder_options)
     final = os.fspath(builder.data_dir)
     if builder.is_prepared() and not overwrite:
-        _tidy_when_idle(dataset, final)
+        build_swap.tidy_when_idle(dataset, final)
         return builder, True
     config = tfds.download.DownloadConfig(
         manual_dir=manual_dir,
@@ -274,75 +270,24 @@ def build(
         # TFDS never deletes a build here: a rebuild goes beside it.
         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
     )
-    with _build_lease(dataset, final):
+    with build_swap.build_lease(dataset, final):
         # A builder opened now: another build may have finished meanwhile
         # (and one opened over a build holds that build's state).
         builder = make_builder(dataset, data_dir, **builder_options)
-        _remove_unfinished(file_io.dirname(final))
+        build_swap.remove_unfinished(file_io.dirname(final))
         if builder.is_prepared() and not overwrite:
             return builder, True
         if not builder.is_prepared():
             _prepare(builder, config, data_dir, num_shards)
             return builder, False
-        _rebuild_beside(dataset, data_dir, final, config, num_shards, builder_options)
+
+        def build_into(staging: str) -> str:
+            staged = make_builder(dataset, staging, **builder_options)
+            _prepare(staged, config, data_dir, num_shards)
+            return os.fspath(staged.data_dir)
+
+        build_swap.rebuild_beside(final, build_into)
         return make_builder(dataset, data_dir, **builder_options), False
-
-
-def lease_path(final: str) -> str:
-    """`<data_dir>/<name>/<config>.build.lease` for the build `<...>/<config>/<version>`:
-    beside the config's folder, which then holds builds and their temporaries only."""
-    config_dir = file_io.dirname(final)
-    return file_io.join(file_io.dirname(config_dir), f"{file_io.basename(config_dir)}.build.lease")
-
-
-def _build_lease(dataset: str, final: str) -> file_lease.Lease:
-    """The held lease of a build of one config (a context manager releasing it).
-
-    Raises:
-      file_lease.LeaseHeld: another build of it is running, naming it.
-    """
-    lease = file_lease.Lease(lease_path(final), settle_seconds=LEASE_SETTLE_SECONDS)
-    try:
-        return lease.acquire()
-    except file_lease.LeaseHeld as e:
-        raise file_lease.LeaseHeld(
-            f"another build of {dataset} into {file_io.dirname(final)} is running ({e}); "
-            "wait for it to finish, then rerun (an existing build is reused, or rebuilt "
-            "with --overwrite)"
-        ) from None
-
-
-def _tidy_when_idle(dataset: str, final: str) -> None:
-    """_remove_unfinished, for a run that reuses a build, unless a build of
-    that config is running (then its temporaries are in use)."""
-    try:
-        with _build_lease(dataset, final):
-            _remove_unfinished(file_io.dirname(final))
-    except file_lease.LeaseHeld:
-        pass
-
-
-def _remove_unfinished(config_dir: str) -> None:
-    """Deletes the `incomplete.*` folders of a config: with its build lease held,
-    they are what a build that did not finish left (TFDS's temporaries, and
-    our staged rebuilds). A previous build left aside by a rebuild that was
-    killed while swapping is the user's data: named, never deleted."""
-    for name in file_io.listdir(config_dir):
-        path = file_io.join(config_dir, name)
-        if data_format.is_temporary(path) and file_io.isdir(path):
-            logging.warning(
-                "%s: deleting the temporary folder of a build that did not finish "
-                "(killed, or its machine lost; no other build of this config holds the lease)",
-                path,
-            )
-            file_io.rmtree(path)
-        elif _PREVIOUS_INFIX in name:
-            logging.warning(
-                "%s: a previous build that a killed rebuild moved aside; kept. Move it back "
-                "to %s if that folder is missing",
-                path,
-                name.split(_PREVIOUS_INFIX)[0],
-            )
 
 
 def _prepare(
@@ -371,48 +316,6 @@ def _prepare(
             f"{builder.data_dir}: another build finished there while this one ran (two "
             f"builds into one data dir at once); that build is kept, this one discarded ({e})"
         ) from None
-
-
-def _rebuild_beside(
-    dataset: str,
-    data_dir: str,
-    final: str,
-    config: tfds.download.DownloadConfig,
-    num_shards: int | None,
-    builder_options: dict,
-) -> None:
-    """Builds again into a temporary folder beside `final`, then swaps it in.
-
-    The previous build stays untouched until the new one is complete; if
-    building fails, the temporary folder is deleted and nothing else changed.
-    """
-    config_dir, version = file_io.dirname(final), file_io.basename(final)
-    token = uuid.uuid4().hex[:8]
-    staging = file_io.join(config_dir, f"{_REBUILD_PREFIX}{token}")
-    try:
-        staged = make_builder(dataset, staging, **builder_options)
-        _prepare(staged, config, data_dir, num_shards)
-        previous = file_io.join(config_dir, f"{version}{_PREVIOUS_INFIX}{token}")
-        _move_build(final, previous)
-        try:
-            _move_build(os.fspath(staged.data_dir), final)
-        except BaseException:
-            # `final` holds only files of the new build: the previous one goes back.
-            file_io.rmtree(final)
-            _move_build(previous, final)
-            raise
-        file_io.rmtree(previous)
-        logging.info(
-            "%s: rebuilt; the previous build was deleted once this one was in place", final
-        )
-    finally:
-        file_io.rmtree(staging)
-
-
-def _move_build(source: str, target: str) -> None:
-    """Moves a build folder to `target`; in a bucket its metadata files go
-    last, so that `target` reads as a build only once it is complete."""
-    file_io.move_folder(source, target, last=_BUILD_MARKERS)
 
 
 FLAGS = flags.FLAGS

@@ -242,10 +242,10 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         raw = self._raw_dir = self.raw_dir(dl_manager)
         cfg = self.settings
-        train_csv = _required(raw, "train.csv")
+        train_csv = gldv2_csv.required(raw, "train.csv")
         # Required by every config: without it `full` would call every image
         # clean, and GLR2020's not-clean loss weight would silently do nothing.
-        clean_csv = _required(raw, "train_clean.csv")
+        clean_csv = gldv2_csv.required(raw, "train_clean.csv")
         plan = landmark_examples.plan_split(
             "train",
             train_csv,
@@ -265,11 +265,11 @@ class Gldv2(tfds.core.GeneratorBasedBuilder):
             "val": [ex for ex, v in zip(plan.examples, is_val, strict=True) if v],
         }
         id_splits = list(RETRIEVAL_SPLITS) if cfg.retrieval_splits else []
-        if _has_rows(file_io.join(raw, f"{NON_LANDMARK_SPLIT}.csv")):
+        if gldv2_csv.has_rows(file_io.join(raw, f"{NON_LANDMARK_SPLIT}.csv")):
             id_splits.append(NON_LANDMARK_SPLIT)
         listed = {train_csv: plan.listed}
         for split in id_splits:
-            split_csv = _required(raw, f"{split}.csv")
+            split_csv = gldv2_csv.required(raw, f"{split}.csv")
             split_plan = landmark_examples.plan_split(
                 split, split_csv, file_io.join(raw, split), skip_missing=self._skip_bad_images
             )
@@ -432,22 +432,3 @@ def _check_num_shards(planned: dict[str, Sequence[Example]], num_shards: int | N
             "every split in num_shards files: pass a smaller --num_shards, or none to let "
             "TFDS size the shards"
         )
-
-
-def _has_rows(path: str) -> bool:
-    """True if the CSV exists and has a row below its header (make_demo_dataset
-    writes a header-only nonlandmark.csv when asked for no such images)."""
-    if not file_io.exists(path):
-        return False
-    return any(line.strip() for line in file_io.read_text(path).splitlines()[1:])
-
-
-def _required(raw: str, name: str) -> str:
-    path = file_io.join(raw, name)
-    if not file_io.exists(path):
-        found = sorted(file_io.listdir(raw))[:10] if file_io.isdir(raw) else []
-        raise FileNotFoundError(
-            f"{path} not found: the manual dir must hold GLDv2's CSVs and image trees "
-            f"(found {found})"
-        )
-    return path

@@ -246,3 +246,22 @@ def find_image(images_dir: str, image_id: str, listed: set[str] | None = None) -
         if candidate in listed if listed is not None else file_io.isfile(candidate):
             return candidate
     return None
+
+
+def has_rows(path: str) -> bool:
+    """True if the CSV exists and has a row below its header (make_demo_dataset
+    writes a header-only nonlandmark.csv when asked for no such images)."""
+    if not file_io.exists(path):
+        return False
+    return any(line.strip() for line in file_io.read_text(path).splitlines()[1:])
+
+
+def required(raw: str, name: str) -> str:
+    path = file_io.join(raw, name)
+    if not file_io.exists(path):
+        found = sorted(file_io.listdir(raw))[:10] if file_io.isdir(raw) else []
+        raise FileNotFoundError(
+            f"{path} not found: the manual dir must hold GLDv2's CSVs and image trees "
+            f"(found {found})"
+        )
+    return path

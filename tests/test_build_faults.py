@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from data_pipelines import build_dataset, gldv2_builder, image_encoding
+from data_pipelines import build_dataset, build_swap, gldv2_builder, image_encoding
 from landmark_jax import data_format, entry_point_errors, file_lease
 
 import tiny_gldv2
@@ -122,7 +122,7 @@ def test_a_second_build_of_a_config_fails_in_one_line_and_touches_nothing(copy):
     raw, data_dir, final = copy
     config_dir = os.path.dirname(final)
     # A build of the same config running: its lease, its temporary folder.
-    running = file_lease.Lease(build_dataset.lease_path(final)).acquire()
+    running = file_lease.Lease(build_swap.lease_path(final)).acquire()
     try:
         temporary = os.path.join(config_dir, "incomplete.ABCDEF_1.0.0")
         os.makedirs(temporary)

@@ -21,7 +21,7 @@ import uuid
 import pytest
 import tfds_ram
 
-from data_pipelines import build_dataset, make_demo_dataset
+from data_pipelines import build_dataset, build_swap, make_demo_dataset
 from landmark_jax import data_format, file_io
 
 TINY_DEMO = dict(
@@ -44,7 +44,7 @@ def _ram_for_tfds():
 @pytest.fixture(autouse=True)
 def _short_lease_settle(monkeypatch):
     # A build's lease on a URL waits for a second taker; one process here.
-    monkeypatch.setattr(build_dataset, "LEASE_SETTLE_SECONDS", 0.05)
+    monkeypatch.setattr(build_swap, "LEASE_SETTLE_SECONDS", 0.05)
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ import threading
 import pytest
 from PIL import Image
 
-from data_pipelines import download_gldv2, verified_tars
+from data_pipelines import download_gldv2, shard_markers, verified_tars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES_PER_SHARD = 3
@@ -200,6 +200,20 @@ def test_part_file_from_an_earlier_run_is_resumed(server, tmp_path):
     check_images(str(tmp_path), "index", {k: images[k] for k in list(images)[:IMAGES_PER_SHARD]})
 
 
+def _run_cli(output_dir: str, base_url: str, *flags: str) -> subprocess.CompletedProcess:
+    """Runs the download_gldv2 program on train's shards 0-3 (the real SPLITS
+    table, so --shards picks the four a test serves)."""
+    return subprocess.run(
+        [sys.executable, "-m", "data_pipelines.download_gldv2", "--split=train", *flags]
+        + [f"--output_dir={output_dir}", f"--base_url={base_url}", "--shards=0-3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_PROXY": "127.0.0.1"},
+    )
+
+
 @pytest.mark.e2e
 def test_always_corrupted_shard_fails_and_the_others_complete(server, tmp_path):
     server.tree, images = make_release("train", 4)
@@ -215,17 +229,9 @@ def test_always_corrupted_shard_fails_and_the_others_complete(server, tmp_path):
     assert not os.path.exists(os.path.join(out, "tars", "train", "images_002.tar"))
     assert len(summary["missing"]) == IMAGES_PER_SHARD
 
-    # The CLI, once: the real SPLITS table, so --shards picks the four served.
+    # The CLI, once.
     cli_out = str(tmp_path / "cli")
-    result = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.download_gldv2", "--split=train"]
-        + [f"--output_dir={cli_out}", f"--base_url={server.url}", "--shards=0-3"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "NO_PROXY": "127.0.0.1"},
-    )
+    result = _run_cli(cli_out, server.url)
     assert result.returncode == 1, result.stderr
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "images_002.tar" in failed[0]
@@ -301,7 +307,7 @@ def test_unsafe_tar_member_is_refused(tmp_path, member):
 def counted(monkeypatch):
     """Records the tars each run hashes and extracts (the work a rerun must skip)."""
     calls: dict[str, list[str]] = {"hashed": [], "extracted": []}
-    real_md5, real_extract = download_gldv2.file_md5, download_gldv2.extract_tar
+    real_md5, real_extract = shard_markers.file_md5, download_gldv2.extract_tar
 
     def file_md5(path):
         calls["hashed"].append(os.path.basename(path))
@@ -311,7 +317,7 @@ def counted(monkeypatch):
         calls["extracted"].append(os.path.basename(path))
         return real_extract(path, dest)
 
-    monkeypatch.setattr(download_gldv2, "file_md5", file_md5)
+    monkeypatch.setattr(shard_markers, "file_md5", file_md5)
     monkeypatch.setattr(download_gldv2, "extract_tar", extract_tar)
 
     def take():
@@ -409,15 +415,7 @@ def test_verify_rehashes_every_tar_and_finds_a_silent_change(server, tmp_path, c
 
     # The command line's --verify: every tar hashed, none fetched.
     server.requests.clear()
-    result = subprocess.run(
-        [sys.executable, "-m", "data_pipelines.download_gldv2", "--split=train", "--verify"]
-        + [f"--output_dir={out}", f"--base_url={server.url}", "--shards=0-3"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "NO_PROXY": "127.0.0.1"},
-    )
+    result = _run_cli(out, server.url, "--verify")
     assert result.returncode == 0, result.stderr
     assert "0 downloaded, 4 skipped (already verified), 0 failed" in result.stdout
     assert result.stderr.count("--verify: hashing") == 4 and tar_requests(server) == []
