@@ -47,14 +47,13 @@ import csv
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent import futures
 
 from absl import app, flags, logging
 
-from data_pipelines import shard_markers
+from data_pipelines import resumable_download, shard_markers
+from data_pipelines.resumable_download import DownloadError
 from data_pipelines.verified_tars import extract_tar, read_md5
 from landmark_jax import entry_point_errors
 
@@ -71,18 +70,6 @@ CSVS = {
         "ground_truth/retrieval_solution_v2.1.csv",
     ),
 }
-# Seconds to wait before retrying a failed transfer; tests set it to 0.
-RETRY_DELAY_S = 2.0
-_TIMEOUT_S = 60
-_CHUNK = 1 << 20
-
-
-class DownloadError(RuntimeError):
-    """A file could not be downloaded or verified."""
-
-
-class _Interrupted(OSError):
-    """A transfer stopped early; the .part file is kept to resume from."""
 
 
 def parse_shards(text: str | None, num_shards: int) -> list[int]:
@@ -120,69 +107,6 @@ def parse_shards(text: str | None, num_shards: int) -> list[int]:
     return sorted(selected)
 
 
-def _fetch(url: str, part: str) -> int:
-    """Downloads url into part, resuming from part's size; returns bytes fetched."""
-    offset = os.path.getsize(part) if os.path.exists(part) else 0
-    request = urllib.request.Request(url)
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:
-            # Nothing after `offset`: the part is complete (or too long), and
-            # the md5 check that follows tells which.
-            return 0
-        raise
-    with response:
-        mode = "ab"
-        start = response.headers.get("Content-Range", "")
-        if response.status != 206 or not start.startswith(f"bytes {offset}-"):
-            # The server sent the whole file (or another range): start over.
-            mode, offset = "wb", 0
-        expected = response.headers.get("Content-Length")
-        received = 0
-        with open(part, mode) as out:
-            try:
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    received += len(chunk)
-            except Exception as e:  # Any mid-read failure leaves a resumable part.
-                raise _Interrupted(
-                    f"{url}: transfer interrupted after {received} bytes: {e}"
-                ) from e
-        # http.client returns b"" rather than raising when the connection
-        # closes early, so a short body is only visible by counting.
-        if expected is not None and received < int(expected):
-            raise _Interrupted(f"{url}: connection closed after {received} of {expected} bytes")
-    return received
-
-
-def _download(url: str, dest: str, retries: int) -> int:
-    """Fetches url to dest.part with up to `retries` attempts; returns bytes fetched.
-
-    The .part file is kept between attempts (and runs) so each retry resumes.
-    """
-    part = dest + ".part"
-    fetched = 0
-    for attempt in range(1, retries + 1):
-        try:
-            fetched += _fetch(url, part)
-            return fetched
-        except urllib.error.HTTPError as e:
-            if 400 <= e.code < 500:
-                # Retrying a missing file or a refused request cannot help.
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-            error: Exception = e
-        except OSError as e:
-            error = e
-        if attempt == retries:
-            raise DownloadError(f"{url}: failed after {retries} attempts: {error}") from error
-        logging.warning("%s: attempt %d of %d failed (%s); retrying", url, attempt, retries, error)
-        time.sleep(RETRY_DELAY_S)
-    raise AssertionError("unreachable")
-
-
 def _shard_job(
     split: str, shard: int, output_dir: str, base_url: str, retries: int, verify: bool = False
 ) -> str:
@@ -215,7 +139,7 @@ def _shard_job(
     md5_url = f"{base_url}/md5sum/{split}/md5.{name}.txt"
     md5_path = os.path.join(tar_dir, f"md5.{name}.txt")
     if not os.path.exists(md5_path):
-        _download(md5_url, md5_path, retries)
+        resumable_download.download(md5_url, md5_path, retries)
         os.replace(md5_path + ".part", md5_path)
     with open(md5_path) as f:
         text = f.read()
@@ -269,7 +193,7 @@ def _shard_job(
     if stat is None:
         status = "downloaded"
         for refetch in (False, True):
-            fetched += _download(url, tar_path, retries)
+            fetched += resumable_download.download(url, tar_path, retries)
             stat, actual = shard_markers.stat_and_md5(tar_path + ".part")
             if actual == expected:
                 # A rename keeps the size and mtime the marker records.
@@ -301,7 +225,7 @@ def _fetch_csvs(split: str, output_dir: str, base_url: str, retries: int) -> dic
             logging.info("%s: already present, kept (delete it to download again)", dest)
             statuses[dest] = "kept"
             continue
-        _download(f"{base_url}/{relative}", dest, retries)
+        resumable_download.download(f"{base_url}/{relative}", dest, retries)
         os.replace(dest + ".part", dest)
         statuses[dest] = "downloaded"
     return statuses

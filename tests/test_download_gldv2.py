@@ -12,7 +12,7 @@ import threading
 import pytest
 from PIL import Image
 
-from data_pipelines import download_gldv2, shard_markers, verified_tars
+from data_pipelines import download_gldv2, resumable_download, shard_markers, verified_tars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES_PER_SHARD = 3
@@ -116,7 +116,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server(monkeypatch):
     monkeypatch.setattr(download_gldv2, "SPLITS", {"train": 4, "index": 2, "test": 2})
-    monkeypatch.setattr(download_gldv2, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(resumable_download, "RETRY_DELAY_S", 0.0)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
