@@ -23,7 +23,7 @@ ground truth's.
 
 The ground truth travels in the build's metadata (`metadata.json`, key
 `gnd`): imlist, qimlist and per query bbx, easy, hard and junk, as
-data_format.parse_revisited_gnd returns them; landmark_jax.retrieval.revisited
+revisited_gnd.parse_revisited_gnd returns them; landmark_jax.retrieval.revisited
 reads it from there. The metadata also records the whole-pixel box each query
 was cropped to and what the build read.
 
@@ -46,7 +46,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import landmark_examples, revisited_images, worker_processes
 from data_pipelines.revisited_images import Task
-from landmark_jax import data_format, file_io
+from landmark_jax import data_format, file_io, revisited_gnd
 
 DB_SPLIT = "revisited_db"
 QUERY_SPLIT = "revisited_query"
@@ -160,7 +160,7 @@ class RevisitedOxfordParis(tfds.core.GeneratorBasedBuilder):
                 f"{gnd_path} not found: the manual dir of config {cfg.name!r} must hold "
                 f"{cfg.gnd_file} and {IMAGES_DIR}/ (found {found})"
             )
-        gnd = self._gnd = data_format.read_revisited_gnd(gnd_path)
+        gnd = self._gnd = revisited_gnd.read_revisited_gnd(gnd_path)
         imlist, qimlist = gnd["imlist"], gnd["qimlist"]
         if not imlist or not qimlist:
             raise ValueError(

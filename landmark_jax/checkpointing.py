@@ -16,17 +16,15 @@ that decides that shape.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
-from collections.abc import Mapping, MutableSet, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
-from landmark_jax import checkpoint_integrity, file_io
+from landmark_jax import checkpoint_fit, checkpoint_integrity, file_io
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -41,21 +39,6 @@ ocp.type_handlers.register_type_handler(
     jax.Array,
     ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
     override=True,
-)
-
-# Which config keys (of config_lib.base_config(); tested) set a parameter's
-# shape, by where it lives, and a note. num_classes left None is the data's
-# class count (its features.json).
-_SHAPE_HINTS = (
-    (
-        "params/head/",
-        ("num_classes", "head.num_subcenters", "model.embedding_dim"),
-        "num_classes None: the data set's class count; to start a new head use init.carry='model'",
-    ),
-    ("params/model/backbone/", ("model.backbone",), ""),
-    ("batch_stats/model/backbone/", ("model.backbone",), ""),
-    ("params/model/", ("model.embedding_dim", "model.neck", "model.dolg"), ""),
-    ("batch_stats/model/", ("model.embedding_dim", "model.neck", "model.dolg"), ""),
 )
 
 
@@ -79,69 +62,6 @@ def _checkpoint_dir(path: str) -> str:
     return nested if file_io.isdir(nested) else path
 
 
-def _flat_shapes(tree: Mapping[str, Any], keys=("params", "batch_stats")) -> dict[str, tuple]:
-    flat = {}
-    for key in keys:
-        if key in tree and tree[key] is not None:
-            for path, leaf in traverse_util.flatten_dict(dict(tree[key]), sep="/").items():
-                flat[f"{key}/{path}"] = tuple(leaf.shape)
-    return flat
-
-
-def _hint(path: str) -> str:
-    for prefix, keys, note in _SHAPE_HINTS:
-        if path.startswith(prefix):
-            return ", ".join(keys) + (f"; {note}" if note else "")
-    return "the model config"
-
-
-def check_shapes(
-    saved: Mapping[str, Any],
-    expected: Mapping[str, Any],
-    source: str,
-    prefixes: tuple[str, ...],
-    changes: Sequence[str] = (),
-) -> None:
-    """Compares parameter shapes of a checkpoint with the model's.
-
-    Args:
-      saved: the checkpoint's metadata tree (or arrays) with 'params' and
-        'batch_stats'.
-      expected: the abstract (or real) state of the current model.
-      source: the checkpoint path, for the message.
-      prefixes: the flattened paths to compare, e.g. ('params/model/',).
-      changes: 'key: old -> new' lines of the config keys that changed since
-        the checkpoint was written, named in the message.
-
-    Raises:
-      ValueError: naming each differing or missing parameter, both shapes
-        and the config key to change.
-    """
-    got, want = _flat_shapes(saved), _flat_shapes(expected)
-    problems = []
-    for path in sorted(want):
-        if not path.startswith(prefixes):
-            continue
-        if path not in got:
-            problems.append(f"  {path}: in the model {want[path]}, not in the checkpoint")
-        elif got[path] != want[path]:
-            problems.append(
-                f"  {path}: checkpoint {got[path]} vs model {want[path]} "
-                f"(config keys: {_hint(path)})"
-            )
-    problems += [
-        f"  {path}: in the checkpoint {got[path]}, not in the model ({_hint(path)})"
-        for path in sorted(got)
-        if path.startswith(prefixes) and path not in want
-    ]
-    if problems:
-        raise ValueError(
-            f"checkpoint {source} does not fit the model ({len(problems)} parameter(s)):\n"
-            + "\n".join(problems[:20])
-            + _changes_text(changes)
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """A restored train state and what its integrity check found."""
@@ -149,64 +69,6 @@ class Restored:
     state: Any
     step: int
     verdict: checkpoint_integrity.Verdict
-
-
-def _path_of(keys: tuple) -> str:
-    parts = []
-    for key in keys:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return "/".join(parts)
-
-
-def _leaf_paths(tree: Any) -> set[str]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_path_of(keys) for keys, _ in leaves}
-
-
-def check_structure(saved: Any, expected: Any, source: str, changes: Sequence[str] = ()) -> None:
-    """Compares the arrays a checkpoint holds with those the state needs.
-
-    Orbax's own error ("tree structures do not match") names neither the
-    config key nor what changed; another optimizer (adam's mu/nu for sgd's
-    trace), gradient clipping or weight decay changes the optimizer state's
-    arrays without changing any parameter shape.
-
-    Args:
-      saved: the checkpoint's metadata tree.
-      expected: the abstract state of the current config.
-      source: the checkpoint path, for the message.
-      changes: 'key: old -> new' lines of the config keys that changed since
-        the checkpoint was written (run_config.changes_since_checkpoint).
-
-    Raises:
-      ValueError: naming the arrays only one side has, and the changed keys.
-    """
-    got, want = _leaf_paths(saved), _leaf_paths(expected)
-    if got == want:
-        return
-    lines = [f"  {p}: in the checkpoint, not in this config's state" for p in sorted(got - want)]
-    lines += [f"  {p}: in this config's state, not in the checkpoint" for p in sorted(want - got)]
-    raise ValueError(
-        f"checkpoint {source} does not fit this config (a config error, not damage: the "
-        "checkpoint is left as it is):\n"
-        + "\n".join(lines[:12])
-        + (f"\n  ... and {len(lines) - 12} more" if len(lines) > 12 else "")
-        + _changes_text(changes)
-    )
-
-
-def _changes_text(changes: Sequence[str]) -> str:
-    if not changes:
-        return ""
-    return (
-        "\nconfig keys changed since the checkpoint was written (its workdir's config.json "
-        "-> this config):\n  "
-        + "\n  ".join(changes)
-        + "\nresume with the recorded values, or train this config in a new workdir"
-    )
 
 
 def restore_latest(
@@ -257,8 +119,10 @@ def restore_latest(
             damaged.append((step, _unreadable(source, verdict, e)))
             continue
         # A config that does not fit is the config's error, raised as it is.
-        check_shapes(tree, abstract_state, source, ("params/", "batch_stats/"), changes)
-        check_structure(tree, abstract_state, source, changes)
+        checkpoint_fit.check_shapes(
+            tree, abstract_state, source, ("params/", "batch_stats/"), changes
+        )
+        checkpoint_fit.check_structure(tree, abstract_state, source, changes)
         try:
             state = checkpoint_integrity.with_retries(
                 lambda step=step: manager.restore(
@@ -294,92 +158,6 @@ def _unreadable(source: str, verdict: checkpoint_integrity.Verdict, error: Excep
             f"cannot be restored ({what}); it is left as it is"
         ) from error
     return f"{verdict.evidence}, and Orbax cannot read it ({what})"
-
-
-def record_integrity(manager: ocp.CheckpointManager, pending: MutableSet[int]) -> None:
-    """Writes the integrity record of each step of `pending` that Orbax has finalized.
-
-    Only steps this run saved are recorded (`pending`: the trainer adds each
-    step it saves): recording a step found on disk would vouch for bytes
-    nobody checked. Steps recorded, or gone (max_to_keep), leave `pending`.
-
-    Args:
-      manager: the workdir's checkpoint manager.
-      pending: steps saved by this run and not yet recorded; updated.
-    """
-    directory = str(manager.directory)
-    finalized = set(saved_steps(directory))
-    ready = sorted(step for step in pending if step in finalized)
-    if jax.process_index() == 0:
-        checkpoint_integrity.write_records(directory, ready)
-    # Orbax finishes a save before it starts the next: only the newest step
-    # can still be in flight; an older one not on disk was removed.
-    newest = max(pending, default=None)
-    pending.clear()
-    if newest is not None and newest not in finalized:
-        pending.add(newest)
-
-
-def save_args(state: Any) -> ocp.args.StandardSave:
-    """What CheckpointManager.save takes for a train state."""
-    return ocp.args.StandardSave(state)
-
-
-def _disk_full(directory: str, what: str) -> OSError:
-    free = file_io.free_bytes(directory)
-    latest = latest_step(directory)
-    error = OSError(
-        f"no space left on the disk of {directory}: {what}"
-        + (f"; {free:,} bytes free" if free is not None else "")
-        + ". Free space, or move the workdir to a larger disk, and run the same command "
-        + (
-            f"again: it resumes from step {latest}, its latest complete checkpoint"
-            if latest is not None
-            else "again: no checkpoint was completed, so it starts at step 0"
-        )
-    )
-    error.errno = errno.ENOSPC
-    return error
-
-
-def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> None:
-    """Saves `state` as `step` (async), first checking that it fits on a local disk.
-
-    A checkpoint that does not fit would fail inside Orbax's writer threads,
-    leaving a half-written folder and hundreds of lines of their errors; so
-    a local disk must hold the state's bytes (plus 10% and 1 MiB for
-    metadata) before the save starts. A disk that fills meanwhile (another
-    writer) is reported the same way.
-
-    Raises:
-      OSError: (errno ENOSPC) the disk has no room, naming the folder, the
-        bytes needed and free, and the step a rerun resumes from.
-    """
-    directory = str(manager.directory)
-    needed = int(sum(x.nbytes for x in jax.tree.leaves(state)) * 1.1) + (1 << 20)
-    free = file_io.free_bytes(directory)
-    if free is not None and free < needed:
-        raise _disk_full(directory, f"the step-{step} checkpoint needs about {needed:,} bytes")
-    try:
-        manager.save(step, args=save_args(state), force=force)
-    except Exception as e:
-        if (what := file_io.no_space_left(e)) is not None:
-            raise _disk_full(directory, f"a checkpoint write failed ({what})") from e
-        raise
-
-
-def wait_until_finished(manager: ocp.CheckpointManager) -> None:
-    """Waits for the save in flight; a disk that filled is reported as by `save`.
-
-    Raises:
-      OSError: (errno ENOSPC) the save ran out of disk space (named).
-    """
-    try:
-        manager.wait_until_finished()
-    except Exception as e:
-        if (what := file_io.no_space_left(e)) is not None:
-            raise _disk_full(str(manager.directory), f"a checkpoint write failed ({what})") from e
-        raise
 
 
 def _metadata_tree(metadata: Any) -> Mapping[str, Any]:
@@ -493,7 +271,7 @@ def carry_over(state: dict, stage: Mapping[str, Any], carry: str, source: str) -
     """
     parts = ("model", "head") if carry == "all" else ("model",)
     prefixes = tuple(f"{k}/{p}/" for k in ("params", "batch_stats") for p in parts)
-    check_shapes(stage, state, source, prefixes)
+    checkpoint_fit.check_shapes(stage, state, source, prefixes)
     new = dict(state)
     for key in ("params", "batch_stats"):
         tree = dict(state[key])
@@ -518,7 +296,7 @@ def load_backbone_weights(state: dict, variables: Mapping[str, Any], source: str
         "params": {"model": {"backbone": variables["params"]}},
         "batch_stats": {"model": {"backbone": variables.get("batch_stats", {})}},
     }
-    check_shapes(
+    checkpoint_fit.check_shapes(
         stage,
         {
             "params": {"model": {"backbone": state["params"]["model"]["backbone"]}},

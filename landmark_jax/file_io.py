@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import errno
 import functools
-import glob as glob_lib
 import io
 import json
 import os
-import posixpath
 import re
 import shutil
 import uuid
@@ -35,200 +33,23 @@ from typing import IO, Any
 
 import numpy as np
 
+from landmark_jax import file_backends
+
+# The path grammar, part of this module's interface.
+from landmark_jax.file_paths import absolute, basename, dirname, is_url, join, scheme  # noqa: F401
+
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 # Schemes Orbax (TensorStore) can write checkpoints to, besides local paths.
 CHECKPOINT_SCHEMES = ("gs",)
 
 
-def scheme(path: str) -> str | None:
-    """The URL scheme of `path` ('gs', 'ram', ...), or None for a local path."""
-    head, sep, _ = str(path).partition("://")
-    return head if sep and "/" not in head else None
-
-
-def is_url(path: str) -> bool:
-    """True for `scheme://...` paths (gs://, ram://), False for local ones."""
-    return scheme(path) is not None
-
-
-def absolute(path: str) -> str:
-    """A local path made absolute; a URL as it is (what run records store)."""
-    return str(path) if is_url(path) else os.path.abspath(path)
-
-
-def join(path: str, *parts: str) -> str:
-    """Joins with '/' for URLs (on any OS) and os.path.join locally."""
-    return posixpath.join(path, *parts) if is_url(path) else os.path.join(path, *parts)
-
-
-def basename(path: str) -> str:
-    """The last component of a local path or URL."""
-    return posixpath.basename(str(path).rstrip("/"))
-
-
-def dirname(path: str) -> str:
-    """The parent of a local path or URL."""
-    return posixpath.dirname(str(path).rstrip("/")) if is_url(path) else os.path.dirname(path)
-
-
 # --- Backends -----------------------------------------------------------------
 
 
-class _LocalFiles:
-    """Local paths: Python's own functions (no TensorFlow in worker processes)."""
-
-    def open(self, path, mode):
-        return open(path, mode, encoding=None if "b" in mode else "utf-8")
-
-    def exists(self, path):
-        return os.path.exists(path)
-
-    def isdir(self, path):
-        return os.path.isdir(path)
-
-    def isfile(self, path):
-        return os.path.isfile(path)
-
-    def makedirs(self, path):
-        os.makedirs(path, exist_ok=True)
-
-    def listdir(self, path):
-        return sorted(os.listdir(path))
-
-    def glob(self, pattern):
-        return sorted(glob_lib.glob(pattern))
-
-    def remove(self, path):
-        os.remove(path)
-
-    def rmtree(self, path):
-        shutil.rmtree(path)
-
-    def rename(self, source, target):
-        os.replace(source, target)
-
-    def fingerprint(self, path):
-        stat = os.stat(path)
-        return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
-class _TensorFlowFiles:
-    """tf.io.gfile: gs://, ram:// and TensorFlow's plugins."""
-
-    def __init__(self):
-        # Imported on first use: processes that touch only local files (the
-        # builders' workers, the config-only CLIs) need no TensorFlow.
-        import tensorflow as tf
-
-        self.gfile = tf.io.gfile
-        self.not_found = tf.errors.NotFoundError
-
-    def open(self, path, mode):
-        if "w" in mode and scheme(path) == "ram" and self.gfile.exists(path):
-            # TF 2.20's ram:// appends when an existing file is opened for
-            # writing; every other filesystem replaces it.
-            self.gfile.remove(path)
-        return self.gfile.GFile(path, mode)
-
-    def exists(self, path):
-        return self.gfile.exists(path)
-
-    def isdir(self, path):
-        return self.gfile.isdir(path)
-
-    def isfile(self, path):
-        try:
-            return not self.gfile.stat(path).is_directory
-        except self.not_found:
-            return False
-
-    def makedirs(self, path):
-        self.gfile.makedirs(path)
-
-    def listdir(self, path):
-        if scheme(path) == "ram":
-            # TF 2.20's ram:// lists siblings that share the folder's name as
-            # a prefix (train.csv beside train/); a glob does not.
-            return sorted(basename(p) for p in self.gfile.glob(join(path, "*")))
-        return sorted(name.rstrip("/") for name in self.gfile.listdir(path))
-
-    def glob(self, pattern):
-        return sorted(self.gfile.glob(pattern))
-
-    def remove(self, path):
-        self.gfile.remove(path)
-
-    def rmtree(self, path):
-        if scheme(path) != "ram":
-            self.gfile.rmtree(path)
-            return
-        # TF 2.20's ram:// cannot delete recursively: each file, then the
-        # folder's own entry.
-        for child in self.gfile.glob(join(path, "*")):
-            if self.gfile.isdir(child):
-                self.rmtree(child)
-            else:
-                self.gfile.remove(child)
-        if self.gfile.exists(path):
-            self.gfile.remove(path)
-
-    def rename(self, source, target):
-        self.gfile.rename(source, target, overwrite=True)
-
-    def fingerprint(self, path):
-        stat = self.gfile.stat(path)
-        return f"{stat.length}:{stat.mtime_nsec}"
-
-
-class _EmulatedCloudStorage:
-    """gcsfs against the Cloud Storage emulator at $STORAGE_EMULATOR_HOST."""
-
-    def __init__(self):
-        import gcsfs
-
-        # No listing cache: Orbax's TensorStore writes behind gcsfs's back.
-        self.fs = gcsfs.GCSFileSystem(token="anon", use_listings_cache=False)
-
-    def open(self, path, mode):
-        return self.fs.open(path, mode)
-
-    def exists(self, path):
-        return self.fs.exists(path)
-
-    def isdir(self, path):
-        return self.fs.isdir(path)
-
-    def isfile(self, path):
-        return self.fs.isfile(path)
-
-    def makedirs(self, path):
-        # Object stores have no folders: an object's name creates its prefix.
-        pass
-
-    def listdir(self, path):
-        return sorted(basename(p) for p in self.fs.ls(path, detail=False))
-
-    def glob(self, pattern):
-        return sorted("gs://" + p for p in self.fs.glob(pattern))
-
-    def remove(self, path):
-        self.fs.rm_file(path)
-
-    def rmtree(self, path):
-        self.fs.rm(path, recursive=True)
-
-    def rename(self, source, target):
-        self.fs.mv(source, target)
-
-    def fingerprint(self, path):
-        info = self.fs.info(path)
-        return f"{info['size']}:{info.get('generation') or info.get('updated')}"
-
-
 _BACKENDS = {
-    "local": _LocalFiles,
-    "tensorflow": _TensorFlowFiles,
-    "emulator": _EmulatedCloudStorage,
+    "local": file_backends.LocalFiles,
+    "tensorflow": file_backends.TensorFlowFiles,
+    "emulator": file_backends.EmulatedCloudStorage,
 }
 
 

@@ -20,6 +20,7 @@ import ml_collections
 
 from landmark_jax import (
     checkpoint_integrity,
+    checkpoint_saving,
     checkpointing,
     config_lib,
     data_format,
@@ -264,10 +265,10 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
         def save(step: int, force: bool) -> None:
             if lease is not None:
                 lease.verify()  # a run whose lease lapsed must not write over another's
-            checkpointing.save(manager, step, state, force)
+            checkpoint_saving.save(manager, step, state, force)
             pending.add(step)
             # The records of the steps finalized so far (this one once it is).
-            checkpointing.record_integrity(manager, pending)
+            checkpoint_saving.record_integrity(manager, pending)
 
         for step in range(start_step + 1, config.total_steps + 1):
             state, metrics = program.step(state, next(batches), program.consts)
@@ -316,8 +317,8 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
                 except Exception:
                     if not do_save:
                         save(step, True)
-                    checkpointing.wait_until_finished(manager)
-                    checkpointing.record_integrity(manager, pending)
+                    checkpoint_saving.wait_until_finished(manager)
+                    checkpoint_saving.record_integrity(manager, pending)
                     raise
                 if preempted and not do_save:
                     save(step, True)
@@ -329,10 +330,10 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
                     ", ".join(f"{k} {v:.4g}" for k, v in last.items()),
                 )
             if preempted:
-                checkpointing.wait_until_finished(manager)
-                checkpointing.record_integrity(manager, pending)
+                checkpoint_saving.wait_until_finished(manager)
+                checkpoint_saving.record_integrity(manager, pending)
                 logging.warning("Preempted at step %d: checkpoint saved", step)
                 raise preemption.Preempted(step, workdir)
-        checkpointing.wait_until_finished(manager)
-        checkpointing.record_integrity(manager, pending)
+        checkpoint_saving.wait_until_finished(manager)
+        checkpoint_saving.record_integrity(manager, pending)
     return last

@@ -2,7 +2,7 @@
 
 import pytest
 
-from landmark_jax import checkpointing, config_lib
+from landmark_jax import checkpoint_fit, config_lib
 
 
 def _resolves(config, key: str) -> bool:
@@ -17,17 +17,17 @@ def _resolves(config, key: str) -> bool:
 @pytest.mark.parametrize("model_name", ["global", "dolg"])
 def test_shape_hints_name_keys_of_the_base_config(model_name):
     config = config_lib.base_config(model_name)
-    keys = [key for _, hint_keys, _ in checkpointing._SHAPE_HINTS for key in hint_keys]
+    keys = [key for _, hint_keys, _ in checkpoint_fit._SHAPE_HINTS for key in hint_keys]
     assert keys
     assert [key for key in keys if not _resolves(config, key)] == []
 
 
 def test_shape_hint_text_names_the_keys():
-    hint = checkpointing._hint("params/head/kernel")
+    hint = checkpoint_fit._hint("params/head/kernel")
     assert hint.startswith("num_classes, head.num_subcenters, model.embedding_dim")
     assert "init.carry='model'" in hint
-    assert checkpointing._hint("params/model/backbone/stem/kernel") == "model.backbone"
-    assert checkpointing._hint("opt_state/x") == "the model config"
+    assert checkpoint_fit._hint("params/model/backbone/stem/kernel") == "model.backbone"
+    assert checkpoint_fit._hint("opt_state/x") == "the model config"
 
 
 def test_parse_config_arg():

@@ -22,7 +22,14 @@ from tfds_builds import tfds_order
 from tiny_revisited import BOXES, EXPECTED_BOXES, NUM_DB, make_tiny_set
 
 from data_pipelines import build_dataset, describe_dataset, image_encoding, revisited_builder
-from landmark_jax import data_format, entry_point_errors, file_io, sharding, sized_eval_input
+from landmark_jax import (
+    data_format,
+    entry_point_errors,
+    file_io,
+    revisited_gnd,
+    sharding,
+    sized_eval_input,
+)
 from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited, shape_buckets
 
 from config_files import load_config
@@ -135,7 +142,7 @@ def test_build_holds_the_database_and_cropped_queries_in_gnd_order(revisited_dat
 
 def test_ground_truth_travels_in_the_metadata(revisited_data, tmp_path):
     tiny, build_dir = revisited_data
-    expected = data_format.read_revisited_gnd(tiny["gnd"])
+    expected = revisited_gnd.read_revisited_gnd(tiny["gnd"])
     assert revisited.read_gnd(build_dir) == expected
     # The TFDS data dir above the one build names it too.
     data_dir = os.path.dirname(os.path.dirname(os.path.dirname(build_dir)))
@@ -182,7 +189,7 @@ def test_full_queries_config_keeps_the_query_images(tiny_set, tmp_path):
         assert jpeg == open(os.path.join(tiny_set["images"], f"{name}.jpg"), "rb").read()
     meta = metadata(path)
     assert meta["source"]["crop_queries"] is False and meta["query_boxes"] == []
-    assert revisited.read_gnd(path) == data_format.read_revisited_gnd(tiny_set["gnd"])
+    assert revisited.read_gnd(path) == revisited_gnd.read_revisited_gnd(tiny_set["gnd"])
 
 
 @pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""The Revisited Oxford/Paris ground-truth checks (data_format.read_revisited_gnd and
+"""The Revisited Oxford/Paris ground-truth checks (revisited_gnd.read_revisited_gnd and
 parse_revisited_gnd)."""
 
 import datetime
@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from landmark_jax import data_format
+from landmark_jax import data_format, revisited_gnd
 
 
 def _gnd(**overrides):
@@ -29,7 +29,7 @@ def _pickle(tmp_path, data, name="gnd_tiny.pkl"):
 
 
 def test_read_revisited_gnd(tmp_path):
-    data = data_format.read_revisited_gnd(_pickle(tmp_path, _gnd()))
+    data = revisited_gnd.read_revisited_gnd(_pickle(tmp_path, _gnd()))
     assert data["imlist"] == ["db0", "db1", "db2", "db3"] and data["qimlist"] == ["qa", "qb"]
     assert data["gnd"][0] == {
         "bbx": [1.0, 2.5, 30.0, 40.0],
@@ -64,24 +64,24 @@ def _bad_query(**fields):
 )
 def test_read_revisited_gnd_errors_name_the_file(tmp_path, data, match):
     with pytest.raises(data_format.DataFormatError, match="gnd_tiny.pkl: .*" + match):
-        data_format.read_revisited_gnd(_pickle(tmp_path, data))
+        revisited_gnd.read_revisited_gnd(_pickle(tmp_path, data))
 
 
 def test_read_revisited_gnd_refuses_pickled_objects(tmp_path):
     # Anything beyond plain containers needs a global, which could run code.
     path = _pickle(tmp_path, _gnd(imlist=[datetime.date(2020, 1, 1)]))
     with pytest.raises(data_format.DataFormatError, match="refusing to load global datetime.date"):
-        data_format.read_revisited_gnd(path)
+        revisited_gnd.read_revisited_gnd(path)
     path = tmp_path / "garbage.pkl"
     path.write_bytes(b"not a pickle")
     with pytest.raises(data_format.DataFormatError, match="garbage.pkl: not a readable gnd pickle"):
-        data_format.read_revisited_gnd(str(path))
+        revisited_gnd.read_revisited_gnd(str(path))
 
 
 def test_parse_revisited_gnd_names_its_source():
     # A build's metadata.json carries the parsed form: parsing it again is the identity.
-    parsed = data_format.parse_revisited_gnd(_gnd(extra="kept out"), "meta.json: gnd")
+    parsed = revisited_gnd.parse_revisited_gnd(_gnd(extra="kept out"), "meta.json: gnd")
     assert set(parsed) == {"imlist", "qimlist", "gnd"}
-    assert data_format.parse_revisited_gnd(parsed, "x") == parsed
+    assert revisited_gnd.parse_revisited_gnd(parsed, "x") == parsed
     with pytest.raises(data_format.DataFormatError, match=r"^meta.json: gnd: 2 gnd entries"):
-        data_format.parse_revisited_gnd(_gnd(qimlist=["qa"]), "meta.json: gnd")
+        revisited_gnd.parse_revisited_gnd(_gnd(qimlist=["qa"]), "meta.json: gnd")

@@ -442,12 +442,12 @@ def test_a_disk_full_error_inside_orbax_is_named():
 @pytest.mark.e2e
 def test_train_program_prints_one_line_when_the_disk_is_full(tmp_path):
     program = (
-        "from landmark_jax import checkpointing, entry_point_errors, file_io, train, trainer\n"
+        "from landmark_jax import checkpoint_saving, entry_point_errors, file_io, train, trainer\n"
         "class Manager:\n"
         "    directory = '/w/checkpoints'\n"
         "def full(config, workdir):\n"
         "    file_io.free_bytes = lambda path: 10\n"
-        "    checkpointing.save(Manager(), 5, {'x': __import__('numpy').zeros(4)})\n"
+        "    checkpoint_saving.save(Manager(), 5, {'x': __import__('numpy').zeros(4)})\n"
         "trainer.train_and_evaluate = full\n"
         "entry_point_errors.run(train.main)\n"
     )

@@ -338,7 +338,7 @@ def revisited_map(
         takes the transpose; DELF's `ComputeMetrics` takes this layout.
       gnd: per query a mapping with 'easy', 'hard', 'junk' lists of 0-based
         database indices (the 'gnd' list of a gnd_r*.pkl; see
-        data_format.read_revisited_gnd). Other keys such as 'bbx' are ignored.
+        revisited_gnd.read_revisited_gnd). Other keys such as 'bbx' are ignored.
       kappas: the k of mP@k, 1-based.
 
     Returns:

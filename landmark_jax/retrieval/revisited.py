@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from landmark_jax import data_format, file_io, sharding
+from landmark_jax import data_format, file_io, revisited_gnd, sharding
 
 # evaluation imports this module too; EVAL_DIR is read only at call time.
 from landmark_jax.retrieval import evaluation, exact_search, extract, metrics
@@ -62,7 +62,7 @@ def read_gnd(data_dir: str) -> dict[str, Any]:
         folder with exactly one build below it (data_format.find_build).
 
     Returns:
-      The ground truth as data_format.parse_revisited_gnd returns it
+      The ground truth as revisited_gnd.parse_revisited_gnd returns it
       (imlist, qimlist, and per query bbx, easy, hard, junk).
 
     Raises:
@@ -79,7 +79,7 @@ def read_gnd(data_dir: str) -> dict[str, Any]:
             f"{builder.info.full_name} is not a Revisited Oxford/Paris build; build one with "
             "python -m data_pipelines.build_dataset --dataset=revisited_oxford_paris/roxford5k"
         )
-    return data_format.parse_revisited_gnd(gnd, f"{where}: {data_format.REVISITED_GND}")
+    return revisited_gnd.parse_revisited_gnd(gnd, f"{where}: {data_format.REVISITED_GND}")
 
 
 def in_gnd_order(
