@@ -272,18 +272,7 @@ def carry_over(state: dict, stage: Mapping[str, Any], carry: str, source: str) -
     parts = ("model", "head") if carry == "all" else ("model",)
     prefixes = tuple(f"{k}/{p}/" for k in ("params", "batch_stats") for p in parts)
     checkpoint_fit.check_shapes(stage, state, source, prefixes)
-    new = dict(state)
-    for key in ("params", "batch_stats"):
-        tree = dict(state[key])
-        for part in parts:
-            if part in stage[key]:
-                tree[part] = jax.tree.map(
-                    lambda old, loaded: jax.device_put(loaded.astype(old.dtype), old.sharding),
-                    state[key][part],
-                    stage[key][part],
-                )
-        new[key] = tree
-    return new
+    return _put(state, stage, [(part,) for part in parts])
 
 
 def load_backbone_weights(state: dict, variables: Mapping[str, Any], source: str) -> dict:
@@ -293,27 +282,35 @@ def load_backbone_weights(state: dict, variables: Mapping[str, Any], source: str
       ValueError: a variable's shape differs from the model's backbone.
     """
     stage = {
-        "params": {"model": {"backbone": variables["params"]}},
-        "batch_stats": {"model": {"backbone": variables.get("batch_stats", {})}},
+        key: {"model": {"backbone": variables.get(key, {})}} for key in ("params", "batch_stats")
     }
-    checkpoint_fit.check_shapes(
-        stage,
-        {
-            "params": {"model": {"backbone": state["params"]["model"]["backbone"]}},
-            "batch_stats": {
-                "model": {"backbone": state["batch_stats"]["model"].get("backbone", {})}
-            },
-        },
-        source,
-        ("params/model/backbone/", "batch_stats/model/backbone/"),
-    )
+    prefixes = ("params/model/backbone/", "batch_stats/model/backbone/")
+    checkpoint_fit.check_shapes(stage, state, source, prefixes)
+    return _put(state, stage, [("model", "backbone")])
+
+
+def _put(state: dict, stage: Mapping[str, Any], paths: list[tuple[str, ...]]) -> dict:
+    """`state` with `stage`'s params and batch_stats subtrees at each path
+    (keys below params/batch_stats, e.g. ('model', 'backbone')), cast to the
+    state's dtypes and placed with its shardings. A subtree the stage lacks
+    stays as it is."""
+
+    def put(tree, loaded, path):
+        key, *rest = path
+        if key not in loaded:
+            return tree
+        if rest:
+            value = put(tree[key], loaded[key], rest)
+        else:
+            value = jax.tree.map(
+                lambda old, x: jax.device_put(np.asarray(x).astype(old.dtype), old.sharding),
+                tree[key],
+                loaded[key],
+            )
+        return {**tree, key: value}
+
     new = dict(state)
     for key in ("params", "batch_stats"):
-        model = dict(state[key]["model"])
-        model["backbone"] = jax.tree.map(
-            lambda old, loaded: jax.device_put(np.asarray(loaded).astype(old.dtype), old.sharding),
-            state[key]["model"]["backbone"],
-            stage[key]["model"]["backbone"],
-        )
-        new[key] = {**state[key], "model": model}
+        for path in paths:
+            new[key] = put(new[key], stage[key], path)
     return new

@@ -66,6 +66,17 @@ def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
     return tx, schedule
 
 
+def model_variables(state: Any) -> dict[str, Any]:
+    """The model's variables ({'params', 'batch_stats'}) of a train state.
+
+    The state (built by `init_state` in `build_program`) keeps the model's
+    variables under params/model and batch_stats/model, and the head's under
+    params/head. Also takes a restored stage (checkpointing.load_stage),
+    which has the same layout.
+    """
+    return {"params": state["params"]["model"], "batch_stats": state["batch_stats"]["model"]}
+
+
 # ----------------------------------------------------------------------------
 # The train and eval steps
 # ----------------------------------------------------------------------------
@@ -99,7 +110,7 @@ def train_step(state, batch, consts, *, model, head, tx, config, num_classes, ba
     key = random_streams.step_key(base_key, step)
 
     def loss_fn(params):
-        variables = {"params": params["model"], "batch_stats": state["batch_stats"]["model"]}
+        variables = model_variables({**state, "params": params})
         embeddings, updates = model.apply(
             variables, batch["image"], train=True, mutable=["batch_stats"], rngs={"dropout": key}
         )
@@ -143,8 +154,8 @@ def train_step(state, batch, consts, *, model, head, tx, config, num_classes, ba
 
 def eval_step(state, batch, consts, *, model, head, config, num_classes):
     """Sums of weighted loss and correct predictions over the valid rows."""
-    variables = {"params": state["params"]["model"], "batch_stats": state["batch_stats"]["model"]}
-    cosine = head.apply({"params": state["params"]["head"]}, model.apply(variables, batch["image"]))
+    embeddings = model.apply(model_variables(state), batch["image"])
+    cosine = head.apply({"params": state["params"]["head"]}, embeddings)
     mask = batch["mask"]
     logits, _ = _logits(config, cosine, batch["label"], consts, num_classes, valid_mask=mask)
     _, per_example = losses.weighted_cross_entropy(

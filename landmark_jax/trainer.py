@@ -77,7 +77,7 @@ def evaluate(
     if config.val.retrieval_solution and not stop_requested():
         # The current parameters, through the evaluation's own extraction and
         # scoring (no second implementation).
-        variables = {k: state[k]["model"] for k in ("params", "batch_stats")}
+        variables = train_steps.model_variables(state)
         current = extract.TrainedModel(config, "", int(state["step"]), program.model, variables, {})
         metrics["val_map@100"] = evaluation.retrieval_map(
             current,

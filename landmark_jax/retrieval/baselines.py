@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from landmark_jax import checkpointing, random_streams
+from landmark_jax import checkpointing, random_streams, train_steps
 from landmark_jax.models import backbone_checkpoint, create_model
 from landmark_jax.retrieval import extract
 
@@ -68,7 +68,7 @@ def untrained_model(config: ml_collections.ConfigDict, workdir: str) -> extract.
     variables = jax.tree.map(np.asarray, variables)
     if config.init.checkpoint:
         stage = checkpointing.load_stage(config.init.checkpoint, "config.init.checkpoint")
-        variables = {k: stage[k]["model"] for k in ("params", "batch_stats")}
+        variables = train_steps.model_variables(stage)
     elif config.init.backbone:
         loaded = backbone_checkpoint.load_backbone_checkpoint(config.init.backbone)
         for key in ("params", "batch_stats"):

@@ -46,6 +46,7 @@ from landmark_jax import (
     input_pipeline,
     sharding,
     sized_eval_input,
+    train_steps,
 )
 from landmark_jax.models import create_model
 from landmark_jax.retrieval import shape_buckets
@@ -160,13 +161,12 @@ def load_trained_model(config: ml_collections.ConfigDict, workdir: str) -> Train
       FileNotFoundError: the workdir has no checkpoint.
     """
     stage = checkpointing.load_stage(workdir, "nothing to evaluate")
-    variables = {"params": stage["params"]["model"], "batch_stats": stage["batch_stats"]["model"]}
     return TrainedModel(
         config,
         workdir,
         stage["step"],
         create_model(config.model),
-        variables,
+        train_steps.model_variables(stage),
         stage["params"]["head"],
     )
 
