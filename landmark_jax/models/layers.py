@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -103,6 +104,17 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     """
     sq = jnp.sum(x * x, axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, NORM_EPS * NORM_EPS))
+
+
+def l2_normalize_rows(x: Any, xp: Any = np) -> Any:
+    """x / max(||x||, NORM_EPS) along the last axis, as a norm and a division.
+
+    The embeddings' normalisation: each view's embedding in the jitted
+    extraction (xp=jnp) and the mean of the views on the host (numpy, the
+    default). It divides by the norm where `l2_normalize`, the layers' form,
+    multiplies by an rsqrt; the two agree to rounding.
+    """
+    return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

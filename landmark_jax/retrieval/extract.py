@@ -48,7 +48,7 @@ from landmark_jax import (
     sized_eval_input,
     train_steps,
 )
-from landmark_jax.models import create_model
+from landmark_jax.models import create_model, layers
 from landmark_jax.retrieval import shape_buckets
 
 _ID_BYTES = 64  # ids travel between processes as fixed-width bytes
@@ -219,7 +219,7 @@ def embed_views(model, flip: bool, descriptor: str = "embedding"):
         total = 0.0
         for view in views:
             e = describe(variables, view).astype(jnp.float32)
-            total = total + e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+            total = total + layers.l2_normalize_rows(e, jnp)
         return total
 
     return embed
@@ -413,8 +413,7 @@ def extract(
         positions = np.concatenate(position_parts)
 
     order = np.argsort(positions[mask], kind="stable")  # file order, whatever the processes
-    embeddings = total[mask][order]
-    embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+    embeddings = layers.l2_normalize_rows(total[mask][order])
     return Embeddings(
         ids[mask][order], embeddings.astype(np.float32), labels[mask][order].astype(np.int64)
     )

@@ -33,6 +33,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from landmark_jax import sharding, sized_eval_input
+from landmark_jax.models import layers
 
 
 def process_mesh(mesh) -> Any:
@@ -204,7 +205,7 @@ def share_embeddings(
         while in_flight:
             finish(in_flight.popleft())
         progress.close()
-    total /= np.maximum(np.linalg.norm(total, axis=-1, keepdims=True), 1e-12)
+    total = layers.l2_normalize_rows(total)
     labels = index.labels if index.labels is not None else np.full(n, -1, np.int64)
     return {"ids": index.ids, "embeddings": total, "labels": labels}
 
