@@ -361,7 +361,7 @@ def check_step_fits(program: Program, config: ml_collections.ConfigDict, mesh) -
             f"{per_device} per device) or config.image_size (now {size})"
             + (
                 ", or set config.model.remat='blocks' (recompute each block in the backward pass)"
-                if config.model.get("remat", "none") == "none"
+                if config.model.remat == "none"
                 else ""
             )
         )

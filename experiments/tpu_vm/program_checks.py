@@ -116,7 +116,7 @@ def check_command(job: Job, name: str, argv: Sequence[str]) -> None:
         with tempfile.TemporaryDirectory() as stand_in:
             for key in WORKER_PATH_KEYS:
                 block, leaf = key.split(".")
-                if block in config and config[block].get(leaf):
+                if config[block][leaf]:
                     config[block][leaf] = stand_in
             if argv[2] == "landmark_jax.train":
                 config_lib.validate_config(config, num_devices(job.accelerator_type))

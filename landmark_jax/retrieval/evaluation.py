@@ -336,9 +336,9 @@ def _revisited(config, model: extract.TrainedModel) -> dict[str, Any]:
         ec.revisited_data_dir,
         scales=tuple(ec.scales),
         flip=ec.flip,
-        resize=ec.get("revisited_resize", "native"),
+        resize=ec.revisited_resize,
         image_size=ec.image_size,
-        size_multiple=int(ec.get("size_multiple", 1)),
+        size_multiple=int(ec.size_multiple),
     )
     logging.info("Revisited:\n%s", revisited.format_results(results))
     return results

@@ -438,7 +438,7 @@ def extraction_options(
         "scales": tuple(ec.scales),
         "flip": bool(ec.flip),
         "image_size": image_size or ec.image_size or model.config.image_size,
-        "resize": ec.get("resize", "square"),
-        "size_multiple": int(ec.get("size_multiple", 1)),
+        "resize": ec.resize,
+        "size_multiple": int(ec.size_multiple),
         "descriptor": descriptor_of(model.config),
     }
