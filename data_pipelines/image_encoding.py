@@ -1,9 +1,10 @@
 """An image file as the 3-channel JPEG bytes a data set stores (run in worker
 processes and Beam workers).
 
-Kept apart from the builders so that workers import only this module, PIL
-and the file layer. Paths may be local or URLs (gs://): images are read
-through `landmark_jax.file_io`.
+Kept apart from the builders so that workers import only this module, PIL,
+the file layer and the stored feature names (`landmark_jax.data_format`).
+Paths may be local or URLs (gs://): images are read through
+`landmark_jax.file_io`.
 
 EXIF orientation: a camera may store its pixels as the sensor read them and
 record in the EXIF `Orientation` tag (values 1-8) how to turn them upright.
@@ -24,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from data_pipelines.landmark_examples import Example
-from landmark_jax import file_io
+from landmark_jax import data_format, file_io
 
 
 class BadImageError(ValueError):
@@ -144,11 +145,11 @@ def example_features(
     return (
         example.image_id,
         {
-            "image": encoded,
-            "id": example.image_id,
-            "label": example.label,
-            "landmark_id": example.landmark_id,
-            "is_clean": bool(example.is_clean),
+            data_format.IMAGE: encoded,
+            data_format.ID: example.image_id,
+            data_format.LABEL: example.label,
+            data_format.LANDMARK_ID: example.landmark_id,
+            data_format.IS_CLEAN: bool(example.is_clean),
         },
         None,
     )
