@@ -20,16 +20,10 @@ extraction and process 0 writes the files.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from landmark_jax import (
-    entry_point_errors,
-    entry_point_logging,
-    file_io,
-    multihost,
-    tensorflow_setup,
-)
+from landmark_jax import entry_point_errors, file_io, program_start
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The workdir's config (configs/NAME.py[:ARG]).")
@@ -38,12 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    entry_point_logging.quiet_library_logs()
-    tensorflow_setup.hide_accelerators()  # tf.data runs on the host; JAX owns them
-    # Every process of a pod extracts its share; process 0 writes the files.
-    multihost.initialize_distributed()
+    program_start.start(argv)  # every process of a pod extracts its share
     import jax
 
     from landmark_jax.retrieval import evaluation

@@ -2,10 +2,11 @@
 
 JAX owns the accelerators. TensorFlow (tf.data, gs:// file access, ScaNN's op
 library, the Keras converter) would otherwise claim every GPU's memory on its
-first op. So each program (`landmark_jax.train`, `landmark_jax.evaluate`,
-`landmark_jax.models.keras_import` and the `data_pipelines` builders) calls
-`hide_accelerators()` once at start-up, before any TensorFlow op runs, and
-modules simply `import tensorflow as tf`.
+first op. So each program calls `hide_accelerators()` once at start-up,
+before any TensorFlow op runs (`landmark_jax.train` and `landmark_jax.evaluate`
+in `program_start.start`; `landmark_jax.models.keras_import` and the
+`data_pipelines` builders in their `main`), and modules simply
+`import tensorflow as tf`.
 """
 
 from __future__ import annotations

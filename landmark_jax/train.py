@@ -18,16 +18,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from landmark_jax import (
-    entry_point_errors,
-    entry_point_logging,
-    multihost,
-    preemption,
-    tensorflow_setup,
-)
+from landmark_jax import entry_point_errors, preemption, program_start
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py[:ARG]).")
@@ -36,11 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    entry_point_logging.quiet_library_logs()
-    tensorflow_setup.hide_accelerators()  # tf.data runs on the host; JAX owns them
-    multihost.initialize_distributed()
+    program_start.start(argv)
     import jax
 
     from landmark_jax import trainer
