@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from landmark_jax.models import input_normalization, layers
-from landmark_jax.models.conv_lowering import conv_general_dilated_for
 
 PADDINGS = ("same", "keras_dynamic")
 STRIDE_KEYS = ("stride_2", "stride_4", "stride_8", "stride_16", "stride_32")
@@ -122,6 +121,10 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal"
 _DEPTHWISE_INIT = nn.initializers.variance_scaling(
     2.0, "fan_out", "truncated_normal", in_axis=-1, out_axis=-2
 )
+# The family's convolution (Keras's): no biases, SAME padding (the strided
+# ones set theirs, _conv_padding), the initialiser above. The settings every
+# backbone shares come from layers.backbone_layers.
+CONV = functools.partial(nn.Conv, use_bias=False, padding="SAME", kernel_init=_CONV_INIT)
 
 
 class MBConvBlock(nn.Module):
@@ -274,23 +277,7 @@ class EfficientNet(nn.Module):
           {'stride_2', ..., 'stride_32': last block output at that nominal
           stride, 'final': top conv + BN + swish, as Keras include_top=False}.
         """
-        conv = functools.partial(
-            nn.Conv,
-            conv_general_dilated=conv_general_dilated_for(self.conv_lowering),
-            use_bias=False,
-            padding="SAME",
-            kernel_init=_CONV_INIT,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=layers.use_running_average(train, self.batch_norm),
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        conv, norm = layers.backbone_layers(self, train, CONV)
         x = input_normalization.normalize_pixels(x, self.input_scale, self.input_offset, self.dtype)
         x = conv(
             self._filters(self.stem_filters),

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from landmark_jax.models.conv_lowering import conv_general_dilated_for
+
 Dtype = Any
 
 # PyTorch BatchNorm1d defaults (momentum 0.1 == flax 0.9, eps 1e-5): the
@@ -59,6 +61,41 @@ def use_running_average(train: bool, batch_norm: str) -> bool:
     if batch_norm not in BATCH_NORM_MODES:
         raise ValueError(f"unknown batch_norm mode {batch_norm!r}; valid: {BATCH_NORM_MODES}")
     return not train or batch_norm == "frozen"
+
+
+def backbone_layers(
+    backbone: Any, train: bool, conv: Callable[..., nn.Module]
+) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """A backbone's conv and BatchNorm layers: its family's convolution with
+    the settings every backbone shares.
+
+    Args:
+      backbone: the backbone module (EfficientNet, ResNet); its attributes
+        give the convolution's lowering (`conv_lowering`), the dtypes
+        (`dtype`, `param_dtype`) and BatchNorm's mode, momentum and epsilon
+        (`batch_norm`, `bn_momentum`, `bn_epsilon`).
+      train: the backbone's training flag.
+      conv: the family's nn.Conv with its own bias, padding and initialiser
+        (efficientnet.CONV, resnet.CONV).
+
+    Returns:
+      (conv, norm) layer factories, as the family's blocks take them.
+    """
+    conv = functools.partial(
+        conv,
+        conv_general_dilated=conv_general_dilated_for(backbone.conv_lowering),
+        dtype=backbone.dtype,
+        param_dtype=backbone.param_dtype,
+    )
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=use_running_average(train, backbone.batch_norm),
+        momentum=backbone.bn_momentum,
+        epsilon=backbone.bn_epsilon,
+        dtype=backbone.dtype,
+        param_dtype=backbone.param_dtype,
+    )
+    return conv, norm
 
 
 # Rematerialisation of the backbone's blocks (model.remat): 'none' keeps every

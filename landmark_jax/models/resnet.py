@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from landmark_jax.models import input_normalization, layers
-from landmark_jax.models.conv_lowering import conv_general_dilated_for
 
 RESNET_STAGE_SIZES: dict[str, tuple[int, ...]] = {
     "resnet50": (3, 4, 6, 3),
@@ -28,6 +27,10 @@ EXPANSION = 4  # bottleneck output channels = EXPANSION * bottleneck width
 
 # He initialisation for from-scratch training; imported weights replace it.
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# The family's convolution (Keras's): biases, VALID padding (the stem and the
+# 3x3 convs pad explicitly), the initialiser above. The settings every
+# backbone shares come from layers.backbone_layers.
+CONV = functools.partial(nn.Conv, use_bias=True, padding="VALID", kernel_init=_CONV_INIT)
 
 
 class BottleneckBlock(nn.Module):
@@ -116,23 +119,7 @@ class ResNet(nn.Module):
           {'stride_2': stem conv output, 'stride_4'..'stride_32': conv2..conv5
           outputs, 'final': conv5 output, as Keras include_top=False}.
         """
-        conv = functools.partial(
-            nn.Conv,
-            conv_general_dilated=conv_general_dilated_for(self.conv_lowering),
-            use_bias=True,
-            padding="VALID",
-            kernel_init=_CONV_INIT,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=layers.use_running_average(train, self.batch_norm),
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        conv, norm = layers.backbone_layers(self, train, CONV)
         x = input_normalization.normalize_pixels(x, self.input_scale, self.input_offset, self.dtype)
         x = conv(
             self.width,
