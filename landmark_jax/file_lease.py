@@ -288,18 +288,6 @@ def _pid_alive(pid) -> bool:
 
 
 @contextlib.contextmanager
-def locked(path: str, wait_seconds: float = 300.0) -> Iterator[Lease]:
-    """A short critical section on `path` (e.g. a read-modify-write of a
-    shared file): waits for the current holder, then holds it."""
-    lease = Lease(path, settle_seconds=0.5 if file_io.is_url(path) else 0.0)
-    lease.acquire(wait_seconds)
-    try:
-        yield lease
-    finally:
-        lease.release()
-
-
-@contextlib.contextmanager
 def workdir_lease(workdir: str) -> Iterator[Lease | None]:
     """Holds `<workdir>/trainer.lease` for a training run; with several
     processes, process 0 holds it and every process learns the outcome.

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from landmark_jax.models import input_normalization, layers
 
 PADDINGS = ("same", "keras_dynamic")
-STRIDE_KEYS = ("stride_2", "stride_4", "stride_8", "stride_16", "stride_32")
 
 
 @dataclasses.dataclass(frozen=True)

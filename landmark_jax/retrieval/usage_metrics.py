@@ -153,11 +153,3 @@ def score_against_solution(
     solution = read(solution_path)
     missing = solutions.ids_not_in(solution, test_ids, solution_path)
     return solution, score(predictions, solution), missing
-
-
-def format_metrics_by_usage(results: Mapping[str, Mapping[str, float]]) -> str:
-    """One line per usage, e.g. 'Public   map@100=0.3868 mp@1=0.5000 ...'."""
-    return "\n".join(
-        f"{usage:<8} " + " ".join(f"{name}={value:.4f}" for name, value in values.items())
-        for usage, values in results.items()
-    )
