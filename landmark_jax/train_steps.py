@@ -12,6 +12,8 @@ dimension can be split over the same devices (`config.head.shard_classes`).
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import functools
 import logging
@@ -38,7 +40,7 @@ from landmark_jax.models import create_model
 # ----------------------------------------------------------------------------
 
 
-def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int):
+def build_optimizer(cfg: ml_collections.ConfigDict, total_steps: int | None):
     """(optax transformation, learning-rate schedule) from config.optimizer."""
     lr = cfg.learning_rate
     if cfg.schedule == "constant":
@@ -207,6 +209,27 @@ class Program:
         return self.init(self.keys.model, self.keys.head)
 
 
+# The config keys a program reads. Two runs whose keys agree (a resumed run,
+# a rerun in the same notebook or test process) share one built program: its
+# jitted init and steps are traced and compiled once per process.
+_PROGRAM_KEYS = ("model", "head", "loss", "optimizer", "nonfinite", "seed", "image_size")
+_PROGRAMS_KEPT = 4
+_programs: collections.OrderedDict[tuple, Program] = collections.OrderedDict()
+
+
+def program_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of the keys of `config` its program reads, and nothing else.
+
+    total_steps is one of them only where the learning-rate schedule's
+    length comes from it (a warmup-cosine schedule without schedule_steps).
+    """
+    keys = list(_PROGRAM_KEYS)
+    schedule = config.optimizer.schedule
+    if schedule not in ("constant", "inverse_time") and not config.optimizer.schedule_steps:
+        keys.append("total_steps")
+    return ml_collections.ConfigDict(copy.deepcopy({k: config[k] for k in keys}))
+
+
 def build_program(
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
@@ -215,7 +238,10 @@ def build_program(
     """Builds the model, head, optimizer and jitted steps of `config`.
 
     Nothing is compiled or initialised here: `program.initial_state()` and
-    the first `program.step` call do that.
+    the first `program.step` call do that. The last few programs built are
+    kept, keyed by `program_config(config)`, the mesh and the class count,
+    so a second run of the same program in this process reuses its traced
+    and compiled steps; the per-class constants are computed anew each time.
 
     Args:
       config: a resolved training config (run_config.resolve_training_config).
@@ -225,16 +251,15 @@ def build_program(
     Returns:
       The program.
     """
-    num_classes = label_map.num_classes
-    model = create_model(config.model)
-    shard_head = config.head.shard_classes and mesh.devices.size > 1
-    head = heads.CosineClassifier(
-        num_classes=num_classes,
-        num_subcenters=config.head.num_subcenters,
-        num_classes_padded=head_sharding.portable_num_classes(num_classes),
-        mesh=mesh if shard_head else None,
-        kernel_init=config.head.init,
-    )
+    pc = program_config(config)
+    key = (pc.to_json(sort_keys=True), mesh, label_map.num_classes)
+    if key in _programs:
+        _programs.move_to_end(key)
+    else:
+        _programs[key] = _build_parts(pc, mesh, label_map.num_classes)
+        while len(_programs) > _PROGRAMS_KEPT:
+            _programs.popitem(last=False)
+    parts = _programs[key]
     # Per-class arrays the loss indexes by label (class weights and margins
     # from the train + val counts, see losses.py), placed on the devices once.
     consts = jax.device_put(
@@ -247,7 +272,23 @@ def build_program(
         ),
         sharding.replicated_sharding(mesh),
     )
-    tx, schedule = build_optimizer(config.optimizer, config.total_steps)
+    return dataclasses.replace(parts, consts=consts)
+
+
+def _build_parts(config, mesh, num_classes: int) -> Program:
+    """The model, head, optimizer and jitted steps of a program_config
+    (a Program whose consts build_program fills in)."""
+    model = create_model(config.model)
+    shard_head = config.head.shard_classes and mesh.devices.size > 1
+    head = heads.CosineClassifier(
+        num_classes=num_classes,
+        num_subcenters=config.head.num_subcenters,
+        num_classes_padded=head_sharding.portable_num_classes(num_classes),
+        mesh=mesh if shard_head else None,
+        kernel_init=config.head.init,
+    )
+    # total_steps is in a program_config only where the schedule reads it.
+    tx, schedule = build_optimizer(config.optimizer, config.get("total_steps"))
     # Two streams: one for initialisation, one folded with the step number.
     keys = random_streams.run_keys(config.seed)
 
@@ -290,7 +331,7 @@ def build_program(
     return Program(
         model=model,
         head=head,
-        consts=consts,
+        consts={},
         schedule=schedule,
         keys=keys,
         shardings=shardings,
