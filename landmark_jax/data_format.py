@@ -100,16 +100,13 @@ def find_build(data_dir: str) -> str:
         )
     found = sorted(file_io.listdir(data_dir))[:10]
     hint = (
-        " (dataset_info.json without features.json: a folder of the former "
-        "gldv2_to_tfrecord builder; rebuild it with data_pipelines.build_dataset)"
-        if "dataset_info.json" in found
+        f" (only unfinished builds, in TFDS's temporary folders: {unfinished[:3]})"
+        if unfinished
         else ""
     )
-    if unfinished:
-        hint += f" (only unfinished builds, in TFDS's temporary folders: {unfinished[:3]})"
     raise DataFormatError(
         f"data_dir={data_dir!r} is not a TensorFlow Datasets build: no dataset_info.json "
-        f"and features.json in it or below it; it holds {found}{hint}. Build one with "
+        f"with features.json in it or below it; it holds {found}{hint}. Build one with "
         "python -m data_pipelines.build_dataset"
     )
 

@@ -39,6 +39,15 @@ from landmark_jax.models import (
 CONFIG_FILE = "config.json"
 # The model keys that describe what input the weights expect.
 CONVENTION_KEYS = ("input_normalization", "padding")
+# What every config.json holds beyond the config as given: the resolved input
+# convention (resolve_training_config; model.padding is null for a ResNet)
+# and the class set (record_classes).
+_RECORDED_KEYS = {
+    "model.input_normalization": False,
+    "model.padding": True,
+    "num_classes": False,
+    "classes_sha256": False,
+}
 
 
 def _run_dir(path: str) -> str:
@@ -60,11 +69,23 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
     Raises:
       FileNotFoundError: the folder has no config.json.
+      ValueError: the config.json lacks what the trainer records (the input
+        convention, the class set): named, with how to rebuild the run.
     """
     path = file_io.join(_run_dir(workdir), CONFIG_FILE)
     if not file_io.isfile(path):
         raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training workdir")
-    return ml_collections.ConfigDict(file_io.read_json(path))
+    recorded = file_io.read_json(path)
+    for key, may_be_null in _RECORDED_KEYS.items():
+        value = _get_path(recorded, key)
+        if isinstance(value, KeyError) or (value is None and not may_be_null):
+            raise ValueError(
+                f"{path} does not record {key}, which the trainer records for every run "
+                f"({', '.join(_RECORDED_KEYS)}): it was written by an earlier version of "
+                "landmark_jax. Train the run again into a new workdir (python -m "
+                "landmark_jax.train --config=... --workdir=NEW)"
+            )
+    return ml_collections.ConfigDict(recorded)
 
 
 def _same_convention(key: str, a: Any, b: Any) -> bool:
@@ -87,36 +108,12 @@ def _backbone_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
             f"config.init.backbone={path!r} holds {metadata['arch']} weights but "
             f"config.model.backbone={config.model.backbone!r}"
         )
-    preset = metadata.get("input_normalization")
-    if preset is None:
-        # Checkpoints written before presets were always recorded.
-        preset = input_normalization.match_input_normalization(
-            metadata["input_scale"], metadata["input_offset"]
-        )
-    if preset is None:
-        raise ValueError(
-            f"{path}/{backbone_checkpoint.METADATA_FILE} records an input affine "
-            f"(scale {metadata['input_scale']}, offset {metadata['input_offset']}) that is no "
-            f"preset of {sorted(input_normalization.INPUT_NORMALIZATIONS)}; re-convert the "
-            "weights with python -m landmark_jax.models.keras_import"
-        )
-    return {"input_normalization": preset, "padding": metadata.get("padding")}
+    return {k: metadata[k] for k in CONVENTION_KEYS}
 
 
 def _stage_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    path = config.init.checkpoint
-    previous = read_run_config(path).model
-    missing = [k for k in CONVENTION_KEYS if k not in previous]
-    if not missing:
-        return {k: previous[k] for k in CONVENTION_KEYS}
-    if config.model.input_normalization is None:
-        raise ValueError(
-            f"the run in config.init.checkpoint={path!r} does not record model.{missing[0]} "
-            "in its config.json (it predates recorded input conventions); set "
-            "config.model.input_normalization (and, for EfficientNet, config.model.padding) "
-            "to what that run used"
-        )
-    return {}
+    previous = read_run_config(config.init.checkpoint).model
+    return {k: previous[k] for k in CONVENTION_KEYS}
 
 
 def resolve_training_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -132,9 +129,10 @@ def resolve_training_config(config: ml_collections.ConfigDict) -> ml_collections
 
     Raises:
       ValueError: two sources (or a source and the config's own value)
-        disagree, naming both; init.backbone holds another architecture or an
-        affine that is no preset; the previous stage records no convention and
-        the config names none.
+        disagree, naming both; init.backbone holds another architecture, or
+        its backbone.json or init.checkpoint's config.json records no
+        convention (backbone_checkpoint.read_backbone_metadata,
+        read_run_config).
       FileNotFoundError: init.checkpoint has no config.json.
     """
     config = config.copy_and_resolve_references()
@@ -198,7 +196,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
     check_classes(recorded, config, f"the workdir {workdir} ({path})")
     saved = recorded.model
     for key in CONVENTION_KEYS:
-        if key in saved and not _same_convention(key, saved[key], config.model[key]):
+        if not _same_convention(key, saved[key], config.model[key]):
             raise ValueError(
                 f"{workdir} was trained with model.{key}={saved[key]!r} ({path}) but "
                 f"this config resolves to {config.model[key]!r}; resume with the "
@@ -236,15 +234,15 @@ def check_classes(
       ValueError: another class count, or the same count of other landmark
         ids, naming both and both data sets.
     """
-    count, digest = recorded.get("num_classes"), recorded.get("classes_sha256")
-    if count is not None and count != config.num_classes:
+    count, digest = recorded["num_classes"], recorded["classes_sha256"]
+    if count != config.num_classes:
         raise ValueError(
             f"{what} was trained on {count} classes (data_dir={recorded.get('data_dir')!r}) but "
             f"config.data_dir={config.data_dir!r} has {config.num_classes}; its head's rows "
             "would mean other landmarks: point config.data_dir at the run's data, or start a "
             "new head with init.carry='model' in a new workdir"
         )
-    if digest is not None and digest != config.classes_sha256:
+    if digest != config.classes_sha256:
         raise ValueError(
             f"{what} was trained on {count} classes (data_dir={recorded.get('data_dir')!r}) and "
             f"config.data_dir={config.data_dir!r} has as many, but other landmark ids (their "
@@ -341,13 +339,6 @@ def evaluation_config(
     """
     saved = read_run_config(workdir)
     path = file_io.join(_run_dir(workdir), CONFIG_FILE)
-    missing = [k for k in CONVENTION_KEYS if k not in saved.model]
-    if missing:
-        raise ValueError(
-            f"{path} does not record model.{missing[0]} (the run predates recorded input "
-            "conventions); add model.input_normalization and model.padding as that run "
-            "used them to its config.json"
-        )
     for key, value in (model_overrides or {}).items():
         recorded = _get_path(saved.to_dict(), key)
         if isinstance(recorded, KeyError) or _normalised(recorded) != _normalised(value):

@@ -455,7 +455,7 @@ def one_image_at_a_time(config, workdir, data_dir, split, *, scales, flip, **res
     (the run's model.descriptor); views L2-normalised, summed, normalised.
     """
     trained = extract.load_trained_model(config, workdir)
-    if extract.descriptor_of(trained.config) == "pooled":
+    if trained.config.model.descriptor == "pooled":
         # The pooled features the model sows before its neck.
         def describe(variables, x):
             _, state = trained.module.apply(variables, x, mutable=["intermediates"])
@@ -549,9 +549,7 @@ def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisi
     mesh = sharding.create_mesh()
     trained_model = extract.load_trained_model(config, workdir)
     variables = jax.device_put(trained_model.variables, sharding.replicated_sharding(mesh))
-    embed = extract.embed_views(
-        trained_model.module, False, extract.descriptor_of(trained_model.config)
-    )
+    embed = extract.embed_views(trained_model.module, False, trained_model.config.model.descriptor)
     shares = [
         shape_buckets.share_embeddings(
             embed,
@@ -614,7 +612,13 @@ def test_a_side_below_a_keras_dynamic_model_minimum_is_raised_to_it(revisited_da
     module = models.create_model(model_config)
     variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
     config = ml_collections.ConfigDict(
-        {"data_dir": data_dir, "image_size": 32, "batch_size": 8, "model": model_config}
+        {
+            "data_dir": data_dir,
+            "image_size": 32,
+            "batch_size": 8,
+            "val": {"batch_size": None},
+            "model": model_config,
+        }
     )
     trained_model = extract.TrainedModel(config, "", 0, module, variables, {})
     emb = extract.extract(trained_model, "revisited_query", resize="native")

@@ -188,34 +188,36 @@ def test_resuming_with_another_convention_is_an_error(demo, caffe_resnet):
         trainer.train_and_evaluate(config, caffe_resnet["stage1"])
 
 
-def test_a_weights_affine_that_is_no_preset_is_an_error(demo, caffe_resnet, tmp_path):
-    # What keras_import wrote for a released EfficientNet .h5 before it
-    # established conventions: (x/255 - mean)/sqrt(std), recorded as null.
+def test_weights_without_a_recorded_preset_are_refused(demo, caffe_resnet, tmp_path):
+    """A backbone.json with a null input_normalization: not guessed from the
+    recorded affine, but named with the command that converts again."""
     weights = str(tmp_path / "old")
     shutil.copytree(caffe_resnet["weights"], weights)
     path = os.path.join(weights, backbone_checkpoint.METADATA_FILE)
     metadata = json.load(open(path))
-    metadata.update(input_normalization=None, input_scale=[0.0082, 0.0083, 0.0083])
+    metadata.update(input_normalization=None)
     json.dump(metadata, open(path, "w"))
     config = _config(demo["full"], **{"model.backbone": "resnet_tiny", "init.backbone": weights})
-    with pytest.raises(ValueError, match=r"no preset.*re-convert"):
+    refused = r"backbone.json does not record input_normalization.*keras_import"
+    with pytest.raises(ValueError, match=refused):
         run_config.resolve_training_config(config)
 
 
-def test_runs_that_do_not_record_a_convention(demo, caffe_resnet, tmp_path):
+def test_runs_that_do_not_record_a_convention_are_refused(demo, caffe_resnet, tmp_path):
+    """A config.json without the input convention: named, with the way out
+    (train again), whether it is a previous stage or the evaluated run."""
     old = str(tmp_path / "old_run")
     os.makedirs(old)
     saved = json.load(open(os.path.join(caffe_resnet["stage1"], run_config.CONFIG_FILE)))
     for key in run_config.CONVENTION_KEYS:
         del saved["model"][key]
     json.dump(saved, open(os.path.join(old, run_config.CONFIG_FILE), "w"))
+    refused = r"config.json does not record model\.input_normalization.*Train the run again"
     config = _config(demo["full"], **{"model.backbone": "resnet_tiny", "init.checkpoint": old})
-    with pytest.raises(ValueError, match=r"does not record model\.input_normalization.*set"):
+    config.model.input_normalization = "caffe"  # no longer a way around it
+    with pytest.raises(ValueError, match=refused):
         run_config.resolve_training_config(config)
-    # Stated explicitly, the config's own value is used.
-    config.model.input_normalization = "caffe"
-    assert run_config.resolve_training_config(config).model.input_normalization == "caffe"
-    with pytest.raises(ValueError, match=r"does not record model\.input_normalization"):
+    with pytest.raises(ValueError, match=refused):
         run_config.evaluation_config(_config(demo["full"]), old)
 
 

@@ -54,7 +54,7 @@ def run(
             out_shardings=sharding.replicated_sharding(mesh),
         )(jax.random.key(0))
         for flip in flips:
-            embed = extract.embed_views(model, flip, extract.descriptor_of(config))
+            embed = extract.embed_views(model, flip, config.model.descriptor)
             per_size = {
                 size: seconds_per_batch(embed, variables, mesh, row.batch_size, size, iterations)
                 for size in sorted({*sizes, *(round(s * sizes[0]) for s in MULTI_SCALE)})

@@ -39,6 +39,15 @@ from landmark_jax.models import backbones, input_normalization
 
 CHECKPOINT_SUBDIR = "variables"
 METADATA_FILE = "backbone.json"
+# The backbone.json keys the trainer reads, each with whether it may be null
+# (padding: null for a ResNet).
+_METADATA_KEYS = {
+    "arch": False,
+    "input_normalization": False,
+    "input_scale": False,
+    "input_offset": False,
+    "padding": True,
+}
 
 
 def check_output_is_new(output: str) -> None:
@@ -110,7 +119,8 @@ def read_backbone_metadata(path: str) -> dict[str, Any]:
     """Returns the backbone.json of a checkpoint folder.
 
     Raises:
-      ValueError: `path` has no backbone.json.
+      ValueError: `path` has no backbone.json, or it lacks a key the
+        converter records (named, with how to convert the weights again).
     """
     metadata_path = file_io.join(path, METADATA_FILE)
     if not file_io.isfile(metadata_path):
@@ -118,7 +128,16 @@ def read_backbone_metadata(path: str) -> dict[str, Any]:
             f"{path} is not a backbone checkpoint folder (no {METADATA_FILE}); "
             "create one with python -m landmark_jax.models.keras_import"
         )
-    return file_io.read_json(metadata_path)
+    metadata = file_io.read_json(metadata_path)
+    for key, may_be_null in _METADATA_KEYS.items():
+        if key not in metadata or (metadata[key] is None and not may_be_null):
+            raise ValueError(
+                f"{metadata_path} does not record {key}, which the converter records for "
+                "every backbone: it was written by an earlier version of landmark_jax. "
+                "Convert the weights again into a new folder (python -m "
+                "landmark_jax.models.keras_import --arch=... --weights=... --output=NEW)"
+            )
+    return metadata
 
 
 def load_backbone(path: str, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -141,7 +160,7 @@ def load_backbone(path: str, **overrides: Any) -> tuple[nn.Module, dict[str, Any
         "input_scale": tuple(metadata["input_scale"]),
         "input_offset": tuple(metadata["input_offset"]),
     }
-    if metadata.get("padding") is not None:
+    if metadata["padding"] is not None:
         recorded["padding"] = metadata["padding"]
     module = backbones.create_backbone(metadata["arch"], **{**recorded, **overrides})
     return module, _restore_checked(path, module)

@@ -192,11 +192,6 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def descriptor_of(config: ml_collections.ConfigDict) -> str:
-    """A run's model.descriptor ('embedding' for configs that predate it)."""
-    return config.model.get("descriptor", "embedding")
-
-
 @functools.lru_cache(maxsize=16)
 def embed_views(model, flip: bool, descriptor: str = "embedding"):
     """jit(variables, images uint8 [B,H,W,3]) -> [B, D] sum of unit view descriptors.
@@ -337,12 +332,12 @@ def extract(
     data_dir = data_dir or config.data_dir
     mesh = mesh or sharding.create_mesh()
     image_size = image_size or config.image_size
-    batch_size = batch_size or config.get("val", {}).get("batch_size") or config.batch_size
+    batch_size = batch_size or config.val.batch_size or config.batch_size
     # Aspect-kept programs run on this process's devices only (shape_buckets).
     run_mesh = mesh if resize == "square" else shape_buckets.process_mesh(mesh)
     local_rows = sharding.local_batch_size(batch_size, mesh)
     variables = jax.device_put(model.variables, sharding.replicated_sharding(run_mesh))
-    embed = embed_views(model.module, flip, descriptor or descriptor_of(config))
+    embed = embed_views(model.module, flip, descriptor or config.model.descriptor)
     # Every path sizes images to at least the model's minimum side, whatever
     # the lowering (eval_image_sizes' min_side).
     min_side = min_image_side(model.module)
@@ -440,5 +435,5 @@ def extraction_options(
         "image_size": image_size or ec.image_size or model.config.image_size,
         "resize": ec.resize,
         "size_multiple": int(ec.size_multiple),
-        "descriptor": descriptor_of(model.config),
+        "descriptor": model.config.model.descriptor,
     }

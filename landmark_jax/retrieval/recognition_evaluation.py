@@ -65,7 +65,7 @@ def classifier_inputs(config, test, members, first_model, mesh) -> np.ndarray:
     """The first member's unit embeddings of the test split, which its head
     scores: out of the (ensemble) descriptors when they are embeddings,
     else (model.descriptor='pooled') extracted once more as embeddings."""
-    if extract.descriptor_of(first_model.config) == "embedding":
+    if first_model.config.model.descriptor == "embedding":
         return first_member_embeddings(test, members, first_model.config.model.embedding_dim)
     options = {
         **extract.extraction_options(config, first_model, members[0].image_size),
