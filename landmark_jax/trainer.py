@@ -43,7 +43,7 @@ from landmark_jax.retrieval import evaluation, extract
 # ----------------------------------------------------------------------------
 
 
-def evaluate(
+def validate(
     config, mesh, state, program: train_steps.Program, stop_requested=lambda: False
 ) -> dict[str, float]:
     """Validation loss and top-1 accuracy on config.val.split, and the
@@ -254,7 +254,7 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
         augmentation=train_augmentation.from_config(config.input),
     )
 
-    # --- Loop: step, log, evaluate, checkpoint --------------------------------
+    # --- Loop: step, log, validate, checkpoint --------------------------------
     # SIGTERM (one process) or JAX's preemption sync point (several): save, stop.
     # Closing the manager on any way out lets a save in flight finish.
     with contextlib.closing(manager), preemption.PreemptionNotice(manager) as notice:
@@ -277,10 +277,10 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
             num_summed += 1
             is_last = step == config.total_steps
             do_log = step % config.log_every_steps == 0 or is_last
-            do_eval = config.val.every_steps and (step % config.val.every_steps == 0 or is_last)
+            do_validate = config.val.every_steps and (step % config.val.every_steps == 0 or is_last)
             do_save = step % config.checkpoint_every_steps == 0 or is_last
             preempted = notice.reached(step)
-            if not (do_log or do_eval or do_save or preempted):
+            if not (do_log or do_validate or do_save or preempted):
                 continue
 
             nonfinite = jax.device_get(state["nonfinite"])
@@ -308,9 +308,9 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
             # is cut short by a preemption notice loses no training.
             if do_save or preempted:
                 save(step, preempted)
-            if do_eval and not preempted:
+            if do_validate and not preempted:
                 try:
-                    last.update(evaluate(config, mesh, state, program, notice.received))
+                    last.update(validate(config, mesh, state, program, notice.received))
                 except preemption.Abandoned:
                     logging.warning("Preemption notice during validation at step %d", step)
                     preempted = True
@@ -322,7 +322,7 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
                     raise
                 if preempted and not do_save:
                     save(step, True)
-            if do_log or do_eval:
+            if do_log or do_validate:
                 writer.write(step, last)
                 logging.info(
                     "%s | %s",

@@ -358,12 +358,12 @@ def test_a_failed_or_preempted_validation_keeps_its_step(demo, tmp_path, monkeyp
     config = config_for(
         demo["full"], total_steps=6, checkpoint_every_steps=100, **{"val.every_steps": 2}
     )
-    real_evaluate = trainer.evaluate
+    real_validate = trainer.validate
 
     def failing(*args, **kwargs):
         raise OSError("simulated: the validation data went away")
 
-    monkeypatch.setattr(trainer, "evaluate", failing)
+    monkeypatch.setattr(trainer, "validate", failing)
     failed = str(tmp_path / "failed")
     with pytest.raises(OSError, match="went away"):
         trainer.train_and_evaluate(config, failed)
@@ -385,7 +385,7 @@ def test_a_failed_or_preempted_validation_keeps_its_step(demo, tmp_path, monkeyp
 
         return batches(), num_steps
 
-    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    monkeypatch.setattr(trainer, "validate", real_validate)
     monkeypatch.setattr(input_pipeline, "eval_iterator", notice_during_validation)
     preempted = str(tmp_path / "preempted")
     with pytest.raises(preemption.Preempted, match="preempted at step 2"):

@@ -81,7 +81,7 @@ def classifier_inputs(config, test, members, first_model, mesh) -> np.ndarray:
     return aligned
 
 
-def classifier_top_m(
+def head_top_m(
     model: extract.TrainedModel,
     embeddings: np.ndarray,
     class_landmarks: np.ndarray,
@@ -172,7 +172,7 @@ def evaluate_recognition(
     )
     top1 = {"knn": knn_labels}
     if ec.classifier_fusion or ec.recognition_solution:
-        top_landmarks, top_scores = classifier_top_m(
+        top_landmarks, top_scores = head_top_m(
             first_model,
             classifier_inputs(config, test, members, first_model, mesh),
             label_map.landmark_ids,
