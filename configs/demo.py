@@ -26,74 +26,37 @@ training landmarks and a few minutes on a CPU allow:
   no statistics to freeze.
 - The head's init U(+-1/sqrt(512)) (`head.init='uniform_fan_in'`, the base
   config's), not Keras's glorot_uniform (bound 0.044 against glorot's 0.10
-  at 80 classes); every figure below was measured with it.
+  at 80 classes); the figures below were measured with it.
 - Exact nearest-neighbour search (`eval.knn_backend='exact'`) and, for
   recognition, which GLR2020's retrieval recipe does not evaluate, the
   non-landmark penalty (`eval.non_landmark_split`, the project's own rule).
 
-and two choices measured on the demo data:
+and two choices measured on the demo data (docs/demo_experiments.md has the
+runs, and what else was tried):
 
 - Retrieval and recognition search with the pooled backbone features (1,024-d,
   `model.descriptor='pooled'`), not the 512-d neck output the head trains on.
   With 80 classes the neck specialises to them; the features below it keep
-  more of what tells unseen landmarks apart. On the same runs the pooled
-  features scored 1.2x to 1.7x the neck's mAP@100 (0.080 vs 0.068 here;
-  0.092 vs 0.054 after 1,800 steps; 0.055 vs 0.038 after 600).
+  more of what tells unseen landmarks apart (1.2x to 1.7x the neck's mAP@100
+  on the same runs).
 - Weight decay 5e-4, the usual regulariser when training from scratch
-  (GLR2020 had none; it fine-tuned ImageNet weights). The neck's own mAP@100
-  after 1,000 steps was 0.068 with it; the nearest run without it (stopped at
-  5/8 of a 1,600-step cosine) gave 0.045.
+  (GLR2020 had none; it fine-tuned ImageNet weights).
 
 Expected, as ranges: XLA's CPU results differ between machines and thread
-counts, and so do the figures. Measured on the demo data of seed 0 (the TFDS
-build, im2col lowering) with training seeds 0, 1 and 2 on 2 cores and seed 0
-again on 1 core (`taskset -c 0`): training takes 4.5-6 minutes and evaluation
-about a minute; the training loss falls from about 4.4 to 1.3-1.5,
-validation accuracy reaches 48-60% (chance 1/80), and retrieval on the 217
-queries of the 140 unseen index landmarks gives mAP@100 0.058-0.086 (seeds
-0.0581 / 0.0702 / 0.0857 on 2 cores, 0.0711 for seed 0 on 1 core), against
-0.0358 for raw pixels (1.6x-2.4x), 0.016-0.024 for the untrained network and
-0.005 for a random ranking. Recognition on the 200 test images of train
-landmarks (5 nearest train images, cos^9 votes, the non-landmark set voting
-with 5 neighbours against): GAP 0.28-0.38 (0.314 / 0.347 / 0.380, and 0.279
-on 1 core), 0.26-0.38 without the non-landmark penalty (0.305 / 0.337 /
-0.378, 0.264): the penalty added 0.002-0.015 in each of the four runs, so
-the demo keeps it; top-1 45-56% by kNN vote and 46-55% by the classifier
-head. GAP's ceiling is that top-1 accuracy (every correct prediction ranked
-first); the 217 retrieval queries show landmarks that are not in the train
-set, so they count against it, as GLDv2's out-of-domain test images do.
-
-The recognition images follow the train set's long tail (a landmark is
-photographed again as often as it was before), 2.5 per train landmark (200):
-with 60 (the former draw), one GAP rested on so few images that a second
-machine's run differed by 0.05 (0.351 / 0.341 / 0.310 on this machine, 0.297
-on another; mAP@100 0.0859 / 0.0749 / 0.0956). Drawn instead as one or two
-images of each of half the train landmarks (the demo data until 2026-12-01),
-the tail dominated them: on those 63 images top-1 was 0% to 9% for landmarks
-with under 5 train images and 83% to 91% for those with 40 or more, and GAP
-was 0.237 / 0.272 / 0.206 (mAP@100 0.0955 / 0.100 / 0.073 against raw pixels'
-0.033 on that data's 216 queries). On that data, 2,000 steps (seed 0, about 9
-minutes) raised GAP to 0.29-0.31 but lowered mAP@100 to 0.079 (train
-accuracy 93%, validation 56%: it overfits); flip averaging at evaluation
-lowered both; CosFace m=0.1, no weight on the noisy images, or weight decay
-1e-3 left kNN top-1 at 0.49 (GAP 0.26 / 0.23 / 0.28); evaluating at 80 or 96
-px lowered both. Earlier measurements (former TFRecord layout, XLA's
-convolutions, 20 neighbours): mAP@100 0.080 / 0.082 / 0.084, GAP 0.19 / 0.22
-/ 0.15.
-
-Tried on the demo data before 2026-12-01 (mAP@100 of the neck's embedding unless said; raw
-pixels 0.033): 600 steps 0.038 (pooled 0.055); 1,800 steps 0.054 (pooled
-0.092, 8 minutes); 1,000 steps stopped at 5/8 of the cosine 0.045; 48 px for
-1,500 steps 0.054 (pooled 0.063); GLR2021's augmentations (JPEG,
-ShiftScaleRotate p 0.7, Cutout p 0.5) over 600 steps 0.022, ShiftScaleRotate
-alone at p 0.5 0.030 (both slow learning down at this budget);
-efficientnet_tiny 0.011 (it learns slowly on a CPU); a 64-d embedding 0.033;
-Adam 2e-3 with a fixed scale 16 0.027 (higher validation accuracy, worse
-retrieval); GeM 0.034; ArcFace m=0.3 s=30 does not learn in 600 steps
-(0.006); 300 train landmarks of up to 25 images 0.020 (raw pixels 0.044
-there). Whitening learned on the train embeddings raised both the learned
-and the raw-pixel figures (to 0.055 and 0.043 after 600 steps), not their
-ratio.
+counts, and so do the figures (training seeds 0, 1 and 2 on 2 cores and seed
+0 on 1 core, on the demo data of seed 0). All of `make demo` (data, build,
+training and evaluation) takes 4.5-6 minutes; the training loss falls from
+about 4.4 to 1.3-1.5, validation accuracy reaches 48-60% (chance 1/80), and retrieval on
+the 217 queries of the 140 unseen index landmarks gives mAP@100 0.058-0.086,
+against 0.0358 for raw pixels (1.6x-2.4x), 0.016-0.024 for the untrained
+network and 0.005 for a random ranking. Recognition on the 200 test images of
+train landmarks (5 nearest train images, cos^9 votes, the non-landmark set
+voting with 5 neighbours against): GAP 0.28-0.38, 0.26-0.38 without the
+non-landmark penalty (it adds 0.002-0.015); top-1 45-56% by kNN vote and
+46-55% by the classifier head. GAP's ceiling is that top-1 accuracy (every
+correct prediction ranked first); the 217 retrieval queries show landmarks
+that are not in the train set, so they count against it, as GLDv2's
+out-of-domain test images do.
 
 `configs/demo.py:smoke` shrinks it further (`resnet_tiny` at 32 px, a few
 seconds per step on CPU, a handful of steps) for tests and quick checks.
