@@ -6,17 +6,16 @@ is finalized, the trainer writes `<step>/integrity.json` inside the step's own
 folder: the SHA-256 of each of the step's files. The record lives and dies
 with its step: Orbax's `max_to_keep`, a user's `rm -r checkpoints/40` or a
 moved-aside folder take it along, and a step saved again under the same number
-gets a record of its own. (A record kept outside the step, as an earlier
-version did in `checkpoints_digests/`, outlived its step and condemned every
-later step of that number; that folder is no longer read.)
+gets a record of its own. (A record kept outside the step would outlive it
+and condemn every later step saved under that number.)
 
 What a check can conclude, and what the caller does with it:
 
 - `VERIFIED`: every recorded file is there with its digest.
 - `UNVERIFIED`: no record (the run stopped between the commit and the
-  record, or an older version saved it) or a record that is not readable
-  JSON. Never damage for that alone: the step is checked structurally (Orbax
-  reads its metadata and shapes) and restored.
+  record) or a record that is not readable JSON. Never damage for that
+  alone: the step is checked structurally (Orbax reads its metadata and
+  shapes) and restored.
 - `DAMAGED`: a recorded file is missing or its bytes differ. The caller moves
   the step aside (`move_aside`: renamed to `damaged-<step>-<UTC time>`,
   where Orbax no longer lists it) and falls back to the step before. Nothing

@@ -22,7 +22,7 @@ from landmark_jax.models import backbone_checkpoint, input_normalization, keras_
 from config_files import REPO
 
 RNG = np.random.default_rng(0)
-# Relative to the output's scale, per the issue.
+# The converted model's parity bound, relative to the output's scale.
 PARITY_RTOL = 1e-4
 
 

@@ -214,7 +214,7 @@ def test_runs_that_do_not_record_a_convention_are_refused(demo, caffe_resnet, tm
     json.dump(saved, open(os.path.join(old, run_config.CONFIG_FILE), "w"))
     refused = r"config.json does not record model\.input_normalization.*Train the run again"
     config = _config(demo["full"], **{"model.backbone": "resnet_tiny", "init.checkpoint": old})
-    config.model.input_normalization = "caffe"  # no longer a way around it
+    config.model.input_normalization = "caffe"  # the config cannot stand in for the record
     with pytest.raises(ValueError, match=refused):
         run_config.resolve_training_config(config)
     with pytest.raises(ValueError, match=refused):

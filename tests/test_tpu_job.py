@@ -616,7 +616,7 @@ def test_a_request_this_run_queued_that_fails_stops_the_job_with_its_reason(fake
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        # The command: one :article member, which the dry run passed.
+        # One member of :article without the others.
         (["--member=b7=gs://b/b7"], "glr2020_ensemble.py:article also has member(s)"),
         (
             [f"--member={n}=gs://b/{n}" for n in ARTICLE] + ["--recognition_solution=gs://b/r"],
@@ -647,7 +647,7 @@ def test_member_names_select_one_ensemble_variant_or_are_refused():
         match=r"glr2020_ensemble.py:article also has member\(s\) "
         r"\['b5_a', 'b5_b', 'b6'\]",
     ):
-        program_checks.ensemble_variant({"b7": "w"})  # the issue's --member=b7=...
+        program_checks.ensemble_variant({"b7": "w"})  # --member=b7=... alone
     with pytest.raises(
         ValueError,
         match=r"\['b7', 'b7_640'\] are not the members of one variant"
@@ -661,7 +661,7 @@ def test_check_command_runs_the_programs_parser_and_config_checks():
     job = _job("glr2020", "v4-32")
     program_checks.check_commands(job)  # every stage and the evaluation, as built
     program_checks.check_commands(_job("glr2021", "v4-32", recognition_solution="gs://b/sol.csv"))
-    # The failure: a member of another variant, caught before any training.
+    # A member of another variant: caught before any training.
     evaluate = [".venv/bin/python", "-m", "landmark_jax.evaluate"]
     evaluate += ["--config=configs/glr2020_ensemble.py", "--workdir=gs://b/e"]
     with pytest.raises(

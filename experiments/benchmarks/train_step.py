@@ -54,7 +54,7 @@ class Row:
     timm_name: str | None  # the same backbone in timm; None: not in timm
 
 
-# The rows of issue 13: the recipes' backbones at their training sizes.
+# The full benchmark's rows: the recipes' backbones at their training sizes and batches.
 FULL_ROWS = {
     "b0_224": Row("glr2020_retrieval.py:clean", "efficientnet_b0", 224, 256, "efficientnet_b0"),
     "b5_456": Row("glr2020_retrieval.py:clean", "efficientnet_b5", 456, 32, "efficientnet_b5"),
