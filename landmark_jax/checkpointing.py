@@ -16,6 +16,7 @@ that decides that shape.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,15 +36,29 @@ CHECKPOINT_DIR = "checkpoints"
 # first save of efficientnet_tiny took 15 s in 2,052 slice ops. Arrays whose
 # per-replica slice would be under this size are written by one replica.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array,
-    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-    override=True,
-)
+
+
+@functools.cache
+def _register_array_handler() -> None:
+    """Orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES, once per process
+    (Orbax's handler registry is global)."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+        ),
+        override=True,
+    )
 
 
 def create_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-    """The workdir's checkpoint manager (keeps the newest `keep` steps)."""
+    """The workdir's checkpoint manager (keeps the newest `keep` steps).
+
+    Its first call also sets how this process's Orbax saves jax.Arrays
+    (`MIN_REPLICA_SLICE_BYTES`); every save of a train state goes through a
+    manager made here.
+    """
+    _register_array_handler()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True
     )
