@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from landmark_jax import checkpointing, run_config, trainer
+from landmark_jax import checkpointing, run_config, train_steps, trainer
 from landmark_jax.models import backbone_checkpoint, backbones, create_model
 from landmark_jax.retrieval import baselines, extract
 
@@ -80,8 +80,7 @@ def keras_padded_efficientnet(demo, tmp_path_factory):
 
 
 def _model_variables(workdir: str) -> dict:
-    stage = checkpointing.load_stage(workdir)
-    return {"params": stage["params"]["model"], "batch_stats": stage["batch_stats"]["model"]}
+    return train_steps.model_variables(checkpointing.load_stage(workdir))
 
 
 def _embed(model, variables, images) -> np.ndarray:
