@@ -13,8 +13,9 @@ import math
 
 import ml_collections
 
-from landmark_jax import data_format, file_io, heads, losses
-from landmark_jax.models import backbones, default_model_config, resolve_model_config
+from landmark_jax import file_io, heads, losses
+from landmark_jax.models import backbones
+from landmark_jax.models.factory import default_model_config, resolve_model_config
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "inverse_time", "warmup_cosine")
@@ -234,27 +235,10 @@ def apply_smoke(
     return config
 
 
-def _check_choice(config, key: str, value, choices) -> None:
+def check_choice(config, key: str, value, choices) -> None:
+    """Raises ValueError naming config.<key> when `value` is not one of `choices`."""
     if value not in choices:
         raise ValueError(f"config.{key}={value!r}; valid: {list(choices)}")
-
-
-def resolve_num_classes(config: ml_collections.ConfigDict) -> int:
-    """The class count: the data set's `label` feature's, checked against config.num_classes.
-
-    Raises:
-      ValueError: config.num_classes is set and differs from the data.
-      DataFormatError: config.data_dir is not a TFDS build with a `label` ClassLabel.
-    """
-    from_data = data_format.read_num_classes(config.data_dir)
-    if config.num_classes is not None and config.num_classes != from_data:
-        raise ValueError(
-            f"config.num_classes={config.num_classes} but the data set in "
-            f"{config.data_dir} has {from_data} classes (its features.json); fix "
-            "config.num_classes "
-            "or point config.data_dir at the right data"
-        )
-    return from_data
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -297,22 +281,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             )
     resolve_model_config(config.model)
     backbones.check_image_size(config.model.backbone, config.image_size)
-    _check_choice(config, "optimizer.name", config.optimizer.name, OPTIMIZERS)
-    _check_choice(config, "optimizer.schedule", config.optimizer.schedule, SCHEDULES)
-    _check_choice(config, "head.margin_type", config.head.margin_type, heads.MARGIN_TYPES)
-    _check_choice(config, "head.scale", config.head.scale, heads.SCALE_MODES)
-    _check_choice(config, "head.init", config.head.init, heads.HEAD_INITS)
-    _check_choice(
-        config, "loss.class_weights", config.loss.class_weights, losses.CLASS_WEIGHT_MODES
-    )
-    _check_choice(config, "init.carry", config.init.carry, INIT_CARRY)
+    check_choice(config, "optimizer.name", config.optimizer.name, OPTIMIZERS)
+    check_choice(config, "optimizer.schedule", config.optimizer.schedule, SCHEDULES)
+    check_choice(config, "head.margin_type", config.head.margin_type, heads.MARGIN_TYPES)
+    check_choice(config, "head.scale", config.head.scale, heads.SCALE_MODES)
+    check_choice(config, "head.init", config.head.init, heads.HEAD_INITS)
+    check_choice(config, "loss.class_weights", config.loss.class_weights, losses.CLASS_WEIGHT_MODES)
+    check_choice(config, "init.carry", config.init.carry, INIT_CARRY)
     # Imported here: it imports TensorFlow, which configs and the train step
     # do not need (the GPU benchmarks run where TensorFlow is not installed).
     from landmark_jax import train_augmentation
 
     train_augmentation.from_config(config.input)
     if config.optimizer.schedule_steps is not None:
-        _check_int("optimizer.schedule_steps", config.optimizer.schedule_steps, 1)
+        check_int("optimizer.schedule_steps", config.optimizer.schedule_steps, 1)
     if config.head.num_subcenters < 1:
         raise ValueError(f"config.head.num_subcenters={config.head.num_subcenters}: expected >= 1")
     if not config.loss.not_clean_weight >= 0.0:
@@ -323,12 +305,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
             raise ValueError(f"config.{key}={path!r} does not exist")
 
 
-def _check_int(key: str, value, minimum: int) -> None:
+def check_int(key: str, value, minimum: int) -> None:
+    """Raises ValueError naming config.<key> unless `value` is an int >= minimum."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"config.{key}={value!r}: expected an integer >= {minimum}")
 
 
-def _check_number(key: str, value, minimum: float) -> None:
+def check_number(key: str, value, minimum: float) -> None:
+    """Raises ValueError naming config.<key> unless `value` is a finite number >= minimum."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -336,102 +320,3 @@ def _check_number(key: str, value, minimum: float) -> None:
         or value < minimum
     ):
         raise ValueError(f"config.{key}={value!r}: expected a finite number >= {minimum}")
-
-
-def validate_eval_config(config: ml_collections.ConfigDict) -> None:
-    """Checks the `eval` block before any model is restored or image embedded.
-
-    Args:
-      config: a config with an `eval` block (base_config's keys).
-
-    Raises:
-      ValueError: a value out of range or not among the valid names, a
-        malformed ensemble entry, or a solution file / Revisited folder that
-        is set but does not exist; the message names the key.
-    """
-    from landmark_jax import sized_eval_input
-    from landmark_jax.retrieval import baselines, ensemble, knn
-
-    ec = config.eval
-    _check_choice(config, "eval.knn_backend", ec.knn_backend, knn.BACKENDS)
-    if not ec.index_split:
-        if not ec.revisited_data_dir:
-            raise ValueError(
-                "config.eval.index_split='' skips the GLDv2 retrieval and recognition: "
-                "set config.eval.revisited_data_dir, or there is nothing to evaluate"
-            )
-        for key in (
-            "retrieval_solution",
-            "recognition_solution",
-            "recognition_submission",
-            "baselines",
-            "ensemble",
-        ):
-            if ec[key]:
-                raise ValueError(
-                    f"config.eval.{key} needs the GLDv2 splits, but config.eval.index_split=''"
-                )
-    for key, minimum in (
-        ("k", 1),
-        ("recognition_k", 1),
-        ("recall_queries", 1),
-        ("classifier_top_m", 1),
-        ("size_multiple", 1),
-        ("gallery_queries", 0),
-        ("raw_pixel_size", 1),
-    ):
-        _check_int(f"eval.{key}", ec[key], minimum)
-    if ec.non_landmark_k is not None:  # None: recognition_k
-        _check_int("eval.non_landmark_k", ec.non_landmark_k, 1)
-    for key in ("recognition_power", "classifier_power", "non_landmark_weight"):
-        _check_number(f"eval.{key}", ec[key], 0.0)
-    if ec.image_size is not None:
-        _check_int("eval.image_size", ec.image_size, 1)
-    scales = tuple(ec.scales) if isinstance(ec.scales, (tuple, list)) else ec.scales
-    if (
-        not isinstance(scales, tuple)
-        or not scales
-        or not all(
-            not isinstance(s, bool) and isinstance(s, (int, float)) and math.isfinite(s) and s > 0
-            for s in scales
-        )
-    ):
-        raise ValueError(
-            f"config.eval.scales={ec.scales!r}: expected one or more positive numbers, "
-            "e.g. (0.7071, 1.0, 1.4142)"
-        )
-    for key in ("resize", "revisited_resize"):
-        _check_choice(config, f"eval.{key}", ec[key], sized_eval_input.RESIZE_MODES)
-    if not isinstance(ec.recognition_submission, bool):
-        raise ValueError(
-            f"config.eval.recognition_submission={ec.recognition_submission!r}: expected True "
-            "or False"
-        )
-    if ec.recognition_submission and not ec.train_split:
-        raise ValueError(
-            "config.eval.recognition_submission=True labels the test images by their nearest "
-            "config.eval.train_split images, but config.eval.train_split=''"
-        )
-    if ec.index_split and not ec.test_split:
-        raise ValueError("config.eval.test_split is empty: name a split of the data folder")
-    for name in ec.baselines:
-        _check_choice(config, "eval.baselines", name, baselines.BASELINES)
-    if ec.baselines and not ec.retrieval_solution:
-        raise ValueError(
-            f"config.eval.baselines={tuple(ec.baselines)} scores retrieval: "
-            "set config.eval.retrieval_solution too"
-        )
-    if ec.ensemble:
-        try:
-            ensemble.ensemble_members_from_config(ec.ensemble)
-        except ValueError as e:
-            raise ValueError(f"config.eval.ensemble: {e}") from e
-    # A path the evaluation will read must exist; recognition (and so its
-    # solution) is skipped when eval.train_split is empty.
-    used = ["retrieval_solution", "revisited_data_dir"]
-    if ec.train_split:
-        used.append("recognition_solution")
-    for key in used:
-        path = ec[key]
-        if path and not file_io.exists(path):
-            raise ValueError(f"config.eval.{key}={path!r} does not exist")

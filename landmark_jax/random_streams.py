@@ -42,7 +42,7 @@ def init_model_variables(module: Any, key: jax.Array, image_size: int) -> dict[s
     """The model's initial variables ({'params', 'batch_stats'}), traceable.
 
     Args:
-      module: the retrieval model (models.create_model).
+      module: the retrieval model (factory.create_model).
       key: RunKeys.model (also the dropout stream of the init call).
       image_size: the side of the square uint8 images the run trains on.
     """

@@ -29,19 +29,16 @@ from typing import Any
 
 import ml_collections
 
-from landmark_jax import checkpointing, file_io
-from landmark_jax.models import (
-    backbone_checkpoint,
-    input_normalization,
-    resolve_model_config,
-)
+from landmark_jax import checkpointing, data_format, file_io
+from landmark_jax.models import backbone_checkpoint, input_normalization
+from landmark_jax.models.factory import resolve_model_config
 
 CONFIG_FILE = "config.json"
 # The model keys that describe what input the weights expect.
 CONVENTION_KEYS = ("input_normalization", "padding")
 # What every config.json holds beyond the config as given: the resolved input
 # convention (resolve_training_config; model.padding is null for a ResNet)
-# and the class set (record_classes).
+# and the class set (resolve_classes).
 _RECORDED_KEYS = {
     "model.input_normalization": False,
     "model.padding": True,
@@ -124,7 +121,7 @@ def resolve_training_config(config: ml_collections.ConfigDict) -> ml_collections
 
     Returns:
       A copy whose `model` block is complete and concrete
-      (`models.resolve_model_config`), with `input_normalization` and
+      (`factory.resolve_model_config`), with `input_normalization` and
       `padding` taken from init.backbone / init.checkpoint where set.
 
     Raises:
@@ -181,7 +178,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses to resume a workdir's checkpoints with another input convention or class set.
 
     Args:
-      config: the resolved config, after record_classes.
+      config: the resolved config, after resolve_classes.
       workdir: the workdir to resume.
 
     Raises:
@@ -214,10 +211,32 @@ def classes_sha256(landmark_ids: Sequence[int]) -> str:
     return hashlib.sha256(",".join(str(int(i)) for i in landmark_ids).encode()).hexdigest()
 
 
-def record_classes(config: ml_collections.ConfigDict, landmark_ids: Sequence[int]) -> None:
-    """Sets config.num_classes and config.classes_sha256 to the data's (then recorded)."""
-    config.num_classes = len(landmark_ids)
-    config.classes_sha256 = classes_sha256(landmark_ids)
+def resolve_classes(config: ml_collections.ConfigDict) -> data_format.LabelMap:
+    """The data's classes, checked against config.num_classes and recorded in the config.
+
+    Sets config.num_classes and config.classes_sha256 to the data's, which
+    config.json then records (a resume, a later stage and evaluation check
+    them with check_classes).
+
+    Returns:
+      The data's label map (landmark ids and per-class counts, label order).
+
+    Raises:
+      ValueError: config.num_classes is set and differs from the data's.
+      DataFormatError: config.data_dir is not a TFDS build with a `label`
+        ClassLabel and per-class counts.
+    """
+    from_data = data_format.read_num_classes(config.data_dir)
+    if config.num_classes is not None and config.num_classes != from_data:
+        raise ValueError(
+            f"config.num_classes={config.num_classes} but the data set in "
+            f"{config.data_dir} has {from_data} classes (its features.json); fix "
+            "config.num_classes or point config.data_dir at the right data"
+        )
+    label_map = data_format.read_label_map(config.data_dir)
+    config.num_classes = label_map.num_classes
+    config.classes_sha256 = classes_sha256(label_map.landmark_ids)
+    return label_map
 
 
 def check_classes(
@@ -227,7 +246,7 @@ def check_classes(
 
     Args:
       recorded: the config.json of the run the weights come from.
-      config: this run's config, after record_classes.
+      config: this run's config, after resolve_classes.
       what: the weights' role and path, for the message.
 
     Raises:

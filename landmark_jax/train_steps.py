@@ -33,7 +33,7 @@ from landmark_jax import (
     random_streams,
     sharding,
 )
-from landmark_jax.models import create_model
+from landmark_jax.models.factory import create_model
 
 # ----------------------------------------------------------------------------
 # Building blocks: model, optimizer, state
@@ -181,7 +181,7 @@ class Program:
     """A run's model and compiled steps.
 
     Attributes:
-      model: the retrieval model (models.create_model).
+      model: the retrieval model (factory.create_model).
       head: the cosine classifier over the data's classes.
       consts: the per-class loss constants, replicated on the mesh.
       schedule: the learning rate as a function of the step (0-based).

@@ -36,7 +36,7 @@ from landmark_jax import (
     train_steps,
 )
 from landmark_jax.models import backbone_checkpoint
-from landmark_jax.retrieval import evaluation, extract
+from landmark_jax.retrieval import extract, validation
 
 # ----------------------------------------------------------------------------
 # Validation during training
@@ -79,7 +79,7 @@ def validate(
         # scoring (no second implementation).
         variables = train_steps.model_variables(state)
         current = extract.TrainedModel(config, "", int(state["step"]), program.model, variables, {})
-        metrics["val_map@100"] = evaluation.retrieval_map(
+        metrics["val_map@100"] = validation.retrieval_map(
             current,
             data_dir=config.data_dir,
             query_split=config.val.query_split,
@@ -123,10 +123,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # settled here and recorded in config.json: later stages and evaluation
     # rebuild the model from that file.
     config = run_config.resolve_training_config(config)
-    config_lib.resolve_num_classes(config)  # config.num_classes against the data
-    label_map = data_format.read_label_map(config.data_dir)
     # The class set is recorded: a head padded to 1,024 rows fits another.
-    run_config.record_classes(config, label_map.landmark_ids)
+    label_map = run_config.resolve_classes(config)
     _check_splits(config)
     run_config.check_resume(config, workdir)
     # Fail now on a workdir that cannot be written or checkpointed to (named).

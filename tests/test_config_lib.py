@@ -3,6 +3,7 @@
 import pytest
 
 from landmark_jax import checkpoint_fit, config_lib
+from landmark_jax.retrieval import eval_config
 
 
 def _resolves(config, key: str) -> bool:
@@ -44,8 +45,8 @@ def test_parse_config_arg():
 
 
 def test_default_eval_config_is_valid():
-    config_lib.validate_eval_config(config_lib.base_config())
-    config_lib.validate_eval_config(config_lib.base_config("dolg"))
+    eval_config.validate_eval_config(config_lib.base_config())
+    eval_config.validate_eval_config(config_lib.base_config("dolg"))
 
 
 @pytest.mark.parametrize(
@@ -78,36 +79,36 @@ def test_bad_eval_values_name_the_key(key, value, match):
     config = config_lib.base_config()
     config.eval[key] = value
     with pytest.raises(ValueError, match=match):
-        config_lib.validate_eval_config(config)
+        eval_config.validate_eval_config(config)
 
 
 def test_eval_image_size_and_existing_paths(tmp_path):
     config = config_lib.base_config()
     config.eval.image_size = 0
     with pytest.raises(ValueError, match=r"config\.eval\.image_size=0"):
-        config_lib.validate_eval_config(config)
+        eval_config.validate_eval_config(config)
     config.eval.image_size = 64
     solution = tmp_path / "retrieval_solution.csv"
     solution.write_text("id,images,Usage\n")
     config.eval.retrieval_solution = str(solution)
     config.eval.revisited_data_dir = str(tmp_path)
-    config_lib.validate_eval_config(config)
+    eval_config.validate_eval_config(config)
     # Recognition off (no train split): its solution is not read, not checked.
     config.eval.recognition_solution = "/nonexistent/s.csv"
     config.eval.train_split = ""
-    config_lib.validate_eval_config(config)
+    eval_config.validate_eval_config(config)
 
 
 def test_eval_ensemble_reuses_the_ensemble_validator():
     config = config_lib.base_config()
     config.eval.ensemble = ({"workdir": "runs/a", "weight": 1.0, "image_size": 640},)
-    config_lib.validate_eval_config(config)
+    eval_config.validate_eval_config(config)
     config.eval.ensemble = ({"workdir": "runs/a", "wieght": 1.0},)
     with pytest.raises(ValueError, match=r"config\.eval\.ensemble: ensemble member 0: unknown key"):
-        config_lib.validate_eval_config(config)
+        eval_config.validate_eval_config(config)
     config.eval.ensemble = ({"workdir": "runs/a", "weight": -1.0},)
     with pytest.raises(ValueError, match=r"config\.eval\.ensemble: .*weight"):
-        config_lib.validate_eval_config(config)
+        eval_config.validate_eval_config(config)
 
 
 def test_training_validation_keys_live_in_the_val_block():

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from landmark_jax import models
-from landmark_jax.models import conv_lowering
+from landmark_jax.models import conv_lowering, factory
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -135,7 +134,7 @@ def test_lowering_choice_and_unknown_name():
     with pytest.raises(ValueError, match="unknown conv_lowering 'fft'.*'auto', 'xla', 'im2col'"):
         conv_lowering.conv_general_dilated_for("fft")
     with pytest.raises(ValueError, match="model.conv_lowering='fft'"):
-        models.create_model({"name": "global", "backbone": "resnet_tiny", "conv_lowering": "fft"})
+        factory.create_model({"name": "global", "backbone": "resnet_tiny", "conv_lowering": "fft"})
 
 
 def test_a_model_gives_the_same_embedding_and_gradients_either_way():
@@ -147,8 +146,8 @@ def test_a_model_gives_the_same_embedding_and_gradients_either_way():
     differences into visible ones whatever computes the convolutions."""
     # EfficientNet: dense (stem, 1x1) and depthwise convolutions both lowered.
     config = {"name": "global", "backbone": "efficientnet_tiny", "embedding_dim": 16}
-    xla = models.create_model({**config, "conv_lowering": "xla"})
-    im2col = models.create_model({**config, "conv_lowering": "im2col"})
+    xla = factory.create_model({**config, "conv_lowering": "xla"})
+    im2col = factory.create_model({**config, "conv_lowering": "im2col"})
     images = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)), jnp.float32)
     variables = xla.init(jax.random.PRNGKey(0), images)
     shapes = jax.eval_shape(im2col.init, jax.random.PRNGKey(0), images)

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from landmark_jax import models
+from landmark_jax.models import factory
 from landmark_jax.models.dolg import DOLG
 from landmark_jax.models.global_model import GlobalModel
 
@@ -40,7 +40,7 @@ DOLG_KEYS = {
 
 
 def _small(name, **overrides):
-    config = models.default_model_config(name)
+    config = factory.default_model_config(name)
     config.backbone = "resnet_tiny"
     config.embedding_dim = 8
     config.dolg.update(branch_channels=4, local_dim=8, global_dim=8)
@@ -50,7 +50,7 @@ def _small(name, **overrides):
 
 @pytest.mark.parametrize("name", ["global", "dolg"])
 def test_default_config_has_every_key(name):
-    config = models.default_model_config(name)
+    config = factory.default_model_config(name)
     assert isinstance(config, ml_collections.ConfigDict)
     assert set(config) == TOP_KEYS and set(config.dolg) == DOLG_KEYS
     assert config.name == name and config.embedding_dim == 512
@@ -68,8 +68,8 @@ def test_default_config_has_every_key(name):
         "padding": "same",
         "drop_connect_rate": 0.2,
     }
-    assert models.resolve_model_config({"name": name}) == resolved
-    assert models.resolve_model_config(resolved) == resolved
+    assert factory.resolve_model_config({"name": name}) == resolved
+    assert factory.resolve_model_config(resolved) == resolved
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_default_config_has_every_key(name):
     ],
 )
 def test_create_model_builds_and_runs(name, cls, overrides):
-    model = models.create_model(_small(name, **overrides).to_dict())  # a plain dict works too
+    model = factory.create_model(_small(name, **overrides).to_dict())  # a plain dict works too
     assert isinstance(model, cls)
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)), jnp.float32)
     variables = jax.jit(model.init)(KEY, x)
@@ -104,11 +104,11 @@ def test_create_model_builds_and_runs(name, cls, overrides):
 
 def test_unknown_model_name_lists_valid():
     with pytest.raises(ValueError, match=r"'delg'.*\['dolg', 'global'\]"):
-        models.create_model({"name": "delg"})
+        factory.create_model({"name": "delg"})
     with pytest.raises(ValueError, match=r"\['dolg', 'global'\]"):
-        models.default_model_config("resnet")
+        factory.default_model_config("resnet")
     with pytest.raises(ValueError, match=r"None.*\['dolg', 'global'\]"):
-        models.create_model({"backbone": "resnet50"})
+        factory.create_model({"backbone": "resnet50"})
 
 
 @pytest.mark.parametrize(
@@ -133,11 +133,11 @@ def test_unknown_model_name_lists_valid():
 )
 def test_config_errors_name_the_problem(config, match):
     with pytest.raises(ValueError, match=match):
-        models.create_model(ml_collections.ConfigDict(config))
+        factory.create_model(ml_collections.ConfigDict(config))
 
 
 def test_backbone_options_reach_the_backbone():
-    model = models.create_model(
+    model = factory.create_model(
         {
             "name": "dolg",
             "backbone": "efficientnet_b0",
@@ -156,7 +156,7 @@ def test_backbone_options_reach_the_backbone():
     )
     assert b.input_offset == pytest.approx((-123.68, -116.779, -103.939))
     assert model.batch_norm == "frozen"
-    resnet = models.create_model({"name": "global", "backbone": "resnet50"})
+    resnet = factory.create_model({"name": "global", "backbone": "resnet50"})
     assert resnet.backbone.input_scale == pytest.approx(
         (1 / 255 / 0.229, 1 / 255 / 0.224, 1 / 255 / 0.225)
     )
@@ -167,7 +167,7 @@ def test_frozen_batch_norm_trains_on_moving_statistics(name="dolg"):
     statistics and leaves them unchanged, while gamma/beta get gradients;
     the output then equals inference mode. 'batch' differs on both counts."""
     x = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)), jnp.float32)
-    frozen = models.create_model(_small(name, neck="dense_bn_prelu", batch_norm="frozen"))
+    frozen = factory.create_model(_small(name, neck="dense_bn_prelu", batch_norm="frozen"))
     batch = frozen.clone(batch_norm="batch", backbone=frozen.backbone.clone(batch_norm="batch"))
     variables = jax.jit(frozen.init)(KEY, x)
     # Moving statistics far from this batch's, so the two modes differ.
@@ -216,8 +216,8 @@ def test_drop_connect_rate_zero_makes_training_deterministic():
     # 16 examples: each keeps or drops the residual branches independently.
     x = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (16, 32, 32, 3)), jnp.float32)
     config = {"name": "global", "backbone": "efficientnet_tiny", "embedding_dim": 8}
-    on = models.create_model({**config, "drop_connect_rate": 0.9})
-    off = models.create_model({**config, "drop_connect_rate": 0.0})
+    on = factory.create_model({**config, "drop_connect_rate": 0.9})
+    off = factory.create_model({**config, "drop_connect_rate": 0.0})
     variables = jax.jit(on.init)(KEY, x)
 
     def run(model, seed):
@@ -244,8 +244,8 @@ def test_remat_blocks_gives_the_same_training_step_with_blocks_recomputed(backbo
     from landmark_jax.models import layers
 
     config = {"name": "global", "backbone": backbone, "embedding_dim": 16, "conv_lowering": "xla"}
-    plain = models.create_model({**config, "remat": "none"})
-    remat = models.create_model({**config, "remat": "blocks"})
+    plain = factory.create_model({**config, "remat": "none"})
+    remat = factory.create_model({**config, "remat": "blocks"})
     images = jnp.asarray(np.random.default_rng(4).uniform(0, 255, (4, 32, 32, 3)), jnp.float32)
     variables = plain.init(jax.random.PRNGKey(0), images)
     shapes = jax.eval_shape(remat.init, jax.random.PRNGKey(0), images)
@@ -283,5 +283,5 @@ def test_remat_blocks_gives_the_same_training_step_with_blocks_recomputed(backbo
     assert rematerialised(remat) == blocks > 0
     assert rematerialised(plain) == 0
     with pytest.raises(ValueError, match=r"model.remat='all'; valid: \('none', 'blocks'\)"):
-        models.create_model({**config, "remat": "all"})
+        factory.create_model({**config, "remat": "all"})
     assert layers.REMAT_MODES == ("none", "blocks")

@@ -93,14 +93,14 @@ def test_min_image_side_is_where_a_keras_dynamic_efficientnet_stops_giving_descr
     import jax
     import jax.numpy as jnp
 
-    from landmark_jax import models
+    from landmark_jax.models import factory
     from landmark_jax.retrieval import extract
 
     config = {"name": "global", "backbone": "efficientnet_tiny", "embedding_dim": 8}
     config["conv_lowering"] = lowering
-    dynamic = models.create_model({**config, "padding": "keras_dynamic"})
-    same = models.create_model({**config, "padding": "same"})
-    resnet = models.create_model({**config, "backbone": "resnet_tiny"})
+    dynamic = factory.create_model({**config, "padding": "keras_dynamic"})
+    same = factory.create_model({**config, "padding": "same"})
+    resnet = factory.create_model({**config, "backbone": "resnet_tiny"})
     assert extract.min_image_side(dynamic) == 32
     assert extract.min_image_side(same) == extract.min_image_side(resnet) == 1
 

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from landmark_jax import config_lib, run_config, train_steps, trainer
-from landmark_jax.retrieval import evaluation, extract
+from landmark_jax import run_config, train_steps, trainer
+from landmark_jax.retrieval import eval_config, evaluation, extract
 
 from config_files import load_config
 
@@ -67,7 +67,7 @@ def test_glr2020_ensemble_smoke_concatenates_the_weighted_members(demo, trained_
     config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
     # A member without its workdir is named before anything runs.
     with pytest.raises(ValueError, match="ensemble member 'b6_640': .*workdir"):
-        config_lib.validate_eval_config(config)
+        eval_config.validate_eval_config(config)
     workdirs = []
     for name in MEMBERS:  # four runs: copies of one, fed at their sizes
         workdirs.append(str(tmp_path / name))

@@ -262,22 +262,22 @@ def test_recognition_runs_only_when_scored_or_its_submission_is_asked_for(
 
 def test_recognition_submission_without_a_train_split_is_refused_and_recipes_say_which():
     from landmark_jax import config_lib
-    from landmark_jax.retrieval import recognition_evaluation
+    from landmark_jax.retrieval import eval_config, recognition_evaluation
 
     from config_files import load_config
 
     config = config_lib.base_config()
     config.eval.recognition_submission = True
-    config_lib.validate_eval_config(config)
+    eval_config.validate_eval_config(config)
     config.eval.train_split = ""
     with pytest.raises(
         ValueError, match=r"recognition_submission=True .*, but config.eval.train_split=''"
     ):
-        config_lib.validate_eval_config(config)
+        eval_config.validate_eval_config(config)
     config.eval.index_split = ""
     config.eval.revisited_data_dir = "anything"  # the GLDv2 splits are off: named first
     with pytest.raises(ValueError, match=r"eval.recognition_submission needs the GLDv2 splits"):
-        config_lib.validate_eval_config(config)
+        eval_config.validate_eval_config(config)
     # GLR2020 (retrieval) embeds no train image unless a solution scores
     # recognition; GLR2021 (recognition) writes its submission.
     assert not recognition_evaluation.recognition_requested(

@@ -597,10 +597,10 @@ def test_a_side_below_a_keras_dynamic_model_minimum_is_raised_to_it(revisited_da
     32x36, the query as resized there alone through the model."""
     import ml_collections
 
-    from landmark_jax import models
+    from landmark_jax.models import factory
 
     _, data_dir = revisited_data
-    model_config = models.resolve_model_config(
+    model_config = factory.resolve_model_config(
         {
             "name": "global",
             "backbone": "efficientnet_tiny",
@@ -609,7 +609,7 @@ def test_a_side_below_a_keras_dynamic_model_minimum_is_raised_to_it(revisited_da
             "conv_lowering": "xla",
         }
     )
-    module = models.create_model(model_config)
+    module = factory.create_model(model_config)
     variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
     config = ml_collections.ConfigDict(
         {

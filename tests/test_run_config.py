@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from landmark_jax import checkpointing, run_config, train_steps, trainer
-from landmark_jax.models import backbone_checkpoint, backbones, create_model
+from landmark_jax.models import backbone_checkpoint, backbones
+from landmark_jax.models.factory import create_model
 from landmark_jax.retrieval import baselines, extract
 
 from backbone_variables import random_variables

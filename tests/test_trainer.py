@@ -60,11 +60,11 @@ def test_training_lowers_the_loss(demo, tmp_path):
     # The in-training retrieval mAP is the evaluation's own score of the
     # step-30 parameters (the last checkpoint).
     from landmark_jax import run_config
-    from landmark_jax.retrieval import evaluation, extract
+    from landmark_jax.retrieval import extract, validation
 
     saved = run_config.evaluation_config(config, str(tmp_path))
     assert last["val_map@100"] == pytest.approx(
-        evaluation.retrieval_map(
+        validation.retrieval_map(
             extract.load_trained_model(saved, str(tmp_path)),
             data_dir=demo["full"],
             query_split="test",

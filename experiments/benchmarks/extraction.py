@@ -24,7 +24,7 @@ import numpy as np
 from train_step import Row, project_config
 
 from landmark_jax import random_streams, sharding
-from landmark_jax.models import create_model
+from landmark_jax.models.factory import create_model
 from landmark_jax.retrieval import extract
 
 MULTI_SCALE = (1 / math.sqrt(2), 1.0, math.sqrt(2))

@@ -97,7 +97,7 @@ def check_command(job: Job, name: str, argv: Sequence[str]) -> None:
 
     Parses it with the program's own flags and config (parse_program_flags),
     then runs the program's own config checks: config_lib.validate_config
-    with the slice's device count for training, validate_eval_config for the
+    with the slice's device count for training, eval_config.validate_eval_config for the
     evaluation. Paths of WORKER_PATH_KEYS are checked on the workers, not
     here (a local stand-in that exists takes their place).
 
@@ -110,6 +110,7 @@ def check_command(job: Job, name: str, argv: Sequence[str]) -> None:
       ValueError: naming the step, the command and the problem.
     """
     from landmark_jax import config_lib
+    from landmark_jax.retrieval import eval_config
 
     try:
         config = parse_program_flags(argv).config.copy_and_resolve_references()
@@ -121,7 +122,7 @@ def check_command(job: Job, name: str, argv: Sequence[str]) -> None:
             if argv[2] == "landmark_jax.train":
                 config_lib.validate_config(config, num_devices(job.accelerator_type))
             else:
-                config_lib.validate_eval_config(config)
+                eval_config.validate_eval_config(config)
     except ValueError as e:
         raise ValueError(f"step {name!r} would fail on the workers: {e}") from None
 

@@ -10,7 +10,7 @@ Before anything runs (and with `--dry_run`), every `python -m landmark_jax.*`
 command of the job is parsed by the programs' own flag parser with its real
 config file (`check_command`): an unknown config key, a stage arg or an
 ensemble member name the config lacks, or a value its config checks refuse
-(config_lib.validate_config for training, validate_eval_config for the
+(config_lib.validate_config for training, eval_config.validate_eval_config for the
 evaluation) stops the job at once, naming the step, not after days of
 training. Paths that live in the bucket, or that an earlier stage makes, are
 checked on the workers.

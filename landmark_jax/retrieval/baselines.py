@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 
 from landmark_jax import checkpointing, random_streams, train_steps
-from landmark_jax.models import backbone_checkpoint, create_model
+from landmark_jax.models import backbone_checkpoint
+from landmark_jax.models.factory import create_model
 from landmark_jax.retrieval import extract
 
 BASELINES = ("untrained", "raw_pixels", "chance")

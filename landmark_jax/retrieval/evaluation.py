@@ -26,21 +26,23 @@ import jax
 import ml_collections
 import numpy as np
 
-from landmark_jax import config_lib, data_format, file_io, run_config, sharding
+from landmark_jax import data_format, file_io, run_config, sharding
 from landmark_jax.retrieval import (
     baselines,
     ensemble,
+    eval_config,
     extract,
     gallery,
-    knn,
     recognition_evaluation,
     revisited,
     solutions,
     usage_metrics,
+    validation,
 )
 
-# The folder of a workdir that evaluation (and revisited.py) writes to.
-EVAL_DIR = "eval"
+# Where `evaluate` writes (<workdir>/eval/): extract's, which the Revisited
+# benchmark shares.
+EVAL_DIR = extract.EVAL_DIR
 
 
 def embed_split(
@@ -118,7 +120,7 @@ def evaluate(
       ValueError: a bad ensemble entry, predictions for unknown ids, or a
         command-line model key that disagrees with a workdir's config.json.
     """
-    config_lib.validate_eval_config(config)
+    eval_config.validate_eval_config(config)
     out_dir = file_io.join(workdir, EVAL_DIR)
     mesh = sharding.create_mesh()
     members = (
@@ -196,52 +198,10 @@ def _writes() -> bool:
     return jax.process_index() == 0
 
 
-def _ranked(ec, index, test, metrics: dict[str, Any] | None = None) -> dict[str, list[str]]:
-    """Each test query's eval.k nearest index ids, best first (ScaNN's recall
-    against exact search goes to `metrics` when given)."""
-    k = min(ec.k, len(index.ids))
-    _, neighbors = knn.search(test.embeddings, index.embeddings, k, backend=ec.knn_backend)
-    if ec.knn_backend == "scann" and metrics is not None:
-        # ScaNN's recall against exact search, on a sample of the queries.
-        sample = np.random.default_rng(0).permutation(len(test.ids))[: ec.recall_queries]
-        _, exact = knn.search(test.embeddings[sample], index.embeddings, k, backend="exact")
-        metrics[f"scann_recall@{k}"] = knn.recall_at_k(neighbors[sample], exact)
-    return {
-        qid: [str(index.ids[j]) for j in row if j >= 0]
-        for qid, row in zip(test.ids, neighbors, strict=True)
-    }
-
-
-def retrieval_map(
-    model: extract.TrainedModel,
-    *,
-    data_dir: str,
-    query_split: str,
-    index_split: str,
-    solution_path: str,
-    mesh=None,
-) -> float:
-    """mAP@100 of a model's queries against its index, as evaluate scores it
-    (exact search, one view at the model's image size). The trainer's
-    validation calls it on the current parameters.
-
-    Raises:
-      FileNotFoundError / SolutionFormatError: a missing or malformed solution.
-    """
-    index, test = (
-        extract.extract(model, split, data_dir=data_dir, mesh=mesh)
-        for split in (index_split, query_split)
-    )
-    search = ml_collections.ConfigDict({"k": 100, "knn_backend": "exact"})
-    solution = solutions.read_retrieval_solution(solution_path)
-    by_usage = usage_metrics.retrieval_metrics_by_usage(_ranked(search, index, test), solution)
-    return by_usage[solutions.ALL]["map@100"]
-
-
 def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
     """Test queries against the index: kNN, submission, mAP@100 and gallery."""
     ec, out_dir, metrics = config.eval, file_io.join(workdir, EVAL_DIR), {}
-    retrieval = _ranked(ec, index, test, metrics)
+    retrieval = validation.ranked_ids(ec, index, test, metrics)
     if _writes():
         solutions.write_retrieval_submission(
             file_io.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
@@ -323,7 +283,9 @@ def _baselines(config, model: extract.TrainedModel, mesh, index_ids) -> dict[str
             extract.extract(baseline, split, data_dir=config.data_dir, mesh=mesh, **options)
             for split in (ec.index_split, ec.test_split)
         )
-        by_usage = usage_metrics.retrieval_metrics_by_usage(_ranked(ec, index, test), solution)
+        by_usage = usage_metrics.retrieval_metrics_by_usage(
+            validation.ranked_ids(ec, index, test), solution
+        )
         scored[name] = by_usage[solutions.ALL]["map@100"]
     return scored
 

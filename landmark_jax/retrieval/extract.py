@@ -48,9 +48,13 @@ from landmark_jax import (
     sized_eval_input,
     train_steps,
 )
-from landmark_jax.models import create_model, layers
+from landmark_jax.models import layers
+from landmark_jax.models.factory import create_model
 from landmark_jax.retrieval import shape_buckets
 
+# The folder of a workdir that evaluation and the Revisited benchmark write
+# their embeddings and results to.
+EVAL_DIR = "eval"
 _ID_BYTES = 64  # ids travel between processes as fixed-width bytes
 
 
@@ -236,7 +240,7 @@ def min_image_side(module: Any) -> int:
     size, cirtorch only shrinks to imsize).
 
     Args:
-      module: a model of models.create_model (its `backbone` attribute).
+      module: a model of factory.create_model (its `backbone` attribute).
 
     Returns:
       2**(stride-2 convolutions) (32, or 16 with stem_stride 1) for an

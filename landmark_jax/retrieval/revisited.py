@@ -37,9 +37,7 @@ import jax
 import numpy as np
 
 from landmark_jax import data_format, file_io, revisited_gnd, sharding
-
-# evaluation imports this module too; EVAL_DIR is read only at call time.
-from landmark_jax.retrieval import evaluation, exact_search, extract, metrics
+from landmark_jax.retrieval import exact_search, extract, metrics
 
 # data_pipelines.revisited_builder's splits (a split name of a TFDS build).
 DB_SPLIT = "revisited_db"
@@ -51,7 +49,7 @@ PROTOCOLS = ("easy", "medium", "hard")
 
 def embeddings_path(workdir: str, split: str) -> str:
     """Where evaluate_revisited saves a split's embeddings (in gnd order)."""
-    return file_io.join(workdir, evaluation.EVAL_DIR, f"embeddings-{split}.npz")
+    return file_io.join(workdir, extract.EVAL_DIR, f"embeddings-{split}.npz")
 
 
 def read_gnd(data_dir: str) -> dict[str, Any]:
@@ -234,7 +232,7 @@ def evaluate_revisited(
         }
         report["settings"] = settings
         # int32 halves the file; imlist indices stay far below 2**31.
-        out_dir = file_io.join(workdir, evaluation.EVAL_DIR)
+        out_dir = file_io.join(workdir, extract.EVAL_DIR)
         buffer = io.BytesIO()
         np.save(buffer, ranks.astype(np.int32))
         file_io.write_bytes(file_io.join(out_dir, RANKS_FILE), buffer.getvalue())
