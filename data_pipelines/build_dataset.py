@@ -33,7 +33,7 @@ Faults lose nothing:
   rename; in a bucket, which has no folders to rename, every object of both
   builds is copied and deleted once more, the metadata files last.
 - One build of a config at a time: a build holds a lease
-  (landmark_jax.file_lease; `<name>/<config>.build.lease` beside the config's
+  (landmark_jax.runtime.file_lease; `<name>/<config>.build.lease` beside the config's
   folder) while it runs, and a second one fails at once naming the holder.
 - Holding it, a build (or a run that reuses a build, when no build of
   that config is running) first deletes the `incomplete.*` folders of that
@@ -61,7 +61,7 @@ from data_pipelines import (
     gldv2_builder,
     revisited_builder,
 )
-from landmark_jax import entry_point_errors, file_io, tensorflow_setup
+from landmark_jax.runtime import entry_point_errors, file_io, tensorflow_setup
 
 _BUILDER_MODULES = (gldv2_builder, demo_builder, revisited_builder)
 # The config fields --val_fraction and --seed override.

@@ -13,7 +13,8 @@ import logging
 import uuid
 from collections.abc import Callable
 
-from landmark_jax import data_format, file_io, file_lease
+from landmark_jax.data import data_format
+from landmark_jax.runtime import file_io, file_lease
 
 # What a staged rebuild and a replaced build are called in the config's folder.
 _REBUILD_PREFIX = f"{data_format.TEMPORARY_PREFIX}rebuild_"

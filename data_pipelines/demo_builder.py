@@ -23,7 +23,7 @@ import os
 import tensorflow_datasets as tfds
 
 from data_pipelines import gldv2_builder, make_demo_dataset
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 
 class LandmarkDemo(gldv2_builder.Gldv2):

@@ -9,7 +9,7 @@ nonlandmark.csv (ids, like index.csv) of the `nonlandmark/` images: known
 non-landmark photographs, the reference set of recognition's non-landmark
 penalty (landmark_jax.retrieval.recognition). `prepare_output_dir`
 removes exactly these (and the split folders) before a data set is rewritten.
-The folder may be local or a URL (gs://): files go through `landmark_jax.file_io`.
+The folder may be local or a URL (gs://): files go through `landmark_jax.runtime.file_io`.
 
 The solutions list every test id, as the GLDv2 v2.1 files do:
 retrieval_solution.csv has `<index ids>,Public|Private` for queries and
@@ -28,7 +28,7 @@ import io
 from collections.abc import Sequence
 from typing import Protocol
 
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 SPLITS = ("train", "index", "test", "nonlandmark")
 CSV_FILES = (

@@ -3,7 +3,7 @@ r"""Prints a summary of a TensorFlow Datasets build, read back as training reads
     python -m data_pipelines.describe_dataset --data_dir=demo_data/tfds
 
 `--data_dir` is a build folder (`<data dir>/gldv2/clean/1.0.0`) or a folder
-above exactly one build (landmark_jax.data_format.find_build). Reports each
+above exactly one build (landmark_jax.data.data_format.find_build). Reports each
 split's examples and shard files, the classes and their size distribution,
 the clean examples and the images the build skipped (from the builders'
 metadata), and one training batch as the trainer would receive it (global
@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from landmark_jax import data_format, entry_point_errors, tensorflow_setup
+from landmark_jax.data import data_format
+from landmark_jax.runtime import entry_point_errors, tensorflow_setup
 
 # Splits in the order a summary lists them; any other split follows, sorted.
 _SPLIT_ORDER = ("train", "val", "index", "test", "nonlandmark")
@@ -119,7 +120,8 @@ def describe(data_dir: str, image_size: int = 64, batch_size: int | None = None)
     # nor the input pipeline.
     import jax
 
-    from landmark_jax import input_pipeline, sharding
+    from landmark_jax.data import input_pipeline
+    from landmark_jax.runtime import sharding
 
     text = summarize(data_dir)
     build = data_format.find_build(data_dir)

@@ -55,7 +55,7 @@ from absl import app, flags, logging
 from data_pipelines import resumable_download, shard_markers
 from data_pipelines.resumable_download import DownloadError
 from data_pipelines.verified_tars import extract_tar, read_md5
-from landmark_jax import entry_point_errors
+from landmark_jax.runtime import entry_point_errors
 
 # Number of image tars in each split of the v2.1 release.
 SPLITS = {"train": 500, "index": 100, "test": 20}

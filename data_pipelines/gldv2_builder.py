@@ -24,7 +24,7 @@ re-encoded as 3-channel JPEGs), `id`, `label` (-1 outside train/val),
 `landmark_id` (-1 outside train/val), `is_clean`. The builder's metadata
 (`metadata.json`) holds what the losses need per class (`class_counts`:
 count, num_clean, train_val_count, train_val_clean; see
-landmark_jax.data_format.read_label_map), the images skipped with
+landmark_jax.data.data_format.read_label_map), the images skipped with
 `skip_bad_images`, and what the build read.
 
 EXIF orientation (`exif_orientation`, off by default): TF's JPEG decoder, the
@@ -60,7 +60,8 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import gldv2_csv, image_encoding, landmark_examples, worker_processes
 from data_pipelines.landmark_examples import Example
-from landmark_jax import data_format, file_io
+from landmark_jax.data import data_format
+from landmark_jax.runtime import file_io
 
 # Splits with an id CSV only (no labels), built when the config asks for them
 # (index, test) or when their CSV is in the manual dir (nonlandmark: known

@@ -17,7 +17,7 @@ import io
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 _ID_PATTERN = re.compile(r"^[0-9a-zA-Z_-]+$")
 # The builds store landmark ids as int64 (TFDS's tf.int64 feature): a larger

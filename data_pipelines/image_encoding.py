@@ -2,9 +2,9 @@
 processes and Beam workers).
 
 Kept apart from the builders so that workers import only this module, PIL,
-the file layer and the stored feature names (`landmark_jax.data_format`).
+the file layer and the stored feature names (`landmark_jax.data.data_format`).
 Paths may be local or URLs (gs://): images are read through
-`landmark_jax.file_io`.
+`landmark_jax.runtime.file_io`.
 
 EXIF orientation: a camera may store its pixels as the sensor read them and
 record in the EXIF `Orientation` tag (values 1-8) how to turn them upright.
@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from data_pipelines.landmark_examples import Example
-from landmark_jax import data_format, file_io
+from landmark_jax.data import data_format
+from landmark_jax.runtime import file_io
 
 
 class BadImageError(ValueError):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_pipelines import gldv2_csv
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 # How a build selects train.csv's rows (GLDv2 naming):
 #   'all': every row, `is_clean` from train_clean.csv (GLDv2, 203,094 classes);

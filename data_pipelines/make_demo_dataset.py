@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import demo_layout, demo_plan, synthetic_photos, worker_processes
-from landmark_jax import entry_point_errors, file_io
+from landmark_jax.runtime import entry_point_errors, file_io
 
 # Random-stream namespaces, so no two generators share entropy.
 _PLAN_STREAM, _LANDMARK_STREAM, _DISTRACTOR_STREAM, _PHOTO_STREAM = range(4)

@@ -46,7 +46,8 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import landmark_examples, revisited_images, worker_processes
 from data_pipelines.revisited_images import Task
-from landmark_jax import data_format, file_io, revisited_gnd
+from landmark_jax.data import data_format, revisited_gnd
+from landmark_jax.runtime import file_io
 
 DB_SPLIT = "revisited_db"
 QUERY_SPLIT = "revisited_query"

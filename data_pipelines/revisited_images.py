@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from data_pipelines import image_encoding
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 IMAGE_EXT = ".jpg"
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from data_pipelines import synthetic_scenes
 from data_pipelines.synthetic_scenes import SCENE_SIZE
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 # Rendering the warp at twice the output size and box-averaging it down avoids
 # the aliasing of a plain bilinear warp when the window is much larger than

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 # Errors a worker raises about its input (a bad image, an unreadable file),
 # raised again in the builder's process (see map_in_order).

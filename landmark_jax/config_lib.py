@@ -13,9 +13,10 @@ import math
 
 import ml_collections
 
-from landmark_jax import file_io, heads, losses
 from landmark_jax.models import backbones
 from landmark_jax.models.factory import default_model_config, resolve_model_config
+from landmark_jax.runtime import file_io
+from landmark_jax.training import heads, losses
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "inverse_time", "warmup_cosine")
@@ -290,7 +291,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     check_choice(config, "init.carry", config.init.carry, INIT_CARRY)
     # Imported here: it imports TensorFlow, which configs and the train step
     # do not need (the GPU benchmarks run where TensorFlow is not installed).
-    from landmark_jax import train_augmentation
+    from landmark_jax.data import train_augmentation
 
     train_augmentation.from_config(config.input)
     if config.optimizer.schedule_steps is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from landmark_jax import entry_point_errors, file_io, program_start
+from landmark_jax.runtime import entry_point_errors, file_io, program_start
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The workdir's config (configs/NAME.py[:ARG]).")

@@ -21,7 +21,8 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from landmark_jax import entry_point_errors, preemption, program_start
+from landmark_jax.runtime import entry_point_errors, program_start
+from landmark_jax.training import preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/NAME.py[:ARG]).")

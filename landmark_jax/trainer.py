@@ -18,25 +18,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from landmark_jax import (
+from landmark_jax import config_lib
+from landmark_jax.data import data_format, input_pipeline, shard_checks, train_augmentation
+from landmark_jax.models import backbone_checkpoint
+from landmark_jax.retrieval import extract, validation
+from landmark_jax.runtime import file_io, file_lease, sharding
+from landmark_jax.training import preemption, train_steps
+from landmark_jax.workdir import (
     checkpoint_integrity,
     checkpoint_saving,
     checkpointing,
-    config_lib,
-    data_format,
-    file_io,
-    file_lease,
-    input_pipeline,
     metric_writer,
-    preemption,
     run_config,
-    shard_checks,
-    sharding,
-    train_augmentation,
-    train_steps,
 )
-from landmark_jax.models import backbone_checkpoint
-from landmark_jax.retrieval import extract, validation
 
 # ----------------------------------------------------------------------------
 # Validation during training

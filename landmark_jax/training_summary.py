@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from absl import app, flags
 from PIL import Image, ImageDraw, ImageFont
 
-from landmark_jax import checkpointing, entry_point_errors, file_io, metric_writer
-from landmark_jax.metric_writer import METRICS_FILE
+from landmark_jax.runtime import entry_point_errors, file_io
+from landmark_jax.workdir import checkpointing, metric_writer
+from landmark_jax.workdir.metric_writer import METRICS_FILE
 
 # (panel title, the metrics.jsonl keys it plots); panels without data are left out.
 PANELS = (

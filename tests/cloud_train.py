@@ -10,7 +10,8 @@ import sys
 
 from absl import app
 
-from landmark_jax import file_io, train
+from landmark_jax import train
+from landmark_jax.runtime import file_io
 
 
 def copy_folder(source: str, target: str) -> None:

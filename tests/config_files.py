@@ -3,7 +3,7 @@
 import os
 
 from landmark_jax import config_files as package_config_files
-from landmark_jax import metric_writer
+from landmark_jax.workdir import metric_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ random rankings, and raw pixels against numpy."""
 import numpy as np
 import pytest
 
-from landmark_jax import input_pipeline
+from landmark_jax.data import input_pipeline
 from landmark_jax.retrieval import baselines, extract, metrics
 
 from config_files import load_config

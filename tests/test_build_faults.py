@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from data_pipelines import build_dataset, build_swap, gldv2_builder, image_encoding
-from landmark_jax import data_format, entry_point_errors, file_lease
+from landmark_jax.data import data_format
+from landmark_jax.runtime import entry_point_errors, file_lease
 
 import tiny_gldv2
 

@@ -22,7 +22,8 @@ import pytest
 import tfds_ram
 
 from data_pipelines import build_dataset, build_swap, make_demo_dataset
-from landmark_jax import data_format, file_io
+from landmark_jax.data import data_format
+from landmark_jax.runtime import file_io
 
 TINY_DEMO = dict(
     num_landmarks=4,

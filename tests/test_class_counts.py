@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 
 from data_pipelines import build_dataset
-from landmark_jax import checkpointing, data_format, losses, trainer
+from landmark_jax import trainer
+from landmark_jax.data import data_format
 from landmark_jax.retrieval import evaluation
+from landmark_jax.training import losses
+from landmark_jax.workdir import checkpointing
 
 import tiny_gldv2
 from config_files import load_config

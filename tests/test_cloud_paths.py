@@ -26,8 +26,10 @@ import jax
 import numpy as np
 import pytest
 
-from landmark_jax import file_io, metric_writer, trainer
+from landmark_jax import trainer
 from landmark_jax.retrieval import evaluation
+from landmark_jax.runtime import file_io
+from landmark_jax.workdir import metric_writer
 
 from config_files import REPO, load_config, set_keys
 from cpu_devices import subprocess_env

@@ -2,8 +2,9 @@
 
 import pytest
 
-from landmark_jax import checkpoint_fit, config_lib
+from landmark_jax import config_lib
 from landmark_jax.retrieval import eval_config
+from landmark_jax.workdir import checkpoint_fit
 
 
 def _resolves(config, key: str) -> bool:

@@ -6,7 +6,7 @@ import sys
 import ml_collections
 import pytest
 
-from landmark_jax import entry_point_errors
+from landmark_jax.runtime import entry_point_errors
 
 from config_files import REPO
 
@@ -40,7 +40,8 @@ def test_an_unknown_config_key_is_one_line_with_the_suggestion(tmp_path):
 
 PROGRAM = """
 import sys
-from landmark_jax import data_format, entry_point_errors
+from landmark_jax.data import data_format
+from landmark_jax.runtime import entry_point_errors
 def main(argv):
     if sys.argv[1] == "project":
         data_format.read_num_classes("/no/such/data")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from tfds_builds import build_tfds, tfds_order
 
-from landmark_jax import checkpointing, data_format, input_pipeline, sharding
+from landmark_jax.data import data_format, input_pipeline
 from landmark_jax.retrieval import (
     baselines,
     ensemble,
@@ -24,6 +24,8 @@ from landmark_jax.retrieval import (
     recognition,
     solutions,
 )
+from landmark_jax.runtime import sharding
+from landmark_jax.workdir import checkpointing
 
 from config_files import REPO, load_config
 from cpu_devices import run_processes, subprocess_env

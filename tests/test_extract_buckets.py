@@ -65,7 +65,7 @@ def test_file_order_interleaves_process_shares_by_shard():
 def test_eval_image_sizes_raise_a_side_below_the_model_minimum_to_it():
     """min_side raises only the sides below it (the other side as computed);
     with a multiple, to the first multiple at or above it."""
-    from landmark_jax import sized_eval_input
+    from landmark_jax.data import sized_eval_input
 
     heights, widths = np.array([24, 300, 20]), np.array([200, 40, 20])
     sizes = sized_eval_input.eval_image_sizes

@@ -7,7 +7,7 @@ import uuid
 import numpy as np
 import pytest
 
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 
 @pytest.fixture(params=["local", "ram"])

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from landmark_jax import file_io, file_lease, trainer
+from landmark_jax import trainer
+from landmark_jax.runtime import file_io, file_lease
 
 from config_files import REPO, config_for
 
@@ -20,7 +21,7 @@ from config_files import REPO, config_for
 FAST = {"heartbeat_seconds": 0.05, "stale_seconds": 0.5, "settle_seconds": 0.01}
 HOLD = (
     "import sys, time\n"
-    "from landmark_jax import file_lease\n"
+    "from landmark_jax.runtime import file_lease\n"
     "lease = file_lease.Lease(sys.argv[1]).acquire()\n"
     "print('held', flush=True)\n"
     "time.sleep(120)\n"

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from landmark_jax import data_format
+from landmark_jax.data import data_format
 from landmark_jax.retrieval import gallery
 
 # id -> (colour, (width, height)). Sizes differ so letterboxing and

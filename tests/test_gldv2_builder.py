@@ -32,7 +32,8 @@ from data_pipelines import (
     image_encoding,
     landmark_examples,
 )
-from landmark_jax import data_format, entry_point_errors
+from landmark_jax.data import data_format
+from landmark_jax.runtime import entry_point_errors
 
 import tiny_gldv2
 

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from landmark_jax import head_sharding, heads, losses
+from landmark_jax.training import head_sharding, heads, losses
 
 # ---------------------------------------------------------------------------
 # numpy references, written from the recipes' formulas.

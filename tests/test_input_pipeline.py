@@ -12,8 +12,9 @@ import tensorflow as tf
 from PIL import Image
 from tfds_builds import tfds_order
 
-from landmark_jax import data_format, input_pipeline, sharding, sized_eval_input
-from landmark_jax.train_augmentation import Augmentation
+from landmark_jax.data import data_format, input_pipeline, sized_eval_input
+from landmark_jax.data.train_augmentation import Augmentation
+from landmark_jax.runtime import sharding
 
 import tiny_gldv2
 

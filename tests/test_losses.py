@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from landmark_jax import data_format, heads, losses
+from landmark_jax.data import data_format
+from landmark_jax.training import heads, losses
 
 COUNTS = np.array([2, 5, 1, 40, 7, 3])
 CLEAN = np.array([2, 3, 0, 25, 7, 1])

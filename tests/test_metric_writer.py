@@ -7,7 +7,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from landmark_jax import metric_writer
+from landmark_jax.workdir import metric_writer
 
 
 def _events(workdir):

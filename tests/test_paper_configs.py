@@ -7,8 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from landmark_jax import run_config, train_steps, trainer
+from landmark_jax import trainer
 from landmark_jax.retrieval import eval_config, evaluation, extract
+from landmark_jax.training import train_steps
+from landmark_jax.workdir import run_config
 
 from config_files import load_config
 

@@ -22,15 +22,9 @@ from tfds_builds import tfds_order
 from tiny_revisited import BOXES, EXPECTED_BOXES, NUM_DB, make_tiny_set
 
 from data_pipelines import build_dataset, describe_dataset, image_encoding, revisited_builder
-from landmark_jax import (
-    data_format,
-    entry_point_errors,
-    file_io,
-    revisited_gnd,
-    sharding,
-    sized_eval_input,
-)
+from landmark_jax.data import data_format, revisited_gnd, sized_eval_input
 from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited, shape_buckets
+from landmark_jax.runtime import entry_point_errors, file_io, sharding
 
 from config_files import load_config
 

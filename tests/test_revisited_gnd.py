@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from landmark_jax import data_format, revisited_gnd
+from landmark_jax.data import data_format, revisited_gnd
 
 
 def _gnd(**overrides):

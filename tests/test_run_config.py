@@ -10,10 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from landmark_jax import checkpointing, run_config, train_steps, trainer
+from landmark_jax import trainer
 from landmark_jax.models import backbone_checkpoint, backbones
 from landmark_jax.models.factory import create_model
 from landmark_jax.retrieval import baselines, extract
+from landmark_jax.training import train_steps
+from landmark_jax.workdir import checkpointing, run_config
 
 from backbone_variables import random_variables
 from config_files import load_config, set_keys

@@ -1,4 +1,4 @@
-"""A corrupt record or a short shard names the shard (landmark_jax/shard_checks.py)."""
+"""A corrupt record or a short shard names the shard (landmark_jax/data/shard_checks.py)."""
 
 import os
 import re
@@ -7,7 +7,8 @@ import shutil
 import pytest
 import tensorflow as tf
 
-from landmark_jax import data_format, input_pipeline, shard_checks, sharding
+from landmark_jax.data import data_format, input_pipeline, shard_checks
+from landmark_jax.runtime import sharding
 
 SIZE = 24
 

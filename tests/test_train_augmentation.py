@@ -13,8 +13,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from landmark_jax import config_lib, train_augmentation
-from landmark_jax.train_augmentation import Augmentation
+from landmark_jax import config_lib
+from landmark_jax.data import train_augmentation
+from landmark_jax.data.train_augmentation import Augmentation
 
 
 def _cv2_rotation_matrix(cx, cy, angle_degrees, scale):

@@ -3,7 +3,10 @@
 import numpy as np
 import pytest
 
-from landmark_jax import data_format, run_config, sharding, train_steps
+from landmark_jax.data import data_format
+from landmark_jax.runtime import sharding
+from landmark_jax.training import train_steps
+from landmark_jax.workdir import run_config
 
 from config_files import load_config, set_keys
 

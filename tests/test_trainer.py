@@ -8,13 +8,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from landmark_jax import (
-    checkpointing,
-    data_format,
-    train_steps,
-    trainer,
-    training_summary,
-)
+from landmark_jax import trainer, training_summary
+from landmark_jax.data import data_format
+from landmark_jax.training import train_steps
+from landmark_jax.workdir import checkpointing
 
 from config_files import config_for, load_config, losses_of
 from cpu_devices import run_processes
@@ -59,8 +56,8 @@ def test_training_lowers_the_loss(demo, tmp_path):
     }
     # The in-training retrieval mAP is the evaluation's own score of the
     # step-30 parameters (the last checkpoint).
-    from landmark_jax import run_config
     from landmark_jax.retrieval import extract, validation
+    from landmark_jax.workdir import run_config
 
     saved = run_config.evaluation_config(config, str(tmp_path))
     assert last["val_map@100"] == pytest.approx(

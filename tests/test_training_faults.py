@@ -15,7 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from landmark_jax import checkpoint_integrity, checkpointing, input_pipeline, preemption, trainer
+from landmark_jax import trainer
+from landmark_jax.data import input_pipeline
+from landmark_jax.training import preemption
+from landmark_jax.workdir import checkpoint_integrity, checkpointing
 
 from config_files import REPO, config_for, losses_of
 
@@ -79,7 +82,8 @@ def test_train_program_exits_75_when_preempted(tmp_path):
     program = (
         "import sys\n"
         "from absl import app\n"
-        "from landmark_jax import preemption, train, trainer\n"
+        "from landmark_jax import train, trainer\n"
+        "from landmark_jax.training import preemption\n"
         "def preempted(config, workdir):\n"
         "    raise preemption.Preempted(7, workdir)\n"
         "trainer.train_and_evaluate = preempted\n"
@@ -331,7 +335,7 @@ def test_a_split_with_fewer_shards_than_processes_is_refused_at_start_up(
     """Not at the first validation, 10,000 steps into a recipe."""
     import dataclasses
 
-    from landmark_jax import data_format
+    from landmark_jax.data import data_format
 
     real = data_format.read_split_info
 
@@ -398,7 +402,7 @@ def test_a_full_disk_stops_the_run_before_the_checkpoint_is_written(demo, tmp_pa
     """A checkpoint that cannot fit is refused before Orbax's writers start (they
     would fail in their threads, leaving a half-written folder and hundreds of
     lines); following the message's advice (free space, run again) resumes."""
-    from landmark_jax import file_io
+    from landmark_jax.runtime import file_io
 
     config = config_for(demo["full"], total_steps=4, checkpoint_every_steps=2)
     workdir = str(tmp_path / "run")
@@ -417,7 +421,7 @@ def test_a_full_disk_stops_the_run_before_the_checkpoint_is_written(demo, tmp_pa
 
 def test_a_disk_full_error_inside_orbax_is_named():
     """TensorStore's ENOSPC, as Orbax re-raises it from its writer thread."""
-    from landmark_jax import file_io
+    from landmark_jax.runtime import file_io
 
     inner = ValueError(
         'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database at local file '
@@ -442,7 +446,9 @@ def test_a_disk_full_error_inside_orbax_is_named():
 @pytest.mark.e2e
 def test_train_program_prints_one_line_when_the_disk_is_full(tmp_path):
     program = (
-        "from landmark_jax import checkpoint_saving, entry_point_errors, file_io, train, trainer\n"
+        "from landmark_jax import train, trainer\n"
+        "from landmark_jax.runtime import entry_point_errors, file_io\n"
+        "from landmark_jax.workdir import checkpoint_saving\n"
         "class Manager:\n"
         "    directory = '/w/checkpoints'\n"
         "def full(config, workdir):\n"
@@ -463,7 +469,7 @@ def test_a_step_the_device_cannot_hold_stops_before_training(demo, tmp_path, mon
     """Where a device reports its memory (TPU, GPU): the compiled step's peak
     against it, before any step runs; following the advice (a smaller
     batch) the run goes on."""
-    from landmark_jax import train_steps
+    from landmark_jax.training import train_steps
 
     class Measured(Exception):
         pass
@@ -501,7 +507,7 @@ def test_processes_check_the_preemption_sync_point_at_every_step_and_validation_
     process must report consecutive ids in the same order. Steps and
     validation batches share one counter, so a notice during a validation
     pass is acted on at its next batch on every process alike."""
-    from landmark_jax import preemption
+    from landmark_jax.training import preemption
 
     class Manager:  # JAX's answer: the sync point is the 4th check
         def __init__(self):
@@ -526,7 +532,7 @@ def test_a_short_validation_shard_is_refused_at_start_up(demo, tmp_path):
     first validation (or, padded, never)."""
     import struct
 
-    from landmark_jax import data_format
+    from landmark_jax.data import data_format
 
     build = os.path.dirname(data_format.read_split_info(demo["full"], "val").files[0])
     copy = str(tmp_path / "build")

@@ -11,7 +11,7 @@ on a bucket.
 
 TensorFlow 2.20's ram:// lacks three things a bucket has, which epath's
 TensorFlow backend relies on, so the backend registered here adds them (as
-landmark_jax.file_io does for its own calls): recursive deletion, renaming a
+landmark_jax.runtime.file_io does for its own calls): recursive deletion, renaming a
 folder (TFDS builds into `incomplete.*` and renames it), and replacing a file
 that is opened for writing (ram:// appends to it). Listing a folder lists
 siblings that share its name as a prefix, so listdir goes through a glob.
@@ -29,7 +29,7 @@ from etils import epath
 from etils.epath import backend as backend_lib
 from etils.epath import gpath
 
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 _SCHEME = "ram"
 

@@ -23,9 +23,10 @@ import jax
 import numpy as np
 from train_step import Row, project_config
 
-from landmark_jax import random_streams, sharding
 from landmark_jax.models.factory import create_model
 from landmark_jax.retrieval import extract
+from landmark_jax.runtime import sharding
+from landmark_jax.training import random_streams
 
 MULTI_SCALE = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 

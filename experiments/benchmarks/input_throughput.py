@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import gldv2_builder
-from landmark_jax import input_pipeline, tensorflow_setup
+from landmark_jax.data import input_pipeline
+from landmark_jax.runtime import tensorflow_setup
 
 
 def synthetic_gldv2(root: str, num_images: int, width: int, height: int) -> str:

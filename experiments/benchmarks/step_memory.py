@@ -35,7 +35,8 @@ import bench_report
 import jax
 from train_step import Row, project_config, synthetic_label_map
 
-from landmark_jax import sharding, train_steps
+from landmark_jax.runtime import sharding
+from landmark_jax.training import train_steps
 
 GIB = 1 << 30
 

@@ -37,8 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from landmark_jax import config_files, data_format, run_config, sharding, train_steps
+from landmark_jax import config_files
+from landmark_jax.data import data_format
 from landmark_jax.models import backbones, conv_lowering
+from landmark_jax.runtime import sharding
+from landmark_jax.training import train_steps
+from landmark_jax.workdir import run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -37,7 +37,7 @@ def parse_program_flags(argv: Sequence[str]) -> flags.FlagValues:
     """A `python -m landmark_jax.train|evaluate ...` argv parsed as the program
     parses it: `--config` by ml_collections' config_flags from the config
     file (resolved in this clone) with every `--config.KEY=VALUE` override,
-    `--workdir`, and the multi-host flags (landmark_jax.multihost's own).
+    `--workdir`, and the multi-host flags (landmark_jax.runtime.multihost's own).
 
     Args:
       argv: [python, '-m', module, flags...], as train_argv/evaluate_argv make.
@@ -52,7 +52,7 @@ def parse_program_flags(argv: Sequence[str]) -> flags.FlagValues:
     """
     from ml_collections import config_flags
 
-    from landmark_jax import multihost
+    from landmark_jax.runtime import multihost
 
     if (
         len(argv) < 3

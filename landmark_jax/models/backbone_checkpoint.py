@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from landmark_jax import file_io
 from landmark_jax.models import backbones, input_normalization
+from landmark_jax.runtime import file_io
 
 CHECKPOINT_SUBDIR = "variables"
 METADATA_FILE = "backbone.json"

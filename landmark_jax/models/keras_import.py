@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from landmark_jax import entry_point_errors, file_io, tensorflow_setup
 from landmark_jax.models import (
     backbone_checkpoint,
     backbones,
@@ -44,6 +43,7 @@ from landmark_jax.models import (
     keras_input_convention,
     resnet,
 )
+from landmark_jax.runtime import entry_point_errors, file_io, tensorflow_setup
 
 _BN_VARIABLES = {"scale": "gamma", "bias": "beta", "mean": "moving_mean", "var": "moving_variance"}
 # keras.backend.epsilon(), the floor of Normalization's sqrt(variance).

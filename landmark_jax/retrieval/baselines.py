@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from landmark_jax import checkpointing, random_streams, train_steps
 from landmark_jax.models import backbone_checkpoint
 from landmark_jax.models.factory import create_model
 from landmark_jax.retrieval import extract
+from landmark_jax.training import random_streams, train_steps
+from landmark_jax.workdir import checkpointing
 
 BASELINES = ("untrained", "raw_pixels", "chance")
 

@@ -14,8 +14,10 @@ import math
 
 import ml_collections
 
-from landmark_jax import config_lib, file_io, sized_eval_input
+from landmark_jax import config_lib
+from landmark_jax.data import sized_eval_input
 from landmark_jax.retrieval import baselines, ensemble, knn
+from landmark_jax.runtime import file_io
 
 
 def validate_eval_config(config: ml_collections.ConfigDict) -> None:

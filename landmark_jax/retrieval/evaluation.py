@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from landmark_jax import data_format, file_io, run_config, sharding
+from landmark_jax.data import data_format
 from landmark_jax.retrieval import (
     baselines,
     ensemble,
@@ -39,6 +39,8 @@ from landmark_jax.retrieval import (
     usage_metrics,
     validation,
 )
+from landmark_jax.runtime import file_io, sharding
+from landmark_jax.workdir import run_config
 
 # Where `evaluate` writes (<workdir>/eval/): extract's, which the Revisited
 # benchmark shares.

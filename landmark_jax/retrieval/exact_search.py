@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landmark_jax import sharding
+from landmark_jax.runtime import sharding
 
 # ----------------------------------------------------------------- validation
 

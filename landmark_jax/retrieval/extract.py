@@ -39,18 +39,13 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from landmark_jax import (
-    checkpointing,
-    data_format,
-    file_io,
-    input_pipeline,
-    sharding,
-    sized_eval_input,
-    train_steps,
-)
+from landmark_jax.data import data_format, input_pipeline, sized_eval_input
 from landmark_jax.models import layers
 from landmark_jax.models.factory import create_model
 from landmark_jax.retrieval import shape_buckets
+from landmark_jax.runtime import file_io, sharding
+from landmark_jax.training import train_steps
+from landmark_jax.workdir import checkpointing
 
 # The folder of a workdir that evaluation and the Revisited benchmark write
 # their embeddings and results to.

@@ -31,8 +31,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from landmark_jax import data_format, file_io
+from landmark_jax.data import data_format
 from landmark_jax.retrieval import metrics
+from landmark_jax.runtime import file_io
 
 # Frame colours. Green and red differ in both the R and G channels (not only
 # in hue), and the text under each result repeats the verdict for readers

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from landmark_jax import file_io
 from landmark_jax.retrieval import exact_search
+from landmark_jax.runtime import file_io
 
 __all__ = [
     "BACKENDS",

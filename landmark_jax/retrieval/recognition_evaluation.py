@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from landmark_jax import data_format, file_io, heads
+from landmark_jax.data import data_format
 from landmark_jax.retrieval import (
     ensemble,
     extract,
@@ -28,6 +28,8 @@ from landmark_jax.retrieval import (
     usage_metrics,
 )
 from landmark_jax.retrieval import non_landmarks as non_landmark_penalty
+from landmark_jax.runtime import file_io
+from landmark_jax.training import heads
 
 
 def recognition_requested(config: ml_collections.ConfigDict) -> bool:

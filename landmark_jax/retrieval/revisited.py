@@ -36,8 +36,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from landmark_jax import data_format, file_io, revisited_gnd, sharding
+from landmark_jax.data import data_format, revisited_gnd
 from landmark_jax.retrieval import exact_search, extract, metrics
+from landmark_jax.runtime import file_io, sharding
 
 # data_pipelines.revisited_builder's splits (a split name of a TFDS build).
 DB_SPLIT = "revisited_db"

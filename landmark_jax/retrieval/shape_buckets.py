@@ -32,8 +32,9 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from landmark_jax import sharding, sized_eval_input
+from landmark_jax.data import sized_eval_input
 from landmark_jax.models import layers
+from landmark_jax.runtime import sharding
 
 
 def process_mesh(mesh) -> Any:

@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypedDict
 
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 PUBLIC = "Public"
 PRIVATE = "Private"

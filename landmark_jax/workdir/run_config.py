@@ -29,9 +29,11 @@ from typing import Any
 
 import ml_collections
 
-from landmark_jax import checkpointing, data_format, file_io
+from landmark_jax.data import data_format
 from landmark_jax.models import backbone_checkpoint, input_normalization
 from landmark_jax.models.factory import resolve_model_config
+from landmark_jax.runtime import file_io
+from landmark_jax.workdir import checkpointing
 
 CONFIG_FILE = "config.json"
 # The model keys that describe what input the weights expect.

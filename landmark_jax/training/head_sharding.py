@@ -27,8 +27,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from landmark_jax.heads import KERNEL_KEY
-from landmark_jax.sharding import DATA_AXIS
+from landmark_jax.runtime.sharding import DATA_AXIS
+from landmark_jax.training.heads import KERNEL_KEY
 
 HEAD_KEY = "head"
 

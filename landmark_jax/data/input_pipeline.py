@@ -39,8 +39,9 @@ import numpy as np
 import tensorflow as tf
 from jax.sharding import Mesh
 
-from landmark_jax import data_format, shard_checks, sharding
-from landmark_jax.train_augmentation import Augmentation, augment_decoded, augment_resized
+from landmark_jax.data import data_format, shard_checks
+from landmark_jax.data.train_augmentation import Augmentation, augment_decoded, augment_resized
+from landmark_jax.runtime import sharding
 
 _MAX_EPOCHS = 2**62
 FLIP_ONLY = Augmentation()

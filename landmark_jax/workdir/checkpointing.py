@@ -25,7 +25,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from landmark_jax import checkpoint_fit, checkpoint_integrity, file_io
+from landmark_jax.runtime import file_io
+from landmark_jax.workdir import checkpoint_fit, checkpoint_integrity
 
 CHECKPOINT_DIR = "checkpoints"
 

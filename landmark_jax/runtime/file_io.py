@@ -33,10 +33,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from landmark_jax import file_backends
+from landmark_jax.runtime import file_backends
 
 # The path grammar, part of this module's interface.
-from landmark_jax.file_paths import absolute, basename, dirname, is_url, join, scheme  # noqa: F401
+from landmark_jax.runtime.file_paths import absolute, basename, dirname, is_url, join, scheme  # noqa: F401
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 # Schemes Orbax (TensorStore) can write checkpoints to, besides local paths.

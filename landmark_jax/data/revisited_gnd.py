@@ -13,8 +13,8 @@ import pickle
 from collections.abc import Mapping
 from typing import Any
 
-from landmark_jax import file_io
-from landmark_jax.data_format import DataFormatError
+from landmark_jax.data.data_format import DataFormatError
+from landmark_jax.runtime import file_io
 
 
 class _GndUnpickler(pickle.Unpickler):

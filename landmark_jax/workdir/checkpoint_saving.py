@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from landmark_jax import checkpoint_integrity, checkpointing, file_io
+from landmark_jax.runtime import file_io
+from landmark_jax.workdir import checkpoint_integrity, checkpointing
 
 
 def record_integrity(manager: ocp.CheckpointManager, pending: MutableSet[int]) -> None:

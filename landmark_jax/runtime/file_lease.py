@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 WORKDIR_LEASE = "trainer.lease"
 HEARTBEAT_SECONDS = 30.0

@@ -25,7 +25,8 @@ _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "On an error, print the whole traceback, not only its message."
 )
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository (or site-packages) folder that holds landmark_jax/ and data_pipelines/.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _OUR_CODE = tuple(
     os.path.join(_PACKAGE_ROOT, name) + os.sep for name in ("landmark_jax", "data_pipelines")
 )

@@ -25,15 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from landmark_jax import (
-    data_format,
-    head_sharding,
-    heads,
-    losses,
-    random_streams,
-    sharding,
-)
+from landmark_jax.data import data_format
 from landmark_jax.models.factory import create_model
+from landmark_jax.runtime import sharding
+from landmark_jax.training import head_sharding, heads, losses, random_streams
 
 # ----------------------------------------------------------------------------
 # Building blocks: model, optimizer, state

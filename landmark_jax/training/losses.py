@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landmark_jax import data_format
+from landmark_jax.data import data_format
 
 ArrayLike = np.ndarray | list[int] | tuple[int, ...]
 

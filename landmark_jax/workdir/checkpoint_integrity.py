@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 RECORD_NAME = "integrity.json"
 # The prefix of a damaged step moved aside (Orbax lists only integer names).

@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from landmark_jax.models import layers
-from landmark_jax.sharding import DATA_AXIS
+from landmark_jax.runtime.sharding import DATA_AXIS
 
 Dtype = Any
 

@@ -12,7 +12,7 @@ import glob as glob_lib
 import os
 import shutil
 
-from landmark_jax.file_paths import basename, join, scheme
+from landmark_jax.runtime.file_paths import basename, join, scheme
 
 
 class LocalFiles:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from landmark_jax import file_io
+from landmark_jax.runtime import file_io
 
 # Feature names of the landmark data sets (gldv2_builder.landmark_features).
 IMAGE = "image"

@@ -29,7 +29,8 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-from landmark_jax import data_format, file_io
+from landmark_jax.data import data_format
+from landmark_jax.runtime import file_io
 
 # A TFRecord: uint64 length, the length's masked CRC32C, the data, its CRC32C.
 _LENGTH_BYTES, _CRC_BYTES = 8, 4

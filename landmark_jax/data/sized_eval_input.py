@@ -26,7 +26,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from landmark_jax import data_format, input_pipeline, shard_checks
+from landmark_jax.data import data_format, input_pipeline, shard_checks
 
 RESIZE_MODES = ("square", "longer_side", "native")
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from absl import app
 from absl import logging as absl_logging
 
-from landmark_jax import multihost, tensorflow_setup
+from landmark_jax.runtime import multihost, tensorflow_setup
 
 
 class _DropOrbaxInfo(logging.Filter):
