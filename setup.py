@@ -48,7 +48,7 @@ setuptools.setup(
         # The kNN benchmark's third engine (experiments/benchmarks/knn_search.py).
         "bench": BENCH,
         "beam": BEAM,
-        # IPython: tests/test_colab_notebook.py parses the notebook's magics.
+        # IPython: tests/experiments/test_colab_notebook.py parses the notebook's magics.
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",

@@ -8,8 +8,12 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 
-from cpu_devices import xla_flags
+# The tests' helper modules (tests/helpers/) import as top-level modules.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+
+from cpu_devices import xla_flags  # noqa: E402
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -120,12 +124,12 @@ def trained_demo(demo, tmp_path_factory, worker_id):
     One training run shared by the extraction and evaluation tests (each
     worker its own copy); tests may write to its eval/ folder but never
     train it further. Its compiled init and train step are the ones the
-    train-step benchmark's small row times (tests/test_benchmarks.py), so the
+    train-step benchmark's small row times (tests/experiments/test_benchmarks.py), so the
     compilation cache serves one of them to the other.
     """
-    from landmark_jax import trainer
+    from configs_for_tests import load_config
 
-    from config_files import load_config
+    from landmark_jax import trainer
 
     def build(folder):
         config = load_config("demo", "smoke")
@@ -144,9 +148,9 @@ def reference_losses(demo, tmp_path_factory, worker_id):
     """{step: loss} of 8 uninterrupted steps of `config_files.config_for(demo['full'])`:
     what a preempted, killed or resumed run of that config must reproduce
     (a constant learning rate, so any first k steps are the same)."""
-    from landmark_jax import trainer
+    from configs_for_tests import config_for, losses_of
 
-    from config_files import config_for, losses_of
+    from landmark_jax import trainer
 
     def build(folder):
         trainer.train_and_evaluate(config_for(demo["full"], total_steps=8), str(folder / "run"))

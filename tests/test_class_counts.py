@@ -13,6 +13,7 @@ import os
 import flax
 import numpy as np
 import pytest
+from configs_for_tests import load_config
 
 from data_pipelines import build_dataset
 from landmark_jax import trainer
@@ -22,7 +23,6 @@ from landmark_jax.training import losses
 from landmark_jax.workdir import checkpointing
 
 import tiny_gldv2
-from config_files import load_config
 
 pytestmark = pytest.mark.e2e
 

@@ -25,13 +25,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from configs_for_tests import REPO, load_config, set_keys
 
 from landmark_jax import trainer
 from landmark_jax.retrieval import evaluation
 from landmark_jax.runtime import file_io
 from landmark_jax.workdir import metric_writer
 
-from config_files import REPO, load_config, set_keys
 from cpu_devices import subprocess_env
 
 BUCKET = "landmark-test"
@@ -120,11 +120,11 @@ def test_gs_workdir_and_ram_data_train_resume_and_evaluate(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = subprocess_env(
-        8, **emulator, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+        8, **emulator, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests", "helpers")])
     )
     cmd = [
         sys.executable,
-        os.path.join(REPO, "tests", "cloud_train.py"),
+        os.path.join(REPO, "tests", "helpers", "cloud_train.py"),
         demo["full"],
         RAM_DATA,
         f"--config={os.path.join(REPO, 'configs', 'demo.py')}:smoke",

@@ -1,10 +1,9 @@
 """landmark_jax.config_files: configs by path and dotted overrides, as --config reads them."""
 
 import pytest
+from configs_for_tests import REPO
 
 from landmark_jax import config_files
-
-from config_files import REPO
 
 
 def test_load_and_override_as_the_command_line(monkeypatch):

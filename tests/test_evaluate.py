@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from configs_for_tests import REPO, load_config
 from PIL import Image
 from tfds_builds import build_tfds, tfds_order
 
@@ -27,7 +28,6 @@ from landmark_jax.retrieval import (
 from landmark_jax.runtime import sharding
 from landmark_jax.workdir import checkpointing
 
-from config_files import REPO, load_config
 from cpu_devices import run_processes, subprocess_env
 
 pytestmark = pytest.mark.e2e

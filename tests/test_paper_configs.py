@@ -6,13 +6,12 @@ import shutil
 import numpy as np
 import optax
 import pytest
+from configs_for_tests import load_config
 
 from landmark_jax import trainer
 from landmark_jax.retrieval import eval_config, evaluation, extract
 from landmark_jax.training import train_steps
 from landmark_jax.workdir import run_config
-
-from config_files import load_config
 
 
 @pytest.mark.e2e
@@ -135,9 +134,8 @@ def test_dolg_paper_evaluates_at_the_released_five_scales_three_on_request():
     """Default: evaler/infer.py's SCALE_LIST, which the released cropped
     feature files (*_crop_test5) come from; the docstring's flag gives three."""
     from absl import flags
+    from configs_for_tests import REPO
     from ml_collections import config_flags
-
-    from config_files import REPO
 
     for arg in ("r50", "r101"):
         config = load_config("dolg_paper", arg)

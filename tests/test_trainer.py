@@ -7,13 +7,13 @@ import sys
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from configs_for_tests import config_for, load_config, losses_of
 
 from landmark_jax import trainer, training_summary
 from landmark_jax.data import data_format
 from landmark_jax.training import train_steps
 from landmark_jax.workdir import checkpointing
 
-from config_files import config_for, load_config, losses_of
 from cpu_devices import run_processes
 
 

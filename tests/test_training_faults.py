@@ -14,13 +14,12 @@ import threading
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from configs_for_tests import REPO, config_for, losses_of
 
 from landmark_jax import trainer
 from landmark_jax.data import input_pipeline
 from landmark_jax.training import preemption
 from landmark_jax.workdir import checkpoint_integrity, checkpointing
-
-from config_files import REPO, config_for, losses_of
 
 
 @pytest.mark.e2e

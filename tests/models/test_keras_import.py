@@ -16,10 +16,9 @@ import jax
 import keras
 import numpy as np
 import pytest
+from configs_for_tests import REPO
 
 from landmark_jax.models import backbone_checkpoint, input_normalization, keras_import
-
-from config_files import REPO
 
 RNG = np.random.default_rng(0)
 # The converted model's parity bound, relative to the output's scale.

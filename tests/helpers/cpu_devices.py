@@ -55,7 +55,7 @@ def run_processes(cmd: list[str], num_processes: int, devices_per_process: int) 
     import socket
     import subprocess
 
-    from config_files import REPO
+    from configs_for_tests import REPO
 
     with socket.socket() as s:
         s.bind(("localhost", 0))

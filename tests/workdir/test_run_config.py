@@ -9,6 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from configs_for_tests import load_config, set_keys
 
 from landmark_jax import trainer
 from landmark_jax.models import backbone_checkpoint, backbones
@@ -18,7 +19,6 @@ from landmark_jax.training import train_steps
 from landmark_jax.workdir import checkpointing, run_config
 
 from backbone_variables import random_variables
-from config_files import load_config, set_keys
 
 pytestmark = pytest.mark.e2e
 

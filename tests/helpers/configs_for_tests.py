@@ -2,21 +2,21 @@
 
 import os
 
-from landmark_jax import config_files as package_config_files
+from landmark_jax import config_files
 from landmark_jax.workdir import metric_writer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(name: str, arg: str | None = None):
     """configs/NAME.py's get_config(arg)."""
     path = f"{REPO}/configs/{name}.py"
-    return package_config_files.load(path if arg is None else f"{path}:{arg}")
+    return config_files.load(path if arg is None else f"{path}:{arg}")
 
 
 def set_keys(config, **overrides):
     """Sets dotted keys ('optimizer.learning_rate') on a config; returns it."""
-    return package_config_files.override(config, overrides)
+    return config_files.override(config, overrides)
 
 
 def config_for(data_dir: str, **overrides):

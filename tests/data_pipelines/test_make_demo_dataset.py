@@ -34,7 +34,7 @@ HEADERS = {
     "recognition_solution.csv": ["id", "landmarks", "Usage"],
     "index_image_to_landmark.csv": ["id", "landmark_id"],
 }
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _read(root: str, name: str) -> list[dict[str, str]]:

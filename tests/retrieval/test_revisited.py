@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from configs_for_tests import load_config
 from PIL import Image
 from tfds_builds import tfds_order
 from tiny_revisited import BOXES, EXPECTED_BOXES, NUM_DB, make_tiny_set
@@ -25,8 +26,6 @@ from data_pipelines import build_dataset, describe_dataset, image_encoding, revi
 from landmark_jax.data import data_format, revisited_gnd, sized_eval_input
 from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited, shape_buckets
 from landmark_jax.runtime import entry_point_errors, file_io, sharding
-
-from config_files import load_config
 
 DATASET = "revisited_oxford_paris"
 

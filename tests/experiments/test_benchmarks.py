@@ -7,8 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-
-from config_files import REPO
+from configs_for_tests import REPO
 
 sys.path.insert(0, os.path.join(REPO, "experiments", "benchmarks"))
 

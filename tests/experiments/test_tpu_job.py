@@ -10,8 +10,7 @@ import sys
 from unittest import mock
 
 import pytest
-
-from config_files import REPO, load_config
+from configs_for_tests import REPO, load_config
 
 
 def _load(name):

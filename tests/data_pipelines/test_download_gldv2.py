@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_pipelines import download_gldv2, resumable_download, shard_markers, verified_tars
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGES_PER_SHARD = 3
 
 

@@ -11,11 +11,10 @@ import threading
 import time
 
 import pytest
+from configs_for_tests import REPO, config_for
 
 from landmark_jax import trainer
 from landmark_jax.runtime import file_io, file_lease
-
-from config_files import REPO, config_for
 
 # Seconds, not minutes: the record-based lease's timing, shrunk for tests.
 FAST = {"heartbeat_seconds": 0.05, "stale_seconds": 0.5, "settle_seconds": 0.01}

@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
+from configs_for_tests import load_config, set_keys
 
 from landmark_jax.data import data_format
 from landmark_jax.runtime import sharding
 from landmark_jax.training import train_steps
 from landmark_jax.workdir import run_config
-
-from config_files import load_config, set_keys
 
 
 def _label_map(counts) -> data_format.LabelMap:

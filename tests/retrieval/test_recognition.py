@@ -261,10 +261,10 @@ def test_recognition_runs_only_when_scored_or_its_submission_is_asked_for(
 
 
 def test_recognition_submission_without_a_train_split_is_refused_and_recipes_say_which():
+    from configs_for_tests import load_config
+
     from landmark_jax import config_lib
     from landmark_jax.retrieval import eval_config, recognition_evaluation
-
-    from config_files import load_config
 
     config = config_lib.base_config()
     config.eval.recognition_submission = True

@@ -3,11 +3,10 @@ random rankings, and raw pixels against numpy."""
 
 import numpy as np
 import pytest
+from configs_for_tests import load_config
 
 from landmark_jax.data import input_pipeline
 from landmark_jax.retrieval import baselines, extract, metrics
-
-from config_files import load_config
 
 
 def test_chance_of_one_relevant_among_two_is_three_quarters():

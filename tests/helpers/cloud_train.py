@@ -3,7 +3,7 @@
 ram:// is the memory of one process, so this driver first copies a local TFDS
 build into it (and lets TFDS open ram:// paths, tfds_ram.py), then runs the
 train program's own main with the remaining flags:
-python tests/cloud_train.py LOCAL_BUILD RAM_DATA_DIR [train flags].
+python tests/helpers/cloud_train.py LOCAL_BUILD RAM_DATA_DIR [train flags].
 """
 
 import sys

@@ -5,10 +5,9 @@ import sys
 
 import ml_collections
 import pytest
+from configs_for_tests import REPO
 
 from landmark_jax.runtime import entry_point_errors
-
-from config_files import REPO
 
 
 def _run(*args):

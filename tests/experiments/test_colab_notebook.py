@@ -7,10 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from configs_for_tests import REPO
 from IPython.core.inputtransformer2 import TransformerManager
 from PIL import Image
-
-from config_files import REPO
 
 NOTEBOOK = os.path.join(REPO, "experiments", "colab_tpu.ipynb")
 

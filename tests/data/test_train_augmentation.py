@@ -176,7 +176,7 @@ def test_bad_values_name_the_config_key(key, value, message):
 
 
 def test_glr2021_config_turns_on_the_released_augmentations():
-    from config_files import load_config
+    from configs_for_tests import load_config
 
     config = load_config("glr2021_dolg")
     aug = train_augmentation.from_config(config.input)
