@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from configs_for_tests import REPO, load_config
@@ -83,17 +84,20 @@ def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
     # the mean of the backbone's final map over its positions, computed here
     # from the backbone alone.
     assert config.model.descriptor == "pooled"
-    final = module.apply(variables, images, method=lambda m, x: m.backbone(x)["final"])
+    # Jitted: one compile instead of the backbone's ops run one by one.
+    backbone_final = jax.jit(
+        lambda v, x: module.apply(v, x, method=lambda m, x: m.backbone(x)["final"])
+    )
+    final = backbone_final(variables, images)
     pooled = unit(np.asarray(final).mean(axis=(1, 2)))
     np.testing.assert_allclose(emb.embeddings, pooled, atol=1e-5)
-    flipped_final = module.apply(
-        variables, images[:, :, ::-1], method=lambda m, x: m.backbone(x)["final"]
-    )
+    flipped_final = backbone_final(variables, images[:, :, ::-1])
     expected = unit(pooled + unit(np.asarray(flipped_final).mean(axis=(1, 2))))
     np.testing.assert_allclose(flipped.embeddings, expected, atol=1e-5)
     # descriptor='embedding': the model's own output, the neck's.
     neck = extract.extract(model, "index", descriptor="embedding")
-    np.testing.assert_allclose(neck.embeddings, unit(module.apply(variables, images)), atol=1e-5)
+    own = jax.jit(module.apply)(variables, images)
+    np.testing.assert_allclose(neck.embeddings, unit(own), atol=1e-5)
     assert neck.embeddings.shape[1] == config.model.embedding_dim
     assert emb.embeddings.shape[1] == final.shape[-1] != config.model.embedding_dim
 

@@ -192,7 +192,7 @@ def test_dolg_without_multi_atrous_attends_the_stride_16_map():
     def part(name):
         return {k: v[name] for k, v in variables.items() if name in v}
 
-    maps = backbone.apply(part("backbone"), x)
+    maps = jax.jit(backbone.apply)(part("backbone"), x)
     attended, _ = dolg.SpatialAttention(channels=16).apply(
         part("local_attention"), maps["stride_16"]
     )

@@ -603,7 +603,7 @@ def test_a_side_below_a_keras_dynamic_model_minimum_is_raised_to_it(revisited_da
         }
     )
     module = factory.create_model(model_config)
-    variables = module.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+    variables = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
     config = ml_collections.ConfigDict(
         {
             "data_dir": data_dir,
