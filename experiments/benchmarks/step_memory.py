@@ -41,10 +41,17 @@ from landmark_jax.training import train_steps
 GIB = 1 << 30
 
 
+# Compiled steps already measured in this run, by (row, mesh, classes, dtype,
+# remat, head keys): the remat table's 'none' row is often a batch the
+# largest-batch search has compiled.
+_measured: dict[tuple, dict[str, int]] = {}
+
+
 def compiled_bytes(
     row: Row, mesh, num_classes: int, dtype: str, remat: str = "none", **head: Any
 ) -> dict[str, int]:
-    """Per-device bytes of the compiled train step of `row` (nothing allocated).
+    """Per-device bytes of the compiled train step of `row` (nothing allocated;
+    each distinct step compiled once per run).
 
     Args:
       row: the config, backbone, image size and global batch.
@@ -58,6 +65,13 @@ def compiled_bytes(
       argument, output, alias and temp bytes, and `peak` = argument + output
       - alias + temp: what one device holds while the step runs.
     """
+    key = (row, mesh, num_classes, dtype, remat, tuple(sorted(head.items())))
+    if key not in _measured:
+        _measured[key] = _compile_and_measure(row, mesh, num_classes, dtype, remat, head)
+    return dict(_measured[key])
+
+
+def _compile_and_measure(row: Row, mesh, num_classes: int, dtype: str, remat: str, head) -> dict:
     # XLA's own convolutions, as on an accelerator: the CPU default (im2col)
     # would count its k x k patch buffers, which a TPU or GPU never holds.
     config = project_config(row, num_classes, dtype, conv_lowering="xla")
