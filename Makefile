@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_data
 # Use both cores of a small machine; override with `make test PYTEST_WORKERS=0`.
 PYTEST_WORKERS ?= 2
+# Each test module on one worker (xdist's loadscope), so that a module's
+# fixtures (the Keras models, a short training run, a storage emulator) are
+# built once per run rather than once per worker: 328 s against 352-366 s for
+# the whole suite on a 2-core machine.
+PYTEST_DIST := --dist loadscope
 
 .PHONY: install test test-fast demo lint clean-demo
 
@@ -18,7 +23,7 @@ $(VENV)/.installed: setup.py pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_DIST) tests
 
 # The edit-test loop: the unit tests alone, every test marked neither `e2e`
 # (a whole program or pipeline end to end: training, evaluation, a data set
@@ -28,7 +33,7 @@ test: install
 # (conftest.py's demo data set, the tiny GLDv2 and Revisited builds) are still
 # built. `make test` (and .ci/run) runs everything.
 test-fast: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not e2e and not multiprocess" tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_DIST) -m "not e2e and not multiprocess" tests
 
 lint: install
 	$(PY) -m ruff check .
