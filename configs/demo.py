@@ -45,7 +45,7 @@ runs, and what else was tried):
 Expected, as ranges: XLA's CPU results differ between machines and thread
 counts, and so do the figures (training seeds 0, 1 and 2 on 2 cores and seed
 0 on 1 core, on the demo data of seed 0). All of `make demo` (data, build,
-training and evaluation) takes 4.5-6 minutes; the training loss falls from
+training and evaluation) takes 3.5-6 minutes on 2 cores; the training loss falls from
 about 4.4 to 1.3-1.5, validation accuracy reaches 48-60% (chance 1/80), and retrieval on
 the 217 queries of the 140 unseen index landmarks gives mAP@100 0.058-0.086,
 against 0.0358 for raw pixels (1.6x-2.4x), 0.016-0.024 for the untrained
