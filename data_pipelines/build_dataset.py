@@ -51,7 +51,7 @@ import os
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
-from absl import app, flags
+from absl import flags
 
 # The builder modules: importing them registers their datasets with TFDS.
 from data_pipelines import (
@@ -340,8 +340,7 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    entry_point_errors.refuse_arguments(argv)
     tensorflow_setup.hide_accelerators()
     builder, reused = build(
         FLAGS.dataset,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from landmark_jax.data import data_format
 from landmark_jax.runtime import entry_point_errors, tensorflow_setup
@@ -154,8 +154,7 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    entry_point_errors.refuse_arguments(argv)
     tensorflow_setup.hide_accelerators()
     print(describe(FLAGS.data_dir, FLAGS.image_size))
 

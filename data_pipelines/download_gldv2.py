@@ -50,7 +50,7 @@ import time
 from collections.abc import Sequence
 from concurrent import futures
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data_pipelines import resumable_download, shard_markers
 from data_pipelines.resumable_download import DownloadError
@@ -359,8 +359,7 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    entry_point_errors.refuse_arguments(argv)
     summary = download_split(
         FLAGS.split,
         FLAGS.output_dir,

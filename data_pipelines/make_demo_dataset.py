@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from data_pipelines import demo_layout, demo_plan, synthetic_photos, worker_processes
 from landmark_jax.runtime import entry_point_errors, file_io
@@ -274,8 +274,7 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    entry_point_errors.refuse_arguments(argv)
     summary = make_demo_dataset(
         flags.FLAGS.output_dir,
         num_landmarks=flags.FLAGS.num_landmarks,

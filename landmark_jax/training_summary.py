@@ -13,7 +13,7 @@ import io
 import math
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 from PIL import Image, ImageDraw, ImageFont
 
 from landmark_jax.runtime import entry_point_errors, file_io
@@ -168,8 +168,7 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    entry_point_errors.refuse_arguments(argv)
     print(summarize(FLAGS.workdir))
     if FLAGS.curves:
         file_io.write_bytes(FLAGS.curves, curves_png(FLAGS.workdir))

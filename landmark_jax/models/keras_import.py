@@ -33,7 +33,7 @@ import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from landmark_jax.models import (
     backbone_checkpoint,
@@ -362,8 +362,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> int:
     """Converts --weights; a ValueError (e.g. weights of another architecture)
     is printed as one line and exits with status 2, not a traceback."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    entry_point_errors.refuse_arguments(argv)
     tensorflow_setup.hide_accelerators()  # Keras's TensorFlow leaves them to JAX
     try:
         metadata = convert(FLAGS.arch, FLAGS.weights, FLAGS.output, FLAGS.input_normalization)

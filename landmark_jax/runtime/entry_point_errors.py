@@ -35,6 +35,17 @@ _OUR_CODE = tuple(
 _USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 
 
+def refuse_arguments(argv: Sequence[str]) -> None:
+    """The usage check of every program: flags only, no positional arguments.
+
+    Raises:
+      app.UsageError: anything after the program's name that absl did not
+        take as a flag, named.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+
+
 def raised_by_project(error: BaseException) -> bool:
     """True if the innermost frame of `error`'s traceback is in this project's code."""
     tb = error.__traceback__

@@ -13,10 +13,9 @@ import logging
 import os
 from collections.abc import Sequence
 
-from absl import app
 from absl import logging as absl_logging
 
-from landmark_jax.runtime import multihost, tensorflow_setup
+from landmark_jax.runtime import entry_point_errors, multihost, tensorflow_setup
 
 
 class _DropOrbaxInfo(logging.Filter):
@@ -40,8 +39,7 @@ def start(argv: Sequence[str]) -> None:
       app.UsageError: positional arguments after the program's flags, or
         only some of the multi-host flags (multihost.initialize_distributed).
     """
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    entry_point_errors.refuse_arguments(argv)
     quiet_library_logs()
     tensorflow_setup.hide_accelerators()  # tf.data runs on the host; JAX owns them
     # Every process of a pod takes part in the program's work.

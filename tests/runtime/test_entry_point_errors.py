@@ -70,3 +70,11 @@ def test_the_message_names_the_flag_of_an_unknown_key():
         "--config.optimizer.learnin_rate=1: the config has no key 'learnin_rate'; "
         'did you mean "learning_rate"?'
     )
+
+
+def test_every_program_refuses_positional_arguments_by_name():
+    from absl import app
+
+    entry_point_errors.refuse_arguments(["program"])
+    with pytest.raises(app.UsageError, match=r"unexpected arguments: \['data', 'x'\]"):
+        entry_point_errors.refuse_arguments(["program", "data", "x"])
