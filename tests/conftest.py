@@ -221,6 +221,8 @@ if os.environ.get("LANDMARK_JAX_COMPILE_LOG"):
         with open(os.environ["LANDMARK_JAX_COMPILE_LOG"], "a") as log:
             record = {
                 "test": request.node.nodeid,
+                "worker": os.environ.get("PYTEST_XDIST_WORKER", "master"),
+                "start": round(start, 2),
                 "wall": round(time.time() - start, 2),
                 "compile": round(_compile_seconds["total"] - before["total"], 2),
                 "programs": _compile_seconds["programs"] - before["programs"],

@@ -118,13 +118,14 @@ def head_rows(row: Row, mesh, num_classes: int, subcenters: int, dtype: str) -> 
     return rows
 
 
-def remat_rows(rows: list[tuple[Row, int]], mesh, dtype: str) -> list[dict]:
-    """Each row's step with and without model.remat='blocks' (num_classes each)."""
+def remat_rows(rows: list[tuple[Row, int]], mesh, dtype: str, **head: Any) -> list[dict]:
+    """Each row's step with and without model.remat='blocks' (num_classes each;
+    `head`: config.head overrides)."""
     out = []
     for row, num_classes in rows:
         peaks = {}
         for remat in ("none", "blocks"):
-            got = compiled_bytes(row, mesh, num_classes, dtype, remat=remat)
+            got = compiled_bytes(row, mesh, num_classes, dtype, remat=remat, **head)
             peaks[remat] = got["peak"]
             out.append(
                 {
@@ -142,13 +143,16 @@ def remat_rows(rows: list[tuple[Row, int]], mesh, dtype: str) -> list[dict]:
     return out
 
 
-def max_batch_rows(row: Row, mesh, num_classes: int, dtype: str, budgets_gib) -> list[dict]:
-    """The largest per-device batch of `row`'s step within each budget (GiB)."""
+def max_batch_rows(
+    row: Row, mesh, num_classes: int, dtype: str, budgets_gib, **head: Any
+) -> list[dict]:
+    """The largest per-device batch of `row`'s step within each budget (GiB;
+    `head`: config.head overrides)."""
     devices = mesh.devices.size
 
     def peak(per_device: int) -> int:
         batch = Row(row.config, row.backbone, row.image_size, per_device * devices, None)
-        return compiled_bytes(batch, mesh, num_classes, dtype)["peak"]
+        return compiled_bytes(batch, mesh, num_classes, dtype, **head)["peak"]
 
     rows = []
     measured: dict[int, int] = {}
@@ -237,11 +241,16 @@ def run(mode: str, output_dir: str | None = None, tables=("head", "max_batch")) 
             dtype,
         )
     else:
-        # The GLR2021 head on the demo's small backbone: the head's share shows.
+        # The GLR2021 head on the demo's small backbone: the head's share
+        # shows. Every table is of its split step (2 per device is the head
+        # table's row, so each table reuses the steps compiled before it).
         head_row = Row("demo.py:smoke", "resnet_tiny", 32, 2 * devices, None)
+        split = {"num_subcenters": 3, "shard_classes": True}
         head = lambda: head_rows(head_row, mesh, 203_094, 3, dtype)  # noqa: E731
-        max_batch = lambda: max_batch_rows(head_row, mesh, 1000, dtype, (0.0625,))  # noqa: E731
-        remat = lambda: remat_rows([(head_row, 1000)], mesh, dtype)  # noqa: E731
+        max_batch = lambda: max_batch_rows(  # noqa: E731
+            head_row, mesh, 203_094, dtype, (0.25,), **split
+        )
+        remat = lambda: remat_rows([(head_row, 203_094)], mesh, dtype, **split)  # noqa: E731
     rows = (head() if "head" in tables else []) + (max_batch() if "max_batch" in tables else [])
     rows += remat() if "remat" in tables else []
     head_columns = ["backbone", "classes", "head_split", "global_batch", "argument_gib"]

@@ -41,19 +41,19 @@ def test_im2col_equals_xla_convolution_and_its_gradients(size, kernel, strides, 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, *size, 5)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(*kernel, 5, 4)), jnp.float32)
-    want = _lax_conv(x, w, strides, padding)
-    got = _im2col_conv(x, w, strides, padding)
+    want = jax.jit(_lax_conv, static_argnums=(2, 3))(x, w, strides, padding)
+    got = jax.jit(_im2col_conv, static_argnums=(2, 3))(x, w, strides, padding)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
     cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
-    grads_want = jax.grad(
-        lambda a, b: jnp.sum(_lax_conv(a, b, strides, padding) * cotangent), (0, 1)
-    )
-    grads_got = jax.grad(
-        lambda a, b: jnp.sum(_im2col_conv(a, b, strides, padding) * cotangent), (0, 1)
-    )
-    for g, h in zip(grads_got(x, w), grads_want(x, w), strict=True):
+
+    def gradients(conv):
+        return jax.jit(
+            jax.grad(lambda a, b: jnp.sum(conv(a, b, strides, padding) * cotangent), (0, 1))
+        )
+
+    for g, h in zip(gradients(_im2col_conv)(x, w), gradients(_lax_conv)(x, w), strict=True):
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
 
 
@@ -78,6 +78,7 @@ def test_depthwise_as_weighted_views_equals_xla_and_its_gradients(size, kernel, 
     x = jnp.asarray(rng.normal(size=(2, *size, 6)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(*kernel, 1, 6)), jnp.float32)
 
+    @functools.partial(jax.jit, static_argnums=0)
     def conv(fn, a, b):
         return fn(a, b, strides, padding, dimension_numbers=_NHWC, feature_group_count=6)
 
@@ -89,14 +90,13 @@ def test_depthwise_as_weighted_views_equals_xla_and_its_gradients(size, kernel, 
     unlowered = functools.partial(conv_lowering.im2col_conv_general_dilated, lower_depthwise=False)
     np.testing.assert_array_equal(conv(unlowered, x, w), want)
     cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+
+    def gradients(fn):
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(conv(fn, a, b) * cotangent), (0, 1)))(x, w)
+
     for g, h in zip(
-        jax.grad(
-            lambda a, b: jnp.sum(conv(conv_lowering.im2col_conv_general_dilated, a, b) * cotangent),
-            (0, 1),
-        )(x, w),
-        jax.grad(lambda a, b: jnp.sum(conv(lax.conv_general_dilated, a, b) * cotangent), (0, 1))(
-            x, w
-        ),
+        gradients(conv_lowering.im2col_conv_general_dilated),
+        gradients(lax.conv_general_dilated),
         strict=True,
     ):
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
@@ -162,7 +162,7 @@ def test_a_model_gives_the_same_embedding_and_gradients_either_way():
     (_, got), grads_got = gradients(variables["params"], im2col)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, h in zip(jax.tree.leaves(grads_got), jax.tree.leaves(grads_want), strict=True):
-        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5 * float(jnp.abs(h).max()))
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5 * float(np.abs(np.asarray(h)).max()))
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
@@ -197,8 +197,10 @@ def test_bfloat16_accumulates_in_float32_as_xla_does(depthwise):
         diff = np.abs(np.asarray(out, np.float32) - reference)
         return float(diff.max() / np.abs(reference).max())
 
-    xla_error = max_relative_error(conv(lax.conv_general_dilated, x, w))
-    im2col_error = max_relative_error(conv(conv_lowering.im2col_conv_general_dilated, x, w))
+    xla_error = max_relative_error(jax.jit(conv, static_argnums=0)(lax.conv_general_dilated, x, w))
+    im2col_error = max_relative_error(
+        jax.jit(conv, static_argnums=0)(conv_lowering.im2col_conv_general_dilated, x, w)
+    )
     # One bf16 rounding of the result is 2^-9 relative at most; allow the
     # last-bit ties a different summation order can flip.
     assert im2col_error <= xla_error * 1.05 + 1e-6, (im2col_error, xla_error)
