@@ -193,20 +193,24 @@ def tiny_gldv2_tfrecords(tmp_path_factory):
 
 
 # Where the suite's time goes: `LANDMARK_JAX_COMPILE_LOG=FILE make test` appends
-# one JSON line per test with the seconds this process spent tracing,
-# lowering and compiling XLA programs (cache misses only) during it.
+# one JSON line per test: its worker, start and wall time, the seconds this
+# process spent tracing, lowering and compiling XLA programs (a persistent
+# cache hit counts its lookup only) and those seconds by program name.
 _COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     "/jax/core/compile/backend_compile_duration",
 )
 _compile_seconds = {"total": 0.0, "programs": 0}
+_compile_by_name: dict[str, float] = {}
 
 
 def _on_event(event: str, duration: float, **kwargs) -> None:
     if event in _COMPILE_EVENTS:
         _compile_seconds["total"] += duration
         _compile_seconds["programs"] += event == _COMPILE_EVENTS[-1]
+        name = kwargs.get("fun_name", "?")
+        _compile_by_name[name] = _compile_by_name.get(name, 0.0) + duration
 
 
 if os.environ.get("LANDMARK_JAX_COMPILE_LOG"):
@@ -217,6 +221,7 @@ if os.environ.get("LANDMARK_JAX_COMPILE_LOG"):
         import time
 
         before, start = dict(_compile_seconds), time.time()
+        _compile_by_name.clear()
         yield
         with open(os.environ["LANDMARK_JAX_COMPILE_LOG"], "a") as log:
             record = {
@@ -226,5 +231,6 @@ if os.environ.get("LANDMARK_JAX_COMPILE_LOG"):
                 "wall": round(time.time() - start, 2),
                 "compile": round(_compile_seconds["total"] - before["total"], 2),
                 "programs": _compile_seconds["programs"] - before["programs"],
+                "by_name": {k: round(v, 2) for k, v in _compile_by_name.items() if v >= 0.05},
             }
             log.write(json.dumps(record) + "\n")

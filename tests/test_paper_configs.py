@@ -28,7 +28,7 @@ def test_dolg_paper_smoke_trains_and_scores_revisited_only(demo, revisited_data,
 
     eval_config = load_config("dolg_paper", "r50,smoke")
     eval_config.eval.revisited_data_dir = revisited_data[1]
-    eval_config.eval.size_multiple = 16  # fewer image shapes to compile
+    eval_config.eval.size_multiple = 32  # fewer image shapes to compile
     metrics = evaluation.evaluate(eval_config, workdir)
     assert set(metrics["revisited"]) == {"easy", "medium", "hard"}
     assert "map@100" not in metrics  # no GLDv2 splits were embedded
