@@ -35,12 +35,15 @@ pytestmark = pytest.mark.e2e
 
 
 def eval_config(demo, **eval_overrides):
+    """The demo smoke config on the demo data, scored by its solutions, without
+    the baselines (each an extraction of its own) unless a test asks for them."""
     config = load_config("demo", "smoke")
     config.data_dir = demo["full"]
     config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
     config.eval.recognition_solution = f"{demo['raw']}/recognition_solution.csv"
     config.eval.knn_backend = "exact"
     config.eval.gallery_queries = 3
+    config.eval.baselines = ()
     for key, value in eval_overrides.items():
         config.eval[key] = value
     return config
@@ -271,7 +274,6 @@ def test_a_rebuilt_split_is_embedded_again(demo, trained, tmp_path, caplog):
     rebuilt = build_tfds(str(raw), str(tmp_path / "tfds"))
     shutil.rmtree(data)
     shutil.copytree(rebuilt, data)
-    config.eval.baselines = ()
     with caplog.at_level(logging.WARNING):
         result = evaluation.evaluate(config, workdir)
     after = extract.Embeddings.load(cache)
@@ -354,6 +356,7 @@ def test_two_process_evaluation_equals_one_process(demo, trained, tmp_path):
         f"--config.eval.recognition_solution={demo['raw']}/recognition_solution.csv",
         "--config.eval.knn_backend=exact",
         "--config.eval.gallery_queries=3",
+        "--config.eval.baselines=()",
     ]
     outputs = run_processes(cmd, num_processes=2, devices_per_process=4)
     assert "map@100: " in outputs[0] and "map@100: " not in outputs[1]  # process 0 prints

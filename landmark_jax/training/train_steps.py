@@ -208,7 +208,7 @@ class Program:
 # a rerun in the same notebook or test process) share one built program: its
 # jitted init and steps are traced and compiled once per process.
 _PROGRAM_KEYS = ("model", "head", "loss", "optimizer", "nonfinite", "seed", "image_size")
-_PROGRAMS_KEPT = 4
+_PROGRAMS_KEPT = 8
 _programs: collections.OrderedDict[tuple, Program] = collections.OrderedDict()
 
 
