@@ -1,5 +1,6 @@
 """Cosine heads, margins, AdaCos scales and the class-sharded head, against numpy."""
 
+import functools
 import math
 
 import jax
@@ -56,9 +57,31 @@ def np_adacos_scale(cos, labels, num_classes, valid):
     return math.log(np.mean(b)) / math.cos(min(math.pi / 4, theta_med))
 
 
+# Jitted entry points. Run eagerly, each jnp op of a head, a margin or a
+# scale compiles a program of its own per shape (20-38 per test); jitted, a
+# test compiles one program per function and shape. Modules are static
+# arguments (frozen dataclasses, compared by value), so equal heads share one.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init(module, seed, impl, x):
+    """module.init's params with jax.random.key(seed, impl=impl)."""
+    return module.init(jax.random.key(seed, impl=impl), x)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module, params, x):
+    return module.apply({"params": params}, x)
+
+
+_margin_logits = jax.jit(
+    heads.margin_logits, static_argnames=("margin_type", "scale", "easy_margin")
+)
+
+
 def init_head(num_classes, k, dim, padded=None, seed=0):
     clf = heads.CosineClassifier(num_classes, num_subcenters=k, num_classes_padded=padded)
-    params = clf.init(jax.random.key(seed, impl="rbg"), jnp.zeros((1, dim)))["params"]
+    params = _init(clf, seed, "rbg", np.zeros((1, dim), np.float32))
     return clf, params
 
 
@@ -72,7 +95,7 @@ def test_cosine_classifier_matches_numpy_subcenters_and_padding():
     assert kernel.shape == (6, 8 * 3)
     assert np.abs(kernel).max() <= 1 / math.sqrt(6)
     x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
-    cos = np.asarray(clf.apply({"params": params}, jnp.asarray(x)))
+    cos = np.asarray(_apply(clf, params, x))
     assert cos.dtype == np.float32 and cos.shape == (4, 8)
     np.testing.assert_allclose(cos, np_cosine(x, kernel, 5, 3), atol=1e-6)
     assert np.all(np.abs(cos[:, :5]) <= 1 + 1e-6)
@@ -85,12 +108,11 @@ def test_padded_classes_never_win_and_leave_softmax_unchanged():
     x = np.random.default_rng(1).normal(size=(5, dim)).astype(np.float32)
     kernel = np.asarray(params["kernel"]).copy()
     kernel[:, 3 * k :] = np.repeat(x[0][:, None], 5 * k, axis=1)  # a perfect padded match
-    cos_p = clf_p.apply({"params": {"kernel": jnp.asarray(kernel)}}, jnp.asarray(x))
-    cos_u = clf_u.apply({"params": {"kernel": jnp.asarray(kernel[:, : 3 * k])}}, jnp.asarray(x))
     labels = jnp.array([0, 1, 2, 0, 1])
 
-    @jax.jit
-    def softmax_and_loss(cos):
+    @functools.partial(jax.jit, static_argnums=0)
+    def softmax_and_loss(clf, kernel):
+        cos = clf.apply({"params": {"kernel": kernel}}, x)
         out = {}
         for margin_type in heads.MARGIN_TYPES:
             logits = heads.margin_logits(
@@ -100,7 +122,8 @@ def test_padded_classes_never_win_and_leave_softmax_unchanged():
             out[margin_type] = (jax.nn.softmax(logits), jnp.argmax(logits, -1), loss)
         return out
 
-    padded_out, unpadded_out = softmax_and_loss(cos_p), softmax_and_loss(cos_u)
+    padded_out = softmax_and_loss(clf_p, kernel)
+    unpadded_out = softmax_and_loss(clf_u, kernel[:, : 3 * k])
     for margin_type in heads.MARGIN_TYPES:
         prob_p, argmax_p, loss_p = padded_out[margin_type]
         prob_u, _, loss_u = unpadded_out[margin_type]
@@ -122,7 +145,7 @@ def test_head_inits_follow_their_definitions(init, bound):
         num_classes=900, num_subcenters=3, num_classes_padded=1024, kernel_init=init
     )
     kernel = np.asarray(
-        head.init(jax.random.key(0), jnp.zeros((1, 64)))["params"][heads.KERNEL_KEY]
+        _init(head, 0, "threefry2x32", np.zeros((1, 64), np.float32))[heads.KERNEL_KEY]
     )
     assert kernel.shape == (64, 1024 * 3)
     assert 0.99 * bound < np.abs(kernel).max() <= bound
@@ -130,8 +153,11 @@ def test_head_inits_follow_their_definitions(init, bound):
     norms = np.linalg.norm(kernel, axis=0)
     assert np.mean(norms) == pytest.approx(math.sqrt(64 / 3) * bound, rel=0.02)
     with pytest.raises(ValueError, match=r"'xavier'.*glorot_uniform"):
-        heads.CosineClassifier(num_classes=4, kernel_init="xavier").init(
-            jax.random.key(0), jnp.zeros((1, 8))
+        _init(
+            heads.CosineClassifier(num_classes=4, kernel_init="xavier"),
+            0,
+            "threefry2x32",
+            np.zeros((1, 8), np.float32),
         )
 
 
@@ -164,9 +190,9 @@ def _cosines(num_classes=7, seed=2):
 def test_margin_logits_match_numpy(margin_type, easy_margin, per_sample):
     cos, labels = _cosines()
     m = np.linspace(0.05, 0.5, len(labels)).astype(np.float32) if per_sample else 0.35
-    got = heads.margin_logits(
-        jnp.asarray(cos),
-        jnp.asarray(labels),
+    got = _margin_logits(
+        cos,
+        labels,
         margin_type=margin_type,
         margin=jnp.asarray(m),
         scale=30.0,
@@ -180,7 +206,7 @@ def test_margin_logits_match_numpy(margin_type, easy_margin, per_sample):
 def test_arcface_threshold_branch_by_hand():
     # m = 0.5: cos(pi - 0.5) = -0.8776 > -0.99, so the target logit is
     # s * (-0.99 - sin(0.5) * 0.5) = 2 * (-0.99 - 0.23971) = -2.45943.
-    logits = heads.margin_logits(
+    logits = _margin_logits(
         jnp.array([[-0.99, 0.1]]), jnp.array([0]), margin_type="arcface", margin=0.5, scale=2.0
     )
     np.testing.assert_allclose(logits, [[-2.459426, 0.2]], rtol=1e-5)
@@ -197,13 +223,13 @@ def test_arcface_gradients_finite_at_unit_cosine(easy_margin):
         )
         return jnp.sum(out)
 
-    g_cos, g_m = jax.grad(f, argnums=(0, 1))(cos, jnp.full((3,), 0.3))
+    g_cos, g_m = jax.jit(jax.grad(f, argnums=(0, 1)))(cos, np.full((3,), 0.3, np.float32))
     assert np.all(np.isfinite(g_cos)) and np.all(np.isfinite(g_m))
 
 
 def test_unknown_margin_type_lists_valid_names():
     with pytest.raises(ValueError, match="none, cosface, arcface"):
-        heads.margin_logits(jnp.zeros((1, 2)), jnp.array([0]), margin_type="sphere", scale=1.0)
+        heads.margin_logits(np.zeros((1, 2)), np.array([0]), margin_type="sphere", scale=1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -225,8 +251,8 @@ def test_adacos_dynamic_scale_matches_numpy(num_rows):
     cos[:, num_classes:] = 0.99  # even unmasked, padded columns must not count
     labels = rng.integers(0, num_classes, size=num_rows + 2)
     valid = np.arange(num_rows + 2) < num_rows  # two padded rows
-    got = heads.adacos_dynamic_scale(
-        jnp.asarray(cos), jnp.asarray(labels), num_classes, valid_mask=jnp.asarray(valid)
+    got = jax.jit(heads.adacos_dynamic_scale, static_argnums=2)(
+        cos, labels, num_classes, valid_mask=valid
     )
     np.testing.assert_allclose(got, np_adacos_scale(cos, labels, num_classes, valid), rtol=1e-5)
 
@@ -242,8 +268,8 @@ def test_adacos_dynamic_scale_has_no_gradient():
         s = heads.adacos_dynamic_scale(jax.lax.stop_gradient(c), labels, 7)
         return s * jnp.sum(c)
 
-    g = jax.grad(loss)(jnp.asarray(cos))
-    np.testing.assert_allclose(g, jax.grad(loss_const)(jnp.asarray(cos)))
+    g, g_const = jax.jit(lambda c: (jax.grad(loss)(c), jax.grad(loss_const)(c)))(cos)
+    np.testing.assert_allclose(g, g_const)
     assert np.all(np.isfinite(g))
 
 
@@ -277,7 +303,7 @@ def test_padded_num_classes():
 def test_param_shardings_paths():
     mesh = Mesh(np.array(jax.devices()), ("data",))
     params = {
-        "model": {"neck": {"kernel": jnp.zeros((4, 8))}, "head": {"bias": jnp.zeros(3)}},
+        "model": {"neck": {"kernel": np.zeros((4, 8))}, "head": {"bias": np.zeros(3)}},
         "head": {"kernel": jax.ShapeDtypeStruct((4, 16), jnp.float32)},
     }
     specs = jax.tree.map(lambda s: s.spec, head_sharding.param_shardings(params, mesh, True))
@@ -285,14 +311,16 @@ def test_param_shardings_paths():
         "model": {"neck": {"kernel": P()}, "head": {"bias": P()}},
         "head": {"kernel": P(None, "data")},
     }
-    # The same rule reaches the head inside an optimizer state.
-    opt_state = optax.sgd(0.1, momentum=0.9).init({"head": {"kernel": jnp.zeros((4, 16))}})
+    # The same rule reaches the head inside an optimizer state (its shapes).
+    opt_state = jax.eval_shape(
+        optax.sgd(0.1, momentum=0.9).init, {"head": {"kernel": np.zeros((4, 16), np.float32)}}
+    )
     leaves = jax.tree.leaves(head_sharding.param_shardings(opt_state, mesh, True))
     assert [s.spec for s in leaves] == [P(None, "data")]
     unsharded = head_sharding.param_shardings(params, mesh, False)
     assert all(s.spec == P() for s in jax.tree.leaves(unsharded))
     with pytest.raises(ValueError, match="padded_num_classes"):
-        head_sharding.param_shardings({"head": {"kernel": jnp.zeros((4, 12))}}, mesh, True)
+        head_sharding.param_shardings({"head": {"kernel": np.zeros((4, 12))}}, mesh, True)
 
 
 def test_sharded_head_matches_single_device():
@@ -301,12 +329,13 @@ def test_sharded_head_matches_single_device():
     num_classes, k, dim, batch = 13, 3, 8, 16
     padded = head_sharding.padded_num_classes(num_classes, 8, per_shard_multiple=1)  # 16
     clf = heads.CosineClassifier(num_classes, num_subcenters=k, num_classes_padded=padded)
-    head = clf.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, dim)))["params"]
-    params = {"head": head, "model": {"scale": jnp.ones((dim,))}}
+    # On the host: placed below on one device and sharded, without resharding programs.
+    head = jax.tree.map(np.asarray, _init(clf, 0, "rbg", np.zeros((1, dim), np.float32)))
+    params = {"head": head, "model": {"scale": np.ones((dim,), np.float32)}}
     rng = np.random.default_rng(3)
-    emb = jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, num_classes, size=batch))
-    valid = jnp.arange(batch) < batch - 3
+    emb = rng.normal(size=(batch, dim)).astype(np.float32)
+    labels = rng.integers(0, num_classes, size=batch).astype(np.int32)
+    valid = np.arange(batch) < batch - 3
     counts = rng.integers(1, 50, size=num_classes)
     margins = jnp.asarray(losses.dynamic_margins(counts), jnp.float32)
     class_w = losses.class_weights(counts, "inv_log1p")
