@@ -2,12 +2,19 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from landmark_jax.data import data_format
 from landmark_jax.training import heads, losses
+
+# Jitted: run eagerly, each jnp op inside compiles a program of its own per
+# shape (about 30 for a cross-entropy); jitted, one per call signature.
+_sample_weights = jax.jit(losses.sample_weights)
+_weighted_cross_entropy = jax.jit(losses.weighted_cross_entropy)
+_accuracy = jax.jit(losses.accuracy)
 
 COUNTS = np.array([2, 5, 1, 40, 7, 3])
 CLEAN = np.array([2, 3, 0, 25, 7, 1])
@@ -42,9 +49,7 @@ def test_normalizer_gives_unit_mean_sample_weight(mode, not_clean_weight):
 
     factor = np.where(is_clean, 1.0, not_clean_weight)
     assert s == pytest.approx(1 / np.mean(factor * class_w[labels]), rel=1e-12)
-    w = losses.sample_weights(
-        jnp.asarray(labels), jnp.asarray(is_clean), jnp.asarray(class_w * s), not_clean_weight
-    )
+    w = _sample_weights(labels, is_clean, (class_w * s).astype(np.float32), not_clean_weight)
     assert w.dtype == jnp.float32
     np.testing.assert_allclose(w, factor * class_w[labels] * s, rtol=1e-6)
     assert float(np.mean(np.asarray(w, np.float64))) == pytest.approx(1.0, abs=1e-6)
@@ -95,36 +100,31 @@ def test_weighted_cross_entropy_matches_numpy():
     labels = rng.integers(0, 7, size=6)
     weights = rng.uniform(0.2, 2, size=6).astype(np.float32)
     valid = np.array([1, 1, 0, 1, 1, 0], bool)
-    loss, per = losses.weighted_cross_entropy(
-        jnp.asarray(logits),
-        jnp.asarray(labels),
-        jnp.asarray(weights),
-        valid_mask=jnp.asarray(valid),
-    )
+    loss, per = _weighted_cross_entropy(logits, labels, weights, valid_mask=valid)
     want_loss, want_per = np_weighted_ce(logits, labels, weights, valid)
     np.testing.assert_allclose(per, want_per, rtol=1e-5)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     # Unweighted, unmasked: mean CE over all rows.
-    loss, _ = losses.weighted_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+    loss, _ = _weighted_cross_entropy(logits, labels)
     np.testing.assert_allclose(loss, np_weighted_ce(logits, labels, 1.0, np.ones(6, bool))[0], 1e-5)
 
 
 def test_weighted_cross_entropy_by_hand():
     # Two equal logits: ce = ln 2 per row; weights 1 and 3 over B=2: 2 ln 2.
-    loss, per = losses.weighted_cross_entropy(
-        jnp.zeros((2, 2)), jnp.array([0, 1]), jnp.array([1.0, 3.0])
+    loss, per = _weighted_cross_entropy(
+        np.zeros((2, 2), np.float32), np.array([0, 1]), np.array([1.0, 3.0], np.float32)
     )
     np.testing.assert_allclose(per, [math.log(2), 3 * math.log(2)], rtol=1e-6)
     np.testing.assert_allclose(loss, 2 * math.log(2), rtol=1e-6)
 
 
 def test_accuracy():
-    logits = jnp.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
-    labels = jnp.array([1, 1, 1, 0])
-    assert float(losses.accuracy(logits, labels)) == pytest.approx(0.75)
-    valid = jnp.array([True, False, True, False])
-    assert float(losses.accuracy(logits, labels, valid)) == pytest.approx(1.0)
-    assert float(losses.accuracy(logits, labels, jnp.zeros(4, bool))) == 0.0
+    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], np.float32)
+    labels = np.array([1, 1, 1, 0])
+    assert float(_accuracy(logits, labels)) == pytest.approx(0.75)
+    valid = np.array([True, False, True, False])
+    assert float(_accuracy(logits, labels, valid)) == pytest.approx(1.0)
+    assert float(_accuracy(logits, labels, np.zeros(4, bool))) == 0.0
 
 
 def _label_map(train, train_clean, train_val, train_val_clean):
