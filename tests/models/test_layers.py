@@ -1,5 +1,7 @@
 """Pooling and embedding neck against numpy references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,26 @@ import pytest
 
 from landmark_jax.models import layers
 
-# rbg keys: XLA compiles threefry-based parameter init ~6x slower on CPU.
-KEY = jax.random.key(0, impl="rbg")
+# Jitted: run eagerly, each jnp op of a pooling or a neck compiles a program
+# of its own per shape (about 20 per test); jitted, one per function and shape.
+_gem_pool = jax.jit(layers.gem_pool)
+_global_avg_pool = jax.jit(layers.global_avg_pool)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(module, x):
+    # rbg keys: XLA compiles threefry-based parameter init ~6x slower on CPU.
+    return module.init(jax.random.key(0, impl="rbg"), x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module, variables, x):
+    return module.apply(variables, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_train(module, variables, x):
+    return module.apply(variables, x, train=True, mutable=["batch_stats"])
 
 
 def _np_gem(x, p, eps=1e-6):
@@ -24,17 +44,17 @@ def fmap():
 
 def test_gem_p1_is_average_pooling(fmap):
     x = np.abs(fmap) + 0.1
-    np.testing.assert_allclose(layers.gem_pool(x, 1.0), x.mean(axis=(1, 2)), rtol=1e-5)
-    np.testing.assert_allclose(layers.global_avg_pool(x), x.mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(_gem_pool(x, 1.0), x.mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(_global_avg_pool(x), x.mean(axis=(1, 2)), rtol=1e-6)
 
 
 def test_gem_p3_matches_numpy(fmap):
-    np.testing.assert_allclose(layers.gem_pool(fmap, 3.0), _np_gem(fmap, 3.0), rtol=1e-5)
+    np.testing.assert_allclose(_gem_pool(fmap, 3.0), _np_gem(fmap, 3.0), rtol=1e-5)
 
 
 def test_gem_large_p_approaches_max(fmap):
     x = np.abs(fmap) * 50.0  # large activations would overflow a naive x**p in float32
-    out = np.asarray(layers.gem_pool(x, 200.0))
+    out = np.asarray(_gem_pool(x, 200.0))
     expected = x.max(axis=(1, 2))
     assert np.all(np.isfinite(out))
     assert np.all(out <= expected * (1 + 1e-5))
@@ -43,27 +63,28 @@ def test_gem_large_p_approaches_max(fmap):
 
 
 def test_gem_gradients_are_finite(fmap):
+    grads = jax.jit(jax.grad(lambda p, x: layers.gem_pool(x, p).sum(), argnums=(0, 1)))
     x = fmap.copy()
     x[0, 0, 0, 0] = 0.0  # zero and negative inputs are clamped to eps
     for p in (1.0, 3.0, 50.0):
-        gp, gx = jax.grad(lambda p, x: layers.gem_pool(x, p).sum(), argnums=(0, 1))(p, x)
+        gp, gx = grads(p, x)
         assert np.isfinite(gp) and np.all(np.isfinite(gx))
     # Finite-difference check of d/dp at p=3 (float64 reference).
     h = 1e-3
     fd = (_np_gem(fmap, 3.0 + h).sum() - _np_gem(fmap, 3.0 - h).sum()) / (2 * h)
-    gp = jax.grad(lambda p: layers.gem_pool(fmap, p).sum())(3.0)
+    gp, _ = grads(3.0, fmap)
     np.testing.assert_allclose(gp, fd, rtol=1e-3)
 
 
 def test_gem_module_param_and_bf16(fmap):
     module = layers.GeM()
-    variables = module.init(KEY, fmap)
+    variables = _init(module, fmap)
     p = variables["params"]["p"]
     assert p.shape == () and p.dtype == jnp.float32 and float(p) == 3.0
-    out = module.apply(variables, jnp.asarray(fmap, jnp.bfloat16))
+    out = _apply(module, variables, fmap.astype(jnp.bfloat16))
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, _np_gem(fmap, 3.0), rtol=2e-2)
-    grads = jax.grad(lambda v: module.apply(v, fmap).sum())(variables)
+    grads = jax.jit(jax.grad(lambda v: module.apply(v, fmap).sum()))(variables)
     assert np.isfinite(grads["params"]["p"])
 
 
@@ -80,11 +101,11 @@ def _np_dense(x, params):
 
 @pytest.mark.parametrize("variant", sorted(layers.NECKS))
 def test_neck_shapes_and_dtype(variant):
-    x = jnp.ones((4, 6), jnp.bfloat16)
+    x = np.ones((4, 6), jnp.bfloat16)
     neck = layers.EmbeddingNeck(features=5, variant=variant, dtype=jnp.bfloat16)
-    variables = neck.init(KEY, x)
+    variables = _init(neck, x)
     assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
-    out = neck.apply(variables, x)
+    out = _apply(neck, variables, x)
     assert out.shape == (4, 5) and out.dtype == jnp.float32
     has_bn = "batch_stats" in variables
     assert has_bn == layers.NECKS[variant].use_norm
@@ -94,16 +115,16 @@ def test_neck_dense_swish_and_dense_match_numpy():
     x = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
     for variant, act in (("dense", lambda z: z), ("dense_swish", lambda z: z / (1 + np.exp(-z)))):
         neck = layers.EmbeddingNeck(features=4, variant=variant)
-        variables = neck.init(KEY, x)
+        variables = _init(neck, x)
         expected = act(_np_dense(x, variables["params"]))
-        np.testing.assert_allclose(neck.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(_apply(neck, variables, x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_neck_dense_bn_prelu_matches_numpy():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8, 6)).astype(np.float32)
     neck = layers.EmbeddingNeck(features=4, variant="dense_bn_prelu")
-    variables = neck.init(KEY, x)
+    variables = _init(neck, x)
     params = jax.tree.map(np.asarray, variables["params"])
     assert float(params["prelu"]["negative_slope"]) == layers.PRELU_SLOPE_INIT
     slope = 0.3
@@ -127,9 +148,9 @@ def test_neck_dense_bn_prelu_matches_numpy():
     h = _np_dense(x, params)
     # Eval: running statistics.
     expected = prelu(bn(h, stats["bn"]["mean"], stats["bn"]["var"]))
-    np.testing.assert_allclose(neck.apply(variables, x), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_apply(neck, variables, x), expected, rtol=1e-4, atol=1e-5)
     # Train: batch statistics (biased variance), running stats updated with momentum 0.9.
-    out, updates = neck.apply(variables, x, train=True, mutable=["batch_stats"])
+    out, updates = _apply_train(neck, variables, x)
     expected = prelu(bn(h, h.mean(0), h.var(0)))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
@@ -142,4 +163,4 @@ def test_neck_dense_bn_prelu_matches_numpy():
 
 def test_unknown_neck_lists_valid():
     with pytest.raises(ValueError, match=r"'dense_relu'.*dense_bn_prelu"):
-        layers.EmbeddingNeck(features=4, variant="dense_relu").init(KEY, jnp.ones((2, 3)))
+        _init(layers.EmbeddingNeck(features=4, variant="dense_relu"), np.ones((2, 3), np.float32))
