@@ -19,6 +19,21 @@ KEY = jax.random.key(0, impl="rbg")
 # Small heads so every test stays well under a second after compilation.
 SMALL = dict(embedding_dim=8, local_dim=16, global_dim=16, branch_channels=8)
 
+# Jitted: run eagerly, each jnp op of a fusion, an attention or an atrous
+# module compiles a program of its own per shape (up to 32 per test); jitted,
+# one per function and shape. Modules are static arguments (compared by value).
+_orthogonal_fusion = jax.jit(dolg.orthogonal_fusion)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(module, x):
+    return module.init(KEY, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module, variables, x):
+    return module.apply(variables, x)
+
 
 def _np_conv(x, kernel, bias, dilation=1):
     """'SAME' stride-1 conv for odd kernels, NHWC/HWIO, float64."""
@@ -41,7 +56,7 @@ def _np_softplus(z):
 def test_orthogonal_fusion_matches_numpy_projection():
     f_l = RNG.normal(size=(2, 3, 4, 5)).astype(np.float32)
     f_g = RNG.normal(size=(2, 5)).astype(np.float32) * 7.0
-    fused = np.asarray(dolg.orthogonal_fusion(f_l, f_g))
+    fused = np.asarray(_orthogonal_fusion(f_l, f_g))
     assert fused.shape == (2, 3, 4, 10) and fused.dtype == np.float32
     g = f_g[:, None, None, :].astype(np.float64)
     proj = (f_l * g).sum(-1, keepdims=True) / (g * g).sum(-1, keepdims=True) * g
@@ -53,23 +68,23 @@ def test_orthogonal_fusion_matches_numpy_projection():
 
 
 def test_orthogonal_fusion_edge_cases():
-    f_l = jnp.ones((1, 2, 2, 3))
-    out = dolg.orthogonal_fusion(f_l, jnp.zeros((1, 3)))
+    f_l = np.ones((1, 2, 2, 3), np.float32)
+    out = np.asarray(_orthogonal_fusion(f_l, np.zeros((1, 3), np.float32)))
     np.testing.assert_array_equal(out[..., :3], f_l)  # nothing to remove, no NaN
     with pytest.raises(ValueError, match="channel"):
-        dolg.orthogonal_fusion(f_l, jnp.ones((1, 4)))
+        _orthogonal_fusion(f_l, np.ones((1, 4), np.float32))
 
 
 def test_spatial_attention_matches_numpy():
     x = RNG.normal(size=(2, 3, 3, 6)).astype(np.float32)
     module = dolg.SpatialAttention(channels=4)
-    variables = jax.tree.map(np.asarray, module.init(KEY, x))
+    variables = jax.tree.map(np.asarray, _init(module, x))
     stats = {"bn": {"mean": RNG.normal(size=4), "var": RNG.uniform(0.5, 2.0, 4)}}
     variables["batch_stats"] = jax.tree.map(lambda a: a.astype(np.float32), stats)
     variables["params"]["bn"]["scale"] = RNG.uniform(0.5, 2.0, 4).astype(np.float32)
     variables["params"]["bn"]["bias"] = RNG.normal(size=4).astype(np.float32)
     p = variables["params"]
-    out, scores = module.apply(variables, x)
+    out, scores = _apply(module, variables, x)
 
     y = _np_conv(x, p["conv"]["kernel"], p["conv"]["bias"])
     y = (y - stats["bn"]["mean"]) / np.sqrt(stats["bn"]["var"] + 1e-5)
@@ -90,8 +105,8 @@ def test_multi_atrous_matches_numpy_and_keeps_size(image_pooling):
     module = dolg.MultiAtrousModule(
         dilations=(1, 2, 6), branch_channels=4, out_channels=5, image_pooling=image_pooling
     )
-    variables = module.init(KEY, x)
-    out = module.apply(variables, x)
+    variables = _init(module, x)
+    out = _apply(module, variables, x)
     assert out.shape == (2, 5, 7, 5)
 
     p = jax.tree.map(np.asarray, variables["params"])
@@ -111,7 +126,7 @@ def test_multi_atrous_matches_numpy_and_keeps_size(image_pooling):
 
 def test_dolg_rejects_mismatched_dims_and_unknown_branch():
     backbone = create_backbone("resnet_tiny")
-    x = jnp.zeros((1, 32, 32, 3))
+    x = np.zeros((1, 32, 32, 3), np.float32)
     with pytest.raises(ValueError, match="local_dim == global_dim"):
         dolg.DOLG(backbone, local_dim=8, global_dim=16).init(KEY, x)
     with pytest.raises(ValueError, match=r"'henkel'.*conv_bn_silu_gem.*gem_fc"):
@@ -119,7 +134,14 @@ def test_dolg_rejects_mismatched_dims_and_unknown_branch():
 
 
 def _images(n, size=64):
-    return jnp.asarray(RNG.uniform(0, 255, (n, size, size, 3)), jnp.float32)
+    return RNG.uniform(0, 255, (n, size, size, 3)).astype(np.float32)
+
+
+@functools.cache
+def _abstract_variables(model, input_shape):
+    """jax.eval_shape of model.init, once per model and input shape: tracing
+    a DOLG's init takes up to a second, and two tests build the same model."""
+    return jax.eval_shape(model.init, KEY, jax.ShapeDtypeStruct(input_shape, jnp.float32))
 
 
 def random_variables(model, x, seed=0):
@@ -141,7 +163,7 @@ def random_variables(model, x, seed=0):
             return (rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)).astype(leaf.dtype)
         return (0.1 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(model.init, KEY, x))
+    return jax.tree_util.tree_map_with_path(fill, _abstract_variables(model, x.shape))
 
 
 # One efficientnet and one resnet configuration, covering both global branches
@@ -189,13 +211,17 @@ def test_dolg_without_multi_atrous_attends_the_stride_16_map():
     assert "local_atrous" not in variables["params"]
     _, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(variables, x)
 
-    def part(name):
+    def part(variables, name):
         return {k: v[name] for k, v in variables.items() if name in v}
 
-    maps = jax.jit(backbone.apply)(part("backbone"), x)
-    attended, _ = dolg.SpatialAttention(channels=16).apply(
-        part("local_attention"), maps["stride_16"]
-    )
+    @jax.jit  # the backbone, then the attention on its map, as one program
+    def attend(variables, x):
+        maps = backbone.apply(part(variables, "backbone"), x)
+        return dolg.SpatialAttention(channels=16).apply(
+            part(variables, "local_attention"), maps["stride_16"]
+        )
+
+    attended, _ = attend(variables, x)
     np.testing.assert_allclose(state["intermediates"]["local"][0], attended, rtol=1e-5, atol=1e-6)
 
 
