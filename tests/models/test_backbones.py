@@ -1,5 +1,7 @@
 """Backbone registry, input-size check, normalisation presets, bf16, sharding."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,20 @@ from landmark_jax.models import backbones, input_normalization
 from backbone_variables import random_variables
 
 TINY = ("efficientnet_tiny", "resnet_tiny")
+# The tiny runs' batch: the bf16 test's float32 forward is then the same
+# program as the mesh test's single-device reference, compiled once.
+BATCH = 8
+
+# One compile per module value, input shape and placement: modules are
+# static arguments, and equal ones (dataclasses compared by value) share it.
+_apply = jax.jit(lambda module, variables, x: module.apply(variables, x), static_argnums=0)
+
+
+@functools.cache
+def _variables(name, shape):
+    """random_variables of the float32 backbone `name`, drawn once for the
+    tests that run it (its abstract init is traced once, not per test)."""
+    return random_variables(backbones.create_backbone(name), shape)
 
 
 def test_registry_names_and_unknown_name():
@@ -63,13 +79,13 @@ def test_normalization_presets():
 
 @pytest.mark.parametrize("name", TINY)
 def test_bf16_forward_close_to_float32(name):
-    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    x = np.random.default_rng(0).integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8)
     f32 = backbones.create_backbone(name)
     bf16 = backbones.create_backbone(name, dtype=jnp.bfloat16)
-    variables = random_variables(f32, x.shape)
+    variables = _variables(name, x.shape)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
-    ref = jax.jit(f32.apply)(variables, x)
-    out = jax.jit(bf16.apply)(variables, x)
+    ref = _apply(f32, variables, x)
+    out = _apply(bf16, variables, x)
     for key in ("stride_16", "final"):
         assert out[key].dtype == jnp.bfloat16
         scale = np.abs(np.asarray(ref[key])).max()
@@ -81,12 +97,12 @@ def test_bf16_forward_close_to_float32(name):
 def test_jit_on_8_device_mesh_with_sharded_batch(name):
     mesh = Mesh(np.array(jax.devices()), ("data",))
     module = backbones.create_backbone(name)
-    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    variables = random_variables(module, x.shape)
+    x = np.random.default_rng(0).integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8)
+    variables = _variables(name, x.shape)
     batch = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
     replicated = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
-    out = jax.jit(module.apply)(replicated, batch)
+    out = _apply(module, replicated, batch)
     assert out["final"].shape[0] == 8
     assert len(out["final"].sharding.device_set) == 8
-    expected = jax.jit(module.apply)(variables, x)["final"]
+    expected = _apply(module, variables, x)["final"]
     np.testing.assert_allclose(out["final"], expected, rtol=1e-5, atol=1e-5)
