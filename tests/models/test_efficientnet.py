@@ -40,7 +40,8 @@ STRIDES = (2, 4, 8, 16, 32)
 def _abstract_init(module, shape):
     """Variables and outputs as shapes only: no compute, even for B7."""
     return jax.eval_shape(
-        lambda x: module.init_with_output(jax.random.key(0), x), jnp.zeros(shape, jnp.uint8)
+        lambda x: module.init_with_output(jax.random.key(0), x),
+        jax.ShapeDtypeStruct(shape, jnp.uint8),
     )
 
 
@@ -113,7 +114,7 @@ def test_tiny_forward_backward_with_drop_connect():
     (value2, _), _ = loss_and_grads(
         variables["params"], variables["batch_stats"], jax.random.key(2)
     )
-    assert value != value2
+    assert float(value) != float(value2)
     inference = jax.jit(module.apply)
     np.testing.assert_array_equal(
         inference(variables, x)["final"], inference(variables, x)["final"]
