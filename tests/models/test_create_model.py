@@ -1,5 +1,7 @@
 """create_model and default_model_config: both models build and run; errors name the culprit."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,8 +12,11 @@ from landmark_jax.models import factory
 from landmark_jax.models.dolg import DOLG
 from landmark_jax.models.global_model import GlobalModel
 
-# rbg keys: XLA compiles threefry-based parameter init ~6x slower on CPU.
-KEY = jax.random.key(0, impl="rbg")
+# Threefry keys: jitted, under the tests' XLA flags (helpers/cpu_devices.py),
+# a threefry-based init compiles faster than an rbg-based one (efficientnet_tiny
+# 3.1 s against 3.5 s, resnet_tiny 1.2 s against 1.4 s on 2 cores); rbg keys
+# only win where an init runs op by op.
+KEY = jax.random.key(0)
 TOP_KEYS = {
     "name",
     "backbone",
@@ -37,6 +42,23 @@ DOLG_KEYS = {
     "image_pooling",
     "global_branch",
 }
+
+
+# The global model of the training-step tests below, on each tiny backbone.
+GLOBAL = {"name": "global", "embedding_dim": 8, "pooling": "gem", "neck": "dense_bn_prelu"}
+
+
+@functools.cache
+def _global_variables(backbone):
+    """GLOBAL's variables on `backbone`, from its compiled init, once per
+    backbone: compiling an init takes seconds, and remat, conv lowering,
+    drop-connect rate and dropout, which the tests vary, leave a model's
+    variables as they are. (A compiled init depends on the variables alone:
+    jit drops the unused forward and input, so on resnet_tiny this is the
+    program test_create_model_builds_and_runs compiled, which the persistent
+    compilation cache holds.)"""
+    model = factory.create_model({**GLOBAL, "backbone": backbone})
+    return jax.jit(model.init)(KEY, np.zeros((1, 32, 32, 3), np.float32))
 
 
 def _small(name, **overrides):
@@ -173,7 +195,7 @@ def test_frozen_batch_norm_trains_on_moving_statistics(name="dolg"):
     # Moving statistics far from this batch's, so the two modes differ.
     rng = np.random.default_rng(3)
     stats = jax.tree_util.tree_map_with_path(
-        lambda path, v: jnp.asarray(
+        lambda path, v: np.asarray(
             rng.uniform(0.5, 2.0, v.shape)
             if jax.tree_util.keystr(path).endswith("'var']")
             else rng.normal(0.0, 0.2, v.shape),
@@ -186,13 +208,22 @@ def test_frozen_batch_norm_trains_on_moving_statistics(name="dolg"):
     def train(model, v):
         return model.apply(v, x, train=True, mutable=["batch_stats"])
 
-    out, updates = jax.jit(lambda v: train(frozen, v))(variables)
-    np.testing.assert_allclose(out, jax.jit(frozen.apply)(variables, x), rtol=1e-5, atol=1e-5)
+    @jax.jit
+    def frozen_step(v):
+        """Training mode's output, statistics and gradients, and inference
+        mode's output: one program (the gradient's forward is the output's)."""
+
+        def loss(p):
+            out, updates = train(frozen, {**v, "params": p})
+            return jnp.sum(out**2), (out, updates)
+
+        (_, (out, updates)), grads = jax.value_and_grad(loss, has_aux=True)(v["params"])
+        return out, updates, grads, frozen.apply(v, x)
+
+    out, updates, grads, out_inference = frozen_step(variables)
+    np.testing.assert_allclose(out, out_inference, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(updates["batch_stats"]), jax.tree.leaves(stats), strict=True):
         np.testing.assert_array_equal(a, b)
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(train(frozen, {**variables, "params": p})[0] ** 2)))(
-        variables["params"]
-    )
     bn_grads = [
         g
         for path, g in jax.tree_util.tree_leaves_with_path(grads)
@@ -215,21 +246,26 @@ def test_frozen_batch_norm_trains_on_moving_statistics(name="dolg"):
 def test_drop_connect_rate_zero_makes_training_deterministic():
     # 16 examples: each keeps or drops the residual branches independently.
     x = jnp.asarray(np.random.default_rng(2).uniform(0, 255, (16, 32, 32, 3)), jnp.float32)
-    config = {"name": "global", "backbone": "efficientnet_tiny", "embedding_dim": 8}
+    config = {**GLOBAL, "backbone": "efficientnet_tiny"}
     on = factory.create_model({**config, "drop_connect_rate": 0.9})
     off = factory.create_model({**config, "drop_connect_rate": 0.0})
-    variables = jax.jit(on.init)(KEY, x)
+    variables = _global_variables("efficientnet_tiny")
+
+    # Jitted: one compile per model instead of hundreds of eager ops; the
+    # module static, the key an argument, so both seeds share the compile.
+    @functools.partial(jax.jit, static_argnums=0)
+    def forward(model, seed):
+        out, _ = model.apply(
+            variables,
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(seed)},
+        )
+        return out
 
     def run(model, seed):
-        # Jitted: one compile per model instead of hundreds of eager ops.
-        @jax.jit
-        def forward(key):
-            out, _ = model.apply(
-                variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
-            )
-            return out
-
-        return np.asarray(forward(jax.random.key(seed)))
+        return np.asarray(forward(model, seed))
 
     assert np.abs(run(on, 0) - run(on, 1)).max() > 1e-4
     np.testing.assert_array_equal(run(off, 0), run(off, 1))
@@ -243,11 +279,11 @@ def test_remat_blocks_gives_the_same_training_step_with_blocks_recomputed(backbo
     the traced step, which is what lets XLA free its insides."""
     from landmark_jax.models import layers
 
-    config = {"name": "global", "backbone": backbone, "embedding_dim": 16, "conv_lowering": "xla"}
+    config = {**GLOBAL, "backbone": backbone, "conv_lowering": "xla"}
     plain = factory.create_model({**config, "remat": "none"})
     remat = factory.create_model({**config, "remat": "blocks"})
-    images = jnp.asarray(np.random.default_rng(4).uniform(0, 255, (4, 32, 32, 3)), jnp.float32)
-    variables = jax.jit(plain.init)(jax.random.PRNGKey(0), images)
+    images = np.random.default_rng(4).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    variables = _global_variables(backbone)
     shapes = jax.eval_shape(remat.init, jax.random.PRNGKey(0), images)
     assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
 
