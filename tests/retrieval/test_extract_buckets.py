@@ -1,9 +1,13 @@
 """Shape buckets of aspect-kept extraction (retrieval/shape_buckets.py), without a model."""
 
+import functools
+
 import numpy as np
 import pytest
 
 from landmark_jax.retrieval import shape_buckets
+
+from backbone_variables import random_variables
 
 
 def _image(index: int, shape: tuple[int, int]) -> np.ndarray:
@@ -84,6 +88,14 @@ def test_eval_image_sizes_raise_a_side_below_the_model_minimum_to_it():
         sizes(heights, widths, resize="native", image_size=None, scale=1.0, min_side=0)
 
 
+@functools.cache
+def _variables(model):
+    """Random variables of `model` (numpy's, not a compiled init: any weights
+    show where the map empties), drawn once: the lowering leaves them as
+    they are, so both lowerings' tests share them."""
+    return random_variables(model, (1, 32, 32, 3))
+
+
 @pytest.mark.parametrize("lowering", ["xla", "im2col"])
 def test_min_image_side_is_where_a_keras_dynamic_efficientnet_stops_giving_descriptors(lowering):
     """Keras's dynamic padding halves a side n to floor(n/2) at each of the 5
@@ -91,7 +103,6 @@ def test_min_image_side_is_where_a_keras_dynamic_efficientnet_stops_giving_descr
     NaN descriptors; im2col: an error); TF SAME padding (ceil(n/2)) and the
     ResNets take any side. Checked against the models themselves."""
     import jax
-    import jax.numpy as jnp
 
     from landmark_jax.models import factory
     from landmark_jax.retrieval import extract
@@ -104,10 +115,12 @@ def test_min_image_side_is_where_a_keras_dynamic_efficientnet_stops_giving_descr
     assert extract.min_image_side(dynamic) == 32
     assert extract.min_image_side(same) == extract.min_image_side(resnet) == 1
 
-    variables = jax.jit(dynamic.init)(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    variables = _variables(
+        factory.create_model({**config, "padding": "keras_dynamic", "conv_lowering": "xla"})
+    )
 
     def descriptor(model, height):
-        image = jnp.full((1, height, 40, 3), 128.0)
+        image = np.full((1, height, 40, 3), 128.0, np.float32)
         return np.asarray(jax.jit(model.apply)(variables, image))
 
     assert np.isfinite(descriptor(dynamic, 32)).all()
