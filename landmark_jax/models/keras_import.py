@@ -20,6 +20,7 @@ keras_input_convention.py describes. `backbone_checkpoint.load_backbone_checkpoi
 returns the variables, `backbone_checkpoint.load_backbone(DIR)` the module as well.
 """
 
+import functools
 import json
 import os
 import sys
@@ -95,14 +96,29 @@ def _keras_weights(keras_model: Any) -> dict[str, np.ndarray]:
     return weights
 
 
+# Small: a process converts a handful of architectures, and each entry is
+# shapes only (a few hundred ShapeDtypeStructs).
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(module: nn.Module) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """The module's variables as {path: ShapeDtypeStruct}, flattened.
+
+    Cached by the module (a frozen, hashable dataclass: equal attributes,
+    equal key) because tracing `module.init` costs about a second for an
+    EfficientNet and every conversion of the same architecture and input
+    affine (several in one process: a notebook, the tests) traces the same
+    program. Callers must not mutate the returned mapping.
+    """
+    abstract = jax.eval_shape(
+        module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32)
+    )
+    return flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract))
+
+
 def _fill_variables(
     module: nn.Module, keras_weights: Mapping[str, np.ndarray], consumed: set[str]
 ) -> dict[str, Any]:
     """Maps each Flax variable to its Keras weight by name; errors list leftovers."""
-    abstract = jax.eval_shape(
-        module.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32)
-    )
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract))
+    flat = _abstract_variables(module)
     missing, mismatched, filled = [], [], {}
     for path, leaf in flat.items():
         modules, variable = path[1:-1], path[-1]
@@ -246,8 +262,6 @@ def _check_weights_file(path: str, arch: str) -> None:
 
 
 def _build_keras_model(arch: str, weights: str) -> Any:
-    import keras  # deferred: only the converter needs TensorFlow/Keras
-
     if arch not in keras_architecture.KERAS_APPLICATIONS:
         raise ValueError(
             f"--arch={arch} unsupported; valid: {', '.join(keras_architecture.KERAS_APPLICATIONS)}"
@@ -264,6 +278,10 @@ def _build_keras_model(arch: str, weights: str) -> Any:
             return _build_keras_model(arch, local)
     if weights != "imagenet":
         _check_weights_file(weights, arch)
+    # Deferred, and after the checks above: only the conversion itself needs
+    # Keras, and a refused --arch or --weights is reported without it.
+    import keras
+
     constructor = getattr(keras.applications, keras_architecture.KERAS_APPLICATIONS[arch])
     try:
         return constructor(include_top=False, weights=weights)
@@ -302,6 +320,8 @@ def convert(
         `input_normalization` that contradicts the established one.
     """
     backbone_checkpoint.check_output_is_new(output)
+    if input_normalization is not None:
+        _preset(input_normalization)  # unknown: raises before Keras builds (or downloads)
     keras_model = _build_keras_model(arch, weights)
     module, variables = from_keras(keras_model)
     keras_affine = {
@@ -332,8 +352,13 @@ def convert(
     )
 
 
+def _preset(name: str) -> input_normalization.InputNormalization:
+    """The preset `name` (ValueError naming the valid ones if unknown)."""
+    return input_normalization.get_input_normalization(name)
+
+
 def _with_preset(module: nn.Module, name: str) -> nn.Module:
-    preset = input_normalization.get_input_normalization(name)
+    preset = _preset(name)
     return module.clone(input_scale=preset.scale, input_offset=preset.offset)
 
 

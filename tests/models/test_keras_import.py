@@ -6,6 +6,8 @@ mean AND variance (different positive values, so a mean/variance swap cannot
 pass) and the Normalization layer's mean/variance. Nothing is downloaded.
 """
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -63,8 +65,26 @@ def keras_r50():
     return _randomize(keras.applications.ResNet50(include_top=False, weights=None))
 
 
+@pytest.fixture(scope="module")
+def r50_weights(keras_r50, tmp_path_factory):
+    """keras_r50 saved as r50.weights.h5 (the Keras 3 weights format), once:
+    the tests that convert it only read it."""
+    path = tmp_path_factory.mktemp("r50") / "r50.weights.h5"
+    keras_r50.save_weights(path)
+    return path
+
+
 def _pixels(*shape):
     return RNG.uniform(0, 255, (2, *shape, 3)).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _final(module, variables, x):
+    """module.apply(variables, x)['final'], one jitted function for all tests:
+    equal modules (a frozen dataclass is the static key) share their compiled
+    program, e.g. the imagenet B0 that three tests load, instead of each
+    `jax.jit(module.apply)` tracing and lowering it again."""
+    return module.apply(variables, x)["final"]
 
 
 def _assert_parity(expected, got):
@@ -78,20 +98,20 @@ def _assert_parity(expected, got):
 def test_parity_at_two_sizes_and_swap_sensitivity(fixture, request):
     keras_model = request.getfixturevalue(fixture)
     module, variables = keras_import.from_keras(keras_model)
-    apply = jax.jit(module.apply)
     for shape in [(64, 64), (96, 80)]:
         x = _pixels(*shape)
-        _assert_parity(keras_model(x), apply(variables, x)["final"])
+        expected = np.asarray(keras_model(x))
+        _assert_parity(expected, _final(module, variables, x))
     # The test can fail: swapping one BN's moving mean and variance breaks it.
     # EfficientNet's last BN (its output is the final map's): the stem's
     # swap fades through 16 random blocks to about the bound, by seed.
     bn = "top_bn" if fixture == "keras_b0" else "conv1_bn"
     stats = variables["batch_stats"][bn]
     swapped = {"mean": stats["var"], "var": stats["mean"] ** 2 + 0.5}  # keep var > 0
-    bad = apply({**variables, "batch_stats": {**variables["batch_stats"], bn: swapped}}, x)
-    assert np.isfinite(bad["final"]).all()
-    error = np.abs(np.asarray(keras_model(x)) - bad["final"]).max()
-    assert error > 10 * PARITY_RTOL * np.abs(bad["final"]).max()
+    bad = _final(module, {**variables, "batch_stats": {**variables["batch_stats"], bn: swapped}}, x)
+    assert np.isfinite(bad).all()
+    error = np.abs(expected - bad).max()  # expected: the Keras model on this x
+    assert error > 10 * PARITY_RTOL * np.abs(bad).max()
 
 
 def test_efficientnet_mapping_and_counts(keras_b0, keras_r50):
@@ -130,7 +150,7 @@ def test_static_input_shape_uses_same_padding(keras_b0):
     module, variables = keras_import.from_keras(static)
     assert module.padding == "same"
     x = _pixels(80, 72)
-    out = jax.jit(module.apply)(variables, x)["final"]
+    out = _final(module, variables, x)
     assert out.shape == (2, 3, 3, 1280)
     _assert_parity(static(x), out)
 
@@ -186,26 +206,45 @@ def _set_normalization(model, mean, variance):
     layer.finalize_state()
 
 
+@contextlib.contextmanager
+def _as_released(keras_b0):
+    """keras_b0 as the released ImageNet files hold it, restored on exit.
+
+    Its Normalization holds mean = ImageNet mean and variance = ImageNet
+    *std* (tensorflow/tensorflow#49930); the other weights are keras_b0's.
+    keras_b0 itself rather than a copy: building another EfficientNetB0
+    costs about a second.
+    """
+    layer = next(n for n in keras_b0.layers if type(n).__name__ == "Normalization")
+    saved = {w.name: np.asarray(w) for w in layer.weights}
+    _set_normalization(keras_b0, IMAGENET_MEAN, IMAGENET_STD)
+    try:
+        yield keras_b0
+    finally:
+        for w in layer.weights:
+            w.assign(saved[w.name])
+        layer.finalize_state()
+
+
 @pytest.fixture(scope="module")
 def released_b0(keras_b0, tmp_path_factory):
-    """(path, Keras model) of an .h5 laid out like the released ImageNet files.
+    """The path of an .h5 laid out like the released ImageNet files.
 
-    The Normalization layer holds mean = ImageNet mean and variance =
-    ImageNet *std* (tensorflow/tensorflow#49930); saved with model.save(.h5),
-    the legacy HDF5 layout of the applications' files, which
+    keras_b0 `_as_released`, saved with model.save(.h5), the legacy HDF5
+    layout of the applications' files, which
     EfficientNetB0(include_top=False, weights=PATH) loads.
     """
-    model = keras.applications.EfficientNetB0(include_top=False, weights=None)
-    model.set_weights(keras_b0.get_weights())
-    _set_normalization(model, IMAGENET_MEAN, IMAGENET_STD)
     path = tmp_path_factory.mktemp("released") / "efficientnetb0_notop.h5"
-    model.save(path)
-    return path, model
+    with _as_released(keras_b0) as model:
+        model.save(path)
+    return path
 
 
 @pytest.mark.e2e
-def test_released_h5_records_imagenet_and_reproduces_it(released_b0, tmp_path, monkeypatch, capsys):
-    weights, keras_model = released_b0
+def test_released_h5_records_imagenet_and_reproduces_it(
+    released_b0, keras_b0, tmp_path, monkeypatch, capsys
+):
+    weights = released_b0
     output = tmp_path / "converted"
     # The program's main (its flag parsing is test_cli_resnet...'s, in a
     # process of its own): the metadata printed as JSON, status 0.
@@ -230,17 +269,19 @@ def test_released_h5_records_imagenet_and_reproduces_it(released_b0, tmp_path, m
     module, variables = backbone_checkpoint.load_backbone(str(output))
     assert (module.input_scale, module.input_offset) == (preset.scale, preset.offset)
     x = _pixels(64, 64)
-    expected = keras_model(_keras_pixels_for_imagenet(x, IMAGENET_MEAN, IMAGENET_STD))
-    _assert_parity(expected, jax.jit(module.apply)(variables, x)["final"])
+    with _as_released(keras_b0) as keras_model:  # the model the file was saved from
+        expected = keras_model(_keras_pixels_for_imagenet(x, IMAGENET_MEAN, IMAGENET_STD))
+        on_x_itself = keras_model(x)
+        _, reference = keras_import.from_keras(keras_model)
+    _assert_parity(expected, _final(module, variables, x))
     # The test can fail: the Keras model on x itself (the old, wrong affine).
     with pytest.raises(AssertionError):
-        _assert_parity(expected, keras_model(x))
+        _assert_parity(expected, on_x_itself)
     assert "released Keras EfficientNet .h5" in metadata["source"]["input_normalization_from"]
     # The variables are the Keras model's, unchanged.
-    _, reference = keras_import.from_keras(keras_model)
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, reference)
-    restored = backbone_checkpoint.load_backbone_checkpoint(str(output))
-    assert set(restored) == {"params", "batch_stats"}
+    # load_backbone's variables are load_backbone_checkpoint's (its [1]).
+    assert set(variables) == {"params", "batch_stats"}
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         keras_import.convert("efficientnet_b0", str(weights), str(output))
     # A checkpoint that does not fit its recorded arch names the variables.
@@ -253,7 +294,7 @@ def test_released_h5_records_imagenet_and_reproduces_it(released_b0, tmp_path, m
 @pytest.mark.e2e
 def test_released_h5_as_path_equals_weights_imagenet(released_b0, tmp_path, monkeypatch):
     """--weights=PATH gives exactly what --weights=imagenet gives for that file."""
-    weights, _ = released_b0
+    weights = released_b0
     # weights='imagenet' without the internet: Keras's download returns the file.
     from keras.src.applications import efficientnet as keras_efficientnet
 
@@ -265,17 +306,17 @@ def test_released_h5_as_path_equals_weights_imagenet(released_b0, tmp_path, monk
     for key in ("arch", "input_normalization", "input_scale", "input_offset", "padding"):
         assert from_imagenet[key] == from_path[key], key
     assert from_path["input_normalization"] == "imagenet"
+    module, variables = backbone_checkpoint.load_backbone(str(tmp_path / "p"))
     jax.tree_util.tree_map(
         np.testing.assert_array_equal,
         backbone_checkpoint.load_backbone_checkpoint(str(tmp_path / "i")),
-        backbone_checkpoint.load_backbone_checkpoint(str(tmp_path / "p")),
+        variables,
     )
     # And both reproduce the weights='imagenet' Keras model (with its extra Rescaling).
     keras_imagenet = keras.applications.EfficientNetB0(include_top=False, weights="imagenet")
     assert sum(type(n).__name__ == "Rescaling" for n in keras_imagenet.layers) == 2
-    module, variables = backbone_checkpoint.load_backbone(str(tmp_path / "p"))
     x = _pixels(64, 64)
-    _assert_parity(keras_imagenet(x), jax.jit(module.apply)(variables, x)["final"])
+    _assert_parity(keras_imagenet(x), _final(module, variables, x))
 
 
 @pytest.mark.e2e
@@ -306,13 +347,13 @@ def test_unrecognised_affine_needs_the_flag(keras_b0, tmp_path):
     x = _pixels(64, 64)
     _assert_parity(
         keras_b0(_keras_pixels_for_imagenet(x, mean, variance)),
-        jax.jit(module.apply)(variables, x)["final"],
+        _final(module, variables, x),
     )
 
 
 @pytest.mark.e2e
-def test_contradicting_flag_is_an_error(released_b0, keras_r50, tmp_path):
-    weights, _ = released_b0
+def test_contradicting_flag_is_an_error(released_b0, r50_weights, tmp_path):
+    weights = released_b0
     with pytest.raises(
         ValueError, match=r"--input_normalization=caffe contradicts the 'imagenet' normalisation"
     ):
@@ -323,12 +364,10 @@ def test_contradicting_flag_is_an_error(released_b0, keras_r50, tmp_path):
         "efficientnet_b0", str(weights), str(tmp_path / "ok"), input_normalization="imagenet"
     )
     assert metadata["input_normalization"] == "imagenet"
-    resnet_weights = tmp_path / "r50.weights.h5"
-    keras_r50.save_weights(resnet_weights)
     with pytest.raises(
         ValueError, match=r"--input_normalization=imagenet contradicts the 'caffe' normalisation"
     ):
-        keras_import.convert("resnet50", str(resnet_weights), str(tmp_path / "r"), "imagenet")
+        keras_import.convert("resnet50", str(r50_weights), str(tmp_path / "r"), "imagenet")
 
 
 def test_save_checks_the_recorded_preset(keras_b0, tmp_path):
@@ -345,9 +384,8 @@ def test_save_checks_the_recorded_preset(keras_b0, tmp_path):
 
 
 @pytest.mark.e2e
-def test_cli_resnet_and_weights_of_another_architecture(keras_r50, tmp_path):
-    weights = tmp_path / "r50.weights.h5"  # the Keras 3 weights format
-    keras_r50.save_weights(weights)
+def test_cli_resnet_and_weights_of_another_architecture(keras_r50, r50_weights, tmp_path):
+    weights = r50_weights  # the Keras 3 weights format
     # The command line prints the error in one line and exits with status 2.
     result = _cli("--arch=efficientnet_b0", f"--weights={weights}", f"--output={tmp_path / 'o'}")
     assert result.returncode == 2, result.stderr[-3000:]
@@ -378,4 +416,4 @@ def test_resnet_checkpoint_takes_rgb_with_caffe_preset(keras_r50):
     rgb = _pixels(64, 64)
     # keras.applications.resnet.preprocess_input: RGB -> BGR, minus BGR mean.
     caffe = rgb[..., ::-1] - np.array([103.939, 116.779, 123.68], np.float32)
-    _assert_parity(keras_r50(caffe), jax.jit(module.apply)(variables, rgb)["final"])
+    _assert_parity(keras_r50(caffe), _final(module, variables, rgb))
