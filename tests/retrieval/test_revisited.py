@@ -5,6 +5,7 @@ PIL's crops of them, the gnd pickle, and the shard files parsed with protobuf
 (and TFDS's own reader for the decoded images).
 """
 
+import functools
 import io
 import json
 import os
@@ -26,6 +27,8 @@ from data_pipelines import build_dataset, describe_dataset, image_encoding, revi
 from landmark_jax.data import data_format, revisited_gnd, sized_eval_input
 from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited, shape_buckets
 from landmark_jax.runtime import entry_point_errors, file_io, sharding
+
+from backbone_variables import random_variables
 
 DATASET = "revisited_oxford_paris"
 
@@ -201,10 +204,16 @@ def test_rparis6k_reads_its_own_pickle_and_worker_processes_build_the_same(
 
 
 @pytest.mark.e2e
-def test_into_ram_equals_a_local_build_and_refuses_worker_processes(revisited_data, tmp_path):
+def test_into_ram_equals_a_local_build_and_refuses_worker_processes(
+    revisited_data, tmp_path, monkeypatch
+):
     import tfds_ram
 
+    from data_pipelines import build_swap
+
     tfds_ram.register()
+    # A build's lease on a URL waits 2 s for a second taker; one process here.
+    monkeypatch.setattr(build_swap, "LEASE_SETTLE_SECONDS", 0.05)
     tiny, local = revisited_data
     remote = f"ram://{uuid.uuid4().hex}/tfds"
     try:
@@ -403,6 +412,7 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     config.eval.retrieval_solution = f"{demo['raw']}/retrieval_solution.csv"
     config.eval.train_split = ""
     config.eval.knn_backend = "exact"
+    config.eval.baselines = ()  # extractions of their own, checked in test_evaluate
     config.eval.revisited_resize = "longer_side"
     config.eval.size_multiple = 16
     report = evaluation.evaluate(config, workdir)
@@ -440,6 +450,20 @@ def resized_size(h: int, w: int, resize: str, scale: float, image_size=None, mul
     return [max(multiple, multiple * round(x / multiple)) for x in exact]
 
 
+@functools.cache
+def _describe_one(module, descriptor: str):
+    """jit(variables, images) -> the run's descriptors (model.descriptor), once
+    per model: the tests' references then share the programs of each shape."""
+    if descriptor == "pooled":
+        # The pooled features the model sows before its neck.
+        def describe(variables, x):
+            _, state = module.apply(variables, x, mutable=["intermediates"])
+            return state["intermediates"]["pooled"][0]
+
+        return jax.jit(describe)
+    return jax.jit(module.apply)
+
+
 def one_image_at_a_time(config, workdir, data_dir, split, *, scales, flip, **resize):
     """{id: embedding}: each image of the split alone through the model.
 
@@ -448,15 +472,7 @@ def one_image_at_a_time(config, workdir, data_dir, split, *, scales, flip, **res
     (the run's model.descriptor); views L2-normalised, summed, normalised.
     """
     trained = extract.load_trained_model(config, workdir)
-    if trained.config.model.descriptor == "pooled":
-        # The pooled features the model sows before its neck.
-        def describe(variables, x):
-            _, state = trained.module.apply(variables, x, mutable=["intermediates"])
-            return state["intermediates"]["pooled"][0]
-
-        apply = jax.jit(describe)
-    else:
-        apply = jax.jit(trained.module.apply)
+    apply = _describe_one(trained.module, trained.config.model.descriptor)
     variables = jax.device_put(trained.variables, jax.devices()[0])
     out = {}
     for image_id, jpeg in read_split(data_dir, split):
@@ -603,7 +619,9 @@ def test_a_side_below_a_keras_dynamic_model_minimum_is_raised_to_it(revisited_da
         }
     )
     module = factory.create_model(model_config)
-    variables = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+    # Random variables (numpy's, not a compiled init): any weights show the
+    # minimum side and compare the two paths.
+    variables = random_variables(module, (1, 32, 32, 3))
     config = ml_collections.ConfigDict(
         {
             "data_dir": data_dir,
