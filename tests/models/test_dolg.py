@@ -26,11 +26,6 @@ _orthogonal_fusion = jax.jit(dolg.orthogonal_fusion)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _init(module, x):
-    return module.init(KEY, x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
 def _apply(module, variables, x):
     return module.apply(variables, x)
 
@@ -78,7 +73,7 @@ def test_orthogonal_fusion_edge_cases():
 def test_spatial_attention_matches_numpy():
     x = RNG.normal(size=(2, 3, 3, 6)).astype(np.float32)
     module = dolg.SpatialAttention(channels=4)
-    variables = jax.tree.map(np.asarray, _init(module, x))
+    variables = random_variables(module, x)
     stats = {"bn": {"mean": RNG.normal(size=4), "var": RNG.uniform(0.5, 2.0, 4)}}
     variables["batch_stats"] = jax.tree.map(lambda a: a.astype(np.float32), stats)
     variables["params"]["bn"]["scale"] = RNG.uniform(0.5, 2.0, 4).astype(np.float32)
@@ -105,7 +100,7 @@ def test_multi_atrous_matches_numpy_and_keeps_size(image_pooling):
     module = dolg.MultiAtrousModule(
         dilations=(1, 2, 6), branch_channels=4, out_channels=5, image_pooling=image_pooling
     )
-    variables = _init(module, x)
+    variables = random_variables(module, x)
     out = _apply(module, variables, x)
     assert out.shape == (2, 5, 7, 5)
 
