@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +186,26 @@ def _nonfinite_message(first: int, resumed, start_step: int, changes, config) ->
     )
 
 
+def _step_zero_state(config, program: train_steps.Program, backbone_variables) -> Any:
+    """A new run's state: initialised on the mesh, then the weights of
+    config.init.checkpoint (a previous stage) or config.init.backbone."""
+    state = program.initial_state()
+    if config.init.checkpoint:
+        if config.init.carry == "all":
+            run_config.check_classes(
+                run_config.read_run_config(config.init.checkpoint),
+                config,
+                f"config.init.checkpoint={config.init.checkpoint!r} (init.carry='all')",
+            )
+        stage = checkpointing.load_stage(config.init.checkpoint, "config.init.checkpoint")
+        state = checkpointing.carry_over(state, stage, config.init.carry, config.init.checkpoint)
+        logging.info("Initialised from %s (carry=%s)", config.init.checkpoint, config.init.carry)
+    elif backbone_variables is not None:
+        state = checkpointing.load_backbone_weights(state, backbone_variables, config.init.backbone)
+        logging.info("Initialised the backbone from %s", config.init.backbone)
+    return state
+
+
 def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, float]:
     """train_and_evaluate once its checks passed and it holds the workdir."""
     writer = metric_writer.MetricWriter(workdir)
@@ -199,29 +220,19 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
         else None
     )
 
-    # --- State: initialise sharded, then resume / carry over / import ------
-    state = program.initial_state()
+    # --- State: resume, or initialise sharded then carry over / import ----
     manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
     # What changed since the checkpoint: named if it no longer fits, or if
     # the loss turns non-finite right after the resume.
     changes = run_config.changes_since_checkpoint(config, workdir)
+    # A resume restores into the abstract state: it neither compiles nor
+    # runs the initialisation, and never holds two copies of the state.
     resumed = checkpointing.restore_latest(manager, program.abstract, changes)
     if resumed is not None:
         state = resumed.state
         logging.info("Resumed %s at step %d", workdir, resumed.step)
-    elif config.init.checkpoint:
-        if config.init.carry == "all":
-            run_config.check_classes(
-                run_config.read_run_config(config.init.checkpoint),
-                config,
-                f"config.init.checkpoint={config.init.checkpoint!r} (init.carry='all')",
-            )
-        stage = checkpointing.load_stage(config.init.checkpoint, "config.init.checkpoint")
-        state = checkpointing.carry_over(state, stage, config.init.carry, config.init.checkpoint)
-        logging.info("Initialised from %s (carry=%s)", config.init.checkpoint, config.init.carry)
-    elif backbone_variables is not None:
-        state = checkpointing.load_backbone_weights(state, backbone_variables, config.init.backbone)
-        logging.info("Initialised the backbone from %s", config.init.backbone)
+    else:
+        state = _step_zero_state(config, program, backbone_variables)
     start_step = int(state["step"])
     if jax.process_index() == 0:
         # Written once the state fits the model (a failed restore leaves the

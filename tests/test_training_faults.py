@@ -52,6 +52,14 @@ def test_sigterm_saves_the_step_and_stops_then_the_run_resumes(
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the handler is gone again
 
     monkeypatch.setattr(input_pipeline, "train_iterator", real_iterator)
+    # The rerun restores into the abstract state: no step-0 state is built
+    # (compiled, run, held beside the restored one).
+    from landmark_jax.training import train_steps
+
+    def no_initialisation(program):
+        raise AssertionError("a resume initialised the state")
+
+    monkeypatch.setattr(train_steps.Program, "initial_state", no_initialisation)
     trainer.train_and_evaluate(config, workdir)
     got = losses_of(workdir)
     assert sorted(got) == list(range(1, 7))
