@@ -12,6 +12,9 @@ INSTALL_REQUIRES = [
     "flax>=0.12,<0.13",
     "optax>=0.2.5,<0.3",  # optax.tree_utils.tree_norm
     "orbax-checkpoint>=0.11,<0.13",
+    # The SavedModel export (serving/saved_model.py: JaxModule, ServingConfig,
+    # ExportManager through jax2tf); 0.0.8 works with orbax-checkpoint 0.12 and TF 2.20.
+    "orbax-export>=0.0.8,<0.1",
     "ml-collections>=1.0,<2",
     "numpy>=1.26,<3",
     "pillow>=10",

@@ -10,6 +10,7 @@ inside a function. A lower folder never imports a higher one:
     workdir/    models/, data/, runtime/ (never training/ or the trainer)
     config_lib  training/, models/, data/, runtime/ (never retrieval/)
     retrieval/  all of the above
+    serving/    retrieval/ and all below it (export and search)
     trainer     of retrieval/ only validation and extract
     data_pipelines/  landmark_jax's data/ and runtime/ only
 
@@ -44,6 +45,7 @@ BELOW = {
         "runtime",
     },
 }
+BELOW["serving"] = BELOW["retrieval"] | {"serving"}
 TRAINER_RETRIEVAL = {"landmark_jax.retrieval.validation", "landmark_jax.retrieval.extract"}
 PIPELINE_ALLOWED = {"data", "runtime"}
 

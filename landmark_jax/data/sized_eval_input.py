@@ -104,6 +104,54 @@ def eval_image_sizes(
     return (np.maximum(np.rint(exact / multiple), least) * multiple).astype(np.int64)
 
 
+def tf_eval_image_size(
+    height: tf.Tensor,
+    width: tf.Tensor,
+    *,
+    resize: str,
+    image_size: int,
+    scale: float,
+    multiple: int = 1,
+    min_side: int = 1,
+) -> tf.Tensor | list[int]:
+    """`eval_image_sizes` for one image inside a TF graph (an exported model's).
+
+    The same rule in float64 and round half to even (tf.round, np.rint), so
+    a SavedModel that resizes its input sizes it exactly as extraction does
+    (tests compare the two on many sizes).
+
+    Args:
+      height: the image's height, a scalar int tensor.
+      width: its width.
+      resize, image_size, scale, multiple, min_side: as eval_image_sizes
+        (checked there: call it once on a dummy size first).
+
+    Returns:
+      [height, width] to resize to: Python ints for 'square' (a static
+      shape), else an int32 [2] tensor.
+    """
+    eval_image_sizes(
+        np.ones(1), np.ones(1), resize=resize, image_size=image_size, scale=scale,
+        multiple=multiple, min_side=min_side,
+    )  # fmt: skip
+    if resize == "square":
+        side = max(int(round(image_size * scale)), int(min_side))
+        return [side, side]
+    dims = tf.cast(tf.stack([height, width]), tf.float64)
+    if resize == "native":
+        exact = dims * float(scale)
+    else:
+        target = float(image_size * scale)
+        longer = tf.reduce_max(dims)
+        exact = tf.where(tf.equal(dims, longer), target, dims * (target / longer))
+    if multiple == 1:
+        sides = tf.maximum(tf.round(exact), float(min_side))
+    else:
+        least = float(-(-int(min_side) // multiple))
+        sides = tf.maximum(tf.round(exact / multiple), least) * multiple
+    return tf.cast(sides, tf.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalIndex:
     """A process's share of a split, in its reading order, without pixels."""

@@ -125,20 +125,10 @@ def evaluate(
     eval_config.validate_eval_config(config)
     out_dir = file_io.join(workdir, EVAL_DIR)
     mesh = sharding.create_mesh()
-    members = (
-        ensemble.ensemble_members_from_config(config.eval.ensemble)
-        if config.eval.ensemble
-        else [ensemble.EnsembleMember(workdir, 1.0, None)]
-    )
     # Each member is restored once (params and batch statistics), its model
     # rebuilt from its own config.json; without a data_dir of its own, the
     # command line evaluates on the (first) member's training data folder.
-    models = [
-        extract.load_trained_model(
-            run_config.evaluation_config(config, member.workdir, model_overrides), member.workdir
-        )
-        for member in members
-    ]
+    members, models = extract.restore_members(config, workdir, model_overrides)
     config = config.copy_and_resolve_references()
     config.data_dir = models[0].config.data_dir
     ec = config.eval

@@ -91,7 +91,7 @@ def config_override_message(error: Exception, argv: Sequence[str]) -> str:
 def _parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
-        if "config" in flags.FLAGS:
+        if "config" in flags.FLAGS and flags.FLAGS["config"].present:
             # A config file that failed to load is reported on first use.
             flags.FLAGS.config.keys()
         return remaining
