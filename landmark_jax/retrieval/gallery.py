@@ -173,13 +173,7 @@ def read_images_by_id(
         image_id = raw_id.decode()
         if image_id in found:
             continue  # an id repeated in the split: keep the first one read
-        image = Image.open(io.BytesIO(encoded))
-        # draft() lets the JPEG decoder downscale by 2-8x while decoding,
-        # much cheaper than decoding a full-size photo and then shrinking it.
-        image.draft("RGB", (max_side, max_side))
-        image = image.convert("RGB")
-        image.thumbnail((max_side, max_side))
-        found[image_id] = image
+        found[image_id] = thumbnail(encoded, max_side)
         if len(found) == len(wanted):
             break
     missing = [i for i in wanted if i not in found]
@@ -189,6 +183,21 @@ def read_images_by_id(
             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
         )
     return found
+
+
+def thumbnail(encoded: bytes, max_side: int = 128) -> Image.Image:
+    """Encoded image bytes as an RGB thumbnail, longer side at most max_side.
+
+    Raises:
+      PIL.UnidentifiedImageError: the bytes are not an image PIL reads.
+    """
+    image = Image.open(io.BytesIO(encoded))
+    # draft() lets the JPEG decoder downscale by 2-8x while decoding,
+    # much cheaper than decoding a full-size photo and then shrinking it.
+    image.draft("RGB", (max_side, max_side))
+    image = image.convert("RGB")
+    image.thumbnail((max_side, max_side))
+    return image
 
 
 def _fit(draw: ImageDraw.ImageDraw, font, text: str, width: int) -> str:

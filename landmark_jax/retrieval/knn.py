@@ -49,7 +49,7 @@ _SCANN_PIN = "tensorflow-cpu~=2.20.0 and scann==1.4.2"
 # loses more than it saves: on the demo's 1,098 index embeddings the default
 # tree (33 leaves, 8 searched) returned 73% of the exact 100 nearest and
 # cost 7% of the demo's mAP@100 (0.0888 against 0.0955).
-_MIN_TREE_POINTS = 10_000
+MIN_TREE_POINTS = 10_000
 _METADATA_FILE = "landmark_jax_knn.json"
 # Queries per `search_batched` call (bounds memory).
 _QUERY_BATCH = 8192
@@ -165,7 +165,7 @@ class ScannSearcher:
             num_points=num_points, dim=dim, num_neighbors=num_neighbors, brute_force=True
         )
         builder = scann.builder(index, num_neighbors, "squared_l2")
-        too_few = num_leaves is None and num_points < _MIN_TREE_POINTS
+        too_few = num_leaves is None and num_points < MIN_TREE_POINTS
         if too_few or num_points < 2 * leaves:
             logger.info("ScaNN: brute force over %d points (too few for a tree)", num_points)
             searcher = builder.score_brute_force().build()

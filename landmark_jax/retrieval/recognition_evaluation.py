@@ -83,6 +83,26 @@ def classifier_inputs(config, test, members, first_model, mesh) -> np.ndarray:
     return aligned
 
 
+def nearest_cosines(
+    queries: np.ndarray, reference: np.ndarray, k: int, backend: str, squared_norm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k nearest reference rows and their cosines, as recognition votes with them.
+
+    Args:
+      queries: [Q, D] descriptors.
+      reference: [N, D] descriptors (train or non-landmark images).
+      k: neighbours (at most N are returned).
+      backend: eval.knn_backend.
+      squared_norm: every row's squared norm (an ensemble's sum of squared
+        weights; 1 for one run): squared L2 d^2 -> cosine 1 - d^2 / (2 norm).
+
+    Returns:
+      (neighbours [Q, k'] int64, -1 for none; cosines [Q, k'], 0 for none).
+    """
+    scores, neighbors = knn.search(queries, reference, min(k, len(reference)), backend)
+    return neighbors, np.where(neighbors >= 0, 1.0 - scores / (2.0 * squared_norm), 0.0)
+
+
 def head_top_m(
     model: extract.TrainedModel,
     embeddings: np.ndarray,
@@ -160,10 +180,7 @@ def evaluate_recognition(
     norm2 = sum(m.weight**2 for m in members)
 
     def nearest(reference, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, neighbors = knn.search(
-            test.embeddings, reference.embeddings, min(k, len(reference.ids)), ec.knn_backend
-        )
-        return neighbors, np.where(neighbors >= 0, 1.0 - scores / (2.0 * norm2), 0.0)
+        return nearest_cosines(test.embeddings, reference.embeddings, k, ec.knn_backend, norm2)
 
     neighbors, cosine = nearest(train, ec.recognition_k)
     neighbor_landmarks = recognition.neighbor_landmarks(
