@@ -66,14 +66,7 @@ def _model(index_info=None):
         return photo_model.from_run(FLAGS.workdir, FLAGS.config)
     if index_info is None:
         raise ValueError("give the model: --workdir=RUN or --saved_model=EXPORT")
-    recorded = index_info["model"]
-    if recorded["kind"] == "saved_model":
-        return photo_model.from_saved_model(recorded["location"])
-    if len(recorded["identity"]["members"]) > 1:
-        raise ValueError(
-            f"{FLAGS.index_dir} was built with an ensemble: give its --config (and --workdir)"
-        )
-    return photo_model.from_run(recorded["location"])
+    return photo_model.from_record(index_info["model"])
 
 
 def main(argv):

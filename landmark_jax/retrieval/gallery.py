@@ -11,7 +11,9 @@ Three steps, kept apart so each can be tested and reused:
 
 - `choose_gallery_queries` picks a deterministic spread of queries, from the
   best to the worst average precision;
-- `read_images_by_id` pulls just those images out of a split's TFRecords;
+- `read_images_by_id` pulls just those images out of a split's TFRecords
+  (`thumbnail` shrinks each; `python -m landmark_jax.search` draws its
+  galleries of photo files with it and `render_gallery`);
 - `render_gallery` draws the grid with PIL only (default font, no font files);
 - `write_gallery` chains the three, as evaluation calls it.
 

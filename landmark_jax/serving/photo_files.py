@@ -18,6 +18,7 @@ their labels, for a model that is not a trained run (a SavedModel).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +33,9 @@ from landmark_jax.runtime import file_io
 _GLOB_CHARS = "*?["
 # No label: photos from files, and splits without landmark labels.
 NO_LABEL = -1
+# Files read at once, and how far ahead of the decoding.
+READ_THREADS = 8
+READ_WINDOW = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +154,21 @@ def decode_photo(data: bytes) -> np.ndarray:
     return image
 
 
+def _read(path: str) -> tuple[bytes | None, str | None]:
+    try:
+        return file_io.read_bytes(path), None
+    except OSError as e:
+        return None, f"unreadable: {e}"
+
+
 def read_photos(
     paths: Sequence[str], ids: Sequence[str] | None = None
 ) -> Iterator[Photo | Skipped]:
     """Each path read and decoded, in order: a Photo, or why it was skipped.
+
+    Files are read READ_THREADS at a time (a bucket's latency, not its
+    bandwidth, bounds one reader), a window of READ_WINDOW ahead; decoding
+    stays in this thread, so at most a window of encoded photos is held.
 
     Args:
       paths: files (list_photo_files).
@@ -162,17 +177,20 @@ def read_photos(
     Yields:
       A Photo per decodable file, a Skipped per unreadable or non-image one.
     """
-    ids = photo_ids(paths) if ids is None else ids
-    for image_id, path in zip(ids, paths, strict=True):
-        try:
-            data = file_io.read_bytes(path)
-        except OSError as e:
-            yield Skipped(path, f"unreadable: {e}")
-            continue
-        try:
-            yield Photo(image_id, path, decode_photo(data))
-        except ValueError as e:
-            yield Skipped(path, str(e))
+    ids = photo_ids(paths) if ids is None else list(ids)
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        for start in range(0, len(paths), READ_WINDOW):
+            window = list(paths[start : start + READ_WINDOW])
+            for image_id, path, (data, error) in zip(
+                ids[start : start + READ_WINDOW], window, pool.map(_read, window), strict=True
+            ):
+                if error is not None:
+                    yield Skipped(path, error)
+                    continue
+                try:
+                    yield Photo(image_id, path, decode_photo(data))
+                except ValueError as e:
+                    yield Skipped(path, str(e))
 
 
 def split_records(data_dir: str, split: str) -> Iterator[Photo]:

@@ -117,11 +117,20 @@ def _start(directory: str, model: photo_model.PhotoModel, source: dict[str, Any]
     info = _read_info(directory)
     if info is not None:
         check_model(directory, info, model)
+        recorded = info["source"]
+        # Photos add to photos; a split's index holds that split alone.
+        if ("images" in recorded) != ("images" in source) or (
+            "split" in source and recorded != source
+        ):
+            raise ValueError(
+                f"the index {directory} holds {recorded}; it cannot take {source} as well: "
+                "build another index (another --index_dir)"
+            )
         return info
     file_io.makedirs(directory)
     info = {
         "format": FORMAT,
-        "model": {"kind": model.kind, "location": model.location, "identity": model.identity},
+        "model": model.record(),
         "squared_norm": model.squared_norm,
         "search": model.search,
         "source": source,
@@ -223,6 +232,12 @@ def build_index(
     if split and not data_dir:
         raise ValueError("--split needs --data_dir (a TFDS build)")
     source = {"images": list(images)} if images else {"data_dir": data_dir, "split": split}
+    # The source is checked before the index records it: a typo must not
+    # become the index's source.
+    if split:
+        data_format.read_split_info(data_dir, split)
+    else:
+        paths = photo_files.list_photo_files(images)
     info = _start(directory, model, source)
     if split:
         info["source"] = source
@@ -241,7 +256,6 @@ def build_index(
     else:
         sources = sorted(set(info["source"].get("images", [])) | set(images))
         info["source"] = {"images": sources}
-        paths = photo_files.list_photo_files(images)
         done = _done_paths(directory)
         todo = [p for p in paths if p not in done]
         resumed = len(paths) - len(todo)
@@ -286,44 +300,54 @@ def _merge_parts(directory: str) -> tuple[dict[str, np.ndarray], list[dict[str, 
 
 
 def _embed_split(directory: str, model: photo_model.PhotoModel, data_dir: str, split: str):
-    """A TFDS split's rows: by extraction for a run (evaluation.embed_split,
-    cached in the index's eval/ folder), image by image for a SavedModel."""
-    info = data_format.read_split_info(data_dir, split)
-    landmarks = data_format.read_label_map(data_dir).landmark_ids if info.labeled else None
+    """A TFDS split's rows, labelled with landmark ids: by extraction for a run
+    (evaluation.embed_split, cached in the index's eval/ folder: a rerun
+    reuses it), image by image for a SavedModel.
+
+    Returns:
+      (rows as _merge_parts', no skipped files, rows reused from the cache).
+    """
     if model.kind == "run":
         config = model.config.copy_and_resolve_references()
         config.data_dir = data_dir
         cache = file_io.join(directory, evaluation.EVAL_DIR)
-        already = bool(file_io.glob(file_io.join(cache, f"embeddings-{split}-*.npz")))
+        cached = bool(file_io.glob(file_io.join(cache, f"embeddings-{split}-*.npz")))
         emb = evaluation.embed_split(
             config, directory, split, model.members, model.models, sharding.create_mesh()
         )
-        ids, embeddings, labels = emb.ids, emb.embeddings, emb.labels
-    else:
-        already = False
-        photos = list(
-            tqdm.tqdm(
-                photo_files.split_records(data_dir, split),
-                total=info.num_examples,
-                desc=f"embedding {split}",
-            )
+        ids, embeddings = emb.ids, emb.embeddings
+        label_map = None
+        if data_format.read_split_info(data_dir, split).labeled:
+            label_map = data_format.read_label_map(data_dir)
+        # Contiguous labels -> landmark ids, -1 kept.
+        labels = (
+            np.where(emb.labels >= 0, label_map.landmark_ids[np.maximum(emb.labels, 0)], -1)
+            if label_map is not None
+            else np.full(len(ids), photo_files.NO_LABEL)
         )
-        ids = np.asarray([p.id for p in photos], dtype=str)
-        embeddings = model.embed_photos([p.image for p in photos])
-        labels = None
-    if landmarks is not None and model.kind == "run":
-        labels = np.where(labels >= 0, landmarks[np.maximum(labels, 0)], -1)
-    elif landmarks is not None:
-        labels = np.asarray([p.label for p in photos], np.int64)
     else:
-        labels = np.full(len(ids), photo_files.NO_LABEL, np.int64)
+        cached = False
+        total = data_format.read_split_info(data_dir, split).num_examples
+        ids, labels, parts, batch = [], [], [], []
+        # Streamed: a batch of decoded images at a time, never the split.
+        records = photo_files.split_records(data_dir, split)
+        for photo in tqdm.tqdm(records, total=total, desc=f"embedding {split}", unit="photo"):
+            ids.append(photo.id)
+            labels.append(photo.label)
+            batch.append(photo.image)
+            if len(batch) == EMBED_BATCH:
+                parts.append(model.embed_photos(batch))
+                batch = []
+        if batch:
+            parts.append(model.embed_photos(batch))
+        embeddings = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
     rows = {
         "ids": np.asarray(ids, dtype=str),
         "paths": np.full(len(ids), "", dtype=str),
         "embeddings": np.asarray(embeddings, np.float32),
         "labels": np.asarray(labels, np.int64),
     }
-    return rows, [], len(ids) if already else 0
+    return rows, [], len(ids) if cached else 0
 
 
 def _finish(directory, info, rows, skipped, labelled, resumed) -> dict[str, Any]:

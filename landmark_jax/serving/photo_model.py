@@ -69,6 +69,14 @@ class PhotoModel:
     members: list[ensemble.EnsembleMember] | None = None
     models: list[extract.TrainedModel] | None = None
 
+    def record(self) -> dict[str, Any]:
+        """What an index keeps of its model: enough to rebuild it (from_record)
+        and to tell another model from it (the identity)."""
+        record = {"kind": self.kind, "location": self.location, "identity": self.identity}
+        if self.config is not None:
+            record["eval"] = json.loads(json.dumps(self.config.eval.to_dict(), default=list))
+        return record
+
     @property
     def squared_norm(self) -> float:
         """Every descriptor's squared L2 norm: the members' weights squared, summed
@@ -156,6 +164,27 @@ def from_run(workdir: str | None, config: ml_collections.ConfigDict | None = Non
     return PhotoModel(
         "run", location, identity, _search_settings(config.eval), embed, config, members, models
     )
+
+
+def from_record(record: dict[str, Any]) -> PhotoModel:
+    """The model an index was built with, from its record (PhotoModel.record).
+
+    A run is rebuilt from its (first member's) config.json with the eval
+    block the index was built with: the same extraction settings, and an
+    ensemble's members.
+
+    Raises:
+      FileNotFoundError: the run or the export is no longer where it was.
+    """
+    from landmark_jax.workdir import run_config
+
+    if record["kind"] == "saved_model":
+        return from_saved_model(record["location"])
+    first = record["identity"]["members"][0]["workdir"]
+    config = run_config.read_run_config(first)
+    if record.get("eval") is not None:
+        config.eval = ml_collections.ConfigDict(record["eval"])
+    return from_run(None if config.eval.get("ensemble") else first, config)
 
 
 def _batched_describe(describe, variables, exported) -> Callable:

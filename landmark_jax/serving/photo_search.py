@@ -259,6 +259,7 @@ def write_gallery(
 ) -> None:
     """The first `num_queries` queries and their neighbours, as the evaluation's gallery."""
     shown = range(min(num_queries, len(result.ids)))
+    max_results = min(max_results, result.neighbors.shape[1])  # no empty columns for a small k
     rows_needed = {int(r) for q in shown for r in result.neighbors[q, :max_results] if r >= 0}
     thumbs = _index_thumbnails(index, sorted(rows_needed), thumb)
     rows = []

@@ -125,7 +125,7 @@ def test_outputs_and_gallery(built, queried, model, tmp_path):
     assert [q["id"] for q in payload["queries"]] == result.ids
     image = Image.open(written["gallery"])
     assert image.format == "PNG"
-    assert image.size == gallery.GalleryLayout(96, 8, has_title=True).size(3)
+    assert image.size == gallery.GalleryLayout(96, 5, has_title=True).size(3)  # k=5 columns
 
 
 def test_bad_files_are_listed_and_counted(built, photos):
@@ -138,6 +138,16 @@ def test_bad_files_are_listed_and_counted(built, photos):
     assert "2 file(s) skipped" in photo_files.count_skipped(
         photo_files.Skipped(**s) for s in info["skipped"]
     )
+
+
+def test_a_source_without_files_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path}/empty: lists no files"):
+        photo_files.list_photo_files([str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match=r"\*\.png: lists no files"):
+        photo_files.list_photo_files([f"{tmp_path}/*.png"])
+    with pytest.raises(FileNotFoundError, match="missing: no such file"):
+        photo_files.list_photo_files([str(tmp_path / "missing")])
 
 
 def test_an_interrupted_index_is_continued(built, model, photos, tmp_path):
@@ -168,13 +178,15 @@ def test_an_interrupted_index_is_continued(built, model, photos, tmp_path):
     )
 
 
-def test_another_model_is_refused(built, trained_demo, photos, queried):
+def test_another_model_or_source_is_refused(built, model, trained_demo, demo, photos, queried):
     directory, _ = built
     config = run_config.read_run_config(trained_demo)
     config.eval.flip = True
     flipped = photo_model.from_run(trained_demo, config)
     with pytest.raises(ValueError, match="built with run .*uses run .*flip: False != True"):
         photo_index.build_index(directory, flipped, images=[photos["index"]])
+    with pytest.raises(ValueError, match="cannot take .*'split': 'test'"):
+        photo_index.build_index(directory, model, data_dir=demo["full"], split="test")
     index, _ = queried
     with pytest.raises(ValueError, match="their descriptors differ"):
         photo_search.query_photos(index, flipped, [photos["test"]], k=5)
