@@ -1,22 +1,23 @@
 r"""What the GLR2020 scorer did with a submitted SavedModel, with TensorFlow alone.
 
     python experiments/serving/score_saved_model.py --saved_model=EXPORT_DIR \
-        --data=demo_data/raw [--embeddings_out=FILE.npz] [--check_batch]
+        --data=demo_data/raw [--embeddings_out=DIR] [--batch_checks=N]
 
 Reads a GLDv2-layout folder (index.csv, test.csv, retrieval_solution.csv,
 images at SPLIT/a/b/c/ID.jpg), embeds every index and test image with the
 SavedModel's `serving_default` (uint8 [H, W, 3] -> {'global_descriptor'}),
 ranks the index for each test image by Euclidean distance (k = 100, as the
 competition did) and prints GLDv2's mAP@100 over the solution's Public and
-Private queries (Usage 'Ignored' left out), as JSON.
+Private queries (Usage 'Ignored' left out), as one JSON line per
+--saved_model.
 
 It imports neither JAX nor landmark_jax (a finder below refuses them; TF 2.20
 would otherwise import an installed JAX from its lite utilities), so it
 proves the SavedModel runs where only TensorFlow is; its mAP@100 is computed
 here from the published definition, independently of
-landmark_jax.retrieval.metrics. `--check_batch` also runs `serving_batch` on
-each group of same-sized images and reports its largest difference from the
-single-image rows.
+landmark_jax.retrieval.metrics. `--batch_checks=N` also runs `serving_batch`
+on the first N images of each split, each with its mirror image (a batch of
+one size), and reports its largest difference from `serving_default`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class _RefuseJax(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _RefuseJax())
 
 import argparse  # noqa: E402
-import collections  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -82,74 +82,87 @@ def average_precision(ranked: list[str], relevant: list[str], k: int = 100) -> f
     return total / min(len(relevant), k)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    parser.add_argument("--saved_model", required=True)
-    parser.add_argument("--data", required=True, help="a GLDv2-layout folder")
-    parser.add_argument("--solution", default=None, help="default: DATA/retrieval_solution.csv")
-    parser.add_argument("--embeddings_out", default=None, help="write ids and descriptors here")
-    parser.add_argument("--check_batch", action="store_true")
-    args = parser.parse_args()
-
-    model = tf.saved_model.load(args.saved_model)
+def embed_split(
+    model, root: str, split: str, batch_checks: int, max_images: int | None = None
+) -> tuple[list[str], np.ndarray, list]:
+    """(ids, descriptors [N, D]) of a split's images through serving_default,
+    and the largest |serving_batch - serving_default| of each checked image:
+    a batch of the image and its mirror (one size) against the two singles."""
     single = model.signatures["serving_default"]
-    rows, report = {}, {"batch_max_abs_diff": None}
-    batch_diffs = []
-    for split in ("index", "test"):
-        ids = read_ids(os.path.join(args.data, f"{split}.csv"))
-        images = [
-            tf.io.decode_image(
-                tf.io.read_file(image_path(args.data, split, i)),
-                channels=3,
-                expand_animations=False,
-            )
-            for i in ids
-        ]
-        rows[split] = (
-            ids,
-            np.stack([single(input_image=im)["global_descriptor"].numpy() for im in images]),
-        )
-        if args.check_batch:
-            by_size = collections.defaultdict(list)
-            for row, im in enumerate(images):
-                by_size[tuple(im.shape)].append(row)
-            for members in by_size.values():
-                if len(members) < 2:
-                    continue
-                out = model.signatures["serving_batch"](
-                    input_images=tf.stack([images[r] for r in members])
-                )["global_descriptor"].numpy()
-                batch_diffs.append(float(np.abs(out - rows[split][1][members]).max()))
-    if args.check_batch:
-        report["batch_max_abs_diff"] = max(batch_diffs) if batch_diffs else None
-        report["batch_groups"] = len(batch_diffs)
+    ids = read_ids(os.path.join(root, f"{split}.csv"))[:max_images]
+    rows, diffs = [], []
+    for n, image_id in enumerate(ids):
+        encoded = tf.io.read_file(image_path(root, split, image_id))
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        rows.append(single(input_image=image)["global_descriptor"].numpy())
+        if n < batch_checks:
+            pair = tf.stack([image, image[:, ::-1]])
+            batched = model.signatures["serving_batch"](input_images=pair)["global_descriptor"]
+            mirrored = single(input_image=pair[1])["global_descriptor"].numpy()
+            diffs.append(float(np.abs(batched.numpy() - np.stack([rows[-1], mirrored])).max()))
+    return ids, np.stack(rows), diffs
 
-    index_ids, index = rows["index"]
-    test_ids, test = rows["test"]
+
+def score(index_ids, index, test_ids, test, solution_path: str) -> tuple[float, int]:
+    """GLDv2 mAP@100 of Euclidean kNN (k = 100) over the solution's queries."""
     # Squared Euclidean distances; ties broken by index order (a stable sort).
     distances = (test**2).sum(1)[:, None] + (index**2).sum(1)[None, :] - 2.0 * test @ index.T
     order = np.argsort(distances, axis=1, kind="stable")[:, :100]
     ranked = {q: [index_ids[j] for j in order[r]] for r, q in enumerate(test_ids)}
-    solution = read_solution(args.solution or os.path.join(args.data, "retrieval_solution.csv"))
+    solution = read_solution(solution_path)
     scores = [average_precision(ranked.get(q, []), relevant) for q, relevant in solution.items()]
-    report.update(
-        {
-            "map@100": float(np.mean(scores)),
-            "queries": len(scores),
-            "index_images": len(index_ids),
-            "test_images": len(test_ids),
-            "descriptor_dim": int(index.shape[1]),
-        }
+    return float(np.mean(scores)), len(scores)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser.add_argument("--saved_model", required=True, action="append", help="repeatable")
+    parser.add_argument("--data", required=True, help="a GLDv2-layout folder")
+    parser.add_argument(
+        "--splits",
+        action="append",
+        help="the splits to embed (default index,test), SPLIT:N for its first N images only: "
+        "once for every model, or once each",
     )
-    if args.embeddings_out:
-        np.savez(
-            args.embeddings_out,
-            index_ids=np.array(index_ids),
-            index=index,
-            test_ids=np.array(test_ids),
-            test=test,
-        )
-    print(json.dumps(report))
+    parser.add_argument("--solution", default=None, help="default: DATA/retrieval_solution.csv")
+    parser.add_argument(
+        "--embeddings_out", default=None, help="a folder: MODEL_NUMBER-SPLIT.npz (ids, descriptors)"
+    )
+    parser.add_argument(
+        "--batch_checks", type=int, default=0, help="images per split to check serving_batch on"
+    )
+
+    args = parser.parse_args()
+
+    split_lists = [s.split(",") for s in args.splits or ["index,test"]]
+    if len(split_lists) == 1:
+        split_lists *= len(args.saved_model)
+    if len(split_lists) != len(args.saved_model):
+        parser.error(f"{len(args.splits)} --splits for {len(args.saved_model)} --saved_model")
+    for number, (path, splits) in enumerate(zip(args.saved_model, split_lists, strict=True)):
+        model = tf.saved_model.load(path)
+        report, rows, diffs = {"saved_model": path}, {}, []
+        for item in splits:
+            split, _, limit = item.partition(":")
+            ids, descriptors, split_diffs = embed_split(
+                model, args.data, split, args.batch_checks, int(limit) if limit else None
+            )
+            rows[split] = (ids, descriptors)
+            diffs += split_diffs
+            report[f"{split}_images"] = len(ids)
+            report["descriptor_dim"] = int(descriptors.shape[1])
+            if args.embeddings_out:
+                os.makedirs(args.embeddings_out, exist_ok=True)
+                out = os.path.join(args.embeddings_out, f"{number}-{split}.npz")
+                np.savez(out, ids=np.array(ids), descriptors=descriptors)
+        if diffs:
+            report["batch_max_abs_diff"] = max(diffs)
+        solution = args.solution or os.path.join(args.data, "retrieval_solution.csv")
+        if {"index", "test"} <= set(splits) and os.path.exists(
+            solution
+        ):  # whole splits  # whole splits
+            report["map@100"], report["queries"] = score(*rows["index"], *rows["test"], solution)
+        print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

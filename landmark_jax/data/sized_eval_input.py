@@ -143,7 +143,9 @@ def tf_eval_image_size(
     else:
         target = float(image_size * scale)
         longer = tf.reduce_max(dims)
-        exact = tf.where(tf.equal(dims, longer), target, dims * (target / longer))
+        exact = tf.where(
+            tf.equal(dims, longer), tf.constant(target, tf.float64), dims * (target / longer)
+        )
     if multiple == 1:
         sides = tf.maximum(tf.round(exact), float(min_side))
     else:

@@ -39,6 +39,7 @@ from landmark_jax.data import input_pipeline, sized_eval_input
 from landmark_jax.models import layers
 from landmark_jax.models.factory import create_model
 from landmark_jax.retrieval import ensemble, extract
+from landmark_jax.runtime import file_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,7 @@ class ExportedMember:
     def identity(self) -> dict[str, Any]:
         """What defines this member's descriptor, as JSON-ready data."""
         return {
-            "workdir": self.workdir,
+            "workdir": file_io.absolute(self.workdir),
             "step": self.step,
             "weight": self.weight,
             "image_size": self.image_size,

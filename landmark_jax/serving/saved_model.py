@@ -178,7 +178,13 @@ def _write_saved_model(members: Sequence[descriptor_function.ExportedMember], pa
     )
 
     def one_image(image):
-        return descriptor_function.member_inputs(image[tf.newaxis], members)
+        # A batch of one whose size TF does not know statically: both
+        # signatures then call the converted function with the same shapes,
+        # and TF traces it (and jax2tf converts it) once, not twice.
+        images = tf.raw_ops.PlaceholderWithDefault(
+            input=image[tf.newaxis], shape=[None, None, None, 3]
+        )
+        return descriptor_function.member_inputs(images, members)
 
     def batch(images):
         return descriptor_function.member_inputs(images, members)
