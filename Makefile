@@ -43,10 +43,13 @@ demo: install
 	$(PY) -m data_pipelines.make_demo_dataset --output_dir=$(DEMO_DIR)/raw --overwrite
 	$(PY) -m data_pipelines.build_dataset --dataset=landmark_demo \
 	  --manual_dir=$(DEMO_DIR)/raw --data_dir=$(DEMO_DIR)/tfds --num_shards=4 --overwrite
-	rm -rf $(DEMO_DIR)/workdir
+	rm -rf $(DEMO_DIR)/workdir $(DEMO_DIR)/export
 	$(PY) -m landmark_jax.train --config=configs/demo.py --workdir=$(DEMO_DIR)/workdir
 	$(PY) -m landmark_jax.training_summary --workdir=$(DEMO_DIR)/workdir
 	$(PY) -m landmark_jax.evaluate --config=configs/demo.py --workdir=$(DEMO_DIR)/workdir
+	$(PY) -m landmark_jax.export --workdir=$(DEMO_DIR)/workdir --output=$(DEMO_DIR)/export
+	$(PY) experiments/serving/score_saved_model.py --saved_model=$(DEMO_DIR)/export \
+	  --data=$(DEMO_DIR)/raw
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -71,3 +71,19 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
     assert curves.startswith(b"\x89PNG")
     with Image.open(tmp_path / "workdir" / "eval" / "gallery.png") as gallery:
         assert gallery.width > 0
+    # Exported, then used to index the demo's index photos and query its test ones.
+    assert os.path.exists(tmp_path / "workdir_export" / "saved_model.pb")
+    assert namespace["info"]["descriptor_dim"] == namespace["index"].info["descriptor_dim"]
+
+    def listed(split):
+        with open(tmp_path / "raw" / f"{split}.csv") as f:
+            return sorted(line.strip() for line in f.readlines()[1:])
+
+    assert namespace["index"].info["count"] == len(listed("index"))
+    found = namespace["found"]
+    assert sorted(found.ids) == listed("test")
+    with open(tmp_path / "workdir_search" / "neighbours.csv") as f:
+        assert f.readline().strip() == "query,rank,id,path,score,distance"
+        assert len(f.readlines()) == 5 * len(found.ids)
+    with Image.open(tmp_path / "workdir_search" / "gallery.png") as gallery:
+        assert gallery.width > 0
