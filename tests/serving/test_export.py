@@ -26,7 +26,7 @@ from configs_for_tests import REPO, load_config
 
 from landmark_jax.data import input_pipeline, sized_eval_input
 from landmark_jax.models.factory import create_model, resolve_model_config
-from landmark_jax.retrieval import ensemble, evaluation, extract
+from landmark_jax.retrieval import evaluation, extract
 from landmark_jax.runtime import sharding
 from landmark_jax.serving import descriptor_function, saved_model
 from landmark_jax.workdir import checkpoint_saving, checkpointing, run_config
@@ -105,9 +105,9 @@ def exported(demo, trained_demo, tmp_path_factory):
     """{name: (workdir or None, export folder, export info)} and the scorer's
     JSON line and embeddings of each.
 
-    The CLI's and the DOLG's exports are lowered for every platform, as users
-    get them; the ensemble's for the CPU only (each platform is one more
-    lowering of every signature).
+    The CLI's export is lowered for every platform, as users get it; the
+    others for the CPU only (each platform is one more lowering of every
+    signature).
     """
     root = tmp_path_factory.mktemp("export")
     base = run_config.read_run_config(trained_demo)
@@ -119,6 +119,9 @@ def exported(demo, trained_demo, tmp_path_factory):
     out = {}
     # The trained demo run through the real program (its own config.json),
     # started first: its start-up overlaps the exports below.
+    # Over an older export holding a file of the user's: --overwrite moves it aside.
+    (root / "demo_export").mkdir()
+    (root / "demo_export" / "mine.txt").write_text("keep me")
     cli = subprocess.Popen(
         [
             sys.executable,
@@ -126,6 +129,7 @@ def exported(demo, trained_demo, tmp_path_factory):
             "landmark_jax.export",
             f"--workdir={trained_demo}",
             f"--output={root / 'demo_export'}",
+            "--overwrite",
         ],
         env=subprocess_env(8),
         cwd=REPO,
@@ -133,32 +137,31 @@ def exported(demo, trained_demo, tmp_path_factory):
         stderr=subprocess.PIPE,
         text=True,
     )
-    path = str(root / "dolg_export")
-    out["dolg"] = (
-        runs["dolg"],
-        path,
-        saved_model.export(base_of(runs["dolg"]), runs["dolg"], path),
-    )
     # The ensemble: the EfficientNet at 40 px (weight 1.0) and the caffe
     # ResNet at 36 (0.55), both as the EfficientNet run's eval block says.
-    config = base_of(runs["efficientnet"])
-    config.eval.ensemble = [
+    ensemble_config = base_of(runs["efficientnet"])
+    ensemble_config.eval.ensemble = [
         {"workdir": runs["efficientnet"], "weight": 1.0, "image_size": 40},
         {"workdir": runs["caffe_resnet"], "weight": 0.55, "image_size": 36},
     ]
-    path = str(root / "ensemble_export")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(saved_model, "PLATFORMS", ("cpu",))
-        out["ensemble"] = (None, path, saved_model.export(config, None, path))
+        for name, config, workdir in [
+            ("dolg", base_of(runs["dolg"]), runs["dolg"]),
+            ("ensemble", ensemble_config, None),
+        ]:
+            path = str(root / f"{name}_export")
+            out[name] = (workdir, path, saved_model.export(config, workdir, path))
     stdout, stderr = cli.communicate(timeout=300)
     assert cli.returncode == 0, stderr[-3000:]
     assert f"wrote {root / 'demo_export'}/" in stdout
+    out["cli_stdout"] = stdout
     with open(root / "demo_export" / saved_model.INFO_FILE) as f:
         out["demo"] = (trained_demo, str(root / "demo_export"), json.load(f))
 
     # One TensorFlow-only process embeds the index split with every export,
     # and the test split with the demo run's (its mAP@100).
-    names = list(out)
+    names = [n for n in out if n != "cli_stdout"]
     embeddings = root / "tf_embeddings"
     scorer = subprocess.run(
         [
@@ -361,22 +364,16 @@ def test_bad_input_is_named(exported, trained_demo, tmp_path):
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
-def test_overwrite_moves_the_old_export_aside(exported, trained_demo, tmp_path):
-    """--overwrite: the new export in place, the old one intact where the message says."""
+def test_overwrite_moves_the_old_export_aside(exported):
+    """--overwrite (the CLI's run): the new export in place, the old one intact
+    where the message says, no staging folder left behind."""
     out, _, _ = exported
-    target = tmp_path / "export"
-    import shutil
-
-    shutil.copytree(out["demo"][1], target)
-    (target / "mine.txt").write_text("keep me")
-    config = run_config.read_run_config(trained_demo)
-    info = saved_model.export(config, trained_demo, str(target), overwrite=True)
-    assert (tmp_path / os.path.basename(info["moved_aside"]) / "mine.txt").read_text() == "keep me"
-    assert not (target / "mine.txt").exists()
-    assert (target / "saved_model.pb").exists()
-    assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []
-
-
-def test_an_ensemble_member_list_is_checked_like_evaluate_s():
-    with pytest.raises(ValueError, match="weight must be finite and > 0"):
-        ensemble.ensemble_members_from_config([{"workdir": "a", "weight": 0}])
+    path = out["demo"][1]
+    (line,) = [x for x in out["cli_stdout"].splitlines() if x.startswith("moved the previous")]
+    aside = line.rsplit(" ", 1)[1]
+    assert os.path.dirname(aside) == os.path.dirname(path)
+    with open(os.path.join(aside, "mine.txt")) as f:
+        assert f.read() == "keep me"
+    assert not os.path.exists(os.path.join(path, "mine.txt"))
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    assert [n for n in os.listdir(os.path.dirname(path)) if "staging" in n] == []

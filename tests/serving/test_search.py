@@ -248,7 +248,9 @@ def test_saved_model_gives_the_runs_descriptors(built, model, trained_demo, phot
     from landmark_jax.serving import saved_model
 
     export = str(tmp_path / "export")
-    saved_model.export(run_config.read_run_config(trained_demo), trained_demo, export)
+    with pytest.MonkeyPatch.context() as patch:  # the CPU's lowering: one, not three
+        patch.setattr(saved_model, "PLATFORMS", ("cpu",))
+        saved_model.export(run_config.read_run_config(trained_demo), trained_demo, export)
     exported = photo_model.from_saved_model(export)
     paths = photo_files.list_photo_files([photos["test"]])[:3]
     images = [p.image for p in photo_files.read_photos(paths)]
