@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from configs_for_tests import REPO, load_config
+from configs_for_tests import REPO, load_config, losses_of
 from PIL import Image
 from tfds_builds import build_tfds, tfds_order
 
@@ -334,24 +334,23 @@ def _recognition_rows(path):
 
 
 @pytest.mark.multiprocess
-def test_two_process_evaluation_equals_one_process(demo, trained, tmp_path):
-    """2 processes x 4 CPU devices, the 1-process run's 8 devices: every
-    process extracts its share, process 0 writes the same files.
-
-    (The same 8 devices, so that the embeddings are the same to the bit and
-    so is every ranking; test_evaluate_on_another_device_count... changes
-    the device count.)"""
-
-    reference = evaluation.evaluate(eval_config(demo, gallery_queries=3), trained)
+def test_two_processes_train_then_evaluate_as_one(demo, tmp_path):
+    """2 processes x 4 CPU devices, started once: they train together (one
+    mesh, each process reading its shards), then evaluate the run, every
+    process extracting its share and process 0 writing the files, which are
+    those of one process on the same 8 devices (so the embeddings are the same
+    to the bit and so is every ranking; test_evaluate_on_another_device_count...
+    changes the device count)."""
     workdir = str(tmp_path / "run")
-    shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns("eval"))
     cmd = [
         sys.executable,
-        "-m",
-        "landmark_jax.evaluate",
+        os.path.join(REPO, "tests", "helpers", "train_then_evaluate.py"),
         "--config=configs/demo.py:smoke",
         f"--workdir={workdir}",
         f"--config.data_dir={demo['full']}",
+        "--config.total_steps=2",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=1",
         f"--config.eval.retrieval_solution={demo['raw']}/retrieval_solution.csv",
         f"--config.eval.recognition_solution={demo['raw']}/recognition_solution.csv",
         "--config.eval.knn_backend=exact",
@@ -359,9 +358,17 @@ def test_two_process_evaluation_equals_one_process(demo, trained, tmp_path):
         "--config.eval.baselines=()",
     ]
     outputs = run_processes(cmd, num_processes=2, devices_per_process=4)
+    assert "JAX process 0/2, 8 devices" in outputs[0]
+    assert "JAX process 1/2, 8 devices" in outputs[1]
+    losses = losses_of(workdir)
+    assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
     assert "map@100: " in outputs[0] and "map@100: " not in outputs[1]  # process 0 prints
 
-    one, two = os.path.join(trained, "eval"), os.path.join(workdir, "eval")
+    one_process = str(tmp_path / "one")
+    shutil.copytree(workdir, one_process, ignore=shutil.ignore_patterns("eval"))
+    reference = evaluation.evaluate(eval_config(demo, gallery_queries=3), one_process)
+    one, two = os.path.join(one_process, "eval"), os.path.join(workdir, "eval")
     written = json.load(open(os.path.join(two, "metrics.json")))
     assert written["map@100"] == pytest.approx(reference["map@100"], abs=1e-6)
     assert written["gap"] == pytest.approx(reference["gap"], abs=1e-6)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -13,8 +12,6 @@ from landmark_jax import trainer, training_summary
 from landmark_jax.data import data_format
 from landmark_jax.training import train_steps
 from landmark_jax.workdir import checkpointing
-
-from cpu_devices import run_processes
 
 
 def demo_config(arg: str):
@@ -240,30 +237,6 @@ def test_checkpoints_hold_the_class_sharded_head_on_8_devices(demo, tmp_path):
     kernel = tree["params"]["head"]["kernel"]
     assert kernel.shape[1] % 8 == 0
     assert "data" in str(kernel.sharding)
-
-
-@pytest.mark.multiprocess
-@pytest.mark.e2e
-def test_two_processes_train_together(demo, tmp_path):
-    """2 processes x 4 CPU devices: one mesh, each process reads its shards."""
-    workdir = str(tmp_path / "run")
-    cmd = [
-        sys.executable,
-        "-m",
-        "landmark_jax.train",
-        "--config=configs/demo.py:smoke",
-        f"--workdir={workdir}",
-        f"--config.data_dir={demo['full']}",
-        "--config.total_steps=2",
-        "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=1",
-    ]
-    outputs = run_processes(cmd, num_processes=2, devices_per_process=4)
-    assert "JAX process 0/2, 8 devices" in outputs[0]
-    assert "JAX process 1/2, 8 devices" in outputs[1]
-    losses = losses_of(workdir)
-    assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
 
 
 RECIPE_STAGES = {
