@@ -131,9 +131,14 @@ def tf_eval_image_size(
       shape), else an int32 [2] tensor.
     """
     eval_image_sizes(
-        np.ones(1), np.ones(1), resize=resize, image_size=image_size, scale=scale,
-        multiple=multiple, min_side=min_side,
-    )  # fmt: skip
+        np.ones(1),
+        np.ones(1),
+        resize=resize,
+        image_size=image_size,
+        scale=scale,
+        multiple=multiple,
+        min_side=min_side,
+    )
     if resize == "square":
         side = max(int(round(image_size * scale)), int(min_side))
         return [side, side]

@@ -125,20 +125,27 @@ def exported_member(
 
 def input_sizes(member: ExportedMember) -> list[dict[str, Any]]:
     """How each of a member's inputs is sized, per scale, as JSON-ready data:
-    {'scale', 'size': [h, w]} for a square resize, else the rule."""
+    {'scale', 'size': [h, w]} for a square resize, else {'scale', 'rule'}."""
     out = []
     for scale in member.scales:
-        size = sized_eval_input.tf_eval_image_size(
-            0, 0, resize="square", image_size=member.image_size, scale=scale,
-            min_side=member.min_side,
-        ) if member.resize == "square" else None  # fmt: skip
-        rule = {
-            "resize": member.resize,
-            "image_size": member.image_size,
-            "size_multiple": member.size_multiple,
-            "min_side": member.min_side,
-        }
-        out.append({"scale": scale, "size": size} if size else {"scale": scale, "rule": rule})
+        if member.resize == "square":
+            ((side, _),) = sized_eval_input.eval_image_sizes(
+                np.ones(1),
+                np.ones(1),
+                resize="square",
+                image_size=member.image_size,
+                scale=scale,
+                min_side=member.min_side,
+            )
+            out.append({"scale": scale, "size": [int(side), int(side)]})
+        else:
+            rule = {
+                "resize": member.resize,
+                "image_size": member.image_size,
+                "size_multiple": member.size_multiple,
+                "min_side": member.min_side,
+            }
+            out.append({"scale": scale, "rule": rule})
     return out
 
 

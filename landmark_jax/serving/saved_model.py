@@ -29,6 +29,7 @@ import datetime
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -148,8 +149,6 @@ def export(
         file_io.move_folder(staging, output, last=("saved_model.pb",))
     finally:
         if os.path.isdir(staging_root):
-            import shutil
-
             shutil.rmtree(staging_root, ignore_errors=True)  # our own staging copy
     info["output"] = output
     return info
