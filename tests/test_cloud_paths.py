@@ -201,6 +201,16 @@ def test_gs_workdir_and_ram_data_train_resume_and_evaluate(
     saved = json.loads(file_io.read_text(f"{WORKDIR}/eval/metrics.json"))
     assert saved["map@100"] == pytest.approx(metrics["map@100"])
     assert json.loads(file_io.read_text(f"{WORKDIR}/config.json"))["data_dir"] == RAM_DATA
+    # Exported from the bucket into the bucket (staged on the local disk in
+    # the system's temp folder, then copied; the CPU's lowering only).
+    from landmark_jax.serving import saved_model
+
+    monkeypatch.setattr(saved_model, "PLATFORMS", ("cpu",))
+    info = saved_model.export(eval_config, WORKDIR, f"gs://{BUCKET}/export")
+    exported = _objects(f"gs://{BUCKET}/export")
+    assert {"saved_model.pb", "export_info.json", "jax_export/params.npz"} <= set(exported)
+    assert any(o.startswith("variables/variables.data") for o in exported), exported
+    assert info["members"][0]["workdir"] == WORKDIR and info["output"] == f"gs://{BUCKET}/export"
     # Nothing landed on the local disk (no folder named gs: or ram:).
     assert sorted(os.listdir(cwd)) == []
     assert not any(os.path.exists(os.path.join(REPO, d)) for d in ("gs:", "ram:"))

@@ -5,11 +5,12 @@ score_saved_model.py, which refuses to import JAX or landmark_jax): the
 trained demo run through the real `python -m landmark_jax.export` (its
 mAP@100 through the SavedModel against `evaluate`'s), a DOLG (native sizes,
 two scales, sides rounded to multiples of 16), and a weighted 2-member
-ensemble of an EfficientNet with Keras's padding (aspect kept, flip, sides
-raised to its 32 px minimum) and a ResNet with the caffe convention whose
-large head must stay out; the last three runs are written here with random
+ensemble of an EfficientNet with Keras's padding (aspect kept, sides raised
+to its 32 px minimum) and a ResNet with the caffe convention whose large
+head must stay out; the last three runs are written here with random
 weights. Each descriptor is compared with `evaluate`'s embedding of the
-same image (evaluation.embed_split).
+same image (evaluation.embed_split). (eval.flip's views are
+extract.embed_views', which the export calls: tested with the evaluation.)
 """
 
 import json
@@ -46,7 +47,7 @@ RUNS = {
     "efficientnet": (
         {"name": "global", "backbone": "efficientnet_tiny", "padding": "keras_dynamic"},
         40,
-        {"resize": "longer_side", "scales": (0.75,), "flip": True, "size_multiple": 8},
+        {"resize": "longer_side", "scales": (0.75,), "size_multiple": 8},
         10,
     ),
     "dolg": (
