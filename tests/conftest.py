@@ -234,3 +234,18 @@ if os.environ.get("LANDMARK_JAX_COMPILE_LOG"):
                 "by_name": {k: round(v, 2) for k, v in _compile_by_name.items() if v >= 0.05},
             }
             log.write(json.dumps(record) + "\n")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with end-to-end tests first, the quick unit modules last.
+
+    `make test` hands whole modules to its two workers (xdist's loadscope),
+    in this order: a long module handed out last keeps one worker busy while
+    the other has finished, and the unit modules fill the ends instead.
+    """
+    heavy = {
+        item.module.__name__
+        for item in items
+        if item.get_closest_marker("e2e") or item.get_closest_marker("multiprocess")
+    }
+    items.sort(key=lambda item: item.module.__name__ not in heavy)  # stable: files keep order
