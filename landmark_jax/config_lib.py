@@ -132,6 +132,10 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval.knn_backend = "scann"  # scann | exact | approx_max_k (TPU)
     c.eval.k = 100
     c.eval.recall_queries = 1000  # queries sampled to report ScaNN's recall vs exact
+    # Re-ranking after the first search, in order (retrieval/rerank.py), e.g.
+    # ("dba(n=1, alpha=3)", "alpha_qe(n=2, alpha=3)"); evaluate reports mAP@100
+    # after each step beside the first search's and submits the last ranking.
+    c.eval.rerank = ()
     # The released 2020 3rd-place notebook (reused by the GLR2021 winners): TOP_K = 5.
     c.eval.recognition_k = 5
     c.eval.recognition_power = 9.0  # neighbour votes are cos^p

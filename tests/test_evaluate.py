@@ -24,6 +24,7 @@ from landmark_jax.retrieval import (
     knn,
     metrics,
     recognition,
+    rerank,
     solutions,
 )
 from landmark_jax.runtime import sharding
@@ -289,6 +290,39 @@ def test_a_rebuilt_split_is_embedded_again(demo, trained, tmp_path, caplog):
         os.path.join(workdir, "eval", "retrieval_submission.csv")
     )
     assert sorted(submitted) == sorted(ids)
+
+
+def test_rerank_steps_are_scored_beside_the_first_search(demo, trained, tmp_path):
+    """eval.rerank: mAP@100 of the first search and after each step, the last
+    submitted; the rankings those of the steps applied to the cached
+    embeddings (the steps are checked against their equations in
+    test_rerank.py)."""
+    plain = evaluation.evaluate(eval_config(demo, train_split=""), trained)
+    steps = ("dba(n=1, alpha=3)", "alpha_qe(n=2, alpha=3)")
+    config = eval_config(demo, train_split="", rerank=steps, knn_backend="exact")
+    scored = evaluation.evaluate(config, trained)
+    scores = scored["rerank_map@100"]
+    assert list(scores) == ["first stage", steps[0], f"{steps[0]} + {steps[1]}"]
+    assert scores["first stage"] == pytest.approx(plain["map@100"], abs=1e-9)
+    assert scored["map@100"] == scores[f"{steps[0]} + {steps[1]}"]
+    out = os.path.join(trained, "eval")
+    index = extract.Embeddings.load(os.path.join(out, "embeddings-index-0.npz"))
+    test = extract.Embeddings.load(os.path.join(out, "embeddings-test-0.npz"))
+    final = rerank.rerank_searches(
+        test.embeddings, index.embeddings, rerank.parse_steps(steps), len(index.ids), "exact"
+    )[-1][2]
+    with open(os.path.join(out, "retrieval_submission.csv")) as f:
+        submitted = {row["id"]: row["images"].split() for row in csv.DictReader(f)}
+    for q, row in zip(test.ids, final, strict=True):
+        assert submitted[q] == [str(index.ids[j]) for j in row]
+    solution = solutions.merged_usages(
+        solutions.read_retrieval_solution(config.eval.retrieval_solution)
+    )
+    predictions = {q: submitted[q] for q in solution if q in submitted}
+    assert scored["map@100"] == pytest.approx(
+        metrics.mean_average_precision(predictions, solution), abs=1e-9
+    )
+    assert "re-ranking mAP@100: first stage" in evaluation.format_metrics(scored)
 
 
 def test_ensemble_of_one_model_twice_ranks_like_the_model(demo, trained, tmp_path):

@@ -16,7 +16,7 @@ import ml_collections
 
 from landmark_jax import config_lib
 from landmark_jax.data import sized_eval_input
-from landmark_jax.retrieval import baselines, ensemble, knn
+from landmark_jax.retrieval import baselines, ensemble, knn, rerank
 from landmark_jax.runtime import file_io
 
 
@@ -33,6 +33,7 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
     """
     ec = config.eval
     config_lib.check_choice(config, "eval.knn_backend", ec.knn_backend, knn.BACKENDS)
+    rerank.parse_steps(ec.rerank)  # an unknown or malformed step, named
     if not ec.index_split:
         if not ec.revisited_data_dir:
             raise ValueError(

@@ -34,6 +34,7 @@ from landmark_jax.retrieval import (
     extract,
     gallery,
     recognition_evaluation,
+    rerank,
     revisited,
     solutions,
     usage_metrics,
@@ -194,6 +195,24 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
     """Test queries against the index: kNN, submission, mAP@100 and gallery."""
     ec, out_dir, metrics = config.eval, file_io.join(workdir, EVAL_DIR), {}
     retrieval = validation.ranked_ids(ec, index, test, metrics)
+    # eval.rerank: the ranking after each step; the last one is submitted
+    # and scored as map@100, each one beside the first search's.
+    stages = {}
+    if ec.rerank:
+        searches = rerank.rerank_searches(
+            test.embeddings,
+            index.embeddings,
+            rerank.parse_steps(ec.rerank),
+            min(ec.k, len(index.ids)),
+            ec.knn_backend,
+        )
+        for label, _, neighbors in searches:
+            stages[label] = {
+                qid: [str(index.ids[j]) for j in row if j >= 0]
+                for qid, row in zip(test.ids, neighbors, strict=True)
+            }
+        stages["first stage"] = retrieval
+        retrieval = stages[searches[-1][0]]
     if _writes():
         solutions.write_retrieval_submission(
             file_io.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
@@ -209,6 +228,13 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
             solution, index.ids, ec.retrieval_solution
         )
         metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
+        if stages:
+            metrics["rerank_map@100"] = {
+                label: usage_metrics.retrieval_metrics_by_usage(ranked, solution)[solutions.ALL][
+                    "map@100"
+                ]
+                for label, ranked in stages.items()
+            }
         metrics["retrieval"] = by_usage
         metrics["retrieval_queries"] = len(solutions.merged_usages(solution))
         if _writes():
@@ -236,6 +262,11 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         lines.append(
             f"retrieval mAP@100 on {metrics['retrieval_queries']} queries: "
             + " | ".join(f"{name.replace('_', ' ')} {v:.4f}" for name, v in scored.items())
+        )
+    if "rerank_map@100" in metrics:
+        lines.append(
+            "re-ranking mAP@100: "
+            + " | ".join(f"{label} {v:.4f}" for label, v in metrics["rerank_map@100"].items())
         )
     if "recognition_top1" in metrics:
         without = metrics.get("gap_without_non_landmark_penalty")

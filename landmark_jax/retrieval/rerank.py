@@ -1,0 +1,210 @@
+"""Re-ranking with global descriptors alone: alpha query expansion and database augmentation.
+
+Steps of `eval.rerank`, applied in order after the first kNN search; each
+is a pure function of descriptors and the neighbours a search found:
+
+  * `alpha_qe(n, alpha)`, alpha query expansion (Radenović, Tolias and Chum,
+    "Fine-tuning CNN Image Retrieval with No Human Annotation", TPAMI 2018):
+    a query q becomes the L2-normalised sum of itself and its n nearest index
+    vectors x_i, each weighted by (q . x_i)^alpha; the index is searched again
+    with it. alpha = 0 is average query expansion (Chum et al. 2007): q and
+    its n neighbours averaged.
+  * `dba(n, alpha)`, database-side augmentation (Arandjelović and Zisserman
+    2012; Gordo et al. 2017; alpha-weighted as Radenović et al. 2018): every
+    index vector becomes the L2-normalised sum of itself and its n nearest
+    other index vectors, weighted the same way, once; queries (expanded or
+    not) are then searched against the augmented index.
+
+In both, the vector's own weight is 1 (its similarity to itself, to any
+power) and a neighbour's weight is max(similarity, 0)^alpha: a fractional
+power of a negative cosine is undefined, and a neighbour pointing away from
+the vector adds nothing to its direction. Vectors are unit rows, so the
+squared L2 distance d the search returns gives the similarity 1 - d / 2.
+
+The weighted sums stream over rows in chunks (ROWS_PER_CHUNK), so an index
+of GLDv2's size (761,757 x 512 or 2,048) is augmented within the host
+memory of its own copy; the searches are knn.search's (ScaNN, exact, or
+approx_max_k on the accelerator), so DBA's self-search of the index uses
+the evaluation's backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from landmark_jax.models import layers
+from landmark_jax.retrieval import knn
+
+# Rows whose weighted sums are formed at once: n neighbours x D floats each.
+ROWS_PER_CHUNK = 8192
+
+_STEP = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankStep:
+    """One step of eval.rerank: its name and its numbers."""
+
+    name: str
+    n: int
+    alpha: float
+
+    def label(self) -> str:
+        return f"{self.name}(n={self.n}, alpha={self.alpha:g})"
+
+
+STEPS = ("alpha_qe", "dba")
+
+
+def parse_step(spec: str) -> RerankStep:
+    """'alpha_qe(n=2, alpha=3)' or 'dba(n=1, alpha=3)' as a RerankStep.
+
+    Raises:
+      ValueError: another name (the valid ones listed), a missing, unknown
+        or malformed argument, n < 1 or alpha < 0; the message quotes `spec`.
+    """
+    match = _STEP.match(str(spec))
+    if not match:
+        raise ValueError(f"eval.rerank step {spec!r}: expected NAME(n=N, alpha=A)")
+    name, body = match.groups()
+    if name not in STEPS:
+        raise ValueError(f"eval.rerank step {spec!r}: unknown step {name!r}; valid: {STEPS}")
+    args = {}
+    for part in filter(None, (p.strip() for p in body.split(","))):
+        key, _, value = part.partition("=")
+        try:
+            args[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"eval.rerank step {spec!r}: {part!r} is not KEY=NUMBER") from None
+    if set(args) != {"n", "alpha"}:
+        raise ValueError(
+            f"eval.rerank step {spec!r}: needs exactly n= and alpha=, got {sorted(args)}"
+        )
+    n, alpha = args["n"], args["alpha"]
+    if n != int(n) or n < 1 or not (np.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"eval.rerank step {spec!r}: n must be an integer >= 1, alpha >= 0")
+    return RerankStep(name, int(n), float(alpha))
+
+
+def parse_steps(specs: Sequence[str]) -> list[RerankStep]:
+    """eval.rerank's entries, in order (see parse_step)."""
+    if isinstance(specs, str):
+        raise ValueError(f"eval.rerank={specs!r}: a list of steps, e.g. ('dba(n=1, alpha=3)',)")
+    return [parse_step(spec) for spec in specs]
+
+
+def weighted_expansion(
+    vectors: np.ndarray,
+    pool: np.ndarray,
+    neighbors: np.ndarray,
+    similarities: np.ndarray,
+    alpha: float,
+) -> np.ndarray:
+    """normalise(v + sum_i max(s_i, 0)^alpha pool[j_i]) for every row v.
+
+    Args:
+      vectors: [R, D] unit rows to expand.
+      pool: [N, D] the vectors their neighbours index.
+      neighbors: [R, n] rows of `pool` (-1: none, weight 0).
+      similarities: [R, n] each neighbour's cosine with its row.
+      alpha: the weights' power.
+
+    Returns:
+      [R, D] float32 unit rows.
+    """
+    out = np.empty((len(vectors), vectors.shape[1]), np.float32)
+    for start in range(0, len(vectors), ROWS_PER_CHUNK):
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        ids = neighbors[rows]
+        weights = np.maximum(similarities[rows].astype(np.float64), 0.0) ** alpha
+        weights = np.where(ids >= 0, weights, 0.0)
+        gathered = pool[np.maximum(ids, 0)].astype(np.float64)  # [r, n, D]
+        total = vectors[rows].astype(np.float64) + np.einsum("rn,rnd->rd", weights, gathered)
+        out[rows] = layers.l2_normalize_rows(total)
+    return out
+
+
+def alpha_query_expansion(
+    queries: np.ndarray,
+    index: np.ndarray,
+    neighbors: np.ndarray,
+    distances: np.ndarray,
+    step: RerankStep,
+) -> np.ndarray:
+    """The expanded queries of `step` (alpha_qe) from a search's first neighbours.
+
+    Args:
+      queries: [Q, D] unit queries.
+      index: [N, D] unit index rows.
+      neighbors: [Q, >= n] the queries' nearest index rows, best first.
+      distances: their squared L2 distances.
+      step: n and alpha.
+
+    Returns:
+      [Q, D] unit rows to search the index with again.
+    """
+    n = min(step.n, neighbors.shape[1])
+    similarities = 1.0 - distances[:, :n] / 2.0
+    return weighted_expansion(queries, index, neighbors[:, :n], similarities, step.alpha)
+
+
+def database_augmentation(index: np.ndarray, step: RerankStep, backend: str) -> np.ndarray:
+    """The augmented index of `step` (dba): each row with its n nearest other rows.
+
+    Args:
+      index: [N, D] unit rows.
+      step: n and alpha.
+      backend: the kNN backend of the index's self-search (knn.BACKENDS).
+
+    Returns:
+      [N, D] unit rows.
+    """
+    k = min(step.n + 1, len(index))
+    distances, neighbors = knn.search(index, index, k, backend=backend)
+    # Each row's own entry leaves its list (it may tie with a duplicate and
+    # not come first); the n nearest others remain.
+    own = neighbors == np.arange(len(index))[:, None]
+    others = np.where(own.any(axis=1, keepdims=True), ~own, np.arange(k) < k - 1)
+    order = np.argsort(~others, axis=1, kind="stable")[:, : k - 1]
+    neighbors = np.take_along_axis(neighbors, order, axis=1)
+    similarities = 1.0 - np.take_along_axis(distances, order, axis=1) / 2.0
+    return weighted_expansion(index, index, neighbors, similarities, step.alpha)
+
+
+def rerank_searches(
+    queries: np.ndarray,
+    index: np.ndarray,
+    steps: Sequence[RerankStep],
+    k: int,
+    backend: str,
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The first search and the search after each step, in order.
+
+    Args:
+      queries: [Q, D] unit queries.
+      index: [N, D] unit index rows.
+      steps: eval.rerank's steps (parse_steps).
+      k: neighbours per query.
+      backend: knn.search's backend.
+
+    Returns:
+      [(label, distances [Q, k], neighbors [Q, k])]: 'first stage', then
+      '+ dba(...)', '+ alpha_qe(...)' ... each applied to the one before.
+    """
+    distances, neighbors = knn.search(queries, index, k, backend=backend)
+    out = [("first stage", distances, neighbors)]
+    label = ""
+    for step in steps:
+        if step.name == "dba":
+            index = database_augmentation(index, step, backend)
+            distances, neighbors = knn.search(queries, index, k, backend=backend)
+        else:
+            queries = alpha_query_expansion(queries, index, neighbors, distances, step)
+            distances, neighbors = knn.search(queries, index, k, backend=backend)
+        label += f" + {step.label()}"
+        out.append((label.strip(" +"), distances, neighbors))
+    return out

@@ -1,0 +1,128 @@
+"""Alpha query expansion and database augmentation against the papers' equations.
+
+The references below are written from the definitions (Radenović, Tolias,
+Chum, TPAMI 2018: a vector becomes the normalised sum of itself and its n
+nearest neighbours weighted by similarity^alpha; DBA does it to every index
+vector with its n nearest other index vectors), one vector at a time in
+numpy, not from retrieval/rerank.py.
+"""
+
+import numpy as np
+import pytest
+
+from landmark_jax.retrieval import rerank
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def random_data(seed, clustered):
+    rng = np.random.default_rng(seed)
+    if not clustered:
+        return unit(rng.normal(size=(7, 16))), unit(rng.normal(size=(60, 16)))
+    centres = unit(rng.normal(size=(5, 16)))
+    index = unit(centres[rng.integers(0, 5, 60)] + 0.15 * rng.normal(size=(60, 16)))
+    queries = unit(centres[rng.integers(0, 5, 7)] + 0.15 * rng.normal(size=(7, 16)))
+    return queries, index
+
+
+def expand_one(v, pool, n, alpha, exclude=None):
+    """The equation for one vector: v + sum over its n most similar pool rows
+    (leaving out row `exclude`) of max(cos, 0)^alpha times the row, normalised."""
+    sims = pool @ v
+    order = [j for j in np.argsort(-sims, kind="stable") if j != exclude][:n]
+    total = v.astype(np.float64).copy()
+    for j in order:
+        total += max(sims[j], 0.0) ** alpha * pool[j]
+    return total / np.linalg.norm(total)
+
+
+def exact_neighbours(queries, index, k):
+    """(squared L2 distances, rows) of the k nearest, numpy."""
+    d = ((queries[:, None, :] - index[None, :, :]) ** 2).sum(-1)
+    rows = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, rows, axis=1), rows
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+@pytest.mark.parametrize(("n", "alpha"), [(1, 3.0), (3, 3.0), (5, 0.0), (2, 0.5)])
+def test_alpha_qe_is_the_equation(clustered, n, alpha):
+    queries, index = random_data(0, clustered)
+    distances, neighbors = exact_neighbours(queries, index, 10)
+    got = rerank.alpha_query_expansion(
+        queries, index, neighbors, distances, rerank.RerankStep("alpha_qe", n, alpha)
+    )
+    want = np.stack([expand_one(q, index, n, alpha) for q in queries])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_alpha_zero_is_average_query_expansion_by_hand():
+    """q = (1, 0); the index's nearest two are (0.6, 0.8) and (0, 1):
+    alpha = 0 averages the three: (1.6, 1.8) / |(1.6, 1.8)|; alpha = 1 weighs
+    them by their cosines 0.6 and 0: (1.36, 0.48) / |.|."""
+    q = np.array([[1.0, 0.0]])
+    index = np.array([[0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
+    distances, neighbors = exact_neighbours(q, index, 2)
+    assert neighbors.tolist() == [[1, 0]]
+    for alpha, expected in [(0.0, [1.6, 1.8]), (1.0, [1.36, 0.48])]:
+        got = rerank.alpha_query_expansion(
+            q, index, neighbors, distances, rerank.RerankStep("alpha_qe", 2, alpha)
+        )
+        np.testing.assert_allclose(got[0], np.array(expected) / np.hypot(*expected), atol=1e-7)
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+@pytest.mark.parametrize(("n", "alpha"), [(1, 3.0), (4, 3.0), (2, 0.0)])
+def test_dba_is_the_equation(clustered, n, alpha):
+    _, index = random_data(1, clustered)
+    got = rerank.database_augmentation(index, rerank.RerankStep("dba", n, alpha), "exact")
+    want = np.stack([expand_one(x, index, n, alpha, exclude=j) for j, x in enumerate(index)])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_a_duplicate_row_is_a_neighbour_not_the_row_itself():
+    index = unit(np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.8, 0.6]]))
+    got = rerank.database_augmentation(index, rerank.RerankStep("dba", 1, 1.0), "exact")
+    # Rows 0 and 1 are each other's nearest other row: each doubles itself.
+    np.testing.assert_allclose(got[:2], [[1.0, 0.0], [1.0, 0.0]], atol=1e-7)
+    want = expand_one(index[3], index, 1, 1.0, exclude=3)
+    np.testing.assert_allclose(got[3], want, atol=1e-6)
+
+
+def test_steps_apply_in_order_and_each_search_is_reported():
+    queries, index = random_data(2, True)
+    steps = rerank.parse_steps(["dba(n=2, alpha=3)", "alpha_qe(n=3, alpha=3)"])
+    searches = rerank.rerank_searches(queries, index, steps, 5, "exact")
+    assert [label for label, _, _ in searches] == [
+        "first stage",
+        "dba(n=2, alpha=3)",
+        "dba(n=2, alpha=3) + alpha_qe(n=3, alpha=3)",
+    ]
+    augmented = np.stack([expand_one(x, index, 2, 3.0, exclude=j) for j, x in enumerate(index)])
+    _, first = exact_neighbours(queries, index, 5)
+    _, after_dba = exact_neighbours(queries, augmented, 5)
+    expanded = np.stack([expand_one(q, augmented, 3, 3.0) for q in queries])
+    _, after_qe = exact_neighbours(expanded, augmented, 5)
+    for (_, _, got), want in zip(searches, [first, after_dba, after_qe], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("diffusion(n=2, alpha=3)", r"unknown step 'diffusion'; valid: \('alpha_qe', 'dba'\)"),
+        ("alpha_qe(n=2)", r"needs exactly n= and alpha="),
+        ("alpha_qe(n=2, alpha=3, k=1)", r"needs exactly n= and alpha="),
+        ("dba(n=0, alpha=3)", r"n must be an integer >= 1"),
+        ("dba(n=1.5, alpha=3)", r"n must be an integer >= 1"),
+        ("dba(n=1, alpha=-1)", r"alpha >= 0"),
+        ("dba n=1", r"expected NAME\(n=N, alpha=A\)"),
+        ("dba(n=one, alpha=3)", r"'n=one' is not KEY=NUMBER"),
+    ],
+)
+def test_bad_steps_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        rerank.parse_steps([spec])
+    with pytest.raises(ValueError, match="a list of steps"):
+        rerank.parse_steps("dba(n=1, alpha=3)")
