@@ -15,7 +15,22 @@ is a pure function of descriptors and the neighbours a search found:
     other index vectors, weighted the same way, once; queries (expanded or
     not) are then searched against the augmented index.
 
-In both, the vector's own weight is 1 (its similarity to itself, to any
+  * `superglobal(m, k, beta)`, the re-ranking of SuperGlobal (Shao, Chen,
+    Karpur, Cui, Araujo, Cao, "Global Features are All You Need for Image
+    Retrieval and Reranking", ICCV 2023), as its released code does it
+    (modules/reranking/MDescAug.py and RerankwMDA.py; defaults M=400, K=9,
+    beta=0.15): for each query, each of its top-m candidates c_i is
+    replaced by the weighted mean of itself (weight 1) and its k nearest
+    fellow candidates c_j (weights beta * c_i . c_j); the candidates are
+    ordered by q . mean_i; the element-wise maximum of the first k + 1
+    means in that order is the refined query q', and the final score of a
+    candidate is (q . mean_i + q' . mean_i) / 2. Candidates keep their
+    order below the top m. Where the code and the paper differ, this follows
+    the code: the means are not normalised; the weights are the raw
+    similarities times beta (not clipped at 0); RerankwMDA scales the top
+    k + 1 scores by beta and never uses them, so nothing here does.
+
+In alpha_qe and dba, the vector's own weight is 1 (its similarity to itself, to any
 power) and a neighbour's weight is max(similarity, 0)^alpha: a fractional
 power of a negative cosine is undefined, and a neighbour pointing away from
 the vector adds nothing to its direction. Vectors are unit rows, so the
@@ -47,29 +62,38 @@ _STEP = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$")
 
 @dataclasses.dataclass(frozen=True)
 class RerankStep:
-    """One step of eval.rerank: its name and its numbers."""
+    """One step of eval.rerank: its name and its numbers (STEP_ARGS)."""
 
     name: str
-    n: int
-    alpha: float
+    n: int = 0
+    alpha: float = 0.0
+    m: int = 0
+    k: int = 0
+    beta: float = 0.0
 
     def label(self) -> str:
-        return f"{self.name}(n={self.n}, alpha={self.alpha:g})"
+        args = ", ".join(f"{key}={getattr(self, key):g}" for key in STEP_ARGS[self.name])
+        return f"{self.name}({args})"
 
 
-STEPS = ("alpha_qe", "dba")
+# Each step's arguments: the integers first, then the real numbers.
+STEP_ARGS = {"alpha_qe": ("n", "alpha"), "dba": ("n", "alpha"), "superglobal": ("m", "k", "beta")}
+STEPS = tuple(STEP_ARGS)
+_INTEGER_ARGS = ("n", "m", "k")
 
 
 def parse_step(spec: str) -> RerankStep:
-    """'alpha_qe(n=2, alpha=3)' or 'dba(n=1, alpha=3)' as a RerankStep.
+    """'alpha_qe(n=2, alpha=3)', 'dba(n=1, alpha=3)' or
+    'superglobal(m=400, k=9, beta=0.15)' as a RerankStep.
 
     Raises:
       ValueError: another name (the valid ones listed), a missing, unknown
-        or malformed argument, n < 1 or alpha < 0; the message quotes `spec`.
+        or malformed argument, n, m or k below 1 (k must be below m), alpha
+        or beta negative; the message quotes `spec`.
     """
     match = _STEP.match(str(spec))
     if not match:
-        raise ValueError(f"eval.rerank step {spec!r}: expected NAME(n=N, alpha=A)")
+        raise ValueError(f"eval.rerank step {spec!r}: expected NAME(KEY=NUMBER, ...)")
     name, body = match.groups()
     if name not in STEPS:
         raise ValueError(f"eval.rerank step {spec!r}: unknown step {name!r}; valid: {STEPS}")
@@ -80,14 +104,22 @@ def parse_step(spec: str) -> RerankStep:
             args[key.strip()] = float(value)
         except ValueError:
             raise ValueError(f"eval.rerank step {spec!r}: {part!r} is not KEY=NUMBER") from None
-    if set(args) != {"n", "alpha"}:
+    wanted = STEP_ARGS[name]
+    if set(args) != set(wanted):
         raise ValueError(
-            f"eval.rerank step {spec!r}: needs exactly n= and alpha=, got {sorted(args)}"
+            f"eval.rerank step {spec!r}: needs exactly {', '.join(k + '=' for k in wanted)} "
+            f"got {sorted(args)}"
         )
-    n, alpha = args["n"], args["alpha"]
-    if n != int(n) or n < 1 or not (np.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"eval.rerank step {spec!r}: n must be an integer >= 1, alpha >= 0")
-    return RerankStep(name, int(n), float(alpha))
+    for key, value in args.items():
+        if key in _INTEGER_ARGS and (value != int(value) or value < 1):
+            raise ValueError(f"eval.rerank step {spec!r}: {key} must be an integer >= 1")
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"eval.rerank step {spec!r}: {key} must be >= 0")
+    if name == "superglobal" and args["k"] >= args["m"]:
+        raise ValueError(f"eval.rerank step {spec!r}: k must be below m")
+    return RerankStep(
+        name, **{key: int(v) if key in _INTEGER_ARGS else float(v) for key, v in args.items()}
+    )
 
 
 def parse_steps(specs: Sequence[str]) -> list[RerankStep]:
@@ -175,6 +207,60 @@ def database_augmentation(index: np.ndarray, step: RerankStep, backend: str) -> 
     return weighted_expansion(index, index, neighbors, similarities, step.alpha)
 
 
+def superglobal_rerank(
+    queries: np.ndarray,
+    index: np.ndarray,
+    neighbors: np.ndarray,
+    step: RerankStep,
+) -> tuple[np.ndarray, np.ndarray]:
+    """SuperGlobal's re-ranking of each query's top-m candidates (see the module
+    docstring: MDescAug, then RerankwMDA, as the released code computes them).
+
+    Args:
+      queries: [Q, D] unit queries.
+      index: [N, D] unit index rows.
+      neighbors: [Q, >= m'] each query's candidates, best first (m' =
+        min(m, N); the first m' are re-ranked, the rest keep their order).
+      step: m, k and beta.
+
+    Returns:
+      (scores [Q, L], neighbors [Q, L]): the candidates in their new order
+      with their final scores (descending) for the top m', then the others
+      with their plain similarities.
+    """
+    m = min(step.m, neighbors.shape[1])
+    k = min(step.k + 1, m)  # +1: a candidate is its own nearest
+    out_rows = np.empty_like(neighbors)
+    out_scores = np.empty(neighbors.shape, np.float64)
+    for start in range(0, len(queries), max(1, ROWS_PER_CHUNK // max(m, 1))):
+        rows = slice(start, start + max(1, ROWS_PER_CHUNK // max(m, 1)))
+        ids = neighbors[rows, :m]
+        cand = index[ids].astype(np.float64)  # [r, m, D]
+        sims = np.einsum("rmd,rnd->rmn", cand, cand)  # [r, m, m]
+        order = np.argsort(-sims, axis=-1, kind="stable")[..., :k]  # [r, m, k]
+        weights = np.take_along_axis(sims, order, axis=-1) * step.beta
+        weights[..., 0] = 1.0
+        gathered = np.take_along_axis(cand[:, None, :, :], order[..., None], axis=2)
+        means = (weights[..., None] * gathered).sum(2) / weights.sum(-1, keepdims=True)
+        q = queries[rows].astype(np.float64)
+        first = np.einsum("rd,rmd->rm", q, means)  # q . mean_i
+        by_first = np.argsort(-first, axis=-1, kind="stable")
+        first_sorted = np.take_along_axis(first, by_first, axis=-1)
+        means_sorted = np.take_along_axis(means, by_first[..., None], axis=1)
+        refined = means_sorted[:, :k].max(axis=1)  # [r, D]
+        final = (first_sorted + np.einsum("rd,rmd->rm", refined, means_sorted)) / 2.0
+        by_final = np.argsort(-final, axis=-1, kind="stable")
+        new_ids = np.take_along_axis(np.take_along_axis(ids, by_first, -1), by_final, -1)
+        out_rows[rows, :m] = new_ids
+        out_scores[rows, :m] = np.take_along_axis(final, by_final, axis=-1)
+        rest = neighbors[rows, m:]
+        out_rows[rows, m:] = rest
+        out_scores[rows, m:] = np.einsum(
+            "rd,rld->rl", q, index[np.maximum(rest, 0)].astype(np.float64)
+        )
+    return out_scores, out_rows
+
+
 def rerank_searches(
     queries: np.ndarray,
     index: np.ndarray,
@@ -202,9 +288,16 @@ def rerank_searches(
         if step.name == "dba":
             index = database_augmentation(index, step, backend)
             distances, neighbors = knn.search(queries, index, k, backend=backend)
-        else:
+        elif step.name == "alpha_qe":
             queries = alpha_query_expansion(queries, index, neighbors, distances, step)
             distances, neighbors = knn.search(queries, index, k, backend=backend)
+        else:
+            # Its own m candidates (m may exceed k); the scores, as distances
+            # 2 - 2 s of unit vectors, feed the steps after it.
+            m = min(max(step.m, k), len(index))
+            _, candidates = knn.search(queries, index, m, backend=backend)
+            scores, reranked = superglobal_rerank(queries, index, candidates, step)
+            distances, neighbors = (2.0 - 2.0 * scores[:, :k]).astype(np.float32), reranked[:, :k]
         label += f" + {step.label()}"
         out.append((label.strip(" +"), distances, neighbors))
     return out

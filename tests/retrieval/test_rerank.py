@@ -108,16 +108,63 @@ def test_steps_apply_in_order_and_each_search_is_reported():
         np.testing.assert_array_equal(got, want)
 
 
+def superglobal_one(q, index, ranked, m, k, beta):
+    """SuperGlobal's re-ranking of one query, as its released code defines it
+    (MDescAug, RerankwMDA): each of the top m candidates becomes the mean of
+    itself (weight 1) and its k nearest fellow candidates (weight beta x
+    similarity); candidates ordered by q . mean; the refined query is the
+    element-wise max of the first k + 1 means; score (q . mean + q' . mean) / 2."""
+    ids = ranked[:m]
+    cands = index[ids]
+    means = []
+    for c in cands:
+        s = cands @ c
+        nearest = np.argsort(-s, kind="stable")[: k + 1]
+        w = beta * s[nearest]
+        w[0] = 1.0
+        means.append((w[:, None] * cands[nearest]).sum(0) / w.sum())
+    means = np.array(means)
+    first = means @ q
+    by_first = np.argsort(-first, kind="stable")
+    refined = means[by_first[: k + 1]].max(axis=0)
+    final = (first[by_first] + means[by_first] @ refined) / 2.0
+    by_final = np.argsort(-final, kind="stable")
+    return list(ids[by_first][by_final]) + list(ranked[m:]), np.sort(final)[::-1]
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+@pytest.mark.parametrize(("m", "k", "beta"), [(20, 9, 0.15), (8, 3, 0.5), (30, 1, 0.15)])
+def test_superglobal_is_its_released_code_s_definition(clustered, m, k, beta):
+    queries, index = random_data(3, clustered)
+    _, ranked = exact_neighbours(queries, index, 30)
+    scores, got = rerank.superglobal_rerank(
+        queries, index, ranked, rerank.RerankStep("superglobal", m=m, k=k, beta=beta)
+    )
+    for q, row, row_scores, got_row in zip(queries, ranked, scores, got, strict=True):
+        want, want_scores = superglobal_one(q, index, row, m, k, beta)
+        assert list(got_row) == want
+        np.testing.assert_allclose(row_scores[:m], want_scores, atol=1e-9)
+    steps = rerank.parse_steps([f"superglobal(m={m}, k={k}, beta={beta})"])
+    searches = rerank.rerank_searches(queries, index, steps, 10, "exact")
+    assert [label for label, _, _ in searches][-1] == f"superglobal(m={m}, k={k}, beta={beta:g})"
+    np.testing.assert_array_equal(searches[-1][2], got[:, :10])
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("diffusion(n=2, alpha=3)", r"unknown step 'diffusion'; valid: \('alpha_qe', 'dba'\)"),
-        ("alpha_qe(n=2)", r"needs exactly n= and alpha="),
-        ("alpha_qe(n=2, alpha=3, k=1)", r"needs exactly n= and alpha="),
+        (
+            "diffusion(n=2, alpha=3)",
+            r"unknown step 'diffusion'; valid: \('alpha_qe', 'dba', 'superglobal'\)",
+        ),
+        ("alpha_qe(n=2)", r"needs exactly n=, alpha="),
+        ("alpha_qe(n=2, alpha=3, k=1)", r"needs exactly n=, alpha="),
         ("dba(n=0, alpha=3)", r"n must be an integer >= 1"),
         ("dba(n=1.5, alpha=3)", r"n must be an integer >= 1"),
-        ("dba(n=1, alpha=-1)", r"alpha >= 0"),
-        ("dba n=1", r"expected NAME\(n=N, alpha=A\)"),
+        ("dba(n=1, alpha=-1)", r"alpha must be >= 0"),
+        ("superglobal(m=10, k=10, beta=0.15)", r"k must be below m"),
+        ("superglobal(m=10, k=2)", r"needs exactly m=, k=, beta="),
+        ("dba n=1", r"expected NAME\(KEY=NUMBER, ...\)"),
         ("dba(n=one, alpha=3)", r"'n=one' is not KEY=NUMBER"),
     ],
 )
