@@ -240,8 +240,11 @@ def superglobal_rerank(
         order = np.argsort(-sims, axis=-1, kind="stable")[..., :k]  # [r, m, k]
         weights = np.take_along_axis(sims, order, axis=-1) * step.beta
         weights[..., 0] = 1.0
-        gathered = np.take_along_axis(cand[:, None, :, :], order[..., None], axis=2)
-        means = (weights[..., None] * gathered).sum(2) / weights.sum(-1, keepdims=True)
+        # The weights as an [r, m, m] matrix (k entries a row), so the means
+        # are one product and no [r, m, k, D] copy of the candidates is made.
+        mixing = np.zeros(sims.shape)
+        np.put_along_axis(mixing, order, weights, axis=-1)
+        means = np.einsum("rmn,rnd->rmd", mixing, cand) / weights.sum(-1, keepdims=True)
         q = queries[rows].astype(np.float64)
         first = np.einsum("rd,rmd->rm", q, means)  # q . mean_i
         by_first = np.argsort(-first, axis=-1, kind="stable")
