@@ -25,6 +25,7 @@ from landmark_jax.retrieval import (
     metrics,
     recognition,
     rerank,
+    restored_runs,
     solutions,
 )
 from landmark_jax.runtime import sharding
@@ -62,7 +63,7 @@ def csv_ids(path):
 
 def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
     config = eval_config(demo)
-    model = extract.load_trained_model(config, trained)
+    model = restored_runs.load_trained_model(config, trained)
     emb = extract.extract(model, "index")
     # File order, as TFDS reads the build; every id of the CSV once.
     assert list(emb.ids) == tfds_order(demo["full"], "index")
@@ -176,7 +177,7 @@ def test_recognition_fused_with_the_classifier_head_and_non_landmark_penalty(dem
     assert len(references.ids) == 12
     # The search uses the pooled descriptors; the head scores the neck's
     # embeddings of the same images.
-    model = extract.load_trained_model(config, trained)
+    model = restored_runs.load_trained_model(config, trained)
     neck = extract.extract(model, "test", descriptor="embedding")
     assert list(neck.ids) == list(test.ids)
     kernel = checkpointing.load_stage(trained)["params"]["head"]["kernel"].astype(np.float64)
@@ -464,7 +465,7 @@ def test_an_unreadable_embedding_cache_is_named_and_extracted_again(
     is embedded again into the same file."""
     config = eval_config(demo)
     members = [ensemble.EnsembleMember(str(tmp_path), 1.0, None)]
-    models = [extract.load_trained_model(config, trained)]
+    models = [restored_runs.load_trained_model(config, trained)]
     mesh = sharding.create_mesh()
     first = evaluation.embed_split(config, str(tmp_path), "test", members, models, mesh)
     cache = tmp_path / "eval" / "embeddings-test-0.npz"

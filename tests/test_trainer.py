@@ -53,13 +53,13 @@ def test_training_lowers_the_loss(demo, tmp_path):
     }
     # The in-training retrieval mAP is the evaluation's own score of the
     # step-30 parameters (the last checkpoint).
-    from landmark_jax.retrieval import extract, validation
+    from landmark_jax.retrieval import restored_runs, validation
     from landmark_jax.workdir import run_config
 
     saved = run_config.evaluation_config(config, str(tmp_path))
     assert last["val_map@100"] == pytest.approx(
         validation.retrieval_map(
-            extract.load_trained_model(saved, str(tmp_path)),
+            restored_runs.load_trained_model(saved, str(tmp_path)),
             data_dir=demo["full"],
             query_split="test",
             index_split="index",

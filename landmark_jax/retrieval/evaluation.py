@@ -35,6 +35,7 @@ from landmark_jax.retrieval import (
     gallery,
     recognition_evaluation,
     rerank,
+    restored_runs,
     revisited,
     solutions,
     usage_metrics,
@@ -129,7 +130,7 @@ def evaluate(
     # Each member is restored once (params and batch statistics), its model
     # rebuilt from its own config.json; without a data_dir of its own, the
     # command line evaluates on the (first) member's training data folder.
-    members, models = extract.restore_members(config, workdir, model_overrides)
+    members, models = restored_runs.restore_members(config, workdir, model_overrides)
     config = config.copy_and_resolve_references()
     config.data_dir = models[0].config.data_dir
     ec = config.eval
@@ -170,7 +171,9 @@ def evaluate(
         model = (
             own[0]
             if own
-            else extract.load_trained_model(run_config.evaluation_config(config, workdir), workdir)
+            else restored_runs.load_trained_model(
+                run_config.evaluation_config(config, workdir), workdir
+            )
         )
         metrics["revisited"] = _revisited(config, model)
 

@@ -1,6 +1,6 @@
 """Embeddings of a split from a restored model, sharded over all devices.
 
-A run is restored once (`load_trained_model`: its config.json's model, the
+A run is restored once (`restored_runs.load_trained_model`: its config.json's model, the
 checkpoint's params and batch statistics, no optimizer state) and every
 split, scale and view is extracted from that `TrainedModel`.
 
@@ -29,7 +29,7 @@ import functools
 import json
 import logging
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -41,11 +41,8 @@ from jax.experimental import multihost_utils
 
 from landmark_jax.data import data_format, input_pipeline, sized_eval_input
 from landmark_jax.models import layers
-from landmark_jax.models.factory import create_model
-from landmark_jax.retrieval import ensemble, shape_buckets
+from landmark_jax.retrieval import shape_buckets
 from landmark_jax.runtime import file_io, sharding
-from landmark_jax.training import train_steps
-from landmark_jax.workdir import checkpointing, run_config
 
 # The folder of a workdir that evaluation and the Revisited benchmark write
 # their embeddings and results to.
@@ -143,79 +140,6 @@ class TrainedModel:
     module: Any
     variables: dict
     head_params: dict
-
-
-def load_trained_model(
-    config: ml_collections.ConfigDict, workdir: str, purpose: str = "nothing to evaluate"
-) -> TrainedModel:
-    """Restores a run's latest checkpoint once: model and head, no optimizer state.
-
-    Args:
-      config: the run's own config (run_config.evaluation_config(cli, workdir)).
-      workdir: the run's workdir.
-      purpose: what a missing checkpoint means, to open its message with.
-
-    Returns:
-      The TrainedModel, its variables on the host (they load on any device
-      count; extraction places them on its devices).
-
-    Raises:
-      FileNotFoundError: the workdir has no checkpoint.
-    """
-    stage = checkpointing.load_stage(workdir, purpose)
-    return TrainedModel(
-        config,
-        workdir,
-        stage["step"],
-        create_model(config.model),
-        train_steps.model_variables(stage),
-        stage["params"]["head"],
-    )
-
-
-def restore_members(
-    config: ml_collections.ConfigDict,
-    workdir: str | None,
-    model_overrides: Mapping[str, Any] | None = None,
-    purpose: str = "nothing to evaluate",
-) -> tuple[list[ensemble.EnsembleMember], list[TrainedModel]]:
-    """The models a config's eval block names, each restored once.
-
-    config.eval.ensemble's members, else `workdir` alone (weight 1.0, its own
-    image size); each model is rebuilt from its own config.json
-    (run_config.evaluation_config), with `config`'s data_dir and eval block.
-
-    Args:
-      config: the command line's config (its eval block).
-      workdir: the run (unused when config.eval.ensemble lists members).
-      model_overrides: model keys given on the command line, flat
-        ('model.input_normalization' -> value); each must equal every
-        member's config.json.
-      purpose: what a missing checkpoint means (load_trained_model).
-
-    Returns:
-      (the members, their restored models), in the same order.
-
-    Raises:
-      ValueError: a bad ensemble entry, no workdir and no ensemble, or a model
-        key that disagrees with a config.json.
-      FileNotFoundError: a member without config.json or a checkpoint (named).
-    """
-    if config.eval.ensemble:
-        members = ensemble.ensemble_members_from_config(config.eval.ensemble)
-    elif workdir:
-        members = [ensemble.EnsembleMember(workdir, 1.0, None)]
-    else:
-        raise ValueError("give a --workdir, or ensemble members in config.eval.ensemble")
-    models = [
-        load_trained_model(
-            run_config.evaluation_config(config, member.workdir, model_overrides),
-            member.workdir,
-            purpose,
-        )
-        for member in members
-    ]
-    return members, models
 
 
 def _encode_ids(ids: np.ndarray) -> np.ndarray:
@@ -338,7 +262,7 @@ def extract(
     """Embeds every image of a split with a restored model.
 
     Args:
-      model: the run's model (load_trained_model), restored once by the caller.
+      model: the run's model (restored_runs.load_trained_model), restored once by the caller.
       split: 'index', 'test', 'train' or 'val'.
       data_dir: the data folder holding the split (default
         model.config.data_dir).

@@ -158,7 +158,7 @@ def evaluate_revisited(
     """Revisited Oxford/Paris mAP and mP@k of a restored run.
 
     Args:
-      model: the run (extract.load_trained_model), restored once by the
+      model: the run (restored_runs.load_trained_model), restored once by the
         caller; results go to `<model.workdir>/eval/`.
       data_dir: a TFDS build of data_pipelines.revisited_builder (its
         `revisited_db` and `revisited_query` splits and the ground truth in

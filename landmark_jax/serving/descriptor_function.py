@@ -98,7 +98,7 @@ def exported_member(
     """A restored model with the extraction settings `evaluate` would use for it.
 
     Args:
-      model: the restored run (extract.restore_members).
+      model: the restored run (restored_runs.restore_members).
       member: its ensemble entry (weight, image size).
       config: the evaluation config (its eval block: scales, flip, resize).
     """

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from landmark_jax.config_lib import base_config
-from landmark_jax.retrieval import ensemble, extract
+from landmark_jax.retrieval import ensemble, extract, restored_runs
 from landmark_jax.runtime import file_io
 from landmark_jax.serving import descriptor_function, saved_model
 
@@ -149,7 +149,9 @@ def from_run(workdir: str | None, config: ml_collections.ConfigDict | None = Non
         if not workdir:
             raise ValueError("give --workdir=DIR, or --config=CONFIG naming ensemble members")
         config = run_config.read_run_config(workdir)
-    members, models = extract.restore_members(config, workdir, purpose="nothing to search with")
+    members, models = restored_runs.restore_members(
+        config, workdir, purpose="nothing to search with"
+    )
     exported = [
         descriptor_function.exported_member(model, member, config)
         for member, model in zip(members, models, strict=True)

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from landmark_jax.retrieval import extract
+from landmark_jax.retrieval import restored_runs
 from landmark_jax.runtime import file_io
 from landmark_jax.serving import descriptor_function
 
@@ -95,7 +95,7 @@ def export(
         raise FileExistsError(
             f"{output} exists: choose another --output, or pass --overwrite to move it aside"
         )
-    members, models = extract.restore_members(config, workdir, purpose="nothing to export")
+    members, models = restored_runs.restore_members(config, workdir, purpose="nothing to export")
     exported = [
         descriptor_function.exported_member(model, member, config)
         for member, model in zip(members, models, strict=True)

@@ -25,7 +25,15 @@ from tiny_revisited import BOXES, EXPECTED_BOXES, NUM_DB, make_tiny_set
 
 from data_pipelines import build_dataset, describe_dataset, image_encoding, revisited_builder
 from landmark_jax.data import data_format, revisited_gnd, sized_eval_input
-from landmark_jax.retrieval import ensemble, evaluation, extract, metrics, revisited, shape_buckets
+from landmark_jax.retrieval import (
+    ensemble,
+    evaluation,
+    extract,
+    metrics,
+    restored_runs,
+    revisited,
+    shape_buckets,
+)
 from landmark_jax.runtime import entry_point_errors, file_io, sharding
 
 from backbone_variables import random_variables
@@ -359,7 +367,7 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
 
     # Sides rounded to 8 px: fewer shapes to compile (exact sizes are tested below).
     results = revisited.evaluate_revisited(
-        extract.load_trained_model(config, workdir), data_dir, flip=True, size_multiple=8
+        restored_runs.load_trained_model(config, workdir), data_dir, flip=True, size_multiple=8
     )
     assert config.data_dir == demo["full"]  # the caller's config is untouched
 
@@ -433,7 +441,7 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     assert (square.settings["resize"], square.settings["size_multiple"]) == ("square", 16)
     config.eval.resize = "longer_side"
     members = [ensemble.EnsembleMember(workdir, 1.0, None)]
-    models = [extract.load_trained_model(config, workdir)]
+    models = [restored_runs.load_trained_model(config, workdir)]
     kept = evaluation.embed_split(config, workdir, "index", members, models, sharding.create_mesh())
     assert extract.Embeddings.load(cache).settings["resize"] == "longer_side"
     assert list(kept.ids) == list(square.ids)
@@ -471,7 +479,7 @@ def one_image_at_a_time(config, workdir, data_dir, split, *, scales, flip, **res
     `resized_size`, rounded to uint8, run as a batch of one on one device
     (the run's model.descriptor); views L2-normalised, summed, normalised.
     """
-    trained = extract.load_trained_model(config, workdir)
+    trained = restored_runs.load_trained_model(config, workdir)
     apply = _describe_one(trained.module, trained.config.model.descriptor)
     variables = jax.device_put(trained.variables, jax.devices()[0])
     out = {}
@@ -510,7 +518,7 @@ def test_native_extraction_equals_one_image_at_a_time(revisited_data, trained):
         ("revisited_db", "imlist", 8),
     ):
         emb = extract.extract(
-            extract.load_trained_model(config, workdir),
+            restored_runs.load_trained_model(config, workdir),
             split,
             batch_size=16,
             size_multiple=multiple,
@@ -549,14 +557,17 @@ def test_batch_rows_padding_and_process_shares_do_not_change_an_embedding(revisi
     # of 8, then 4 images and 4 padding rows.
     for batch_size in (16, 8):
         emb = extract.extract(
-            extract.load_trained_model(config, workdir), split, batch_size=batch_size, **resize
+            restored_runs.load_trained_model(config, workdir),
+            split,
+            batch_size=batch_size,
+            **resize,
         )
         assert_matches(emb, expected)
 
     # Two processes (simulated here): each embeds its shards, the merge puts
     # the rows back in file order, each image exactly once.
     mesh = sharding.create_mesh()
-    trained_model = extract.load_trained_model(config, workdir)
+    trained_model = restored_runs.load_trained_model(config, workdir)
     variables = jax.device_put(trained_model.variables, sharding.replicated_sharding(mesh))
     embed = extract.embed_views(trained_model.module, False, trained_model.config.model.descriptor)
     shares = [

@@ -27,7 +27,7 @@ from configs_for_tests import REPO, load_config
 
 from landmark_jax.data import input_pipeline, sized_eval_input
 from landmark_jax.models.factory import create_model, resolve_model_config
-from landmark_jax.retrieval import evaluation, extract
+from landmark_jax.retrieval import evaluation, restored_runs
 from landmark_jax.runtime import sharding
 from landmark_jax.serving import descriptor_function, saved_model
 from landmark_jax.workdir import checkpoint_saving, checkpointing, run_config
@@ -207,7 +207,7 @@ def evaluation_rows(demo, config, workdir, split, tmp_path):
     """`evaluate`'s embeddings of a split for a config's members (its own code path)."""
     config = config.copy_and_resolve_references()
     config.data_dir = demo["full"]
-    members, models = extract.restore_members(config, workdir)
+    members, models = restored_runs.restore_members(config, workdir)
     return evaluation.embed_split(
         config, str(tmp_path), split, members, models, sharding.create_mesh()
     )
@@ -318,7 +318,7 @@ def test_the_jax_export_runs_without_the_package(exported, demo):
 
 def _restored(workdir):
     config = run_config.read_run_config(workdir)
-    members, models = extract.restore_members(config, workdir)
+    members, models = restored_runs.restore_members(config, workdir)
     return models[0], members[0], config
 
 

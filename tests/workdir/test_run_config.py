@@ -14,7 +14,7 @@ from configs_for_tests import load_config, set_keys
 from landmark_jax import trainer
 from landmark_jax.models import backbone_checkpoint, backbones
 from landmark_jax.models.factory import create_model
-from landmark_jax.retrieval import baselines, extract
+from landmark_jax.retrieval import baselines, restored_runs
 from landmark_jax.training import train_steps
 from landmark_jax.workdir import checkpointing, run_config
 
@@ -122,7 +122,7 @@ def test_the_convention_holds_in_both_stages_and_in_evaluation(
     # Evaluation with the plain demo config (another backbone, no init keys):
     # the model comes from the workdir's config.json.
     eval_config = run_config.evaluation_config(load_config("demo", "smoke"), run["stage2"])
-    eval_model = extract.load_trained_model(eval_config, run["stage2"]).module
+    eval_model = restored_runs.load_trained_model(eval_config, run["stage2"]).module
     attributes = ("input_scale", "input_offset") if key == "input_normalization" else (key,)
     for attribute in attributes:
         assert getattr(eval_model.backbone, attribute) == getattr(stage1_model.backbone, attribute)
