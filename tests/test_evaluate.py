@@ -20,6 +20,7 @@ from landmark_jax.retrieval import (
     baselines,
     ensemble,
     evaluation,
+    exact_search,
     extract,
     knn,
     metrics,
@@ -294,24 +295,34 @@ def test_a_rebuilt_split_is_embedded_again(demo, trained, tmp_path, caplog):
 
 
 def test_rerank_steps_are_scored_beside_the_first_search(demo, trained, tmp_path):
-    """eval.rerank: mAP@100 of the first search and after each step, the last
-    submitted; the rankings those of the steps applied to the cached
-    embeddings (the steps are checked against their equations in
-    test_rerank.py)."""
-    plain = evaluation.evaluate(eval_config(demo, train_split=""), trained)
+    """eval.rerank: mAP@100 and, with eval.rerank_recognition, GAP of the
+    first search and after each step, the last submitted; the rankings
+    those of the steps applied to the cached embeddings (the steps are
+    checked against their equations in test_rerank.py)."""
+    plain = evaluation.evaluate(eval_config(demo), trained)
     steps = ("dba(n=1, alpha=3)", "alpha_qe(n=2, alpha=3)")
-    config = eval_config(demo, train_split="", rerank=steps, knn_backend="exact")
+    labels = ["first stage", steps[0], f"{steps[0]} + {steps[1]}"]
+    config = eval_config(demo, rerank=steps, rerank_recognition=True)
     scored = evaluation.evaluate(config, trained)
-    scores = scored["rerank_map@100"]
-    assert list(scores) == ["first stage", steps[0], f"{steps[0]} + {steps[1]}"]
-    assert scores["first stage"] == pytest.approx(plain["map@100"], abs=1e-9)
-    assert scored["map@100"] == scores[f"{steps[0]} + {steps[1]}"]
+    tables = scored["rerank"]
+    assert list(tables) == ["retrieval", "recognition"]
+    for table in tables.values():
+        assert list(table) == labels and all(row["seconds"] >= 0 for row in table.values())
+    assert tables["retrieval"]["first stage"]["map@100"] == pytest.approx(
+        plain["map@100"], abs=1e-9
+    )
+    assert tables["recognition"]["first stage"]["gap"] == pytest.approx(plain["gap"], abs=1e-9)
+    assert scored["map@100"] == tables["retrieval"][labels[-1]]["map@100"]
+    assert scored["gap"] == tables["recognition"][labels[-1]]["gap"]
+
     out = os.path.join(trained, "eval")
-    index = extract.Embeddings.load(os.path.join(out, "embeddings-index-0.npz"))
-    test = extract.Embeddings.load(os.path.join(out, "embeddings-test-0.npz"))
+    index, test, train = (
+        extract.Embeddings.load(os.path.join(out, f"embeddings-{split}-0.npz"))
+        for split in ("index", "test", "train")
+    )
     final = rerank.rerank_searches(
         test.embeddings, index.embeddings, rerank.parse_steps(steps), len(index.ids), "exact"
-    )[-1][2]
+    )[-1].neighbors
     with open(os.path.join(out, "retrieval_submission.csv")) as f:
         submitted = {row["id"]: row["images"].split() for row in csv.DictReader(f)}
     for q, row in zip(test.ids, final, strict=True):
@@ -323,7 +334,24 @@ def test_rerank_steps_are_scored_beside_the_first_search(demo, trained, tmp_path
     assert scored["map@100"] == pytest.approx(
         metrics.mean_average_precision(predictions, solution), abs=1e-9
     )
-    assert "re-ranking mAP@100: first stage" in evaluation.format_metrics(scored)
+    # Recognition's GAP is the submission's, scored by the published definition.
+    with open(os.path.join(out, "recognition_submission.csv")) as f:
+        rows = {row["id"]: row["landmarks"].split() for row in csv.DictReader(f)}
+    truth = solutions.merged_usages(
+        solutions.read_recognition_solution(config.eval.recognition_solution)
+    )
+    guesses = {q: (int(rows[q][0]), float(rows[q][1])) for q in truth if rows.get(q)}
+    assert scored["gap"] == pytest.approx(
+        metrics.global_average_precision(guesses, truth), abs=1e-6
+    )
+    # The index and train self-searches (dba's) are kept: exact search of the rows.
+    for split, emb in (("index", index), ("train", train)):
+        kept = np.load(os.path.join(out, f"neighbours-{split}.npz"))
+        _, want = exact_search.exact_search(emb.embeddings, emb.embeddings, k=2)
+        np.testing.assert_array_equal(kept["neighbors"], want)
+    printed = evaluation.format_metrics(scored)
+    assert printed.splitlines()[-4].split()[:4] == ["re-ranking", "mAP@100", "GAP", "seconds"]
+    assert printed.splitlines()[-1].startswith(labels[-1])
 
 
 def test_ensemble_of_one_model_twice_ranks_like_the_model(demo, trained, tmp_path):

@@ -34,6 +34,11 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
     ec = config.eval
     config_lib.check_choice(config, "eval.knn_backend", ec.knn_backend, knn.BACKENDS)
     rerank.parse_steps(ec.rerank)  # an unknown or malformed step, named
+    if ec.rerank_recognition and not ec.rerank:
+        raise ValueError(
+            "config.eval.rerank_recognition=True re-ranks with config.eval.rerank's steps, "
+            "but config.eval.rerank is empty"
+        )
     if not ec.index_split:
         if not ec.revisited_data_dir:
             raise ValueError(

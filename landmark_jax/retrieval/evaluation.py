@@ -35,6 +35,7 @@ from landmark_jax.retrieval import (
     gallery,
     recognition_evaluation,
     rerank,
+    rerank_evaluation,
     restored_runs,
     revisited,
     solutions,
@@ -144,7 +145,7 @@ def evaluate(
     if ec.index_split:
         index = embed_split(config, workdir, ec.index_split, members, models, mesh)
         test = embed_split(config, workdir, ec.test_split, members, models, mesh)
-        metrics.update(_retrieval(config, workdir, index, test))
+        _add(metrics, _retrieval(config, workdir, index, test))
     if ec.index_split and ec.baselines:
         metrics["baselines"] = _baselines(config, models[0], mesh, index.ids)
     if recognition_evaluation.recognition_requested(config):
@@ -154,10 +155,11 @@ def evaluate(
             if ec.non_landmark_split
             else None
         )
-        metrics.update(
+        _add(
+            metrics,
             recognition_evaluation.evaluate_recognition(
                 config, out_dir, test, train, non_landmarks, members, models[0], mesh, _writes()
-            )
+            ),
         )
     elif ec.index_split and ec.train_split:
         # Said, not silently skipped: the train split is not embedded.
@@ -176,6 +178,8 @@ def evaluate(
             )
         )
         metrics["revisited"] = _revisited(config, model)
+        if "rerank" in metrics["revisited"]:
+            _add(metrics, {"rerank": {"revisited": metrics["revisited"].pop("rerank")}})
 
     if _writes():
         file_io.write_text(
@@ -189,33 +193,46 @@ def evaluate(
     return metrics
 
 
+def _add(metrics: dict[str, Any], more: dict[str, Any]) -> None:
+    """metrics.update(more), the benchmarks' re-ranking tables merged."""
+    tables = more.pop("rerank", {})
+    metrics.update(more)
+    if tables:
+        metrics.setdefault("rerank", {}).update(tables)
+
+
 def _writes() -> bool:
     """Whether this process writes the evaluation's files (process 0 does)."""
     return jax.process_index() == 0
 
 
+def _neighbours_path(workdir: str, split: str) -> str:
+    """Where the self-search of a split's descriptors is kept (rerank_evaluation)."""
+    return file_io.join(workdir, EVAL_DIR, rerank_evaluation.NEIGHBOURS_FILE.format(split=split))
+
+
 def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
     """Test queries against the index: kNN, submission, mAP@100 and gallery."""
     ec, out_dir, metrics = config.eval, file_io.join(workdir, EVAL_DIR), {}
-    retrieval = validation.ranked_ids(ec, index, test, metrics)
     # eval.rerank: the ranking after each step; the last one is submitted
     # and scored as map@100, each one beside the first search's.
-    stages = {}
+    stages, rankings = {}, []
     if ec.rerank:
-        searches = rerank.rerank_searches(
+        rankings = rerank_evaluation.searches(
             test.embeddings,
             index.embeddings,
             rerank.parse_steps(ec.rerank),
             min(ec.k, len(index.ids)),
             ec.knn_backend,
+            _neighbours_path(workdir, ec.index_split),
+            _writes(),
         )
-        for label, _, neighbors in searches:
-            stages[label] = {
-                qid: [str(index.ids[j]) for j in row if j >= 0]
-                for qid, row in zip(test.ids, neighbors, strict=True)
-            }
-        stages["first stage"] = retrieval
-        retrieval = stages[searches[-1][0]]
+        validation.record_scann_recall(ec, index, test, rankings[0].neighbors, metrics)
+        for ranking in rankings:
+            stages[ranking.label] = rerank_evaluation.ranked_ids(ranking, test.ids, index.ids)
+        retrieval = stages[rankings[-1].label]
+    else:
+        retrieval = validation.ranked_ids(ec, index, test, metrics)
     if _writes():
         solutions.write_retrieval_submission(
             file_io.join(out_dir, "retrieval_submission.csv"), retrieval, all_ids=list(test.ids)
@@ -231,12 +248,15 @@ def _retrieval(config, workdir: str, index, test) -> dict[str, Any]:
             solution, index.ids, ec.retrieval_solution
         )
         metrics["map@100"] = by_usage[solutions.ALL]["map@100"]
-        if stages:
-            metrics["rerank_map@100"] = {
-                label: usage_metrics.retrieval_metrics_by_usage(ranked, solution)[solutions.ALL][
-                    "map@100"
-                ]
-                for label, ranked in stages.items()
+        if rankings:
+            metrics.setdefault("rerank", {})["retrieval"] = {
+                ranking.label: {
+                    "map@100": usage_metrics.retrieval_metrics_by_usage(
+                        stages[ranking.label], solution
+                    )[solutions.ALL]["map@100"],
+                    "seconds": ranking.seconds,
+                }
+                for ranking in rankings
             }
         metrics["retrieval"] = by_usage
         metrics["retrieval_queries"] = len(solutions.merged_usages(solution))
@@ -266,11 +286,6 @@ def format_metrics(metrics: dict[str, Any]) -> str:
             f"retrieval mAP@100 on {metrics['retrieval_queries']} queries: "
             + " | ".join(f"{name.replace('_', ' ')} {v:.4f}" for name, v in scored.items())
         )
-    if "rerank_map@100" in metrics:
-        lines.append(
-            "re-ranking mAP@100: "
-            + " | ".join(f"{label} {v:.4f}" for label, v in metrics["rerank_map@100"].items())
-        )
     if "recognition_top1" in metrics:
         without = metrics.get("gap_without_non_landmark_penalty")
         penalty = "" if without is None else f" (without non-landmark penalty {without:.4f})"
@@ -281,6 +296,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         )
     if "revisited" in metrics:
         lines.append(revisited.format_results(metrics["revisited"]))
+    if metrics.get("rerank"):
+        lines.append(rerank_evaluation.format_rerank(metrics["rerank"]))
     return "\n".join(lines)
 
 
@@ -327,6 +344,7 @@ def _revisited(config, model: extract.TrainedModel) -> dict[str, Any]:
         resize=ec.revisited_resize,
         image_size=ec.image_size,
         size_multiple=int(ec.size_multiple),
+        rerank_steps=rerank.parse_steps(ec.rerank),
     )
     logging.info("Revisited:\n%s", revisited.format_results(results))
     return results

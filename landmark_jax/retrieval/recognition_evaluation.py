@@ -24,6 +24,8 @@ from landmark_jax.retrieval import (
     extract,
     knn,
     recognition,
+    rerank,
+    rerank_evaluation,
     solutions,
     usage_metrics,
 )
@@ -157,6 +159,12 @@ def evaluate_recognition(
 ) -> dict[str, Any]:
     """Labels the test images, writes the submission and scores it.
 
+    With eval.rerank and eval.rerank_recognition, the kNN vote uses the
+    neighbours each re-ranking step gives (the train split as the index; its
+    self-search kept in out_dir): every ranking is scored, the last one
+    submitted. The classifier's top classes and the non-landmark penalty's
+    neighbours are the same for every ranking.
+
     Args:
       config: the evaluation config (data_dir, eval.*).
       out_dir: where recognition_submission.csv goes.
@@ -170,8 +178,9 @@ def evaluate_recognition(
     Returns:
       Metrics for metrics.json: with eval.recognition_solution, `gap`,
       `recognition` (per usage), `recognition_queries`, `recognition_top1`
-      (kNN, classifier, and fused with eval.classifier_fusion) and, with a
-      non-landmark split, `gap_without_non_landmark_penalty`.
+      (kNN, classifier, and fused with eval.classifier_fusion), with a
+      non-landmark split `gap_without_non_landmark_penalty`, and with
+      re-ranking `rerank` ({'recognition': {label: {'gap', 'seconds'}}}).
     """
     ec, metrics = config.eval, {}
     label_map = data_format.read_label_map(config.data_dir)
@@ -182,46 +191,62 @@ def evaluate_recognition(
     def nearest(reference, k: int) -> tuple[np.ndarray, np.ndarray]:
         return nearest_cosines(test.embeddings, reference.embeddings, k, ec.knn_backend, norm2)
 
-    neighbors, cosine = nearest(train, ec.recognition_k)
-    neighbor_landmarks = recognition.neighbor_landmarks(
-        neighbors, label_map.landmark_ids[train.labels]
-    )
-    knn_labels, knn_scores = recognition.knn_vote(
-        neighbor_landmarks, cosine, power=ec.recognition_power
-    )
-    top1 = {"knn": knn_labels}
+    # (label, neighbours, cosines, seconds) of each ranking the vote uses.
+    if ec.rerank and ec.rerank_recognition:
+        rankings = [
+            (
+                r.label,
+                r.neighbors,
+                np.where(r.neighbors >= 0, 1.0 - r.distances / 2.0, 0.0),
+                r.seconds,
+            )
+            for r in rerank_evaluation.searches(
+                test.embeddings,
+                train.embeddings,
+                rerank.parse_steps(ec.rerank),
+                min(ec.recognition_k, len(train.ids)),
+                ec.knn_backend,
+                file_io.join(
+                    out_dir, rerank_evaluation.NEIGHBOURS_FILE.format(split=ec.train_split)
+                ),
+                writes,
+            )
+        ]
+    else:
+        rankings = [("first stage", *nearest(train, ec.recognition_k), None)]
+    classifier = None
     if ec.classifier_fusion or ec.recognition_solution:
-        top_landmarks, top_scores = head_top_m(
+        classifier = head_top_m(
             first_model,
             classifier_inputs(config, test, members, first_model, mesh),
             label_map.landmark_ids,
             ec.classifier_top_m,
         )
-        top1["classifier"] = top_landmarks[:, 0]
-    if ec.classifier_fusion:
-        labels, label_scores = recognition.fuse_with_classifier(
-            neighbor_landmarks,
-            cosine,
-            top_landmarks,
-            top_scores,
-            knn_power=ec.recognition_power,
-            classifier_power=ec.classifier_power,
-        )
-        top1["fused"] = labels
-    else:
-        labels, label_scores = knn_labels, knn_scores
-    unpenalized = recognition.recognition_predictions(list(test.ids), labels, label_scores)
+    penalty_cosine = None
     if non_landmarks is not None:
         # Unset: as many neighbours as the landmark vote, on the same scale.
-        non_landmark_k = ec.non_landmark_k or ec.recognition_k
-        _, non_landmark_cosine = nearest(non_landmarks, non_landmark_k)
-        label_scores = non_landmark_penalty.penalize_non_landmarks(
-            label_scores,
-            non_landmark_cosine,
-            power=ec.recognition_power,
-            weight=ec.non_landmark_weight,
+        _, penalty_cosine = nearest(non_landmarks, ec.non_landmark_k or ec.recognition_k)
+
+    # Every ranking labelled (and, re-ranked, scored); the last one is submitted.
+    solution = ec.recognition_solution and solutions.read_recognition_solution(
+        ec.recognition_solution
+    )
+    scored = {}
+    for label, neighbors, cosine, seconds in rankings:
+        predictions, unpenalized, top1 = _labels(
+            ec,
+            test.ids,
+            neighbors,
+            cosine,
+            label_map.landmark_ids[train.labels],
+            classifier,
+            penalty_cosine,
         )
-    predictions = recognition.recognition_predictions(list(test.ids), labels, label_scores)
+        if solution and seconds is not None:
+            by_usage = usage_metrics.recognition_metrics_by_usage(predictions, solution)
+            scored[label] = {"gap": by_usage[solutions.ALL]["gap"], "seconds": seconds}
+    if scored:
+        metrics["rerank"] = {"recognition": scored}
     if writes:
         solutions.write_recognition_submission(
             file_io.join(out_dir, "recognition_submission.csv"),
@@ -250,3 +275,37 @@ def evaluate_recognition(
             for name, chosen in top1.items()
         }
     return metrics
+
+
+def _labels(ec, test_ids, neighbors, cosine, train_landmarks, classifier, penalty_cosine):
+    """(predictions, predictions without the non-landmark penalty, each
+    labeller's top-1 labels) of the test images from their train neighbours
+    (and the classifier's top classes, the non-landmark neighbours' cosines)."""
+    neighbor_landmarks = recognition.neighbor_landmarks(neighbors, train_landmarks)
+    knn_labels, knn_scores = recognition.knn_vote(
+        neighbor_landmarks, cosine, power=ec.recognition_power
+    )
+    top1 = {"knn": knn_labels}
+    if classifier is not None:
+        top1["classifier"] = classifier[0][:, 0]
+    if ec.classifier_fusion:
+        labels, label_scores = recognition.fuse_with_classifier(
+            neighbor_landmarks,
+            cosine,
+            *classifier,
+            knn_power=ec.recognition_power,
+            classifier_power=ec.classifier_power,
+        )
+        top1["fused"] = labels
+    else:
+        labels, label_scores = knn_labels, knn_scores
+    unpenalized = recognition.recognition_predictions(list(test_ids), labels, label_scores)
+    if penalty_cosine is not None:
+        label_scores = non_landmark_penalty.penalize_non_landmarks(
+            label_scores,
+            penalty_cosine,
+            power=ec.recognition_power,
+            weight=ec.non_landmark_weight,
+        )
+    predictions = recognition.recognition_predictions(list(test_ids), labels, label_scores)
+    return predictions, unpenalized, top1

@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -77,6 +78,11 @@ class RerankStep:
 
 
 # Each step's arguments: the integers first, then the real numbers.
+# The index's self-search of k neighbours per row (itself among them): a
+# function of k returning (distances [N, >= k], neighbors [N, >= k]), so a
+# caller can keep the answer (evaluation keeps it in the workdir).
+IndexNeighbors = Callable[[int], tuple[np.ndarray, np.ndarray]]
+
 STEP_ARGS = {"alpha_qe": ("n", "alpha"), "dba": ("n", "alpha"), "superglobal": ("m", "k", "beta")}
 STEPS = tuple(STEP_ARGS)
 _INTEGER_ARGS = ("n", "m", "k")
@@ -184,19 +190,26 @@ def alpha_query_expansion(
     return weighted_expansion(queries, index, neighbors[:, :n], similarities, step.alpha)
 
 
-def database_augmentation(index: np.ndarray, step: RerankStep, backend: str) -> np.ndarray:
+def database_augmentation(
+    index: np.ndarray,
+    step: RerankStep,
+    backend: str,
+    index_neighbors: IndexNeighbors | None = None,
+) -> np.ndarray:
     """The augmented index of `step` (dba): each row with its n nearest other rows.
 
     Args:
       index: [N, D] unit rows.
       step: n and alpha.
       backend: the kNN backend of the index's self-search (knn.BACKENDS).
+      index_neighbors: where the self-search's answer is kept (None: searched).
 
     Returns:
       [N, D] unit rows.
     """
     k = min(step.n + 1, len(index))
-    distances, neighbors = knn.search(index, index, k, backend=backend)
+    search = index_neighbors or (lambda k: knn.search(index, index, k, backend=backend))
+    distances, neighbors = (a[:, :k] for a in search(k))
     # Each row's own entry leaves its list (it may tie with a duplicate and
     # not come first); the n nearest others remain.
     own = neighbors == np.arange(len(index))[:, None]
@@ -212,6 +225,7 @@ def superglobal_rerank(
     index: np.ndarray,
     neighbors: np.ndarray,
     step: RerankStep,
+    distances: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """SuperGlobal's re-ranking of each query's top-m candidates (see the module
     docstring: MDescAug, then RerankwMDA, as the released code computes them).
@@ -222,6 +236,10 @@ def superglobal_rerank(
       neighbors: [Q, >= m'] each query's candidates, best first (m' =
         min(m, N); the first m' are re-ranked, the rest keep their order).
       step: m, k and beta.
+      distances: the candidates' squared L2 distances, when the search gave
+        them: the similarities of the candidates below m' come from them
+        instead of a product with their index rows (a whole-database
+        ranking, as Revisited's, has N - m' of them per query).
 
     Returns:
       (scores [Q, L], neighbors [Q, L]): the candidates in their new order
@@ -258,10 +276,32 @@ def superglobal_rerank(
         out_scores[rows, :m] = np.take_along_axis(final, by_final, axis=-1)
         rest = neighbors[rows, m:]
         out_rows[rows, m:] = rest
-        out_scores[rows, m:] = np.einsum(
-            "rd,rld->rl", q, index[np.maximum(rest, 0)].astype(np.float64)
-        )
+        if distances is not None:
+            out_scores[rows, m:] = 1.0 - distances[rows, m:].astype(np.float64) / 2.0
+        else:
+            out_scores[rows, m:] = np.einsum(
+                "rd,rld->rl", q, index[np.maximum(rest, 0)].astype(np.float64)
+            )
     return out_scores, out_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """The first search's answer, or the answer after a step of eval.rerank.
+
+    Attributes:
+      label: 'first stage', then each step's label joined by ' + '.
+      distances: [Q, k] squared L2 between the unit rows (after superglobal:
+        2 - 2 x its final score, the same scale).
+      neighbors: [Q, k] index rows, best first.
+      seconds: this step's own wall time (augmenting, expanding, re-ordering
+        and its search).
+    """
+
+    label: str
+    distances: np.ndarray
+    neighbors: np.ndarray
+    seconds: float
 
 
 def rerank_searches(
@@ -270,26 +310,35 @@ def rerank_searches(
     steps: Sequence[RerankStep],
     k: int,
     backend: str,
-) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    index_neighbors: IndexNeighbors | None = None,
+) -> list[Ranking]:
     """The first search and the search after each step, in order.
 
+    Rows are L2-normalised first (an ensemble's concatenation has the norm
+    of its weights; its ranking is unchanged), so similarities are cosines.
+
     Args:
-      queries: [Q, D] unit queries.
-      index: [N, D] unit index rows.
+      queries: [Q, D] queries.
+      index: [N, D] index rows.
       steps: eval.rerank's steps (parse_steps).
       k: neighbours per query.
       backend: knn.search's backend.
+      index_neighbors: the index's self-search, kept by the caller (e.g. in
+        the workdir); used while the index is the one given (before a dba).
 
     Returns:
-      [(label, distances [Q, k], neighbors [Q, k])]: 'first stage', then
-      '+ dba(...)', '+ alpha_qe(...)' ... each applied to the one before.
+      [Ranking]: 'first stage', then 'dba(...)', 'dba(...) + alpha_qe(...)'
+      ... each applied to the one before.
     """
+    queries, index = unit_rows(queries), unit_rows(index)
+    clock = time.perf_counter()
     distances, neighbors = knn.search(queries, index, k, backend=backend)
-    out = [("first stage", distances, neighbors)]
-    label = ""
+    out = [Ranking("first stage", distances, neighbors, time.perf_counter() - clock)]
     for step in steps:
+        clock = time.perf_counter()
         if step.name == "dba":
-            index = database_augmentation(index, step, backend)
+            index = database_augmentation(index, step, backend, index_neighbors)
+            index_neighbors = None  # the augmented index has neighbours of its own
             distances, neighbors = knn.search(queries, index, k, backend=backend)
         elif step.name == "alpha_qe":
             queries = alpha_query_expansion(queries, index, neighbors, distances, step)
@@ -298,9 +347,16 @@ def rerank_searches(
             # Its own m candidates (m may exceed k); the scores, as distances
             # 2 - 2 s of unit vectors, feed the steps after it.
             m = min(max(step.m, k), len(index))
-            _, candidates = knn.search(queries, index, m, backend=backend)
-            scores, reranked = superglobal_rerank(queries, index, candidates, step)
+            found, candidates = knn.search(queries, index, m, backend=backend)
+            scores, reranked = superglobal_rerank(queries, index, candidates, step, found)
             distances, neighbors = (2.0 - 2.0 * scores[:, :k]).astype(np.float32), reranked[:, :k]
-        label += f" + {step.label()}"
-        out.append((label.strip(" +"), distances, neighbors))
+        label = f"{out[-1].label} + {step.label()}" if len(out) > 1 else step.label()
+        out.append(Ranking(label, distances, neighbors, time.perf_counter() - clock))
     return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """x with unit rows (x itself when they are, to float rounding)."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=1)
+    return x if np.allclose(norms, 1.0, atol=1e-5) else layers.l2_normalize_rows(x)

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from landmark_jax.data import data_format, revisited_gnd
-from landmark_jax.retrieval import exact_search, extract, metrics
+from landmark_jax.retrieval import exact_search, extract, metrics, rerank, rerank_evaluation
 from landmark_jax.runtime import file_io, sharding
 
 # data_pipelines.revisited_builder's splits (a split name of a TFDS build).
@@ -154,6 +154,7 @@ def evaluate_revisited(
     resize: str = "native",
     image_size: int | None = None,
     size_multiple: int = 1,
+    rerank_steps: Sequence[rerank.RerankStep] = (),
 ) -> dict[str, dict[str, float]]:
     """Revisited Oxford/Paris mAP and mP@k of a restored run.
 
@@ -173,11 +174,16 @@ def evaluate_revisited(
       size_multiple: aspect-kept modes: sides rounded to a multiple of it,
         fewer programs to compile at a small deviation from the exact size;
         1 (exact) for paper numbers.
+      rerank_steps: eval.rerank's steps (rerank.parse_steps), applied to
+        the whole-database ranking (exact search); the database's
+        self-search is kept in <workdir>/eval/ (rerank_evaluation).
 
     Returns:
       {'easy'|'medium'|'hard': {'map', 'mp@1', 'mp@5', 'mp@10'}} as fractions
-      (papers print them x100); NaN where a protocol has no scorable query.
-      The per-query APs are in revisited.json.
+      (papers print them x100) of the last ranking; NaN where a protocol has
+      no scorable query. With rerank_steps, also 'rerank': {label: {protocol:
+      {'map', 'mp@10'}, 'seconds'}} of every ranking, the first search's
+      included. The per-query APs (of the last ranking) are in revisited.json.
 
     Raises:
       data_format.DataFormatError: data_dir is not a Revisited build (see
@@ -203,7 +209,28 @@ def evaluate_revisited(
     database = in_gnd_order(database, gnd["imlist"], DB_SPLIT, data_dir)
     queries = in_gnd_order(queries, gnd["qimlist"], QUERY_SPLIT, data_dir)
 
-    ranks = rank_database(queries.embeddings, database.embeddings)
+    stages: dict[str, Any] = {}
+    if rerank_steps:
+        out_dir = file_io.join(workdir, extract.EVAL_DIR)
+        rankings = rerank_evaluation.searches(
+            queries.embeddings,
+            database.embeddings,
+            rerank_steps,
+            len(database.ids),
+            "exact",
+            file_io.join(out_dir, rerank_evaluation.NEIGHBOURS_FILE.format(split=DB_SPLIT)),
+            jax.process_index() == 0,
+        )
+        for ranking in rankings:
+            stages[ranking.label] = {
+                **rerank_evaluation.revisited_figures(
+                    metrics.revisited_map(ranking.neighbors, gnd["gnd"])
+                ),
+                "seconds": ranking.seconds,
+            }
+        ranks = rankings[-1].neighbors
+    else:
+        ranks = rank_database(queries.embeddings, database.embeddings)
     scored = metrics.revisited_map(ranks, gnd["gnd"])
     results = {p: {k: float(v) for k, v in scored[p].items() if k != "aps"} for p in PROTOCOLS}
 
@@ -238,13 +265,16 @@ def evaluate_revisited(
         np.save(buffer, ranks.astype(np.int32))
         file_io.write_bytes(file_io.join(out_dir, RANKS_FILE), buffer.getvalue())
         file_io.write_text(file_io.join(out_dir, RESULTS_FILE), json.dumps(report, indent=2))
+    if stages:
+        results["rerank"] = stages
     return results
 
 
 def format_results(results: dict[str, dict[str, float]]) -> str:
     """The easy/medium/hard table, x100 as papers print it."""
-    keys = list(next(iter(results.values())))
+    keys = list(results[PROTOCOLS[0]])
     lines = ["protocol " + " ".join(f"{k:>7s}" for k in keys)]
-    for protocol, entry in results.items():
+    for protocol in PROTOCOLS:
+        entry = results[protocol]
         lines.append(f"{protocol:8s} " + " ".join(f"{100 * entry[k]:7.2f}" for k in keys))
     return "\n".join(lines)

@@ -38,10 +38,8 @@ def ranked_ids(
     """
     k = min(ec.k, len(index.ids))
     _, neighbors = knn.search(test.embeddings, index.embeddings, k, backend=ec.knn_backend)
-    if ec.knn_backend == "scann" and metrics is not None:
-        sample = np.random.default_rng(0).permutation(len(test.ids))[: ec.recall_queries]
-        _, exact = knn.search(test.embeddings[sample], index.embeddings, k, backend="exact")
-        metrics[f"scann_recall@{k}"] = knn.recall_at_k(neighbors[sample], exact)
+    if metrics is not None:
+        record_scann_recall(ec, index, test, neighbors, metrics)
     return {
         qid: [str(index.ids[j]) for j in row if j >= 0]
         for qid, row in zip(test.ids, neighbors, strict=True)
@@ -72,3 +70,21 @@ def retrieval_map(
     solution = solutions.read_retrieval_solution(solution_path)
     by_usage = usage_metrics.retrieval_metrics_by_usage(ranked_ids(search, index, test), solution)
     return by_usage[solutions.ALL]["map@100"]
+
+
+def record_scann_recall(
+    ec: ml_collections.ConfigDict,
+    index: extract.Embeddings,
+    test: extract.Embeddings,
+    neighbors: np.ndarray,
+    metrics: dict[str, Any],
+) -> None:
+    """With ec.knn_backend='scann': metrics['scann_recall@k'], the recall of
+    `neighbors` (the test queries' k nearest) against exact search on a sample
+    of ec.recall_queries queries. Other backends: nothing."""
+    if ec.knn_backend != "scann":
+        return
+    k = neighbors.shape[1]
+    sample = np.random.default_rng(0).permutation(len(test.ids))[: ec.recall_queries]
+    _, exact = knn.search(test.embeddings[sample], index.embeddings, k, backend="exact")
+    metrics[f"scann_recall@{k}"] = knn.recall_at_k(neighbors[sample], exact)

@@ -94,7 +94,7 @@ def test_steps_apply_in_order_and_each_search_is_reported():
     queries, index = random_data(2, True)
     steps = rerank.parse_steps(["dba(n=2, alpha=3)", "alpha_qe(n=3, alpha=3)"])
     searches = rerank.rerank_searches(queries, index, steps, 5, "exact")
-    assert [label for label, _, _ in searches] == [
+    assert [r.label for r in searches] == [
         "first stage",
         "dba(n=2, alpha=3)",
         "dba(n=2, alpha=3) + alpha_qe(n=3, alpha=3)",
@@ -104,8 +104,29 @@ def test_steps_apply_in_order_and_each_search_is_reported():
     _, after_dba = exact_neighbours(queries, augmented, 5)
     expanded = np.stack([expand_one(q, augmented, 3, 3.0) for q in queries])
     _, after_qe = exact_neighbours(expanded, augmented, 5)
-    for (_, _, got), want in zip(searches, [first, after_dba, after_qe], strict=True):
-        np.testing.assert_array_equal(got, want)
+    for ranking, want in zip(searches, [first, after_dba, after_qe], strict=True):
+        np.testing.assert_array_equal(ranking.neighbors, want)
+        assert ranking.seconds >= 0.0
+
+
+def test_rows_are_normalised_and_a_kept_self_search_is_used():
+    """An ensemble's rows have the norm of its weights: the steps see cosines
+    (the same answers as for the unit rows). DBA takes the index's self-search
+    from the caller when it keeps one, and searches the augmented index itself."""
+    queries, index = random_data(2, True)
+    steps = rerank.parse_steps(["dba(n=2, alpha=3)", "alpha_qe(n=3, alpha=3)", "dba(n=1, alpha=0)"])
+    want = rerank.rerank_searches(queries, index, steps, 5, "exact")
+    asked = []
+
+    def kept(k):
+        asked.append(k)
+        return exact_neighbours(index, index, 6)  # more than asked: sliced
+
+    got = rerank.rerank_searches(1.3 * queries, 1.3 * index, steps, 5, "exact", kept)
+    assert asked == [3]  # the first dba's n + 1; the second dba's index is augmented
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.neighbors, b.neighbors)
+        np.testing.assert_allclose(a.distances, b.distances, atol=1e-5)
 
 
 def superglobal_one(q, index, ranked, m, k, beta):
@@ -136,18 +157,21 @@ def superglobal_one(q, index, ranked, m, k, beta):
 @pytest.mark.parametrize(("m", "k", "beta"), [(20, 9, 0.15), (8, 3, 0.5), (30, 1, 0.15)])
 def test_superglobal_is_its_released_code_s_definition(clustered, m, k, beta):
     queries, index = random_data(3, clustered)
-    _, ranked = exact_neighbours(queries, index, 30)
-    scores, got = rerank.superglobal_rerank(
-        queries, index, ranked, rerank.RerankStep("superglobal", m=m, k=k, beta=beta)
-    )
+    found, ranked = exact_neighbours(queries, index, 30)
+    step = rerank.RerankStep("superglobal", m=m, k=k, beta=beta)
+    scores, got = rerank.superglobal_rerank(queries, index, ranked, step)
+    # The candidates below m scored from the search's distances instead: the same.
+    from_distances = rerank.superglobal_rerank(queries, index, ranked, step, found)
+    np.testing.assert_array_equal(from_distances[1], got)
+    np.testing.assert_allclose(from_distances[0], scores, atol=1e-9)
     for q, row, row_scores, got_row in zip(queries, ranked, scores, got, strict=True):
         want, want_scores = superglobal_one(q, index, row, m, k, beta)
         assert list(got_row) == want
         np.testing.assert_allclose(row_scores[:m], want_scores, atol=1e-9)
     steps = rerank.parse_steps([f"superglobal(m={m}, k={k}, beta={beta})"])
     searches = rerank.rerank_searches(queries, index, steps, 10, "exact")
-    assert [label for label, _, _ in searches][-1] == f"superglobal(m={m}, k={k}, beta={beta:g})"
-    np.testing.assert_array_equal(searches[-1][2], got[:, :10])
+    assert searches[-1].label == f"superglobal(m={m}, k={k}, beta={beta:g})"
+    np.testing.assert_array_equal(searches[-1].neighbors, got[:, :10])
 
 
 @pytest.mark.parametrize(

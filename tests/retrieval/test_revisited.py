@@ -30,6 +30,7 @@ from landmark_jax.retrieval import (
     evaluation,
     extract,
     metrics,
+    rerank,
     restored_runs,
     revisited,
     shape_buckets,
@@ -423,10 +424,34 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     config.eval.baselines = ()  # extractions of their own, checked in test_evaluate
     config.eval.revisited_resize = "longer_side"
     config.eval.size_multiple = 16
+    # Re-ranked: the Revisited table after each step beside the first search's.
+    config.eval.rerank = ("dba(n=1, alpha=3)", "alpha_qe(n=2, alpha=3)")
     report = evaluation.evaluate(config, workdir)
     written = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
     assert set(report["revisited"]) == set(written["revisited"]) == {"easy", "medium", "hard"}
     assert 0.0 <= written["revisited"]["medium"]["map"] <= 1.0
+    stages = written["rerank"]["revisited"]
+    assert list(written["rerank"]) == ["retrieval", "revisited"]
+    db, q = (
+        extract.Embeddings.load(revisited.embeddings_path(workdir, split))
+        for split in ("revisited_db", "revisited_query")
+    )
+    rankings = rerank.rerank_searches(
+        q.embeddings, db.embeddings, rerank.parse_steps(config.eval.rerank), NUM_DB, "exact"
+    )
+    assert list(stages) == [r.label for r in rankings]
+    for ranking in rankings:
+        want = metrics.revisited_map(ranking.neighbors, gnd["gnd"])
+        for protocol in ("easy", "medium", "hard"):
+            for key in ("map", "mp@10"):
+                assert stages[ranking.label][protocol][key] == pytest.approx(
+                    want[protocol][key], abs=1e-12, nan_ok=True
+                )
+    last = stages[rankings[-1].label]
+    assert all(report["revisited"][p]["map"] == last[p]["map"] for p in ("easy", "hard"))
+    ranks = np.load(os.path.join(workdir, "eval", "revisited_ranks.npy"))
+    np.testing.assert_array_equal(ranks, rankings[-1].neighbors)
+    assert "H mP@10" in evaluation.format_metrics(report)
     settings = json.load(open(os.path.join(workdir, "eval", "revisited.json")))["settings"]
     assert (settings["resize"], settings["image_size"], settings["size_multiple"]) == (
         "longer_side",
