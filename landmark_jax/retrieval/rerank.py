@@ -1,4 +1,4 @@
-"""Re-ranking with global descriptors alone: alpha query expansion and database augmentation.
+"""Re-ranking by global descriptors alone: query expansion, DBA, SuperGlobal, k-reciprocal.
 
 Steps of `eval.rerank`, applied in order after the first kNN search; each
 is a pure function of descriptors and the neighbours a search found:
@@ -30,6 +30,13 @@ is a pure function of descriptors and the neighbours a search found:
     similarities times beta (not clipped at 0); RerankwMDA scales the top
     k + 1 scores by beta and never uses them, so nothing here does.
 
+  * `k_reciprocal(k1, k2, lambda)`, k-reciprocal re-ranking (Zhong, Zheng,
+    Cao, Li, CVPR 2017; retrieval/k_reciprocal.py, as its released code
+    computes it, queries and index rows all nodes of the graph): the k
+    candidates of the ranking before it are re-ordered by
+    (1 - lambda) Jaccard distance of their k-reciprocal encodings + lambda
+    normalised distance; each keeps its distance for the steps after it.
+
 In alpha_qe and dba, the vector's own weight is 1 (its similarity to itself, to any
 power) and a neighbour's weight is max(similarity, 0)^alpha: a fractional
 power of a negative cosine is undefined, and a neighbour pointing away from
@@ -53,7 +60,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from landmark_jax.models import layers
-from landmark_jax.retrieval import knn
+from landmark_jax.retrieval import k_reciprocal, knn
 
 # Rows whose weighted sums are formed at once: n neighbours x D floats each.
 ROWS_PER_CHUNK = 8192
@@ -71,9 +78,14 @@ class RerankStep:
     m: int = 0
     k: int = 0
     beta: float = 0.0
+    k1: int = 0
+    k2: int = 0
+    lambda_value: float = 0.0
 
     def label(self) -> str:
-        args = ", ".join(f"{key}={getattr(self, key):g}" for key in STEP_ARGS[self.name])
+        args = ", ".join(
+            f"{key}={getattr(self, _FIELDS.get(key, key)):g}" for key in STEP_ARGS[self.name]
+        )
         return f"{self.name}({args})"
 
 
@@ -83,19 +95,28 @@ class RerankStep:
 # caller can keep the answer (evaluation keeps it in the workdir).
 IndexNeighbors = Callable[[int], tuple[np.ndarray, np.ndarray]]
 
-STEP_ARGS = {"alpha_qe": ("n", "alpha"), "dba": ("n", "alpha"), "superglobal": ("m", "k", "beta")}
+STEP_ARGS = {
+    "alpha_qe": ("n", "alpha"),
+    "dba": ("n", "alpha"),
+    "superglobal": ("m", "k", "beta"),
+    "k_reciprocal": ("k1", "k2", "lambda"),
+}
 STEPS = tuple(STEP_ARGS)
-_INTEGER_ARGS = ("n", "m", "k")
+_INTEGER_ARGS = ("n", "m", "k", "k1", "k2")
+# An argument whose RerankStep field has another name (lambda is Python's).
+_FIELDS = {"lambda": "lambda_value"}
 
 
 def parse_step(spec: str) -> RerankStep:
-    """'alpha_qe(n=2, alpha=3)', 'dba(n=1, alpha=3)' or
-    'superglobal(m=400, k=9, beta=0.15)' as a RerankStep.
+    """'alpha_qe(n=2, alpha=3)', 'dba(n=1, alpha=3)',
+    'superglobal(m=400, k=9, beta=0.15)' or 'k_reciprocal(k1=20, k2=6,
+    lambda=0.3)' as a RerankStep.
 
     Raises:
       ValueError: another name (the valid ones listed), a missing, unknown
-        or malformed argument, n, m or k below 1 (k must be below m), alpha
-        or beta negative; the message quotes `spec`.
+        or malformed argument, n, m, k, k1 or k2 below 1 (k must be below
+        m), alpha, beta or lambda negative, lambda above 1; the message
+        quotes `spec`.
     """
     match = _STEP.match(str(spec))
     if not match:
@@ -123,8 +144,14 @@ def parse_step(spec: str) -> RerankStep:
             raise ValueError(f"eval.rerank step {spec!r}: {key} must be >= 0")
     if name == "superglobal" and args["k"] >= args["m"]:
         raise ValueError(f"eval.rerank step {spec!r}: k must be below m")
+    if name == "k_reciprocal" and args["lambda"] > 1:
+        raise ValueError(f"eval.rerank step {spec!r}: lambda must be within [0, 1]")
     return RerankStep(
-        name, **{key: int(v) if key in _INTEGER_ARGS else float(v) for key, v in args.items()}
+        name,
+        **{
+            _FIELDS.get(key, key): int(v) if key in _INTEGER_ARGS else float(v)
+            for key, v in args.items()
+        },
     )
 
 
@@ -343,6 +370,10 @@ def rerank_searches(
         elif step.name == "alpha_qe":
             queries = alpha_query_expansion(queries, index, neighbors, distances, step)
             distances, neighbors = knn.search(queries, index, k, backend=backend)
+        elif step.name == "k_reciprocal":
+            distances, neighbors = _k_reciprocal(
+                queries, index, distances, neighbors, step, backend, index_neighbors
+            )
         else:
             # Its own m candidates (m may exceed k); the scores, as distances
             # 2 - 2 s of unit vectors, feed the steps after it.
@@ -353,6 +384,32 @@ def rerank_searches(
         label = f"{out[-1].label} + {step.label()}" if len(out) > 1 else step.label()
         out.append(Ranking(label, distances, neighbors, time.perf_counter() - clock))
     return out
+
+
+def _k_reciprocal(queries, index, distances, neighbors, step, backend, index_neighbors):
+    """The k candidates re-ordered by k-reciprocal re-ranking, each with the
+    distance it had (the steps after it weigh by true similarities)."""
+    width = min(max(step.k1 + 1, step.k2), len(index))
+    _, reordered = k_reciprocal.k_reciprocal_rerank(
+        queries,
+        index,
+        neighbors,
+        step.k1,
+        step.k2,
+        step.lambda_value,
+        backend,
+        None if index_neighbors is None else index_neighbors(width)[1][:, :width],
+    )
+    # Where each re-ordered candidate stood: a search in each row's sorted
+    # candidates, all rows at once (row r's values offset by r (N + 2)).
+    rows, offset = len(neighbors), len(index) + 2
+    shift = np.arange(rows, dtype=np.int64)[:, None] * offset
+    order = np.argsort(neighbors, axis=1, kind="stable")
+    ranked = np.take_along_axis(neighbors, order, axis=1) + 1 + shift
+    where = np.searchsorted(ranked.ravel(), (reordered + 1 + shift).ravel()).reshape(rows, -1)
+    where -= np.arange(rows)[:, None] * neighbors.shape[1]
+    sorted_distances = np.take_along_axis(distances, order, axis=1)
+    return np.take_along_axis(sorted_distances, where, axis=1), reordered
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -138,6 +138,24 @@ def test_max_batch_rows_from_the_compiled_peaks(monkeypatch):
     }
 
 
+def test_rerank_cost_small_times_each_step_beside_the_first_search(tmp_path):
+    import rerank_cost
+
+    payload = rerank_cost.main(["--mode=small", f"--output_dir={tmp_path}"])
+    _written(tmp_path, "rerank_cost")
+    rows = payload["rows"]
+    assert [r["step"] for r in rows] == ["first stage kNN", *rerank_cost.STEPS]
+    for row in rows:
+        assert (row["index_rows"], row["dim"], row["queries"]) == (2_000, 16, 20)
+        assert row["seconds"] > 0 and row["first_stage_seconds"] > 0
+        assert row["rss_extra_gib"] is None  # one process: no row's own resident peak
+    # The first search's distances alone ([20, 100] float32) are traced.
+    assert all(r["numpy_peak_gib"] * (1 << 30) >= 20 * 100 * 4 for r in rows)
+    # SuperGlobal's [r, 400, 400] similarities of 20 queries at a time, float64.
+    superglobal = rows[3]
+    assert superglobal["numpy_peak_gib"] * (1 << 30) >= 20 * 400 * 400 * 8
+
+
 def test_largest_batch_search_against_hand_computed_memory():
     import step_memory
 

@@ -10,7 +10,7 @@ numpy, not from retrieval/rerank.py.
 import numpy as np
 import pytest
 
-from landmark_jax.retrieval import rerank
+from landmark_jax.retrieval import k_reciprocal, rerank
 
 
 def unit(x):
@@ -174,12 +174,39 @@ def test_superglobal_is_its_released_code_s_definition(clustered, m, k, beta):
     np.testing.assert_array_equal(searches[-1].neighbors, got[:, :10])
 
 
+def test_k_reciprocal_re_orders_the_candidates_before_it():
+    """k_reciprocal(k1, k2, lambda) re-orders the ranking before it as
+    k_reciprocal.k_reciprocal_rerank does (tested against its dense definition
+    in test_k_reciprocal.py); each candidate keeps its distance, so the
+    alpha_qe after it weighs its neighbours by their true similarities."""
+    queries, index = random_data(4, True)
+    steps = rerank.parse_steps(["k_reciprocal(k1=5, k2=3, lambda=0.3)", "alpha_qe(n=2, alpha=3)"])
+    assert steps[0] == rerank.RerankStep("k_reciprocal", k1=5, k2=3, lambda_value=0.3)
+    first, after, expanded = rerank.rerank_searches(queries, index, steps, 8, "exact")
+    assert after.label == "k_reciprocal(k1=5, k2=3, lambda=0.3)"
+    _, want = k_reciprocal.k_reciprocal_rerank(queries, index, first.neighbors, 5, 3, 0.3, "exact")
+    np.testing.assert_array_equal(after.neighbors, want)
+    assert not np.array_equal(after.neighbors, first.neighbors)  # the check can fail
+    full = ((queries[:, None] - index[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(
+        after.distances, np.take_along_axis(full, after.neighbors, 1), atol=1e-5
+    )
+    # alpha_qe over the re-ordered list's first two, weighted by their cosines.
+    again = []
+    for q, row in zip(queries, after.neighbors, strict=True):
+        total = q.astype(np.float64) + sum(max(index[j] @ q, 0.0) ** 3 * index[j] for j in row[:2])
+        again.append(total / np.linalg.norm(total))
+    _, want = exact_neighbours(np.array(again), index, 8)
+    np.testing.assert_array_equal(expanded.neighbors, want)
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         (
             "diffusion(n=2, alpha=3)",
-            r"unknown step 'diffusion'; valid: \('alpha_qe', 'dba', 'superglobal'\)",
+            r"unknown step 'diffusion'; "
+            r"valid: \('alpha_qe', 'dba', 'superglobal', 'k_reciprocal'\)",
         ),
         ("alpha_qe(n=2)", r"needs exactly n=, alpha="),
         ("alpha_qe(n=2, alpha=3, k=1)", r"needs exactly n=, alpha="),
@@ -188,6 +215,9 @@ def test_superglobal_is_its_released_code_s_definition(clustered, m, k, beta):
         ("dba(n=1, alpha=-1)", r"alpha must be >= 0"),
         ("superglobal(m=10, k=10, beta=0.15)", r"k must be below m"),
         ("superglobal(m=10, k=2)", r"needs exactly m=, k=, beta="),
+        ("k_reciprocal(k1=20, k2=6, lambda=1.5)", r"lambda must be within \[0, 1\]"),
+        ("k_reciprocal(k1=0, k2=6, lambda=0.3)", r"k1 must be an integer >= 1"),
+        ("k_reciprocal(k1=20, k2=6)", r"needs exactly k1=, k2=, lambda="),
         ("dba n=1", r"expected NAME\(KEY=NUMBER, ...\)"),
         ("dba(n=one, alpha=3)", r"'n=one' is not KEY=NUMBER"),
     ],
