@@ -162,6 +162,23 @@ def base_config(model_name: str = "global") -> ml_collections.ConfigDict:
     c.eval.resize = "square"
     c.eval.revisited_resize = "native"  # Revisited: each image x scale, DOLG's protocol
     c.eval.size_multiple = 1  # aspect kept: sides rounded to a multiple (fewer programs)
+    # SuperGlobal's pooling (Shao et al., ICCV 2023; models/superglobal_pooling.py),
+    # applied to the trained run at extraction, no retraining; all off by default
+    # (descriptors then unchanged). Parameters default to the released code's.
+    c.eval.gem_plus = False  # GeM+: GeM at p=gem_plus_p (eps 1e-8) replaces the trained pooling
+    c.eval.gem_plus_p = 4.6
+    # Regional-GeM: the pooled map x becomes 0.5 * x + 0.5 * its power mean
+    # (p=regional_gem_p) over regional_gem_size^2 windows (odd side, stride 1)
+    c.eval.regional_gem = False
+    c.eval.regional_gem_p = 2.5
+    c.eval.regional_gem_size = 5
+    # Scale-GeM (p = inf): eval.scales (two or more) combined by the element-wise
+    # maximum of each scale's unit descriptor instead of their mean
+    c.eval.scale_gem = False
+    # ReLU+: a ResNet backbone's ReLUs after conv2-conv4's blocks and inside
+    # conv2's become max(x, relu_plus_alpha) (no EfficientNet: swish)
+    c.eval.relu_plus = False
+    c.eval.relu_plus_alpha = 0.014
     c.eval.gallery_queries = 8
     # Scored beside the learned model on the same queries (retrieval/baselines.py):
     # any of 'untrained', 'raw_pixels', 'chance'; needs eval.retrieval_solution.

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from landmark_jax.models import layers
+from landmark_jax.models import layers, superglobal_pooling
 
 Dtype = Any
 
@@ -196,6 +196,9 @@ class DOLG(nn.Module):
       norm: BatchNorm factory used in every head BN.
       batch_norm: a key of `layers.BATCH_NORM_MODES`, for the head BNs (the
         backbone carries its own).
+      pool_override: None (the global branch's trained pooling), or
+        SuperGlobal's GeM+ / Regional-GeM in its place at extraction
+        (superglobal_pooling; never set by the factory).
     """
 
     backbone: nn.Module
@@ -214,6 +217,7 @@ class DOLG(nn.Module):
     dtype: Dtype = jnp.float32
     norm: Callable[..., nn.Module] = layers.DEFAULT_NORM
     batch_norm: str = "batch"
+    pool_override: superglobal_pooling.PoolingOverride | None = None
 
     def _check(self) -> GlobalBranchSpec:
         if self.local_dim != self.global_dim:
@@ -273,7 +277,8 @@ class DOLG(nn.Module):
                 name="global_bn",
             )(g)
             g = nn.silu(g)
-        f_global = layers.make_pooling(self.pooling, name="global_pool")(g)
+        pool = layers.make_pooling(self.pooling, name="global_pool")
+        f_global = pool(g) if self.pool_override is None else self.pool_override(g, pool)
         if spec.fc:
             f_global = nn.Dense(self.global_dim, dtype=self.dtype, name="global_fc")(f_global)
         f_global = f_global.astype(jnp.float32)

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from landmark_jax.models import layers
+from landmark_jax.models import layers, superglobal_pooling
 
 Dtype = Any
 
@@ -41,6 +41,9 @@ class GlobalModel(nn.Module):
       norm: BatchNorm factory for the neck.
       batch_norm: a key of `layers.BATCH_NORM_MODES`, for the neck (the
         backbone carries its own).
+      pool_override: None (the trained pooling), or SuperGlobal's GeM+ /
+        Regional-GeM in its place at extraction (superglobal_pooling;
+        never set by the factory, so training is unchanged).
     """
 
     backbone: nn.Module
@@ -52,6 +55,7 @@ class GlobalModel(nn.Module):
     dtype: Dtype = jnp.float32
     norm: Callable[..., nn.Module] = layers.DEFAULT_NORM
     batch_norm: str = "batch"
+    pool_override: superglobal_pooling.PoolingOverride | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -72,7 +76,9 @@ class GlobalModel(nn.Module):
             raise ValueError(
                 f"backbone has no feature map {self.feature_key!r}; available: {sorted(features)}"
             )
-        pooled = layers.make_pooling(self.pooling, name="pool")(features[self.feature_key])
+        pool = layers.make_pooling(self.pooling, name="pool")
+        fmap = features[self.feature_key]
+        pooled = pool(fmap) if self.pool_override is None else self.pool_override(fmap, pool)
         self.sow("intermediates", "pooled", pooled)
         pooled = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(pooled)
         return layers.EmbeddingNeck(

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from landmark_jax.models import input_normalization, layers
+from landmark_jax.models import input_normalization, layers, superglobal_pooling
 
 RESNET_STAGE_SIZES: dict[str, tuple[int, ...]] = {
     "resnet50": (3, 4, 6, 3),
@@ -34,7 +34,11 @@ CONV = functools.partial(nn.Conv, use_bias=True, padding="VALID", kernel_init=_C
 
 
 class BottleneckBlock(nn.Module):
-    """1x1 (strided) -> 3x3 -> 1x1 with a projection shortcut when needed."""
+    """1x1 (strided) -> 3x3 -> 1x1 with a projection shortcut when needed.
+
+    `act` follows the first two convs; `out_act` (None: `act`) the sum with
+    the shortcut.
+    """
 
     filters: int
     strides: int
@@ -42,6 +46,7 @@ class BottleneckBlock(nn.Module):
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
     act: Callable[[jax.Array], jax.Array]
+    out_act: Callable[[jax.Array], jax.Array] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,7 +63,7 @@ class BottleneckBlock(nn.Module):
         y = self.act(self.norm(name="2_bn")(y))
         y = self.conv(EXPANSION * self.filters, (1, 1), name="3_conv")(y)
         y = self.norm(name="3_bn")(y)
-        return self.act(shortcut + y)
+        return (self.out_act or self.act)(shortcut + y)
 
 
 class ResNet(nn.Module):
@@ -83,6 +88,10 @@ class ResNet(nn.Module):
       dtype: computation dtype.
       param_dtype: parameter dtype.
       act: activation (ReLU).
+      relu_plus: None, or SuperGlobal's ReLU+ floor alpha: the activations
+        `superglobal_pooling.relu_plus_stages` names (every block output but
+        the last stage's, the first stage's inner ones) become
+        max(x, alpha). Set at extraction only (never by the factory).
     """
 
     stage_sizes: tuple[int, ...] = RESNET_STAGE_SIZES["resnet50"]
@@ -98,6 +107,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     act: Callable[[jax.Array], jax.Array] = nn.relu
+    relu_plus: float | None = None
 
     def feature_channels(self) -> dict[str, int]:
         """Channel count of every map `__call__` returns, by key."""
@@ -134,7 +144,14 @@ class ResNet(nn.Module):
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
         block = layers.rematerialised(BottleneckBlock, self.remat)
+        floored = functools.partial(superglobal_pooling.relu_plus, alpha=self.relu_plus)
+        stages = superglobal_pooling.relu_plus_stages(len(self.stage_sizes))
         for i, num_blocks in enumerate(self.stage_sizes):
+            inner, out = (
+                (floored if plus else self.act for plus in stages[i])
+                if self.relu_plus is not None
+                else (self.act, self.act)
+            )
             for j in range(num_blocks):
                 x = block(
                     filters=self.width * 2**i,
@@ -142,7 +159,8 @@ class ResNet(nn.Module):
                     conv_shortcut=j == 0,
                     conv=conv,
                     norm=norm,
-                    act=self.act,
+                    act=inner,
+                    out_act=out,
                     name=f"conv{i + 2}_block{j + 1}",
                 )(x)
             features[f"stride_{4 * 2**i}"] = x

@@ -16,7 +16,7 @@ import ml_collections
 
 from landmark_jax import config_lib
 from landmark_jax.data import sized_eval_input
-from landmark_jax.retrieval import baselines, ensemble, knn, rerank
+from landmark_jax.retrieval import baselines, ensemble, knn, rerank, superglobal_extraction
 from landmark_jax.runtime import file_io
 
 
@@ -87,6 +87,7 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         )
     for key in ("resize", "revisited_resize"):
         config_lib.check_choice(config, f"eval.{key}", ec[key], sized_eval_input.RESIZE_MODES)
+    _check_superglobal(ec, scales)
     if not isinstance(ec.recognition_submission, bool):
         raise ValueError(
             f"config.eval.recognition_submission={ec.recognition_submission!r}: expected True "
@@ -120,3 +121,44 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> None:
         path = ec[key]
         if path and not file_io.exists(path):
             raise ValueError(f"config.eval.{key}={path!r} does not exist")
+
+
+def _check_superglobal(ec: ml_collections.ConfigDict, scales: tuple) -> None:
+    """SuperGlobal's pooling keys (superglobal_extraction): switches, parameters, scales.
+
+    Raises:
+      ValueError: a switch that is not a bool, a parameter that is not a
+        finite number > 0, an even window, Scale-GeM with one scale, or an
+        option on with eval.revisited_data_dir set; the message names the key.
+    """
+    for key in superglobal_extraction.SWITCHES:
+        if not isinstance(ec[key], bool):
+            raise ValueError(f"config.eval.{key}={ec[key]!r}: expected True or False")
+    for key in ("gem_plus_p", "regional_gem_p", "relu_plus_alpha"):
+        value = ec[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"config.eval.{key}={value!r}: expected a finite number > 0")
+    size = ec.regional_gem_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+        raise ValueError(
+            f"config.eval.regional_gem_size={size!r}: expected an odd window side >= 1 "
+            "(the released code's is 5)"
+        )
+    if ec.scale_gem and len(scales) < 2:
+        raise ValueError(
+            f"config.eval.scale_gem=True combines config.eval.scales, but there is one "
+            f"({scales}): give several, e.g. (0.7071, 1.0, 1.4142) as SuperGlobal"
+        )
+    on = [key for key in superglobal_extraction.SWITCHES if ec[key]]
+    # Revisited extracts with its own options (retrieval/revisited.py), which
+    # do not carry these yet: refused rather than scored without them.
+    if on and ec.revisited_data_dir:
+        raise ValueError(
+            f"config.eval.{on[0]}=True is not applied by the Revisited Oxford/Paris "
+            "extraction yet: unset config.eval.revisited_data_dir or the option"
+        )

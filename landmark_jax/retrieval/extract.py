@@ -29,7 +29,7 @@ import functools
 import json
 import logging
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,8 +40,8 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from landmark_jax.data import data_format, input_pipeline, sized_eval_input
-from landmark_jax.models import layers
-from landmark_jax.retrieval import shape_buckets
+from landmark_jax.models import layers, superglobal_pooling
+from landmark_jax.retrieval import shape_buckets, superglobal_extraction
 from landmark_jax.runtime import file_io, sharding
 
 # The folder of a workdir that evaluation and the Revisited benchmark write
@@ -258,6 +258,7 @@ def extract(
     resize: str = "square",
     size_multiple: int = 1,
     descriptor: str | None = None,
+    superglobal: Mapping[str, Any] | None = None,
 ) -> Embeddings:
     """Embeds every image of a split with a restored model.
 
@@ -279,6 +280,10 @@ def extract(
         (fewer distinct shapes to compile); 1 is exact.
       descriptor: 'embedding' or 'pooled' (models.DESCRIPTORS); None: the
         run's model.descriptor.
+      superglobal: SuperGlobal's pooling options
+        (superglobal_extraction.options_from_config; None: off): GeM+,
+        Regional-GeM and ReLU+ in the model, and with Scale-GeM the scales
+        combined by the maximum of their unit descriptors instead of summed.
 
     A side that any mode sizes below the model's minimum (`min_image_side`:
     32 px for an EfficientNet with Keras's dynamic padding, 1 for every
@@ -290,8 +295,8 @@ def extract(
 
     Raises:
       ValueError: an empty scale list, a non-positive scale, an unknown resize
-        mode, a size_multiple below 1, or a batch that does not divide over
-        the devices.
+        mode, a size_multiple below 1, a batch that does not divide over
+        the devices, or a SuperGlobal option the model cannot take (named).
     """
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales={tuple(scales)}: need one or more positive scales")
@@ -308,10 +313,12 @@ def extract(
     run_mesh = mesh if resize == "square" else shape_buckets.process_mesh(mesh)
     local_rows = sharding.local_batch_size(batch_size, mesh)
     variables = jax.device_put(model.variables, sharding.replicated_sharding(run_mesh))
-    embed = embed_views(model.module, flip, descriptor or config.model.descriptor)
+    module = superglobal_extraction.with_options(model.module, superglobal)
+    scale_gem = superglobal_extraction.scale_gem(superglobal)
+    embed = embed_views(module, flip, descriptor or config.model.descriptor)
     # Every path sizes images to at least the model's minimum side, whatever
     # the lowering (eval_image_sizes' min_side).
-    min_side = min_image_side(model.module)
+    min_side = min_image_side(module)
     if resize != "square":
         return _extract_by_shape(
             embed,
@@ -325,6 +332,7 @@ def extract(
             local_rows=local_rows,
             local_mesh=run_mesh,
             min_side=min_side,
+            scale_gem=scale_gem,
         )
 
     # Where each of this process's rows stands in the split's file order: it
@@ -338,6 +346,7 @@ def extract(
         or [np.zeros(0, np.int64)]
     )
     total, ids, labels, mask, positions = None, None, None, None, None
+    per_scale = []  # Scale-GeM's inputs: each scale's sums of unit views
     for scale in scales:
         size = max(int(round(image_size * scale)), min_side)
         if size == min_side > int(round(image_size * scale)):
@@ -372,12 +381,17 @@ def extract(
             if "label" in batch:
                 label_parts.append(_gather(batch["label"]))
         scale_total = np.concatenate(parts)
-        total = scale_total if total is None else total + scale_total
+        if scale_gem:
+            per_scale.append(scale_total)
+        else:
+            total = scale_total if total is None else total + scale_total
         mask = np.concatenate(mask_parts)
         ids = _decode_ids(np.concatenate(id_parts))
         labels = np.concatenate(label_parts) if label_parts else np.full(len(mask), -1)
         positions = np.concatenate(position_parts)
 
+    if scale_gem:
+        total = superglobal_pooling.scale_gem(np.stack(per_scale), xp=np)
     order = np.argsort(positions[mask], kind="stable")  # file order, whatever the processes
     embeddings = layers.l2_normalize_rows(total[mask][order])
     return Embeddings(
@@ -397,7 +411,7 @@ def extraction_options(
         the run's).
 
     Returns:
-      Keyword arguments of `extract`.
+      Keyword arguments of `extract`, SuperGlobal's options among them.
     """
     ec = config.eval
     return {
@@ -407,4 +421,5 @@ def extraction_options(
         "resize": ec.resize,
         "size_multiple": int(ec.size_multiple),
         "descriptor": model.config.model.descriptor,
+        "superglobal": superglobal_extraction.options_from_config(config),
     }

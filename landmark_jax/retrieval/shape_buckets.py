@@ -33,7 +33,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from landmark_jax.data import sized_eval_input
-from landmark_jax.models import layers
+from landmark_jax.models import layers, superglobal_pooling
 from landmark_jax.runtime import sharding
 
 
@@ -131,6 +131,7 @@ def share_embeddings(
     process_index: int,
     process_count: int,
     min_side: int = 1,
+    scale_gem: bool = False,
 ) -> dict[str, np.ndarray]:
     """One process's share of a split, embedded on its devices (aspect kept).
 
@@ -151,6 +152,9 @@ def share_embeddings(
       min_side: the smallest side the model takes (extract.min_image_side):
         a resized side below it is raised to it, and logged with the first
         such image's id.
+      scale_gem: combine the scales by SuperGlobal's Scale-GeM (the maximum
+        of each scale's normalised sum; superglobal_pooling.scale_gem)
+        instead of summing them.
 
     Returns:
       {'ids': str [n], 'embeddings': float32 [n, D] unit rows,
@@ -163,6 +167,7 @@ def share_embeddings(
     probe = jax.ShapeDtypeStruct((local_mesh.devices.size, 32, 32, 3), jnp.uint8)
     dim = jax.eval_shape(embed, variables, probe).shape[-1]
     total = np.zeros((n, dim), np.float32)
+    per_scale = []
     placement = sharding.batch_sharding(local_mesh)
 
     def finish(item):
@@ -171,6 +176,9 @@ def share_embeddings(
         progress.update(len(indices))
 
     for scale in scales:
+        if scale_gem:  # this scale's sums alone
+            total = np.zeros((n, dim), np.float32)
+            per_scale.append(total)
         size_rule = dict(resize=resize, image_size=image_size, scale=scale, multiple=size_multiple)
         sizes = sized_eval_input.eval_image_sizes(
             index.heights, index.widths, min_side=min_side, **size_rule
@@ -206,6 +214,8 @@ def share_embeddings(
         while in_flight:
             finish(in_flight.popleft())
         progress.close()
+    if scale_gem:
+        total = superglobal_pooling.scale_gem(np.stack(per_scale), xp=np)
     total = layers.l2_normalize_rows(total)
     labels = index.labels if index.labels is not None else np.full(n, -1, np.int64)
     return {"ids": index.ids, "embeddings": total, "labels": labels}

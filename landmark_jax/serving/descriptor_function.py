@@ -10,7 +10,11 @@ numeric part (JAX: the models):
   * `describe` (JAX): for each member, the unit descriptors of its views
     (flip) summed over its scales and L2-normalised (extract.embed_views, as
     `extract.extract`), times the member's weight, concatenated over the
-    members (ensemble.combine_embeddings: GLR2020's export).
+    members (ensemble.combine_embeddings: GLR2020's export). SuperGlobal's
+    pooling options of the evaluation config (eval.gem_plus, ...) come with
+    the extraction's: the model is built with them
+    (superglobal_extraction.with_options) and Scale-GeM combines the scales
+    in place of the sum, as `extract.extract` does.
 
 Together they give the row `evaluate` embeds the image as, to float
 rounding. Models are rebuilt with XLA's convolutions (`conv_lowering='xla'`):
@@ -36,9 +40,9 @@ import numpy as np
 import tensorflow as tf
 
 from landmark_jax.data import input_pipeline, sized_eval_input
-from landmark_jax.models import layers
+from landmark_jax.models import layers, superglobal_pooling
 from landmark_jax.models.factory import create_model
-from landmark_jax.retrieval import ensemble, extract
+from landmark_jax.retrieval import ensemble, extract, superglobal_extraction
 from landmark_jax.runtime import file_io
 
 
@@ -60,6 +64,10 @@ class ExportedMember:
       descriptor: 'embedding' or 'pooled' (models.DESCRIPTORS).
       min_side: the smallest side the model takes (extract.min_image_side).
       model_config: the resolved model config it was built from.
+      superglobal: SuperGlobal's pooling options
+        (superglobal_extraction.options_from_config), already in `module`
+        but Scale-GeM's; part of the identity only when on, so a member
+        without them keeps the identity it had before they existed.
     """
 
     workdir: str
@@ -75,10 +83,11 @@ class ExportedMember:
     descriptor: str
     min_side: int
     model_config: dict
+    superglobal: dict
 
     def identity(self) -> dict[str, Any]:
         """What defines this member's descriptor, as JSON-ready data."""
-        return {
+        identity = {
             "workdir": file_io.absolute(self.workdir),
             "step": self.step,
             "weight": self.weight,
@@ -90,6 +99,9 @@ class ExportedMember:
             "descriptor": self.descriptor,
             "model": self.model_config,
         }
+        if not superglobal_extraction.is_off(self.superglobal):
+            identity["superglobal"] = self.superglobal
+        return identity
 
 
 def exported_member(
@@ -105,7 +117,8 @@ def exported_member(
     options = extract.extraction_options(config, model, member.image_size)
     model_config = {**dict(model.config.model), "conv_lowering": "xla"}
     model_config = ml_collections.ConfigDict(model_config).to_dict()
-    module = create_model(model_config)
+    superglobal = dict(options["superglobal"])
+    module = superglobal_extraction.with_options(create_model(model_config), superglobal)
     return ExportedMember(
         workdir=model.workdir,
         step=int(model.step),
@@ -120,6 +133,7 @@ def exported_member(
         descriptor=options["descriptor"],
         min_side=extract.min_image_side(module),
         model_config=model_config,
+        superglobal=superglobal,
     )
 
 
@@ -228,7 +242,11 @@ def describe_function(members: Sequence[ExportedMember]):
         for member, embed, member_variables, per_scale in zip(
             members, embeds, variables, images, strict=True
         ):
-            total = sum(embed(member_variables, image) for image in per_scale)
+            sums = [embed(member_variables, image) for image in per_scale]
+            if superglobal_extraction.scale_gem(member.superglobal):
+                total = superglobal_pooling.scale_gem(jnp.stack(sums))
+            else:
+                total = sum(sums)
             parts.append(layers.l2_normalize_rows(total, jnp) * member.weight)
         return jnp.concatenate(parts, axis=-1)
 

@@ -4,7 +4,8 @@ Three exports share one TensorFlow-only process (experiments/serving/
 score_saved_model.py, which refuses to import JAX or landmark_jax): the
 trained demo run through the real `python -m landmark_jax.export` (its
 mAP@100 through the SavedModel against `evaluate`'s), a DOLG (native sizes,
-two scales, sides rounded to multiples of 16), and a weighted 2-member
+two scales, sides rounded to multiples of 16, SuperGlobal's pooling options
+on), and a weighted 2-member
 ensemble of an EfficientNet with Keras's padding (aspect kept, sides raised
 to its 32 px minimum) and a ResNet with the caffe convention whose large
 head must stay out; the last three runs are written here with random
@@ -62,7 +63,17 @@ RUNS = {
             },
         },
         40,
-        {"resize": "native", "scales": (0.7071, 1.0), "size_multiple": 16},
+        # With SuperGlobal's pooling (superglobal_extraction): GeM+ and
+        # Regional-GeM in the global branch, ReLU+ in the ResNet, Scale-GeM.
+        {
+            "resize": "native",
+            "scales": (0.7071, 1.0),
+            "size_multiple": 16,
+            "gem_plus": True,
+            "regional_gem": True,
+            "scale_gem": True,
+            "relu_plus": True,
+        },
         10,
     ),
     # 16 x 100,000 head weights: 6.4 MB, 12x that model, so a head in the export shows.
