@@ -51,6 +51,12 @@ flags.DEFINE_string("output", None, "query: the folder for the neighbours and th
 flags.DEFINE_integer("k", None, "query: neighbours per photo (default: the index's eval.k).")
 flags.DEFINE_bool("recognize", False, "query: answer a landmark id and confidence per photo.")
 flags.DEFINE_integer("gallery_queries", 16, "query: photos shown in gallery.png (0: none).")
+flags.DEFINE_multi_string(
+    "rerank",
+    [],
+    "query: a re-ranking step of eval.rerank, e.g. 'alpha_qe(n=2, alpha=3)' (repeat for several, "
+    "applied in order; retrieval/rerank.py).",
+)
 flags.mark_flags_as_required(["index_dir"])
 
 
@@ -100,13 +106,24 @@ def main(argv):
     index = photo_index.load_index(FLAGS.index_dir)
     model = _model(index.info)
     k = FLAGS.k or index.info["search"]["k"]
-    result = photo_search.query_photos(index, model, FLAGS.images, k, recognize=FLAGS.recognize)
+    from landmark_jax.retrieval import rerank
+
+    steps = rerank.parse_steps(FLAGS.rerank)
+    result = photo_search.query_photos(
+        index,
+        model,
+        FLAGS.images,
+        k,
+        recognize=FLAGS.recognize,
+        rerank_steps=steps,
+    )
     if result.skipped:
         print(photo_files.count_skipped(result.skipped))
     written = photo_search.write_outputs(
         FLAGS.output, index, model, result, gallery_queries=FLAGS.gallery_queries
     )
-    print(f"searched {len(result.ids)} photo(s) against {index.info['count']}; wrote:")
+    reranked = f", re-ranked by {' + '.join(s.label() for s in steps)}" if steps else ""
+    print(f"searched {len(result.ids)} photo(s) against {index.info['count']}{reranked}; wrote:")
     for path in written.values():
         print(f"  {path}")
 

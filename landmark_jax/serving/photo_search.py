@@ -33,7 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from landmark_jax.retrieval import gallery, knn, recognition, recognition_evaluation
+from landmark_jax.retrieval import (
+    gallery,
+    knn,
+    recognition,
+    recognition_evaluation,
+    rerank,
+    rerank_evaluation,
+)
 from landmark_jax.retrieval import non_landmarks as non_landmark_penalty
 from landmark_jax.runtime import file_io
 from landmark_jax.serving import photo_files, photo_index, photo_model
@@ -89,6 +96,7 @@ def query_photos(
     k: int,
     *,
     recognize: bool = False,
+    rerank_steps: Sequence[rerank.RerankStep] = (),
 ) -> QueryResult:
     """Embeds query photos with the index's model and searches them.
 
@@ -98,6 +106,12 @@ def query_photos(
       images: query folders, globs, prefixes or files.
       k: neighbours per query.
       recognize: also label each query with a landmark (a labelled index).
+      rerank_steps: eval.rerank's steps (rerank.parse_steps) applied to the
+        search, as evaluate applies them; the index's self-search (dba,
+        k_reciprocal) is kept in the index folder. The neighbours and
+        scores are the last ranking's (scores: cosines of unit rows, after
+        superglobal its final scores); recognition votes with the first
+        search's.
 
     Raises:
       ValueError: another model than the index's; --recognize on an index
@@ -119,8 +133,20 @@ def query_photos(
             f"no query photo in {list(images)} could be read: " + photo_files.count_skipped(skipped)
         )
     embeddings = model.embed_photos([p.image for p in photos])
-    distances, neighbors = nearest(index, embeddings, k)
     norm2 = index.info["squared_norm"]
+    if rerank_steps:
+        last = rerank_evaluation.searches(
+            embeddings,
+            index.embeddings,
+            rerank_steps,
+            min(int(k), len(index.ids)),
+            index.info["search"]["knn_backend"],
+            file_io.join(index.directory, rerank_evaluation.NEIGHBOURS_FILE.format(split="index")),
+            writes=True,
+        )[-1]
+        distances, neighbors, norm2 = last.distances, last.neighbors, 1.0  # unit rows
+    else:
+        distances, neighbors = nearest(index, embeddings, k)
     scores = np.where(neighbors >= 0, 1.0 - distances / (2.0 * norm2), np.nan)
     result = QueryResult(
         [p.id for p in photos],

@@ -20,7 +20,7 @@ from configs_for_tests import REPO
 from PIL import Image
 
 from landmark_jax.data import data_format
-from landmark_jax.retrieval import extract, gallery, recognition
+from landmark_jax.retrieval import extract, gallery, recognition, rerank
 from landmark_jax.serving import photo_files, photo_index, photo_model, photo_search
 from landmark_jax.workdir import run_config
 
@@ -110,6 +110,23 @@ def test_index_and_query_rank_as_the_evaluation(built, queried, reference):
     assert got == expected
     cos = 1.0 - result.distances / 2.0
     np.testing.assert_allclose(result.scores, cos, atol=1e-6)
+
+
+def test_query_re_ranks_as_the_evaluation(built, model, photos):
+    """--rerank: the last ranking of the steps applied to the query photos'
+    descriptors and the index's, as evaluate ranks them; the index's
+    self-search (dba's) kept in the index folder."""
+    index = photo_index.load_index(built[0])
+    steps = rerank.parse_steps(["dba(n=1, alpha=3)", "alpha_qe(n=2, alpha=3)"])
+    subset = [f"{photos['test']}/0/*/*/*.jpg"]  # the photos whose ids start with 0
+    result = photo_search.query_photos(index, model, subset, k=5, rerank_steps=steps)
+    want = rerank.rerank_searches(result.embeddings, index.embeddings, steps, 5, "exact")[-1]
+    np.testing.assert_array_equal(result.neighbors, want.neighbors)
+    np.testing.assert_allclose(result.scores, 1.0 - want.distances / 2.0, atol=1e-6)
+    plain = photo_search.query_photos(index, model, subset, k=5)
+    assert not np.array_equal(plain.neighbors, result.neighbors)  # the check can fail
+    kept = np.load(f"{built[0]}/neighbours-index.npz")
+    assert kept["neighbors"].shape == (len(index.ids), 2)
 
 
 def test_outputs_and_gallery(built, queried, model, tmp_path):
@@ -235,12 +252,14 @@ def test_search_program(built, photos, tmp_path):
     cmd = [
         sys.executable, "-m", "landmark_jax.search", "query", f"--index_dir={directory}",
         f"--images={photos['test']},{bad}", f"--output={out}", "--k=3", "--gallery_queries=2",
+        "--rerank=alpha_qe(n=2, alpha=3)",
     ]  # fmt: skip
     result = subprocess.run(
         cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 file(s) skipped" in result.stdout and "readme.md" in result.stdout
+    assert ", re-ranked by alpha_qe(n=2, alpha=3); wrote:" in result.stdout
     assert {p.name for p in out.iterdir()} == {"neighbours.csv", "neighbours.json", "gallery.png"}
 
 
