@@ -129,7 +129,7 @@ def _check_superglobal(ec: ml_collections.ConfigDict, scales: tuple) -> None:
     Raises:
       ValueError: a switch that is not a bool, a parameter that is not a
         finite number > 0, an even window, Scale-GeM with one scale, or an
-        option on with eval.revisited_data_dir set; the message names the key.
+        the message names the key.
     """
     for key in superglobal_extraction.SWITCHES:
         if not isinstance(ec[key], bool):
@@ -153,12 +153,4 @@ def _check_superglobal(ec: ml_collections.ConfigDict, scales: tuple) -> None:
         raise ValueError(
             f"config.eval.scale_gem=True combines config.eval.scales, but there is one "
             f"({scales}): give several, e.g. (0.7071, 1.0, 1.4142) as SuperGlobal"
-        )
-    on = [key for key in superglobal_extraction.SWITCHES if ec[key]]
-    # Revisited extracts with its own options (retrieval/revisited.py), which
-    # do not carry these yet: refused rather than scored without them.
-    if on and ec.revisited_data_dir:
-        raise ValueError(
-            f"config.eval.{on[0]}=True is not applied by the Revisited Oxford/Paris "
-            "extraction yet: unset config.eval.revisited_data_dir or the option"
         )

@@ -39,6 +39,7 @@ from landmark_jax.retrieval import (
     restored_runs,
     revisited,
     solutions,
+    superglobal_extraction,
     usage_metrics,
     validation,
 )
@@ -345,6 +346,7 @@ def _revisited(config, model: extract.TrainedModel) -> dict[str, Any]:
         image_size=ec.image_size,
         size_multiple=int(ec.size_multiple),
         rerank_steps=rerank.parse_steps(ec.rerank),
+        superglobal=superglobal_extraction.options_from_config(config),
     )
     logging.info("Revisited:\n%s", revisited.format_results(results))
     return results

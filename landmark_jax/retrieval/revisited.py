@@ -30,14 +30,21 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from landmark_jax.data import data_format, revisited_gnd
-from landmark_jax.retrieval import exact_search, extract, metrics, rerank, rerank_evaluation
+from landmark_jax.retrieval import (
+    exact_search,
+    extract,
+    metrics,
+    rerank,
+    rerank_evaluation,
+    superglobal_extraction,
+)
 from landmark_jax.runtime import file_io, sharding
 
 # data_pipelines.revisited_builder's splits (a split name of a TFDS build).
@@ -155,6 +162,7 @@ def evaluate_revisited(
     image_size: int | None = None,
     size_multiple: int = 1,
     rerank_steps: Sequence[rerank.RerankStep] = (),
+    superglobal: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Revisited Oxford/Paris mAP and mP@k of a restored run.
 
@@ -177,6 +185,9 @@ def evaluate_revisited(
       rerank_steps: eval.rerank's steps (rerank.parse_steps), applied to
         the whole-database ranking (exact search); the database's
         self-search is kept in <workdir>/eval/ (rerank_evaluation).
+      superglobal: SuperGlobal's pooling options
+        (superglobal_extraction.options_from_config; None: off), applied
+        to the extraction and recorded in the settings.
 
     Returns:
       {'easy'|'medium'|'hard': {'map', 'mp@1', 'mp@5', 'mp@10'}} as fractions
@@ -203,6 +214,7 @@ def evaluate_revisited(
         resize=resize,
         image_size=image_size,
         size_multiple=size_multiple,
+        superglobal=superglobal,
     )
     database = extract.extract(model, DB_SPLIT, **options)
     queries = extract.extract(model, QUERY_SPLIT, **options)
@@ -244,6 +256,7 @@ def evaluate_revisited(
             "resize": resize,
             "image_size": None if resize == "native" else image_size or model.config.image_size,
             "size_multiple": int(size_multiple),
+            "superglobal": dict(superglobal or superglobal_extraction.OFF),
             "num_db": len(gnd["imlist"]),
             "num_queries": len(gnd["qimlist"]),
         }

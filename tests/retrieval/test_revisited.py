@@ -424,8 +424,10 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     config.eval.baselines = ()  # extractions of their own, checked in test_evaluate
     config.eval.revisited_resize = "longer_side"
     config.eval.size_multiple = 16
-    # Re-ranked: the Revisited table after each step beside the first search's.
+    # Re-ranked: the Revisited table after each step beside the first search's;
+    # SuperGlobal's GeM+ applies to its extraction as to GLDv2's.
     config.eval.rerank = ("dba(n=1, alpha=3)", "alpha_qe(n=2, alpha=3)")
+    config.eval.gem_plus = True
     report = evaluation.evaluate(config, workdir)
     written = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
     assert set(report["revisited"]) == set(written["revisited"]) == {"easy", "medium", "hard"}
@@ -453,6 +455,8 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     np.testing.assert_array_equal(ranks, rankings[-1].neighbors)
     assert "H mP@10" in evaluation.format_metrics(report)
     settings = json.load(open(os.path.join(workdir, "eval", "revisited.json")))["settings"]
+    assert settings["superglobal"]["gem_plus_p"] == 4.6
+    assert db.settings["superglobal"]["gem_plus_p"] == 4.6
     assert (settings["resize"], settings["image_size"], settings["size_multiple"]) == (
         "longer_side",
         config.image_size,

@@ -200,7 +200,6 @@ def test_options_a_model_cannot_take_are_refused_by_name():
         ({"relu_plus_alpha": -0.1}, r"config\.eval\.relu_plus_alpha=-0\.1"),
         ({"regional_gem_size": 4}, r"config\.eval\.regional_gem_size=4: expected an odd"),
         ({"scale_gem": True, "scales": (1.0,)}, r"config\.eval\.scale_gem=True combines"),
-        ({"relu_plus": True, "revisited_data_dir": "/x"}, r"config\.eval\.relu_plus=True is not"),
     ],
 )
 def test_bad_keys_are_named(keys, match):
