@@ -77,6 +77,20 @@ Where it differs, and why:
   that build; the Revisited builds keep the stored pixels.
 Expect the figures above as the target, not a prediction, until these are
 closed. Append `,smoke` (`:r50,smoke`) for a seconds-long run on the demo data.
+
+Re-ranking and SuperGlobal (README "Re-ranking"): the paper's figures are
+single-stage, no query expansion; keep `eval.rerank=()` to compare with
+them. To compare with SuperGlobal (Shao et al., ICCV 2023: ROxford Hard
+80.2 and RParis Hard 86.7 mAP with its pooling, three scales and its
+re-ranking, on a CVNet ResNet trained on GLDv2-clean), add its pooling and
+re-ranking: `--config.eval.gem_plus=True --config.eval.regional_gem=True
+--config.eval.relu_plus=True --config.eval.scale_gem=True
+--config.eval.scales='(0.7071, 1.0, 1.4142)'
+--config.eval.rerank='("superglobal(m=400, k=9, beta=0.15)",)'`. The
+standard "+alpha QE" rows of Revisited Oxford/Paris use
+`alpha_qe(n, alpha=3)` (Radenović, Tolias, Chum, TPAMI 2018; the Revisited
+paper's R-GeM baseline, without it, is ROxf 64.7 / 38.5 and RPar 77.2 / 56.3
+medium / hard). `evaluate` prints the E/M/H table with and without each step.
 """
 
 from landmark_jax import config_lib

@@ -5,7 +5,9 @@
       --settings='dba(n=1, alpha=3)' --settings='alpha_qe(n=2, alpha=3)' \
       --settings='dba(n=1, alpha=3); alpha_qe(n=2, alpha=3)'
 
-Each --settings is one eval.rerank (steps separated by ';'); every run is
+Each --settings is one eval.rerank (steps separated by ';'), and may set
+eval keys too, e.g. SuperGlobal's pooling: --settings='eval.gem_plus=True;
+superglobal(m=100, k=3, beta=0.15)' (values as Python literals). Every run is
 evaluated once per setting (`evaluation.evaluate`: the embeddings are
 extracted once and read back from each run's eval/ cache, the index's
 self-search kept beside them), so a setting is compared with the first
@@ -18,6 +20,7 @@ first. The runs' eval/ files are left as the last setting wrote them.
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 
 import numpy as np
@@ -27,25 +30,43 @@ from landmark_jax.retrieval import evaluation
 
 
 def sweep(config_path: str, workdirs: list[str], settings: list[str], recognition: bool):
-    """{ranking label: {'map@100': [per run], 'gap': [per run]}}, 'first stage' first."""
+    """{row label: {'map@100': [per run], 'gap': [per run]}}, 'first stage' first."""
     table: dict[str, dict[str, list[float]]] = {"first stage": {}}
-    for i, setting in enumerate(settings):
-        steps = tuple(s.strip() for s in setting.split(";") if s.strip())
+    recorded: set[tuple[str, str]] = set()
+
+    def add(label: str, name: str, value: float) -> None:
+        table.setdefault(label, {}).setdefault(name, []).append(value)
+
+    for setting in settings:
+        parts = [p.strip() for p in setting.split(";") if p.strip()]
+        steps = tuple(p for p in parts if "(" in p)
+        keys = dict(p.split("=", 1) for p in parts if "(" not in p)
+        prefix = ", ".join(f"{k}={v}" for k, v in keys.items())
         for workdir in workdirs:
             config = config_files.load(config_path)
+            config_files.override(config, {k: ast.literal_eval(v) for k, v in keys.items()})
             config.eval.rerank = steps
-            config.eval.rerank_recognition = recognition
+            config.eval.rerank_recognition = recognition and bool(steps)
             config.eval.baselines = ()
             config.eval.gallery_queries = 0
-            tables = evaluation.evaluate(config, workdir)["rerank"]
+            metrics = evaluation.evaluate(config, workdir)
             for key, name in (("retrieval", "map@100"), ("recognition", "gap")):
-                if key not in tables:
+                if steps and key in metrics["rerank"]:
+                    (_, first), *_, (label, last) = metrics["rerank"][key].items()
+                elif not steps and name in metrics:
+                    label, first = "first stage", {name: metrics[name]}
+                    last = first
+                else:
                     continue
-                (first, *_, (label, last)) = tables[key].items()
-                if i == 0:  # the same first search for every setting
-                    table["first stage"].setdefault(name, []).append(first[1][name])
-                table.setdefault(label, {}).setdefault(name, []).append(last[name])
-    return table
+                # The first search of the same descriptors, once per run.
+                if not keys and (name, workdir) not in recorded:
+                    recorded.add((name, workdir))
+                    add("first stage", name, first[name])
+                elif keys:
+                    add(f"{prefix}: first stage", name, first[name])
+                if steps:
+                    add(f"{prefix}: {label}" if keys else label, name, last[name])
+    return {label: figures for label, figures in table.items() if figures}
 
 
 def markdown(table: dict[str, dict[str, list[float]]], workdirs: list[str]) -> str:
