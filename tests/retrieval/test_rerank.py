@@ -10,7 +10,7 @@ numpy, not from retrieval/rerank.py.
 import numpy as np
 import pytest
 
-from landmark_jax.retrieval import k_reciprocal, rerank
+from landmark_jax.retrieval import k_reciprocal, rerank, superglobal_rerank
 
 
 def unit(x):
@@ -158,10 +158,11 @@ def superglobal_one(q, index, ranked, m, k, beta):
 def test_superglobal_is_its_released_code_s_definition(clustered, m, k, beta):
     queries, index = random_data(3, clustered)
     found, ranked = exact_neighbours(queries, index, 30)
-    step = rerank.RerankStep("superglobal", m=m, k=k, beta=beta)
-    scores, got = rerank.superglobal_rerank(queries, index, ranked, step)
+    scores, got = superglobal_rerank.superglobal_rerank(queries, index, ranked, m, k, beta)
     # The candidates below m scored from the search's distances instead: the same.
-    from_distances = rerank.superglobal_rerank(queries, index, ranked, step, found)
+    from_distances = superglobal_rerank.superglobal_rerank(
+        queries, index, ranked, m, k, beta, found
+    )
     np.testing.assert_array_equal(from_distances[1], got)
     np.testing.assert_allclose(from_distances[0], scores, atol=1e-9)
     for q, row, row_scores, got_row in zip(queries, ranked, scores, got, strict=True):
