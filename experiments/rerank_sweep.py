@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import re
 import sys
 
 import numpy as np
 
 from landmark_jax import config_files
 from landmark_jax.retrieval import evaluation
+
+# A setting's part that sets a config key ('eval.gem_plus=True'), not a step.
+_KEY = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def sweep(config_path: str, workdirs: list[str], settings: list[str], recognition: bool):
@@ -39,8 +43,8 @@ def sweep(config_path: str, workdirs: list[str], settings: list[str], recognitio
 
     for setting in settings:
         parts = [p.strip() for p in setting.split(";") if p.strip()]
-        steps = tuple(p for p in parts if "(" in p)
-        keys = dict(p.split("=", 1) for p in parts if "(" not in p)
+        keys = dict(p.split("=", 1) for p in parts if _KEY.match(p))
+        steps = tuple(p for p in parts if not _KEY.match(p))
         prefix = ", ".join(f"{k}={v}" for k, v in keys.items())
         for workdir in workdirs:
             config = config_files.load(config_path)
@@ -66,6 +70,9 @@ def sweep(config_path: str, workdirs: list[str], settings: list[str], recognitio
                     add(f"{prefix}: first stage", name, first[name])
                 if steps:
                     add(f"{prefix}: {label}" if keys else label, name, last[name])
+        # Each setting's rows as they are done (a long sweep loses nothing).
+        done = {label: figures for label, figures in table.items() if figures}
+        print(markdown(done, workdirs), flush=True)
     return {label: figures for label, figures in table.items() if figures}
 
 
