@@ -424,11 +424,23 @@ def test_evaluate_revisited_matches_numpy_ranking(demo, revisited_data, trained)
     config.eval.baselines = ()  # extractions of their own, checked in test_evaluate
     config.eval.revisited_resize = "longer_side"
     config.eval.size_multiple = 16
-    # Re-ranked: the Revisited table after each step beside the first search's;
-    # SuperGlobal's GeM+ applies to its extraction as to GLDv2's.
+    # Re-ranked: the Revisited table after each step beside the first search's.
     config.eval.rerank = ("dba(n=1, alpha=3)", "alpha_qe(n=2, alpha=3)")
+    # SuperGlobal's pooling options reach Revisited's extraction (what they
+    # do to a descriptor: test_superglobal_extraction.py); the spy passes
+    # the extraction on without them, so no other program is compiled.
     config.eval.gem_plus = True
-    report = evaluation.evaluate(config, workdir)
+    passed, real_extract = [], extract.extract
+
+    def spy(model, split, **options):
+        passed.append((split, options.pop("superglobal")))
+        return real_extract(model, split, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(extract, "extract", spy)  # GLDv2's extraction and Revisited's
+        report = evaluation.evaluate(config, workdir)
+    assert [split for split, _ in passed] == ["index", "test", "revisited_db", "revisited_query"]
+    assert all(options["gem_plus_p"] == 4.6 for _, options in passed)
     written = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
     assert set(report["revisited"]) == set(written["revisited"]) == {"easy", "medium", "hard"}
     assert 0.0 <= written["revisited"]["medium"]["map"] <= 1.0
