@@ -178,7 +178,7 @@ def weighted_expansion(
         weights = np.maximum(similarities[rows].astype(np.float64), 0.0) ** alpha
         weights = np.where(ids >= 0, weights, 0.0)
         gathered = pool[np.maximum(ids, 0)].astype(np.float64)  # [r, n, D]
-        total = vectors[rows].astype(np.float64) + np.einsum("rn,rnd->rd", weights, gathered)
+        total = vectors[rows].astype(np.float64) + (weights[:, None, :] @ gathered)[:, 0]
         out[rows] = layers.l2_normalize_rows(total)
     return out
 

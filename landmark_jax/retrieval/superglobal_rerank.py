@@ -62,7 +62,8 @@ def superglobal_rerank(
         rows = slice(start, start + max(1, ROWS_PER_CHUNK // max(m, 1)))
         ids = neighbors[rows, :m]
         cand = index[ids].astype(np.float64)  # [r, m, D]
-        sims = np.einsum("rmd,rnd->rmn", cand, cand)  # [r, m, m]
+        # Batched products (matmul's BLAS; einsum would loop in numpy).
+        sims = cand @ cand.transpose(0, 2, 1)  # [r, m, m]
         order = np.argsort(-sims, axis=-1, kind="stable")[..., :k]  # [r, m, k]
         weights = np.take_along_axis(sims, order, axis=-1) * beta
         weights[..., 0] = 1.0
@@ -70,14 +71,14 @@ def superglobal_rerank(
         # are one product and no [r, m, k, D] copy of the candidates is made.
         mixing = np.zeros(sims.shape)
         np.put_along_axis(mixing, order, weights, axis=-1)
-        means = np.einsum("rmn,rnd->rmd", mixing, cand) / weights.sum(-1, keepdims=True)
+        means = (mixing @ cand) / weights.sum(-1, keepdims=True)
         q = queries[rows].astype(np.float64)
-        first = np.einsum("rd,rmd->rm", q, means)  # q . mean_i
+        first = (means @ q[:, :, None])[..., 0]  # q . mean_i
         by_first = np.argsort(-first, axis=-1, kind="stable")
         first_sorted = np.take_along_axis(first, by_first, axis=-1)
         means_sorted = np.take_along_axis(means, by_first[..., None], axis=1)
         refined = means_sorted[:, :k].max(axis=1)  # [r, D]
-        final = (first_sorted + np.einsum("rd,rmd->rm", refined, means_sorted)) / 2.0
+        final = (first_sorted + (means_sorted @ refined[:, :, None])[..., 0]) / 2.0
         by_final = np.argsort(-final, axis=-1, kind="stable")
         new_ids = np.take_along_axis(np.take_along_axis(ids, by_first, -1), by_final, -1)
         out_rows[rows, :m] = new_ids
@@ -87,7 +88,6 @@ def superglobal_rerank(
         if distances is not None:
             out_scores[rows, m:] = 1.0 - distances[rows, m:].astype(np.float64) / 2.0
         else:
-            out_scores[rows, m:] = np.einsum(
-                "rd,rld->rl", q, index[np.maximum(rest, 0)].astype(np.float64)
-            )
+            rest_rows = index[np.maximum(rest, 0)].astype(np.float64)  # [r, L - m, D]
+            out_scores[rows, m:] = (rest_rows @ q[:, :, None])[..., 0]
     return out_scores, out_rows
