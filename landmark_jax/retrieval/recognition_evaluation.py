@@ -68,12 +68,15 @@ def first_member_embeddings(
 def classifier_inputs(config, test, members, first_model, mesh) -> np.ndarray:
     """The first member's unit embeddings of the test split, which its head
     scores: out of the (ensemble) descriptors when they are embeddings,
-    else (model.descriptor='pooled') extracted once more as embeddings."""
+    else (model.descriptor='pooled') extracted once more as embeddings,
+    without SuperGlobal's pooling options (eval.gem_plus ...), which serve
+    the descriptor: the head scores the embedding it was trained on."""
     if first_model.config.model.descriptor == "embedding":
         return first_member_embeddings(test, members, first_model.config.model.embedding_dim)
     options = {
         **extract.extraction_options(config, first_model, members[0].image_size),
         "descriptor": "embedding",
+        "superglobal": None,
     }
     own = extract.extract(
         first_model, config.eval.test_split, data_dir=config.data_dir, mesh=mesh, **options
