@@ -138,6 +138,7 @@ def test_max_batch_rows_from_the_compiled_peaks(monkeypatch):
     }
 
 
+@pytest.mark.e2e
 def test_rerank_cost_small_times_each_step_beside_the_first_search(tmp_path):
     import rerank_cost
 
