@@ -82,9 +82,17 @@ def measure(step: str | None, rows: int, dim: int, clusters: int, queries: int, 
 
 
 def run(
-    mode: str, output_dir: str | None, queries: int | None, backend: str | None, isolate: bool
+    mode: str,
+    output_dir: str | None,
+    queries: int | None,
+    backend: str | None,
+    isolate: bool,
+    index_rows: int | None = None,
 ) -> dict[str, Any]:
     rows, dim, clusters, default_queries, default_backend = MODES[mode]
+    if index_rows:  # the same clusters' density (about 7.6 rows each at full size)
+        clusters = max(1, round(clusters * index_rows / rows))
+        rows = index_rows
     data = (rows, dim, clusters, queries or default_queries, backend or default_backend)
     measured = []
     for step in (None, *STEPS):
@@ -102,6 +110,7 @@ def run(
         if child.returncode != 0:
             raise RuntimeError(f"row {step or 'first stage kNN'} failed:\n{child.stderr[-3000:]}")
         measured.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        print(json.dumps(measured[-1]), flush=True)  # a long run keeps its finished rows
     columns = ["step", "index_rows", "dim", "queries", "backend", "seconds"]
     columns += ["first_stage_seconds", "numpy_peak_gib", "data_gib", "rss_extra_gib"]
     return bench_report.report("rerank_cost", measured, columns, output_dir)
@@ -112,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--mode", choices=tuple(MODES), default="small")
     parser.add_argument("--queries", type=int, default=None)
     parser.add_argument("--backend", default=None, help="knn.search's backend (default per mode)")
+    parser.add_argument(
+        "--index_rows", type=int, default=None, help="another index size than the mode's"
+    )
     parser.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,
@@ -127,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(row))
         return None
     isolate = args.mode == "full" if args.isolate is None else args.isolate
-    return run(args.mode, args.output_dir, args.queries, args.backend, isolate)
+    return run(args.mode, args.output_dir, args.queries, args.backend, isolate, args.index_rows)
 
 
 if __name__ == "__main__":
