@@ -93,19 +93,24 @@ def _normalise(distances: np.ndarray, maxima: np.ndarray) -> np.ndarray:
     return np.divide(distances, maxima, out=np.zeros_like(distances), where=maxima > 0)
 
 
-def _neighbour_lists(queries, index, width, backend, index_neighbors=None):
-    """Each node's `width` nearest nodes (node numbers, -1 none) and row maximum."""
+def _neighbour_lists(queries, index, width, index_search, index_neighbors=None):
+    """Each node's `width` nearest nodes (node numbers, -1 none) and row maximum.
+
+    `index_search` searches `index`; the queries get a search of their own,
+    each built once for its two searches (nearest, and farthest as the
+    nearest to -x)."""
     num_q, num_nodes = len(queries), len(queries) + len(index)
+    query_search = knn.IndexSearch(queries, index_search.backend)
     nodes = np.concatenate([queries, index])
-    _, from_queries = knn.search(nodes, queries, min(width, num_q), backend=backend)
+    _, from_queries = query_search.search(nodes, min(width, num_q))
     k_index = min(width, len(index))
     if index_neighbors is None:
-        _, from_index = knn.search(nodes, index, k_index, backend=backend)
+        _, from_index = index_search.search(nodes, k_index)
     else:
-        _, from_index = knn.search(queries, index, k_index, backend=backend)
+        _, from_index = index_search.search(queries, k_index)
         from_index = np.concatenate([from_index, index_neighbors[:, :k_index]])
     np.negative(nodes, out=nodes)  # farthest from x = nearest to -x
-    far = [knn.search(nodes, db, 1, backend=backend)[1][:, 0] for db in (queries, index)]
+    far = [search.search(nodes, 1)[1][:, 0] for search in (query_search, index_search)]
     del nodes
     ids = np.arange(num_nodes)
     far_index = np.where(far[1] >= 0, far[1] + num_q, -1)
@@ -216,6 +221,8 @@ def k_reciprocal_rerank(
     lambda_value: float,
     backend: str,
     index_neighbors: np.ndarray | None = None,
+    *,
+    index_search: knn.IndexSearch | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-reciprocal re-ranking (Zhong et al. 2017) of each query's candidates.
 
@@ -232,6 +239,8 @@ def k_reciprocal_rerank(
       index_neighbors: [N, >= min(max(k1 + 1, k2), N)] each index row's
         nearest index rows, itself included, best first (-1 = none); searched
         when None.
+      index_search: a knn.IndexSearch over `index` with `backend`, its
+        ScaNN searcher reused (None: one is made here).
 
     Returns:
       (distances [Q, L] float32 ascending, candidates [Q, L] int64 in that
@@ -240,7 +249,8 @@ def k_reciprocal_rerank(
 
     Raises:
       ValueError: k1 or k2 below 1, lambda_value outside [0, 1], an unknown
-        backend, arrays of the wrong shape, dtype or range, non-unit rows.
+        backend, arrays of the wrong shape, dtype or range, non-unit rows,
+        an index_search of another index or backend.
     """
     for name, value in (("k1", k1), ("k2", k2)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -264,7 +274,14 @@ def k_reciprocal_rerank(
             "index_neighbors", index_neighbors, (num_index, min(width, num_index)), num_index
         )
 
-    lists, maxima = _neighbour_lists(queries, index, width, backend, index_neighbors)
+    if index_search is None:
+        index_search = knn.IndexSearch(index, backend)
+    elif index_search.index.shape != index.shape or index_search.backend not in (backend, "exact"):
+        raise ValueError(
+            f"index_search searches a {index_search.index.shape} index with "
+            f"{index_search.backend!r}, not this {index.shape} index with {backend!r}"
+        )
+    lists, maxima = _neighbour_lists(queries, index, width, index_search, index_neighbors)
     valid = candidates >= 0
     needed = np.concatenate([np.arange(num_q), num_q + np.unique(candidates[valid])])
     sources = needed if k2 == 1 else np.unique(lists[needed, : min(k2, num_nodes)])

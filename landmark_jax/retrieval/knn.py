@@ -10,6 +10,8 @@ L2-normalised embeddings (k=100). Two engines answer the same question:
   fast path (its recall is reported by experiments/benchmarks/knn_search.py).
 - `ScannSearcher`: ScaNN's tree + asymmetric hashing + exact reordering,
   parameters scaled to the index size, serialisable to a directory.
+- `IndexSearch`: one index searched several times (re-ranking), ScaNN's
+  searcher built once.
 
 `search` picks one by name; `recall_at_k` scores an approximate result
 against the exact one. Both engines return `(distances, indices)`: float32
@@ -33,6 +35,7 @@ from landmark_jax.runtime import file_io
 
 __all__ = [
     "BACKENDS",
+    "IndexSearch",
     "ScannSearcher",
     "recall_at_k",
     "scann_available",
@@ -295,6 +298,57 @@ def _check_local(directory: str) -> None:
 # ------------------------------------------------------------------- dispatch
 
 
+class IndexSearch:
+    """One index searched several times with one backend.
+
+    ScaNN's searcher is built on the first search and reused by the later
+    ones (re-ranking searches the same index three or four times: the first
+    stage, DBA's self-search, a query expansion, k-reciprocal's node lists),
+    each with the reordering depth a searcher built for its own k would use,
+    so the answers are those of a fresh `search` per call.
+
+    Attributes:
+      index: [N, D] float32 database embeddings.
+      backend: the backend used ('scann' falls back to 'exact', with a
+        warning, when ScaNN cannot be imported).
+    """
+
+    def __init__(self, index: np.ndarray, backend: str = "scann"):
+        """Checks `index` and `backend`; builds nothing yet.
+
+        Raises:
+          ValueError: unknown backend, or an invalid index.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown kNN backend {backend!r}; valid backends: {BACKENDS}")
+        if backend == "scann" and not scann_available():
+            error = _scann_module()
+            logger.warning("%s Falling back to exact search.", _import_error_message(error))
+            backend = "exact"
+        self.index = exact_search.check_matrix("index", index)
+        self.backend = backend
+        self._scann: ScannSearcher | None = None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest index rows of each query (see `search`).
+
+        Raises:
+          ValueError: invalid queries, dimension mismatch, k < 1 or k > N.
+        """
+        if self.backend == "exact":
+            return exact_search.exact_search(queries, self.index, k)
+        if self.backend == "approx_max_k":
+            return exact_search.exact_search(
+                queries, self.index, k, recall_target=APPROX_RECALL_TARGET
+            )
+        if self._scann is None:
+            # Bad queries fail before the build, not after it.
+            queries, _ = exact_search.check_pair(queries, self.index, k)
+            self._scann = ScannSearcher.build(self.index, num_neighbors=k)
+        # A build for k would rescore max(500, 5k) candidates (ScannSearcher.build).
+        return self._scann.search(queries, k, reorder_k=max(500, math.ceil(5 * k)))
+
+
 def search(
     queries: np.ndarray,
     index: np.ndarray,
@@ -304,7 +358,8 @@ def search(
     """k nearest neighbours of each query in `index`, by squared L2.
 
     backend='scann' falls back to exact search, with a warning, when ScaNN
-    cannot be imported: slower, but the answer is only better.
+    cannot be imported: slower, but the answer is only better. To search
+    one index several times, build an `IndexSearch` once.
 
     Args:
       queries: [Q, D] query embeddings.
@@ -320,18 +375,7 @@ def search(
     Raises:
       ValueError: unknown backend, or invalid inputs.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown kNN backend {backend!r}; valid backends: {BACKENDS}")
-    if backend == "scann" and not scann_available():
-        error = _scann_module()
-        logger.warning("%s Falling back to exact search.", _import_error_message(error))
-        backend = "exact"
-    if backend == "exact":
-        return exact_search.exact_search(queries, index, k)
-    if backend == "approx_max_k":
-        return exact_search.exact_search(queries, index, k, recall_target=APPROX_RECALL_TARGET)
-    queries, index = exact_search.check_pair(queries, index, k)
-    return ScannSearcher.build(index, num_neighbors=k).search(queries, k)
+    return IndexSearch(index, backend).search(queries, k)
 
 
 def recall_at_k(

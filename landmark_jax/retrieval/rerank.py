@@ -43,6 +43,7 @@ the evaluation's backend.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -263,6 +264,7 @@ def rerank_searches(
     k: int,
     backend: str,
     index_neighbors: IndexNeighbors | None = None,
+    index_search: knn.IndexSearch | None = None,
 ) -> list[Ranking]:
     """The first search and the search after each step, in order.
 
@@ -277,6 +279,8 @@ def rerank_searches(
       backend: knn.search's backend.
       index_neighbors: the index's self-search, kept by the caller (e.g. in
         the workdir); used while the index is the one given (before a dba).
+      index_search: a knn.IndexSearch over the unit rows of `index` (its
+        ScaNN searcher reused; None: one is made here).
 
     Returns:
       [Ranking]: 'first stage', then 'dba(...)', 'dba(...) + alpha_qe(...)'
@@ -284,26 +288,31 @@ def rerank_searches(
     """
     queries, index = unit_rows(queries), unit_rows(index)
     clock = time.perf_counter()
-    distances, neighbors = knn.search(queries, index, k, backend=backend)
+    # One search object per index: ScaNN builds its searcher once for the
+    # first search, the self-search and the later steps' searches.
+    searched = index_search or knn.IndexSearch(index, backend)
+    if searched.index.shape != index.shape:
+        raise ValueError(f"index_search has a {searched.index.shape} index, not {index.shape}")
+    distances, neighbors = searched.search(queries, k)
     out = [Ranking("first stage", distances, neighbors, time.perf_counter() - clock)]
     for step in steps:
         clock = time.perf_counter()
+        own = index_neighbors or functools.partial(searched.search, searched.index)
         if step.name == "dba":
-            index = database_augmentation(index, step, backend, index_neighbors)
+            index = database_augmentation(index, step, backend, own)
             index_neighbors = None  # the augmented index has neighbours of its own
-            distances, neighbors = knn.search(queries, index, k, backend=backend)
+            searched = knn.IndexSearch(index, backend)
+            distances, neighbors = searched.search(queries, k)
         elif step.name == "alpha_qe":
             queries = alpha_query_expansion(queries, index, neighbors, distances, step)
-            distances, neighbors = knn.search(queries, index, k, backend=backend)
+            distances, neighbors = searched.search(queries, k)
         elif step.name == "k_reciprocal":
-            distances, neighbors = _k_reciprocal(
-                queries, index, distances, neighbors, step, backend, index_neighbors
-            )
+            distances, neighbors = _k_reciprocal(queries, searched, distances, neighbors, step, own)
         else:
             # Its own m candidates (m may exceed k); the scores, as distances
             # 2 - 2 s of unit vectors, feed the steps after it.
             m = min(max(step.m, k), len(index))
-            found, candidates = knn.search(queries, index, m, backend=backend)
+            found, candidates = searched.search(queries, m)
             scores, reranked = superglobal_rerank.superglobal_rerank(
                 queries, index, candidates, step.m, step.k, step.beta, found
             )
@@ -313,9 +322,10 @@ def rerank_searches(
     return out
 
 
-def _k_reciprocal(queries, index, distances, neighbors, step, backend, index_neighbors):
+def _k_reciprocal(queries, searched, distances, neighbors, step, index_neighbors):
     """The k candidates re-ordered by k-reciprocal re-ranking, each with the
     distance it had (the steps after it weigh by true similarities)."""
+    index = searched.index
     width = min(max(step.k1 + 1, step.k2), len(index))
     _, reordered = k_reciprocal.k_reciprocal_rerank(
         queries,
@@ -324,8 +334,9 @@ def _k_reciprocal(queries, index, distances, neighbors, step, backend, index_nei
         step.k1,
         step.k2,
         step.lambda_value,
-        backend,
-        None if index_neighbors is None else index_neighbors(width)[1][:, :width],
+        searched.backend,
+        index_neighbors(width)[1][:, :width],
+        index_search=searched,
     )
     # Where each re-ordered candidate stood: a search in each row's sorted
     # candidates, all rows at once (row r's values offset by r (N + 2)).

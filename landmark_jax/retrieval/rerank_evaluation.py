@@ -39,7 +39,11 @@ NEIGHBOURS_FILE = "neighbours-{split}.npz"
 
 
 def kept_index_neighbors(
-    index: np.ndarray, backend: str, path: str | None, writes: bool
+    index: np.ndarray,
+    backend: str,
+    path: str | None,
+    writes: bool,
+    index_search: knn.IndexSearch | None = None,
 ) -> rerank.IndexNeighbors:
     """The self-search of `index`, read from `path` when it holds this index's.
 
@@ -48,6 +52,9 @@ def kept_index_neighbors(
       backend: knn.search's backend.
       path: the file that keeps the answer (None: searched every time).
       writes: whether this process writes the file (process 0).
+      index_search: the knn.IndexSearch that searches the unit rows when the
+        file does not answer (its ScaNN searcher shared with the caller's
+        other searches; None: one is made for the search).
 
     Returns:
       A function of k giving (distances [N, >= k], neighbors [N, >= k]),
@@ -66,7 +73,8 @@ def kept_index_neighbors(
         if kept is not None and kept[1].shape[1] >= k:
             logging.info("Re-ranking: the index's %d nearest neighbours from %s", k, path)
             return kept
-        distances, found = knn.search(unit, unit, k, backend=backend)
+        search = index_search or knn.IndexSearch(unit, backend)
+        distances, found = search.search(unit, k)
         if path and writes:
             file_io.save_npz(
                 path, distances=distances, neighbors=found, settings=json.dumps(settings)
@@ -104,9 +112,11 @@ def searches(
     neighbours_path: str | None,
     writes: bool,
 ) -> list[rerank.Ranking]:
-    """rerank.rerank_searches with the index's self-search kept at `neighbours_path`."""
-    kept = kept_index_neighbors(index, backend, neighbours_path, writes)
-    return rerank.rerank_searches(queries, index, steps, k, backend, kept)
+    """rerank.rerank_searches with the index's self-search kept at `neighbours_path`
+    (one ScaNN searcher over the index serves both)."""
+    searched = knn.IndexSearch(rerank.unit_rows(index), backend)
+    kept = kept_index_neighbors(index, backend, neighbours_path, writes, searched)
+    return rerank.rerank_searches(queries, index, steps, k, backend, kept, searched)
 
 
 def ranked_ids(

@@ -133,7 +133,9 @@ def test_hand_computed_sets_and_weights():
     queries, index = points[:1].astype(np.float32), points[1:].astype(np.float32)
     node = {n: j for j, n in enumerate(names)}
     ids = lambda *ns: sorted(node[n] for n in ns)
-    lists, maxima = k_reciprocal._neighbour_lists(queries, index, 7, BACKEND)
+    lists, maxima = k_reciprocal._neighbour_lists(
+        queries, index, 7, knn.IndexSearch(index, BACKEND)
+    )
     # k1 = 6: the 7 nearest. i's are all but x and z; x has i among its 7,
     # but x is not among i's, so x is not in R(i, 6).
     assert sorted(lists[node["i"]]) == ids("i", "y1", "y2", "y3", "a", "b", "c")
@@ -185,6 +187,7 @@ def test_index_neighbors_cache_minus_one_candidates_and_bad_arguments():
         (dict(index_neighbors=cache[:, :3]), "index_neighbors"),
         (dict(queries=2 * queries), "queries"),
         (dict(index=index[:, :4]), "dims"),
+        (dict(index_search=knn.IndexSearch(index[:-1], BACKEND)), "index_search searches a"),
     ]
     args = dict(
         queries=queries, index=index, candidates=first, k1=8, k2=3, lambda_value=0.3,
@@ -202,7 +205,7 @@ def test_farthest_point_identity_and_row_maxima():
     to_negated = ((-x[:, None] - x[None]) ** 2).sum(-1)
     # for unit vectors ||x - y||^2 + ||-x - y||^2 = 4, so the max is 4 - min
     np.testing.assert_allclose(sq.max(axis=1), 4 - to_negated.min(axis=1), atol=1e-12)
-    _, maxima = k_reciprocal._neighbour_lists(
-        queries.astype(np.float32), index.astype(np.float32), 4, BACKEND
-    )
+    index = index.astype(np.float32)
+    searched = knn.IndexSearch(index, BACKEND)
+    _, maxima = k_reciprocal._neighbour_lists(queries.astype(np.float32), index, 4, searched)
     np.testing.assert_allclose(maxima, sq.max(axis=1), atol=1e-6)

@@ -223,3 +223,35 @@ def test_search_dispatch(monkeypatch, caplog):
         result = knn.search(queries, index, 5, backend="scann")
     assert "falling back to exact search" in caplog.text.lower()
     np.testing.assert_array_equal(result[1], expected[1])
+
+
+@needs_scann
+def test_index_search_builds_scann_once_and_answers_as_fresh_searches(unit_data, monkeypatch):
+    """Re-ranking searches one index several times (the first stage, the
+    self-search, an expansion, the farthest points): IndexSearch builds the
+    tree once, and each answer is a fresh knn.search's for its own k (a
+    build for k rescores max(500, 5k) candidates: 750 for k=150)."""
+    queries, index, _ = unit_data
+    fresh = {k: knn.search(queries, index, k) for k in (10, 150)}
+    farthest = knn.search(-queries, index, 1)
+    builds = []
+    build = knn.ScannSearcher.build
+
+    def counted(*args, **kwargs):
+        builds.append(kwargs)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(knn.ScannSearcher, "build", counted)
+    searched = knn.IndexSearch(index)
+    for k in (10, 150):
+        distances, indices = searched.search(queries, k)
+        np.testing.assert_array_equal(indices, fresh[k][1])
+        np.testing.assert_allclose(distances, fresh[k][0], atol=1e-6)
+    np.testing.assert_array_equal(searched.search(-queries, 1)[1], farthest[1])
+    assert builds == [{"num_neighbors": 10}]
+    # Bad queries are refused before a build; a bad backend is named.
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        knn.IndexSearch(index).search(queries[:, :8], 10)
+    assert len(builds) == 1
+    with pytest.raises(ValueError, match="unknown kNN backend 'faiss'"):
+        knn.IndexSearch(index, "faiss")

@@ -201,6 +201,41 @@ def test_k_reciprocal_re_orders_the_candidates_before_it():
     np.testing.assert_array_equal(expanded.neighbors, want)
 
 
+def test_one_scann_build_per_index_and_the_answers_of_exact_search(monkeypatch):
+    """With ScaNN, rerank_searches builds one searcher per index it searches:
+    the given one (first stage, DBA's self-search), the augmented one (its
+    searches, alpha_qe's, superglobal's, k-reciprocal's) and the queries (k-reciprocal's
+    node lists); on 60 rows ScaNN searches by brute force, so every ranking
+    is exact search's."""
+    from landmark_jax.retrieval import knn
+
+    if not knn.scann_available():
+        pytest.skip("ScaNN cannot be imported")
+    queries, index = random_data(5, True)
+    steps = rerank.parse_steps(
+        [
+            "dba(n=2, alpha=3)",
+            "alpha_qe(n=2, alpha=3)",
+            "superglobal(m=20, k=3, beta=0.15)",
+            "k_reciprocal(k1=5, k2=3, lambda=0.3)",
+        ]
+    )
+    want = rerank.rerank_searches(queries, index, steps, 8, "exact")
+    built = []
+    build = knn.ScannSearcher.build
+
+    def counted(points, **kwargs):
+        built.append(len(points))
+        return build(points, **kwargs)
+
+    monkeypatch.setattr(knn.ScannSearcher, "build", counted)
+    got = rerank.rerank_searches(queries, index, steps, 8, "scann")
+    assert built == [60, 60, 7]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.neighbors, b.neighbors)
+        np.testing.assert_allclose(a.distances, b.distances, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

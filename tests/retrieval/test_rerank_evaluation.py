@@ -20,13 +20,13 @@ def test_the_self_search_is_kept_and_reused_only_for_the_same_index(tmp_path, mo
     index = unit(np.random.default_rng(0).normal(size=(12, 4)))
     path = str(tmp_path / "neighbours-index.npz")
     searched = []
-    real_search = knn.search
+    real_search = knn.IndexSearch.search
 
-    def counting(queries, database, k, backend):
+    def counting(self, queries, k):
         searched.append(k)
-        return real_search(queries, database, k, backend=backend)
+        return real_search(self, queries, k)
 
-    monkeypatch.setattr(knn, "search", counting)
+    monkeypatch.setattr(knn.IndexSearch, "search", counting)
     kept = rerank_evaluation.kept_index_neighbors(index, "exact", path, writes=True)
     distances, neighbors = kept(3)
     want_d, want_n = exact(index, 3)
