@@ -77,12 +77,24 @@ def test_train_step_small(tmp_path):
 
 
 @pytest.mark.e2e
-def test_step_memory_small_head_split_and_remat(tmp_path):
-    """The script's head and remat tables, compiled; its largest-batch table
-    (two to four more compiles of the same step) is tested below on memory
-    figures given by hand."""
+def test_step_memory_small_head_split_and_remat(tmp_path, monkeypatch):
+    """The script's head table, compiled, and its remat table, whose remat
+    step's bytes are given by hand (model.remat='blocks' is tested in
+    tests/models/test_create_model.py; one more compile here would add 7 s);
+    its largest-batch table (two to four more compiles of the same step) is
+    tested below on memory figures given by hand."""
     import step_memory
 
+    compiled_bytes = step_memory.compiled_bytes
+
+    def remat_by_hand(row, mesh, num_classes, dtype, remat="none", **head):
+        got = compiled_bytes(row, mesh, num_classes, dtype, **head)
+        if remat == "blocks":  # the plain step's, a quarter of its temporaries saved
+            saved = got["temp"] // 4
+            got = {**got, "temp": got["temp"] - saved, "peak": got["peak"] - saved}
+        return got
+
+    monkeypatch.setattr(step_memory, "compiled_bytes", remat_by_hand)
     payload = step_memory.main(["--mode=small", "--tables=head,remat", f"--output_dir={tmp_path}"])
     _written(tmp_path, "step_memory")
     split, whole = payload["head_rows"]
@@ -100,6 +112,7 @@ def test_step_memory_small_head_split_and_remat(tmp_path):
     assert (plain["remat"], remat["remat"]) == ("none", "blocks")
     assert plain["peak_gib"] == split["peak_gib"]
     assert remat["saved_fraction"] == pytest.approx(1 - remat["peak_gib"] / plain["peak_gib"])
+    assert remat["temp_gib"] == pytest.approx(0.75 * plain["temp_gib"], rel=1e-6)
     assert payload["rows"] == []  # no max_batch table asked for
 
 
