@@ -13,6 +13,8 @@ memory once the data is made, counts everything (ScaNN's searchers, XLA).
 
     python experiments/benchmarks/rerank_cost.py --mode=full --output_dir=OUT
     python experiments/benchmarks/rerank_cost.py --mode=small   # CPU, seconds
+    python experiments/benchmarks/rerank_cost.py --mode=full \
+        --step='alpha_qe(n=2, alpha=3)' --self_search_sample=20000   # some rows
 
 Full mode searches with ScaNN on the host (the evaluation's default backend)
 and 1,000 queries unless --queries says otherwise (GLDv2's test split has
@@ -27,13 +29,15 @@ import os
 import resource
 import subprocess
 import sys
+import time
 import tracemalloc
 from typing import Any
 
 import bench_report
+import numpy as np
 from knn_search import clustered_set
 
-from landmark_jax.retrieval import rerank
+from landmark_jax.retrieval import knn, rerank
 
 # The steps timed, each alone after the first search, at their papers'
 # settings: alpha_qe and dba as Radenović et al. 2018 tune them on Revisited,
@@ -44,6 +48,10 @@ STEPS = (
     "superglobal(m=400, k=9, beta=0.15)",
     "k_reciprocal(k1=20, k2=6, lambda=0.3)",
 )
+# The self-search row's step name (followed by its sample size) and its k:
+# k_reciprocal's widest self-search at its defaults (k1 + 1).
+SELF_SEARCH_ROW = "self-search:"
+SELF_SEARCH_K = 21
 MODES = {
     # index rows, dim, clusters, queries, backend
     "small": (2_000, 16, 100, 20, "exact"),
@@ -57,9 +65,16 @@ def _peak_gib() -> float:
 
 
 def measure(step: str | None, rows: int, dim: int, clusters: int, queries: int, backend: str):
-    """One row, in this process: the data, the first search and `step` after it."""
+    """One row, in this process: the data, the first search and `step` after it.
+
+    step SELF_SEARCH_ROW (`self-search:S`) instead times the index's
+    self-search on S of its rows (k = SELF_SEARCH_K) with the first search's
+    searcher, for its rate: dba and k_reciprocal search every index row.
+    """
     index, query_rows, _, _ = clustered_set(rows, queries, dim, clusters)
     before = _peak_gib()
+    if step and step.startswith(SELF_SEARCH_ROW):
+        return _self_search_row(int(step[len(SELF_SEARCH_ROW) :]), index, query_rows, backend)
     steps = rerank.parse_steps([step] if step else [])
     tracemalloc.start()
     try:
@@ -81,6 +96,27 @@ def measure(step: str | None, rows: int, dim: int, clusters: int, queries: int, 
     }
 
 
+def _self_search_row(sample: int, index, query_rows, backend: str) -> dict[str, Any]:
+    searched = knn.IndexSearch(index, backend)
+    clock = time.perf_counter()
+    searched.search(query_rows, min(100, len(index)))  # the first stage: builds ScaNN's searcher
+    first = time.perf_counter() - clock
+    rows = index[np.random.default_rng(1).choice(len(index), min(sample, len(index)), False)]
+    clock = time.perf_counter()
+    searched.search(rows, min(SELF_SEARCH_K, len(index)))
+    seconds = time.perf_counter() - clock
+    return {
+        "step": f"index self-search, {len(rows):,} of {len(index):,} rows (k={SELF_SEARCH_K})",
+        "index_rows": len(index),
+        "dim": index.shape[1],
+        "queries": len(rows),
+        "backend": searched.backend,
+        "seconds": seconds,
+        "first_stage_seconds": first,
+        "self_search_all_rows_seconds": seconds * len(index) / len(rows),
+    }
+
+
 def run(
     mode: str,
     output_dir: str | None,
@@ -88,6 +124,8 @@ def run(
     backend: str | None,
     isolate: bool,
     index_rows: int | None = None,
+    steps: tuple[str, ...] = STEPS,
+    self_search_sample: int = 0,
 ) -> dict[str, Any]:
     rows, dim, clusters, default_queries, default_backend = MODES[mode]
     if index_rows:  # the same clusters' density (about 7.6 rows each at full size)
@@ -95,7 +133,8 @@ def run(
         rows = index_rows
     data = (rows, dim, clusters, queries or default_queries, backend or default_backend)
     measured = []
-    for step in (None, *STEPS):
+    extra = (f"{SELF_SEARCH_ROW}{self_search_sample}",) if self_search_sample else ()
+    for step in (None, *steps, *extra):
         if not isolate:
             row = measure(step, *data)
             row["data_gib"] = row["rss_extra_gib"] = None  # not this row's alone
@@ -113,6 +152,7 @@ def run(
         print(json.dumps(measured[-1]), flush=True)  # a long run keeps its finished rows
     columns = ["step", "index_rows", "dim", "queries", "backend", "seconds"]
     columns += ["first_stage_seconds", "numpy_peak_gib", "data_gib", "rss_extra_gib"]
+    columns += ["self_search_all_rows_seconds"] if self_search_sample else []
     return bench_report.report("rerank_cost", measured, columns, output_dir)
 
 
@@ -123,6 +163,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--backend", default=None, help="knn.search's backend (default per mode)")
     parser.add_argument(
         "--index_rows", type=int, default=None, help="another index size than the mode's"
+    )
+    parser.add_argument(
+        "--step",
+        action="append",
+        default=None,
+        help="a step to time (repeatable; default: every step of STEPS)",
+    )
+    parser.add_argument(
+        "--self_search_sample",
+        type=int,
+        default=0,
+        help="add a row timing the index's self-search on this many of its rows "
+        "(its rate; dba and k_reciprocal search all of them)",
     )
     parser.add_argument(
         "--isolate",
@@ -139,7 +192,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(row))
         return None
     isolate = args.mode == "full" if args.isolate is None else args.isolate
-    return run(args.mode, args.output_dir, args.queries, args.backend, isolate, args.index_rows)
+    steps = tuple(args.step) if args.step else STEPS
+    rerank.parse_steps(steps)  # a bad step is named before any row runs
+    return run(
+        args.mode,
+        args.output_dir,
+        args.queries,
+        args.backend,
+        isolate,
+        args.index_rows,
+        steps,
+        args.self_search_sample,
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ The weighted sums stream over rows in chunks (ROWS_PER_CHUNK), so an index
 of GLDv2's size (761,757 x 512 or 2,048) is augmented within the host
 memory of its own copy; the searches are knn.search's (ScaNN, exact, or
 approx_max_k on the accelerator), so DBA's self-search of the index uses
-the evaluation's backend.
+the evaluation's backend. Each index searched gets one knn.IndexSearch, so
+ScaNN builds one searcher for the given index (the first stage, DBA's
+self-search, the later searches until a dba) and one for an augmented one.
 """
 
 from __future__ import annotations
@@ -300,7 +302,9 @@ def rerank_searches(
         own = index_neighbors or functools.partial(searched.search, searched.index)
         if step.name == "dba":
             index = database_augmentation(index, step, backend, own)
-            index_neighbors = None  # the augmented index has neighbours of its own
+            # The augmented index has neighbours of its own; the given index's
+            # searcher is freed before the augmented one is built.
+            index_neighbors = own = None
             searched = knn.IndexSearch(index, backend)
             distances, neighbors = searched.search(queries, k)
         elif step.name == "alpha_qe":

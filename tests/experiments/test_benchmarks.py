@@ -170,6 +170,29 @@ def test_rerank_cost_small_times_each_step_beside_the_first_search(tmp_path):
     assert superglobal["numpy_peak_gib"] * (1 << 30) >= 20 * 400 * 400 * 8
 
 
+def test_rerank_cost_chosen_steps_and_the_self_search_rate(tmp_path):
+    """--step picks the rows; --self_search_sample adds the index's
+    self-search rate on a sample, scaled to every row of the index."""
+    import rerank_cost
+
+    payload = rerank_cost.main(
+        [
+            "--mode=small",
+            "--step=alpha_qe(n=2, alpha=3)",
+            "--self_search_sample=500",
+            f"--output_dir={tmp_path}",
+        ]
+    )
+    rows = payload["rows"]
+    assert [r["step"] for r in rows[:2]] == ["first stage kNN", "alpha_qe(n=2, alpha=3)"]
+    rate = rows[2]
+    assert rate["step"] == "index self-search, 500 of 2,000 rows (k=21)"
+    assert rate["queries"] == 500 and rate["backend"] == "exact"
+    assert rate["self_search_all_rows_seconds"] == pytest.approx(4 * rate["seconds"])
+    with pytest.raises(ValueError, match="unknown step 'diffusion'"):
+        rerank_cost.main(["--mode=small", "--step=diffusion(n=1, alpha=3)"])
+
+
 def test_largest_batch_search_against_hand_computed_memory():
     import step_memory
 
