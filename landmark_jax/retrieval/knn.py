@@ -54,7 +54,7 @@ _SCANN_PIN = "tensorflow-cpu~=2.20.0 and scann==1.4.2"
 # cost 7% of the demo's mAP@100 (0.0888 against 0.0955).
 MIN_TREE_POINTS = 10_000
 _METADATA_FILE = "landmark_jax_knn.json"
-# Queries per `search_batched` call (bounds memory).
+# Queries per `search_batched_parallel` call (bounds memory).
 _QUERY_BATCH = 8192
 
 
@@ -238,7 +238,8 @@ class ScannSearcher:
         distances = np.full((queries.shape[0], k), np.inf, np.float32)
         indices = np.full((queries.shape[0], k), -1, np.int64)
         for start in range(0, queries.shape[0], _QUERY_BATCH):
-            ids, dist = self._searcher.search_batched(
+            # ScaNN's threads split the batch (each query's answer is its own).
+            ids, dist = self._searcher.search_batched_parallel(
                 queries[start : start + _QUERY_BATCH], k, pre_reorder, leaves
             )
             # ScaNN trims columns to the longest result in the batch and pads
