@@ -13,8 +13,10 @@ PYTEST_WORKERS ?= 3
 # Each test module on one worker (xdist's loadscope), so that a module's
 # fixtures (the Keras models, a short training run, a storage emulator) are
 # built once per run rather than once per worker: 328 s against 352-366 s for
-# the whole suite on a 2-core machine.
-PYTEST_DIST := --dist loadscope
+# the whole suite on a 2-core machine. --no-loadscope-reorder keeps
+# conftest.py's order (the slow modules first); xdist's own orders modules
+# by their number of tests.
+PYTEST_DIST := --dist loadscope --no-loadscope-reorder
 
 .PHONY: install test test-fast demo lint clean-demo
 

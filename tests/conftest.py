@@ -48,6 +48,24 @@ def _check_eight_devices():
     )
 
 
+@pytest.fixture(autouse=True)
+def _absl_logger_level_restored():
+    """Each test starts with absl's logger at the level it had before.
+
+    A program run in-process (the notebook's cells run the train and
+    evaluate code as a user's session does) leaves the absl logger at
+    WARNING for the rest of the worker, and a later test's caplog would
+    miss the INFO lines it checks, depending on which modules its worker
+    ran first.
+    """
+    import logging
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    yield
+    absl_logger.setLevel(level)
+
+
 def built_once(tmp_path_factory, worker_id: str, name: str, build):
     """`build(folder)` (its result JSON-serialisable) run once per test run.
 
@@ -236,16 +254,55 @@ if os.environ.get("LANDMARK_JAX_COMPILE_LOG"):
             log.write(json.dumps(record) + "\n")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Modules with end-to-end tests first, the quick unit modules last.
+# The slow modules, handed to the workers in this order: longest first (in
+# seconds of a whole-suite run on 2 cores, 2026-12-07: 71, 50, 29, 69, 60,
+# 50, 48, 39, 34, 28, 20, 18, 16, 13, 12, 12, 12, 10), except that the
+# second and third need no demo data, so no worker waits on the first
+# one's build of it. Then the other modules with end-to-end tests, then the
+# unit modules.
+SLOW_MODULES = (
+    "test_trainer.py",
+    "models/test_keras_import.py",
+    "models/test_create_model.py",
+    "test_evaluate.py",
+    "test_training_faults.py",
+    "retrieval/test_revisited.py",
+    "serving/test_export.py",
+    "workdir/test_run_config.py",
+    "experiments/test_benchmarks.py",
+    "test_cloud_paths.py",
+    "test_paper_configs.py",
+    "models/test_efficientnet.py",
+    "serving/test_search.py",
+    "models/test_conv_lowering.py",
+    "test_class_counts.py",
+    "data/test_input_pipeline.py",
+    "models/test_dolg.py",
+    "experiments/test_colab_notebook.py",
+)
 
-    `make test` hands whole modules to its two workers (xdist's loadscope),
-    in this order: a long module handed out last keeps one worker busy while
-    the other has finished, and the unit modules fill the ends instead.
+
+def pytest_collection_modifyitems(config, items):
+    """The slow modules first (SLOW_MODULES), the quick unit modules last.
+
+    `make test` hands whole modules to its workers in this order (xdist's
+    loadscope with --no-loadscope-reorder; by default xdist orders modules
+    by their number of tests, which handed the export module, 9 tests and
+    the longest fixture, out last): a long module handed out last keeps one
+    worker busy after the others have finished, so the long ones go first
+    and the unit modules fill the ends.
     """
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
     heavy = {
         item.module.__name__
         for item in items
         if item.get_closest_marker("e2e") or item.get_closest_marker("multiprocess")
     }
-    items.sort(key=lambda item: item.module.__name__ not in heavy)  # stable: files keep order
+
+    def rank(item) -> int:
+        name = os.path.relpath(str(item.path), tests_dir).replace(os.sep, "/")
+        if name in SLOW_MODULES:
+            return SLOW_MODULES.index(name)
+        return len(SLOW_MODULES) + (item.module.__name__ not in heavy)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
