@@ -37,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from tfds_builds import build_tfds  # noqa: E402
 
 
@@ -48,22 +49,24 @@ def _check_eight_devices():
     )
 
 
+# absl's logger (made by absl itself: a logging.getLogger("absl") before
+# absl's import would make a plain Logger in its place) and its level when
+# the run starts (absl's default: NOTSET).
+_ABSL_LOGGER = absl_logging.get_absl_logger()
+_ABSL_LEVEL = _ABSL_LOGGER.level
+
+
 @pytest.fixture(autouse=True)
-def _absl_logger_level_restored():
-    """Each test starts with absl's logger at the level it had before.
+def _absl_logger_level_reset():
+    """Each test starts with absl's logger at its level when the run started.
 
     A program run in-process (the notebook's cells run the train and
-    evaluate code as a user's session does) leaves the absl logger at
-    WARNING for the rest of the worker, and a later test's caplog would
-    miss the INFO lines it checks, depending on which modules its worker
-    ran first.
+    evaluate code as a user's session does; a module fixture may run one)
+    leaves the absl logger at WARNING for the rest of the worker, and a later
+    test's caplog would miss the INFO lines it checks, depending on which
+    modules its worker ran first.
     """
-    import logging
-
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    yield
-    absl_logger.setLevel(level)
+    _ABSL_LOGGER.setLevel(_ABSL_LEVEL)
 
 
 def built_once(tmp_path_factory, worker_id: str, name: str, build):
