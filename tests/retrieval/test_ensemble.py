@@ -1,5 +1,6 @@
 """Ensembles: weighted concatenation of normalised embeddings, id alignment, member configs."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -142,7 +143,6 @@ def test_members_from_config():
 
 
 def test_members_from_config_dict():
-    ml_collections = pytest.importorskip("ml_collections")
     entry = ml_collections.ConfigDict({"workdir": "w", "weight": 2, "image_size": 512})
     assert ensemble.ensemble_members_from_config([entry]) == [EnsembleMember("w", 2.0, 512)]
     # Named members (a ConfigDict sorts its keys); an error names the member.

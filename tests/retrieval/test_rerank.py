@@ -209,8 +209,9 @@ def test_one_scann_build_per_index_and_the_answers_of_exact_search(monkeypatch):
     is exact search's."""
     from landmark_jax.retrieval import knn
 
-    if not knn.scann_available():
-        pytest.skip("ScaNN cannot be imported")
+    # An install requirement (setup.py): its absence is a broken install
+    # (e.g. TF 2.21's ABI), which must fail here, not skip.
+    assert knn.scann_available(), "ScaNN (setup.py's scann==1.4.2) cannot be imported"
     queries, index = random_data(5, True)
     steps = rerank.parse_steps(
         [
