@@ -170,7 +170,7 @@ def exact_search(
     # are small next to the index, which is what gets streamed.
     q_dev, best = [], []
     for start in q_starts:
-        q_dev.append(jax.device_put(_pad_rows(queries[start : start + qc], qc), data))
+        q_dev.append(jax.device_put(pad_rows(queries[start : start + qc], qc), data))
         best.append(
             (
                 jax.device_put(np.full((qc, k), -np.inf, np.float32), data),
@@ -179,7 +179,7 @@ def exact_search(
         )
     for offset in range(0, num_points, ic):
         chunk = index[offset : offset + ic]
-        chunk_dev = jax.device_put(_pad_rows(chunk, ic), replicated)
+        chunk_dev = jax.device_put(pad_rows(chunk, ic), replicated)
         # Dispatch is asynchronous: without this wait the loop would queue the
         # whole index onto the devices. Waiting for the previous chunk's work
         # keeps at most two chunks there while still overlapping transfer and
@@ -197,7 +197,8 @@ def exact_search(
     return distances, ids.astype(np.int64)
 
 
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """x with zero rows appended to `rows` rows (a jitted step's fixed shape)."""
     if x.shape[0] == rows:
         return x
-    return np.concatenate([x, np.zeros((rows - x.shape[0], x.shape[1]), x.dtype)])
+    return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])

@@ -168,7 +168,8 @@ def test_superglobal_is_its_released_code_s_definition(clustered, m, k, beta):
     for q, row, row_scores, got_row in zip(queries, ranked, scores, got, strict=True):
         want, want_scores = superglobal_one(q, index, row, m, k, beta)
         assert list(got_row) == want
-        np.testing.assert_allclose(row_scores[:m], want_scores, atol=1e-9)
+        # float32 on the device (the released code's torch float32).
+        np.testing.assert_allclose(row_scores[:m], want_scores, atol=1e-6)
     steps = rerank.parse_steps([f"superglobal(m={m}, k={k}, beta={beta})"])
     searches = rerank.rerank_searches(queries, index, steps, 10, "exact")
     assert searches[-1].label == f"superglobal(m={m}, k={k}, beta={beta:g})"
