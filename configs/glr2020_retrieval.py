@@ -89,6 +89,16 @@ validation loss converges"; total_steps below are starting points, watch
 val_loss in metrics.jsonl. Append `,smoke` to any stage (e.g.
 `:full640,smoke`) for a seconds-long run on the demo data.
 
+Memory: 8 images of B7 per device take about 21 GiB at 512 px (4 at 736
+px: 22 GiB), and 3 GiB with `--config.model.remat=blocks`, by the compiled
+estimate (experiments/benchmarks/step_memory.py, docs/benchmarks.md; XLA on
+CPU, a TPU's layout differs). A v3 or v5e core (16 GiB) therefore wants
+remat for the published batch, a v4 chip or v6e (32 GiB) does not; the
+notebook's gldv2 mode decides it from the device. Remat is off here, as in
+the original (Keras on TPU, whose compiler rematerialises on its own when a
+program exceeds HBM): the trainer compiles the step before training and,
+if a device cannot hold it, stops naming batch_size and model.remat.
+
 Re-ranking (README "Re-ranking"): the winners ranked by one kNN over the
 ensemble descriptor, with no query expansion, database augmentation or
 re-ranking, and so does this config (`eval.rerank=()`). To try the cheap

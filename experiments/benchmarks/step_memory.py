@@ -21,7 +21,9 @@ bytes of its arguments, outputs and temporaries on one device. Two tables:
     python experiments/benchmarks/step_memory.py --mode=small   # CPU, seconds
 
 Numbers are those of the machine's backend (run it on the accelerator the
-figures are for); on CPU they show the method and the head's share.
+figures are for); on CPU they are an estimate, XLA's CPU layouts and fusion
+rather than a TPU's (which pads channels to 128 lanes and rematerialises on
+its own when a program exceeds its memory).
 """
 
 from __future__ import annotations
