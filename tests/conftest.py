@@ -5,7 +5,6 @@ at the top of conftest.py (pytest imports it before any test module).
 """
 
 import fcntl
-import gc
 import json
 import os
 import shutil
@@ -40,16 +39,6 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from tfds_builds import build_tfds  # noqa: E402
-
-
-# Python's cyclic garbage collector: a worker ends holding 1.2-1.4M objects
-# (jit caches, compiled programs, TF's and JAX's modules), and each full
-# collection walks them all: 25-30 of them took 14-39 s of a worker's run
-# (0.5-18 s each while the other workers held the cores). Everything
-# imported so far is frozen out of the collections, and the full ones come
-# about 10x less often (garbage in cycles lives longer; memory allows it).
-gc.freeze()
-gc.set_threshold(10_000, 10, 100)
 
 
 @pytest.fixture(scope="session", autouse=True)
