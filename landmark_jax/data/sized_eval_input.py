@@ -195,6 +195,7 @@ def read_eval_index(
     files, counts = input_pipeline.process_files(info, process_index, process_count)
     spec = input_pipeline.eval_feature_spec(info)
 
+    @input_pipeline.graph_function
     def parse(record):
         ex = tf.io.parse_single_example(record, spec)
         encoded = ex[data_format.IMAGE]
@@ -273,6 +274,7 @@ def create_sized_eval_dataset(
         )
     spec = {data_format.IMAGE: tf.io.FixedLenFeature([], tf.string)}
 
+    @input_pipeline.graph_function
     def load(record, size):
         encoded = tf.io.parse_single_example(record, spec)[data_format.IMAGE]
         return input_pipeline.to_uint8(

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from landmark_jax.data import data_format
+from landmark_jax.data import data_format, input_pipeline
 from landmark_jax.retrieval import metrics
 from landmark_jax.runtime import file_io
 
@@ -153,12 +153,14 @@ def read_images_by_id(
     id_spec = {data_format.ID: tf.io.FixedLenFeature([], tf.string)}
     both_spec = {**id_spec, data_format.IMAGE: tf.io.FixedLenFeature([], tf.string)}
 
+    @input_pipeline.graph_function
     def keep_wanted(records):
         # Vectorised over a batch: parse_example on 1024 records is far faster
         # than 1024 parse_single_example calls, and parsing is the scan's cost.
         image_ids = tf.io.parse_example(records, id_spec)[data_format.ID]
         return tf.boolean_mask(records, table.lookup(image_ids) > 0)
 
+    @input_pipeline.graph_function
     def parse(record):
         ex = tf.io.parse_single_example(record, both_spec)
         return ex[data_format.ID], ex[data_format.IMAGE]

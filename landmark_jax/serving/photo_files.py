@@ -207,7 +207,7 @@ def split_records(data_dir: str, split: str) -> Iterator[Photo]:
     landmarks = data_format.read_label_map(data_dir).landmark_ids if info.labeled else None
     spec = input_pipeline.eval_feature_spec(info)
     records = tf.data.TFRecordDataset(list(info.files)).map(
-        lambda r: tf.io.parse_single_example(r, spec)
+        input_pipeline.graph_function(lambda r: tf.io.parse_single_example(r, spec))
     )
     for example in records.as_numpy_iterator():
         label = NO_LABEL
