@@ -12,6 +12,8 @@ from landmark_jax.models import factory
 from landmark_jax.models.dolg import DOLG
 from landmark_jax.models.global_model import GlobalModel
 
+from backbone_variables import random_variables
+
 # Threefry keys: jitted, under the tests' XLA flags (helpers/cpu_devices.py),
 # a threefry-based init compiles faster than an rbg-based one (efficientnet_tiny
 # 3.1 s against 3.5 s, resnet_tiny 1.2 s against 1.4 s on 2 cores); rbg keys
@@ -191,7 +193,7 @@ def test_frozen_batch_norm_trains_on_moving_statistics(name="dolg"):
     x = jnp.asarray(np.random.default_rng(1).uniform(0, 255, (4, 32, 32, 3)), jnp.float32)
     frozen = factory.create_model(_small(name, neck="dense_bn_prelu", batch_norm="frozen"))
     batch = frozen.clone(batch_norm="batch", backbone=frozen.backbone.clone(batch_norm="batch"))
-    variables = jax.jit(frozen.init)(KEY, x)
+    variables = random_variables(frozen, x.shape)
     # Moving statistics far from this batch's, so the two modes differ.
     rng = np.random.default_rng(3)
     stats = jax.tree_util.tree_map_with_path(

@@ -97,9 +97,6 @@ def write_run(workdir, base, model_keys, image_size, eval_keys, head_classes, se
         config.eval[key] = value
     module = create_model(config.model)
     variables = random_variables(module, (1, image_size, image_size, 3), seed=seed)
-    variables = jax.tree_util.tree_map_with_path(
-        lambda path, x: np.full_like(x, 3.0) if path[-1].key == "p" else x, variables
-    )  # GeM's p: 3, not a draw around 0
     rng = np.random.default_rng(seed)
     head = {"kernel": rng.normal(size=(16, head_classes)).astype(np.float32)}
     state = {
