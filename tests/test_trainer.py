@@ -24,17 +24,16 @@ def restore_params(workdir: str) -> dict:
 
 @pytest.mark.e2e
 def test_training_lowers_the_loss(demo, tmp_path):
-    # A fixed scale of 16 lets 10 classes' logits spread quickly (AdaCos
-    # picks about 3 for so few classes).
+    # config_for's program as it is (the demo smoke model, AdaCos, lr 0.1),
+    # which the checkpoint and fault tests train too, so it compiles once:
+    # over 30 steps the loss falls to 0.63-0.69 of its step-5 value (seeds
+    # 0-1, 2 cores); the logging and validation keys change no program.
     config = config_for(
         demo["full"],
         total_steps=30,
         log_every_steps=5,
         **{
             "val.every_steps": 30,
-            "optimizer.learning_rate": 0.1,
-            "head.scale": "fixed",
-            "head.scale_value": 16.0,
             "val.retrieval_solution": f"{demo['raw']}/retrieval_solution.csv",
         },
     )
