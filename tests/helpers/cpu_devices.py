@@ -5,16 +5,8 @@ and two XLA flags make the CPU compiler faster: backend optimisation level 0
 (measured on a trainer test, 2 cores: 27% less CPU time, 15% less wall
 time) and the older elemental emitters instead of the MLIR fusion emitters
 (`xla_cpu_use_fusion_emitters=false`: a train step of efficientnet_tiny
-compiles in 4.6-5.2 s instead of 9.6-10.4 s). A third keeps each device's
-Eigen kernels (convolutions, matmuls) on its own thread
-(`xla_cpu_multi_thread_eigen=false`): each process already runs 8 device
-threads, and `make test` runs 3 worker processes and their programs on 2
-cores, where Eigen's shared pool only adds hand-offs and spinning (the whole
-suite, cold caches: 623 CPU-s and 328 s against 720 CPU-s and 368-372 s).
-Eigen's threads change the order of a convolution's sums, so a run under
-these flags matches runs under the same flags, not the defaults' to the
-last bit: every test compares runs made under the same flags, or compares
-with numpy within float tolerance.
+compiles in 4.6-5.2 s instead of 9.6-10.4 s). Every test compares runs made
+under the same flags, or compares with numpy within float tolerance.
 """
 
 import functools
@@ -23,11 +15,7 @@ import importlib.util
 import mmap
 import os
 
-TEST_XLA_FLAGS = (
-    "--xla_backend_optimization_level=0",
-    "--xla_cpu_use_fusion_emitters=false",
-    "--xla_cpu_multi_thread_eigen=false",
-)
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
 @functools.cache
@@ -45,7 +33,7 @@ def _known_to_xla(flag: str) -> bool:
 
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS for `devices` emulated CPU devices."""
-    flags = [flag for flag in TEST_XLA_FLAGS if _known_to_xla(flag)]
+    flags = [flag for flag in FAST_COMPILE_FLAGS if _known_to_xla(flag)]
     return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
 
 
