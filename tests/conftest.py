@@ -35,14 +35,16 @@ os.environ.setdefault(
 )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
-from tfds_builds import build_tfds  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _check_eight_devices():
+    # jax (and TensorFlow, for the builds) are imported where a test process
+    # needs them: xdist's controlling process runs no test and imports neither.
+    import jax
+
     assert jax.device_count() == 8, (
         f"tests expect 8 emulated CPU devices, got {jax.device_count()}; "
         "was jax imported before tests/conftest.py set XLA_FLAGS?"
@@ -103,6 +105,8 @@ def demo(tmp_path_factory, worker_id):
 
 
 def _build_demo(root) -> dict:
+    from tfds_builds import build_tfds
+
     from data_pipelines import make_demo_dataset
 
     raw = str(root / "raw")
@@ -205,6 +209,8 @@ def revisited_data(tmp_path_factory):
 def tiny_gldv2_tfrecords(tmp_path_factory):
     """(root, build folder, ids) of tiny_gldv2 with train/val/index/test built in
     4 shards per split (index: 21 images): the input pipeline tests' data."""
+    from tfds_builds import build_tfds
+
     import tiny_gldv2
 
     root = str(tmp_path_factory.mktemp("gldv2"))
@@ -213,48 +219,9 @@ def tiny_gldv2_tfrecords(tmp_path_factory):
     return root, out, ids
 
 
-# Where the suite's time goes: `LANDMARK_JAX_COMPILE_LOG=FILE make test` appends
-# one JSON line per test: its worker, start and wall time, the seconds this
-# process spent tracing, lowering and compiling XLA programs (a persistent
-# cache hit counts its lookup only) and those seconds by program name.
-_COMPILE_EVENTS = (
-    "/jax/core/compile/jaxpr_trace_duration",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    "/jax/core/compile/backend_compile_duration",
-)
-_compile_seconds = {"total": 0.0, "programs": 0}
-_compile_by_name: dict[str, float] = {}
-
-
-def _on_event(event: str, duration: float, **kwargs) -> None:
-    if event in _COMPILE_EVENTS:
-        _compile_seconds["total"] += duration
-        _compile_seconds["programs"] += event == _COMPILE_EVENTS[-1]
-        name = kwargs.get("fun_name", "?")
-        _compile_by_name[name] = _compile_by_name.get(name, 0.0) + duration
-
-
+# Where the suite's time goes, per test and per fixture (suite_profile.py).
 if os.environ.get("LANDMARK_JAX_COMPILE_LOG"):
-    jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-    @pytest.fixture(autouse=True)
-    def _log_compile_time(request):
-        import time
-
-        before, start = dict(_compile_seconds), time.time()
-        _compile_by_name.clear()
-        yield
-        with open(os.environ["LANDMARK_JAX_COMPILE_LOG"], "a") as log:
-            record = {
-                "test": request.node.nodeid,
-                "worker": os.environ.get("PYTEST_XDIST_WORKER", "master"),
-                "start": round(start, 2),
-                "wall": round(time.time() - start, 2),
-                "compile": round(_compile_seconds["total"] - before["total"], 2),
-                "programs": _compile_seconds["programs"] - before["programs"],
-                "by_name": {k: round(v, 2) for k, v in _compile_by_name.items() if v >= 0.05},
-            }
-            log.write(json.dumps(record) + "\n")
+    from suite_profile import _log_compile_time, pytest_fixture_setup  # noqa: F401
 
 
 # The slow modules, handed to the workers in this order: longest first (in

@@ -312,7 +312,7 @@ def extract(
     # Aspect-kept programs run on this process's devices only (shape_buckets).
     run_mesh = mesh if resize == "square" else shape_buckets.process_mesh(mesh)
     local_rows = sharding.local_batch_size(batch_size, mesh)
-    variables = jax.device_put(model.variables, sharding.replicated_sharding(run_mesh))
+    variables = sharding.replicate(model.variables, run_mesh)
     module = superglobal_extraction.with_options(model.module, superglobal)
     scale_gem = superglobal_extraction.scale_gem(superglobal)
     embed = embed_views(module, flip, descriptor or config.model.descriptor)

@@ -3,7 +3,9 @@
 Data parallelism is `jax.jit` over a mesh with a 'data' axis: a global batch is
 one jax.Array whose leading dimension is split across all devices. Each
 process supplies the rows of its own devices (its share of the global batch);
-`host_local_to_global` assembles them without any cross-host copy.
+`host_local_to_global` assembles them without any cross-host copy, and
+`replicate` places values every process holds alike (restored weights,
+per-class constants) on every device.
 """
 
 from __future__ import annotations
@@ -72,3 +74,34 @@ def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
     """
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """A pytree every process holds alike, as arrays replicated on the mesh.
+
+    Each process places its own copy on its own devices. `jax.device_put` of
+    host values on a mesh that spans processes would first check that every
+    process passed the same values: an all-gather of each leaf, each leaf's
+    shape a program of its own to compile (about 1.9 CPU-s per process for a
+    resnet_tiny's 30 leaves here). The callers' values come from the same
+    checkpoint or config on every process. Arrays already on devices
+    (jax.Array) are placed by `jax.device_put`.
+
+    Args:
+      tree: a pytree of numpy arrays, scalars or jax.Arrays.
+      mesh: the device mesh.
+
+    Returns:
+      The same pytree of jax.Arrays with the replicated sharding.
+    """
+    replicated = replicated_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, replicated)
+
+    def place(x):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, replicated)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+    return jax.tree.map(place, tree)

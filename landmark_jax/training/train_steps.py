@@ -257,7 +257,7 @@ def build_program(
     parts = _programs[key]
     # Per-class arrays the loss indexes by label (class weights and margins
     # from the train + val counts, see losses.py), placed on the devices once.
-    consts = jax.device_put(
+    consts = sharding.replicate(
         losses.per_class_constants(
             label_map,
             class_weight_mode=config.loss.class_weights,
@@ -265,7 +265,7 @@ def build_program(
             margin_a=config.head.margin_a,
             margin_b=config.head.margin_b,
         ),
-        sharding.replicated_sharding(mesh),
+        mesh,
     )
     return dataclasses.replace(parts, consts=consts)
 
