@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from landmark_jax.runtime import file_io
+from landmark_jax.runtime import file_io, sharding
 from landmark_jax.workdir import checkpoint_fit, checkpoint_integrity
 
 CHECKPOINT_DIR = "checkpoints"
@@ -319,7 +319,7 @@ def _put(state: dict, stage: Mapping[str, Any], paths: list[tuple[str, ...]]) ->
             value = put(tree[key], loaded[key], rest)
         else:
             value = jax.tree.map(
-                lambda old, x: jax.device_put(np.asarray(x).astype(old.dtype), old.sharding),
+                lambda old, x: sharding.place(np.asarray(x).astype(old.dtype), old.sharding),
                 tree[key],
                 loaded[key],
             )

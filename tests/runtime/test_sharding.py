@@ -32,3 +32,19 @@ def test_replicate_puts_a_full_copy_on_every_device(processes, monkeypatch):
         assert got.dtype == want.dtype, key
         for shard in got.addressable_shards:
             np.testing.assert_array_equal(np.asarray(shard.data), want, err_msg=key)
+
+
+def test_place_splits_a_host_value_like_device_put(monkeypatch):
+    """A class-sharded head kernel (split on its last axis), as a stage carried
+    into a new run places it: each process's devices get their slices."""
+    kernel = np.arange(4 * 16, dtype=np.float32).reshape(4, 16)
+    target = jax.sharding.NamedSharding(
+        sharding.create_mesh(), jax.sharding.PartitionSpec(None, sharding.DATA_AXIS)
+    )
+    want = jax.device_put(kernel, target)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    got = sharding.place(kernel, target)
+    assert got.sharding == target
+    for a, b in zip(got.addressable_shards, want.addressable_shards, strict=True):
+        assert a.device == b.device and a.index == b.index
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
