@@ -276,3 +276,24 @@ def pytest_collection_modifyitems(config, items):
         return len(SLOW_MODULES) + (item.module.__name__ not in heavy)
 
     items.sort(key=rank)  # stable: a module's tests keep their order
+
+
+def pytest_collection_finish(session):
+    """Python's full garbage collections, made rare in the test processes.
+
+    A worker holds jax, TensorFlow, Keras and every test module: millions of
+    long-lived objects that each full collection walks (about 0.3 s each,
+    19 in one 82 CPU-s run of test_trainer.py and test_run_config.py: 5.8 s
+    of garbage collection there). After the imports (collection) the objects
+    there are moved out of the collector's view (gc.freeze) and a full
+    collection waits for 1,000 middle-generation ones instead of 10: 1.7-1.8 s
+    of garbage collection in that run, the same peak memory (1.75 GB).
+    Young objects are collected as before, and libraries' explicit
+    gc.collect() calls still run.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 1000)
