@@ -1,14 +1,16 @@
 """The start-up the command-line programs share (`landmark_jax.train`, `landmark_jax.evaluate`).
 
 `start(argv)` is the first line of their `main`: it refuses stray arguments,
-keeps library logs to warnings, hides the accelerators from TensorFlow and
-joins the other processes of a multi-host run. The programs import their
+keeps library logs to warnings, hides the accelerators from TensorFlow, joins
+the other processes of a multi-host run and makes Python's full garbage
+collections rare. The programs import their
 TensorFlow-using modules (the trainer, the evaluation) after it, so that
 TensorFlow starts with its C++ logs quietened and without the accelerators.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -32,6 +34,24 @@ def quiet_library_logs() -> None:
     absl_logging.get_absl_handler().addFilter(_DropOrbaxInfo())
 
 
+def collect_garbage_rarely() -> None:
+    """Full garbage collections once per 1,000 middle-generation ones, not 10.
+
+    Tracing and compiling a model allocates millions of short-lived Python
+    objects, and every tenth middle-generation collection walks every
+    long-lived object (TensorFlow's and JAX's modules among them). The
+    objects there now are moved out of the collector's view (gc.freeze).
+    Measured on the two-process test's train-then-evaluate processes
+    (2 CPU cores): 9 full collections, 1.25-1.35 s of 13-15 CPU-s. Young
+    objects are collected as before, a library's explicit gc.collect()
+    still runs, and a long run still collects everything every 1,000
+    middle-generation collections (about 7 million net allocations).
+    """
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 1000)
+
+
 def start(argv: Sequence[str]) -> None:
     """Prepares a program's process; call it first in `main(argv)`.
 
@@ -44,3 +64,4 @@ def start(argv: Sequence[str]) -> None:
     tensorflow_setup.hide_accelerators()  # tf.data runs on the host; JAX owns them
     # Every process of a pod takes part in the program's work.
     multihost.initialize_distributed()
+    collect_garbage_rarely()
