@@ -5,10 +5,15 @@ at the top of conftest.py (pytest imports it before any test module).
 """
 
 import fcntl
+import gc
 import json
 import os
 import shutil
 import sys
+
+# Full garbage collections rare from here on, the imports included (see
+# pytest_collection_finish).
+gc.set_threshold(gc.get_threshold()[0], gc.get_threshold()[1], 1000)
 
 # The tests' helper modules (tests/helpers/) import as top-level modules.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
@@ -285,15 +290,12 @@ def pytest_collection_finish(session):
     long-lived objects that each full collection walks (about 0.3 s each,
     19 in one 82 CPU-s run of test_trainer.py and test_run_config.py: 5.8 s
     of garbage collection there). After the imports (collection) the objects
-    there are moved out of the collector's view (gc.freeze) and a full
-    collection waits for 1,000 middle-generation ones instead of 10: 1.7-1.8 s
-    of garbage collection in that run, the same peak memory (1.75 GB).
+    there are moved out of the collector's view (gc.freeze), and from the
+    top of this file on a full collection waits for 1,000 middle-generation
+    ones instead of 10: 1.7-1.8 s of garbage collection in that run, the same
+    peak memory (1.75 GB).
     Young objects are collected as before, and libraries' explicit
     gc.collect() calls still run.
     """
-    import gc
-
     gc.collect()
     gc.freeze()
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, 1000)
