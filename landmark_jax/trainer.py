@@ -189,7 +189,7 @@ def _nonfinite_message(first: int, resumed, start_step: int, changes, config) ->
 def _step_zero_state(config, program: train_steps.Program, backbone_variables) -> Any:
     """A new run's state: initialised on the mesh, then the weights of
     config.init.checkpoint (a previous stage) or config.init.backbone."""
-    state = program.initial_state()
+    # What is loaded is left out of the random initialisation.
     if config.init.checkpoint:
         if config.init.carry == "all":
             run_config.check_classes(
@@ -198,11 +198,15 @@ def _step_zero_state(config, program: train_steps.Program, backbone_variables) -
                 f"config.init.checkpoint={config.init.checkpoint!r} (init.carry='all')",
             )
         stage = checkpointing.load_stage(config.init.checkpoint, "config.init.checkpoint")
+        state = program.initial_state(checkpointing.carried_paths(config.init.carry))
         state = checkpointing.carry_over(state, stage, config.init.carry, config.init.checkpoint)
         logging.info("Initialised from %s (carry=%s)", config.init.checkpoint, config.init.carry)
     elif backbone_variables is not None:
+        state = program.initial_state([checkpointing.BACKBONE_PATH])
         state = checkpointing.load_backbone_weights(state, backbone_variables, config.init.backbone)
         logging.info("Initialised the backbone from %s", config.init.backbone)
+    else:
+        state = program.initial_state()
     return state
 
 

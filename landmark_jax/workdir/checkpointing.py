@@ -271,7 +271,9 @@ def carry_over(state: dict, stage: Mapping[str, Any], carry: str, source: str) -
     """Puts a previous stage's weights into a freshly initialised state.
 
     Args:
-      state: the new state (params/batch_stats with 'model' and 'head').
+      state: the new state (params/batch_stats with 'model' and 'head'); the
+        carried subtrees may hold only their shapes, dtypes and shardings
+        (Program.initial_state leaves them out).
       stage: load_stage's output.
       carry: 'model' (backbone + neck; the head stays new, e.g. 81,313 ->
         203,094 classes) or 'all' (the head too, e.g. a resolution change).
@@ -285,10 +287,21 @@ def carry_over(state: dict, stage: Mapping[str, Any], carry: str, source: str) -
       ValueError: a carried parameter's shape differs (named, with both
         shapes and the config key).
     """
-    parts = ("model", "head") if carry == "all" else ("model",)
-    prefixes = tuple(f"{k}/{p}/" for k in ("params", "batch_stats") for p in parts)
+    paths = carried_paths(carry)
+    prefixes = tuple(f"{k}/{path[0]}/" for k in ("params", "batch_stats") for path in paths)
     checkpoint_fit.check_shapes(stage, state, source, prefixes)
-    return _put(state, stage, [(part,) for part in parts])
+    return _put(state, stage, paths)
+
+
+# Where carry_over and load_backbone_weights put what they load (below
+# params and batch_stats): what a new stage need not initialise.
+BACKBONE_PATH = ("model", "backbone")
+
+
+def carried_paths(carry: str) -> list[tuple[str, ...]]:
+    """The subtrees carry_over puts into the new state, for `carry`
+    ('model' or 'all')."""
+    return [("model",), ("head",)] if carry == "all" else [("model",)]
 
 
 def load_backbone_weights(state: dict, variables: Mapping[str, Any], source: str) -> dict:
@@ -302,7 +315,7 @@ def load_backbone_weights(state: dict, variables: Mapping[str, Any], source: str
     }
     prefixes = ("params/model/backbone/", "batch_stats/model/backbone/")
     checkpoint_fit.check_shapes(stage, state, source, prefixes)
-    return _put(state, stage, [("model", "backbone")])
+    return _put(state, stage, [BACKBONE_PATH])
 
 
 def _put(state: dict, stage: Mapping[str, Any], paths: list[tuple[str, ...]]) -> dict:

@@ -85,3 +85,42 @@ def test_a_config_changed_after_the_build_leaves_the_program_as_built(mesh):
     # And the next build of the changed config is another program.
     changed = train_steps.build_program(config, mesh, _label_map([3, 4, 5]))
     assert changed.step is not program.step and float(changed.schedule(0)) == 1e9
+
+
+def test_an_initial_state_leaves_out_what_a_stage_loads_and_draws_the_rest_the_same(mesh):
+    """A stage loading its backbone (or a whole previous stage) neither
+    compiles nor runs the random draws of what it loads; every other leaf is
+    bit for bit the whole initialisation's."""
+    import jax
+
+    program = train_steps.build_program(_config(), mesh, _label_map([3, 4, 5]))
+    full = program.initial_state()
+    flat_full = dict(jax.tree_util.tree_flatten_with_path(full)[0])
+    abstract = dict(jax.tree_util.tree_flatten_with_path(program.abstract)[0])
+
+    def threefry_calls(leave_out):
+        program.initial_state(leave_out)  # jits (and caches) the variant
+        key = tuple(sorted(leave_out))
+        lowered = program.jitted_inits[key].lower(program.keys.model, program.keys.head)
+        return lowered.as_text().count("call @threefry2x32")
+
+    def under(path, prefix):
+        names = tuple(getattr(p, "key", None) for p in path)
+        return names[0] in ("params", "batch_stats") and names[1 : 1 + len(prefix)] == prefix
+
+    draws = {(): threefry_calls(())}
+    for leave_out in ([("model", "backbone")], [("model",), ("head",)]):
+        state = program.initial_state(leave_out)
+        flat = dict(jax.tree_util.tree_flatten_with_path(state)[0])
+        assert flat.keys() == flat_full.keys()
+        for path, leaf in flat.items():
+            if any(under(path, prefix) for prefix in leave_out):
+                assert isinstance(leaf, jax.ShapeDtypeStruct), path
+                assert leaf == abstract[path], path
+            else:
+                assert leaf.sharding == flat_full[path].sharding, path
+                np.testing.assert_array_equal(leaf, flat_full[path], err_msg=str(path))
+        draws[tuple(leave_out)] = threefry_calls(leave_out)
+    # The head's and the neck's draws stay; the backbone's go; nothing is
+    # drawn where everything is loaded.
+    assert draws[()] > draws[(("model", "backbone"),)] > draws[(("model",), ("head",))] == 0, draws
