@@ -119,8 +119,9 @@ def exact_search(
     The index is streamed in chunks of `index_chunk` rows (each moved to the
     devices once); every query chunk keeps a running top-k, so memory is
     O(query_chunk * index_chunk) for scores, never O(Q * N). Query chunks are
-    split over `devices` (data parallel). The last index chunk is padded to
-    the chunk size so the jitted step compiles once per call shape.
+    split over `devices` (data parallel). Chunks hold a power of two of rows
+    (at most the chunk sizes asked for), the last index chunk padded, so
+    searches of different sizes share the jitted step's compiled programs.
 
     Ties: equal computed scores come back lower index first (`lax.top_k` is
     stable and earlier chunks are merged first). Distances that are equal in
@@ -163,8 +164,12 @@ def exact_search(
     data = sharding.batch_sharding(mesh)
     replicated = sharding.replicated_sharding(mesh)
 
-    ic = min(index_chunk, num_points)
-    qc = -(-min(query_chunk, num_queries) // num_devices) * num_devices
+    # Chunk shapes rounded up to powers of two (within the chunk sizes asked
+    # for): searches of different sizes (splits, re-ranking steps, a growing
+    # index) share compiled steps; the padding is masked or dropped.
+    ic = min(index_chunk, _power_of_two_at_least(num_points))
+    qc = min(query_chunk, _power_of_two_at_least(num_queries))
+    qc = -(-qc // num_devices) * num_devices
     q_starts = range(0, num_queries, qc)
     # All query chunks go to the devices up front: queries and the running top-k
     # are small next to the index, which is what gets streamed.
@@ -195,6 +200,10 @@ def exact_search(
     q_sq = np.sum(queries * queries, axis=1, dtype=np.float32)[:, None]
     distances = np.maximum(q_sq - scores, 0.0).astype(np.float32)
     return distances, ids.astype(np.int64)
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:

@@ -59,6 +59,21 @@ def test_exact_search_matches_numpy(num_points, index_chunk, query_chunk):
     np.testing.assert_allclose(distances, ref_d, rtol=1e-5, atol=1e-5)
 
 
+def test_searches_of_different_sizes_share_one_compiled_step():
+    """Chunks hold a power of two of rows: 33-64 index rows and 9-16 queries
+    (on 8 devices) are one program; each search is still exact."""
+    rng = np.random.default_rng(4)
+    before = exact_search._merge_chunk._cache_size()
+    for num_points, num_queries in ((40, 9), (64, 16), (33, 11)):
+        index = rng.standard_normal((num_points, 12)).astype(np.float32)
+        queries = rng.standard_normal((num_queries, 12)).astype(np.float32)
+        distances, indices = exact_search.exact_search(queries, index, 7)
+        ref_d, ref_i = _reference(queries, index, 7)
+        np.testing.assert_array_equal(indices, ref_i)
+        np.testing.assert_allclose(distances, ref_d, rtol=1e-5, atol=1e-5)
+    assert exact_search._merge_chunk._cache_size() - before == 1
+
+
 def test_approx_max_k_backend_on_cpu_is_exact_and_validated():
     # lax.approx_max_k is TPU's approximate top-k; XLA computes it exactly on
     # CPU, so here the backend must give the reference neighbours, across
