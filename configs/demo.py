@@ -43,17 +43,18 @@ runs, and what else was tried):
   (GLR2020 had none; it fine-tuned ImageNet weights).
 
 Expected, as ranges: XLA's CPU results differ between machines and thread
-counts, and so do the figures (training seeds 0, 1 and 2 on 2 cores, on the
-demo data of seed 0). All of `make demo` (data, build, training, evaluation
-and export) takes 3.5-6 minutes on 2 cores; the training loss falls from
-about 4.4 to 1.3-1.5, validation accuracy reaches 48-60% (chance 1/80), and
+counts, and so do the figures (training seeds 0, 1 and 2 on 2 cores, and
+seed 0 on a second 2-core machine, on the demo data of seed 0). All of
+`make demo` (data, build, training, evaluation and export) takes 3.5-6.5
+minutes on 2 cores; the training loss falls from about 4.4 to 1.25-1.5,
+validation accuracy reaches 48-60% (chance 1/80), and
 retrieval on the 217 queries of the 140 unseen index landmarks gives mAP@100
-0.064-0.096, against 0.0358 for raw pixels (1.8x-2.7x), 0.021-0.030 for the
+0.064-0.115, against 0.0358 for raw pixels (1.8x-3.2x), 0.021-0.030 for the
 untrained network (extracted the same way) and 0.005 for a random ranking.
 Recognition on the 200 test images of train landmarks (5 nearest train
 images, cos^9 votes, the non-landmark set voting with 5 neighbours against):
 GAP 0.32-0.40, 0.30-0.40 without the non-landmark penalty (it added
-0.0004-0.018 in each run); top-1 47-57% by kNN vote and 47-55% by the
+0.0004-0.023 in each run); top-1 47-57% by kNN vote and 47-55% by the
 classifier head. GAP's ceiling is that top-1 accuracy (every correct
 prediction ranked first); the 217 retrieval queries show landmarks that are
 not in the train set, so they count against it, as GLDv2's out-of-domain
