@@ -24,7 +24,7 @@ from landmark_jax.data import data_format, input_pipeline, shard_checks, train_a
 from landmark_jax.models import backbone_checkpoint
 from landmark_jax.retrieval import extract, validation
 from landmark_jax.runtime import file_io, file_lease, sharding
-from landmark_jax.training import preemption, train_steps
+from landmark_jax.training import preemption, step_fit, train_steps
 from landmark_jax.workdir import (
     checkpoint_integrity,
     checkpoint_saving,
@@ -217,7 +217,7 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
     # --- Model, head, loss constants, optimizer and the jitted steps ---------
     program = train_steps.build_program(config, mesh, label_map)
     # A step the devices cannot hold stops here, naming the keys to change.
-    train_steps.check_step_fits(program, config, mesh)
+    step_fit.check_step_fits(program, config, mesh)
     backbone_variables = (
         backbone_checkpoint.load_backbone_checkpoint(config.init.backbone)
         if config.init.backbone

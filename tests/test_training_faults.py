@@ -476,13 +476,13 @@ def test_a_step_the_device_cannot_hold_stops_before_training(demo, tmp_path, mon
     """Where a device reports its memory (TPU, GPU): the compiled step's peak
     against it, before any step runs; following the advice (a smaller
     batch) the run goes on."""
-    from landmark_jax.training import train_steps
+    from landmark_jax.training import step_fit
 
     class Measured(Exception):
         pass
 
     peaks = []
-    real_check = train_steps.check_step_fits
+    real_check = step_fit.check_step_fits
 
     def measure(*args):
         peaks.append(real_check(*args))
@@ -490,13 +490,13 @@ def test_a_step_the_device_cannot_hold_stops_before_training(demo, tmp_path, mon
 
     # The peak of the 8-image step (1 per device), measured; nothing trained.
     smaller = config_for(demo["full"], total_steps=2, batch_size=8)
-    monkeypatch.setattr(train_steps, "device_memory_limit", lambda: 64 << 30)
-    monkeypatch.setattr(train_steps, "check_step_fits", measure)
+    monkeypatch.setattr(step_fit, "device_memory_limit", lambda: 64 << 30)
+    monkeypatch.setattr(step_fit, "check_step_fits", measure)
     with pytest.raises(Measured):
         trainer.train_and_evaluate(smaller, str(tmp_path / "probe"))
-    monkeypatch.setattr(train_steps, "check_step_fits", real_check)
+    monkeypatch.setattr(step_fit, "check_step_fits", real_check)
     # A device that holds exactly that: the 16-image step is refused.
-    monkeypatch.setattr(train_steps, "device_memory_limit", lambda: peaks[0])
+    monkeypatch.setattr(step_fit, "device_memory_limit", lambda: peaks[0])
     workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=r"needs about [\d.]+ GiB per device .* holds") as e:
         trainer.train_and_evaluate(config_for(demo["full"], total_steps=2), workdir)
