@@ -17,6 +17,12 @@ INSTALL_REQUIRES = [
     "orbax-export>=0.0.8,<0.1",
     "ml-collections>=1.0,<2",
     "numpy>=1.26,<3",
+    # ml_dtypes 0.7.0 takes 0.7-0.85 s to import (numpy's ufunc loops registered
+    # one by one; 4 ms for 0.6.0), and every process that imports jax or
+    # TensorFlow pays it: each program start, each test worker and subprocess.
+    # On Python 3.11 (jax 0.10.x, which asks for >=0.5.0) 0.6 is kept; 3.12's
+    # newer jax gets whatever it asks for.
+    "ml_dtypes>=0.5.1,<0.7; python_version < '3.12'",
     "pillow>=10",
     "tqdm>=4.66",
     "tensorflow-cpu~=2.20.0",

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from landmark_jax import config_lib
-from landmark_jax.data import data_format, input_pipeline, shard_checks, train_augmentation
+from landmark_jax.data import augmentation_settings, data_format, input_pipeline, shard_checks
 from landmark_jax.models import backbone_checkpoint
 from landmark_jax.retrieval import extract, validation
 from landmark_jax.runtime import file_io, file_lease, sharding
@@ -258,7 +258,7 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
         start_step=start_step,
         files_per_chunk=config.input.files_per_chunk,
         shuffle_buffer=config.input.shuffle_buffer,
-        augmentation=train_augmentation.from_config(config.input),
+        augmentation=augmentation_settings.from_config(config.input),
     )
 
     # --- Loop: step, log, validate, checkpoint --------------------------------

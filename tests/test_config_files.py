@@ -10,6 +10,9 @@ def test_load_and_override_as_the_command_line(monkeypatch):
     monkeypatch.chdir(REPO)
     config = config_files.load("configs/glr2021_dolg.py:step2,smoke")
     assert config.image_size == 48 and config.init.carry == "all"
+    # A smoke run (all compiling) takes XLA's convolutions; the recipe keeps 'auto'.
+    assert config.model.conv_lowering == "xla"
+    assert config_files.load("configs/glr2021_dolg.py:step2").model.conv_lowering == "auto"
     assert config_files.load("configs/demo.py").total_steps == 1000  # no arg: get_config()
     same = config_files.override(config, {"optimizer.learning_rate": 0.5, "data_dir": "gs://b/x"})
     assert same is config

@@ -29,6 +29,7 @@ from landmark_jax.retrieval import (
     restored_runs,
     solutions,
 )
+from landmark_jax.retrieval.eval_config import BASELINES
 from landmark_jax.runtime import sharding
 from landmark_jax.workdir import checkpointing
 
@@ -117,7 +118,7 @@ def test_extraction_covers_every_id_once_with_unit_embeddings(demo, trained):
 
 
 def test_evaluate_writes_metrics_submissions_and_gallery(demo, trained):
-    result = evaluation.evaluate(eval_config(demo, baselines=baselines.BASELINES), trained)
+    result = evaluation.evaluate(eval_config(demo, baselines=BASELINES), trained)
     out = os.path.join(trained, "eval")
     written = json.load(open(os.path.join(out, "metrics.json")))
     assert written["map@100"] == pytest.approx(result["map@100"])
@@ -127,7 +128,7 @@ def test_evaluate_writes_metrics_submissions_and_gallery(demo, trained):
     solution = solutions.read_retrieval_solution(f"{demo['raw']}/retrieval_solution.csv")
     merged = {**solution[solutions.PUBLIC], **solution[solutions.PRIVATE]}
     assert written["retrieval_queries"] == len(merged)
-    assert set(written["baselines"]) == set(baselines.BASELINES)
+    assert set(written["baselines"]) == set(BASELINES)
     index_ids = csv_ids(f"{demo['raw']}/index.csv")
     assert written["baselines"]["chance"] == pytest.approx(baselines.chance_map(merged, index_ids))
     assert all(0.0 <= v <= 1.0 for v in written["baselines"].values())

@@ -39,6 +39,10 @@ BUILD_ID = "build_id"
 REVISITED_GND = "gnd"
 
 LABELED_SPLITS = ("train", "val")
+# How evaluation sizes an image (eval.resize, eval.revisited_resize): squashed
+# to image_size squared, its longer side to image_size, or its own size
+# (sized_eval_input.py). Here, free of TensorFlow, for the config checks.
+RESIZE_MODES = ("square", "longer_side", "native")
 # The files TFDS writes into every build.
 _BUILD_FILES = ("dataset_info.json", "features.json")
 # features.json names each feature's class here; TFDS imports its module.

@@ -40,7 +40,8 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from landmark_jax.data import data_format, shard_checks
-from landmark_jax.data.train_augmentation import Augmentation, augment_decoded, augment_resized
+from landmark_jax.data.augmentation_settings import Augmentation
+from landmark_jax.data.train_augmentation import augment_decoded, augment_resized
 from landmark_jax.runtime import sharding
 
 _MAX_EPOCHS = 2**62

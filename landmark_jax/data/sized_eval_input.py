@@ -27,8 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from landmark_jax.data import data_format, input_pipeline, shard_checks
-
-RESIZE_MODES = ("square", "longer_side", "native")
+from landmark_jax.data.data_format import RESIZE_MODES
 
 
 def eval_image_sizes(

@@ -30,8 +30,6 @@ from landmark_jax.retrieval import extract
 from landmark_jax.training import random_streams, train_steps
 from landmark_jax.workdir import checkpointing
 
-BASELINES = ("untrained", "raw_pixels", "chance")
-
 
 class RawPixels(nn.Module):
     """The raw-pixel descriptor: an image's pixels as one vector, its mean removed.

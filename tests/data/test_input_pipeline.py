@@ -13,7 +13,7 @@ from PIL import Image
 from tfds_builds import tfds_order
 
 from landmark_jax.data import data_format, input_pipeline, sized_eval_input
-from landmark_jax.data.train_augmentation import Augmentation
+from landmark_jax.data.augmentation_settings import Augmentation
 from landmark_jax.runtime import sharding
 
 import tiny_gldv2

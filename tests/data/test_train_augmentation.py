@@ -14,8 +14,8 @@ import tensorflow as tf
 from PIL import Image
 
 from landmark_jax import config_lib
-from landmark_jax.data import train_augmentation
-from landmark_jax.data.train_augmentation import Augmentation
+from landmark_jax.data import augmentation_settings, train_augmentation
+from landmark_jax.data.augmentation_settings import Augmentation
 
 
 def _cv2_rotation_matrix(cx, cy, angle_degrees, scale):
@@ -172,14 +172,14 @@ def test_bad_values_name_the_config_key(key, value, message):
     group, leaf = key.split(".")
     config.input[group][leaf] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train_augmentation.from_config(config.input)
+        augmentation_settings.from_config(config.input)
 
 
 def test_glr2021_config_turns_on_the_released_augmentations():
     from configs_for_tests import load_config
 
     config = load_config("glr2021_dolg")
-    aug = train_augmentation.from_config(config.input)
+    aug = augmentation_settings.from_config(config.input)
     assert aug == Augmentation(
         flip=True,
         jpeg_prob=0.5,

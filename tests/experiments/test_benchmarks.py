@@ -58,10 +58,12 @@ def test_train_step_small(tmp_path):
         [
             "--mode=small",
             "--rows=resnet_tiny_32",
-            # The demo data's 10 classes in float32: the program of the
-            # trained_demo fixture's run (conftest.py), compiled once for both.
+            # The demo data's 10 classes in float32 with XLA's convolutions:
+            # the program of the trained_demo fixture's smoke run
+            # (conftest.py), compiled once for both.
             "--num_classes=10",
             "--dtype=float32",
+            "--conv_lowering=xla",
             "--iterations=1",
             "--repeats=1",
             f"--output_dir={tmp_path}",
