@@ -245,9 +245,10 @@ def apply_smoke(
     its recipe needs beyond these (e.g. DOLG's branch widths) after the call.
     Its convolutions are XLA's (`model.conv_lowering='xla'`, what 'auto' is
     on an accelerator): a run this short is all compiling, and on a CPU the
-    demo smoke model's train step compiles in 0.8x the time of 'auto''s
-    im2col matmuls and its extraction in 0.5x (DOLG's smoke step: 0.95x),
-    which pay off only over a longer run (conv_lowering.py).
+    demo smoke model's train step traces and compiles in 0.8-0.9x the time
+    of 'auto''s im2col matmuls and its extraction in about 0.5x (DOLG's
+    smoke step: 0.9-1.0x); im2col's faster steps pay off only over a longer
+    run (conv_lowering.py).
 
     Returns:
       The same config.

@@ -263,8 +263,15 @@ def _train_in_workdir(config, workdir, mesh, label_map, lease) -> dict[str, floa
 
     # --- Loop: step, log, validate, checkpoint --------------------------------
     # SIGTERM (one process) or JAX's preemption sync point (several): save, stop.
-    # Closing the manager on any way out lets a save in flight finish.
-    with contextlib.closing(manager), preemption.PreemptionNotice(manager) as notice:
+    # Closing the manager on any way out lets a save in flight finish; closing
+    # the input stream releases its tf.data iterator (threads, buffers, open
+    # shards) there and then, not whenever the garbage collector reaches a
+    # failed run's traceback.
+    with (
+        contextlib.closing(manager),
+        contextlib.closing(batches),
+        preemption.PreemptionNotice(manager) as notice,
+    ):
         progress = metric_writer.Progress(config.total_steps, start_step)
         sums, num_summed, last = None, 0, {}
         pending: set[int] = set()  # saved by this run, integrity not yet recorded

@@ -1,6 +1,7 @@
 """Faults during training: preemption, damaged checkpoints, non-finite losses."""
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -375,9 +376,20 @@ def test_a_failed_or_preempted_validation_keeps_its_step(demo, tmp_path, monkeyp
         raise OSError("simulated: the validation data went away")
 
     monkeypatch.setattr(trainer, "validate", failing)
+    streams, real_train_iterator = [], input_pipeline.train_iterator
+
+    def kept(*args, **kwargs):
+        streams.append(real_train_iterator(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(input_pipeline, "train_iterator", kept)
     failed = str(tmp_path / "failed")
-    with pytest.raises(OSError, match="went away"):
+    with pytest.raises(OSError, match="went away") as raised:
         trainer.train_and_evaluate(config, failed)
+    # The input stream was closed on the way out (its tf.data iterator
+    # released then), though the traceback still holds the trainer's frame.
+    assert raised.tb is not None
+    assert [inspect.getgeneratorstate(s) for s in streams] == [inspect.GEN_CLOSED]
     assert checkpointing.saved_steps(failed) == [2]
     assert checkpoint_integrity.check(os.path.join(failed, "checkpoints"), 2).status == "verified"
 
